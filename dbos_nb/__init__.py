@@ -1,0 +1,81 @@
+"""dbos_nb: durable workflows and queues for notebooks, with the API of DBOS Transact.
+
+Everything a user needs is importable from here; see README.md for a tour.
+"""
+
+from dbos_nb.core.context import (
+    DBOSContextSetAuth,
+    SetEnqueueOptions,
+    SetWorkflowID,
+    SetWorkflowTimeout,
+)
+from dbos_nb.core.handles import WorkflowHandle
+from dbos_nb.core.queue import Queue
+from dbos_nb.dbos import DBOS
+from dbos_nb.errors import (
+    DBOSAwaitedWorkflowCancelledError,
+    DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded,
+    DBOSConfigError,
+    DBOSConflictingRegistrationError,
+    DBOSConflictingWorkflowError,
+    DBOSException,
+    DBOSExecutorIdInUseError,
+    DBOSMaxRecoveryAttemptsExceededError,
+    DBOSMaxStepRetriesExceeded,
+    DbosNbError,
+    DBOSNonExistentWorkflowError,
+    DBOSNonSerializableError,
+    DBOSNotLaunchedError,
+    DBOSQueueDeduplicatedError,
+    DBOSRecordedError,
+    DBOSUnexpectedStepError,
+    DBOSWorkflowCancelledError,
+    DBOSWorkflowTimedOutError,
+    InvalidQueueSettingsError,
+    UnknownQueueError,
+    UnknownWorkflowNameError,
+    WorkflowNotFoundError,
+    WorkflowPreempted,
+)
+from dbos_nb.models import DBOSConfig, StepInfo, StepStatus, WorkflowStatus, WorkflowStatusString
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DBOS",
+    "DBOSAwaitedWorkflowCancelledError",
+    "DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded",
+    "DBOSConfig",
+    "DBOSConfigError",
+    "DBOSConflictingRegistrationError",
+    "DBOSConflictingWorkflowError",
+    "DBOSContextSetAuth",
+    "DBOSException",
+    "DBOSExecutorIdInUseError",
+    "DBOSMaxRecoveryAttemptsExceededError",
+    "DBOSMaxStepRetriesExceeded",
+    "DBOSNonExistentWorkflowError",
+    "DBOSNonSerializableError",
+    "DBOSNotLaunchedError",
+    "DBOSQueueDeduplicatedError",
+    "DBOSRecordedError",
+    "DBOSUnexpectedStepError",
+    "DBOSWorkflowCancelledError",
+    "DBOSWorkflowTimedOutError",
+    "DbosNbError",
+    "InvalidQueueSettingsError",
+    "Queue",
+    "SetEnqueueOptions",
+    "SetWorkflowID",
+    "SetWorkflowTimeout",
+    "StepInfo",
+    "StepStatus",
+    "UnknownQueueError",
+    "UnknownWorkflowNameError",
+    "WorkflowHandle",
+    "WorkflowNotFoundError",
+    "WorkflowPreempted",
+    "WorkflowStatus",
+    "WorkflowStatusString",
+    "__version__",
+]

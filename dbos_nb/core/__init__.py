@@ -1,0 +1,1 @@
+"""The engine's core: context, registry, workflow/step/transaction execution, queues, scheduler."""

@@ -1,0 +1,183 @@
+"""The execution context: one ContextVar holding what the current code is running inside.
+
+It carries the running workflow (id, owner token, operation counter, deadline), the step or
+transaction in progress, and the options that `SetWorkflowID`, `SetWorkflowTimeout` and
+`SetEnqueueOptions` set for the next workflow started in their block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from dbos_nb.errors import DbosNbError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+
+_UNSET: Any = object()
+
+
+@dataclass
+class RunningWorkflow:
+    """In-process state of one execution of a workflow."""
+
+    workflow_id: str
+    owner_xid: str
+    name: str
+    deadline_ms: int | None = None
+    next_function_id: int = 0
+    # Set to wake a durable sleep early when the workflow is cancelled or DBOS shuts down.
+    interrupt: threading.Event = field(default_factory=threading.Event)
+    preempt_reason: str | None = None
+
+    def take_function_id(self) -> int:
+        fid = self.next_function_id
+        self.next_function_id += 1
+        return fid
+
+
+@dataclass
+class StepFrame:
+    """The step or transaction being executed."""
+
+    step_id: int
+    name: str
+    attempt: int | None = None
+    max_attempts: int | None = None
+    session: Session | None = None
+
+
+@dataclass
+class Context:
+    """What the current code runs inside; copied on write so that blocks nest cleanly."""
+
+    workflow: RunningWorkflow | None = None
+    step: StepFrame | None = None
+    next_workflow_id: str | None = None
+    # Seconds, or None for "no timeout" (explicitly cleared); _UNSET means "inherit".
+    timeout_sec: Any = _UNSET
+    deduplication_id: str | None = None
+    priority: int | None = None
+    authenticated_user: str | None = None
+    authenticated_roles: list[str] | None = None
+    assumed_role: str | None = None
+
+
+_current: ContextVar[Context | None] = ContextVar("dbos_nb_context", default=None)
+
+
+def current() -> Context:
+    """The current context (an empty one outside of any block)."""
+    ctx = _current.get()
+    return ctx if ctx is not None else Context()
+
+
+@contextlib.contextmanager
+def using(ctx: Context) -> Iterator[Context]:
+    """Run a block with `ctx` as the current context."""
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+def derive(**changes: Any) -> Context:
+    """A copy of the current context with some fields changed."""
+    return replace(current(), **changes)
+
+
+def consume_workflow_id() -> str | None:
+    """The id given by `SetWorkflowID` for the next workflow; only the first start takes it."""
+    ctx = _current.get()
+    if ctx is None or ctx.next_workflow_id is None:
+        return None
+    wid = ctx.next_workflow_id
+    ctx.next_workflow_id = None
+    return wid
+
+
+class _ContextBlock:
+    """Base for the `Set...` context managers: install a derived context for the block."""
+
+    _token: Any = None
+
+    def _changes(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __enter__(self) -> _ContextBlock:
+        self._token = _current.set(derive(**self._changes()))
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        _current.reset(self._token)
+
+
+class SetWorkflowID(_ContextBlock):
+    """Give the next workflow started in the block this id (idempotency key)."""
+
+    def __init__(self, workflow_id: str) -> None:
+        if not isinstance(workflow_id, str) or not workflow_id:
+            raise DbosNbError(f"SetWorkflowID needs a non-empty string, got {workflow_id!r}")
+        self.workflow_id = workflow_id
+
+    def _changes(self) -> dict[str, Any]:
+        return {"next_workflow_id": self.workflow_id}
+
+
+class SetWorkflowTimeout(_ContextBlock):
+    """Workflows started in the block time out this many seconds after they start (None: never)."""
+
+    def __init__(self, workflow_timeout_sec: float | None) -> None:
+        if workflow_timeout_sec is not None and (
+            isinstance(workflow_timeout_sec, bool)
+            or not isinstance(workflow_timeout_sec, int | float)
+            or workflow_timeout_sec <= 0
+        ):
+            raise DbosNbError(
+                f"SetWorkflowTimeout needs a positive number of seconds or None, "
+                f"got {workflow_timeout_sec!r}"
+            )
+        self.timeout = workflow_timeout_sec
+
+    def _changes(self) -> dict[str, Any]:
+        return {"timeout_sec": self.timeout}
+
+
+class SetEnqueueOptions(_ContextBlock):
+    """Deduplication id and priority for workflows enqueued in the block."""
+
+    def __init__(
+        self,
+        *,
+        deduplication_id: str | None = None,
+        priority: int | None = None,
+    ) -> None:
+        if priority is not None and (
+            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**31
+        ):
+            raise DbosNbError(f"priority must be an integer from 0 to 2**31-1, got {priority!r}")
+        if deduplication_id is not None and not isinstance(deduplication_id, str):
+            raise DbosNbError(f"deduplication_id must be a string, got {deduplication_id!r}")
+        self.deduplication_id = deduplication_id
+        self.priority = priority
+
+    def _changes(self) -> dict[str, Any]:
+        return {"deduplication_id": self.deduplication_id, "priority": self.priority}
+
+
+class DBOSContextSetAuth(_ContextBlock):
+    """Authenticated user and roles recorded on workflows started in the block."""
+
+    def __init__(self, user: str | None, roles: list[str] | None) -> None:
+        self.user = user
+        self.roles = roles
+
+    def _changes(self) -> dict[str, Any]:
+        return {"authenticated_user": self.user, "authenticated_roles": self.roles}

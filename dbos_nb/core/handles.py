@@ -1,0 +1,107 @@
+"""Workflow handles and the conversion of stored rows into `WorkflowStatus` objects."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Generic, Protocol, TypeVar
+
+from dbos_nb import serialization
+from dbos_nb.errors import DBOSNonExistentWorkflowError
+from dbos_nb.models import StepInfo, WorkflowStatus
+
+R = TypeVar("R")
+
+
+class HandleBackend(Protocol):
+    """What a handle needs: the launched runtime or a client provide it."""
+
+    def wait_result(
+        self, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None
+    ) -> Any: ...
+
+    def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None: ...
+
+
+class WorkflowHandle(Generic[R]):
+    """A reference to a workflow, valid in any process that reaches the same database."""
+
+    def __init__(self, backend: HandleBackend, workflow_id: str) -> None:
+        self._backend = backend
+        self.workflow_id = workflow_id
+
+    def get_workflow_id(self) -> str:
+        return self.workflow_id
+
+    def get_result(
+        self, polling_interval_sec: float = 1.0, *, timeout_sec: float | None = None
+    ) -> R:
+        """Wait for the workflow to finish; return its result or raise its error."""
+        value: R = self._backend.wait_result(self.workflow_id, polling_interval_sec, timeout_sec)
+        return value
+
+    def get_status(self) -> WorkflowStatus:
+        status = self._backend.get_workflow_status(self.workflow_id)
+        if status is None:
+            raise DBOSNonExistentWorkflowError(self.workflow_id)
+        return status
+
+    def __repr__(self) -> str:
+        return f"WorkflowHandle({self.workflow_id!r})"
+
+
+def status_from_row(row: dict[str, Any], *, load_payloads: bool = True) -> WorkflowStatus:
+    """Build a WorkflowStatus from a `workflow_status` row."""
+    inputs: Any = None
+    output: Any = None
+    error: BaseException | None = None
+    if load_payloads:
+        inputs = _safe(lambda: serialization.load_inputs(row.get("inputs")))
+        output = _safe(lambda: serialization.loads(row.get("output")))
+        error = serialization.load_error(row.get("error"))
+    roles = row.get("authenticated_roles")
+    return WorkflowStatus(
+        workflow_id=row["workflow_uuid"],
+        status=row["status"],
+        name=row["name"],
+        class_name=row.get("class_name"),
+        config_name=row.get("config_name"),
+        input=inputs,
+        output=output,
+        error=error,
+        created_at=row.get("created_at"),
+        updated_at=row.get("updated_at"),
+        dequeued_at=row.get("started_at_epoch_ms"),
+        queue_name=row.get("queue_name"),
+        priority=int(row.get("priority") or 0),
+        deduplication_id=row.get("deduplication_id"),
+        app_version=row.get("application_version"),
+        executor_id=row.get("executor_id"),
+        parent_workflow_id=row.get("parent_workflow_id"),
+        recovery_attempts=int(row.get("recovery_attempts") or 0),
+        workflow_timeout_ms=row.get("workflow_timeout_ms"),
+        workflow_deadline_epoch_ms=row.get("workflow_deadline_epoch_ms"),
+        authenticated_user=row.get("authenticated_user"),
+        assumed_role=row.get("assumed_role"),
+        authenticated_roles=json.loads(roles) if roles else None,
+    )
+
+
+def step_from_row(row: dict[str, Any]) -> StepInfo:
+    """Build a StepInfo from an `operation_outputs` row."""
+    return StepInfo(
+        function_id=int(row["function_id"]),
+        function_name=row["function_name"],
+        output=_safe(lambda: serialization.loads(row.get("output"))),
+        error=serialization.load_error(row.get("error")),
+        child_workflow_id=row.get("child_workflow_id"),
+        started_at_epoch_ms=row.get("started_at_epoch_ms"),
+        completed_at_epoch_ms=row.get("completed_at_epoch_ms"),
+    )
+
+
+def _safe(load: Any) -> Any:
+    # A payload whose classes are not importable here is shown as a note, not an exception.
+    try:
+        return load()
+    except Exception as exc:
+        return f"<cannot load: {exc}>"

@@ -1,0 +1,214 @@
+"""`Queue`: a named queue with global and per-process concurrency and a global rate limit.
+
+Declaring a queue validates its settings and stores them in the database (at once if DBOS is
+launched, else at launch), so every process and every client sees the same limits. Declaring the
+same name again with the same settings is normal notebook use; new settings replace the old ones
+with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from dbos_nb.core.handles import WorkflowHandle
+from dbos_nb.core.registry import registration_of
+from dbos_nb.core.runtime import get_runtime
+from dbos_nb.core.workflows import enqueue_workflow
+from dbos_nb.errors import DbosNbError, InvalidQueueSettingsError
+from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+_LIMITER_KEYS = {"limit", "period"}
+
+
+def _positive_int(name: str, value: Any, queue: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidQueueSettingsError(
+            f"queue {queue!r}: {name} must be a positive integer or None, got {value!r}"
+        )
+    return value
+
+
+def build_settings(
+    name: str,
+    concurrency: Any = None,
+    worker_concurrency: Any = None,
+    limiter: Any = None,
+    priority_enabled: Any = False,
+    polling_interval_sec: Any = 1.0,
+) -> QueueSettings:
+    """Validate a queue declaration; raises InvalidQueueSettingsError naming the problem."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidQueueSettingsError(f"a queue name must be a non-empty string, got {name!r}")
+    if name == INTERNAL_QUEUE:
+        raise InvalidQueueSettingsError(f"the queue name {name!r} is reserved")
+    conc = _positive_int("concurrency", concurrency, name)
+    worker = _positive_int("worker_concurrency", worker_concurrency, name)
+    if conc is not None and worker is not None and worker > conc:
+        raise InvalidQueueSettingsError(
+            f"queue {name!r}: worker_concurrency ({worker}) cannot exceed concurrency ({conc})"
+        )
+    limit: int | None = None
+    period_ms: int | None = None
+    if limiter is not None:
+        if not isinstance(limiter, dict):
+            raise InvalidQueueSettingsError(
+                f"queue {name!r}: limiter must be a dict like {{'limit': 50, 'period': 30}}, "
+                f"got {limiter!r}"
+            )
+        unknown = set(limiter) - _LIMITER_KEYS
+        missing = _LIMITER_KEYS - set(limiter)
+        if unknown or missing:
+            raise InvalidQueueSettingsError(
+                f"queue {name!r}: limiter needs exactly the keys 'limit' and 'period'"
+                + (f"; unknown: {sorted(unknown)}" if unknown else "")
+                + (f"; missing: {sorted(missing)}" if missing else "")
+            )
+        limit = _positive_int("limiter['limit']", limiter["limit"], name)
+        period = limiter["period"]
+        if isinstance(period, bool) or not isinstance(period, int | float) or period <= 0:
+            raise InvalidQueueSettingsError(
+                f"queue {name!r}: limiter['period'] must be a positive number of seconds, "
+                f"got {period!r}"
+            )
+        period_ms = max(1, round(period * 1000))
+    if not isinstance(priority_enabled, bool):
+        raise InvalidQueueSettingsError(
+            f"queue {name!r}: priority_enabled must be True or False, got {priority_enabled!r}"
+        )
+    if (
+        isinstance(polling_interval_sec, bool)
+        or not isinstance(polling_interval_sec, int | float)
+        or polling_interval_sec <= 0
+    ):
+        raise InvalidQueueSettingsError(
+            f"queue {name!r}: polling_interval_sec must be a positive number, "
+            f"got {polling_interval_sec!r}"
+        )
+    return QueueSettings(
+        name=name,
+        concurrency=conc,
+        worker_concurrency=worker,
+        limit=limit,
+        period_ms=period_ms,
+        priority_enabled=priority_enabled,
+        polling_interval_ms=max(1, round(polling_interval_sec * 1000)),
+    )
+
+
+class QueueRegistry:
+    """The queues declared in this process, by name."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[str, Queue] = {}
+        self._listeners: list[Callable[[QueueSettings], None]] = []
+
+    def declare(self, queue: Queue) -> None:
+        with self._lock:
+            old = self._queues.get(queue.name)
+            if old is not None and old.settings != queue.settings:
+                logger.warning(
+                    "queue %r declared again with new settings %s (was %s); the new ones apply",
+                    queue.name, queue.settings, old.settings,
+                )
+            self._queues[queue.name] = queue
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(queue.settings)
+
+    def get(self, name: str) -> Queue | None:
+        with self._lock:
+            return self._queues.get(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._queues)
+
+    def all_settings(self) -> list[QueueSettings]:
+        with self._lock:
+            return [q.settings for q in self._queues.values()]
+
+    def add_listener(self, listener: Callable[[QueueSettings], None]) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def clear(self) -> None:
+        """Forget every declaration (tests; the stored settings stay in the database)."""
+        with self._lock:
+            self._queues.clear()
+
+    def remove_listener(self, listener: Callable[[QueueSettings], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+
+QUEUES = QueueRegistry()
+
+
+class Queue:
+    """A queue of workflows, shared by every process using the database."""
+
+    def __init__(
+        self,
+        name: str,
+        concurrency: int | None = None,
+        limiter: dict[str, Any] | None = None,
+        *,
+        worker_concurrency: int | None = None,
+        priority_enabled: bool = False,
+        polling_interval_sec: float = 1.0,
+    ) -> None:
+        self.settings = build_settings(
+            name, concurrency, worker_concurrency, limiter, priority_enabled, polling_interval_sec
+        )
+        self.name = name
+        QUEUES.declare(self)
+
+    @property
+    def concurrency(self) -> int | None:
+        return self.settings.concurrency
+
+    @property
+    def worker_concurrency(self) -> int | None:
+        return self.settings.worker_concurrency
+
+    @property
+    def limiter(self) -> dict[str, float] | None:
+        s = self.settings
+        if s.limit is None or s.period_ms is None:
+            return None
+        return {"limit": s.limit, "period": s.period_ms / 1000}
+
+    @property
+    def priority_enabled(self) -> bool:
+        return self.settings.priority_enabled
+
+    def enqueue(self, func: Callable[..., R], *args: Any, **kwargs: Any) -> WorkflowHandle[R]:
+        """Enqueue a workflow, step or transaction; returns its handle at once."""
+        reg = registration_of(func)
+        if reg is None:
+            raise DbosNbError(
+                f"{getattr(func, '__qualname__', func)!r} is not a DBOS workflow, step or "
+                "transaction; decorate it with @DBOS.workflow(), @DBOS.step() or "
+                "@DBOS.transaction() first"
+            )
+        rt = get_runtime()
+        wid = enqueue_workflow(rt, self.name, reg, args, kwargs)
+        return WorkflowHandle(rt, wid)
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (
+            f"Queue({s.name!r}, concurrency={s.concurrency}, worker_concurrency="
+            f"{s.worker_concurrency}, limiter={self.limiter})"
+        )

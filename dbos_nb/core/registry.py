@@ -1,0 +1,123 @@
+"""The registry of decorated functions, by stable name.
+
+Decorators register at import (or cell-execution) time, before or after DBOS is created, so the
+registry lives at module level and outlives any one DBOS instance. Re-running a notebook cell
+registers the same name again: the new definition replaces the old one. A different module
+claiming a name that is already taken is a conflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dbos_nb.errors import DBOSConflictingRegistrationError
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["workflow", "step", "transaction"]
+
+# A step or transaction enqueued on its own runs as a one-operation workflow of this name.
+STEP_WORKFLOW_PREFIX = "__dbos_nb_step__:"
+
+
+@dataclass
+class Registration:
+    """One decorated function and its options."""
+
+    name: str
+    kind: Kind
+    func: Callable[..., Any]
+    wrapper: Callable[..., Any] = field(repr=False)
+    max_recovery_attempts: int = 100
+    retries_allowed: bool = False
+    max_attempts: int = 3
+    interval_seconds: float = 1.0
+    backoff_rate: float = 2.0
+    isolation_level: str | None = None
+    class_name: str | None = None
+
+    @property
+    def module(self) -> str:
+        return str(getattr(self.func, "__module__", ""))
+
+    @property
+    def source_hash(self) -> str:
+        """A hash of the function's code, to tell re-definitions apart."""
+        try:
+            source = inspect.getsource(self.func)
+        except (OSError, TypeError):
+            code = getattr(self.func, "__code__", None)
+            source = repr(code.co_code) if code is not None else self.name
+        return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+class Registry:
+    """Thread-safe name -> Registration map with a listener for new registrations."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_name: dict[str, Registration] = {}
+        self._listeners: list[Callable[[Registration], None]] = []
+
+    def register(self, reg: Registration) -> None:
+        with self._lock:
+            old = self._by_name.get(reg.name)
+            if old is not None and old.func is not reg.func:
+                if old.module != reg.module and _file_of(old.func) != _file_of(reg.func):
+                    raise DBOSConflictingRegistrationError(
+                        f"{reg.kind} name {reg.name!r} is already registered by "
+                        f"{old.module}.{old.func.__qualname__}; give one of them another name "
+                        "with name=..."
+                    )
+                logger.debug("re-registering %s %r (definition replaced)", reg.kind, reg.name)
+            self._by_name[reg.name] = reg
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(reg)
+
+    def get(self, name: str) -> Registration | None:
+        with self._lock:
+            return self._by_name.get(name)
+
+    def runnable_names(self) -> set[str]:
+        """Workflow names a worker of this process can run (steps/transactions as one-op wfs)."""
+        with self._lock:
+            names = set()
+            for name, reg in self._by_name.items():
+                names.add(name if reg.kind == "workflow" else STEP_WORKFLOW_PREFIX + name)
+            return names
+
+    def add_listener(self, listener: Callable[[Registration], None]) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[Registration], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_name.clear()
+
+
+def _file_of(func: Callable[..., Any]) -> str | None:
+    try:
+        return inspect.getsourcefile(func)
+    except TypeError:
+        return None
+
+
+def registration_of(func: Any) -> Registration | None:
+    """The registration a decorated function carries, if any."""
+    reg = getattr(func, "__dbos_nb_registration__", None)
+    return reg if isinstance(reg, Registration) else None
+
+
+REGISTRY = Registry()

@@ -1,0 +1,125 @@
+"""The live components of one launched DBOS instance, shared by the core modules.
+
+`engine.py` builds a Runtime at launch and installs it as the current one; the core modules
+(workflows, steps, queues, scheduler) receive it and never reach for globals themselves, except
+through `get_runtime()` where a user-facing call (a decorated function, `queue.enqueue`) has no
+other way to find it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbos_nb.clock import Clock
+from dbos_nb.core.context import RunningWorkflow
+from dbos_nb.core.handles import status_from_row
+from dbos_nb.core.pool import ElasticPool
+from dbos_nb.core.registry import Registry
+from dbos_nb.core.waiters import Waiters, wait_for_result
+from dbos_nb.errors import DBOSNotLaunchedError
+from dbos_nb.models import WorkflowStatus
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.store import SystemStore
+
+
+@dataclass
+class Runtime:
+    """Everything a running workflow, step, queue or scheduler needs."""
+
+    db: Database
+    store: SystemStore
+    app_db: Database
+    clock: Clock
+    registry: Registry
+    pool: ElasticPool
+    waiters: Waiters
+    executor_id: str
+    app_version: str
+    polling_interval_sec: float
+    stopping: threading.Event = field(default_factory=threading.Event)
+    _running: dict[str, RunningWorkflow] = field(default_factory=dict)
+    _running_lock: threading.Lock = field(default_factory=threading.Lock)
+    _wake: threading.Event = field(default_factory=threading.Event)
+
+    def now_ms(self) -> int:
+        return self.clock.now_ms()
+
+    # -- in-process executions --------------------------------------------------------------------
+
+    def add_running(self, running: RunningWorkflow) -> bool:
+        """Register an execution; False if this process already runs that workflow."""
+        with self._running_lock:
+            if running.workflow_id in self._running:
+                return False
+            self._running[running.workflow_id] = running
+            return True
+
+    def remove_running(self, workflow_id: str) -> None:
+        with self._running_lock:
+            self._running.pop(workflow_id, None)
+
+    def is_running(self, workflow_id: str) -> bool:
+        with self._running_lock:
+            return workflow_id in self._running
+
+    def running_ids(self) -> list[str]:
+        with self._running_lock:
+            return list(self._running)
+
+    def preempt(self, workflow_ids: list[str], reason: str) -> None:
+        """Ask local executions to stop at their next durable operation."""
+        with self._running_lock:
+            targets = [self._running[w] for w in workflow_ids if w in self._running]
+        for running in targets:
+            running.preempt_reason = reason
+            running.interrupt.set()
+
+    def preempt_all(self, reason: str) -> None:
+        self.preempt(self.running_ids(), reason)
+
+    # -- the handle backend ---------------------------------------------------------------------
+
+    def wait_result(
+        self, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None
+    ) -> Any:
+        poll = min(polling_interval_sec, self.polling_interval_sec)
+        return wait_for_result(self.store, self.waiters, self.clock, workflow_id, poll, timeout_sec)
+
+    def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None:
+        row = self.store.get_workflow(workflow_id)
+        return status_from_row(row) if row is not None else None
+
+    # -- waking the scheduler ---------------------------------------------------------------------
+
+    def wake_scheduler(self) -> None:
+        self._wake.set()
+
+    @property
+    def wake_event(self) -> threading.Event:
+        return self._wake
+
+
+_current: Runtime | None = None
+_current_lock = threading.Lock()
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    global _current
+    with _current_lock:
+        _current = runtime
+
+
+def get_runtime() -> Runtime:
+    """The launched runtime; raises a clear error when DBOS is not launched."""
+    runtime = _current
+    if runtime is None:
+        raise DBOSNotLaunchedError(
+            "DBOS is not launched: create it with DBOS(config={...}) and call DBOS.launch() first"
+        )
+    return runtime
+
+
+def peek_runtime() -> Runtime | None:
+    return _current

@@ -1,0 +1,278 @@
+"""Durable operations inside a workflow: steps, transactions and sleeps.
+
+Every operation takes the workflow's next operation number, then makes one read
+(`begin_operation`): is the workflow still PENDING, still ours and within its deadline, and is this
+operation already recorded? A recorded operation returns (or raises) its recorded outcome without
+running: this is how a resumed workflow skips the steps it completed. Otherwise the operation runs
+and its outcome is written in one more transaction.
+
+A transaction's checkpoint is written in the application database inside the user's own database
+transaction, so its writes and its checkpoint commit together, exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from dbos_nb import serialization
+from dbos_nb.core.context import Context, RunningWorkflow, StepFrame, current, derive, using
+from dbos_nb.core.registry import Registration
+from dbos_nb.core.runtime import Runtime
+from dbos_nb.errors import (
+    DBOSMaxStepRetriesExceeded,
+    DBOSUnexpectedStepError,
+    WorkflowPreempted,
+)
+from dbos_nb.models import WorkflowStatusString as S
+from dbos_nb.storage.schema import transaction_outputs
+from dbos_nb.storage.store import StepPreflight
+
+logger = logging.getLogger(__name__)
+
+MAX_RETRY_WAIT_SEC = 3600.0
+
+
+def check_live(rt: Runtime, wf: RunningWorkflow, pre: StepPreflight | None = None) -> None:
+    """Raise WorkflowPreempted if this execution must stop before its next operation."""
+    if rt.stopping.is_set():
+        raise WorkflowPreempted(wf.workflow_id, "shutdown")
+    if wf.preempt_reason is not None:
+        raise WorkflowPreempted(wf.workflow_id, wf.preempt_reason)
+    if pre is not None and pre.status is not None and pre.status != S.PENDING.value:
+        reason = "cancelled" if pre.status == S.CANCELLED.value else f"now {pre.status}"
+        raise WorkflowPreempted(wf.workflow_id, reason)
+    if pre is not None and pre.owner_xid is not None and pre.owner_xid != wf.owner_xid:
+        raise WorkflowPreempted(wf.workflow_id, "taken over by another execution")
+    deadline = wf.deadline_ms
+    if deadline is not None and rt.now_ms() >= deadline:
+        rt.store.cancel_workflows([wf.workflow_id], rt.now_ms(), cancel_children=True)
+        rt.waiters.notify(wf.workflow_id)
+        raise WorkflowPreempted(wf.workflow_id, "timed out")
+
+
+def begin_operation(rt: Runtime, wf: RunningWorkflow, name: str) -> tuple[int, StepPreflight]:
+    """Take the next operation number and read what is recorded for it."""
+    fid = wf.take_function_id()
+    pre = rt.store.step_preflight(wf.workflow_id, fid)
+    check_live(rt, wf, pre)
+    if pre.recorded and pre.function_name != name:
+        raise DBOSUnexpectedStepError(
+            f"workflow {wf.workflow_id!r} recorded {pre.function_name!r} as operation {fid} but "
+            f"replay called {name!r}: the workflow's code is not deterministic or has changed"
+        )
+    return fid, pre
+
+
+def replay(pre: StepPreflight) -> Any:
+    """Return or raise a recorded outcome."""
+    if pre.error is not None:
+        error = serialization.load_error(pre.error)
+        if error is not None:
+            raise error
+    return serialization.loads(pre.output)
+
+
+def call_step(rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a step: checkpointed inside a workflow, a plain call (with retries) outside one."""
+    ctx = current()
+    wf = ctx.workflow
+    if wf is None or ctx.step is not None:
+        return _run_attempts(rt, reg, ctx, None, args, kwargs)
+    fid, pre = begin_operation(rt, wf, reg.name)
+    if pre.recorded:
+        return replay(pre)
+    started = rt.now_ms()
+    try:
+        value = _run_attempts(rt, reg, ctx, fid, args, kwargs)
+    except Exception as exc:
+        existing = rt.store.record_step(
+            wf.workflow_id, fid, reg.name, None, serialization.dump_error(exc), started, rt.now_ms()
+        )
+        if existing is not None:
+            return replay(existing)
+        raise
+    existing = rt.store.record_step(
+        wf.workflow_id, fid, reg.name, serialization.dumps(value), None, started, rt.now_ms()
+    )
+    return replay(existing) if existing is not None else value
+
+
+def _run_attempts(
+    rt: Runtime,
+    reg: Registration,
+    ctx: Context,
+    fid: int | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    attempts = reg.max_attempts if reg.retries_allowed else 1
+    errors: list[BaseException] = []
+    wf = ctx.workflow
+    for attempt in range(attempts):
+        frame = StepFrame(
+            step_id=fid if fid is not None else -1,
+            name=reg.name,
+            attempt=attempt + 1,
+            max_attempts=attempts,
+        )
+        try:
+            with using(derive(step=frame)):
+                return reg.func(*args, **kwargs)
+        except Exception as exc:
+            if not reg.retries_allowed:
+                raise
+            errors.append(exc)
+            if attempt + 1 == attempts:
+                break
+            wait = min(reg.interval_seconds * reg.backoff_rate**attempt, MAX_RETRY_WAIT_SEC)
+            logger.warning(
+                "step %r attempt %d/%d failed (%r); retrying in %.2f s",
+                reg.name, attempt + 1, attempts, exc, wait,
+            )
+            if wf is not None:
+                if wf.interrupt.wait(wait):
+                    check_live(rt, wf)
+            else:
+                time.sleep(wait)
+    raise DBOSMaxStepRetriesExceeded(reg.name, attempts, errors)
+
+
+# -- transactions -------------------------------------------------------------------------------
+
+_SERIALIZATION_FAILURE = "40001"
+_ISOLATION_LEVELS = {"SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED", "READ UNCOMMITTED"}
+
+
+def validate_isolation_level(level: str | None) -> str | None:
+    """Upper-case and check a transaction isolation level."""
+    if level is None:
+        return None
+    normalized = level.upper().replace("_", " ")
+    if normalized not in _ISOLATION_LEVELS:
+        raise ValueError(
+            f"unknown isolation level {level!r}; use one of {sorted(_ISOLATION_LEVELS)}"
+        )
+    return normalized
+
+
+def call_transaction(
+    rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Run a transaction; inside a workflow its checkpoint commits with its own writes."""
+    ctx = current()
+    wf = ctx.workflow
+    if wf is None or ctx.step is not None:
+        return _run_in_session(rt, reg, ctx, None, None, args, kwargs)
+    fid, pre = begin_operation(rt, wf, reg.name)
+    if pre.recorded:
+        return replay(pre)
+    started = rt.now_ms()
+    # The app-database checkpoint may exist without the system one if we crashed in between.
+    app_record = _app_checkpoint(rt, wf.workflow_id, fid)
+    if app_record is not None:
+        output, error = app_record
+    else:
+        try:
+            value = _run_in_session(rt, reg, ctx, wf, fid, args, kwargs)
+            output, error = serialization.dumps(value), None
+        except Exception as exc:
+            output, error = None, serialization.dump_error(exc)
+    existing = rt.store.record_step(
+        wf.workflow_id, fid, reg.name, output, error, started, rt.now_ms()
+    )
+    return replay(existing if existing is not None else _as_preflight(output, error))
+
+
+def _as_preflight(output: bytes | None, error: bytes | None) -> StepPreflight:
+    return StepPreflight(S.PENDING.value, None, True, None, output, error, None, None)
+
+
+def _app_checkpoint(rt: Runtime, workflow_id: str, fid: int) -> tuple[bytes | None, bytes | None] | None:
+    t = transaction_outputs
+    with rt.app_db.read() as conn:
+        row = conn.execute(
+            select(t.c.output, t.c.error).where(t.c.workflow_uuid == workflow_id, t.c.function_id == fid)
+        ).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def _run_in_session(
+    rt: Runtime,
+    reg: Registration,
+    ctx: Context,
+    wf: RunningWorkflow | None,
+    fid: int | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    delay = 0.01
+    for attempt in range(50):
+        try:
+            with rt.app_db.write(isolation_level=reg.isolation_level) as conn:
+                session = Session(bind=conn)
+                frame = StepFrame(step_id=fid if fid is not None else -1, name=reg.name, session=session)
+                with using(derive(step=frame)):
+                    value = reg.func(*args, **kwargs)
+                session.flush()
+                if wf is not None and fid is not None:
+                    conn.execute(
+                        transaction_outputs.insert().values(
+                            workflow_uuid=wf.workflow_id,
+                            function_id=fid,
+                            function_name=reg.name,
+                            output=serialization.dumps(value),
+                            created_at=rt.now_ms(),
+                        )
+                    )
+                session.close()
+                return value
+        except OperationalError as exc:
+            code = getattr(exc.orig, "sqlstate", None)
+            if code != _SERIALIZATION_FAILURE or attempt == 49:
+                raise
+            logger.info("transaction %r hit a serialization failure; retrying", reg.name)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    raise AssertionError("unreachable")
+
+
+def current_session() -> Session:
+    """The SQLAlchemy session of the transaction in progress."""
+    frame = current().step
+    if frame is None or frame.session is None:
+        raise RuntimeError("DBOS.sql_session is only available inside a @DBOS.transaction function")
+    return frame.session
+
+
+# -- durable sleep ------------------------------------------------------------------------------
+
+
+def durable_sleep(rt: Runtime, seconds: float) -> None:
+    """Sleep; inside a workflow the wake-up time is recorded so a resumed sleep does not restart."""
+    ctx = current()
+    wf = ctx.workflow
+    if wf is None or ctx.step is not None:
+        time.sleep(seconds)
+        return
+    fid, pre = begin_operation(rt, wf, "DBOS.sleep")
+    if pre.recorded:
+        wake_at = int(serialization.loads(pre.output))
+    else:
+        now = rt.now_ms()
+        wake_at = now + round(seconds * 1000)
+        rt.store.record_step(
+            wf.workflow_id, fid, "DBOS.sleep", serialization.dumps(wake_at), None, now, now
+        )
+    while True:
+        remaining = (wake_at - rt.now_ms()) / 1000
+        if remaining <= 0:
+            return
+        # Wake at least every 50 ms so that an injected clock moving forward is noticed.
+        if wf.interrupt.wait(min(remaining, 0.05)):
+            check_live(rt, wf)

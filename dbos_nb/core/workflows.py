@@ -1,0 +1,307 @@
+"""Starting and running workflows: direct calls, background starts, enqueues, claimed work.
+
+A workflow's row is written before its body runs (status PENDING for a start, ENQUEUED for an
+enqueue), with its serialized inputs, so a crash at any later point leaves enough to resume it.
+Writing the row is idempotent by workflow id: starting an id that exists returns that workflow's
+outcome instead of running it again.
+
+Inside a workflow, starting or enqueueing a child is itself an operation of the parent: the child
+gets the deterministic id `<parent>-<operation number>`, so a replaying parent finds the same child.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dbos_nb import serialization
+from dbos_nb.core.context import Context, RunningWorkflow, current, using
+from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX, Registration
+from dbos_nb.core.runtime import Runtime
+from dbos_nb.core.steps import begin_operation
+from dbos_nb.core.waiters import outcome_of, wait_for_result
+from dbos_nb.errors import (
+    DBOSAwaitedWorkflowCancelledError,
+    DBOSConflictingWorkflowError,
+    DBOSNonSerializableError,
+    DBOSWorkflowTimedOutError,
+    WorkflowPreempted,
+)
+from dbos_nb.models import ClaimedWorkflow
+from dbos_nb.models import WorkflowStatusString as S
+from dbos_nb.storage.store import NewWorkflow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StartPlan:
+    """Who a new workflow is: its id, its parent link, and options taken from the context."""
+
+    workflow_id: str
+    parent: RunningWorkflow | None
+    parent_function_id: int | None
+    recorded_child_id: str | None
+    timeout_ms: int | None
+    inherited_deadline_ms: int | None
+    ctx: Context
+
+
+def plan_start(rt: Runtime, workflow_name: str) -> StartPlan:
+    """Decide the id of a workflow about to start, taking an operation number in the parent."""
+    ctx = current()
+    parent = ctx.workflow if ctx.step is None else None
+    explicit = _consume_id(ctx)
+    fid: int | None = None
+    recorded: str | None = None
+    if parent is not None:
+        fid, pre = begin_operation(rt, parent, workflow_name)
+        recorded = pre.child_workflow_id if pre.recorded else None
+    if recorded is not None:
+        wid = recorded
+    elif explicit is not None:
+        wid = explicit
+    elif parent is not None and fid is not None:
+        wid = f"{parent.workflow_id}-{fid}"
+    else:
+        wid = str(uuid.uuid4())
+    timeout_ms: int | None = None
+    inherited: int | None = None
+    if ctx.timeout_sec is None:
+        pass  # explicitly no timeout
+    elif isinstance(ctx.timeout_sec, int | float):
+        timeout_ms = round(ctx.timeout_sec * 1000)
+    elif parent is not None:
+        inherited = parent.deadline_ms
+    return StartPlan(wid, parent, fid, recorded, timeout_ms, inherited, ctx)
+
+
+def _consume_id(ctx: Context) -> str | None:
+    wid = ctx.next_workflow_id
+    if wid is not None:
+        ctx.next_workflow_id = None
+    return wid
+
+
+def _new_row(
+    rt: Runtime, reg: Registration, plan: StartPlan, inputs: bytes, name: str, *, status: str,
+    queue_name: str | None = None, owner: str | None = None,
+) -> NewWorkflow:
+    now = rt.now_ms()
+    deadline = plan.inherited_deadline_ms
+    started: int | None = None
+    if status == S.PENDING.value:
+        started = now
+        if plan.timeout_ms is not None:
+            deadline = now + plan.timeout_ms
+    ctx = plan.ctx
+    return NewWorkflow(
+        workflow_id=plan.workflow_id,
+        name=name,
+        inputs=inputs,
+        status=status,
+        created_at=now,
+        class_name=reg.class_name,
+        executor_id=rt.executor_id if status == S.PENDING.value else None,
+        owner_xid=owner,
+        application_version=rt.app_version,
+        queue_name=queue_name,
+        priority=ctx.priority or 0,
+        deduplication_id=ctx.deduplication_id if queue_name else None,
+        workflow_timeout_ms=plan.timeout_ms,
+        workflow_deadline_epoch_ms=deadline,
+        parent_workflow_id=plan.parent.workflow_id if plan.parent else None,
+        parent_function_id=plan.parent_function_id,
+        started_at_epoch_ms=started,
+        recovery_attempts=1 if status == S.PENDING.value else 0,
+    )
+
+
+def _check_same_function(wid: str, existing: dict[str, Any], name: str) -> None:
+    if existing["name"] != name:
+        raise DBOSConflictingWorkflowError(
+            wid, f"it belongs to workflow {existing['name']!r}, not {name!r}"
+        )
+
+
+def workflow_name_of(reg: Registration) -> str:
+    """The name a workflow row records for this function (steps run as one-operation wfs)."""
+    return reg.name if reg.kind == "workflow" else STEP_WORKFLOW_PREFIX + reg.name
+
+
+# -- direct call and background start ----------------------------------------------------------
+
+
+def call_workflow(rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a workflow in the calling thread and return its result (DBOS's direct call)."""
+    name = workflow_name_of(reg)
+    inputs = serialization.dump_inputs(reg.name, args, kwargs)
+    plan = plan_start(rt, name)
+    owner = uuid.uuid4().hex
+    row = _new_row(rt, reg, plan, inputs, name, status=S.PENDING.value, owner=owner)
+    existing = rt.store.insert_workflow(row)
+    if existing is not None:
+        _check_same_function(plan.workflow_id, existing, name)
+        return _await_existing(rt, plan.workflow_id, existing)
+    return execute(rt, reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms)
+
+
+def start_workflow(rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Write the workflow's row, then run it on a pool thread; returns its id at once."""
+    name = workflow_name_of(reg)
+    inputs = serialization.dump_inputs(reg.name, args, kwargs)
+    plan = plan_start(rt, name)
+    owner = uuid.uuid4().hex
+    row = _new_row(rt, reg, plan, inputs, name, status=S.PENDING.value, owner=owner)
+    existing = rt.store.insert_workflow(row)
+    if existing is not None:
+        _check_same_function(plan.workflow_id, existing, name)
+        return plan.workflow_id
+    rt.pool.submit(
+        _run_quietly, rt, reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms
+    )
+    return plan.workflow_id
+
+
+def enqueue_workflow(
+    rt: Runtime, queue_name: str, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
+    """Write an ENQUEUED row on the queue and wake the local scheduler; returns the id."""
+    name = workflow_name_of(reg)
+    inputs = serialization.dump_inputs(reg.name, args, kwargs)
+    plan = plan_start(rt, name)
+    row = _new_row(rt, reg, plan, inputs, name, status=S.ENQUEUED.value, queue_name=queue_name)
+    existing = rt.store.insert_workflow(row)
+    if existing is not None:
+        _check_same_function(plan.workflow_id, existing, name)
+    else:
+        rt.wake_scheduler()
+    return plan.workflow_id
+
+
+def _await_existing(rt: Runtime, wid: str, existing: dict[str, Any]) -> Any:
+    finished, value = outcome_of(wid, existing)
+    if finished:
+        return value
+    return wait_for_result(rt.store, rt.waiters, rt.clock, wid, rt.polling_interval_sec)
+
+
+# -- running a body -----------------------------------------------------------------------------
+
+
+def execute(
+    rt: Runtime,
+    reg: Registration,
+    wid: str,
+    owner: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    deadline_ms: int | None,
+) -> Any:
+    """Run a workflow body whose row is PENDING and owned by `owner`, and record its outcome."""
+    running = RunningWorkflow(wid, owner, workflow_name_of(reg), deadline_ms)
+    if not rt.add_running(running):
+        # This process already runs it (e.g. recovered while a handle waits): wait instead.
+        return wait_for_result(rt.store, rt.waiters, rt.clock, wid, rt.polling_interval_sec)
+    body = _body_of(reg)
+    try:
+        with using(Context(workflow=running)):
+            try:
+                value = body(*args, **kwargs)
+            except WorkflowPreempted as stop:
+                if stop.workflow_id != wid or stop.reason == "shutdown":
+                    raise
+                if stop.reason == "timed out":
+                    raise DBOSWorkflowTimedOutError(wid) from None
+                raise DBOSAwaitedWorkflowCancelledError(wid, f"was stopped ({stop.reason})") from None
+            except Exception as exc:
+                _finish(rt, wid, owner, S.ERROR.value, None, serialization.dump_error(exc))
+                raise
+        try:
+            output = serialization.dumps(value)
+        except DBOSNonSerializableError as exc:
+            error = DBOSNonSerializableError(f"the result of workflow {wid!r}: {exc}")
+            _finish(rt, wid, owner, S.ERROR.value, None, serialization.dump_error(error))
+            raise error from exc
+        if not _finish(rt, wid, owner, S.SUCCESS.value, output, None):
+            # Cancelled (or taken over) while the body ran: the durable record wins.
+            row = rt.store.get_status_and_result(wid)
+            if row is not None:
+                finished, recorded = outcome_of(wid, row)
+                if finished:
+                    return recorded
+        return value
+    finally:
+        rt.remove_running(wid)
+        rt.waiters.notify(wid)
+
+
+def _body_of(reg: Registration) -> Callable[..., Any]:
+    # A step or transaction enqueued alone runs as operation 0 of a one-operation workflow.
+    return reg.func if reg.kind == "workflow" else reg.wrapper
+
+
+def _finish(
+    rt: Runtime, wid: str, owner: str, status: str, output: bytes | None, error: bytes | None
+) -> bool:
+    done = rt.store.finish_workflow(wid, owner, status, output, error, rt.now_ms())
+    rt.wake_scheduler()
+    return done
+
+
+def _run_quietly(
+    rt: Runtime,
+    reg: Registration,
+    wid: str,
+    owner: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    deadline_ms: int | None,
+) -> None:
+    """Run on a pool thread: outcomes are recorded, so exceptions stop here."""
+    try:
+        execute(rt, reg, wid, owner, args, kwargs, deadline_ms)
+    except WorkflowPreempted as stop:
+        logger.debug("workflow %s stopped: %s", wid, stop.reason)
+    except Exception:
+        logger.debug("workflow %s failed (recorded)", wid, exc_info=True)
+
+
+def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
+    """Run a workflow the scheduler claimed (on a pool thread)."""
+    reg = _registration_for(rt, claimed.name)
+    if reg is None:
+        logger.warning("no function registered for claimed workflow %s (%s)", claimed.workflow_id, claimed.name)
+        rt.store.resume_workflow(claimed.workflow_id, rt.now_ms(), claimed.queue_name)
+        return
+    if claimed.recovery_attempts > reg.max_recovery_attempts + 1:
+        logger.error(
+            "workflow %s (%s) was started %d times; giving up (max_recovery_attempts=%d)",
+            claimed.workflow_id, claimed.name, claimed.recovery_attempts - 1, reg.max_recovery_attempts,
+        )
+        rt.store.set_status(
+            claimed.workflow_id, S.MAX_RECOVERY_ATTEMPTS_EXCEEDED.value, rt.now_ms()
+        )
+        rt.waiters.notify(claimed.workflow_id)
+        rt.wake_scheduler()
+        return
+    try:
+        args, kwargs = serialization.load_inputs(claimed.inputs)
+    except Exception as exc:
+        logger.error("cannot load the inputs of workflow %s: %s", claimed.workflow_id, exc)
+        _finish(rt, claimed.workflow_id, claimed.owner_xid, S.ERROR.value, None, serialization.dump_error(exc))
+        rt.waiters.notify(claimed.workflow_id)
+        return
+    _run_quietly(
+        rt, reg, claimed.workflow_id, claimed.owner_xid, args, kwargs, claimed.deadline_epoch_ms
+    )
+
+
+def _registration_for(rt: Runtime, workflow_name: str) -> Registration | None:
+    if workflow_name.startswith(STEP_WORKFLOW_PREFIX):
+        return rt.registry.get(workflow_name[len(STEP_WORKFLOW_PREFIX) :])
+    reg = rt.registry.get(workflow_name)
+    return reg if reg is not None and reg.kind == "workflow" else None

@@ -1,0 +1,414 @@
+"""`DBOS`: the user-facing class, with DBOS Transact's class-level API.
+
+`DBOS(config=...)` creates the process's instance; decorators, launch, destroy and the management
+calls are class methods that act on it. The work is done by `engine.py` (lifecycle) and `core/`
+(execution); this module only translates DBOS's API onto them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Generic, TypeVar, cast
+
+from sqlalchemy.orm import Session
+
+from dbos_nb.clock import Clock
+from dbos_nb.core import steps, workflows
+from dbos_nb.core.context import current
+from dbos_nb.core.handles import WorkflowHandle, status_from_row, step_from_row
+from dbos_nb.core.queue import QUEUES, Queue
+from dbos_nb.core.registry import REGISTRY, Kind, Registration, registration_of
+from dbos_nb.core.runtime import Runtime, get_runtime
+from dbos_nb.engine import Engine, resolve_config
+from dbos_nb.errors import (
+    DbosNbError,
+    DBOSConfigError,
+    DBOSNonExistentWorkflowError,
+    UnknownQueueError,
+)
+from dbos_nb.models import StepInfo, StepStatus, WorkflowStatus
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_instance_lock = threading.RLock()
+
+
+class classproperty(Generic[T]):  # noqa: N801 - reads like the builtin `property`
+    """A read-only property of the class itself."""
+
+    def __init__(self, fget: Callable[[Any], T]) -> None:
+        self.fget = fget
+
+    def __get__(self, _obj: Any, owner: Any) -> T:
+        return self.fget(owner)
+
+
+def _to_ms(value: Any, label: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    if isinstance(value, str):
+        return int(datetime.fromisoformat(value).timestamp() * 1000)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return int(value)
+    raise DbosNbError(f"{label} must be a datetime, an ISO-8601 string or epoch ms, got {value!r}")
+
+
+def _decorate(kind: Kind, func: Callable[..., Any], name: str | None, **options: Any) -> Any:
+    if inspect.iscoroutinefunction(func):
+        raise DbosNbError(
+            f"{func.__qualname__}: async {kind}s are not supported yet; define it with 'def'"
+        )
+    if not callable(func):
+        raise DbosNbError(f"@DBOS.{kind}() decorates functions, got {func!r}")
+    runner = {
+        "workflow": workflows.call_workflow,
+        "step": steps.call_step,
+        "transaction": steps.call_transaction,
+    }[kind]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return runner(get_runtime(), reg, args, kwargs)
+
+    reg = Registration(name=name or func.__qualname__, kind=kind, func=func, wrapper=wrapper, **options)
+    wrapper.__dbos_nb_registration__ = reg  # type: ignore[attr-defined]
+    REGISTRY.register(reg)
+    return wrapper
+
+
+def _registration(func: Callable[..., Any]) -> Registration:
+    reg = registration_of(func)
+    if reg is None:
+        raise DbosNbError(
+            f"{getattr(func, '__qualname__', func)!r} is not a DBOS workflow, step or transaction"
+        )
+    return reg
+
+
+class DBOS:
+    """The process's DBOS instance and DBOS Transact's class-level API."""
+
+    _engine: Engine | None = None
+    _config_key: Any = None
+
+    def __new__(
+        cls,
+        *,
+        config: dict[str, Any] | None = None,
+        fastapi: Any = None,
+        clock: Clock | None = None,
+        **_ignored: Any,
+    ) -> DBOS:
+        resolved = resolve_config(config)
+        with _instance_lock:
+            if cls._engine is not None:
+                if cls._config_key == resolved:
+                    return cast(DBOS, object.__new__(cls))
+                raise DBOSConfigError(
+                    "DBOS was already created with a different configuration; call "
+                    "DBOS.destroy() before creating it again"
+                )
+            cls._engine = Engine(resolved, clock=clock)
+            cls._config_key = resolved
+        if fastapi is not None:
+            fastapi.add_event_handler("startup", cls.launch)
+            fastapi.add_event_handler("shutdown", cls.destroy)
+        return cast(DBOS, object.__new__(cls))
+
+    def __init__(self, **_kwargs: Any) -> None:
+        pass
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @classmethod
+    def launch(cls) -> None:
+        """Open the database, recover unfinished work and start the background worker."""
+        with _instance_lock:
+            if cls._engine is None:
+                raise DBOSConfigError("create DBOS with DBOS(config={...}) before DBOS.launch()")
+            cls._engine.launch()
+
+    @classmethod
+    def destroy(
+        cls, *, destroy_registry: bool = False, workflow_completion_timeout_sec: float = 0.0
+    ) -> None:
+        """Stop the worker and close the database; unfinished work resumes at the next launch."""
+        with _instance_lock:
+            engine, cls._engine, cls._config_key = cls._engine, None, None
+        if engine is not None:
+            engine.destroy(workflow_completion_timeout_sec)
+        if destroy_registry:
+            REGISTRY.clear()
+
+    @classmethod
+    def _rt(cls) -> Runtime:
+        return get_runtime()
+
+    # -- decorators -----------------------------------------------------------------------------
+
+    @classmethod
+    def workflow(cls, *, name: str | None = None, max_recovery_attempts: int = 100) -> Callable[[F], F]:
+        """Make a function a durable workflow."""
+        if not isinstance(max_recovery_attempts, int) or max_recovery_attempts < 0:
+            raise DbosNbError(f"max_recovery_attempts must be a non-negative integer, got {max_recovery_attempts!r}")
+
+        def decorator(func: F) -> F:
+            return cast(F, _decorate("workflow", func, name, max_recovery_attempts=max_recovery_attempts))
+
+        return decorator
+
+    @classmethod
+    def step(
+        cls,
+        *,
+        name: str | None = None,
+        retries_allowed: bool = False,
+        interval_seconds: float = 1.0,
+        max_attempts: int = 3,
+        backoff_rate: float = 2.0,
+    ) -> Callable[[F], F]:
+        """Make a function a checkpointed step (optionally retried with exponential back-off)."""
+        if not isinstance(max_attempts, int) or max_attempts < 1:
+            raise DbosNbError(f"max_attempts must be a positive integer, got {max_attempts!r}")
+        if interval_seconds < 0 or backoff_rate < 1:
+            raise DbosNbError("interval_seconds must be >= 0 and backoff_rate >= 1")
+
+        def decorator(func: F) -> F:
+            return cast(F, _decorate(
+                "step", func, name, retries_allowed=retries_allowed, max_attempts=max_attempts,
+                interval_seconds=interval_seconds, backoff_rate=backoff_rate,
+            ))
+
+        return decorator
+
+    @classmethod
+    def transaction(
+        cls, isolation_level: str | None = "SERIALIZABLE", *, name: str | None = None
+    ) -> Callable[[F], F]:
+        """Make a function a transaction on the application database, committed exactly once."""
+        level = steps.validate_isolation_level(isolation_level)
+
+        def decorator(func: F) -> F:
+            return cast(F, _decorate("transaction", func, name, isolation_level=level))
+
+        return decorator
+
+    @classmethod
+    def dbos_class(cls, *_args: Any, **_kwargs: Any) -> Callable[[type[T]], type[T]]:
+        """Mark a class whose methods are workflows or steps (names are `Class.method`)."""
+
+        def decorator(klass: type[T]) -> type[T]:
+            return klass
+
+        return decorator
+
+    # -- starting work --------------------------------------------------------------------------
+
+    @classmethod
+    def start_workflow(cls, func: Callable[..., T], *args: Any, **kwargs: Any) -> WorkflowHandle[T]:
+        """Start a workflow in the background; returns its handle at once."""
+        rt = cls._rt()
+        wid = workflows.start_workflow(rt, _registration(func), args, kwargs)
+        return WorkflowHandle(rt, wid)
+
+    @classmethod
+    def register_queue(
+        cls,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        worker_concurrency: int | None = None,
+        limiter: dict[str, Any] | None = None,
+        priority_enabled: bool = False,
+        polling_interval_sec: float = 1.0,
+        global_concurrency: int | None = None,
+    ) -> Queue:
+        """Declare a queue (DBOS 3's spelling of `Queue(...)`)."""
+        return Queue(
+            name,
+            concurrency if concurrency is not None else global_concurrency,
+            limiter,
+            worker_concurrency=worker_concurrency,
+            priority_enabled=priority_enabled,
+            polling_interval_sec=polling_interval_sec,
+        )
+
+    @classmethod
+    def enqueue_workflow(
+        cls, queue_name: str, func: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> WorkflowHandle[T]:
+        """Enqueue a function on a queue given by name."""
+        queue = QUEUES.get(queue_name)
+        if queue is not None:
+            return queue.enqueue(func, *args, **kwargs)
+        rt = cls._rt()
+        if rt.store.get_queue(queue_name) is None:
+            raise UnknownQueueError(queue_name)
+        wid = workflows.enqueue_workflow(rt, queue_name, _registration(func), args, kwargs)
+        return WorkflowHandle(rt, wid)
+
+    # -- inspecting and managing ----------------------------------------------------------------
+
+    @classmethod
+    def retrieve_workflow(cls, workflow_id: str, existing_workflow: bool = True) -> WorkflowHandle[Any]:
+        rt = cls._rt()
+        if existing_workflow and rt.store.get_workflow(workflow_id) is None:
+            raise DBOSNonExistentWorkflowError(workflow_id)
+        return WorkflowHandle(rt, workflow_id)
+
+    @classmethod
+    def get_workflow_status(cls, workflow_id: str) -> WorkflowStatus | None:
+        return cls._rt().get_workflow_status(workflow_id)
+
+    @classmethod
+    def get_result(cls, workflow_id: str, *, polling_interval_sec: float = 1.0) -> Any:
+        return cls.retrieve_workflow(workflow_id).get_result(polling_interval_sec)
+
+    @classmethod
+    def list_workflows(
+        cls,
+        *,
+        workflow_ids: list[str] | None = None,
+        status: str | list[str] | None = None,
+        name: str | None = None,
+        queue_name: str | None = None,
+        start_time: Any = None,
+        end_time: Any = None,
+        workflow_id_prefix: str | None = None,
+        app_version: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        sort_desc: bool = False,
+        load_input: bool = True,
+        load_output: bool = True,
+    ) -> list[WorkflowStatus]:
+        """Workflows matching every given filter, oldest first unless `sort_desc`."""
+        statuses = [status] if isinstance(status, str) else status
+        load = load_input or load_output
+        rows = cls._rt().store.list_workflows(
+            workflow_ids=workflow_ids,
+            status=[str(s) for s in statuses] if statuses is not None else None,
+            name=name,
+            queue_name=queue_name,
+            start_time=_to_ms(start_time, "start_time"),
+            end_time=_to_ms(end_time, "end_time"),
+            workflow_id_prefix=workflow_id_prefix,
+            app_version=app_version,
+            limit=limit,
+            offset=offset,
+            sort_desc=sort_desc,
+            load_payloads=load,
+        )
+        return [status_from_row(r, load_payloads=load) for r in rows]
+
+    @classmethod
+    def list_queued_workflows(cls, *, queue_name: str | None = None, **kwargs: Any) -> list[WorkflowStatus]:
+        """Workflows still waiting in a queue or running from one."""
+        wfs = cls.list_workflows(status=["ENQUEUED", "PENDING"], queue_name=queue_name, **kwargs)
+        return [w for w in wfs if w.queue_name is not None]
+
+    @classmethod
+    def list_workflow_steps(cls, workflow_id: str) -> list[StepInfo]:
+        return [step_from_row(r) for r in cls._rt().store.list_steps(workflow_id)]
+
+    @classmethod
+    def cancel_workflow(cls, workflow_id: str, *, cancel_children: bool = False) -> None:
+        """Cancel a workflow: it stops at its next step and waiting on it raises."""
+        rt = cls._rt()
+        if rt.store.get_workflow(workflow_id) is None:
+            raise DBOSNonExistentWorkflowError(workflow_id)
+        changed = rt.store.cancel_workflows([workflow_id], rt.now_ms(), cancel_children=cancel_children)
+        rt.preempt(changed, "cancelled")
+        for wid in changed:
+            rt.waiters.notify(wid)
+        rt.wake_scheduler()
+
+    @classmethod
+    def resume_workflow(cls, workflow_id: str, *, queue_name: str | None = None) -> WorkflowHandle[Any]:
+        """Run a cancelled or dead-lettered workflow again from its last completed step."""
+        rt = cls._rt()
+        if rt.store.get_workflow(workflow_id) is None:
+            raise DBOSNonExistentWorkflowError(workflow_id)
+        if queue_name is not None and rt.store.get_queue(queue_name) is None:
+            raise UnknownQueueError(queue_name)
+        rt.store.resume_workflow(workflow_id, rt.now_ms(), queue_name)
+        rt.wake_scheduler()
+        return WorkflowHandle(rt, workflow_id)
+
+    @classmethod
+    def fork_workflow(
+        cls,
+        workflow_id: str,
+        start_step: int,
+        *,
+        application_version: str | None = None,
+        queue_name: str | None = None,
+    ) -> WorkflowHandle[Any]:
+        """Start a new workflow that reuses the steps of `workflow_id` before `start_step`."""
+        rt = cls._rt()
+        new_id = current().next_workflow_id or str(uuid.uuid4())
+        if not rt.store.fork_workflow(
+            workflow_id, new_id, start_step, rt.now_ms(), application_version, queue_name
+        ):
+            raise DBOSNonExistentWorkflowError(workflow_id)
+        rt.wake_scheduler()
+        return WorkflowHandle(rt, new_id)
+
+    @classmethod
+    def recover_pending_workflows(cls, executor_ids: list[str] | None = None) -> list[WorkflowHandle[Any]]:
+        """Put the PENDING workflows of the given executors back in their queues to resume."""
+        rt = cls._rt()
+        ids: list[str] = []
+        for executor in executor_ids or [rt.executor_id]:
+            ids.extend(rt.store.requeue_pending(executor, rt.now_ms()))
+        rt.wake_scheduler()
+        return [WorkflowHandle(rt, w) for w in ids]
+
+    @classmethod
+    def sleep(cls, seconds: float) -> None:
+        """Sleep durably: a recovered workflow sleeps only for what remains."""
+        steps.durable_sleep(cls._rt(), seconds)
+
+    # -- what the running code can ask ----------------------------------------------------------
+
+    @classproperty
+    def workflow_id(cls) -> str | None:  # noqa: N805
+        wf = current().workflow
+        return wf.workflow_id if wf is not None else None
+
+    @classproperty
+    def step_id(cls) -> int | None:  # noqa: N805
+        frame = current().step
+        return frame.step_id if frame is not None else None
+
+    @classproperty
+    def step_status(cls) -> StepStatus | None:  # noqa: N805
+        frame = current().step
+        if frame is None:
+            return None
+        return StepStatus(frame.step_id, frame.attempt, frame.max_attempts)
+
+    @classproperty
+    def sql_session(cls) -> Session:  # noqa: N805
+        return steps.current_session()
+
+    @classproperty
+    def logger(cls) -> logging.Logger:  # noqa: N805
+        return logging.getLogger("dbos_nb")
+
+    @classproperty
+    def application_version(cls) -> str:  # noqa: N805
+        return get_runtime().app_version
+
+    @classproperty
+    def executor_id(cls) -> str:  # noqa: N805
+        return get_runtime().executor_id

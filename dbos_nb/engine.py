@@ -1,0 +1,257 @@
+"""The composition root: builds the runtime from a configuration, launches and destroys it.
+
+`launch()` migrates the schema, claims the executor id, stores the declared queues, puts this
+executor's unfinished workflows back in their queues, and starts the scheduler. `destroy()` stops
+everything it started, so a notebook can create and destroy DBOS any number of times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from dbos_nb.clock import Clock, SystemClock
+from dbos_nb.core.pool import ElasticPool
+from dbos_nb.core.queue import QUEUES
+from dbos_nb.core.registry import REGISTRY, Registration
+from dbos_nb.core.runtime import Runtime, set_runtime
+from dbos_nb.core.scheduler import Scheduler
+from dbos_nb.core.waiters import Waiters
+from dbos_nb.errors import DBOSConfigError, DBOSExecutorIdInUseError
+from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.migrations import migrate, migrate_app
+from dbos_nb.storage.store import SystemStore
+
+logger = logging.getLogger("dbos_nb")
+
+_KNOWN_KEYS = {
+    "name", "system_database_url", "application_database_url", "database_url",
+    "application_version", "executor_id", "max_executor_threads", "run_admin_server",
+    "log_level", "polling_interval_sec", "use_listen_notify", "heartbeat_interval_sec",
+    "executor_lease_sec", "admin_port", "enable_otlp", "otlp_traces_endpoints",
+    "otlp_logs_endpoints", "otlp_attributes", "sys_db_pool_size", "db_engine_kwargs",
+    "dbos_system_schema", "serializer", "run_migrations", "system_database_engine",
+    "notification_listener_polling_interval_sec", "conductor_key", "conductor_url",
+}
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A validated configuration with every default filled in."""
+
+    name: str
+    system_database_url: str
+    application_database_url: str
+    executor_id: str
+    application_version: str | None
+    polling_interval_sec: float
+    use_listen_notify: bool
+    heartbeat_interval_sec: float
+    executor_lease_sec: float
+
+
+def resolve_config(config: dict[str, Any] | None) -> ResolvedConfig:
+    """Fill in defaults and validate; raises DBOSConfigError naming the bad key."""
+    config = dict(config or {})
+    unknown = set(config) - _KNOWN_KEYS
+    if unknown:
+        raise DBOSConfigError(f"unknown configuration key(s) {sorted(unknown)}")
+    name = config.get("name", "dbos_app")
+    if not isinstance(name, str) or not name.strip():
+        raise DBOSConfigError(f"config 'name' must be a non-empty string, got {name!r}")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    system_url = config.get("system_database_url") or config.get("database_url")
+    system_url = system_url or f"sqlite:///{safe}.sqlite"
+    app_url = config.get("application_database_url") or config.get("database_url") or system_url
+    for key in ("system_database_url", "application_database_url", "database_url"):
+        if key in config and config[key] is not None and not isinstance(config[key], str):
+            raise DBOSConfigError(f"config {key!r} must be a URL string, got {config[key]!r}")
+    executor_id = config.get("executor_id") or os.environ.get("DBOS__VMID") or "local"
+    version = config.get("application_version") or os.environ.get("DBOS__APPVERSION")
+    return ResolvedConfig(
+        name=name,
+        system_database_url=system_url,
+        application_database_url=app_url,
+        executor_id=str(executor_id),
+        application_version=version,
+        polling_interval_sec=_positive(config, "polling_interval_sec", 1.0),
+        use_listen_notify=bool(config.get("use_listen_notify", True)),
+        heartbeat_interval_sec=_positive(config, "heartbeat_interval_sec", 5.0),
+        executor_lease_sec=_positive(config, "executor_lease_sec", 30.0),
+    )
+
+
+def _positive(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise DBOSConfigError(f"config {key!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _default_version() -> str:
+    """A hash of the registered workflows' code, like DBOS's default application version."""
+    digest = hashlib.md5(usedforsecurity=False)
+    for name in sorted(REGISTRY.runnable_names()):
+        reg = REGISTRY.get(name)
+        digest.update(name.encode())
+        if reg is not None:
+            digest.update(reg.source_hash.encode())
+    return digest.hexdigest()
+
+
+class Engine:
+    """One DBOS instance's resources, from launch to destroy."""
+
+    def __init__(self, config: ResolvedConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.runtime: Runtime | None = None
+        self._scheduler: Scheduler | None = None
+        self._token = uuid.uuid4().hex
+
+    @property
+    def launched(self) -> bool:
+        return self.runtime is not None
+
+    def launch(self) -> Runtime:
+        if self.runtime is not None:
+            logger.warning("DBOS.launch() called again; it is already launched")
+            return self.runtime
+        cfg = self.config
+        db = Database(cfg.system_database_url)
+        try:
+            migrate(db)
+            if cfg.application_database_url == cfg.system_database_url:
+                app_db = db
+            else:
+                app_db = Database(cfg.application_database_url)
+            migrate_app(app_db)
+            store = SystemStore(db)
+            self._claim_executor_id(store)
+        except BaseException:
+            db.dispose()
+            raise
+        rt = Runtime(
+            db=db,
+            store=store,
+            app_db=app_db,
+            clock=self.clock,
+            registry=REGISTRY,
+            pool=ElasticPool("dbos_nb-worker"),
+            waiters=Waiters(),
+            executor_id=cfg.executor_id,
+            app_version=cfg.application_version or _default_version(),
+            polling_interval_sec=cfg.polling_interval_sec,
+        )
+        store.upsert_queue(QueueSettings(name=INTERNAL_QUEUE), rt.now_ms())
+        for settings in QUEUES.all_settings():
+            self._store_queue(rt, settings)
+        recovered = store.requeue_pending(cfg.executor_id, rt.now_ms())
+        if recovered:
+            logger.info("recovering %d unfinished workflow(s) of executor %r", len(recovered), cfg.executor_id)
+        self._scheduler = Scheduler(
+            rt,
+            self._listened_queues,
+            heartbeat=lambda: self._heartbeat(rt),
+            heartbeat_interval_sec=cfg.heartbeat_interval_sec,
+            use_listen_notify=cfg.use_listen_notify,
+        )
+        REGISTRY.add_listener(self._on_register)
+        QUEUES.add_listener(self._on_queue)
+        self.runtime = rt
+        set_runtime(rt)
+        self._scheduler.start()
+        return rt
+
+    def _listened_queues(self) -> list[str]:
+        return [INTERNAL_QUEUE, *QUEUES.names()]
+
+    def _store_queue(self, rt: Runtime, settings: QueueSettings) -> None:
+        previous = rt.store.upsert_queue(settings, rt.now_ms())
+        if previous is not None and previous != settings:
+            logger.warning(
+                "queue %r: stored settings %s replaced by %s", settings.name, previous, settings
+            )
+
+    def _on_register(self, _reg: Registration) -> None:
+        # A newly registered function can make queued or recovered work runnable here.
+        if self.runtime is not None:
+            self.runtime.wake_scheduler()
+
+    def _on_queue(self, settings: QueueSettings) -> None:
+        rt = self.runtime
+        if rt is not None:
+            self._store_queue(rt, settings)
+            rt.wake_scheduler()
+
+    def _claim_executor_id(self, store: SystemStore) -> None:
+        cfg = self.config
+        now = self.clock.now_ms()
+        row = store.get_executor(cfg.executor_id)
+        host = socket.gethostname()
+        if row is not None and row["token"] != self._token:
+            fresh = now - int(row["heartbeat_at"]) < cfg.executor_lease_sec * 1000
+            same_host = row["hostname"] == host
+            other_live_pid = same_host and row["pid"] != os.getpid() and _pid_alive(int(row["pid"]))
+            if fresh and (other_live_pid or not same_host):
+                raise DBOSExecutorIdInUseError(
+                    f"executor id {cfg.executor_id!r} is in use by process {row['pid']} on "
+                    f"{row['hostname']} (heartbeat {(now - int(row['heartbeat_at'])) / 1000:.1f} s "
+                    "ago); give each process its own executor_id"
+                )
+        store.register_executor(cfg.executor_id, host, os.getpid(), self._token, now)
+
+    def _heartbeat(self, rt: Runtime) -> None:
+        if not rt.store.heartbeat(rt.executor_id, self._token, rt.now_ms()):
+            logger.error(
+                "executor id %r was taken by another process; this process keeps running its "
+                "current work but two processes now share one id", rt.executor_id,
+            )
+
+    def destroy(self, workflow_completion_timeout_sec: float = 0.0) -> None:
+        rt = self.runtime
+        if rt is None:
+            return
+        REGISTRY.remove_listener(self._on_register)
+        QUEUES.remove_listener(self._on_queue)
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        deadline = time.monotonic() + max(workflow_completion_timeout_sec, 0.0)
+        while rt.running_ids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rt.stopping.set()
+        rt.preempt_all("shutdown")
+        rt.waiters.notify_all()
+        if not rt.pool.shutdown(timeout=5.0):
+            logger.warning("some workflow threads are still inside user code; they stop at their next step")
+        try:
+            rt.store.unregister_executor(rt.executor_id, self._token)
+        except Exception:
+            logger.warning("could not unregister executor %r", rt.executor_id, exc_info=True)
+        set_runtime(None)
+        self.runtime = None
+        rt.db.dispose()
+        if rt.app_db is not rt.db:
+            rt.app_db.dispose()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A killed child that its parent has not reaped yet still answers signals: a zombie is dead.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -1,0 +1,177 @@
+"""The exception hierarchy of dbos_nb.
+
+Every error the library raises on purpose derives from `DbosNbError`. DBOS Transact's names are
+provided as the classes themselves or as aliases, so that `except DBOSException:` and friends in
+code written for DBOS keep working after the import line changes.
+
+Preemption of a running workflow (cancellation, timeout, shutdown) uses `WorkflowPreempted`, which
+derives from `BaseException` like `KeyboardInterrupt`: a user's `except Exception:` inside a
+workflow must not swallow a cancellation by accident.
+"""
+
+from __future__ import annotations
+
+
+class DbosNbError(Exception):
+    """Root of every error raised by dbos_nb."""
+
+
+DBOSException = DbosNbError
+
+
+class DBOSNotLaunchedError(DbosNbError):
+    """DBOS was not created or not launched before an operation that needs it."""
+
+
+class DBOSConfigError(DbosNbError, ValueError):
+    """The configuration given to `DBOS(config=...)` or a client is invalid."""
+
+
+class DBOSNonExistentWorkflowError(DbosNbError, LookupError):
+    """No workflow with the given id exists."""
+
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__(f"workflow {workflow_id!r} does not exist")
+        self.workflow_id = workflow_id
+
+
+WorkflowNotFoundError = DBOSNonExistentWorkflowError
+
+
+class DBOSConflictingWorkflowError(DbosNbError):
+    """A workflow id is reused for a different function."""
+
+    def __init__(self, workflow_id: str, message: str) -> None:
+        super().__init__(f"conflicting workflow id {workflow_id!r}: {message}")
+        self.workflow_id = workflow_id
+
+
+class DBOSConflictingRegistrationError(DbosNbError):
+    """Two different functions were registered under one name."""
+
+
+class DBOSNonSerializableError(DbosNbError, TypeError):
+    """A workflow argument (or result) cannot be serialized; nothing was written."""
+
+
+class UnknownWorkflowNameError(DbosNbError, LookupError):
+    """No function is registered (or stored) under the given workflow name."""
+
+    def __init__(self, name: str, hint: str = "") -> None:
+        super().__init__(f"no workflow function is registered under the name {name!r}{hint}")
+        self.name = name
+
+
+class DBOSUnexpectedStepError(DbosNbError):
+    """On replay a workflow called a different operation than the one recorded (non-determinism)."""
+
+
+class DBOSMaxStepRetriesExceeded(DbosNbError):
+    """A step with retries enabled failed on every allowed attempt."""
+
+    def __init__(self, step_name: str, max_attempts: int, errors: list[BaseException]) -> None:
+        last = f": {errors[-1]!r}" if errors else ""
+        super().__init__(f"step {step_name!r} failed {max_attempts} times{last}")
+        self.step_name = step_name
+        self.max_attempts = max_attempts
+        self.errors = errors
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, list[BaseException]]]:
+        return (type(self), (self.step_name, self.max_attempts, self.errors))
+
+
+class DBOSAwaitedWorkflowCancelledError(DbosNbError):
+    """The workflow being awaited was cancelled."""
+
+    def __init__(self, workflow_id: str, reason: str = "was cancelled") -> None:
+        super().__init__(f"workflow {workflow_id!r} {reason}")
+        self.workflow_id = workflow_id
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.workflow_id, self.reason))
+
+
+class DBOSWorkflowTimedOutError(DBOSAwaitedWorkflowCancelledError):
+    """The workflow being awaited passed its deadline and was cancelled."""
+
+    def __init__(self, workflow_id: str, reason: str = "timed out and was cancelled") -> None:
+        super().__init__(workflow_id, reason)
+
+
+class DBOSMaxRecoveryAttemptsExceededError(DbosNbError):
+    """A workflow was recovered more often than its `max_recovery_attempts` allows."""
+
+
+class DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded(DbosNbError):
+    """The workflow being awaited was dead-lettered after too many recovery attempts."""
+
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__(
+            f"workflow {workflow_id!r} exceeded its maximum recovery attempts and was not run again"
+        )
+        self.workflow_id = workflow_id
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (self.workflow_id,))
+
+
+class DBOSQueueDeduplicatedError(DbosNbError):
+    """An active workflow on the queue already holds this deduplication id."""
+
+    def __init__(self, workflow_id: str, queue_name: str, deduplication_id: str) -> None:
+        super().__init__(
+            f"workflow {workflow_id!r} was not enqueued: deduplication id {deduplication_id!r} "
+            f"is already held by an active workflow on queue {queue_name!r}"
+        )
+        self.workflow_id = workflow_id
+        self.queue_name = queue_name
+        self.deduplication_id = deduplication_id
+
+
+class UnknownQueueError(DbosNbError, LookupError):
+    """No queue with that name has been declared."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"queue {name!r} has not been declared; declare it with Queue({name!r}, ...) "
+            "in a process that uses this database"
+        )
+        self.name = name
+
+
+class InvalidQueueSettingsError(DbosNbError, ValueError):
+    """A queue was declared with invalid concurrency or limiter settings."""
+
+
+class DBOSExecutorIdInUseError(DbosNbError):
+    """Another live process already runs with this executor id."""
+
+
+class DBOSRecordedError(DbosNbError):
+    """Stands in for a recorded exception that could not be pickled or unpickled."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.type_name, self.message))
+
+
+class WorkflowPreempted(BaseException):
+    """Raised inside a running workflow to stop it at its next durable operation.
+
+    It derives from BaseException so that `except Exception` in user code does not stop it. The
+    reason is one of "cancelled", "timed out" or "shutdown" (the process is destroying DBOS; the
+    workflow stays PENDING and is recovered later).
+    """
+
+    def __init__(self, workflow_id: str, reason: str) -> None:
+        super().__init__(f"workflow {workflow_id!r} preempted: {reason}")
+        self.workflow_id = workflow_id
+        self.reason = reason
+
+
+DBOSWorkflowCancelledError = WorkflowPreempted

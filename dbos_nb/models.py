@@ -1,0 +1,143 @@
+"""Plain data types shared by every layer: statuses, workflow and step records, configuration.
+
+Nothing here touches the database or threads; the storage layer returns these types and the engine
+hands them to users.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+
+class WorkflowStatusString(str, enum.Enum):
+    """The statuses a workflow goes through (DBOS's names and values)."""
+
+    ENQUEUED = "ENQUEUED"
+    PENDING = "PENDING"
+    SUCCESS = "SUCCESS"
+    ERROR = "ERROR"
+    CANCELLED = "CANCELLED"
+    MAX_RECOVERY_ATTEMPTS_EXCEEDED = "MAX_RECOVERY_ATTEMPTS_EXCEEDED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ACTIVE_STATUSES = (WorkflowStatusString.ENQUEUED.value, WorkflowStatusString.PENDING.value)
+TERMINAL_STATUSES = (
+    WorkflowStatusString.SUCCESS.value,
+    WorkflowStatusString.ERROR.value,
+    WorkflowStatusString.CANCELLED.value,
+    WorkflowStatusString.MAX_RECOVERY_ATTEMPTS_EXCEEDED.value,
+)
+
+# Queue that carries resumed, forked and recovered non-queue workflows (DBOS's name).
+INTERNAL_QUEUE = "_dbos_internal_queue"
+
+
+@dataclass
+class WorkflowStatus:
+    """A snapshot of one workflow row, with inputs and outputs deserialized."""
+
+    workflow_id: str
+    status: str
+    name: str
+    class_name: str | None = None
+    config_name: str | None = None
+    input: Any = None
+    output: Any = None
+    error: BaseException | None = None
+    created_at: int | None = None
+    updated_at: int | None = None
+    dequeued_at: int | None = None
+    queue_name: str | None = None
+    priority: int = 0
+    deduplication_id: str | None = None
+    app_version: str | None = None
+    executor_id: str | None = None
+    parent_workflow_id: str | None = None
+    recovery_attempts: int = 0
+    workflow_timeout_ms: int | None = None
+    workflow_deadline_epoch_ms: int | None = None
+    authenticated_user: str | None = None
+    assumed_role: str | None = None
+    authenticated_roles: list[str] | None = None
+    app_id: str | None = None
+
+
+@dataclass
+class StepInfo:
+    """One recorded operation of a workflow (step, transaction, child workflow, sleep)."""
+
+    function_id: int
+    function_name: str
+    output: Any = None
+    error: BaseException | None = None
+    child_workflow_id: str | None = None
+    started_at_epoch_ms: int | None = None
+    completed_at_epoch_ms: int | None = None
+
+
+@dataclass
+class StepStatus:
+    """What `DBOS.step_status` reports inside a running step."""
+
+    step_id: int
+    current_attempt: int | None
+    max_attempts: int | None
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """A queue's limits as stored in the database and shared by every process."""
+
+    name: str
+    concurrency: int | None = None
+    worker_concurrency: int | None = None
+    limit: int | None = None
+    period_ms: int | None = None
+    priority_enabled: bool = False
+    polling_interval_ms: int = 1000
+
+
+@dataclass
+class ClaimedWorkflow:
+    """A workflow row that a claim moved from ENQUEUED to PENDING for this executor."""
+
+    workflow_id: str
+    name: str
+    inputs: bytes | None
+    queue_name: str
+    deadline_epoch_ms: int | None
+    recovery_attempts: int
+    owner_xid: str
+
+
+@dataclass
+class ClaimResult:
+    """What one claim transaction did for one queue."""
+
+    claimed: list[ClaimedWorkflow] = field(default_factory=list)
+    # Epoch ms when the rate limiter next frees a slot, if it is what stops further claims.
+    next_rate_slot_ms: int | None = None
+
+
+class DBOSConfig(TypedDict, total=False):
+    """Configuration accepted by `DBOS(config=...)` (DBOS's keys, a subset plus our own)."""
+
+    name: str
+    system_database_url: str
+    application_database_url: str
+    database_url: str
+    application_version: str
+    executor_id: str
+    max_executor_threads: int
+    run_admin_server: bool
+    log_level: str
+    # dbos_nb's own keys
+    polling_interval_sec: float
+    use_listen_notify: bool
+    heartbeat_interval_sec: float
+    executor_lease_sec: float

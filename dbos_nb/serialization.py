@@ -1,0 +1,92 @@
+"""Serialization of workflow inputs, step outputs and errors (cloudpickle into bytes).
+
+cloudpickle is used rather than pickle because functions and classes defined in a notebook live in
+`__main__`, which plain pickle can only store by reference; cloudpickle stores them by value.
+
+Arguments are checked one by one when a workflow starts so that the error names the offending
+argument, and nothing is written to the database before every argument has been serialized.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import cloudpickle
+
+from dbos_nb.errors import DBOSNonSerializableError, DBOSRecordedError
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def dumps(value: Any) -> bytes:
+    """Serialize a value; raises `DBOSNonSerializableError` when it cannot be."""
+    try:
+        return bytes(cloudpickle.dumps(value, protocol=_PROTOCOL))
+    except Exception as exc:
+        raise DBOSNonSerializableError(
+            f"value of type {type(value).__name__} cannot be serialized: {exc}"
+        ) from exc
+
+
+def loads(data: bytes | None) -> Any:
+    """Deserialize bytes produced by `dumps` (None stays None)."""
+    if data is None:
+        return None
+    return pickle.loads(data)
+
+
+def dump_inputs(func_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Serialize a call's arguments, naming the first argument that cannot be serialized."""
+    try:
+        return bytes(cloudpickle.dumps({"args": args, "kwargs": kwargs}, protocol=_PROTOCOL))
+    except Exception as whole_error:
+        for position, value in enumerate(args):
+            _check_one(func_name, f"positional argument {position}", value)
+        for key, value in kwargs.items():
+            _check_one(func_name, f"argument {key!r}", value)
+        raise DBOSNonSerializableError(
+            f"the arguments of {func_name!r} cannot be serialized: {whole_error}"
+        ) from whole_error
+
+
+def _check_one(func_name: str, label: str, value: Any) -> None:
+    try:
+        cloudpickle.dumps(value, protocol=_PROTOCOL)
+    except Exception as exc:
+        raise DBOSNonSerializableError(
+            f"{label} of {func_name!r} (a {type(value).__name__}) cannot be serialized, "
+            f"so the workflow was not started: {exc}"
+        ) from exc
+
+
+def load_inputs(data: bytes | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The (args, kwargs) pair stored by `dump_inputs`."""
+    if data is None:
+        return (), {}
+    value = pickle.loads(data)
+    return tuple(value["args"]), dict(value["kwargs"])
+
+
+def dump_error(error: BaseException) -> bytes:
+    """Serialize an exception; one that cannot round-trip is stored as a `DBOSRecordedError`."""
+    try:
+        data = bytes(cloudpickle.dumps(error, protocol=_PROTOCOL))
+        pickle.loads(data)
+        return data
+    except Exception:
+        stand_in = DBOSRecordedError(type(error).__qualname__, str(error))
+        return bytes(cloudpickle.dumps(stand_in, protocol=_PROTOCOL))
+
+
+def load_error(data: bytes | None) -> BaseException | None:
+    """Deserialize an exception stored by `dump_error`."""
+    if data is None:
+        return None
+    try:
+        value = pickle.loads(data)
+    except Exception as exc:
+        return DBOSRecordedError("UnreadableError", f"the recorded error cannot be loaded: {exc}")
+    if isinstance(value, BaseException):
+        return value
+    return DBOSRecordedError(type(value).__name__, repr(value))

@@ -1,0 +1,1 @@
+"""Storage: all SQL of dbos_nb (schema, migrations, the system store, queue claims)."""

@@ -1,0 +1,177 @@
+"""Claiming queued work: one short transaction per queue that moves ENQUEUED rows to PENDING.
+
+The claim first locks the queue's own row (PostgreSQL `SELECT ... FOR UPDATE`; on SQLite the
+transaction's BEGIN IMMEDIATE already excludes every other writer). Claimers of one queue therefore
+take turns for the length of one small transaction, and every count they make is exact:
+
+- global concurrency: `concurrency - (PENDING rows of the queue)`, over all executors;
+- worker concurrency: `worker_concurrency - (PENDING rows of the queue owned by this executor)`;
+- rate limit: `limit - (starts in the ledger within the last period)`.
+
+The budget is the smallest of these; that many ENQUEUED rows are taken in (priority,) enqueue order
+and marked PENDING for this executor in the same transaction, and their starts enter the ledger.
+Unrelated queues lock different rows and never wait on each other.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection
+
+from sqlalchemy import bindparam, delete, func, insert, select, update
+
+from dbos_nb.models import ClaimedWorkflow, ClaimResult, WorkflowStatusString
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.schema import queue_starts, workflow_status
+from dbos_nb.storage.store import queue_settings_from_row
+
+ws = workflow_status
+qs = queue_starts
+
+PENDING = WorkflowStatusString.PENDING.value
+ENQUEUED = WorkflowStatusString.ENQUEUED.value
+
+# Upper bound on rows taken by one claim, so one transaction stays short.
+MAX_CLAIM_BATCH = 256
+
+
+def claim(
+    db: Database,
+    queue_name: str,
+    executor_id: str,
+    now_ms: int,
+    *,
+    names: Collection[str] | None = None,
+    max_rows: int = MAX_CLAIM_BATCH,
+) -> ClaimResult:
+    """Claim as much ready work of one queue as its limits allow right now.
+
+    `names` restricts the claim to workflows whose function this process can run (None: any).
+    Atomic: either every chosen row becomes PENDING for `executor_id` and its start is counted,
+    or nothing changes. Rows are only ever taken from ENQUEUED, so two claimers never share one.
+    """
+    result = ClaimResult()
+    if max_rows <= 0 or (names is not None and not names):
+        return result
+    with db.write() as conn:
+        row = db.lock_queue_row(conn, queue_name)
+        if row is None:
+            return result
+        queue = queue_settings_from_row(row)
+        budget = max_rows
+        if queue.concurrency is not None:
+            running = conn.execute(
+                select(func.count())
+                .select_from(ws)
+                .where(ws.c.queue_name == queue_name, ws.c.status == PENDING)
+            ).scalar_one()
+            budget = min(budget, queue.concurrency - running)
+        if queue.worker_concurrency is not None and budget > 0:
+            mine = conn.execute(
+                select(func.count())
+                .select_from(ws)
+                .where(
+                    ws.c.queue_name == queue_name,
+                    ws.c.status == PENDING,
+                    ws.c.executor_id == executor_id,
+                )
+            ).scalar_one()
+            budget = min(budget, queue.worker_concurrency - mine)
+        window_starts: list[int] = []
+        if queue.limit is not None and queue.period_ms is not None:
+            window_open = now_ms - queue.period_ms
+            conn.execute(
+                delete(qs).where(qs.c.queue_name == queue_name, qs.c.started_at_ms <= window_open)
+            )
+            window_starts = list(
+                conn.execute(
+                    select(qs.c.started_at_ms)
+                    .where(qs.c.queue_name == queue_name, qs.c.started_at_ms > window_open)
+                    .order_by(qs.c.started_at_ms)
+                ).scalars()
+            )
+            budget = min(budget, queue.limit - len(window_starts))
+        if budget <= 0:
+            result.next_rate_slot_ms = _next_slot(queue.limit, queue.period_ms, window_starts, 0, now_ms)
+            return result
+
+        candidates = (
+            select(
+                ws.c.workflow_uuid,
+                ws.c.name,
+                ws.c.inputs,
+                ws.c.workflow_timeout_ms,
+                ws.c.workflow_deadline_epoch_ms,
+                ws.c.recovery_attempts,
+            )
+            .where(ws.c.queue_name == queue_name, ws.c.status == ENQUEUED)
+            .limit(budget)
+        )
+        if names is not None:
+            candidates = candidates.where(ws.c.name.in_(list(names)))
+        if queue.priority_enabled:
+            candidates = candidates.order_by(ws.c.priority, ws.c.id)
+        else:
+            candidates = candidates.order_by(ws.c.id)
+        if db.is_postgres:
+            candidates = candidates.with_for_update(skip_locked=True)
+        rows = conn.execute(candidates).all()
+        if not rows:
+            return result
+
+        owner = uuid.uuid4().hex
+        ids = [r[0] for r in rows]
+        conn.execute(
+            update(ws)
+            .where(ws.c.workflow_uuid.in_(ids), ws.c.status == ENQUEUED)
+            .values(
+                status=PENDING,
+                executor_id=executor_id,
+                owner_xid=owner,
+                started_at_epoch_ms=now_ms,
+                updated_at=now_ms,
+                recovery_attempts=ws.c.recovery_attempts + 1,
+                # Timeouts run from the dequeue; a deadline inherited from a parent stays.
+                workflow_deadline_epoch_ms=func.coalesce(
+                    ws.c.workflow_deadline_epoch_ms, now_ms + ws.c.workflow_timeout_ms
+                ),
+            )
+        )
+        if queue.limit is not None:
+            conn.execute(
+                insert(qs).values(
+                    queue_name=bindparam("q"), started_at_ms=bindparam("t"), workflow_uuid=bindparam("w")
+                ),
+                [{"q": queue_name, "t": now_ms, "w": wid} for wid in ids],
+            )
+            result.next_rate_slot_ms = _next_slot(
+                queue.limit, queue.period_ms, window_starts, len(ids), now_ms
+            )
+        for r in rows:
+            deadline = r[4]
+            if deadline is None and r[3] is not None:
+                deadline = now_ms + int(r[3])
+            result.claimed.append(
+                ClaimedWorkflow(
+                    workflow_id=r[0],
+                    name=r[1],
+                    inputs=r[2],
+                    queue_name=queue_name,
+                    deadline_epoch_ms=deadline,
+                    recovery_attempts=int(r[5]) + 1,
+                    owner_xid=owner,
+                )
+            )
+    return result
+
+
+def _next_slot(
+    limit: int | None, period_ms: int | None, window: list[int], added: int, now_ms: int
+) -> int | None:
+    """When the rate window next has room, if the limiter is (now) what blocks claims."""
+    if limit is None or period_ms is None or len(window) + added < limit:
+        return None
+    starts = window + [now_ms] * added
+    # The window holds `limit` or more starts; the oldest that must expire for a slot to open:
+    oldest_needed = starts[len(starts) - limit]
+    return oldest_needed + period_ms + 1

@@ -1,0 +1,196 @@
+"""Connections to one SQL database: engine set-up, transactions, locking and notifications.
+
+This is the only place that knows how SQLite and PostgreSQL differ. The store above it writes its
+statements once with SQLAlchemy Core and asks this module for:
+
+- `write()`: a transaction that takes the database's write lock up front on SQLite
+  (`BEGIN IMMEDIATE`, so two writers never deadlock upgrading a read lock) and is an ordinary
+  READ COMMITTED transaction on PostgreSQL;
+- `read()`: a short read;
+- `lock_queue_row()`: on PostgreSQL, `SELECT ... FOR UPDATE` on the queue's row so that claimers of
+  one queue take turns and count exactly (SQLite needs nothing: `BEGIN IMMEDIATE` already
+  serializes writers);
+- `notify()` and `listen()`: PostgreSQL LISTEN/NOTIFY; on SQLite no-ops (other processes poll).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+from sqlalchemy import Connection, Engine, Table, create_engine, event, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from dbos_nb.errors import DBOSConfigError
+from dbos_nb.storage.schema import PG_SCHEMA, queues
+
+logger = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "dbos_nb_events"
+_WRITE_OPTION = "dbos_nb_write"
+
+
+def normalize_url(url: str) -> str:
+    """Map the URL spellings users write to the drivers dbos_nb uses (psycopg 3, sqlite3)."""
+    if not isinstance(url, str) or not url:
+        raise DBOSConfigError(f"a database URL must be a non-empty string, got {url!r}")
+    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    if url.startswith(("postgresql+psycopg://", "sqlite:///", "sqlite+pysqlite:///")):
+        return url
+    if url in ("sqlite://", "sqlite:///:memory:") or url.startswith("sqlite://"):
+        raise DBOSConfigError(
+            f"{url!r}: in-memory or malformed SQLite URLs are not supported; durable work needs "
+            "a file, e.g. 'sqlite:///work.sqlite'"
+        )
+    raise DBOSConfigError(
+        f"unsupported database URL {url!r}: use 'sqlite:///path.sqlite' or "
+        "'postgresql://user:password@host:port/dbname'"
+    )
+
+
+class Database:
+    """An engine plus the dialect-specific pieces the store needs."""
+
+    def __init__(self, url: str, *, pool_size: int = 8, max_overflow: int = 64) -> None:
+        self.url = normalize_url(url)
+        parsed = make_url(self.url)
+        self.is_postgres = parsed.get_backend_name() == "postgresql"
+        self.dialect_name = "postgresql" if self.is_postgres else "sqlite"
+        engine: Engine
+        if self.is_postgres:
+            engine = create_engine(
+                self.url,
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_timeout=120,
+                connect_args={"connect_timeout": 10},
+            )
+            self.engine = engine.execution_options(schema_translate_map={None: PG_SCHEMA})
+            self._sqlite_path: str | None = None
+        else:
+            path = parsed.database or ""
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            self._sqlite_path = path
+            engine = create_engine(
+                self.url,
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_timeout=120,
+                connect_args={"check_same_thread": False, "timeout": 60},
+            )
+            _install_sqlite_hooks(engine)
+            self.engine = engine
+        self._base_engine = engine
+        self._listen_lock = threading.Lock()
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write(self, isolation_level: str | None = None) -> Iterator[Connection]:
+        """A read-write transaction, committed when the block exits without an exception.
+
+        `isolation_level` applies on PostgreSQL; SQLite's BEGIN IMMEDIATE is serializable anyway.
+        """
+        with self.engine.connect() as conn:
+            if not self.is_postgres:
+                conn = conn.execution_options(**{_WRITE_OPTION: True})
+            elif isolation_level is not None:
+                conn = conn.execution_options(isolation_level=isolation_level)
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def insert(self, table: Table) -> Any:
+        """An INSERT construct that supports `on_conflict_do_nothing` on both dialects."""
+        if self.is_postgres:
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    def lock_queue_row(self, conn: Connection, queue_name: str) -> dict[str, Any] | None:
+        """Read a queue's row, holding its row lock until commit on PostgreSQL."""
+        stmt = select(queues).where(queues.c.name == queue_name)
+        if self.is_postgres:
+            stmt = stmt.with_for_update()
+        row = conn.execute(stmt).mappings().first()
+        return dict(row) if row is not None else None
+
+    def advisory_lock(self, conn: Connection, key: int) -> None:
+        """Serialize schema set-up between processes (SQLite: BEGIN IMMEDIATE already does)."""
+        if self.is_postgres:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+    # -- notifications --------------------------------------------------------------------------
+
+    def notify(self, conn: Connection, payload: str) -> None:
+        """Send a notification that is delivered when the transaction commits (PostgreSQL only)."""
+        if self.is_postgres:
+            conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": NOTIFY_CHANNEL, "p": payload})
+
+    def listen(self, on_payload: Callable[[str], None], stop: threading.Event) -> None:
+        """Block, calling `on_payload` for each notification, until `stop` is set (PostgreSQL).
+
+        Reconnects after connection errors; returns at once on SQLite.
+        """
+        if not self.is_postgres:
+            return
+        dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        while not stop.is_set():
+            try:
+                with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    while not stop.is_set():
+                        for note in conn.notifies(timeout=0.25, stop_after=64):
+                            on_payload(note.payload)
+            except psycopg.Error as exc:
+                if stop.is_set():
+                    return
+                logger.warning("notification listener lost its connection (%s); reconnecting", exc)
+                stop.wait(0.5)
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self._base_engine.dispose()
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    """Take over transaction control from the sqlite3 module and set WAL mode.
+
+    sqlite3's own implicit BEGIN is deferred; two deferred writers that both read first deadlock
+    on the upgrade to a write lock and one fails with "database is locked" at once, ignoring the
+    busy timeout. Writers here start with BEGIN IMMEDIATE instead and wait their turn.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers run beside the writer and other processes share the file.
+        # synchronous=NORMAL: a commit survives a crash of the process (the case dbos_nb guards
+        # against) but not of the operating system, in exchange for no fsync per commit.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get(_WRITE_OPTION):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")

@@ -1,0 +1,80 @@
+"""Creating and upgrading the schema, safely when several processes start at once.
+
+Each process calls `migrate()` at launch. The whole check-and-create runs in one write transaction
+that first takes a lock (a PostgreSQL advisory lock; SQLite's BEGIN IMMEDIATE), so a second process
+starting at the same moment waits, then finds the schema in place. DDL is transactional on both
+databases, so a crash half-way leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import Connection, MetaData, func, select, text
+
+from dbos_nb.clock import SystemClock
+from dbos_nb.errors import DBOSConfigError
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.schema import (
+    PG_SCHEMA,
+    SCHEMA_VERSION,
+    app_metadata,
+    schema_migrations,
+    system_metadata,
+)
+
+logger = logging.getLogger(__name__)
+
+# Arbitrary constants that name our advisory locks.
+_SYSTEM_LOCK_KEY = 7_112_025_001
+_APP_LOCK_KEY = 7_112_025_002
+
+# version -> step that upgrades a database from version - 1. A fresh database gets the newest
+# tables from `create_all` and is stamped with SCHEMA_VERSION, so steps only serve old databases.
+UPGRADES: dict[int, Callable[[Connection], None]] = {}
+
+
+def migrate(db: Database) -> None:
+    """Bring the system database's schema to SCHEMA_VERSION (idempotent, concurrency-safe)."""
+    with db.write() as conn:
+        db.advisory_lock(conn, _SYSTEM_LOCK_KEY)
+        _ensure_pg_schema(db, conn)
+        system_metadata.create_all(conn, checkfirst=True)
+        current = conn.execute(select(func.max(schema_migrations.c.version))).scalar()
+        if current is None:
+            _stamp(conn, SCHEMA_VERSION)
+            logger.info("created dbos_nb schema version %d", SCHEMA_VERSION)
+            return
+        if current > SCHEMA_VERSION:
+            raise DBOSConfigError(
+                f"the database has dbos_nb schema version {current}, newer than this "
+                f"installation's {SCHEMA_VERSION}; upgrade dbos_nb"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            UPGRADES[version](conn)
+            _stamp(conn, version)
+            logger.info("upgraded dbos_nb schema to version %d", version)
+
+
+def migrate_app(db: Database) -> None:
+    """Create the application database's checkpoint table for transactions (idempotent)."""
+    _create_all(db, app_metadata, _APP_LOCK_KEY)
+
+
+def _create_all(db: Database, metadata: MetaData, lock_key: int) -> None:
+    with db.write() as conn:
+        db.advisory_lock(conn, lock_key)
+        _ensure_pg_schema(db, conn)
+        metadata.create_all(conn, checkfirst=True)
+
+
+def _ensure_pg_schema(db: Database, conn: Connection) -> None:
+    if db.is_postgres:
+        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"))
+
+
+def _stamp(conn: Connection, version: int) -> None:
+    conn.execute(
+        schema_migrations.insert().values(version=version, applied_at=SystemClock().now_ms())
+    )

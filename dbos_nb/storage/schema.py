@@ -1,0 +1,142 @@
+"""The tables of the system database and of the application database (SQLAlchemy Core).
+
+Times are integer epoch milliseconds. Tables carry no schema name; on PostgreSQL the `Database`
+maps them into the `dbos_nb` schema with `schema_translate_map`, on SQLite they live in the file.
+
+`workflow_status.id` is an autoincrementing surrogate key whose only job is to record enqueue order:
+FIFO claims sort on it, which timestamps cannot do (two enqueues in one millisecond tie).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+SCHEMA_VERSION = 1
+PG_SCHEMA = "dbos_nb"
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY (an alias of rowid).
+_AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+system_metadata = MetaData()
+
+workflow_status = Table(
+    "workflow_status",
+    system_metadata,
+    Column("id", _AutoId, primary_key=True, autoincrement=True),
+    Column("workflow_uuid", String(255), nullable=False, unique=True),
+    Column("status", String(40), nullable=False),
+    Column("name", String(512), nullable=False),
+    Column("class_name", String(512)),
+    Column("config_name", String(512)),
+    Column("inputs", LargeBinary),
+    Column("output", LargeBinary),
+    Column("error", LargeBinary),
+    Column("executor_id", String(255)),
+    Column("application_version", String(255)),
+    Column("recovery_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("completed_at", BigInteger),
+    Column("queue_name", String(255)),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("deduplication_id", String(512)),
+    Column("started_at_epoch_ms", BigInteger),
+    Column("workflow_timeout_ms", BigInteger),
+    Column("workflow_deadline_epoch_ms", BigInteger),
+    Column("parent_workflow_id", String(255)),
+    Column("owner_xid", String(64)),
+    Column("authenticated_user", String(255)),
+    Column("assumed_role", String(255)),
+    Column("authenticated_roles", Text),
+    Index("ix_ws_queue_claim", "queue_name", "status", "priority", "id"),
+    Index("ix_ws_status_executor", "status", "executor_id"),
+    Index("ix_ws_created", "created_at"),
+    Index("ix_ws_parent", "parent_workflow_id"),
+    Index("ix_ws_dedup", "queue_name", "deduplication_id", unique=True),
+    Index("ix_ws_deadline", "workflow_deadline_epoch_ms"),
+)
+
+operation_outputs = Table(
+    "operation_outputs",
+    system_metadata,
+    Column("workflow_uuid", String(255), nullable=False),
+    Column("function_id", Integer, nullable=False),
+    Column("function_name", String(512), nullable=False),
+    Column("output", LargeBinary),
+    Column("error", LargeBinary),
+    Column("child_workflow_id", String(255)),
+    Column("started_at_epoch_ms", BigInteger),
+    Column("completed_at_epoch_ms", BigInteger),
+    PrimaryKeyConstraint("workflow_uuid", "function_id"),
+)
+
+queues = Table(
+    "queues",
+    system_metadata,
+    Column("name", String(255), primary_key=True),
+    Column("concurrency", Integer),
+    Column("worker_concurrency", Integer),
+    Column("rate_limit", Integer),
+    Column("rate_period_ms", BigInteger),
+    Column("priority_enabled", Boolean, nullable=False, server_default=text("false")),
+    Column("polling_interval_ms", Integer, nullable=False, server_default=text("1000")),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# The rate limiter's ledger: one row per start, kept apart from workflow rows so that a workflow
+# that is recovered and started again still counts its first start against the window.
+queue_starts = Table(
+    "queue_starts",
+    system_metadata,
+    Column("id", _AutoId, primary_key=True, autoincrement=True),
+    Column("queue_name", String(255), nullable=False),
+    Column("started_at_ms", BigInteger, nullable=False),
+    Column("workflow_uuid", String(255), nullable=False),
+    Index("ix_qs_queue_time", "queue_name", "started_at_ms"),
+)
+
+executors = Table(
+    "executors",
+    system_metadata,
+    Column("executor_id", String(255), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("token", String(64), nullable=False),
+    Column("started_at", BigInteger, nullable=False),
+    Column("heartbeat_at", BigInteger, nullable=False),
+)
+
+schema_migrations = Table(
+    "schema_migrations",
+    system_metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", BigInteger, nullable=False),
+)
+
+app_metadata = MetaData()
+
+# Lives in the application database so that a transaction's checkpoint commits with its writes.
+transaction_outputs = Table(
+    "transaction_outputs",
+    app_metadata,
+    Column("workflow_uuid", String(255), nullable=False),
+    Column("function_id", Integer, nullable=False),
+    Column("function_name", String(512), nullable=False),
+    Column("output", LargeBinary),
+    Column("error", LargeBinary),
+    Column("created_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("workflow_uuid", "function_id"),
+)

@@ -1,0 +1,666 @@
+"""SystemStore: every query the engine makes against the system database.
+
+Methods are named for what they do, take and return plain values, and each runs as one
+transaction. Their docstrings say what is atomic and what is idempotent. The store knows nothing of
+Python functions, queues objects or threads; queue claiming lives in `claims.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from dbos_nb.errors import DBOSQueueDeduplicatedError
+from dbos_nb.models import (
+    ACTIVE_STATUSES,
+    INTERNAL_QUEUE,
+    TERMINAL_STATUSES,
+    QueueSettings,
+    WorkflowStatusString,
+)
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.schema import executors, operation_outputs, queues, workflow_status
+
+logger = logging.getLogger(__name__)
+
+ws = workflow_status
+oo = operation_outputs
+
+PENDING = WorkflowStatusString.PENDING.value
+ENQUEUED = WorkflowStatusString.ENQUEUED.value
+CANCELLED = WorkflowStatusString.CANCELLED.value
+
+
+@dataclass
+class NewWorkflow:
+    """A workflow row about to be written (by a direct start or an enqueue)."""
+
+    workflow_id: str
+    name: str
+    inputs: bytes
+    status: str
+    created_at: int
+    class_name: str | None = None
+    config_name: str | None = None
+    executor_id: str | None = None
+    owner_xid: str | None = None
+    application_version: str | None = None
+    queue_name: str | None = None
+    priority: int = 0
+    deduplication_id: str | None = None
+    workflow_timeout_ms: int | None = None
+    workflow_deadline_epoch_ms: int | None = None
+    parent_workflow_id: str | None = None
+    # For a child workflow: the parent's operation number that records the child's id.
+    parent_function_id: int | None = None
+    started_at_epoch_ms: int | None = None
+    recovery_attempts: int = 0
+
+
+@dataclass
+class StepPreflight:
+    """What a step needs to know before it runs: is the workflow still live, is it recorded."""
+
+    status: str | None
+    deadline_ms: int | None
+    recorded: bool
+    function_name: str | None
+    output: bytes | None
+    error: bytes | None
+    child_workflow_id: str | None
+    owner_xid: str | None = None
+
+
+_STEP_PREFLIGHT = (
+    select(
+        ws.c.status,
+        ws.c.workflow_deadline_epoch_ms,
+        ws.c.owner_xid,
+        oo.c.function_id,
+        oo.c.function_name,
+        oo.c.output,
+        oo.c.error,
+        oo.c.child_workflow_id,
+    )
+    .select_from(
+        ws.outerjoin(
+            oo,
+            and_(
+                oo.c.workflow_uuid == ws.c.workflow_uuid,
+                oo.c.function_id == bindparam("fid"),
+            ),
+        )
+    )
+    .where(ws.c.workflow_uuid == bindparam("wid"))
+)
+
+_FINISH = (
+    update(ws)
+    .where(
+        ws.c.workflow_uuid == bindparam("b_wid"),
+        ws.c.status == PENDING,
+        ws.c.owner_xid == bindparam("b_owner"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        output=bindparam("b_output"),
+        error=bindparam("b_error"),
+        updated_at=bindparam("b_now"),
+        completed_at=bindparam("b_now"),
+        deduplication_id=None,
+    )
+)
+
+
+class SystemStore:
+    """The system database's queries."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._insert_step = db.insert(oo).on_conflict_do_nothing().returning(oo.c.function_id)
+
+    # -- workflows ------------------------------------------------------------------------------
+
+    def insert_workflow(self, wf: NewWorkflow) -> dict[str, Any] | None:
+        """Write a new workflow row; if the id exists, write nothing and return the existing row.
+
+        Atomic with the parent's record of the child (for child workflows) and, for an enqueue, with
+        the wake-up notification. Idempotent by workflow id. Raises `DBOSQueueDeduplicatedError`
+        when an active workflow of the queue holds the same deduplication id.
+        """
+        values = _row_values(wf)
+        try:
+            with self.db.write() as conn:
+                # RETURNING, not rowcount: with an autoincrement key PostgreSQL reports -1.
+                inserted = conn.execute(
+                    self.db.insert(ws)
+                    .values(**values)
+                    .on_conflict_do_nothing(index_elements=["workflow_uuid"])
+                    .returning(ws.c.id)
+                ).first()
+                if inserted is None:
+                    return self._get_row(conn, wf.workflow_id)
+                if wf.parent_workflow_id is not None and wf.parent_function_id is not None:
+                    conn.execute(
+                        self._insert_step,
+                        {
+                            "workflow_uuid": wf.parent_workflow_id,
+                            "function_id": wf.parent_function_id,
+                            "function_name": wf.name,
+                            "child_workflow_id": wf.workflow_id,
+                            "started_at_epoch_ms": wf.created_at,
+                            "completed_at_epoch_ms": wf.created_at,
+                        },
+                    )
+                if wf.status == ENQUEUED and wf.queue_name is not None:
+                    self.db.notify(conn, f"q:{wf.queue_name}")
+                return None
+        except IntegrityError as exc:
+            if wf.deduplication_id is not None and wf.queue_name is not None:
+                raise DBOSQueueDeduplicatedError(
+                    wf.workflow_id, wf.queue_name, wf.deduplication_id
+                ) from exc
+            raise
+
+    def insert_enqueued_many(self, rows: Sequence[NewWorkflow]) -> int:
+        """Enqueue many workflows in one transaction; ids that already exist are skipped.
+
+        Returns how many rows were written. Idempotent by workflow id, so a batch enqueued again
+        with the same ids writes nothing twice.
+        """
+        if not rows:
+            return 0
+        payload = [_row_values(wf) for wf in rows]
+        with self.db.write() as conn:
+            before = conn.execute(select(func.count()).select_from(ws)).scalar_one()
+            conn.execute(
+                self.db.insert(ws).on_conflict_do_nothing(index_elements=["workflow_uuid"]),
+                payload,
+            )
+            after = conn.execute(select(func.count()).select_from(ws)).scalar_one()
+            for queue_name in {wf.queue_name for wf in rows if wf.queue_name}:
+                self.db.notify(conn, f"q:{queue_name}")
+            return int(after - before)
+
+    def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
+        """The workflow's row as a dict, or None."""
+        with self.db.read() as conn:
+            return self._get_row(conn, workflow_id)
+
+    def get_status_and_result(self, workflow_id: str) -> dict[str, Any] | None:
+        """Just the columns a waiter needs: status, output, error, deadline, completion time."""
+        with self.db.read() as conn:
+            row = (
+                conn.execute(
+                    select(
+                        ws.c.status,
+                        ws.c.output,
+                        ws.c.error,
+                        ws.c.workflow_deadline_epoch_ms,
+                        ws.c.completed_at,
+                    ).where(ws.c.workflow_uuid == workflow_id)
+                )
+                .mappings()
+                .first()
+            )
+            return dict(row) if row is not None else None
+
+    def _get_row(self, conn: Connection, workflow_id: str) -> dict[str, Any] | None:
+        row = conn.execute(select(ws).where(ws.c.workflow_uuid == workflow_id)).mappings().first()
+        return dict(row) if row is not None else None
+
+    def finish_workflow(
+        self,
+        workflow_id: str,
+        owner_xid: str,
+        status: str,
+        output: bytes | None,
+        error: bytes | None,
+        now_ms: int,
+    ) -> bool:
+        """Record a workflow's outcome if this execution still owns it and it is PENDING.
+
+        Returns False (and writes nothing) when the workflow was cancelled, timed out, or taken
+        over by another execution meanwhile: a stale execution never overwrites the owner's result.
+        """
+        with self.db.write() as conn:
+            done = conn.execute(
+                _FINISH,
+                {
+                    "b_wid": workflow_id,
+                    "b_owner": owner_xid,
+                    "b_status": status,
+                    "b_output": output,
+                    "b_error": error,
+                    "b_now": now_ms,
+                },
+            ).rowcount
+            if done:
+                self.db.notify(conn, f"done:{workflow_id}")
+            return bool(done)
+
+    def set_status(self, workflow_id: str, status: str, now_ms: int) -> None:
+        """Set a status unconditionally (used to dead-letter a workflow)."""
+        with self.db.write() as conn:
+            conn.execute(
+                update(ws)
+                .where(ws.c.workflow_uuid == workflow_id)
+                .values(status=status, updated_at=now_ms, deduplication_id=None)
+            )
+            self.db.notify(conn, f"done:{workflow_id}")
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def step_preflight(self, workflow_id: str, function_id: int) -> StepPreflight:
+        """The workflow's status and deadline, and the step's recorded outcome if it has one."""
+        with self.db.read() as conn:
+            row = conn.execute(_STEP_PREFLIGHT, {"wid": workflow_id, "fid": function_id}).first()
+        if row is None:
+            return StepPreflight(None, None, False, None, None, None, None)
+        return StepPreflight(
+            status=row[0],
+            deadline_ms=row[1],
+            owner_xid=row[2],
+            recorded=row[3] is not None,
+            function_name=row[4],
+            output=row[5],
+            error=row[6],
+            child_workflow_id=row[7],
+        )
+
+    def record_step(
+        self,
+        workflow_id: str,
+        function_id: int,
+        function_name: str,
+        output: bytes | None,
+        error: bytes | None,
+        started_ms: int,
+        completed_ms: int,
+        child_workflow_id: str | None = None,
+    ) -> StepPreflight | None:
+        """Record a step's outcome. Idempotent: if the step is already recorded, the first record
+        wins, nothing is written, and that record is returned (else None)."""
+        with self.db.write() as conn:
+            inserted = conn.execute(
+                self._insert_step,
+                {
+                    "workflow_uuid": workflow_id,
+                    "function_id": function_id,
+                    "function_name": function_name,
+                    "output": output,
+                    "error": error,
+                    "child_workflow_id": child_workflow_id,
+                    "started_at_epoch_ms": started_ms,
+                    "completed_at_epoch_ms": completed_ms,
+                },
+            ).first()
+            if inserted is not None:
+                return None
+        return self.step_preflight(workflow_id, function_id)
+
+    def list_steps(self, workflow_id: str) -> list[dict[str, Any]]:
+        """Every recorded operation of a workflow, in order."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(oo).where(oo.c.workflow_uuid == workflow_id).order_by(oo.c.function_id)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    # -- listing --------------------------------------------------------------------------------
+
+    def list_workflows(
+        self,
+        *,
+        workflow_ids: Sequence[str] | None = None,
+        status: Sequence[str] | None = None,
+        name: str | None = None,
+        queue_name: str | None = None,
+        start_time: int | None = None,
+        end_time: int | None = None,
+        workflow_id_prefix: str | None = None,
+        app_version: str | None = None,
+        executor_id: str | None = None,
+        parent_workflow_id: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        sort_desc: bool = False,
+        load_payloads: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Workflow rows matching every given filter, ordered by creation (enqueue order)."""
+        columns = list(ws.c) if load_payloads else [
+            c for c in ws.c if c.name not in ("inputs", "output", "error")
+        ]
+        stmt = select(*columns)
+        if workflow_ids is not None:
+            stmt = stmt.where(ws.c.workflow_uuid.in_(list(workflow_ids)))
+        if status is not None:
+            stmt = stmt.where(ws.c.status.in_(list(status)))
+        if name is not None:
+            stmt = stmt.where(ws.c.name == name)
+        if queue_name is not None:
+            stmt = stmt.where(ws.c.queue_name == queue_name)
+        if start_time is not None:
+            stmt = stmt.where(ws.c.created_at >= start_time)
+        if end_time is not None:
+            stmt = stmt.where(ws.c.created_at <= end_time)
+        if workflow_id_prefix is not None:
+            stmt = stmt.where(ws.c.workflow_uuid.startswith(workflow_id_prefix, autoescape=True))
+        if app_version is not None:
+            stmt = stmt.where(ws.c.application_version == app_version)
+        if executor_id is not None:
+            stmt = stmt.where(ws.c.executor_id == executor_id)
+        if parent_workflow_id is not None:
+            stmt = stmt.where(ws.c.parent_workflow_id == parent_workflow_id)
+        stmt = stmt.order_by(ws.c.id.desc() if sort_desc else ws.c.id)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        if offset is not None:
+            stmt = stmt.offset(offset)
+        with self.db.read() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    def count_by_status(self, queue_name: str | None = None) -> dict[str, int]:
+        """Number of workflows per status (of one queue, or of all)."""
+        stmt = select(ws.c.status, func.count()).group_by(ws.c.status)
+        if queue_name is not None:
+            stmt = stmt.where(ws.c.queue_name == queue_name)
+        with self.db.read() as conn:
+            return {str(s): int(n) for s, n in conn.execute(stmt)}
+
+    # -- cancel, resume, fork -------------------------------------------------------------------
+
+    def cancel_workflows(
+        self, workflow_ids: Sequence[str], now_ms: int, *, cancel_children: bool
+    ) -> list[str]:
+        """Mark active workflows CANCELLED (with their descendants if asked); returns the ids
+        changed. Finished workflows are left as they are. Idempotent."""
+        changed: list[str] = []
+        with self.db.write() as conn:
+            frontier = list(workflow_ids)
+            seen: set[str] = set()
+            while frontier:
+                batch = [w for w in frontier if w not in seen]
+                seen.update(batch)
+                if not batch:
+                    break
+                for chunk in _chunks(batch, 500):
+                    ids = conn.execute(
+                        update(ws)
+                        .where(ws.c.workflow_uuid.in_(chunk), ws.c.status.in_(ACTIVE_STATUSES))
+                        .values(
+                            status=CANCELLED,
+                            updated_at=now_ms,
+                            completed_at=now_ms,
+                            deduplication_id=None,
+                        )
+                        .returning(ws.c.workflow_uuid)
+                    ).scalars()
+                    changed.extend(ids)
+                if not cancel_children:
+                    break
+                frontier = list(
+                    conn.execute(
+                        select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(batch))
+                    ).scalars()
+                )
+            for wid in changed:
+                self.db.notify(conn, f"done:{wid}")
+        return changed
+
+    def resume_workflow(self, workflow_id: str, now_ms: int, queue_name: str | None) -> bool:
+        """Put a cancelled, dead-lettered or stuck workflow back in a queue, from its last
+        completed step. Finished (SUCCESS/ERROR) workflows are left alone; returns whether the
+        row changed."""
+        target = queue_name or INTERNAL_QUEUE
+        with self.db.write() as conn:
+            done = conn.execute(
+                update(ws)
+                .where(
+                    ws.c.workflow_uuid == workflow_id,
+                    ws.c.status.not_in(
+                        (WorkflowStatusString.SUCCESS.value, WorkflowStatusString.ERROR.value)
+                    ),
+                )
+                .values(
+                    status=ENQUEUED,
+                    queue_name=target,
+                    owner_xid=None,
+                    executor_id=None,
+                    recovery_attempts=0,
+                    started_at_epoch_ms=None,
+                    workflow_deadline_epoch_ms=None,
+                    deduplication_id=None,
+                    updated_at=now_ms,
+                )
+            ).rowcount
+            if done:
+                self.db.notify(conn, f"q:{target}")
+            return bool(done)
+
+    def fork_workflow(
+        self,
+        source_id: str,
+        new_id: str,
+        start_step: int,
+        now_ms: int,
+        application_version: str | None,
+        queue_name: str | None,
+    ) -> bool:
+        """Create `new_id` as a copy of `source_id` that replays the source's steps before
+        `start_step` and runs the rest. Atomic; returns False if the source does not exist."""
+        target = queue_name or INTERNAL_QUEUE
+        with self.db.write() as conn:
+            src = self._get_row(conn, source_id)
+            if src is None:
+                return False
+            conn.execute(
+                ws.insert().values(
+                    workflow_uuid=new_id,
+                    status=ENQUEUED,
+                    name=src["name"],
+                    class_name=src["class_name"],
+                    config_name=src["config_name"],
+                    inputs=src["inputs"],
+                    application_version=application_version or src["application_version"],
+                    created_at=now_ms,
+                    updated_at=now_ms,
+                    queue_name=target,
+                    priority=0,
+                    workflow_timeout_ms=src["workflow_timeout_ms"],
+                    authenticated_user=src["authenticated_user"],
+                    assumed_role=src["assumed_role"],
+                    authenticated_roles=src["authenticated_roles"],
+                )
+            )
+            steps = conn.execute(
+                select(oo).where(oo.c.workflow_uuid == source_id, oo.c.function_id < start_step)
+            ).mappings()
+            copied = [dict(s, workflow_uuid=new_id) for s in steps]
+            if copied:
+                conn.execute(oo.insert(), copied)
+            self.db.notify(conn, f"q:{target}")
+            return True
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    def requeue_pending(self, executor_id: str, now_ms: int) -> list[str]:
+        """Put this executor's PENDING workflows back in their queues (direct ones in the internal
+        queue) so that the ordinary claim resumes them. Atomic and idempotent.
+
+        Queued rows keep their place: claims order by enqueue order, so they come first.
+        """
+        with self.db.write() as conn:
+            ids = list(
+                conn.execute(
+                    select(ws.c.workflow_uuid).where(
+                        ws.c.status == PENDING, ws.c.executor_id == executor_id
+                    )
+                ).scalars()
+            )
+            for chunk in _chunks(ids, 500):
+                conn.execute(
+                    update(ws)
+                    .where(ws.c.workflow_uuid.in_(chunk), ws.c.queue_name.is_(None))
+                    .values(queue_name=INTERNAL_QUEUE)
+                )
+                conn.execute(
+                    update(ws)
+                    .where(ws.c.workflow_uuid.in_(chunk), ws.c.status == PENDING)
+                    .values(status=ENQUEUED, owner_xid=None, executor_id=None, updated_at=now_ms)
+                )
+            if ids:
+                self.db.notify(conn, "q:*")
+            return ids
+
+    def cancel_overdue(self, now_ms: int) -> list[str]:
+        """Cancel every active workflow whose deadline has passed; returns their ids."""
+        with self.db.read() as conn:
+            ids = list(
+                conn.execute(
+                    select(ws.c.workflow_uuid).where(
+                        ws.c.workflow_deadline_epoch_ms <= now_ms,
+                        ws.c.status.in_(ACTIVE_STATUSES),
+                    )
+                ).scalars()
+            )
+        if not ids:
+            return []
+        return self.cancel_workflows(ids, now_ms, cancel_children=True)
+
+    # -- queues ---------------------------------------------------------------------------------
+
+    def upsert_queue(self, settings: QueueSettings, now_ms: int) -> QueueSettings | None:
+        """Store a queue's settings; returns the settings it replaced (None if it is new)."""
+        values = {
+            "concurrency": settings.concurrency,
+            "worker_concurrency": settings.worker_concurrency,
+            "rate_limit": settings.limit,
+            "rate_period_ms": settings.period_ms,
+            "priority_enabled": settings.priority_enabled,
+            "polling_interval_ms": settings.polling_interval_ms,
+            "updated_at": now_ms,
+        }
+        with self.db.write() as conn:
+            old = conn.execute(select(queues).where(queues.c.name == settings.name)).mappings()
+            previous = next(iter(old), None)
+            if previous is None:
+                conn.execute(queues.insert().values(name=settings.name, **values))
+                return None
+            old_settings = queue_settings_from_row(dict(previous))
+            if old_settings != settings:
+                conn.execute(update(queues).where(queues.c.name == settings.name).values(**values))
+            return old_settings
+
+    def get_queue(self, name: str) -> QueueSettings | None:
+        """A queue's stored settings, or None when no process declared it."""
+        with self.db.read() as conn:
+            row = conn.execute(select(queues).where(queues.c.name == name)).mappings().first()
+        return queue_settings_from_row(dict(row)) if row is not None else None
+
+    def list_queues(self) -> list[QueueSettings]:
+        """Every declared queue."""
+        with self.db.read() as conn:
+            rows = conn.execute(select(queues).order_by(queues.c.name)).mappings()
+            return [queue_settings_from_row(dict(r)) for r in rows]
+
+    # -- executors ------------------------------------------------------------------------------
+
+    def get_executor(self, executor_id: str) -> dict[str, Any] | None:
+        """The executor's registration row."""
+        with self.db.read() as conn:
+            row = conn.execute(
+                select(executors).where(executors.c.executor_id == executor_id)
+            ).mappings().first()
+            return dict(row) if row is not None else None
+
+    def register_executor(
+        self, executor_id: str, hostname: str, pid: int, token: str, now_ms: int
+    ) -> None:
+        """Claim an executor id for this process (replacing a dead holder's row)."""
+        with self.db.write() as conn:
+            conn.execute(delete(executors).where(executors.c.executor_id == executor_id))
+            conn.execute(
+                executors.insert().values(
+                    executor_id=executor_id,
+                    hostname=hostname,
+                    pid=pid,
+                    token=token,
+                    started_at=now_ms,
+                    heartbeat_at=now_ms,
+                )
+            )
+
+    def heartbeat(self, executor_id: str, token: str, now_ms: int) -> bool:
+        """Renew this process's heartbeat; False if another process took the executor id."""
+        with self.db.write() as conn:
+            return bool(
+                conn.execute(
+                    update(executors)
+                    .where(executors.c.executor_id == executor_id, executors.c.token == token)
+                    .values(heartbeat_at=now_ms)
+                ).rowcount
+            )
+
+    def unregister_executor(self, executor_id: str, token: str) -> None:
+        """Remove this process's executor row (at destroy)."""
+        with self.db.write() as conn:
+            conn.execute(
+                delete(executors).where(
+                    executors.c.executor_id == executor_id, executors.c.token == token
+                )
+            )
+
+    def list_executors(self) -> list[dict[str, Any]]:
+        """Every registered executor with its heartbeat."""
+        with self.db.read() as conn:
+            return [dict(r) for r in conn.execute(select(executors)).mappings()]
+
+
+def queue_settings_from_row(row: dict[str, Any]) -> QueueSettings:
+    """Build QueueSettings from a `queues` row."""
+    return QueueSettings(
+        name=row["name"],
+        concurrency=row["concurrency"],
+        worker_concurrency=row["worker_concurrency"],
+        limit=row["rate_limit"],
+        period_ms=row["rate_period_ms"],
+        priority_enabled=bool(row["priority_enabled"]),
+        polling_interval_ms=int(row["polling_interval_ms"]),
+    )
+
+
+def _row_values(wf: NewWorkflow) -> dict[str, Any]:
+    return {
+        "workflow_uuid": wf.workflow_id,
+        "status": wf.status,
+        "name": wf.name,
+        "class_name": wf.class_name,
+        "config_name": wf.config_name,
+        "inputs": wf.inputs,
+        "executor_id": wf.executor_id,
+        "owner_xid": wf.owner_xid,
+        "application_version": wf.application_version,
+        "recovery_attempts": wf.recovery_attempts,
+        "created_at": wf.created_at,
+        "updated_at": wf.created_at,
+        "queue_name": wf.queue_name,
+        "priority": wf.priority,
+        "deduplication_id": wf.deduplication_id,
+        "started_at_epoch_ms": wf.started_at_epoch_ms,
+        "workflow_timeout_ms": wf.workflow_timeout_ms,
+        "workflow_deadline_epoch_ms": wf.workflow_deadline_epoch_ms,
+        "parent_workflow_id": wf.parent_workflow_id,
+    }
+
+
+def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+__all__ = ["NewWorkflow", "StepPreflight", "SystemStore", "queue_settings_from_row"]

@@ -1,0 +1,130 @@
+"""Shared fixtures: one behavioural suite runs on SQLite files and on a real PostgreSQL server.
+
+PostgreSQL comes from DBOS_NB_TEST_PG_URL (a server URL; each test gets a fresh database on it) or,
+when that is unset, from a throwaway server started for the session. The PostgreSQL tests never
+skip: if no server can be had, they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pgserver  # noqa: E402
+
+from dbos_nb import DBOS  # noqa: E402
+from dbos_nb.core import queue as queue_module  # noqa: E402
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    url = os.environ.get("DBOS_NB_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    server = pgserver.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _admin_dsn(server_url: str) -> str:
+    return make_url(server_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_pg_database(server_url: str) -> str:
+    """A fresh database on the test server; returns its URL."""
+    name = "t_" + uuid.uuid4().hex[:16]
+    with psycopg.connect(_admin_dsn(server_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(server_url: str, url: str) -> None:
+    name = make_url(url).database
+    with psycopg.connect(_admin_dsn(server_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty system database URL on the parametrised backend."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'system.sqlite'}"
+        return
+    server = request.getfixturevalue("pg_server_url")
+    url = create_pg_database(server)
+    try:
+        yield url
+    finally:
+        DBOS.destroy()
+        drop_pg_database(server, url)
+
+
+@pytest.fixture
+def new_db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], str]]:
+    """A factory of further fresh databases on the same backend (for app databases)."""
+    made: list[str] = []
+
+    def make() -> str:
+        if backend == "sqlite":
+            return f"sqlite:///{tmp_path / ('extra_' + uuid.uuid4().hex[:8] + '.sqlite')}"
+        url = create_pg_database(request.getfixturevalue("pg_server_url"))
+        made.append(url)
+        return url
+
+    yield make
+    if made:
+        DBOS.destroy()
+        server = request.getfixturevalue("pg_server_url")
+        for url in made:
+            drop_pg_database(server, url)
+
+
+@pytest.fixture(autouse=True)
+def _clean_state() -> Iterator[None]:
+    """Every test starts without a DBOS instance or declared queues, and ends the same way."""
+    DBOS.destroy()
+    queue_module.QUEUES.clear()
+    yield
+    DBOS.destroy()
+    queue_module.QUEUES.clear()
+
+
+def config(url: str, **extra: Any) -> dict[str, Any]:
+    """A test configuration: short polling so cross-process tests need no long waits."""
+    base: dict[str, Any] = {
+        "name": "test_app",
+        "system_database_url": url,
+        "polling_interval_sec": 0.05,
+        "heartbeat_interval_sec": 0.5,
+    }
+    base.update(extra)
+    return base
+
+
+@pytest.fixture
+def launched(db_url: str) -> Iterator[str]:
+    """DBOS created on the parametrised backend and launched; yields the database URL."""
+    DBOS(config=config(db_url))
+    DBOS.launch()
+    yield db_url
+    DBOS.destroy()

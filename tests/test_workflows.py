@@ -1,0 +1,553 @@
+"""Behaviour of workflows and steps, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from typing import Any
+
+import pytest
+from conftest import config
+
+from dbos_nb import (
+    DBOS,
+    DBOSAwaitedWorkflowCancelledError,
+    DBOSConflictingRegistrationError,
+    DBOSConflictingWorkflowError,
+    DBOSException,
+    DBOSMaxStepRetriesExceeded,
+    DBOSNonExistentWorkflowError,
+    DBOSNonSerializableError,
+    DBOSNotLaunchedError,
+    DBOSUnexpectedStepError,
+    DbosNbError,
+    SetWorkflowID,
+    WorkflowStatusString,
+)
+
+
+def test_steps_are_checkpointed_and_replayed(launched: str) -> None:
+    calls: list[int] = []
+
+    @DBOS.step()
+    def double(x: int) -> int:
+        calls.append(x)
+        return 2 * x
+
+    @DBOS.workflow()
+    def wf(n: int) -> list[int]:
+        return [double(i) for i in range(n)]
+
+    with SetWorkflowID("wf-1"):
+        assert wf(3) == [0, 2, 4]
+    assert calls == [0, 1, 2]
+    # Same id again: the recorded result comes back and no step runs.
+    with SetWorkflowID("wf-1"):
+        assert wf(3) == [0, 2, 4]
+    assert calls == [0, 1, 2]
+    steps = DBOS.list_workflow_steps("wf-1")
+    assert [(s.function_id, s.function_name, s.output) for s in steps] == [
+        (0, double.__qualname__, 0),
+        (1, double.__qualname__, 2),
+        (2, double.__qualname__, 4),
+    ]
+    status = DBOS.get_workflow_status("wf-1")
+    assert status is not None
+    assert status.status == WorkflowStatusString.SUCCESS
+    assert status.output == [0, 2, 4]
+    assert status.input == ((3,), {})
+    assert status.name == wf.__qualname__
+
+
+def test_set_workflow_id_applies_to_first_workflow_only(launched: str) -> None:
+    @DBOS.workflow()
+    def ident() -> str | None:
+        return DBOS.workflow_id
+
+    with SetWorkflowID("only-first"):
+        first = ident()
+        second = ident()
+    assert first == "only-first"
+    assert second != "only-first" and second is not None
+
+
+def test_reusing_an_id_for_another_workflow_conflicts(launched: str) -> None:
+    @DBOS.workflow()
+    def a() -> int:
+        return 1
+
+    @DBOS.workflow()
+    def b() -> int:
+        return 2
+
+    with SetWorkflowID("shared"):
+        a()
+    with pytest.raises(DBOSConflictingWorkflowError, match="shared"), SetWorkflowID("shared"):
+        b()
+
+
+def test_errors_are_recorded_and_raised_again(launched: str) -> None:
+    runs: list[int] = []
+
+    @DBOS.workflow()
+    def failing() -> None:
+        runs.append(1)
+        raise ValueError("bad input 42")
+
+    with pytest.raises(ValueError, match="bad input 42"), SetWorkflowID("fails"):
+        failing()
+    with pytest.raises(ValueError, match="bad input 42"), SetWorkflowID("fails"):
+        failing()
+    assert runs == [1]
+    status = DBOS.get_workflow_status("fails")
+    assert status is not None and status.status == "ERROR"
+    assert isinstance(status.error, ValueError)
+    with pytest.raises(ValueError, match="bad input 42"):
+        DBOS.retrieve_workflow("fails").get_result()
+
+
+def test_step_error_is_recorded_and_replayed(launched: str) -> None:
+    attempts: list[int] = []
+
+    @DBOS.step()
+    def flaky() -> None:
+        attempts.append(1)
+        raise KeyError("boom")
+
+    @DBOS.workflow()
+    def wf() -> str:
+        try:
+            flaky()
+        except KeyError:
+            return "caught"
+        return "no error"
+
+    with SetWorkflowID("step-err"):
+        assert wf() == "caught"
+    steps = DBOS.list_workflow_steps("step-err")
+    assert len(steps) == 1 and isinstance(steps[0].error, KeyError)
+    assert attempts == [1]
+
+
+def test_step_retries_with_backoff_then_gives_up(launched: str) -> None:
+    attempts: list[Any] = []
+
+    @DBOS.step(retries_allowed=True, max_attempts=3, interval_seconds=0.01, backoff_rate=2.0)
+    def sometimes() -> str:
+        status = DBOS.step_status
+        assert status is not None
+        attempts.append((status.current_attempt, status.max_attempts))
+        if len(attempts) < 3:
+            raise RuntimeError("transient")
+        return "ok"
+
+    @DBOS.step(retries_allowed=True, max_attempts=2, interval_seconds=0.01)
+    def never() -> None:
+        raise RuntimeError("always")
+
+    @DBOS.workflow()
+    def wf() -> str:
+        return sometimes()
+
+    @DBOS.workflow()
+    def wf2() -> None:
+        never()
+
+    assert wf() == "ok"
+    assert attempts == [(1, 3), (2, 3), (3, 3)]
+    with pytest.raises(DBOSMaxStepRetriesExceeded) as info:
+        wf2()
+    assert info.value.max_attempts == 2
+    assert all(isinstance(e, RuntimeError) for e in info.value.errors)
+    assert isinstance(info.value, DBOSException)
+
+
+def test_child_workflows_get_deterministic_ids(launched: str) -> None:
+    @DBOS.workflow()
+    def child(x: int) -> int:
+        return x + 1
+
+    @DBOS.workflow()
+    def parent() -> list[Any]:
+        a = child(1)
+        handle = DBOS.start_workflow(child, 10)
+        return [a, handle.get_result(), handle.workflow_id]
+
+    with SetWorkflowID("parent-1"):
+        result = parent()
+    assert result == [2, 11, "parent-1-1"]
+    kids = DBOS.list_workflows(workflow_id_prefix="parent-1-")
+    assert sorted(k.workflow_id for k in kids) == ["parent-1-0", "parent-1-1"]
+    assert all(k.parent_workflow_id == "parent-1" for k in kids)
+    steps = DBOS.list_workflow_steps("parent-1")
+    assert [s.child_workflow_id for s in steps] == ["parent-1-0", "parent-1-1"]
+
+
+def test_start_workflow_runs_in_background(launched: str) -> None:
+    gate = threading.Event()
+
+    @DBOS.workflow()
+    def waits() -> str:
+        gate.wait(10)
+        return "done"
+
+    handle = DBOS.start_workflow(waits)
+    assert handle.get_status().status == "PENDING"
+    gate.set()
+    assert handle.get_result() == "done"
+    assert handle.get_status().status == "SUCCESS"
+
+
+def test_non_serializable_argument_is_rejected_and_nothing_written(launched: str) -> None:
+    @DBOS.workflow()
+    def takes(x: Any, y: Any = None) -> None:
+        return None
+
+    lock = threading.Lock()
+    with pytest.raises(DBOSNonSerializableError, match="argument 'y'"):
+        takes(1, y=lock)
+    with pytest.raises(DBOSNonSerializableError, match="positional argument 0"):
+        DBOS.start_workflow(takes, lock)
+    assert DBOS.list_workflows() == []
+
+
+def test_non_serializable_result_fails_the_workflow(launched: str) -> None:
+    @DBOS.workflow()
+    def returns_lock() -> Any:
+        return threading.Lock()
+
+    with pytest.raises(DBOSNonSerializableError), SetWorkflowID("bad-result"):
+        returns_lock()
+    status = DBOS.get_workflow_status("bad-result")
+    assert status is not None and status.status == "ERROR"
+
+
+def test_cancel_stops_a_running_workflow_at_its_next_step(launched: str) -> None:
+    started = threading.Event()
+    release = threading.Event()
+    ran: list[str] = []
+
+    @DBOS.step()
+    def first() -> None:
+        ran.append("first")
+        started.set()
+        release.wait(10)
+
+    @DBOS.step()
+    def second() -> None:
+        ran.append("second")
+
+    @DBOS.workflow()
+    def wf() -> None:
+        first()
+        second()
+
+    handle = DBOS.start_workflow(wf)
+    assert started.wait(10)
+    DBOS.cancel_workflow(handle.workflow_id)
+    release.set()
+    with pytest.raises(DBOSAwaitedWorkflowCancelledError):
+        handle.get_result()
+    time.sleep(0.1)
+    assert ran == ["first"]
+    assert handle.get_status().status == "CANCELLED"
+
+    # Resume runs it again from its last completed step.
+    resumed = DBOS.resume_workflow(handle.workflow_id)
+    assert resumed.get_result() is None
+    assert ran == ["first", "second"]
+
+
+def test_cancel_children_and_unknown_ids(launched: str) -> None:
+    gate = threading.Event()
+
+    @DBOS.workflow()
+    def child() -> None:
+        gate.wait(5)
+        DBOS.sleep(0.01)
+
+    @DBOS.workflow()
+    def parent() -> None:
+        DBOS.start_workflow(child).get_result()
+
+    with SetWorkflowID("p"):
+        handle = DBOS.start_workflow(parent)
+    deadline = time.time() + 10
+    while DBOS.get_workflow_status("p-0") is None and time.time() < deadline:
+        time.sleep(0.01)
+    DBOS.cancel_workflow("p", cancel_children=True)
+    gate.set()
+    assert DBOS.get_workflow_status("p-0").status == "CANCELLED"  # type: ignore[union-attr]
+    with pytest.raises(DBOSAwaitedWorkflowCancelledError):
+        handle.get_result()
+    with pytest.raises(DBOSNonExistentWorkflowError):
+        DBOS.cancel_workflow("no-such-workflow")
+    with pytest.raises(DBOSNonExistentWorkflowError):
+        DBOS.retrieve_workflow("no-such-workflow")
+
+
+def test_fork_reuses_steps_before_start_step(launched: str) -> None:
+    calls: list[int] = []
+
+    @DBOS.step()
+    def record(i: int) -> int:
+        calls.append(i)
+        return i
+
+    @DBOS.workflow()
+    def wf() -> list[int]:
+        return [record(i) for i in range(4)]
+
+    with SetWorkflowID("orig"):
+        wf()
+    assert calls == [0, 1, 2, 3]
+    forked = DBOS.fork_workflow("orig", 2)
+    assert forked.get_result() == [0, 1, 2, 3]
+    assert calls == [0, 1, 2, 3, 2, 3]
+    with pytest.raises(DBOSNonExistentWorkflowError):
+        DBOS.fork_workflow("missing", 1)
+
+
+def test_nondeterministic_replay_is_detected(launched: str) -> None:
+    @DBOS.step()
+    def s1() -> int:
+        return 1
+
+    @DBOS.step()
+    def s2() -> int:
+        return 2
+
+    which = {"step": s1}
+
+    @DBOS.workflow()
+    def wf() -> int:
+        return which["step"]()
+
+    with SetWorkflowID("nd"):
+        wf()
+    DBOS.fork_workflow("nd", 5)  # copies step 0 (s1) into a new workflow
+    which["step"] = s2
+    forked = DBOS.fork_workflow("nd", 1)
+    with pytest.raises(DBOSUnexpectedStepError, match="not deterministic"):
+        forked.get_result()
+
+
+def test_list_workflows_filters(launched: str) -> None:
+    @DBOS.workflow()
+    def ok(i: int) -> int:
+        return i
+
+    @DBOS.workflow()
+    def bad() -> None:
+        raise ValueError()
+
+    for i in range(5):
+        with SetWorkflowID(f"ok-{i}"):
+            ok(i)
+    with pytest.raises(ValueError), SetWorkflowID("bad-0"):
+        bad()
+    assert [w.workflow_id for w in DBOS.list_workflows(name=ok.__qualname__)] == [
+        f"ok-{i}" for i in range(5)
+    ]
+    assert [w.workflow_id for w in DBOS.list_workflows(status="ERROR")] == ["bad-0"]
+    page = DBOS.list_workflows(name=ok.__qualname__, limit=2, offset=1, sort_desc=True)
+    assert [w.workflow_id for w in page] == ["ok-3", "ok-2"]
+    first = DBOS.get_workflow_status("ok-0")
+    assert first is not None and first.created_at is not None
+    later = DBOS.list_workflows(start_time=first.created_at, name=ok.__qualname__)
+    assert len(later) == 5
+    assert DBOS.list_workflows(end_time=first.created_at - 1) == []
+    light = DBOS.list_workflows(workflow_ids=["ok-1"], load_input=False, load_output=False)
+    assert light[0].output is None and light[0].status == "SUCCESS"
+
+
+def test_durable_sleep_records_wake_time(launched: str) -> None:
+    @DBOS.workflow()
+    def sleeper() -> str:
+        DBOS.sleep(0.05)
+        return "woke"
+
+    with SetWorkflowID("sleepy"):
+        t0 = time.monotonic()
+        assert sleeper() == "woke"
+        assert time.monotonic() - t0 >= 0.05
+    steps = DBOS.list_workflow_steps("sleepy")
+    assert steps[0].function_name == "DBOS.sleep"
+    assert isinstance(steps[0].output, int)
+
+
+def test_inside_information(launched: str) -> None:
+    seen: dict[str, Any] = {}
+
+    @DBOS.step()
+    def inner() -> None:
+        seen["step_wf"] = DBOS.workflow_id
+        seen["step_id"] = DBOS.step_id
+
+    @DBOS.workflow()
+    def outer() -> None:
+        seen["wf"] = DBOS.workflow_id
+        inner()
+
+    with SetWorkflowID("inside"):
+        outer()
+    assert seen == {"wf": "inside", "step_wf": "inside", "step_id": 0}
+    assert DBOS.workflow_id is None
+    assert DBOS.step_status is None
+    assert isinstance(DBOS.application_version, str)
+    DBOS.logger.info("logger works")
+
+
+def test_decorators_keep_signature_and_doc() -> None:
+    def original(a: int, b: str = "x") -> str:
+        """Docstring kept."""
+        return b * a
+
+    documented = DBOS.workflow()(original)
+    assert documented.__doc__ == "Docstring kept."
+    assert inspect.signature(documented) == inspect.signature(original)
+    assert list(inspect.signature(documented).parameters) == ["a", "b"]
+    assert documented.__name__ == "original"
+
+
+def test_not_launched_error() -> None:
+    @DBOS.workflow()
+    def wf() -> None:
+        return None
+
+    with pytest.raises(DBOSNotLaunchedError, match="DBOS.launch"):
+        wf()
+
+
+def test_async_functions_raise_a_clear_error() -> None:
+    with pytest.raises(DbosNbError, match="async"):
+
+        @DBOS.workflow()
+        async def not_yet() -> None:
+            return None
+
+
+def test_conflicting_registration_from_another_module() -> None:
+    def f() -> None:
+        return None
+
+    DBOS.workflow(name="taken_name")(f)
+
+    def g() -> None:
+        return None
+
+    g.__module__ = "some_other_module"
+    g.__code__ = compile("def g(): pass", "/elsewhere/other.py", "exec").co_consts[0]
+    with pytest.raises(DBOSConflictingRegistrationError, match="taken_name"):
+        DBOS.workflow(name="taken_name")(g)
+
+
+def test_sync_api_works_inside_a_running_event_loop(launched: str) -> None:
+    @DBOS.step()
+    def s() -> int:
+        return 5
+
+    @DBOS.workflow()
+    def wf() -> int:
+        return s()
+
+    async def in_loop() -> list[Any]:
+        # A Jupyter cell runs inside an event loop; the sync API must work there.
+        out: list[Any] = [wf()]
+        handle = DBOS.start_workflow(wf)
+        out.append(handle.get_result())
+        out.append(len(DBOS.list_workflows()))
+        return out
+
+    assert asyncio.run(in_loop()) == [5, 5, 2]
+
+
+def test_recreate_dbos_many_times(db_url: str) -> None:
+    for i in range(20):
+        DBOS(config=config(db_url))
+
+        @DBOS.step()
+        def s(x: int) -> int:
+            return x
+
+        @DBOS.workflow()
+        def wf(x: int) -> int:
+            return s(x) + 1
+
+        DBOS.launch()
+        with SetWorkflowID(f"round-{i}"):
+            assert wf(i) == i + 1
+        DBOS.destroy()
+    assert not [t for t in threading.enumerate() if t.name.startswith("dbos_nb")]
+    DBOS(config=config(db_url))
+    DBOS.launch()
+    assert len(DBOS.list_workflows()) == 20
+
+
+def test_workflow_registered_after_launch_is_recovered(db_url: str) -> None:
+    """A PENDING workflow whose function is unknown at launch resumes once it is registered."""
+    calls: list[str] = []
+
+    def body() -> str:
+        calls.append("ran")
+        return "late"
+
+    DBOS(config=config(db_url))
+    wf = DBOS.workflow(name="late_wf")(body)
+    DBOS.launch()
+    # Simulate a crash: a PENDING row of this executor that no thread is running.
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.serialization import dump_inputs
+    from dbos_nb.storage.store import NewWorkflow
+
+    rt = get_runtime()
+    rt.store.insert_workflow(
+        NewWorkflow(
+            workflow_id="orphan", name="late_wf", inputs=dump_inputs("late_wf", (), {}),
+            status="PENDING", created_at=rt.now_ms(), executor_id=rt.executor_id,
+            owner_xid="dead-owner",
+        )
+    )
+    DBOS.destroy(destroy_registry=True)
+    DBOS(config=config(db_url))
+    DBOS.launch()
+    time.sleep(0.2)
+    assert DBOS.get_workflow_status("orphan").status == "ENQUEUED"  # type: ignore[union-attr]
+    assert calls == []
+    DBOS.workflow(name="late_wf")(body)  # the definition cell is run again
+    assert DBOS.retrieve_workflow("orphan").get_result(timeout_sec=10) == "late"
+    assert calls == ["ran"]
+    del wf
+
+
+def test_recovery_dead_letters_after_max_attempts(db_url: str) -> None:
+    DBOS(config=config(db_url))
+
+    @DBOS.workflow(name="fragile", max_recovery_attempts=1)
+    def fragile() -> str:
+        return "ok"
+
+    DBOS.launch()
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.serialization import dump_inputs
+    from dbos_nb.storage.store import NewWorkflow
+
+    rt = get_runtime()
+    rt.store.insert_workflow(
+        NewWorkflow(
+            workflow_id="crashy", name="fragile", inputs=dump_inputs("fragile", (), {}),
+            status="PENDING", created_at=rt.now_ms(), executor_id=rt.executor_id,
+            owner_xid="x", recovery_attempts=2,
+        )
+    )
+    DBOS.destroy()
+    DBOS(config=config(db_url))
+    DBOS.launch()
+    from dbos_nb import DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded
+
+    with pytest.raises(DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded):
+        DBOS.retrieve_workflow("crashy").get_result(timeout_sec=10)
+    status = DBOS.get_workflow_status("crashy")
+    assert status is not None and status.status == "MAX_RECOVERY_ATTEMPTS_EXCEEDED"
