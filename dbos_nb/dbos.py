@@ -27,8 +27,8 @@ from dbos_nb.core.registry import REGISTRY, Kind, Registration, registration_of
 from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.engine import Engine, resolve_config
 from dbos_nb.errors import (
-    DbosNbError,
     DBOSConfigError,
+    DbosNbError,
     DBOSNonExistentWorkflowError,
     UnknownQueueError,
 )
@@ -40,7 +40,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _instance_lock = threading.RLock()
 
 
-class classproperty(Generic[T]):  # noqa: N801 - reads like the builtin `property`
+class classproperty(Generic[T]):
     """A read-only property of the class itself."""
 
     def __init__(self, fget: Callable[[Any], T]) -> None:
@@ -79,7 +79,9 @@ def _decorate(kind: Kind, func: Callable[..., Any], name: str | None, **options:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return runner(get_runtime(), reg, args, kwargs)
 
-    reg = Registration(name=name or func.__qualname__, kind=kind, func=func, wrapper=wrapper, **options)
+    reg = Registration(
+        name=name or func.__qualname__, kind=kind, func=func, wrapper=wrapper, **options
+    )
     wrapper.__dbos_nb_registration__ = reg  # type: ignore[attr-defined]
     REGISTRY.register(reg)
     return wrapper
@@ -112,7 +114,7 @@ class DBOS:
         with _instance_lock:
             if cls._engine is not None:
                 if cls._config_key == resolved:
-                    return cast(DBOS, object.__new__(cls))
+                    return object.__new__(cls)
                 raise DBOSConfigError(
                     "DBOS was already created with a different configuration; call "
                     "DBOS.destroy() before creating it again"
@@ -122,7 +124,7 @@ class DBOS:
         if fastapi is not None:
             fastapi.add_event_handler("startup", cls.launch)
             fastapi.add_event_handler("shutdown", cls.destroy)
-        return cast(DBOS, object.__new__(cls))
+        return object.__new__(cls)
 
     def __init__(self, **_kwargs: Any) -> None:
         pass
@@ -156,13 +158,20 @@ class DBOS:
     # -- decorators -----------------------------------------------------------------------------
 
     @classmethod
-    def workflow(cls, *, name: str | None = None, max_recovery_attempts: int = 100) -> Callable[[F], F]:
+    def workflow(
+        cls, *, name: str | None = None, max_recovery_attempts: int = 100
+    ) -> Callable[[F], F]:
         """Make a function a durable workflow."""
         if not isinstance(max_recovery_attempts, int) or max_recovery_attempts < 0:
-            raise DbosNbError(f"max_recovery_attempts must be a non-negative integer, got {max_recovery_attempts!r}")
+            raise DbosNbError(
+                "max_recovery_attempts must be a non-negative integer, "
+                f"got {max_recovery_attempts!r}"
+            )
 
         def decorator(func: F) -> F:
-            return cast(F, _decorate("workflow", func, name, max_recovery_attempts=max_recovery_attempts))
+            return cast(
+                F, _decorate("workflow", func, name, max_recovery_attempts=max_recovery_attempts)
+            )
 
         return decorator
 
@@ -183,10 +192,18 @@ class DBOS:
             raise DbosNbError("interval_seconds must be >= 0 and backoff_rate >= 1")
 
         def decorator(func: F) -> F:
-            return cast(F, _decorate(
-                "step", func, name, retries_allowed=retries_allowed, max_attempts=max_attempts,
-                interval_seconds=interval_seconds, backoff_rate=backoff_rate,
-            ))
+            return cast(
+                F,
+                _decorate(
+                    "step",
+                    func,
+                    name,
+                    retries_allowed=retries_allowed,
+                    max_attempts=max_attempts,
+                    interval_seconds=interval_seconds,
+                    backoff_rate=backoff_rate,
+                ),
+            )
 
         return decorator
 
@@ -259,7 +276,9 @@ class DBOS:
     # -- inspecting and managing ----------------------------------------------------------------
 
     @classmethod
-    def retrieve_workflow(cls, workflow_id: str, existing_workflow: bool = True) -> WorkflowHandle[Any]:
+    def retrieve_workflow(
+        cls, workflow_id: str, existing_workflow: bool = True
+    ) -> WorkflowHandle[Any]:
         rt = cls._rt()
         if existing_workflow and rt.store.get_workflow(workflow_id) is None:
             raise DBOSNonExistentWorkflowError(workflow_id)
@@ -311,7 +330,9 @@ class DBOS:
         return [status_from_row(r, load_payloads=load) for r in rows]
 
     @classmethod
-    def list_queued_workflows(cls, *, queue_name: str | None = None, **kwargs: Any) -> list[WorkflowStatus]:
+    def list_queued_workflows(
+        cls, *, queue_name: str | None = None, **kwargs: Any
+    ) -> list[WorkflowStatus]:
         """Workflows still waiting in a queue or running from one."""
         wfs = cls.list_workflows(status=["ENQUEUED", "PENDING"], queue_name=queue_name, **kwargs)
         return [w for w in wfs if w.queue_name is not None]
@@ -326,14 +347,18 @@ class DBOS:
         rt = cls._rt()
         if rt.store.get_workflow(workflow_id) is None:
             raise DBOSNonExistentWorkflowError(workflow_id)
-        changed = rt.store.cancel_workflows([workflow_id], rt.now_ms(), cancel_children=cancel_children)
+        changed = rt.store.cancel_workflows(
+            [workflow_id], rt.now_ms(), cancel_children=cancel_children
+        )
         rt.preempt(changed, "cancelled")
         for wid in changed:
             rt.waiters.notify(wid)
         rt.wake_scheduler()
 
     @classmethod
-    def resume_workflow(cls, workflow_id: str, *, queue_name: str | None = None) -> WorkflowHandle[Any]:
+    def resume_workflow(
+        cls, workflow_id: str, *, queue_name: str | None = None
+    ) -> WorkflowHandle[Any]:
         """Run a cancelled or dead-lettered workflow again from its last completed step."""
         rt = cls._rt()
         if rt.store.get_workflow(workflow_id) is None:
@@ -364,7 +389,9 @@ class DBOS:
         return WorkflowHandle(rt, new_id)
 
     @classmethod
-    def recover_pending_workflows(cls, executor_ids: list[str] | None = None) -> list[WorkflowHandle[Any]]:
+    def recover_pending_workflows(
+        cls, executor_ids: list[str] | None = None
+    ) -> list[WorkflowHandle[Any]]:
         """Put the PENDING workflows of the given executors back in their queues to resume."""
         rt = cls._rt()
         ids: list[str] = []
@@ -381,34 +408,34 @@ class DBOS:
     # -- what the running code can ask ----------------------------------------------------------
 
     @classproperty
-    def workflow_id(cls) -> str | None:  # noqa: N805
+    def workflow_id(cls) -> str | None:
         wf = current().workflow
         return wf.workflow_id if wf is not None else None
 
     @classproperty
-    def step_id(cls) -> int | None:  # noqa: N805
+    def step_id(cls) -> int | None:
         frame = current().step
         return frame.step_id if frame is not None else None
 
     @classproperty
-    def step_status(cls) -> StepStatus | None:  # noqa: N805
+    def step_status(cls) -> StepStatus | None:
         frame = current().step
         if frame is None:
             return None
         return StepStatus(frame.step_id, frame.attempt, frame.max_attempts)
 
     @classproperty
-    def sql_session(cls) -> Session:  # noqa: N805
+    def sql_session(cls) -> Session:
         return steps.current_session()
 
     @classproperty
-    def logger(cls) -> logging.Logger:  # noqa: N805
+    def logger(cls) -> logging.Logger:
         return logging.getLogger("dbos_nb")
 
     @classproperty
-    def application_version(cls) -> str:  # noqa: N805
+    def application_version(cls) -> str:
         return get_runtime().app_version
 
     @classproperty
-    def executor_id(cls) -> str:  # noqa: N805
+    def executor_id(cls) -> str:
         return get_runtime().executor_id

@@ -32,13 +32,33 @@ from dbos_nb.storage.store import SystemStore
 logger = logging.getLogger("dbos_nb")
 
 _KNOWN_KEYS = {
-    "name", "system_database_url", "application_database_url", "database_url",
-    "application_version", "executor_id", "max_executor_threads", "run_admin_server",
-    "log_level", "polling_interval_sec", "use_listen_notify", "heartbeat_interval_sec",
-    "executor_lease_sec", "admin_port", "enable_otlp", "otlp_traces_endpoints",
-    "otlp_logs_endpoints", "otlp_attributes", "sys_db_pool_size", "db_engine_kwargs",
-    "dbos_system_schema", "serializer", "run_migrations", "system_database_engine",
-    "notification_listener_polling_interval_sec", "conductor_key", "conductor_url",
+    "name",
+    "system_database_url",
+    "application_database_url",
+    "database_url",
+    "application_version",
+    "executor_id",
+    "max_executor_threads",
+    "run_admin_server",
+    "log_level",
+    "polling_interval_sec",
+    "use_listen_notify",
+    "heartbeat_interval_sec",
+    "executor_lease_sec",
+    "admin_port",
+    "enable_otlp",
+    "otlp_traces_endpoints",
+    "otlp_logs_endpoints",
+    "otlp_attributes",
+    "sys_db_pool_size",
+    "db_engine_kwargs",
+    "dbos_system_schema",
+    "serializer",
+    "run_migrations",
+    "system_database_engine",
+    "notification_listener_polling_interval_sec",
+    "conductor_key",
+    "conductor_url",
 }
 
 
@@ -155,7 +175,11 @@ class Engine:
             self._store_queue(rt, settings)
         recovered = store.requeue_pending(cfg.executor_id, rt.now_ms())
         if recovered:
-            logger.info("recovering %d unfinished workflow(s) of executor %r", len(recovered), cfg.executor_id)
+            logger.info(
+                "recovering %d unfinished workflow(s) of executor %r",
+                len(recovered),
+                cfg.executor_id,
+            )
         self._scheduler = Scheduler(
             rt,
             self._listened_queues,
@@ -212,7 +236,8 @@ class Engine:
         if not rt.store.heartbeat(rt.executor_id, self._token, rt.now_ms()):
             logger.error(
                 "executor id %r was taken by another process; this process keeps running its "
-                "current work but two processes now share one id", rt.executor_id,
+                "current work but two processes now share one id",
+                rt.executor_id,
             )
 
     def destroy(self, workflow_completion_timeout_sec: float = 0.0) -> None:
@@ -230,7 +255,9 @@ class Engine:
         rt.preempt_all("shutdown")
         rt.waiters.notify_all()
         if not rt.pool.shutdown(timeout=5.0):
-            logger.warning("some workflow threads are still inside user code; they stop at their next step")
+            logger.warning(
+                "some workflow threads are still inside user code; they stop at their next step"
+            )
         try:
             rt.store.unregister_executor(rt.executor_id, self._token)
         except Exception:

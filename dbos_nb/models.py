@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 
-class WorkflowStatusString(str, enum.Enum):
+class WorkflowStatusString(enum.StrEnum):
     """The statuses a workflow goes through (DBOS's names and values)."""
 
     ENQUEUED = "ENQUEUED"
@@ -20,9 +20,6 @@ class WorkflowStatusString(str, enum.Enum):
     ERROR = "ERROR"
     CANCELLED = "CANCELLED"
     MAX_RECOVERY_ATTEMPTS_EXCEEDED = "MAX_RECOVERY_ATTEMPTS_EXCEEDED"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 ACTIVE_STATUSES = (WorkflowStatusString.ENQUEUED.value, WorkflowStatusString.PENDING.value)

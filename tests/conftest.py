@@ -20,10 +20,10 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pgserver  # noqa: E402
+import pgserver
 
-from dbos_nb import DBOS  # noqa: E402
-from dbos_nb.core import queue as queue_module  # noqa: E402
+from dbos_nb import DBOS
+from dbos_nb.core import queue as queue_module
 
 BACKENDS = ["sqlite", "postgres"]
 
@@ -80,7 +80,9 @@ def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iter
 
 
 @pytest.fixture
-def new_db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], str]]:
+def new_db_url(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[[], str]]:
     """A factory of further fresh databases on the same backend (for app databases)."""
     made: list[str] = []
 

@@ -68,27 +68,61 @@ def start(directory: str | None = None, *, durable: bool = False) -> PgServer:
     data = os.path.join(directory, "data")
     subprocess.run(
         _as_server_user(
-            [_find("initdb"), "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"]
+            [
+                _find("initdb"),
+                "-D",
+                data,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
         ),
         check=True,
         stdout=subprocess.DEVNULL,
     )
     port = _free_port()
     settings = [
-        "-p", str(port),
-        "-k", directory,
-        "-c", "listen_addresses=127.0.0.1",
-        "-c", "max_connections=400",
-        "-c", "shared_buffers=128MB",
+        "-p",
+        str(port),
+        "-k",
+        directory,
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "max_connections=400",
+        "-c",
+        "shared_buffers=128MB",
     ]
     if not durable:
         # A test server's data is thrown away: skip the disk flushes that only guard against
         # power loss. Benchmarks pass durable=True to measure with the defaults.
-        settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        settings += [
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ]
     subprocess.run(
         _as_server_user(
-            [_find("pg_ctl"), "-D", data, "-o", " ".join(settings),
-             "-l", os.path.join(directory, "server.log"), "-w", "-t", "60", "start"]
+            [
+                _find("pg_ctl"),
+                "-D",
+                data,
+                "-o",
+                " ".join(settings),
+                "-l",
+                os.path.join(directory, "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
         ),
         check=True,
         stdout=subprocess.DEVNULL,

@@ -18,11 +18,11 @@ from dbos_nb import (
     DBOSConflictingWorkflowError,
     DBOSException,
     DBOSMaxStepRetriesExceeded,
+    DbosNbError,
     DBOSNonExistentWorkflowError,
     DBOSNonSerializableError,
     DBOSNotLaunchedError,
     DBOSUnexpectedStepError,
-    DbosNbError,
     SetWorkflowID,
     WorkflowStatusString,
 )
@@ -417,7 +417,7 @@ def test_not_launched_error() -> None:
     def wf() -> None:
         return None
 
-    with pytest.raises(DBOSNotLaunchedError, match="DBOS.launch"):
+    with pytest.raises(DBOSNotLaunchedError, match=r"DBOS\.launch"):
         wf()
 
 
@@ -505,8 +505,12 @@ def test_workflow_registered_after_launch_is_recovered(db_url: str) -> None:
     rt = get_runtime()
     rt.store.insert_workflow(
         NewWorkflow(
-            workflow_id="orphan", name="late_wf", inputs=dump_inputs("late_wf", (), {}),
-            status="PENDING", created_at=rt.now_ms(), executor_id=rt.executor_id,
+            workflow_id="orphan",
+            name="late_wf",
+            inputs=dump_inputs("late_wf", (), {}),
+            status="PENDING",
+            created_at=rt.now_ms(),
+            executor_id=rt.executor_id,
             owner_xid="dead-owner",
         )
     )
@@ -537,9 +541,14 @@ def test_recovery_dead_letters_after_max_attempts(db_url: str) -> None:
     rt = get_runtime()
     rt.store.insert_workflow(
         NewWorkflow(
-            workflow_id="crashy", name="fragile", inputs=dump_inputs("fragile", (), {}),
-            status="PENDING", created_at=rt.now_ms(), executor_id=rt.executor_id,
-            owner_xid="x", recovery_attempts=2,
+            workflow_id="crashy",
+            name="fragile",
+            inputs=dump_inputs("fragile", (), {}),
+            status="PENDING",
+            created_at=rt.now_ms(),
+            executor_id=rt.executor_id,
+            owner_xid="x",
+            recovery_attempts=2,
         )
     )
     DBOS.destroy()

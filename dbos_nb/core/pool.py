@@ -92,7 +92,9 @@ class ElasticPool:
                 continue
             thread.join(max(deadline - time.monotonic(), 0.0))
         with self._lock:
-            return not any(t.is_alive() for t in self._threads if t is not threading.current_thread())
+            return not any(
+                t.is_alive() for t in self._threads if t is not threading.current_thread()
+            )
 
     @property
     def thread_count(self) -> int:

@@ -118,7 +118,9 @@ class QueueRegistry:
             if old is not None and old.settings != queue.settings:
                 logger.warning(
                     "queue %r declared again with new settings %s (was %s); the new ones apply",
-                    queue.name, queue.settings, old.settings,
+                    queue.name,
+                    queue.settings,
+                    old.settings,
                 )
             self._queues[queue.name] = queue
             listeners = list(self._listeners)

@@ -46,8 +46,10 @@ class Scheduler:
         self._listener: threading.Thread | None = None
         if use_listen_notify and rt.db.is_postgres:
             self._listener = threading.Thread(
-                target=rt.db.listen, args=(self._on_notification, self._stop),
-                name="dbos_nb-listener", daemon=True,
+                target=rt.db.listen,
+                args=(self._on_notification, self._stop),
+                name="dbos_nb-listener",
+                daemon=True,
             )
 
     def start(self) -> None:
@@ -92,7 +94,9 @@ class Scheduler:
                 for queue_name in self._queue_names():
                     if self._stop.is_set():
                         return
-                    result = claims.claim(rt.db, queue_name, rt.executor_id, rt.now_ms(), names=names)
+                    result = claims.claim(
+                        rt.db, queue_name, rt.executor_id, rt.now_ms(), names=names
+                    )
                     for item in result.claimed:
                         rt.pool.submit(run_claimed, rt, item)
                     if len(result.claimed) >= claims.MAX_CLAIM_BATCH:
@@ -101,7 +105,9 @@ class Scheduler:
                         next_wake = min(next_wake, result.next_rate_slot_ms)
                 if more:
                     continue
-                next_wake = min(next_wake, now + SWEEP_INTERVAL_MS) if rt.running_ids() else next_wake
+                next_wake = (
+                    min(next_wake, now + SWEEP_INTERVAL_MS) if rt.running_ids() else next_wake
+                )
             except Exception:
                 if self._stop.is_set():
                     return

@@ -133,7 +133,11 @@ def _run_attempts(
             wait = min(reg.interval_seconds * reg.backoff_rate**attempt, MAX_RETRY_WAIT_SEC)
             logger.warning(
                 "step %r attempt %d/%d failed (%r); retrying in %.2f s",
-                reg.name, attempt + 1, attempts, exc, wait,
+                reg.name,
+                attempt + 1,
+                attempts,
+                exc,
+                wait,
             )
             if wf is not None:
                 if wf.interrupt.wait(wait):
@@ -193,11 +197,15 @@ def _as_preflight(output: bytes | None, error: bytes | None) -> StepPreflight:
     return StepPreflight(S.PENDING.value, None, True, None, output, error, None, None)
 
 
-def _app_checkpoint(rt: Runtime, workflow_id: str, fid: int) -> tuple[bytes | None, bytes | None] | None:
+def _app_checkpoint(
+    rt: Runtime, workflow_id: str, fid: int
+) -> tuple[bytes | None, bytes | None] | None:
     t = transaction_outputs
     with rt.app_db.read() as conn:
         row = conn.execute(
-            select(t.c.output, t.c.error).where(t.c.workflow_uuid == workflow_id, t.c.function_id == fid)
+            select(t.c.output, t.c.error).where(
+                t.c.workflow_uuid == workflow_id, t.c.function_id == fid
+            )
         ).first()
     return (row[0], row[1]) if row is not None else None
 
@@ -216,7 +224,9 @@ def _run_in_session(
         try:
             with rt.app_db.write(isolation_level=reg.isolation_level) as conn:
                 session = Session(bind=conn)
-                frame = StepFrame(step_id=fid if fid is not None else -1, name=reg.name, session=session)
+                frame = StepFrame(
+                    step_id=fid if fid is not None else -1, name=reg.name, session=session
+                )
                 with using(derive(step=frame)):
                     value = reg.func(*args, **kwargs)
                 session.flush()

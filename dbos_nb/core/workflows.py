@@ -87,8 +87,15 @@ def _consume_id(ctx: Context) -> str | None:
 
 
 def _new_row(
-    rt: Runtime, reg: Registration, plan: StartPlan, inputs: bytes, name: str, *, status: str,
-    queue_name: str | None = None, owner: str | None = None,
+    rt: Runtime,
+    reg: Registration,
+    plan: StartPlan,
+    inputs: bytes,
+    name: str,
+    *,
+    status: str,
+    queue_name: str | None = None,
+    owner: str | None = None,
 ) -> NewWorkflow:
     now = rt.now_ms()
     deadline = plan.inherited_deadline_ms
@@ -135,7 +142,9 @@ def workflow_name_of(reg: Registration) -> str:
 # -- direct call and background start ----------------------------------------------------------
 
 
-def call_workflow(rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def call_workflow(
+    rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     """Run a workflow in the calling thread and return its result (DBOS's direct call)."""
     name = workflow_name_of(reg)
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
@@ -149,7 +158,9 @@ def call_workflow(rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs:
     return execute(rt, reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms)
 
 
-def start_workflow(rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def start_workflow(
+    rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
     """Write the workflow's row, then run it on a pool thread; returns its id at once."""
     name = workflow_name_of(reg)
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
@@ -216,7 +227,9 @@ def execute(
                     raise
                 if stop.reason == "timed out":
                     raise DBOSWorkflowTimedOutError(wid) from None
-                raise DBOSAwaitedWorkflowCancelledError(wid, f"was stopped ({stop.reason})") from None
+                raise DBOSAwaitedWorkflowCancelledError(
+                    wid, f"was stopped ({stop.reason})"
+                ) from None
             except Exception as exc:
                 _finish(rt, wid, owner, S.ERROR.value, None, serialization.dump_error(exc))
                 raise
@@ -274,13 +287,18 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
     """Run a workflow the scheduler claimed (on a pool thread)."""
     reg = _registration_for(rt, claimed.name)
     if reg is None:
-        logger.warning("no function registered for claimed workflow %s (%s)", claimed.workflow_id, claimed.name)
+        logger.warning(
+            "no function registered for claimed workflow %s (%s)", claimed.workflow_id, claimed.name
+        )
         rt.store.resume_workflow(claimed.workflow_id, rt.now_ms(), claimed.queue_name)
         return
     if claimed.recovery_attempts > reg.max_recovery_attempts + 1:
         logger.error(
             "workflow %s (%s) was started %d times; giving up (max_recovery_attempts=%d)",
-            claimed.workflow_id, claimed.name, claimed.recovery_attempts - 1, reg.max_recovery_attempts,
+            claimed.workflow_id,
+            claimed.name,
+            claimed.recovery_attempts - 1,
+            reg.max_recovery_attempts,
         )
         rt.store.set_status(
             claimed.workflow_id, S.MAX_RECOVERY_ATTEMPTS_EXCEEDED.value, rt.now_ms()
@@ -292,7 +310,14 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
         args, kwargs = serialization.load_inputs(claimed.inputs)
     except Exception as exc:
         logger.error("cannot load the inputs of workflow %s: %s", claimed.workflow_id, exc)
-        _finish(rt, claimed.workflow_id, claimed.owner_xid, S.ERROR.value, None, serialization.dump_error(exc))
+        _finish(
+            rt,
+            claimed.workflow_id,
+            claimed.owner_xid,
+            S.ERROR.value,
+            None,
+            serialization.dump_error(exc),
+        )
         rt.waiters.notify(claimed.workflow_id)
         return
     _run_quietly(

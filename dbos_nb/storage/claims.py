@@ -92,7 +92,9 @@ def claim(
             )
             budget = min(budget, queue.limit - len(window_starts))
         if budget <= 0:
-            result.next_rate_slot_ms = _next_slot(queue.limit, queue.period_ms, window_starts, 0, now_ms)
+            result.next_rate_slot_ms = _next_slot(
+                queue.limit, queue.period_ms, window_starts, 0, now_ms
+            )
             return result
 
         candidates = (
@@ -140,7 +142,9 @@ def claim(
         if queue.limit is not None:
             conn.execute(
                 insert(qs).values(
-                    queue_name=bindparam("q"), started_at_ms=bindparam("t"), workflow_uuid=bindparam("w")
+                    queue_name=bindparam("q"),
+                    started_at_ms=bindparam("t"),
+                    workflow_uuid=bindparam("w"),
                 ),
                 [{"q": queue_name, "t": now_ms, "w": wid} for wid in ids],
             )

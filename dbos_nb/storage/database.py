@@ -66,6 +66,7 @@ class Database:
         self.is_postgres = parsed.get_backend_name() == "postgresql"
         self.dialect_name = "postgresql" if self.is_postgres else "sqlite"
         engine: Engine
+        self.engine: Engine
         if self.is_postgres:
             engine = create_engine(
                 self.url,

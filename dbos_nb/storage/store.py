@@ -19,7 +19,6 @@ from dbos_nb.errors import DBOSQueueDeduplicatedError
 from dbos_nb.models import (
     ACTIVE_STATUSES,
     INTERNAL_QUEUE,
-    TERMINAL_STATUSES,
     QueueSettings,
     WorkflowStatusString,
 )
@@ -333,9 +332,11 @@ class SystemStore:
         load_payloads: bool = True,
     ) -> list[dict[str, Any]]:
         """Workflow rows matching every given filter, ordered by creation (enqueue order)."""
-        columns = list(ws.c) if load_payloads else [
-            c for c in ws.c if c.name not in ("inputs", "output", "error")
-        ]
+        columns = (
+            list(ws.c)
+            if load_payloads
+            else [c for c in ws.c if c.name not in ("inputs", "output", "error")]
+        )
         stmt = select(*columns)
         if workflow_ids is not None:
             stmt = stmt.where(ws.c.workflow_uuid.in_(list(workflow_ids)))
@@ -574,9 +575,11 @@ class SystemStore:
     def get_executor(self, executor_id: str) -> dict[str, Any] | None:
         """The executor's registration row."""
         with self.db.read() as conn:
-            row = conn.execute(
-                select(executors).where(executors.c.executor_id == executor_id)
-            ).mappings().first()
+            row = (
+                conn.execute(select(executors).where(executors.c.executor_id == executor_id))
+                .mappings()
+                .first()
+            )
             return dict(row) if row is not None else None
 
     def register_executor(

@@ -1,0 +1,137 @@
+"""Transactions: writes and checkpoint commit together, exactly once; on both backends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+from conftest import config
+
+from dbos_nb import DBOS, SetWorkflowID
+from dbos_nb.core.runtime import get_runtime
+from dbos_nb.storage.database import normalize_url
+from dbos_nb.storage.schema import operation_outputs
+
+
+def _app_engine(url: str) -> sa.Engine:
+    return sa.create_engine(normalize_url(url))
+
+
+def _count(url: str) -> int:
+    engine = _app_engine(url)
+    with engine.connect() as conn:
+        n = int(conn.execute(sa.text("SELECT COUNT(*) FROM items")).scalar_one())
+    engine.dispose()
+    return n
+
+
+@pytest.fixture
+def app_url(db_url: str, new_db_url: Callable[[], str]) -> str:
+    """A separate application database with an `items` table, and DBOS launched on both."""
+    url = new_db_url()
+    engine = _app_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE items (name VARCHAR(50) NOT NULL)"))
+    engine.dispose()
+    DBOS(config=config(db_url, application_database_url=url))
+    DBOS.launch()
+    return url
+
+
+def test_transaction_commits_once_and_replays(app_url: str) -> None:
+    runs: list[str] = []
+
+    @DBOS.transaction()
+    def insert_item(name: str) -> int:
+        runs.append(name)
+        DBOS.sql_session.execute(sa.text("INSERT INTO items (name) VALUES (:n)"), {"n": name})
+        return int(DBOS.sql_session.execute(sa.text("SELECT COUNT(*) FROM items")).scalar_one())
+
+    @DBOS.workflow()
+    def wf() -> int:
+        return insert_item("a")
+
+    with SetWorkflowID("tx-1"):
+        assert wf() == 1
+    forked = DBOS.fork_workflow("tx-1", 1)  # replays the recorded transaction
+    assert forked.get_result() == 1
+    assert runs == ["a"]
+    assert _count(app_url) == 1
+
+
+def test_failed_transaction_rolls_back_and_records_error(app_url: str) -> None:
+    @DBOS.transaction()
+    def insert_then_fail() -> None:
+        DBOS.sql_session.execute(sa.text("INSERT INTO items (name) VALUES ('x')"))
+        raise RuntimeError("abort after insert")
+
+    @DBOS.workflow()
+    def wf() -> str:
+        try:
+            insert_then_fail()
+        except RuntimeError as exc:
+            return str(exc)
+        return "no error"
+
+    with SetWorkflowID("tx-fail"):
+        assert wf() == "abort after insert"
+    assert _count(app_url) == 0
+    steps = DBOS.list_workflow_steps("tx-fail")
+    assert isinstance(steps[0].error, RuntimeError)
+
+
+def test_app_checkpoint_prevents_a_second_commit(app_url: str) -> None:
+    """A crash after the app-database commit but before the system record: not committed again."""
+    runs: list[int] = []
+
+    @DBOS.transaction(isolation_level="READ COMMITTED")
+    def insert_item() -> str:
+        runs.append(1)
+        DBOS.sql_session.execute(sa.text("INSERT INTO items (name) VALUES ('once')"))
+        return "inserted"
+
+    @DBOS.workflow()
+    def wf() -> str:
+        return insert_item()
+
+    with SetWorkflowID("tx-gap"):
+        assert wf() == "inserted"
+    rt = get_runtime()
+    with rt.db.write() as conn:
+        conn.execute(
+            sa.delete(operation_outputs).where(operation_outputs.c.workflow_uuid == "tx-gap")
+        )
+    rt.store.cancel_workflows(["tx-gap"], rt.now_ms(), cancel_children=False)
+    assert DBOS.resume_workflow("tx-gap").get_result(timeout_sec=10) == "inserted"
+    assert runs == [1]
+    assert _count(app_url) == 1
+
+
+def test_transaction_outside_a_workflow_and_session_errors(app_url: str) -> None:
+    @DBOS.transaction()
+    def plain() -> int:
+        DBOS.sql_session.execute(sa.text("INSERT INTO items (name) VALUES ('p')"))
+        return 1
+
+    assert plain() == 1
+    assert _count(app_url) == 1
+    with pytest.raises(RuntimeError, match="only available inside"):
+        _ = DBOS.sql_session
+    with pytest.raises(ValueError, match="unknown isolation level"):
+        DBOS.transaction(isolation_level="SOMETIMES")
+
+
+def test_transaction_enqueued_alone(app_url: str) -> None:
+    from dbos_nb import Queue
+
+    q = Queue("tx_queue")
+
+    @DBOS.transaction()
+    def insert_named(name: str) -> str:
+        DBOS.sql_session.execute(sa.text("INSERT INTO items (name) VALUES (:n)"), {"n": name})
+        return name
+
+    handles = [q.enqueue(insert_named, f"n{i}") for i in range(5)]
+    assert [h.get_result(timeout_sec=10) for h in handles] == [f"n{i}" for i in range(5)]
+    assert _count(app_url) == 5
