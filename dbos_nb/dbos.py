@@ -13,15 +13,14 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy.orm import Session
 
 from dbos_nb.clock import Clock
-from dbos_nb.core import steps, workflows
+from dbos_nb.core import management, steps, workflows
 from dbos_nb.core.context import current
-from dbos_nb.core.handles import WorkflowHandle, status_from_row, step_from_row
+from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import QUEUES, Queue
 from dbos_nb.core.registry import REGISTRY, Kind, Registration, registration_of
 from dbos_nb.core.runtime import Runtime, get_runtime
@@ -48,18 +47,6 @@ class classproperty(Generic[T]):
 
     def __get__(self, _obj: Any, owner: Any) -> T:
         return self.fget(owner)
-
-
-def _to_ms(value: Any, label: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return int(value.timestamp() * 1000)
-    if isinstance(value, str):
-        return int(datetime.fromisoformat(value).timestamp() * 1000)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return int(value)
-    raise DbosNbError(f"{label} must be a datetime, an ISO-8601 string or epoch ms, got {value!r}")
 
 
 def _decorate(kind: Kind, func: Callable[..., Any], name: str | None, **options: Any) -> Any:
@@ -293,41 +280,11 @@ class DBOS:
         return cls.retrieve_workflow(workflow_id).get_result(polling_interval_sec)
 
     @classmethod
-    def list_workflows(
-        cls,
-        *,
-        workflow_ids: list[str] | None = None,
-        status: str | list[str] | None = None,
-        name: str | None = None,
-        queue_name: str | None = None,
-        start_time: Any = None,
-        end_time: Any = None,
-        workflow_id_prefix: str | None = None,
-        app_version: str | None = None,
-        limit: int | None = None,
-        offset: int | None = None,
-        sort_desc: bool = False,
-        load_input: bool = True,
-        load_output: bool = True,
-    ) -> list[WorkflowStatus]:
-        """Workflows matching every given filter, oldest first unless `sort_desc`."""
-        statuses = [status] if isinstance(status, str) else status
-        load = load_input or load_output
-        rows = cls._rt().store.list_workflows(
-            workflow_ids=workflow_ids,
-            status=[str(s) for s in statuses] if statuses is not None else None,
-            name=name,
-            queue_name=queue_name,
-            start_time=_to_ms(start_time, "start_time"),
-            end_time=_to_ms(end_time, "end_time"),
-            workflow_id_prefix=workflow_id_prefix,
-            app_version=app_version,
-            limit=limit,
-            offset=offset,
-            sort_desc=sort_desc,
-            load_payloads=load,
-        )
-        return [status_from_row(r, load_payloads=load) for r in rows]
+    def list_workflows(cls, **filters: Any) -> list[WorkflowStatus]:
+        """Workflows matching every given filter (workflow_ids, status, name, queue_name,
+        start_time, end_time, workflow_id_prefix, app_version, executor_id, limit, offset,
+        sort_desc, load_input, load_output), oldest first unless `sort_desc`."""
+        return management.list_workflows(cls._rt().store, **filters)
 
     @classmethod
     def list_queued_workflows(
@@ -339,17 +296,13 @@ class DBOS:
 
     @classmethod
     def list_workflow_steps(cls, workflow_id: str) -> list[StepInfo]:
-        return [step_from_row(r) for r in cls._rt().store.list_steps(workflow_id)]
+        return management.list_steps(cls._rt().store, workflow_id)
 
     @classmethod
     def cancel_workflow(cls, workflow_id: str, *, cancel_children: bool = False) -> None:
         """Cancel a workflow: it stops at its next step and waiting on it raises."""
         rt = cls._rt()
-        if rt.store.get_workflow(workflow_id) is None:
-            raise DBOSNonExistentWorkflowError(workflow_id)
-        changed = rt.store.cancel_workflows(
-            [workflow_id], rt.now_ms(), cancel_children=cancel_children
-        )
+        changed = management.cancel(rt.store, workflow_id, rt.now_ms(), cancel_children)
         rt.preempt(changed, "cancelled")
         for wid in changed:
             rt.waiters.notify(wid)
@@ -361,11 +314,7 @@ class DBOS:
     ) -> WorkflowHandle[Any]:
         """Run a cancelled or dead-lettered workflow again from its last completed step."""
         rt = cls._rt()
-        if rt.store.get_workflow(workflow_id) is None:
-            raise DBOSNonExistentWorkflowError(workflow_id)
-        if queue_name is not None and rt.store.get_queue(queue_name) is None:
-            raise UnknownQueueError(queue_name)
-        rt.store.resume_workflow(workflow_id, rt.now_ms(), queue_name)
+        management.resume(rt.store, workflow_id, rt.now_ms(), queue_name)
         rt.wake_scheduler()
         return WorkflowHandle(rt, workflow_id)
 

@@ -171,6 +171,7 @@ class Engine:
             polling_interval_sec=cfg.polling_interval_sec,
         )
         store.upsert_queue(QueueSettings(name=INTERNAL_QUEUE), rt.now_ms())
+        _record_functions(rt, REGISTRY.all())
         for settings in QUEUES.all_settings():
             self._store_queue(rt, settings)
         recovered = store.requeue_pending(cfg.executor_id, rt.now_ms())
@@ -204,10 +205,12 @@ class Engine:
                 "queue %r: stored settings %s replaced by %s", settings.name, previous, settings
             )
 
-    def _on_register(self, _reg: Registration) -> None:
-        # A newly registered function can make queued or recovered work runnable here.
-        if self.runtime is not None:
-            self.runtime.wake_scheduler()
+    def _on_register(self, reg: Registration) -> None:
+        rt = self.runtime
+        if rt is not None:
+            _record_functions(rt, [reg])
+            # A newly registered function can make queued or recovered work runnable here.
+            rt.wake_scheduler()
 
     def _on_queue(self, settings: QueueSettings) -> None:
         rt = self.runtime
@@ -267,6 +270,13 @@ class Engine:
         rt.db.dispose()
         if rt.app_db is not rt.db:
             rt.app_db.dispose()
+
+
+def _record_functions(rt: Runtime, regs: list[Registration]) -> None:
+    """Publish registered names so that clients can check the names they enqueue."""
+    rt.store.record_functions(
+        [(r.name, r.kind, r.module, r.source_hash) for r in regs], rt.now_ms()
+    )
 
 
 def _pid_alive(pid: int) -> bool:

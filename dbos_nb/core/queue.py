@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from dbos_nb.core.handles import WorkflowHandle
-from dbos_nb.core.registry import registration_of
+from dbos_nb.core.registry import Registration, registration_of
 from dbos_nb.core.runtime import get_runtime
-from dbos_nb.core.workflows import enqueue_workflow
+from dbos_nb.core.workflows import enqueue_many, enqueue_workflow
 from dbos_nb.errors import DbosNbError, InvalidQueueSettingsError
 from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
 
@@ -197,16 +197,30 @@ class Queue:
 
     def enqueue(self, func: Callable[..., R], *args: Any, **kwargs: Any) -> WorkflowHandle[R]:
         """Enqueue a workflow, step or transaction; returns its handle at once."""
-        reg = registration_of(func)
-        if reg is None:
-            raise DbosNbError(
-                f"{getattr(func, '__qualname__', func)!r} is not a DBOS workflow, step or "
-                "transaction; decorate it with @DBOS.workflow(), @DBOS.step() or "
-                "@DBOS.transaction() first"
-            )
+        reg = _registration_or_raise(func)
         rt = get_runtime()
         wid = enqueue_workflow(rt, self.name, reg, args, kwargs)
         return WorkflowHandle(rt, wid)
+
+    def enqueue_many(
+        self,
+        func: Callable[..., R],
+        items: Iterable[Any],
+        *,
+        batch_id: str | None = None,
+        unpack: bool = False,
+    ) -> list[WorkflowHandle[R]]:
+        """Enqueue one call per item in a single transaction; returns the handles in order.
+
+        Each item is passed as the single argument, or with `unpack=True` a tuple is spread as
+        positional arguments and a dict as keyword arguments. With `batch_id`, the workflows get
+        the ids `<batch_id>/<index>` and enqueueing the same batch again writes nothing twice.
+        """
+        reg = _registration_or_raise(func)
+        calls = [_call_of(item, unpack) for item in items]
+        rt = get_runtime()
+        ids = enqueue_many(rt, self.name, reg, calls, batch_id)
+        return [WorkflowHandle(rt, wid) for wid in ids]
 
     def __repr__(self) -> str:
         s = self.settings
@@ -214,3 +228,24 @@ class Queue:
             f"Queue({s.name!r}, concurrency={s.concurrency}, worker_concurrency="
             f"{s.worker_concurrency}, limiter={self.limiter})"
         )
+
+
+def _registration_or_raise(func: Any) -> Registration:
+    reg = registration_of(func)
+    if reg is None:
+        raise DbosNbError(
+            f"{getattr(func, '__qualname__', func)!r} is not a DBOS workflow, step or "
+            "transaction; decorate it with @DBOS.workflow(), @DBOS.step() or "
+            "@DBOS.transaction() first"
+        )
+    return reg
+
+
+def _call_of(item: Any, unpack: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if not unpack:
+        return (item,), {}
+    if isinstance(item, tuple):
+        return item, {}
+    if isinstance(item, dict):
+        return (), dict(item)
+    raise DbosNbError(f"with unpack=True each item must be a tuple or a dict, got {item!r}")

@@ -85,6 +85,10 @@ class Registry:
         with self._lock:
             return self._by_name.get(name)
 
+    def all(self) -> list[Registration]:
+        with self._lock:
+            return list(self._by_name.values())
+
     def runnable_names(self) -> set[str]:
         """Workflow names a worker of this process can run (steps/transactions as one-op wfs)."""
         with self._lock:

@@ -193,6 +193,52 @@ def enqueue_workflow(
     return plan.workflow_id
 
 
+def enqueue_many(
+    rt: Runtime,
+    queue_name: str,
+    reg: Registration,
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    batch_id: str | None,
+) -> list[str]:
+    """Enqueue many calls in one transaction with ids `<batch>/<index>`; returns every id.
+
+    Ids that already exist are not written again, so enqueueing the same batch id twice is
+    harmless. Inside a workflow the whole batch is one operation of the parent.
+    """
+    name = workflow_name_of(reg)
+    inputs = [serialization.dump_inputs(reg.name, args, kwargs) for args, kwargs in calls]
+    explicit = batch_id
+    ctx = current()
+    plan: StartPlan | None = None
+    if ctx.workflow is not None and ctx.step is None:
+        plan = plan_start(rt, name)
+        base = plan.recorded_child_id or explicit or plan.workflow_id
+    else:
+        base = explicit or _consume_id(ctx) or str(uuid.uuid4())
+        plan = StartPlan(base, None, None, None, None, None, ctx)
+        if isinstance(ctx.timeout_sec, int | float):
+            plan.timeout_ms = round(ctx.timeout_sec * 1000)
+    template = _new_row(rt, reg, plan, b"", name, status=S.ENQUEUED.value, queue_name=queue_name)
+    template.parent_function_id = None
+    template.deduplication_id = None
+    ids = [f"{base}/{index}" for index in range(len(inputs))]
+    rt.store.insert_enqueued_batch(template, list(zip(ids, inputs, strict=True)))
+    if plan.parent is not None and plan.parent_function_id is not None:
+        now = rt.now_ms()
+        rt.store.record_step(
+            plan.parent.workflow_id,
+            plan.parent_function_id,
+            name,
+            None,
+            None,
+            now,
+            now,
+            child_workflow_id=base,
+        )
+    rt.wake_scheduler()
+    return ids
+
+
 def _await_existing(rt: Runtime, wid: str, existing: dict[str, Any]) -> Any:
     finished, value = outcome_of(wid, existing)
     if finished:

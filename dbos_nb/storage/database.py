@@ -122,6 +122,30 @@ class Database:
             return postgresql.insert(table)
         return sqlite.insert(table)
 
+    def bulk_insert(
+        self,
+        conn: Connection,
+        table: Table,
+        columns: list[str],
+        rows: list[tuple[Any, ...]],
+        *,
+        skip_conflicts_on: str | None = None,
+    ) -> None:
+        """Insert many rows through the driver's executemany, skipping SQLAlchemy's per-row
+        parameter processing (several times faster for large batches). Rows that conflict on
+        the unique column `skip_conflicts_on` are skipped."""
+        if not rows:
+            return
+        name = f"{PG_SCHEMA}.{table.name}" if self.is_postgres else table.name
+        marker = "%s" if self.is_postgres else "?"
+        sql = (
+            f"INSERT INTO {name} ({', '.join(columns)}) "
+            f"VALUES ({', '.join([marker] * len(columns))})"
+        )
+        if skip_conflicts_on is not None:
+            sql += f" ON CONFLICT ({skip_conflicts_on}) DO NOTHING"
+        conn.exec_driver_sql(sql, rows)
+
     def lock_queue_row(self, conn: Connection, queue_name: str) -> dict[str, Any] | None:
         """Read a queue's row, holding its row lock until commit on PostgreSQL."""
         stmt = select(queues).where(queues.c.name == queue_name)
@@ -187,6 +211,8 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # 64 MiB of page cache: bulk enqueues touch many index pages in one transaction.
+        cursor.execute("PRAGMA cache_size=-65536")
         cursor.close()
 
     @event.listens_for(engine, "begin")

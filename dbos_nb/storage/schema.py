@@ -32,6 +32,14 @@ _AutoId = BigInteger().with_variant(Integer(), "sqlite")
 
 system_metadata = MetaData()
 
+
+def _partial(name: str, columns: list[str], where: str, unique: bool = False) -> list[Index]:
+    """An index over the rows matching `where` only, on both SQLite and PostgreSQL."""
+    return [
+        Index(name, *columns, unique=unique, sqlite_where=text(where), postgresql_where=text(where))
+    ]
+
+
 workflow_status = Table(
     "workflow_status",
     system_metadata,
@@ -62,11 +70,19 @@ workflow_status = Table(
     Column("assumed_role", String(255)),
     Column("authenticated_roles", Text),
     Index("ix_ws_queue_claim", "queue_name", "status", "priority", "id"),
-    Index("ix_ws_status_executor", "status", "executor_id"),
-    Index("ix_ws_created", "created_at"),
-    Index("ix_ws_parent", "parent_workflow_id"),
-    Index("ix_ws_dedup", "queue_name", "deduplication_id", unique=True),
-    Index("ix_ws_deadline", "workflow_deadline_epoch_ms"),
+    # Partial indexes: a plain enqueued row (no deadline, parent or dedup id) updates none of
+    # them, which keeps bulk enqueues fast.
+    *_partial("ix_ws_pending_executor", ["executor_id"], "status = 'PENDING'"),
+    *_partial("ix_ws_parent", ["parent_workflow_id"], "parent_workflow_id IS NOT NULL"),
+    *_partial(
+        "ix_ws_dedup",
+        ["queue_name", "deduplication_id"],
+        "deduplication_id IS NOT NULL",
+        unique=True,
+    ),
+    *_partial(
+        "ix_ws_deadline", ["workflow_deadline_epoch_ms"], "workflow_deadline_epoch_ms IS NOT NULL"
+    ),
 )
 
 operation_outputs = Table(
@@ -117,6 +133,17 @@ executors = Table(
     Column("token", String(64), nullable=False),
     Column("started_at", BigInteger, nullable=False),
     Column("heartbeat_at", BigInteger, nullable=False),
+)
+
+# The functions some process has registered, so that a client can refuse unknown workflow names.
+functions = Table(
+    "functions",
+    system_metadata,
+    Column("name", String(512), primary_key=True),
+    Column("kind", String(20), nullable=False),
+    Column("module", String(512)),
+    Column("source_hash", String(64)),
+    Column("updated_at", BigInteger, nullable=False),
 )
 
 schema_migrations = Table(

@@ -23,7 +23,7 @@ from dbos_nb.models import (
     WorkflowStatusString,
 )
 from dbos_nb.storage.database import Database
-from dbos_nb.storage.schema import executors, operation_outputs, queues, workflow_status
+from dbos_nb.storage.schema import executors, functions, operation_outputs, queues, workflow_status
 
 logger = logging.getLogger(__name__)
 
@@ -166,25 +166,30 @@ class SystemStore:
                 ) from exc
             raise
 
-    def insert_enqueued_many(self, rows: Sequence[NewWorkflow]) -> int:
-        """Enqueue many workflows in one transaction; ids that already exist are skipped.
+    def insert_enqueued_batch(
+        self, template: NewWorkflow, items: Sequence[tuple[str, bytes]]
+    ) -> None:
+        """Enqueue many workflows that share everything but id and inputs, in one transaction.
 
-        Returns how many rows were written. Idempotent by workflow id, so a batch enqueued again
-        with the same ids writes nothing twice.
+        `items` are (workflow id, serialized inputs) pairs, written in order (so they start in
+        that order). Ids that already exist are skipped: enqueueing the same batch again writes
+        nothing twice. All or nothing.
         """
-        if not rows:
-            return 0
-        payload = [_row_values(wf) for wf in rows]
+        if not items:
+            return
+        base = _row_values(template)
+        columns = [c for c in base if c not in ("workflow_uuid", "inputs")]
+        shared = tuple(base[c] for c in columns)
         with self.db.write() as conn:
-            before = conn.execute(select(func.count()).select_from(ws)).scalar_one()
-            conn.execute(
-                self.db.insert(ws).on_conflict_do_nothing(index_elements=["workflow_uuid"]),
-                payload,
+            self.db.bulk_insert(
+                conn,
+                ws,
+                ["workflow_uuid", "inputs", *columns],
+                [(wid, data, *shared) for wid, data in items],
+                skip_conflicts_on="workflow_uuid",
             )
-            after = conn.execute(select(func.count()).select_from(ws)).scalar_one()
-            for queue_name in {wf.queue_name for wf in rows if wf.queue_name}:
-                self.db.notify(conn, f"q:{queue_name}")
-            return int(after - before)
+            if template.queue_name:
+                self.db.notify(conn, f"q:{template.queue_name}")
 
     def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
         """The workflow's row as a dict, or None."""
@@ -569,6 +574,35 @@ class SystemStore:
         with self.db.read() as conn:
             rows = conn.execute(select(queues).order_by(queues.c.name)).mappings()
             return [queue_settings_from_row(dict(r)) for r in rows]
+
+    # -- function catalogue ---------------------------------------------------------------------
+
+    def record_functions(self, entries: Sequence[tuple[str, str, str, str]], now_ms: int) -> None:
+        """Upsert (name, kind, module, source_hash) rows of registered functions."""
+        if not entries:
+            return
+        rows = [
+            {"name": n, "kind": k, "module": m, "source_hash": h, "updated_at": now_ms}
+            for n, k, m, h in entries
+        ]
+        stmt = self.db.insert(functions)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["name"],
+            set_={
+                "kind": stmt.excluded.kind,
+                "module": stmt.excluded.module,
+                "source_hash": stmt.excluded.source_hash,
+                "updated_at": stmt.excluded.updated_at,
+            },
+        )
+        with self.db.write() as conn:
+            conn.execute(stmt, rows)
+
+    def function_kind(self, name: str) -> str | None:
+        """The kind ("workflow", "step", "transaction") some process registered `name` as."""
+        with self.db.read() as conn:
+            kind = conn.execute(select(functions.c.kind).where(functions.c.name == name)).scalar()
+            return str(kind) if kind is not None else None
 
     # -- executors ------------------------------------------------------------------------------
 

@@ -1,0 +1,192 @@
+"""DBOSClient: enqueue and manage workflows from a process that never imported the app's code.
+
+It talks to the system database through the store only and starts no threads. Workflows are named
+by their registered name; the queue and the name must have been declared by some process that uses
+the database (their settings and names are stored there), unless `allow_unregistered` is set.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Required, TypedDict
+
+from dbos_nb import serialization
+from dbos_nb.clock import Clock, SystemClock
+from dbos_nb.core import management
+from dbos_nb.core.handles import WorkflowHandle
+from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX
+from dbos_nb.core.waiters import Waiters, outcome_of, wait_for_result
+from dbos_nb.errors import (
+    DBOSConflictingWorkflowError,
+    DbosNbError,
+    UnknownQueueError,
+    UnknownWorkflowNameError,
+)
+from dbos_nb.models import StepInfo, WorkflowStatus, WorkflowStatusString
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.migrations import migrate
+from dbos_nb.storage.store import NewWorkflow, SystemStore
+
+
+class EnqueueOptions(TypedDict, total=False):
+    """Options of `DBOSClient.enqueue` (DBOS's keys, plus `allow_unregistered`)."""
+
+    queue_name: Required[str]
+    workflow_name: Required[str]
+    workflow_id: str
+    workflow_timeout: float
+    deduplication_id: str
+    priority: int
+    app_version: str
+    # Enqueue even if no process has declared the queue or registered the workflow name yet.
+    allow_unregistered: bool
+
+
+_KNOWN_OPTIONS = set(EnqueueOptions.__annotations__)
+
+
+class DBOSClient:
+    """A connection to a dbos_nb system database for enqueueing and managing workflows."""
+
+    def __init__(
+        self,
+        system_database_url: str | None = None,
+        *,
+        database_url: str | None = None,
+        polling_interval_sec: float = 0.5,
+        clock: Clock | None = None,
+    ) -> None:
+        url = system_database_url or database_url
+        if not url:
+            raise DbosNbError("DBOSClient needs the system database URL")
+        self._db = Database(url, pool_size=2, max_overflow=8)
+        migrate(self._db)
+        self._store = SystemStore(self._db)
+        self._clock: Clock = clock or SystemClock()
+        self._waiters = Waiters()
+        self._poll = polling_interval_sec
+
+    # -- enqueue --------------------------------------------------------------------------------
+
+    def enqueue(self, options: EnqueueOptions, *args: Any, **kwargs: Any) -> WorkflowHandle[Any]:
+        """Enqueue a workflow by name; returns its handle (idempotent by `workflow_id`)."""
+        opts = self._validate(options)
+        queue_name = opts["queue_name"]
+        name = opts["workflow_name"]
+        allow = bool(opts.get("allow_unregistered", False))
+        if not allow and self._store.get_queue(queue_name) is None:
+            raise UnknownQueueError(queue_name)
+        kind = self._store.function_kind(name)
+        if kind is None and not allow:
+            raise UnknownWorkflowNameError(
+                name, "; no process using this database has registered it"
+            )
+        row_name = STEP_WORKFLOW_PREFIX + name if kind in ("step", "transaction") else name
+        timeout = opts.get("workflow_timeout")
+        wid = opts.get("workflow_id") or str(uuid.uuid4())
+        row = NewWorkflow(
+            workflow_id=wid,
+            name=row_name,
+            inputs=serialization.dump_inputs(name, args, kwargs),
+            status=WorkflowStatusString.ENQUEUED.value,
+            created_at=self._clock.now_ms(),
+            application_version=opts.get("app_version"),
+            queue_name=queue_name,
+            priority=int(opts.get("priority") or 0),
+            deduplication_id=opts.get("deduplication_id"),
+            workflow_timeout_ms=round(timeout * 1000) if timeout is not None else None,
+        )
+        existing = self._store.insert_workflow(row)
+        if existing is not None and existing["name"] != row_name:
+            raise DBOSConflictingWorkflowError(
+                wid, f"it belongs to workflow {existing['name']!r}, not {row_name!r}"
+            )
+        return WorkflowHandle(self, wid)
+
+    def _validate(self, options: Any) -> EnqueueOptions:
+        if not isinstance(options, dict):
+            raise DbosNbError(f"enqueue options must be a dict (EnqueueOptions), got {options!r}")
+        unknown = set(options) - _KNOWN_OPTIONS
+        if unknown:
+            raise DbosNbError(f"unknown enqueue option(s) {sorted(unknown)}")
+        for key in ("queue_name", "workflow_name"):
+            if not isinstance(options.get(key), str) or not options[key]:
+                raise DbosNbError(f"enqueue options need {key!r} (a non-empty string)")
+        timeout = options.get("workflow_timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise DbosNbError(f"workflow_timeout must be a positive number, got {timeout!r}")
+        priority = options.get("priority")
+        if priority is not None and (
+            isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
+        ):
+            raise DbosNbError(f"priority must be a non-negative integer, got {priority!r}")
+        result: EnqueueOptions = options  # type: ignore[assignment]
+        return result
+
+    # -- handles --------------------------------------------------------------------------------
+
+    def wait_result(
+        self, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None
+    ) -> Any:
+        poll = min(polling_interval_sec, self._poll)
+        return wait_for_result(
+            self._store, self._waiters, self._clock, workflow_id, poll, timeout_sec
+        )
+
+    def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None:
+        return management.get_status(self._store, workflow_id)
+
+    def retrieve_workflow(
+        self, workflow_id: str, existing_workflow: bool = True
+    ) -> WorkflowHandle[Any]:
+        if existing_workflow:
+            management.require_workflow(self._store, workflow_id)
+        return WorkflowHandle(self, workflow_id)
+
+    def get_result(self, workflow_id: str) -> Any:
+        return self.retrieve_workflow(workflow_id).get_result()
+
+    def peek_result(self, workflow_id: str) -> tuple[bool, Any]:
+        """(finished, value) without waiting; raises the workflow's error if it failed."""
+        row = self._store.get_status_and_result(workflow_id)
+        if row is None:
+            management.require_workflow(self._store, workflow_id)
+            return False, None
+        return outcome_of(workflow_id, row)
+
+    # -- management -----------------------------------------------------------------------------
+
+    def list_workflows(self, **filters: Any) -> list[WorkflowStatus]:
+        return management.list_workflows(self._store, **filters)
+
+    def list_queued_workflows(
+        self, *, queue_name: str | None = None, **filters: Any
+    ) -> list[WorkflowStatus]:
+        wfs = management.list_workflows(
+            self._store, status=["ENQUEUED", "PENDING"], queue_name=queue_name, **filters
+        )
+        return [w for w in wfs if w.queue_name is not None]
+
+    def list_workflow_steps(self, workflow_id: str) -> list[StepInfo]:
+        return management.list_steps(self._store, workflow_id)
+
+    def cancel_workflow(self, workflow_id: str, *, cancel_children: bool = False) -> None:
+        management.cancel(self._store, workflow_id, self._clock.now_ms(), cancel_children)
+
+    def resume_workflow(
+        self, workflow_id: str, *, queue_name: str | None = None
+    ) -> WorkflowHandle[Any]:
+        management.resume(self._store, workflow_id, self._clock.now_ms(), queue_name)
+        return WorkflowHandle(self, workflow_id)
+
+    def destroy(self) -> None:
+        """Close the client's connections."""
+        self._db.dispose()
+
+    def __enter__(self) -> DBOSClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.destroy()

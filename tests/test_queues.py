@@ -1,0 +1,378 @@
+"""Queues in one process, on SQLite and PostgreSQL: order, limits, options, timeouts, client."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+from conftest import config
+
+from dbos_nb import (
+    DBOS,
+    DBOSAwaitedWorkflowCancelledError,
+    DbosNbError,
+    DBOSQueueDeduplicatedError,
+    DBOSWorkflowTimedOutError,
+    InvalidQueueSettingsError,
+    Queue,
+    SetEnqueueOptions,
+    SetWorkflowID,
+    SetWorkflowTimeout,
+    UnknownQueueError,
+    UnknownWorkflowNameError,
+)
+from dbos_nb.client import DBOSClient
+from dbos_nb.clock import ManualClock
+
+
+def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    best = current = 0
+    for _, delta in events:
+        current += delta
+        best = max(best, current)
+    return best
+
+
+def test_fifo_with_concurrency_one(launched: str) -> None:
+    q = Queue("fifo", concurrency=1)
+    order: list[int] = []
+
+    @DBOS.step()
+    def record(i: int) -> int:
+        order.append(i)
+        return i
+
+    handles = [q.enqueue(record, i) for i in range(50)]
+    assert [h.get_result() for h in handles] == list(range(50))
+    assert order == list(range(50))
+
+
+def test_global_concurrency_holds_and_is_used(launched: str) -> None:
+    q = Queue("conc", concurrency=3)
+    spans: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    @DBOS.step()
+    def work(i: int) -> int:
+        start = time.monotonic()
+        time.sleep(0.03)
+        with lock:
+            spans.append((start, time.monotonic()))
+        return i
+
+    handles = [q.enqueue(work, i) for i in range(15)]
+    assert sorted(h.get_result() for h in handles) == list(range(15))
+    assert _max_overlap(spans) == 3
+
+
+def test_worker_concurrency_holds(launched: str) -> None:
+    q = Queue("wc", concurrency=5, worker_concurrency=2)
+    spans: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    @DBOS.step()
+    def work() -> None:
+        start = time.monotonic()
+        time.sleep(0.02)
+        with lock:
+            spans.append((start, time.monotonic()))
+
+    for h in [q.enqueue(work) for _ in range(10)]:
+        h.get_result()
+    assert _max_overlap(spans) == 2
+
+
+def test_rate_limiter_with_an_injected_clock(db_url: str) -> None:
+    clock = ManualClock()
+    DBOS(config=config(db_url), clock=clock)
+    q = Queue("limited", limiter={"limit": 3, "period": 10})
+    ran: list[int] = []
+
+    @DBOS.step()
+    def call(i: int) -> int:
+        ran.append(i)
+        return i
+
+    DBOS.launch()
+    handles = [q.enqueue(call, i) for i in range(8)]
+    _wait_until(lambda: len(ran) == 3)
+    time.sleep(0.3)
+    assert sorted(ran) == [0, 1, 2]  # the window is full until the clock moves
+    clock.advance(9.9)
+    time.sleep(0.2)
+    assert len(ran) == 3
+    clock.advance(0.2)
+    _wait_until(lambda: len(ran) == 6)
+    clock.advance(10.1)
+    assert [h.get_result(timeout_sec=10) for h in handles] == list(range(8))
+    # Each window started the next three in FIFO order (threads may interleave inside one).
+    assert [sorted(ran[0:3]), sorted(ran[3:6]), sorted(ran[6:])] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+def test_priority_orders_waiting_work(launched: str) -> None:
+    q = Queue("prio", concurrency=1, priority_enabled=True)
+    gate = threading.Event()
+    order: list[str] = []
+
+    @DBOS.step()
+    def blocker() -> None:
+        gate.wait(10)
+
+    @DBOS.step()
+    def record(tag: str) -> None:
+        order.append(tag)
+
+    first = q.enqueue(blocker)
+    _wait_until(lambda: first.get_status().status == "PENDING")
+    for tag, priority in [("low", 10), ("high", 1), ("mid", 5), ("default", 0)]:
+        with SetEnqueueOptions(priority=priority):
+            q.enqueue(record, tag)
+    gate.set()
+    _wait_until(lambda: len(order) == 4)
+    assert order == ["default", "high", "mid", "low"]
+
+
+def test_deduplication(launched: str) -> None:
+    q = Queue("dedup", concurrency=1)
+    gate = threading.Event()
+
+    @DBOS.step()
+    def slow(x: int) -> int:
+        gate.wait(10)
+        return x
+
+    with SetEnqueueOptions(deduplication_id="user-1"):
+        h1 = q.enqueue(slow, 1)
+    with (
+        pytest.raises(DBOSQueueDeduplicatedError, match="user-1"),
+        SetEnqueueOptions(deduplication_id="user-1"),
+    ):
+        q.enqueue(slow, 2)
+    gate.set()
+    assert h1.get_result() == 1
+    # Once the first finished, the id is free again.
+    with SetEnqueueOptions(deduplication_id="user-1"):
+        assert q.enqueue(slow, 3).get_result() == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"concurrency": 0}, "concurrency must be a positive integer"),
+        ({"concurrency": "5"}, "concurrency must be a positive integer"),
+        ({"concurrency": 2, "worker_concurrency": 3}, "cannot exceed concurrency"),
+        ({"limiter": {"limit": 0, "period": 1}}, "limit"),
+        ({"limiter": {"limit": 5, "period": -1}}, "period"),
+        ({"limiter": {"limit": 5}}, "missing"),
+        ({"limiter": {"limit": 5, "period": 1, "burst": 2}}, "unknown"),
+        ({"limiter": [5, 1]}, "must be a dict"),
+        ({"polling_interval_sec": 0}, "polling_interval_sec"),
+    ],
+)
+def test_invalid_queue_settings(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidQueueSettingsError, match=message):
+        Queue("bad", **kwargs)
+
+
+def test_redeclaring_a_queue(launched: str, caplog: pytest.LogCaptureFixture) -> None:
+    Queue("again", concurrency=2)
+    with caplog.at_level(logging.WARNING):
+        Queue("again", concurrency=2)
+    assert not [r for r in caplog.records if "again" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        Queue("again", concurrency=4)
+    assert any("new settings" in r.getMessage() for r in caplog.records)
+    client = DBOSClient(launched)
+    from dbos_nb.storage.store import SystemStore
+
+    stored = SystemStore(client._db).get_queue("again")
+    assert stored is not None and stored.concurrency == 4
+    client.destroy()
+
+
+def test_enqueue_errors(launched: str) -> None:
+    def plain() -> None:
+        return None
+
+    q = Queue("errs")
+    with pytest.raises(DbosNbError, match="not a DBOS workflow"):
+        q.enqueue(plain)
+
+    @DBOS.workflow()
+    def wf() -> int:
+        return 1
+
+    with pytest.raises(UnknownQueueError, match="nowhere"):
+        DBOS.enqueue_workflow("nowhere", wf)
+    assert DBOS.enqueue_workflow("errs", wf).get_result() == 1
+
+
+def test_enqueue_from_a_workflow_tutorial_example(launched: str) -> None:
+    queue = Queue("example_queue")
+
+    @DBOS.step()
+    def process_task(task: str) -> str:
+        return task.upper()
+
+    @DBOS.workflow()
+    def process_tasks(tasks: list[str]) -> list[str]:
+        task_handles = [queue.enqueue(process_task, task) for task in tasks]
+        return [handle.get_result() for handle in task_handles]
+
+    with SetWorkflowID("tasks-1"):
+        assert process_tasks(["a", "b", "c"]) == ["A", "B", "C"]
+    kids = DBOS.list_workflows(workflow_id_prefix="tasks-1-")
+    assert [k.workflow_id for k in kids] == ["tasks-1-0", "tasks-1-1", "tasks-1-2"]
+    assert all(k.queue_name == "example_queue" for k in kids)
+
+
+def test_enqueue_many_is_idempotent_and_ordered(launched: str) -> None:
+    q = Queue("many", concurrency=1)
+    order: list[int] = []
+
+    @DBOS.step()
+    def record(i: int) -> int:
+        order.append(i)
+        return i * i
+
+    handles = q.enqueue_many(record, range(20), batch_id="batch-A")
+    again = q.enqueue_many(record, range(20), batch_id="batch-A")
+    assert [h.workflow_id for h in handles] == [f"batch-A/{i}" for i in range(20)]
+    assert [h.workflow_id for h in again] == [h.workflow_id for h in handles]
+    assert [h.get_result() for h in handles] == [i * i for i in range(20)]
+    assert order == list(range(20))
+    assert len(DBOS.list_workflows(queue_name="many")) == 20
+
+    @DBOS.step()
+    def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    mixed = q.enqueue_many(add, [(1, 2), {"a": 5, "b": 5}], unpack=True)
+    assert [h.get_result() for h in mixed] == [3, 10]
+    with pytest.raises(DbosNbError, match="tuple or a dict"):
+        q.enqueue_many(add, [7], unpack=True)
+
+
+def test_timeout_cancels_workflow_and_children(launched: str) -> None:
+    q = Queue("timeouts")
+    child_started = threading.Event()
+
+    @DBOS.workflow()
+    def child() -> None:
+        child_started.set()
+        for _ in range(200):
+            DBOS.sleep(0.05)
+
+    @DBOS.workflow()
+    def parent() -> None:
+        DBOS.start_workflow(child).get_result()
+
+    with SetWorkflowID("to-parent"), SetWorkflowTimeout(0.5):
+        handle = q.enqueue(parent)
+    with pytest.raises(DBOSWorkflowTimedOutError):
+        handle.get_result(timeout_sec=20)
+    assert child_started.is_set()
+    _wait_until(lambda: DBOS.get_workflow_status("to-parent-0").status == "CANCELLED")  # type: ignore[union-attr]
+    status = handle.get_status()
+    assert status.status == "CANCELLED" and status.workflow_timeout_ms == 500
+    with pytest.raises(DBOSAwaitedWorkflowCancelledError):
+        DBOS.retrieve_workflow("to-parent-0").get_result()
+
+
+def test_timeout_starts_at_dequeue(launched: str) -> None:
+    q = Queue("busy", concurrency=1)
+    gate = threading.Event()
+
+    @DBOS.step()
+    def occupy() -> None:
+        gate.wait(10)
+
+    @DBOS.workflow()
+    def quick() -> str:
+        return "made it"
+
+    blocker = q.enqueue(occupy)
+    with SetWorkflowTimeout(0.2):
+        waiting = q.enqueue(quick)
+    time.sleep(0.5)  # longer than the timeout, but the workflow has not started yet
+    assert waiting.get_status().status == "ENQUEUED"
+    gate.set()
+    blocker.get_result()
+    assert waiting.get_result(timeout_sec=10) == "made it"
+
+
+def test_deadline_survives_a_restart(db_url: str) -> None:
+    clock = ManualClock()
+    DBOS(config=config(db_url), clock=clock)
+    q = Queue("durable_timeout")
+    entered = threading.Event()
+
+    @DBOS.workflow(name="long_wf")
+    def long_wf() -> None:
+        entered.set()
+        DBOS.sleep(3600)
+
+    DBOS.launch()
+    with SetWorkflowTimeout(60):
+        handle = q.enqueue(long_wf)
+    assert entered.wait(10)
+    deadline = handle.get_status().workflow_deadline_epoch_ms
+    assert deadline == handle.get_status().dequeued_at + 60_000  # type: ignore[operator]
+    DBOS.destroy()
+
+    clock.advance(61)
+    DBOS(config=config(db_url), clock=clock)
+    Queue("durable_timeout")
+    DBOS.workflow(name="long_wf")(long_wf.__wrapped__)  # type: ignore[attr-defined]
+    DBOS.launch()
+    with pytest.raises(DBOSWorkflowTimedOutError):
+        DBOS.retrieve_workflow(handle.workflow_id).get_result(timeout_sec=10)
+    assert DBOS.get_workflow_status(handle.workflow_id).workflow_deadline_epoch_ms == deadline  # type: ignore[union-attr]
+
+
+def test_client_enqueue_and_manage(launched: str) -> None:
+    Queue("client_q", concurrency=2)
+
+    @DBOS.workflow(name="client_wf")
+    def client_wf(x: int, y: int = 0) -> int:
+        return x + y
+
+    @DBOS.step(name="client_step")
+    def client_step(s: str) -> str:
+        return s + "!"
+
+    with DBOSClient(launched) as client:
+        h = client.enqueue(
+            {"queue_name": "client_q", "workflow_name": "client_wf", "workflow_id": "c-1"}, 2, y=3
+        )
+        assert h.get_result(timeout_sec=10) == 5
+        assert client.retrieve_workflow("c-1").get_status().status == "SUCCESS"
+        hs = client.enqueue({"queue_name": "client_q", "workflow_name": "client_step"}, "hi")
+        assert hs.get_result(timeout_sec=10) == "hi!"
+        with pytest.raises(UnknownQueueError, match="no_such_queue"):
+            client.enqueue({"queue_name": "no_such_queue", "workflow_name": "client_wf"})
+        with pytest.raises(UnknownWorkflowNameError, match="no_such_wf"):
+            client.enqueue({"queue_name": "client_q", "workflow_name": "no_such_wf"})
+        with pytest.raises(DbosNbError, match="workflow_name"):
+            client.enqueue({"queue_name": "client_q"})  # type: ignore[typeddict-item]
+        with pytest.raises(DbosNbError, match="unknown enqueue option"):
+            client.enqueue({"queue_name": "client_q", "workflow_name": "client_wf", "bogus": 1})  # type: ignore[typeddict-unknown-key]
+        pending = client.enqueue(
+            {"queue_name": "later", "workflow_name": "not_yet", "allow_unregistered": True}
+        )
+        assert pending.get_status().status == "ENQUEUED"
+        client.cancel_workflow(pending.workflow_id)
+        assert pending.get_status().status == "CANCELLED"
+        assert [w.workflow_id for w in client.list_workflows(name="client_wf")] == ["c-1"]
+        assert client.list_workflow_steps("c-1") == []
