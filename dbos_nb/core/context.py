@@ -35,6 +35,9 @@ class RunningWorkflow:
     # Set to wake a durable sleep early when the workflow is cancelled or DBOS shuts down.
     interrupt: threading.Event = field(default_factory=threading.Event)
     preempt_reason: str | None = None
+    # (queue name, claim time) of this run's entry in a rate limiter's ledger, until the first
+    # operation moves it to the real start time.
+    ledger_entry: tuple[str, int] | None = None
 
     def take_function_id(self) -> int:
         fid = self.next_function_id

@@ -94,9 +94,7 @@ class Scheduler:
                 for queue_name in self._queue_names():
                     if self._stop.is_set():
                         return
-                    result = claims.claim(
-                        rt.db, queue_name, rt.executor_id, rt.now_ms(), names=names
-                    )
+                    result = claims.claim(rt.db, queue_name, rt.executor_id, rt.now_ms, names=names)
                     for item in result.claimed:
                         rt.pool.submit(run_claimed, rt, item)
                     if len(result.claimed) >= claims.MAX_CLAIM_BATCH:

@@ -30,6 +30,7 @@ from dbos_nb.errors import (
     WorkflowPreempted,
 )
 from dbos_nb.models import WorkflowStatusString as S
+from dbos_nb.storage import claims
 from dbos_nb.storage.schema import transaction_outputs
 from dbos_nb.storage.store import StepPreflight
 
@@ -66,6 +67,11 @@ def begin_operation(rt: Runtime, wf: RunningWorkflow, name: str) -> tuple[int, S
             f"workflow {wf.workflow_id!r} recorded {pre.function_name!r} as operation {fid} but "
             f"replay called {name!r}: the workflow's code is not deterministic or has changed"
         )
+    if wf.ledger_entry is not None:
+        # The work really starts now: count the rate-limited start from here, not the claim.
+        queue_name, claimed_at = wf.ledger_entry
+        wf.ledger_entry = None
+        claims.record_real_start(rt.db, queue_name, wf.workflow_id, claimed_at, rt.now_ms)
     return fid, pre
 
 

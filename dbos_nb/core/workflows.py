@@ -257,9 +257,11 @@ def execute(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     deadline_ms: int | None,
+    ledger_entry: tuple[str, int] | None = None,
 ) -> Any:
     """Run a workflow body whose row is PENDING and owned by `owner`, and record its outcome."""
     running = RunningWorkflow(wid, owner, workflow_name_of(reg), deadline_ms)
+    running.ledger_entry = ledger_entry
     if not rt.add_running(running):
         # This process already runs it (e.g. recovered while a handle waits): wait instead.
         return wait_for_result(rt.store, rt.waiters, rt.clock, wid, rt.polling_interval_sec)
@@ -319,10 +321,11 @@ def _run_quietly(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     deadline_ms: int | None,
+    ledger_entry: tuple[str, int] | None = None,
 ) -> None:
     """Run on a pool thread: outcomes are recorded, so exceptions stop here."""
     try:
-        execute(rt, reg, wid, owner, args, kwargs, deadline_ms)
+        execute(rt, reg, wid, owner, args, kwargs, deadline_ms, ledger_entry)
     except WorkflowPreempted as stop:
         logger.debug("workflow %s stopped: %s", wid, stop.reason)
     except Exception:
@@ -366,8 +369,18 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
         )
         rt.waiters.notify(claimed.workflow_id)
         return
+    ledger = None
+    if claimed.ledger_claimed_at_ms is not None:
+        ledger = (claimed.queue_name, claimed.ledger_claimed_at_ms)
     _run_quietly(
-        rt, reg, claimed.workflow_id, claimed.owner_xid, args, kwargs, claimed.deadline_epoch_ms
+        rt,
+        reg,
+        claimed.workflow_id,
+        claimed.owner_xid,
+        args,
+        kwargs,
+        claimed.deadline_epoch_ms,
+        ledger,
     )
 
 

@@ -16,7 +16,7 @@ Unrelated queues lock different rows and never wait on each other.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
 
@@ -39,7 +39,7 @@ def claim(
     db: Database,
     queue_name: str,
     executor_id: str,
-    now_ms: int,
+    clock: Callable[[], int],
     *,
     names: Collection[str] | None = None,
     max_rows: int = MAX_CLAIM_BATCH,
@@ -49,6 +49,8 @@ def claim(
     `names` restricts the claim to workflows whose function this process can run (None: any).
     Atomic: either every chosen row becomes PENDING for `executor_id` and its start is counted,
     or nothing changes. Rows are only ever taken from ENQUEUED, so two claimers never share one.
+    `clock` gives epoch ms; it is read only once the queue is locked, so a claimer that waited
+    for the lock does not record its starts at a time already in the past.
     """
     result = ClaimResult()
     if max_rows <= 0 or (names is not None and not names):
@@ -57,6 +59,7 @@ def claim(
         row = db.lock_queue_row(conn, queue_name)
         if row is None:
             return result
+        now_ms = clock()
         queue = queue_settings_from_row(row)
         budget = max_rows
         if queue.concurrency is not None:
@@ -79,7 +82,7 @@ def claim(
             budget = min(budget, queue.worker_concurrency - mine)
         window_starts: list[int] = []
         if queue.limit is not None and queue.period_ms is not None:
-            window_open = now_ms - queue.period_ms
+            window_open = now_ms - queue.period_ms - limiter_guard_ms(queue.period_ms)
             conn.execute(
                 delete(qs).where(qs.c.queue_name == queue_name, qs.c.started_at_ms <= window_open)
             )
@@ -164,9 +167,42 @@ def claim(
                     deadline_epoch_ms=deadline,
                     recovery_attempts=int(r[5]) + 1,
                     owner_xid=owner,
+                    ledger_claimed_at_ms=now_ms if queue.limit is not None else None,
                 )
             )
     return result
+
+
+def record_real_start(
+    db: Database, queue_name: str, workflow_id: str, claimed_at_ms: int, clock: Callable[[], int]
+) -> None:
+    """Move a start in the rate limiter's ledger from claim time to when the work began.
+
+    A claimed workflow reaches its first step a little after the claim (milliseconds, more under
+    load). Counting from the real start keeps every window honest as measured where the work
+    runs. The update lands long before the entry could leave the window, so every later claim
+    sees it. The clock is read once the transaction holds its locks, never before a wait.
+    """
+    with db.write() as conn:
+        conn.execute(
+            update(qs)
+            .where(
+                qs.c.queue_name == queue_name,
+                qs.c.workflow_uuid == workflow_id,
+                qs.c.started_at_ms == claimed_at_ms,
+            )
+            .values(started_at_ms=clock())
+        )
+
+
+def limiter_guard_ms(period_ms: int) -> int:
+    """A start stays in the window this much longer than `period`.
+
+    The ledger holds when each workflow began (see `record_real_start`); its first step, or the
+    provider it calls, sees the start slightly later still. 2% of the period (at most a second)
+    absorbs that jitter so that no window, measured there, holds `limit + 1` starts.
+    """
+    return min(period_ms // 50, 1000)
 
 
 def _next_slot(
@@ -178,4 +214,4 @@ def _next_slot(
     starts = window + [now_ms] * added
     # The window holds `limit` or more starts; the oldest that must expire for a slot to open:
     oldest_needed = starts[len(starts) - limit]
-    return oldest_needed + period_ms + 1
+    return oldest_needed + period_ms + limiter_guard_ms(period_ms) + 1
