@@ -145,7 +145,7 @@ class Engine:
             logger.warning("DBOS.launch() called again; it is already launched")
             return self.runtime
         cfg = self.config
-        db = Database(cfg.system_database_url)
+        db = Database(cfg.system_database_url, notifications=cfg.use_listen_notify)
         try:
             migrate(db)
             if cfg.application_database_url == cfg.system_database_url:

@@ -38,6 +38,8 @@ class RunningWorkflow:
     # (queue name, claim time) of this run's entry in a rate limiter's ledger, until the first
     # operation moves it to the real start time.
     ledger_entry: tuple[str, int] | None = None
+    # Highest operation number already recorded when this execution began (-1: a fresh run).
+    last_recorded_fid: int = -1
 
     def take_function_id(self) -> int:
         fid = self.next_function_id

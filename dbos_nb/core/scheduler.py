@@ -70,8 +70,15 @@ class Scheduler:
 
     def _on_notification(self, payload: str) -> None:
         if payload.startswith("done:"):
-            self._rt.waiters.notify(payload[5:])
-        self._rt.wake_scheduler()
+            wid = payload[5:]
+            self._rt.waiters.notify(wid)
+            # Cancelled elsewhere: stop our execution of it at once, not at its next step.
+            if self._rt.is_running(wid):
+                row = self._rt.store.get_status_and_result(wid)
+                if row is not None and row["status"] == "CANCELLED":
+                    self._rt.preempt([wid], "cancelled")
+        else:
+            self._rt.wake_scheduler()
 
     def _loop(self) -> None:
         rt = self._rt

@@ -155,7 +155,9 @@ def call_workflow(
     if existing is not None:
         _check_same_function(plan.workflow_id, existing, name)
         return _await_existing(rt, plan.workflow_id, existing)
-    return execute(rt, reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms)
+    return execute(
+        rt, reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms, fresh=True
+    )
 
 
 def start_workflow(
@@ -172,7 +174,16 @@ def start_workflow(
         _check_same_function(plan.workflow_id, existing, name)
         return plan.workflow_id
     rt.pool.submit(
-        _run_quietly, rt, reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms
+        _run_quietly,
+        rt,
+        reg,
+        plan.workflow_id,
+        owner,
+        args,
+        kwargs,
+        row.workflow_deadline_epoch_ms,
+        None,
+        True,
     )
     return plan.workflow_id
 
@@ -227,6 +238,7 @@ def enqueue_many(
         now = rt.now_ms()
         rt.store.record_step(
             plan.parent.workflow_id,
+            plan.parent.owner_xid,
             plan.parent_function_id,
             name,
             None,
@@ -258,10 +270,16 @@ def execute(
     kwargs: dict[str, Any],
     deadline_ms: int | None,
     ledger_entry: tuple[str, int] | None = None,
+    *,
+    fresh: bool = False,
 ) -> Any:
-    """Run a workflow body whose row is PENDING and owned by `owner`, and record its outcome."""
+    """Run a workflow body whose row is PENDING and owned by `owner`, and record its outcome.
+
+    `fresh`: the row was written just now by this call, so nothing can be recorded for it yet.
+    """
     running = RunningWorkflow(wid, owner, workflow_name_of(reg), deadline_ms)
     running.ledger_entry = ledger_entry
+    running.last_recorded_fid = -1 if fresh else rt.store.last_recorded_function_id(wid)
     if not rt.add_running(running):
         # This process already runs it (e.g. recovered while a handle waits): wait instead.
         return wait_for_result(rt.store, rt.waiters, rt.clock, wid, rt.polling_interval_sec)
@@ -308,8 +326,9 @@ def _body_of(reg: Registration) -> Callable[..., Any]:
 def _finish(
     rt: Runtime, wid: str, owner: str, status: str, output: bytes | None, error: bytes | None
 ) -> bool:
-    done = rt.store.finish_workflow(wid, owner, status, output, error, rt.now_ms())
-    rt.wake_scheduler()
+    done, queue_name = rt.store.finish_workflow(wid, owner, status, output, error, rt.now_ms())
+    if queue_name is not None:
+        rt.wake_scheduler()  # a slot of its queue is free
     return done
 
 
@@ -322,10 +341,11 @@ def _run_quietly(
     kwargs: dict[str, Any],
     deadline_ms: int | None,
     ledger_entry: tuple[str, int] | None = None,
+    fresh: bool = False,
 ) -> None:
     """Run on a pool thread: outcomes are recorded, so exceptions stop here."""
     try:
-        execute(rt, reg, wid, owner, args, kwargs, deadline_ms, ledger_entry)
+        execute(rt, reg, wid, owner, args, kwargs, deadline_ms, ledger_entry, fresh=fresh)
     except WorkflowPreempted as stop:
         logger.debug("workflow %s stopped: %s", wid, stop.reason)
     except Exception:

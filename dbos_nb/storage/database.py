@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -60,28 +61,35 @@ def normalize_url(url: str) -> str:
 class Database:
     """An engine plus the dialect-specific pieces the store needs."""
 
-    def __init__(self, url: str, *, pool_size: int = 8, max_overflow: int = 64) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 8,
+        max_overflow: int = 64,
+        notifications: bool = True,
+    ) -> None:
         self.url = normalize_url(url)
         parsed = make_url(self.url)
         self.is_postgres = parsed.get_backend_name() == "postgresql"
         self.dialect_name = "postgresql" if self.is_postgres else "sqlite"
-        engine: Engine
+        self.notifications = notifications and self.is_postgres
+        self.origin = uuid.uuid4().hex[:12]
         self.engine: Engine
+        self._single_engine: Engine
+        self._engines: list[Engine] = []
         if self.is_postgres:
-            engine = create_engine(
-                self.url,
-                pool_size=pool_size,
-                max_overflow=max_overflow,
-                pool_timeout=120,
-                connect_args={"connect_timeout": 10},
-            )
-            self.engine = engine.execution_options(schema_translate_map={None: PG_SCHEMA})
-            self._sqlite_path: str | None = None
+            translate = {None: PG_SCHEMA}
+            engine = self._make_pg_engine(pool_size, max_overflow)
+            self.engine = engine.execution_options(schema_translate_map=translate)
+            # Single statements run in autocommit: one round trip instead of three
+            # (BEGIN, statement, COMMIT), and a lone statement is atomic anyway.
+            auto = self._make_pg_engine(pool_size, max_overflow, isolation_level="AUTOCOMMIT")
+            self._single_engine = auto.execution_options(schema_translate_map=translate)
         else:
             path = parsed.database or ""
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)
-            self._sqlite_path = path
             engine = create_engine(
                 self.url,
                 pool_size=pool_size,
@@ -89,10 +97,22 @@ class Database:
                 pool_timeout=120,
                 connect_args={"check_same_thread": False, "timeout": 60},
             )
+            self._engines.append(engine)
             _install_sqlite_hooks(engine)
             self.engine = engine
-        self._base_engine = engine
-        self._listen_lock = threading.Lock()
+            self._single_engine = engine
+
+    def _make_pg_engine(self, pool_size: int, max_overflow: int, **kwargs: Any) -> Engine:
+        engine = create_engine(
+            self.url,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=120,
+            connect_args={"connect_timeout": 10},
+            **kwargs,
+        )
+        self._engines.append(engine)
+        return engine
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -112,8 +132,23 @@ class Database:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read-only transaction."""
+        """A read-only transaction (on PostgreSQL: autocommit, for single-statement reads)."""
+        if self.is_postgres:
+            with self._single_engine.connect() as conn:
+                yield conn
+            return
         with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextlib.contextmanager
+    def single(self) -> Iterator[Connection]:
+        """A connection for exactly one writing statement, atomic on its own (PostgreSQL:
+        autocommit, one round trip; SQLite: a BEGIN IMMEDIATE transaction)."""
+        if self.is_postgres:
+            with self._single_engine.connect() as conn:
+                yield conn
+            return
+        with self.write() as conn:
             yield conn
 
     def insert(self, table: Table) -> Any:
@@ -161,10 +196,17 @@ class Database:
 
     # -- notifications --------------------------------------------------------------------------
 
-    def notify(self, conn: Connection, payload: str) -> None:
+    def payload(self, message: str) -> str:
+        """A notification payload tagged with this Database's origin, so that `listen` can skip
+        what this process sent itself (it wakes its own threads directly)."""
+        return f"{self.origin}|{message}"
+
+    def notify(self, conn: Connection, message: str) -> None:
         """Send a notification that is delivered when the transaction commits (PostgreSQL only)."""
-        if self.is_postgres:
-            conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": NOTIFY_CHANNEL, "p": payload})
+        if self.notifications:
+            conn.execute(
+                text("SELECT pg_notify(:c, :p)"), {"c": NOTIFY_CHANNEL, "p": self.payload(message)}
+            )
 
     def listen(self, on_payload: Callable[[str], None], stop: threading.Event) -> None:
         """Block, calling `on_payload` for each notification, until `stop` is set (PostgreSQL).
@@ -180,7 +222,9 @@ class Database:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     while not stop.is_set():
                         for note in conn.notifies(timeout=0.25, stop_after=64):
-                            on_payload(note.payload)
+                            origin, _, message = note.payload.partition("|")
+                            if origin != self.origin:
+                                on_payload(message)
             except psycopg.Error as exc:
                 if stop.is_set():
                     return
@@ -189,7 +233,8 @@ class Database:
 
     def dispose(self) -> None:
         """Close every pooled connection."""
-        self._base_engine.dispose()
+        for engine in self._engines:
+            engine.dispose()
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:

@@ -12,17 +12,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
+from sqlalchemy import (
+    Connection,
+    String,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
-from dbos_nb.errors import DBOSQueueDeduplicatedError
+from dbos_nb.errors import DBOSQueueDeduplicatedError, WorkflowPreempted
 from dbos_nb.models import (
     ACTIVE_STATUSES,
     INTERNAL_QUEUE,
     QueueSettings,
     WorkflowStatusString,
 )
-from dbos_nb.storage.database import Database
+from dbos_nb.storage.database import NOTIFY_CHANNEL, Database
 from dbos_nb.storage.schema import executors, functions, operation_outputs, queues, workflow_status
 
 logger = logging.getLogger(__name__)
@@ -113,7 +124,62 @@ _FINISH = (
         completed_at=bindparam("b_now"),
         deduplication_id=None,
     )
+    .returning(ws.c.workflow_uuid, ws.c.queue_name)
 )
+
+# PostgreSQL: the outcome and its notifications in one statement (one round trip, atomic). A
+# queued workflow's end also wakes the schedulers, since it frees a slot of its queue.
+_finished = _FINISH.cte("finished")
+_FINISH_AND_NOTIFY = select(
+    _finished.c.workflow_uuid,
+    _finished.c.queue_name,
+    func.pg_notify(
+        bindparam("b_channel"), bindparam("b_origin") + literal("done:") + _finished.c.workflow_uuid
+    ),
+    case(
+        (
+            _finished.c.queue_name.is_not(None),
+            func.pg_notify(
+                bindparam("b_channel"),
+                bindparam("b_origin") + literal("q:") + _finished.c.queue_name,
+            ),
+        )
+    ),
+)
+
+
+_WF_COLUMNS = [
+    "workflow_uuid",
+    "status",
+    "name",
+    "class_name",
+    "config_name",
+    "inputs",
+    "executor_id",
+    "owner_xid",
+    "application_version",
+    "recovery_attempts",
+    "created_at",
+    "updated_at",
+    "queue_name",
+    "priority",
+    "deduplication_id",
+    "started_at_epoch_ms",
+    "workflow_timeout_ms",
+    "workflow_deadline_epoch_ms",
+    "parent_workflow_id",
+]
+
+_STEP_COLUMNS = [
+    "workflow_uuid",
+    "function_id",
+    "function_name",
+    "output",
+    "error",
+    "child_workflow_id",
+    "started_at_epoch_ms",
+    "completed_at_epoch_ms",
+]
 
 
 class SystemStore:
@@ -122,6 +188,32 @@ class SystemStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._insert_step = db.insert(oo).on_conflict_do_nothing().returning(oo.c.function_id)
+        # RETURNING, not rowcount: with an autoincrement key PostgreSQL reports -1.
+        self._insert_wf = (
+            db.insert(ws)
+            .values({c: bindparam(c, type_=ws.c[c].type) for c in _WF_COLUMNS})
+            .on_conflict_do_nothing(index_elements=["workflow_uuid"])
+            .returning(ws.c.id)
+        )
+        inserted = self._insert_wf.cte("inserted")
+        self._insert_wf_and_notify = select(
+            inserted.c.id,
+            func.pg_notify(bindparam("b_channel"), bindparam("b_payload")),
+        )
+        owned = select(*[bindparam(c, type_=oo.c[c].type) for c in _STEP_COLUMNS]).where(
+            select(ws.c.id)
+            .where(
+                ws.c.workflow_uuid == bindparam("b_wid", type_=String),
+                ws.c.owner_xid == bindparam("b_owner", type_=String),
+            )
+            .exists()
+        )
+        self._record_owned_step = (
+            db.insert(oo)
+            .from_select(_STEP_COLUMNS, owned)
+            .on_conflict_do_nothing()
+            .returning(oo.c.function_id)
+        )
 
     # -- workflows ------------------------------------------------------------------------------
 
@@ -132,30 +224,34 @@ class SystemStore:
         the wake-up notification. Idempotent by workflow id. Raises `DBOSQueueDeduplicatedError`
         when an active workflow of the queue holds the same deduplication id.
         """
-        values = _row_values(wf)
+        params = _row_values(wf)
+        is_child = wf.parent_workflow_id is not None and wf.parent_function_id is not None
+        notify = wf.status == ENQUEUED and wf.queue_name is not None and self.db.notifications
         try:
+            if not is_child:
+                # One statement (with its notification): one round trip on PostgreSQL.
+                stmt = self._insert_wf
+                if notify:
+                    stmt = self._insert_wf_and_notify
+                    params["b_channel"] = NOTIFY_CHANNEL
+                    params["b_payload"] = self.db.payload(f"q:{wf.queue_name}")
+                with self.db.single() as conn:
+                    inserted = conn.execute(stmt, params).first()
+                return None if inserted is not None else self.get_workflow(wf.workflow_id)
             with self.db.write() as conn:
-                # RETURNING, not rowcount: with an autoincrement key PostgreSQL reports -1.
-                inserted = conn.execute(
-                    self.db.insert(ws)
-                    .values(**values)
-                    .on_conflict_do_nothing(index_elements=["workflow_uuid"])
-                    .returning(ws.c.id)
-                ).first()
-                if inserted is None:
+                if conn.execute(self._insert_wf, params).first() is None:
                     return self._get_row(conn, wf.workflow_id)
-                if wf.parent_workflow_id is not None and wf.parent_function_id is not None:
-                    conn.execute(
-                        self._insert_step,
-                        {
-                            "workflow_uuid": wf.parent_workflow_id,
-                            "function_id": wf.parent_function_id,
-                            "function_name": wf.name,
-                            "child_workflow_id": wf.workflow_id,
-                            "started_at_epoch_ms": wf.created_at,
-                            "completed_at_epoch_ms": wf.created_at,
-                        },
-                    )
+                conn.execute(
+                    self._insert_step,
+                    {
+                        "workflow_uuid": wf.parent_workflow_id,
+                        "function_id": wf.parent_function_id,
+                        "function_name": wf.name,
+                        "child_workflow_id": wf.workflow_id,
+                        "started_at_epoch_ms": wf.created_at,
+                        "completed_at_epoch_ms": wf.created_at,
+                    },
+                )
                 if wf.status == ENQUEUED and wf.queue_name is not None:
                     self.db.notify(conn, f"q:{wf.queue_name}")
                 return None
@@ -226,27 +322,27 @@ class SystemStore:
         output: bytes | None,
         error: bytes | None,
         now_ms: int,
-    ) -> bool:
+    ) -> tuple[bool, str | None]:
         """Record a workflow's outcome if this execution still owns it and it is PENDING.
 
-        Returns False (and writes nothing) when the workflow was cancelled, timed out, or taken
-        over by another execution meanwhile: a stale execution never overwrites the owner's result.
+        Returns (recorded, queue name). Writes nothing when the workflow was cancelled, timed
+        out, or taken over by another execution meanwhile: a stale execution never overwrites
+        the owner's result. One atomic statement, with its notifications.
         """
-        with self.db.write() as conn:
-            done = conn.execute(
-                _FINISH,
-                {
-                    "b_wid": workflow_id,
-                    "b_owner": owner_xid,
-                    "b_status": status,
-                    "b_output": output,
-                    "b_error": error,
-                    "b_now": now_ms,
-                },
-            ).rowcount
-            if done:
-                self.db.notify(conn, f"done:{workflow_id}")
-            return bool(done)
+        params = {
+            "b_wid": workflow_id,
+            "b_owner": owner_xid,
+            "b_status": status,
+            "b_output": output,
+            "b_error": error,
+            "b_now": now_ms,
+            "b_channel": NOTIFY_CHANNEL,
+            "b_origin": self.db.payload(""),
+        }
+        stmt = _FINISH_AND_NOTIFY if self.db.notifications else _FINISH
+        with self.db.single() as conn:
+            row = conn.execute(stmt, params).first()
+        return (row is not None, row[1] if row is not None else None)
 
     def set_status(self, workflow_id: str, status: str, now_ms: int) -> None:
         """Set a status unconditionally (used to dead-letter a workflow)."""
@@ -280,6 +376,7 @@ class SystemStore:
     def record_step(
         self,
         workflow_id: str,
+        owner_xid: str,
         function_id: int,
         function_name: str,
         output: bytes | None,
@@ -288,11 +385,15 @@ class SystemStore:
         completed_ms: int,
         child_workflow_id: str | None = None,
     ) -> StepPreflight | None:
-        """Record a step's outcome. Idempotent: if the step is already recorded, the first record
-        wins, nothing is written, and that record is returned (else None)."""
-        with self.db.write() as conn:
+        """Record an operation's outcome, if this execution still owns the workflow.
+
+        Idempotent: if the operation is already recorded, the first record wins, nothing is
+        written, and that record is returned (else None). Raises WorkflowPreempted, writing
+        nothing, when another execution owns the workflow now. One atomic statement.
+        """
+        with self.db.single() as conn:
             inserted = conn.execute(
-                self._insert_step,
+                self._record_owned_step,
                 {
                     "workflow_uuid": workflow_id,
                     "function_id": function_id,
@@ -302,11 +403,24 @@ class SystemStore:
                     "child_workflow_id": child_workflow_id,
                     "started_at_epoch_ms": started_ms,
                     "completed_at_epoch_ms": completed_ms,
+                    "b_wid": workflow_id,
+                    "b_owner": owner_xid,
                 },
             ).first()
-            if inserted is not None:
-                return None
-        return self.step_preflight(workflow_id, function_id)
+        if inserted is not None:
+            return None
+        existing = self.step_preflight(workflow_id, function_id)
+        if existing.recorded:
+            return existing
+        raise WorkflowPreempted(workflow_id, "taken over by another execution")
+
+    def last_recorded_function_id(self, workflow_id: str) -> int:
+        """The highest operation number recorded for a workflow (-1 if none)."""
+        with self.db.read() as conn:
+            value = conn.execute(
+                select(func.max(oo.c.function_id)).where(oo.c.workflow_uuid == workflow_id)
+            ).scalar()
+        return int(value) if value is not None else -1
 
     def list_steps(self, workflow_id: str) -> list[dict[str, Any]]:
         """Every recorded operation of a workflow, in order."""
