@@ -3,6 +3,7 @@
 Everything a user needs is importable from here; see README.md for a tour.
 """
 
+from dbos_nb.client import DBOSClient, EnqueueOptions
 from dbos_nb.core.context import (
     DBOSContextSetAuth,
     SetEnqueueOptions,
@@ -45,6 +46,7 @@ __all__ = [
     "DBOS",
     "DBOSAwaitedWorkflowCancelledError",
     "DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded",
+    "DBOSClient",
     "DBOSConfig",
     "DBOSConfigError",
     "DBOSConflictingRegistrationError",
@@ -63,6 +65,7 @@ __all__ = [
     "DBOSWorkflowCancelledError",
     "DBOSWorkflowTimedOutError",
     "DbosNbError",
+    "EnqueueOptions",
     "InvalidQueueSettingsError",
     "Queue",
     "SetEnqueueOptions",

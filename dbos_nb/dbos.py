@@ -22,7 +22,7 @@ from dbos_nb.core import management, steps, workflows
 from dbos_nb.core.context import current
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import QUEUES, Queue
-from dbos_nb.core.registry import REGISTRY, Kind, Registration, registration_of
+from dbos_nb.core.registry import REGISTRY, Kind, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.engine import Engine, resolve_config
 from dbos_nb.errors import (
@@ -72,15 +72,6 @@ def _decorate(kind: Kind, func: Callable[..., Any], name: str | None, **options:
     wrapper.__dbos_nb_registration__ = reg  # type: ignore[attr-defined]
     REGISTRY.register(reg)
     return wrapper
-
-
-def _registration(func: Callable[..., Any]) -> Registration:
-    reg = registration_of(func)
-    if reg is None:
-        raise DbosNbError(
-            f"{getattr(func, '__qualname__', func)!r} is not a DBOS workflow, step or transaction"
-        )
-    return reg
 
 
 class DBOS:
@@ -221,7 +212,8 @@ class DBOS:
     def start_workflow(cls, func: Callable[..., T], *args: Any, **kwargs: Any) -> WorkflowHandle[T]:
         """Start a workflow in the background; returns its handle at once."""
         rt = cls._rt()
-        wid = workflows.start_workflow(rt, _registration(func), args, kwargs)
+        reg, call_args = resolve(func, args)
+        wid = workflows.start_workflow(rt, reg, call_args, kwargs)
         return WorkflowHandle(rt, wid)
 
     @classmethod
@@ -257,7 +249,8 @@ class DBOS:
         rt = cls._rt()
         if rt.store.get_queue(queue_name) is None:
             raise UnknownQueueError(queue_name)
-        wid = workflows.enqueue_workflow(rt, queue_name, _registration(func), args, kwargs)
+        reg, call_args = resolve(func, args)
+        wid = workflows.enqueue_workflow(rt, queue_name, reg, call_args, kwargs)
         return WorkflowHandle(rt, wid)
 
     # -- inspecting and managing ----------------------------------------------------------------

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from dbos_nb.core.handles import WorkflowHandle
-from dbos_nb.core.registry import Registration, registration_of
+from dbos_nb.core.registry import resolve
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.core.workflows import enqueue_many, enqueue_workflow
 from dbos_nb.errors import DbosNbError, InvalidQueueSettingsError
@@ -197,9 +197,9 @@ class Queue:
 
     def enqueue(self, func: Callable[..., R], *args: Any, **kwargs: Any) -> WorkflowHandle[R]:
         """Enqueue a workflow, step or transaction; returns its handle at once."""
-        reg = _registration_or_raise(func)
+        reg, call_args = resolve(func, args)
         rt = get_runtime()
-        wid = enqueue_workflow(rt, self.name, reg, args, kwargs)
+        wid = enqueue_workflow(rt, self.name, reg, call_args, kwargs)
         return WorkflowHandle(rt, wid)
 
     def enqueue_many(
@@ -216,8 +216,8 @@ class Queue:
         positional arguments and a dict as keyword arguments. With `batch_id`, the workflows get
         the ids `<batch_id>/<index>` and enqueueing the same batch again writes nothing twice.
         """
-        reg = _registration_or_raise(func)
-        calls = [_call_of(item, unpack) for item in items]
+        reg, bound = resolve(func, ())
+        calls = [_call_of(item, unpack, bound) for item in items]
         rt = get_runtime()
         ids = enqueue_many(rt, self.name, reg, calls, batch_id)
         return [WorkflowHandle(rt, wid) for wid in ids]
@@ -230,22 +230,13 @@ class Queue:
         )
 
 
-def _registration_or_raise(func: Any) -> Registration:
-    reg = registration_of(func)
-    if reg is None:
-        raise DbosNbError(
-            f"{getattr(func, '__qualname__', func)!r} is not a DBOS workflow, step or "
-            "transaction; decorate it with @DBOS.workflow(), @DBOS.step() or "
-            "@DBOS.transaction() first"
-        )
-    return reg
-
-
-def _call_of(item: Any, unpack: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _call_of(
+    item: Any, unpack: bool, bound: tuple[Any, ...]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if not unpack:
-        return (item,), {}
+        return (*bound, item), {}
     if isinstance(item, tuple):
-        return item, {}
+        return (*bound, *item), {}
     if isinstance(item, dict):
-        return (), dict(item)
+        return bound, dict(item)
     raise DbosNbError(f"with unpack=True each item must be a tuple or a dict, got {item!r}")

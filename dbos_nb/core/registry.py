@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dbos_nb.errors import DBOSConflictingRegistrationError
+from dbos_nb.errors import DBOSConflictingRegistrationError, DbosNbError
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,24 @@ def registration_of(func: Any) -> Registration | None:
     """The registration a decorated function carries, if any."""
     reg = getattr(func, "__dbos_nb_registration__", None)
     return reg if isinstance(reg, Registration) else None
+
+
+def resolve(func: Any, args: tuple[Any, ...]) -> tuple[Registration, tuple[Any, ...]]:
+    """The registration of a decorated function or bound method, and the call's positional
+    arguments (a bound method's instance or class becomes the first one).
+
+    Raises DbosNbError, naming the function, for anything that was not decorated.
+    """
+    reg = registration_of(func)
+    if reg is None:
+        raise DbosNbError(
+            f"{getattr(func, '__qualname__', func)!r} is not a DBOS workflow, step or "
+            "transaction; decorate it with @DBOS.workflow(), @DBOS.step() or "
+            "@DBOS.transaction() first"
+        )
+    if inspect.ismethod(func):
+        return reg, (func.__self__, *args)
+    return reg, args
 
 
 REGISTRY = Registry()

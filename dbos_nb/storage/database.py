@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -249,12 +251,12 @@ def _install_sqlite_hooks(engine: Engine) -> None:
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout=60000")
         # WAL lets readers run beside the writer and other processes share the file.
+        _enable_wal(cursor)
         # synchronous=NORMAL: a commit survives a crash of the process (the case dbos_nb guards
         # against) but not of the operating system, in exchange for no fsync per commit.
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA foreign_keys=ON")
         # 64 MiB of page cache: bulk enqueues touch many index pages in one transaction.
         cursor.execute("PRAGMA cache_size=-65536")
@@ -266,3 +268,18 @@ def _install_sqlite_hooks(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
+
+
+def _enable_wal(cursor: Any) -> None:
+    # Switching a new file to WAL takes an exclusive lock, and SQLite can answer BUSY there
+    # without waiting on the busy timeout when several processes open the file at once.
+    for attempt in range(200):
+        try:
+            mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()
+            if mode and str(mode[0]).lower() == "wal":
+                return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        time.sleep(0.01 * min(attempt + 1, 10))
+    raise sqlite3.OperationalError("could not switch the SQLite database to WAL mode")

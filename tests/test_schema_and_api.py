@@ -1,0 +1,241 @@
+"""Schema set-up between processes, executor ids, methods as workflows, and DBOS's names."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import config
+
+import dbos_nb
+from dbos_nb import (
+    DBOS,
+    DBOSConfigError,
+    DBOSExecutorIdInUseError,
+    SetWorkflowID,
+    WorkflowStatus,
+    WorkflowStatusString,
+)
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.schema import SCHEMA_VERSION, schema_migrations
+
+MIGRATE = (
+    "import sys, time\n"
+    "from dbos_nb.storage.database import Database\n"
+    "from dbos_nb.storage.migrations import migrate\n"
+    "start = float(sys.argv[2])\n"
+    "while time.time() < start: time.sleep(0.001)\n"
+    "migrate(Database(sys.argv[1]))\n"
+)
+
+
+def test_processes_creating_the_schema_at_once(db_url: str) -> None:
+    start = time.time() + 1.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATE, db_url, str(start)], stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    db = Database(db_url)
+    with db.read() as conn:
+        versions = conn.execute(sa.select(schema_migrations.c.version)).scalars().all()
+    db.dispose()
+    assert versions == [SCHEMA_VERSION]
+    DBOS(config=config(db_url))
+    DBOS.launch()  # and the schema is usable
+
+
+def test_a_newer_schema_is_refused(db_url: str) -> None:
+    DBOS(config=config(db_url))
+    DBOS.launch()
+    DBOS.destroy()
+    db = Database(db_url)
+    with db.write() as conn:
+        conn.execute(schema_migrations.insert().values(version=SCHEMA_VERSION + 1, applied_at=0))
+    db.dispose()
+    DBOS(config=config(db_url))
+    with pytest.raises(DBOSConfigError, match="newer"):
+        DBOS.launch()
+
+
+HOLDER = (
+    "import sys, time\n"
+    "from dbos_nb import DBOS\n"
+    "DBOS(config={'name': 'holder', 'system_database_url': sys.argv[1],"
+    " 'executor_id': 'shared-id', 'heartbeat_interval_sec': 0.2})\n"
+    "DBOS.launch()\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_executor_id_held_by_a_live_process_is_refused(db_url: str) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, db_url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        DBOS(config=config(db_url, executor_id="shared-id"))
+        with pytest.raises(DBOSExecutorIdInUseError, match="shared-id"):
+            DBOS.launch()
+        DBOS.destroy()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(30)
+    # Its holder is dead: the id can be taken over (and its work recovered).
+    DBOS(config=config(db_url, executor_id="shared-id"))
+    DBOS.launch()
+
+
+@DBOS.dbos_class()
+class Greeter:
+    """Workflows and steps as static, class and instance methods."""
+
+    def __init__(self, greeting: str) -> None:
+        self.greeting = greeting
+
+    @staticmethod
+    @DBOS.workflow()
+    def static_wf(name: str) -> str:
+        return Greeter.shout(name)
+
+    @staticmethod
+    @DBOS.step()
+    def shout(name: str) -> str:
+        return name.upper()
+
+    @classmethod
+    @DBOS.workflow()
+    def class_wf(cls, name: str) -> str:
+        return f"{cls.__name__}:{name}"
+
+    @DBOS.workflow()
+    def instance_wf(self, name: str) -> str:
+        return f"{self.greeting}, {name}"
+
+
+def test_methods_as_workflows(launched: str) -> None:
+    with SetWorkflowID("static"):
+        assert Greeter.static_wf("ada") == "ADA"
+    assert Greeter.class_wf("bob") == "Greeter:bob"
+    assert Greeter("hello").instance_wf("cy") == "hello, cy"
+    assert DBOS.get_workflow_status("static").name == "Greeter.static_wf"  # type: ignore[union-attr]
+    handle = DBOS.start_workflow(Greeter("hi").instance_wf, "dee")
+    assert handle.get_result() == "hi, dee"
+
+
+def test_recover_pending_and_get_result(launched: str) -> None:
+    @DBOS.workflow(name="recoverable")
+    def recoverable(x: int) -> int:
+        return x * 3
+
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.serialization import dump_inputs
+    from dbos_nb.storage.store import NewWorkflow
+
+    rt = get_runtime()
+    rt.store.insert_workflow(
+        NewWorkflow(
+            workflow_id="stuck",
+            name="recoverable",
+            inputs=dump_inputs("recoverable", (7,), {}),
+            status="PENDING",
+            created_at=rt.now_ms(),
+            executor_id="some-dead-executor",
+            owner_xid="gone",
+        )
+    )
+    handles = DBOS.recover_pending_workflows(["some-dead-executor"])
+    assert [h.workflow_id for h in handles] == ["stuck"]
+    assert DBOS.get_result("stuck") == 21
+
+
+def test_dbos_names_are_exported() -> None:
+    for name in [
+        "DBOS",
+        "Queue",
+        "SetWorkflowID",
+        "SetWorkflowTimeout",
+        "SetEnqueueOptions",
+        "DBOSClient",
+        "EnqueueOptions",
+        "WorkflowHandle",
+        "WorkflowStatus",
+        "WorkflowStatusString",
+        "DBOSConfig",
+        "DBOSException",
+        "DBOSAwaitedWorkflowCancelledError",
+        "DBOSMaxStepRetriesExceeded",
+        "DBOSNonExistentWorkflowError",
+        "DBOSConflictingRegistrationError",
+        "DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded",
+    ]:
+        assert hasattr(dbos_nb, name), name
+        assert name in dbos_nb.__all__
+    assert {s.value for s in WorkflowStatusString} == {
+        "ENQUEUED",
+        "PENDING",
+        "SUCCESS",
+        "ERROR",
+        "CANCELLED",
+        "MAX_RECOVERY_ATTEMPTS_EXCEEDED",
+    }
+    assert WorkflowStatusString.SUCCESS == "SUCCESS"
+    fields = set(WorkflowStatus.__dataclass_fields__)
+    assert {
+        "workflow_id",
+        "status",
+        "name",
+        "input",
+        "output",
+        "error",
+        "created_at",
+        "updated_at",
+        "dequeued_at",
+        "queue_name",
+        "priority",
+        "deduplication_id",
+        "app_version",
+        "parent_workflow_id",
+        "recovery_attempts",
+    } <= fields
+    for error in [
+        "DBOSAwaitedWorkflowCancelledError",
+        "DBOSMaxStepRetriesExceeded",
+        "DBOSNonExistentWorkflowError",
+        "DBOSConflictingRegistrationError",
+    ]:
+        assert issubclass(getattr(dbos_nb, error), dbos_nb.DBOSException)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"name": ""}, "name"),
+        ({"name": "x", "bogus_key": 1}, "bogus_key"),
+        ({"name": "x", "system_database_url": "mysql://h/db"}, "unsupported database URL"),
+        ({"name": "x", "system_database_url": "sqlite://"}, "in-memory"),
+        ({"name": "x", "polling_interval_sec": 0}, "polling_interval_sec"),
+    ],
+)
+def test_bad_config_is_a_clear_error(cfg: dict[str, Any], message: str, tmp_path: Path) -> None:
+    with pytest.raises(DBOSConfigError, match=message):
+        DBOS(config=cfg)
+        DBOS.launch()
+
+
+def test_second_dbos_with_other_config_is_refused(tmp_path: Path) -> None:
+    DBOS(config={"name": "a", "system_database_url": f"sqlite:///{tmp_path / 'a.sqlite'}"})
+    DBOS(config={"name": "a", "system_database_url": f"sqlite:///{tmp_path / 'a.sqlite'}"})
+    with pytest.raises(DBOSConfigError, match="destroy"):
+        DBOS(config={"name": "b", "system_database_url": f"sqlite:///{tmp_path / 'b.sqlite'}"})
