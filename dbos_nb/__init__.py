@@ -11,9 +11,9 @@ from dbos_nb.core.context import (
     SetWorkflowTimeout,
 )
 from dbos_nb.core.handles import WorkflowHandle
-from dbos_nb.core.queue import Queue
 from dbos_nb.dbos import DBOS
 from dbos_nb.errors import (
+    BatchConflictError,
     DBOSAwaitedWorkflowCancelledError,
     DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded,
     DBOSConfigError,
@@ -39,11 +39,21 @@ from dbos_nb.errors import (
     WorkflowPreempted,
 )
 from dbos_nb.models import DBOSConfig, StepInfo, StepStatus, WorkflowStatus, WorkflowStatusString
+from dbos_nb.notebook import (
+    Batch,
+    Queue,
+    UnknownBatchError,
+    load_ipython_extension,
+    unload_ipython_extension,
+    workflows_frame,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DBOS",
+    "Batch",
+    "BatchConflictError",
     "DBOSAwaitedWorkflowCancelledError",
     "DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded",
     "DBOSClient",
@@ -73,6 +83,7 @@ __all__ = [
     "SetWorkflowTimeout",
     "StepInfo",
     "StepStatus",
+    "UnknownBatchError",
     "UnknownQueueError",
     "UnknownWorkflowNameError",
     "WorkflowHandle",
@@ -81,4 +92,7 @@ __all__ = [
     "WorkflowStatus",
     "WorkflowStatusString",
     "__version__",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+    "workflows_frame",
 ]

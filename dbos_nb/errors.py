@@ -140,6 +140,10 @@ class UnknownQueueError(DbosNbError, LookupError):
         self.name = name
 
 
+class BatchConflictError(DbosNbError):
+    """A batch name is already used by a batch of another function, queue or size."""
+
+
 class InvalidQueueSettingsError(DbosNbError, ValueError):
     """A queue was declared with invalid concurrency or limiter settings."""
 

@@ -232,6 +232,7 @@ def enqueue_many(
     template = _new_row(rt, reg, plan, b"", name, status=S.ENQUEUED.value, queue_name=queue_name)
     template.parent_function_id = None
     template.deduplication_id = None
+    template.batch_id = explicit
     ids = [f"{base}/{index}" for index in range(len(inputs))]
     rt.store.insert_enqueued_batch(template, list(zip(ids, inputs, strict=True)))
     if plan.parent is not None and plan.parent_function_id is not None:

@@ -195,6 +195,19 @@ def record_real_start(
         )
 
 
+def window_usage(db: Database, queue_name: str, limit_period_ms: int, now_ms: int) -> int:
+    """How many starts the rate limiter's window holds right now (for progress views)."""
+    window_open = now_ms - limit_period_ms - limiter_guard_ms(limit_period_ms)
+    with db.read() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    qs.c.queue_name == queue_name, qs.c.started_at_ms > window_open
+                )
+            ).scalar_one()
+        )
+
+
 def limiter_guard_ms(period_ms: int) -> int:
     """A start stays in the window this much longer than `period`.
 

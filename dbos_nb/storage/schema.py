@@ -69,6 +69,7 @@ workflow_status = Table(
     Column("authenticated_user", String(255)),
     Column("assumed_role", String(255)),
     Column("authenticated_roles", Text),
+    Column("batch_id", String(255)),
     Index("ix_ws_queue_claim", "queue_name", "status", "priority", "id"),
     # Partial indexes: a plain enqueued row (no deadline, parent or dedup id) updates none of
     # them, which keeps bulk enqueues fast.
@@ -83,6 +84,19 @@ workflow_status = Table(
     *_partial(
         "ix_ws_deadline", ["workflow_deadline_epoch_ms"], "workflow_deadline_epoch_ms IS NOT NULL"
     ),
+    *_partial("ix_ws_batch", ["batch_id", "status"], "batch_id IS NOT NULL"),
+)
+
+# A batch enqueued with `enqueue_many(..., batch_id=...)` / `queue.map(..., batch=...)`, so that it
+# can be found again by name after a restart.
+batches = Table(
+    "batches",
+    system_metadata,
+    Column("batch_id", String(255), primary_key=True),
+    Column("queue_name", String(255), nullable=False),
+    Column("function_name", String(512), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
 )
 
 operation_outputs = Table(

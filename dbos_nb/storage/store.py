@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from dbos_nb.errors import DBOSQueueDeduplicatedError, WorkflowPreempted
+from dbos_nb.errors import BatchConflictError, DBOSQueueDeduplicatedError, WorkflowPreempted
 from dbos_nb.models import (
     ACTIVE_STATUSES,
     INTERNAL_QUEUE,
@@ -34,7 +34,14 @@ from dbos_nb.models import (
     WorkflowStatusString,
 )
 from dbos_nb.storage.database import NOTIFY_CHANNEL, Database
-from dbos_nb.storage.schema import executors, functions, operation_outputs, queues, workflow_status
+from dbos_nb.storage.schema import (
+    batches,
+    executors,
+    functions,
+    operation_outputs,
+    queues,
+    workflow_status,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +77,7 @@ class NewWorkflow:
     parent_function_id: int | None = None
     started_at_epoch_ms: int | None = None
     recovery_attempts: int = 0
+    batch_id: str | None = None
 
 
 @dataclass
@@ -168,6 +176,7 @@ _WF_COLUMNS = [
     "workflow_timeout_ms",
     "workflow_deadline_epoch_ms",
     "parent_workflow_id",
+    "batch_id",
 ]
 
 _STEP_COLUMNS = [
@@ -269,7 +278,9 @@ class SystemStore:
 
         `items` are (workflow id, serialized inputs) pairs, written in order (so they start in
         that order). Ids that already exist are skipped: enqueueing the same batch again writes
-        nothing twice. All or nothing.
+        nothing twice. With `template.batch_id` set, the batch is recorded too; a batch id
+        already used for another function, queue or size raises BatchConflictError. All or
+        nothing.
         """
         if not items:
             return
@@ -277,6 +288,8 @@ class SystemStore:
         columns = [c for c in base if c not in ("workflow_uuid", "inputs")]
         shared = tuple(base[c] for c in columns)
         with self.db.write() as conn:
+            if template.batch_id is not None:
+                self._record_batch(conn, template, len(items))
             self.db.bulk_insert(
                 conn,
                 ws,
@@ -286,6 +299,133 @@ class SystemStore:
             )
             if template.queue_name:
                 self.db.notify(conn, f"q:{template.queue_name}")
+
+    def _record_batch(self, conn: Connection, template: NewWorkflow, size: int) -> None:
+        values = {
+            "batch_id": template.batch_id,
+            "queue_name": template.queue_name,
+            "function_name": template.name,
+            "size": size,
+            "created_at": template.created_at,
+        }
+        conn.execute(self.db.insert(batches).values(**values).on_conflict_do_nothing())
+        row = (
+            conn.execute(select(batches).where(batches.c.batch_id == template.batch_id))
+            .mappings()
+            .one()
+        )
+        mismatched = [k for k in ("queue_name", "function_name", "size") if row[k] != values[k]]
+        if mismatched:
+            raise BatchConflictError(
+                f"batch {template.batch_id!r} already exists with {row['size']} items of "
+                f"{row['function_name']!r} on queue {row['queue_name']!r}; this call has "
+                f"{size} items of {template.name!r} on {template.queue_name!r}. Use another "
+                "batch name (or the same items and function to attach to it)"
+            )
+
+    # -- batches --------------------------------------------------------------------------------
+
+    def retry_failed_in_batch(self, batch_id: str, now_ms: int) -> list[str]:
+        """Put the batch's failed workflows back in their queue, in one transaction.
+
+        Their failed operations' records are removed so those run again; their completed
+        operations stay recorded and are not run again (no call is paid for twice).
+        """
+        with self.db.write() as conn:
+            ids = list(
+                conn.execute(
+                    select(ws.c.workflow_uuid).where(
+                        ws.c.batch_id == batch_id, ws.c.status == "ERROR"
+                    )
+                ).scalars()
+            )
+            for chunk in _chunks(ids, 500):
+                conn.execute(
+                    delete(oo).where(oo.c.workflow_uuid.in_(chunk), oo.c.error.is_not(None))
+                )
+                conn.execute(
+                    update(ws)
+                    .where(ws.c.workflow_uuid.in_(chunk), ws.c.status == "ERROR")
+                    .values(
+                        status=ENQUEUED,
+                        error=None,
+                        output=None,
+                        owner_xid=None,
+                        executor_id=None,
+                        started_at_epoch_ms=None,
+                        completed_at=None,
+                        recovery_attempts=0,
+                        workflow_deadline_epoch_ms=None,
+                        updated_at=now_ms,
+                    )
+                )
+            queue = conn.execute(
+                select(batches.c.queue_name).where(batches.c.batch_id == batch_id)
+            ).scalar()
+            if ids and queue:
+                self.db.notify(conn, f"q:{queue}")
+            return ids
+
+    def get_batch(self, batch_id: str) -> dict[str, Any] | None:
+        """A batch's record: queue, function, size, creation time."""
+        with self.db.read() as conn:
+            row = (
+                conn.execute(select(batches).where(batches.c.batch_id == batch_id))
+                .mappings()
+                .first()
+            )
+            return dict(row) if row is not None else None
+
+    def list_batches(self) -> list[dict[str, Any]]:
+        """Every recorded batch, newest first."""
+        with self.db.read() as conn:
+            rows = conn.execute(select(batches).order_by(batches.c.created_at.desc())).mappings()
+            return [dict(r) for r in rows]
+
+    def batch_counts(self, batch_id: str) -> dict[str, int]:
+        """Number of the batch's workflows per status (one indexed GROUP BY)."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(ws.c.status, func.count())
+                .where(ws.c.batch_id == batch_id)
+                .group_by(ws.c.status)
+            )
+            return {str(status): int(n) for status, n in rows}
+
+    def batch_finished_since(self, batch_id: str, since_ms: int) -> int:
+        """How many of the batch's workflows finished at or after `since_ms`."""
+        with self.db.read() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(
+                        ws.c.batch_id == batch_id, ws.c.completed_at >= since_ms
+                    )
+                ).scalar_one()
+            )
+
+    def batch_rows(self, batch_id: str, *, load_payloads: bool = True) -> list[dict[str, Any]]:
+        """The batch's workflow rows in input (enqueue) order."""
+        columns = (
+            list(ws.c)
+            if load_payloads
+            else [c for c in ws.c if c.name not in ("inputs", "output", "error")]
+        )
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(*columns).where(ws.c.batch_id == batch_id).order_by(ws.c.id)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    def batch_recent_errors(self, batch_id: str, limit: int) -> list[tuple[str, bytes | None]]:
+        """(workflow id, serialized error) of the batch's latest failures."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(ws.c.workflow_uuid, ws.c.error)
+                .where(ws.c.batch_id == batch_id, ws.c.status == "ERROR")
+                .order_by(ws.c.completed_at.desc())
+                .limit(limit)
+            ).all()
+            return [(str(r[0]), r[1]) for r in rows]
 
     def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
         """The workflow's row as a dict, or None."""
@@ -607,6 +747,64 @@ class SystemStore:
             self.db.notify(conn, f"q:{target}")
             return True
 
+    def delete_workflow(self, workflow_id: str) -> list[str]:
+        """Delete a workflow, its descendants and all their records; returns the ids deleted."""
+        with self.db.write() as conn:
+            doomed: list[str] = []
+            frontier = [workflow_id]
+            while frontier:
+                doomed.extend(frontier)
+                frontier = list(
+                    conn.execute(
+                        select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(frontier))
+                    ).scalars()
+                )
+            for chunk in _chunks(doomed, 500):
+                conn.execute(delete(oo).where(oo.c.workflow_uuid.in_(chunk)))
+                conn.execute(delete(ws).where(ws.c.workflow_uuid.in_(chunk)))
+            return doomed
+
+    def claim_workflow(
+        self, workflow_id: str, executor_id: str, owner_xid: str, now_ms: int
+    ) -> dict[str, Any] | None:
+        """Take one ENQUEUED workflow for this executor to run now (in the foreground).
+
+        Returns its row, or None if it is not ENQUEUED (someone else has it, or it finished).
+        """
+        with self.db.write() as conn:
+            done = conn.execute(
+                update(ws)
+                .where(ws.c.workflow_uuid == workflow_id, ws.c.status == ENQUEUED)
+                .values(
+                    status=PENDING,
+                    executor_id=executor_id,
+                    owner_xid=owner_xid,
+                    started_at_epoch_ms=now_ms,
+                    updated_at=now_ms,
+                    recovery_attempts=ws.c.recovery_attempts + 1,
+                    workflow_deadline_epoch_ms=func.coalesce(
+                        ws.c.workflow_deadline_epoch_ms, now_ms + ws.c.workflow_timeout_ms
+                    ),
+                )
+            ).rowcount
+            return self._get_row(conn, workflow_id) if done else None
+
+    def requeue_workflow(self, workflow_id: str, now_ms: int) -> bool:
+        """Put a PENDING workflow that nothing runs any more back in its queue."""
+        with self.db.write() as conn:
+            conn.execute(
+                update(ws)
+                .where(ws.c.workflow_uuid == workflow_id, ws.c.queue_name.is_(None))
+                .values(queue_name=INTERNAL_QUEUE)
+            )
+            return bool(
+                conn.execute(
+                    update(ws)
+                    .where(ws.c.workflow_uuid == workflow_id, ws.c.status == PENDING)
+                    .values(status=ENQUEUED, owner_xid=None, executor_id=None, updated_at=now_ms)
+                ).rowcount
+            )
+
     # -- recovery -------------------------------------------------------------------------------
 
     def requeue_pending(self, executor_id: str, now_ms: int) -> list[str]:
@@ -807,6 +1005,7 @@ def _row_values(wf: NewWorkflow) -> dict[str, Any]:
         "workflow_timeout_ms": wf.workflow_timeout_ms,
         "workflow_deadline_epoch_ms": wf.workflow_deadline_epoch_ms,
         "parent_workflow_id": wf.parent_workflow_id,
+        "batch_id": wf.batch_id,
     }
 
 

@@ -1,0 +1,299 @@
+"""Batches: a whole list of calls enqueued at once under a name, and watched as one.
+
+`queue.map(fn, items, batch="name")` enqueues every item in one transaction with the ids
+`name/0`, `name/1`, ..., so running the cell again (after a kernel restart, say) enqueues nothing
+twice and returns the same batch. Everything a `Batch` reports is read from the database, so it
+also shows the work of other processes and survives restarts.
+
+This module needs no UI library; pandas is imported only by `to_pandas` (in frames.py) and widgets
+only when a batch is displayed (in views.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbos_nb import serialization
+from dbos_nb.core.handles import WorkflowHandle
+from dbos_nb.core.queue import Queue as CoreQueue
+from dbos_nb.core.registry import resolve
+from dbos_nb.core.runtime import Runtime, get_runtime
+from dbos_nb.core.workflows import enqueue_many, workflow_name_of
+from dbos_nb.errors import DbosNbError
+from dbos_nb.storage import claims
+
+# How a batch's workflow statuses are grouped for people.
+STATUS_GROUPS = {
+    "ENQUEUED": "queued",
+    "PENDING": "running",
+    "SUCCESS": "done",
+    "ERROR": "failed",
+    "CANCELLED": "cancelled",
+    "MAX_RECOVERY_ATTEMPTS_EXCEEDED": "failed",
+}
+GROUPS = ("queued", "running", "done", "failed", "cancelled")
+THROUGHPUT_WINDOW_MS = 30_000
+
+
+class UnknownBatchError(DbosNbError, LookupError):
+    """No batch with that name exists in this database."""
+
+
+@dataclass
+class Progress:
+    """A snapshot of a batch, as shown by progress views."""
+
+    batch_id: str
+    total: int
+    counts: dict[str, int]
+    throughput_per_s: float
+    eta_s: float | None
+    rate_used: int | None = None
+    rate_limit: int | None = None
+    rate_period_s: float | None = None
+    recent_errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return self.counts["done"] + self.counts["failed"] + self.counts["cancelled"]
+
+    @property
+    def fraction(self) -> float:
+        return self.finished / self.total if self.total else 1.0
+
+    @property
+    def complete(self) -> bool:
+        return self.finished >= self.total
+
+    def summary(self) -> str:
+        parts = [f"{self.finished}/{self.total} finished"]
+        parts += [f"{n} {g}" for g, n in self.counts.items() if n]
+        if self.throughput_per_s > 0 and not self.complete:
+            parts.append(f"{self.throughput_per_s:.1f}/s")
+        if self.eta_s is not None and not self.complete:
+            parts.append(f"ETA {format_seconds(self.eta_s)}")
+        if self.rate_limit is not None:
+            parts.append(f"rate {self.rate_used}/{self.rate_limit} per {self.rate_period_s:g}s")
+        return f"batch {self.batch_id!r}: " + ", ".join(parts)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return (
+        f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    )
+
+
+class Batch:
+    """A named group of enqueued workflows, watched and collected as one."""
+
+    def __init__(self, batch_id: str, *, _record: dict[str, Any] | None = None) -> None:
+        rt = get_runtime()
+        record = _record or rt.store.get_batch(batch_id)
+        if record is None:
+            known = [b["batch_id"] for b in rt.store.list_batches()[:10]]
+            raise UnknownBatchError(
+                f"no batch named {batch_id!r} in this database"
+                + (f"; recent batches: {known}" if known else "")
+            )
+        self.id = batch_id
+        self.size = int(record["size"])
+        self.queue_name = str(record["queue_name"])
+        self.function_name = str(record["function_name"])
+        self.created_at_ms = int(record["created_at"])
+
+    @classmethod
+    def attach(cls, name: str) -> Batch:
+        """Find a batch again by its name (after a kernel restart, in another process, ...)."""
+        return cls(name)
+
+    @property
+    def _rt(self) -> Runtime:
+        return get_runtime()
+
+    @property
+    def workflow_ids(self) -> list[str]:
+        return [f"{self.id}/{i}" for i in range(self.size)]
+
+    @property
+    def handles(self) -> list[WorkflowHandle[Any]]:
+        rt = self._rt
+        return [WorkflowHandle(rt, wid) for wid in self.workflow_ids]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def counts(self) -> dict[str, int]:
+        """Workflows per group: queued, running, done, failed, cancelled."""
+        out = dict.fromkeys(GROUPS, 0)
+        for status, n in self._rt.store.batch_counts(self.id).items():
+            out[STATUS_GROUPS.get(status, "failed")] += n
+        return out
+
+    def progress(self, *, errors: int = 3) -> Progress:
+        """Counts, throughput over the last 30 s, ETA, rate-limit use and the latest errors."""
+        rt = self._rt
+        now = rt.now_ms()
+        counts = self.counts()
+        recent = rt.store.batch_finished_since(self.id, now - THROUGHPUT_WINDOW_MS)
+        window_s = min(THROUGHPUT_WINDOW_MS, max(now - self.created_at_ms, 1)) / 1000
+        throughput = recent / window_s if window_s > 0 else 0.0
+        remaining = self.size - (counts["done"] + counts["failed"] + counts["cancelled"])
+        eta = remaining / throughput if throughput > 0 and remaining > 0 else None
+        progress = Progress(self.id, self.size, counts, throughput, eta)
+        settings = rt.store.get_queue(self.queue_name)
+        if settings is not None and settings.limit is not None and settings.period_ms:
+            progress.rate_limit = settings.limit
+            progress.rate_period_s = settings.period_ms / 1000
+            progress.rate_used = claims.window_usage(
+                rt.db, self.queue_name, settings.period_ms, now
+            )
+        if errors and counts["failed"]:
+            for wid, blob in rt.store.batch_recent_errors(self.id, errors):
+                err = serialization.load_error(blob)
+                progress.recent_errors.append((wid, f"{type(err).__name__}: {err}"))
+        return progress
+
+    def wait(
+        self, timeout: float | None = None, *, poll_interval: float = 0.1, show: bool = True
+    ) -> Batch:
+        """Block until every workflow of the batch has finished (raises TimeoutError).
+
+        In a notebook (`show=True`) a live progress view is displayed while it waits, and a
+        static summary is left in the cell when it returns, so a saved notebook shows the result.
+        """
+        from dbos_nb.notebook import views
+
+        showing = show and views.in_ipython()
+        view = views.show_live(self) if showing and views.widgets_available() else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.01
+        try:
+            while True:
+                counts = self.counts()
+                if counts["done"] + counts["failed"] + counts["cancelled"] >= self.size:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"batch {self.id!r} did not finish within {timeout} s")
+                time.sleep(delay)
+                delay = min(delay * 2, poll_interval)
+        finally:
+            if view is not None:
+                view.stop()
+        if showing:
+            views.show_summary(self)
+        return self
+
+    def results(self) -> list[Any]:
+        """Outputs in input order (None for items that did not succeed)."""
+        rows = self._rt.store.batch_rows(self.id)
+        return [
+            serialization.loads(r["output"]) if r["status"] == "SUCCESS" else None for r in rows
+        ]
+
+    def retry_failed(self) -> int:
+        """Run the failed items again (their completed steps are not re-run); returns how many."""
+        rt = self._rt
+        ids = rt.store.retry_failed_in_batch(self.id, rt.now_ms())
+        rt.wake_scheduler()
+        return len(ids)
+
+    def cancel(self) -> int:
+        """Cancel every item not finished yet; returns how many were cancelled."""
+        rt = self._rt
+        active = [
+            r["workflow_uuid"]
+            for r in rt.store.batch_rows(self.id, load_payloads=False)
+            if r["status"] in ("ENQUEUED", "PENDING")
+        ]
+        changed = rt.store.cancel_workflows(active, rt.now_ms(), cancel_children=True)
+        rt.preempt(changed, "cancelled")
+        for wid in changed:
+            rt.waiters.notify(wid)
+        return len(changed)
+
+    def to_pandas(self, *, expand: bool = False) -> Any:
+        """One row per item, in input order (see `dbos_nb.notebook.frames.batch_frame`)."""
+        from dbos_nb.notebook.frames import batch_frame
+
+        return batch_frame(self._rt.store.batch_rows(self.id), expand=expand)
+
+    # -- display --------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"<Batch {self.progress(errors=0).summary()}>"
+
+    def _repr_html_(self) -> str:
+        from dbos_nb.notebook.views import progress_html
+
+        return progress_html(self.progress())
+
+    def _ipython_display_(self) -> None:
+        from dbos_nb.notebook.views import show_live
+
+        show_live(self)
+
+
+def _items_to_calls(
+    items: Any, bound: tuple[Any, ...]
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    # A DataFrame's rows become keyword arguments, by column name.
+    if hasattr(items, "to_dict") and hasattr(items, "columns"):
+        return [(bound, dict(row)) for row in items.to_dict("records")]
+    if isinstance(items, str | bytes) or not isinstance(items, Iterable):
+        raise DbosNbError(
+            f"map() needs a list (or a DataFrame) of items, got {type(items).__name__}"
+        )
+    return [((*bound, item), {}) for item in items]
+
+
+def default_batch_name(function_name: str, payloads: list[bytes]) -> str:
+    """A name derived from the function and the items, so re-running a cell finds its batch."""
+    digest = hashlib.sha256(function_name.encode())
+    for payload in payloads:
+        digest.update(payload)
+    short = function_name.rsplit(".", 1)[-1]
+    return f"{short}-{digest.hexdigest()[:12]}"
+
+
+class Queue(CoreQueue):
+    """A queue with `map()`: the `Queue` that `dbos_nb` exports."""
+
+    def map(
+        self,
+        func: Callable[..., Any],
+        items: Any,
+        *,
+        batch: str | None = None,
+    ) -> Batch:
+        """Enqueue one call per item as a named batch, in one transaction; returns the Batch.
+
+        Items are passed as the single argument; a DataFrame's rows are passed as keyword
+        arguments. Without `batch`, the name is derived from the function and the items, so
+        running the same cell again attaches to the same batch instead of enqueueing twice.
+        """
+        reg, bound = resolve(func, ())
+        calls = _items_to_calls(items, bound)
+        if not calls:
+            raise DbosNbError("map() got no items")
+        rt = get_runtime()
+        if batch is None:
+            payloads = [serialization.dump_inputs(reg.name, a, k) for a, k in calls]
+            batch = default_batch_name(reg.name, payloads)
+        if not isinstance(batch, str) or not batch or "/" in batch:
+            raise DbosNbError(f"a batch name must be a non-empty string without '/', got {batch!r}")
+        enqueue_many(rt, self.name, reg, calls, batch)
+        record = {
+            "size": len(calls),
+            "queue_name": self.name,
+            "function_name": workflow_name_of(reg),
+            "created_at": rt.now_ms(),
+        }
+        stored = rt.store.get_batch(batch)
+        return Batch(batch, _record=stored or record)

@@ -1,0 +1,160 @@
+"""Results as pandas DataFrames: one row per batch item, or per workflow.
+
+Built from rows the store returns; works while a batch is still running (unfinished items have
+no output yet).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from dbos_nb import serialization
+from dbos_nb.core.management import to_epoch_ms
+from dbos_nb.core.runtime import get_runtime
+
+STATUS_ORDER = [
+    "ENQUEUED",
+    "PENDING",
+    "SUCCESS",
+    "ERROR",
+    "CANCELLED",
+    "MAX_RECOVERY_ATTEMPTS_EXCEEDED",
+]
+
+
+def _input_of(blob: bytes | None) -> Any:
+    try:
+        args, kwargs = serialization.load_inputs(blob)
+    except Exception as exc:
+        return f"<cannot load: {exc}>"
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args:
+        return kwargs
+    return (args, kwargs) if kwargs else args
+
+
+def _output_of(row: dict[str, Any]) -> Any:
+    if row["status"] != "SUCCESS":
+        return None
+    try:
+        return serialization.loads(row["output"])
+    except Exception as exc:
+        return f"<cannot load: {exc}>"
+
+
+def _error_of(row: dict[str, Any]) -> str | None:
+    error = serialization.load_error(row.get("error"))
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _times(df: pd.DataFrame, rows: list[dict[str, Any]]) -> None:
+    started = [r.get("started_at_epoch_ms") for r in rows]
+    finished = [r.get("completed_at") for r in rows]
+    df["started"] = pd.to_datetime(pd.Series(started, dtype="Float64"), unit="ms")
+    df["finished"] = pd.to_datetime(pd.Series(finished, dtype="Float64"), unit="ms")
+    df["duration"] = df["finished"] - df["started"]
+
+
+def _status_column(rows: list[dict[str, Any]]) -> pd.Categorical:
+    return pd.Categorical([r["status"] for r in rows], categories=STATUS_ORDER)
+
+
+def batch_frame(rows: list[dict[str, Any]], *, expand: bool = False) -> pd.DataFrame:
+    """A DataFrame of a batch's rows (in input order), with `expand` turning dict outputs into
+    columns."""
+    df = pd.DataFrame(
+        {
+            "item": [int(str(r["workflow_uuid"]).rsplit("/", 1)[-1]) for r in rows],
+            "workflow_id": [r["workflow_uuid"] for r in rows],
+            "status": _status_column(rows),
+            "input": [_input_of(r.get("inputs")) for r in rows],
+            "output": [_output_of(r) for r in rows],
+            "error": [_error_of(r) for r in rows],
+            "attempts": [int(r.get("recovery_attempts") or 0) for r in rows],
+            "executor": [r.get("executor_id") for r in rows],
+        }
+    )
+    _times(df, rows)
+    df = df.set_index("item", drop=False).rename_axis(None)
+    if expand:
+        df = _expand_outputs(df)
+    return df
+
+
+def _expand_outputs(df: pd.DataFrame) -> pd.DataFrame:
+    dicts = [o if isinstance(o, dict) else {} for o in df["output"]]
+    expanded = pd.DataFrame(dicts, index=df.index)
+    clashes = set(expanded.columns) & set(df.columns)
+    expanded = expanded.rename(columns={c: f"output_{c}" for c in clashes})
+    position = list(df.columns).index("output")
+    left = df.iloc[:, :position]
+    right = df.iloc[:, position + 1 :]
+    return pd.concat([left, expanded, right], axis=1)
+
+
+def workflows_frame(
+    *,
+    status: str | list[str] | None = None,
+    name: str | None = None,
+    queue_name: str | None = None,
+    start_time: Any = None,
+    end_time: Any = None,
+    workflow_id_prefix: str | None = None,
+    limit: int | None = None,
+    sort_desc: bool = False,
+    load_output: bool = True,
+) -> pd.DataFrame:
+    """A DataFrame of workflows matching the same filters as `DBOS.list_workflows`."""
+    rows = get_runtime().store.list_workflows(
+        status=[status] if isinstance(status, str) else status,
+        name=name,
+        queue_name=queue_name,
+        start_time=to_epoch_ms(start_time, "start_time"),
+        end_time=to_epoch_ms(end_time, "end_time"),
+        workflow_id_prefix=workflow_id_prefix,
+        limit=limit,
+        sort_desc=sort_desc,
+        load_payloads=load_output,
+    )
+    df = pd.DataFrame(
+        {
+            "workflow_id": [r["workflow_uuid"] for r in rows],
+            "name": [r["name"] for r in rows],
+            "status": _status_column(rows),
+            "queue": [r.get("queue_name") for r in rows],
+            "output": [_output_of(r) if "output" in r else None for r in rows],
+            "error": [_error_of(r) if "error" in r else None for r in rows],
+            "attempts": [int(r.get("recovery_attempts") or 0) for r in rows],
+            "executor": [r.get("executor_id") for r in rows],
+            "created": pd.to_datetime(
+                pd.Series([r["created_at"] for r in rows], dtype="Float64"), unit="ms"
+            ),
+        }
+    )
+    _times(df, rows)
+    return df
+
+
+def queues_frame(queue_name: str | None = None) -> pd.DataFrame:
+    """Declared queues with their limits and how many workflows they hold per status."""
+    store = get_runtime().store
+    records = []
+    for q in store.list_queues():
+        if queue_name is not None and q.name != queue_name:
+            continue
+        counts = store.count_by_status(q.name)
+        records.append(
+            {
+                "queue": q.name,
+                "concurrency": q.concurrency,
+                "worker_concurrency": q.worker_concurrency,
+                "rate_limit": f"{q.limit}/{q.period_ms / 1000:g}s"
+                if q.limit and q.period_ms
+                else None,
+                **{status.lower(): counts.get(status, 0) for status in STATUS_ORDER},
+            }
+        )
+    return pd.DataFrame.from_records(records)

@@ -1,0 +1,333 @@
+"""IPython magics: launch DBOS, declare queues, run durable cells, inspect and manage work.
+
+    %dbos_launch [--db URL] [--name NAME] [--executor-id ID]
+    %dbos_queue NAME [--concurrency N] [--worker-concurrency N] [--limit 50/30s] [--priority]
+                [--as VAR]
+    %%dbos_workflow NAME [--id ID] [--queue Q] [--timeout S] [--background] [--rerun]
+    %dbos_status [QUEUE]
+    %dbos_cancel ID / %dbos_resume ID
+
+Arguments are parsed with IPython's magic_arguments (so `%dbos_queue?` shows help) and bad ones
+answer with a UsageError that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from dbos_nb import serialization
+from dbos_nb.core.context import SetWorkflowID, SetWorkflowTimeout
+from dbos_nb.core.handles import WorkflowHandle
+from dbos_nb.core.registry import REGISTRY, Registration
+from dbos_nb.core.runtime import Runtime, peek_runtime
+from dbos_nb.core.workflows import execute
+from dbos_nb.dbos import DBOS
+from dbos_nb.errors import DbosNbError
+from dbos_nb.notebook import cells, views
+from dbos_nb.notebook.batch import Queue
+from dbos_nb.storage.database import normalize_url
+
+_LIMIT = re.compile(
+    r"^\s*(?P<limit>\d+)\s*/\s*(?P<period>\d*\.?\d*)\s*(?P<unit>ms|s|sec|m|min|h)?\s*$"
+)
+_UNITS = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_limit(text: str) -> dict[str, float]:
+    """'50/30s' -> {"limit": 50, "period": 30}; also '500/1m', '10/s', '50/30'."""
+    match = _LIMIT.match(text)
+    if not match:
+        raise UsageError(f"--limit {text!r}: write LIMIT/PERIOD, e.g. 50/30s, 500/1m or 10/s")
+    period = float(match["period"] or 1) * _UNITS[match["unit"]]
+    if int(match["limit"]) < 1 or period <= 0:
+        raise UsageError(f"--limit {text!r}: the limit and the period must be positive")
+    return {"limit": int(match["limit"]), "period": period}
+
+
+def notebook_name(namespace: dict[str, Any]) -> str:
+    """The notebook's file stem, as far as the kernel can tell."""
+    for candidate in (os.environ.get("JPY_SESSION_NAME"), namespace.get("__vsc_ipynb_file__")):
+        if candidate:
+            return Path(str(candidate)).stem
+    return "notebook"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "notebook"
+
+
+def _rt() -> Runtime:
+    rt = peek_runtime()
+    if rt is None:
+        raise UsageError("DBOS is not launched in this kernel: run %dbos_launch first")
+    return rt
+
+
+@magics_class
+class DbosMagics(Magics):
+    """The dbos_nb magics."""
+
+    @property
+    def _ns(self) -> dict[str, Any]:
+        if self.shell is None:
+            raise UsageError("dbos_nb magics need an IPython shell")
+        namespace: dict[str, Any] = self.shell.user_ns
+        return namespace
+
+    # -- %dbos_launch ---------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("--db", help="system database URL (default: .dbos_nb/<notebook>.sqlite here)")
+    @argument("--name", help="application name (default: the notebook's name)")
+    @argument("--executor-id", help="executor id (default: stable for this notebook and host)")
+    @line_magic
+    def dbos_launch(self, line: str) -> None:
+        """Create and launch DBOS for this notebook; recovers its unfinished work."""
+        args = parse_argstring(self.dbos_launch, line)
+        name = _safe(args.name or notebook_name(self._ns))
+        url = args.db or f"sqlite:///{Path('.dbos_nb').resolve() / (name + '.sqlite')}"
+        executor = args.executor_id or f"nb:{name}@{socket.gethostname()}"
+        config = {"name": name, "system_database_url": url, "executor_id": executor}
+        rt = peek_runtime()
+        if rt is not None:
+            if rt.db.url == normalize_url(url) and rt.executor_id == executor:
+                print(f"dbos_nb is already running on {url} (executor {executor})")
+                return
+            raise UsageError(
+                f"DBOS is already launched on {rt.db.url} as {rt.executor_id}; call "
+                "DBOS.destroy() first to launch it on another database"
+            )
+        try:
+            DBOS(config=config)
+            DBOS.launch()
+        except DbosNbError as exc:
+            DBOS.destroy()
+            raise UsageError(str(exc)) from exc
+        waiting = len(DBOS.list_queued_workflows())
+        print(
+            f"dbos_nb launched: database {url}, executor {executor}"
+            + (f"; {waiting} queued or unfinished workflow(s)" if waiting else "")
+        )
+
+    # -- %dbos_queue ----------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("name", help="queue name; also the variable it is bound to unless --as")
+    @argument("--concurrency", type=int, help="at most N running at once, over all processes")
+    @argument("--worker-concurrency", type=int, help="at most N running at once per process")
+    @argument("--limit", help="rate limit LIMIT/PERIOD, e.g. 50/30s or 500/1m")
+    @argument("--priority", action="store_true", help="order waiting work by priority")
+    @argument("--as", dest="var", help="variable to bind the queue to")
+    @line_magic
+    def dbos_queue(self, line: str) -> Queue:
+        """Declare a queue (stored in the database) and bind it to a variable."""
+        args = parse_argstring(self.dbos_queue, line)
+        var = args.var or args.name
+        if not var.isidentifier():
+            raise UsageError(f"{var!r} is not a valid variable name; pass --as VAR")
+        try:
+            queue = Queue(
+                args.name,
+                concurrency=args.concurrency,
+                worker_concurrency=args.worker_concurrency,
+                limiter=parse_limit(args.limit) if args.limit else None,
+                priority_enabled=args.priority,
+            )
+        except DbosNbError as exc:
+            raise UsageError(str(exc)) from exc
+        self._ns[var] = queue
+        return queue
+
+    # -- %%dbos_workflow ------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("name", help="the cell's workflow name (and its id unless --id)")
+    @argument("--id", help="workflow id (default: NAME)")
+    @argument("--queue", help="run on this queue (returns at once with a handle)")
+    @argument("--timeout", type=float, help="cancel the run after this many seconds")
+    @argument("--background", action="store_true", help="run in the background")
+    @argument("--rerun", action="store_true", help="discard the recorded run and run afresh")
+    @cell_magic
+    def dbos_workflow(self, line: str, cell: str) -> Any:
+        """Run the cell as a durable workflow with a stable id.
+
+        Finished: the recorded variables and result come back and nothing runs. Unfinished (the
+        kernel died): it resumes, completed steps are not run again. Failed or cancelled: the
+        recorded error is shown; --rerun starts a fresh run.
+        """
+        args = parse_argstring(self.dbos_workflow, line)
+        rt = _rt()
+        if args.timeout is not None and args.timeout <= 0:
+            raise UsageError("--timeout must be a positive number of seconds")
+        if args.queue and not rt.store.get_queue(args.queue):
+            raise UsageError(f"queue {args.queue!r} is not declared; use %dbos_queue first")
+        try:
+            compiled = cells.compile_cell(args.name, cell)
+        except DbosNbError as exc:
+            raise UsageError(str(exc)) from exc
+        wid = args.id or args.name
+        namespace = self._ns
+        body = cells.make_body(compiled, namespace)
+        reg_name = f"{cells.CELL_PREFIX}{args.name}"
+        reg = Registration(name=reg_name, kind="workflow", func=body, wrapper=body)
+        body.__dbos_nb_registration__ = reg  # type: ignore[attr-defined]
+        status = rt.store.get_workflow(wid)
+        if status is not None and args.rerun:
+            rt.store.delete_workflow(wid)
+            status = None
+        if status is not None and status["name"] != reg_name:
+            raise UsageError(
+                f"workflow id {wid!r} belongs to {status['name']!r}; pass another --id"
+            )
+        if status is None:
+            REGISTRY.register(reg)
+            return self._start(rt, args, wid, body, compiled, namespace)
+        return self._existing(rt, reg, status, compiled, namespace)
+
+    def _start(
+        self,
+        rt: Runtime,
+        args: Any,
+        wid: str,
+        body: Any,
+        compiled: cells.CompiledCell,
+        namespace: dict[str, Any],
+    ) -> Any:
+        with SetWorkflowID(wid), SetWorkflowTimeout(args.timeout):
+            if args.queue:
+                handle: WorkflowHandle[Any] = DBOS.enqueue_workflow(
+                    args.queue, body, compiled.source_hash
+                )
+                return handle
+            if args.background:
+                return DBOS.start_workflow(body, compiled.source_hash)
+            out = body_call(body, compiled.source_hash)
+        return self._finish(out)
+
+    def _existing(
+        self,
+        rt: Runtime,
+        reg: Registration,
+        row: dict[str, Any],
+        compiled: cells.CompiledCell,
+        namespace: dict[str, Any],
+    ) -> Any:
+        wid = row["workflow_uuid"]
+        status = row["status"]
+        recorded_hash = _recorded_hash(row)
+        if status == "SUCCESS":
+            REGISTRY.register(reg)
+            out = serialization.loads(row["output"])
+            if recorded_hash != compiled.source_hash:
+                print(
+                    f"note: the cell changed since workflow {wid!r} ran; this is its recorded "
+                    "result. Use --rerun to run the new code."
+                )
+            return cells.restore(compiled, out, namespace)
+        if status in ("ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED"):
+            REGISTRY.register(reg)
+            error = serialization.load_error(row["error"])
+            reason = f"{type(error).__name__}: {error}" if error is not None else status.lower()
+            print(
+                f"workflow {wid!r} ended {status}: {reason}\nRun the cell with --rerun to "
+                "start a fresh run (completed steps of the old run are discarded)."
+            )
+            return None
+        if recorded_hash != compiled.source_hash:
+            raise UsageError(
+                f"the cell changed since its unfinished run {wid!r} started; resuming would mix "
+                "old and new code. Run it with --rerun to start afresh, or restore the old code."
+            )
+        # Unfinished: resume in the foreground where we can, else wait for whoever runs it.
+        if status == "PENDING" and row["executor_id"] == rt.executor_id and not rt.is_running(wid):
+            rt.store.requeue_workflow(wid, rt.now_ms())
+        owner = uuid.uuid4().hex
+        claimed = rt.store.claim_workflow(wid, rt.executor_id, owner, rt.now_ms())
+        REGISTRY.register(reg)
+        if claimed is None:
+            where = "in the background" if rt.is_running(wid) else f"on {row['executor_id']}"
+            print(f"workflow {wid!r} is running {where}; waiting for it")
+            out = WorkflowHandle(rt, wid).get_result()
+            return cells.restore(compiled, out, namespace)
+        print(f"resuming workflow {wid!r}: completed steps return their recorded results")
+        out = execute(
+            rt,
+            reg,
+            wid,
+            owner,
+            (compiled.source_hash,),
+            {},
+            claimed["workflow_deadline_epoch_ms"],
+        )
+        return self._finish(out)
+
+    def _finish(self, out: dict[str, Any]) -> Any:
+        if out.get("skipped"):
+            print(f"note: not recorded (cannot be serialized): {', '.join(out['skipped'])}")
+        return out.get("result")
+
+    # -- status and management ------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("queue", nargs="?", help="only this queue")
+    @line_magic
+    def dbos_status(self, line: str) -> Any:
+        """Queues (limits, counts per status) and recent workflows."""
+        args = parse_argstring(self.dbos_status, line)
+        _rt()
+        from dbos_nb.notebook.frames import queues_frame, workflows_frame
+
+        views.display(queues_frame(args.queue))
+        return workflows_frame(queue_name=args.queue, limit=10, sort_desc=True, load_output=False)
+
+    @magic_arguments()
+    @argument("workflow_id", help="the workflow to cancel (with its children)")
+    @line_magic
+    def dbos_cancel(self, line: str) -> None:
+        """Cancel a workflow and its children."""
+        args = parse_argstring(self.dbos_cancel, line)
+        _rt()
+        try:
+            DBOS.cancel_workflow(args.workflow_id, cancel_children=True)
+        except DbosNbError as exc:
+            raise UsageError(str(exc)) from exc
+        print(f"cancelled {args.workflow_id}")
+
+    @magic_arguments()
+    @argument("workflow_id", help="the workflow to resume from its last completed step")
+    @line_magic
+    def dbos_resume(self, line: str) -> WorkflowHandle[Any]:
+        """Resume a cancelled or failed-over workflow from its last completed step."""
+        args = parse_argstring(self.dbos_resume, line)
+        _rt()
+        try:
+            return DBOS.resume_workflow(args.workflow_id)
+        except DbosNbError as exc:
+            raise UsageError(str(exc)) from exc
+
+
+def body_call(body: Any, source_hash: str) -> dict[str, Any]:
+    """Call a cell's registered workflow directly (the engine checkpoints it)."""
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.core.workflows import call_workflow
+
+    reg = body.__dbos_nb_registration__
+    out: dict[str, Any] = call_workflow(get_runtime(), reg, (source_hash,), {})
+    return out
+
+
+def _recorded_hash(row: dict[str, Any]) -> str | None:
+    try:
+        args, _ = serialization.load_inputs(row["inputs"])
+    except Exception:
+        return None
+    return str(args[0]) if args else None

@@ -1,0 +1,262 @@
+"""The notebook layer through a real IPython InteractiveShell: magics, durable cells, batches,
+progress views and DataFrames, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+import dbos_nb
+from dbos_nb import DBOS, Batch, UnknownBatchError
+from dbos_nb.notebook.magics import parse_limit
+from dbos_nb.notebook.views import Snapshot, progress_html, progress_text, widgets_available
+
+CALLS: list[Any] = []  # side effects of steps, outside the database
+
+
+@pytest.fixture
+def shell(db_url: str) -> Iterator[InteractiveShell]:
+    sh = InteractiveShell.instance()
+    sh.reset(new_session=True)
+    sh.user_ns["CALLS"] = CALLS
+    CALLS.clear()
+    sh.run_line_magic("load_ext", "dbos_nb")
+    sh.run_line_magic("load_ext", "dbos_nb")  # loading twice is harmless
+    run(sh, f"%dbos_launch --db {db_url} --name nbtest")
+    yield sh
+    DBOS.destroy()
+
+
+def run(sh: InteractiveShell, code: str) -> Any:
+    result = sh.run_cell(code, store_history=False)
+    if result.error_before_exec is not None:
+        raise result.error_before_exec
+    if result.error_in_exec is not None:
+        raise result.error_in_exec
+    return result.result
+
+
+STEPS = """
+from dbos_nb import DBOS
+@DBOS.step()
+def fetch(i):
+    CALLS.append(("fetch", i))
+    return i * 10
+"""
+
+
+def test_launch_is_idempotent_and_queue_magic(
+    shell: InteractiveShell, db_url: str, capsys: Any
+) -> None:
+    run(shell, f"%dbos_launch --db {db_url} --name nbtest")
+    assert "already running" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="already launched"):
+        run(shell, "%dbos_launch --name elsewhere")
+    q = run(shell, "%dbos_queue llm --concurrency 4 --worker-concurrency 2 --limit 50/30s")
+    assert shell.user_ns["llm"] is q
+    assert (q.concurrency, q.worker_concurrency, q.limiter) == (4, 2, {"limit": 50, "period": 30})
+    run(shell, "%dbos_queue other-q --as oq --priority")
+    assert shell.user_ns["oq"].priority_enabled
+    with pytest.raises(UsageError, match="cannot exceed"):
+        run(shell, "%dbos_queue bad --concurrency 1 --worker-concurrency 3")
+    with pytest.raises(UsageError, match="LIMIT/PERIOD"):
+        run(shell, "%dbos_queue bad2 --limit fifty")
+    with pytest.raises(UsageError, match="valid variable"):
+        run(shell, "%dbos_queue my-queue")
+
+
+def test_parse_limit() -> None:
+    assert parse_limit("50/30s") == {"limit": 50, "period": 30.0}
+    assert parse_limit("500/1m") == {"limit": 500, "period": 60.0}
+    assert parse_limit("10/s") == {"limit": 10, "period": 1.0}
+    assert parse_limit("5/250ms") == {"limit": 5, "period": 0.25}
+    with pytest.raises(UsageError):
+        parse_limit("0/1s")
+
+
+def test_durable_cell_runs_once_and_replays(shell: InteractiveShell, capsys: Any) -> None:
+    run(shell, STEPS)
+    cell = "%%dbos_workflow scores\ntotal = 0\nfor i in range(3):\n    total += fetch(i)\nlabel = 'sum'\ntotal * 2\n"
+    assert run(shell, cell) == 60
+    assert CALLS == [("fetch", 0), ("fetch", 1), ("fetch", 2)]
+    assert shell.user_ns["total"] == 30
+    for name in ("total", "label", "i"):
+        del shell.user_ns[name]
+    # Running the finished cell again: the recorded variables come back and nothing runs.
+    assert run(shell, cell) == 60
+    assert CALLS == [("fetch", 0), ("fetch", 1), ("fetch", 2)]
+    assert (shell.user_ns["total"], shell.user_ns["label"], shell.user_ns["i"]) == (30, "sum", 2)
+    status = DBOS.get_workflow_status("scores")
+    assert status is not None and status.status == "SUCCESS"
+    # A changed finished cell: the recorded result, with a note.
+    assert run(shell, cell.replace("total * 2", "total * 3")) == 60
+    assert "cell changed" in capsys.readouterr().out
+
+
+def test_replayed_cell_brings_back_its_definitions(shell: InteractiveShell) -> None:
+    cell = (
+        "%%dbos_workflow defs\nimport math\ndef helper(x):\n    return x + 1\nvalue = helper(1)\n"
+    )
+    run(shell, cell)
+    for name in ("math", "helper", "value"):
+        del shell.user_ns[name]
+    run(shell, cell)
+    assert shell.user_ns["value"] == 2
+    assert shell.user_ns["helper"](5) == 6
+    assert shell.user_ns["math"].sqrt(4) == 2
+
+
+class KernelDied(BaseException):
+    """Stands in for the kernel dying in the middle of a cell."""
+
+
+def test_unfinished_cell_resumes_after_a_restart(shell: InteractiveShell, db_url: str) -> None:
+    run(shell, STEPS)
+    shell.user_ns["KernelDied"] = KernelDied
+    shell.user_ns["die_once"] = [True]
+    cell = (
+        "%%dbos_workflow resumable\n"
+        "a = fetch(1)\n"
+        "if die_once.pop():\n"
+        "    raise KernelDied()\n"
+        "b = fetch(2)\n"
+        "a + b\n"
+    )
+    with pytest.raises(KernelDied):
+        run(shell, cell)
+    assert CALLS == [("fetch", 1)]
+    # A new kernel: DBOS and every registration are gone; the notebook's cells run again.
+    DBOS.destroy(destroy_registry=True)
+    run(shell, f"%dbos_launch --db {db_url} --name nbtest")
+    run(shell, STEPS)
+    shell.user_ns["die_once"] = [False]
+    assert run(shell, cell) == 30
+    assert CALLS == [("fetch", 1), ("fetch", 2)]  # fetch(1) was not run again
+
+
+def test_changed_unfinished_cell_is_refused(shell: InteractiveShell, db_url: str) -> None:
+    run(shell, STEPS)
+    shell.user_ns["KernelDied"] = KernelDied
+    cell = "%%dbos_workflow guarded\nx = fetch(1)\nraise KernelDied()\n"
+    with pytest.raises(KernelDied):
+        run(shell, cell)
+    DBOS.destroy(destroy_registry=True)
+    run(shell, f"%dbos_launch --db {db_url} --name nbtest")
+    run(shell, STEPS)
+    with pytest.raises(UsageError, match="cell changed"):
+        run(shell, "%%dbos_workflow guarded\nx = fetch(100)\n")
+    assert run(shell, "%%dbos_workflow guarded --rerun\nx = fetch(100)\nx\n") == 1000
+
+
+def test_failed_cell_shows_error_and_rerun(shell: InteractiveShell, capsys: Any) -> None:
+    shell.user_ns["fail"] = [True]
+    cell = "%%dbos_workflow flaky\nif fail[0]:\n    raise ValueError('upstream 500')\n'ok'\n"
+    with pytest.raises(ValueError, match="upstream 500"):
+        run(shell, cell)
+    shell.user_ns["fail"] = [False]
+    assert run(shell, cell) is None
+    assert "ValueError: upstream 500" in capsys.readouterr().out
+    assert run(shell, cell.replace("flaky\n", "flaky --rerun\n", 1)) == "ok"
+
+
+def test_cell_on_a_queue_and_in_background(shell: InteractiveShell) -> None:
+    run(shell, STEPS)
+    run(shell, "%dbos_queue cellq")
+    handle = run(shell, "%%dbos_workflow queued_cell --queue cellq\nq_out = fetch(7)\nq_out\n")
+    assert handle.get_result(timeout_sec=10)["result"] == 70
+    bg = run(shell, "%%dbos_workflow bg_cell --background\nbg_out = fetch(8)\n")
+    assert bg.get_result(timeout_sec=10)["names"] == {"bg_out": 80}
+    with pytest.raises(UsageError, match="not declared"):
+        run(shell, "%%dbos_workflow nowhere --queue missing\n1\n")
+
+
+def test_map_batches_and_dataframes(shell: InteractiveShell) -> None:
+    run(shell, STEPS)
+    run(shell, "%dbos_queue work --concurrency 3")
+    batch = run(shell, "b = work.map(fetch, list(range(12)), batch='tens')\nb")
+    assert isinstance(batch, Batch) and len(batch) == 12
+    batch.wait(timeout=20)
+    assert batch.counts() == {"queued": 0, "running": 0, "done": 12, "failed": 0, "cancelled": 0}
+    # Mapping again (a re-run cell) enqueues nothing twice.
+    again = run(shell, "work.map(fetch, list(range(12)), batch='tens')")
+    assert again.id == "tens" and len(DBOS.list_workflows(queue_name="work")) == 12
+    assert sorted(c[1] for c in CALLS) == list(range(12))
+    df = batch.to_pandas()
+    assert list(df["item"]) == list(range(12))
+    assert list(df["output"]) == [i * 10 for i in range(12)]
+    assert list(df["input"]) == list(range(12))
+    assert str(df["status"].dtype) == "category" and set(df["status"]) == {"SUCCESS"}
+    assert str(df["started"].dtype).startswith("datetime64")
+    assert (df["duration"] >= pd.Timedelta(0)).all()
+    attached = Batch.attach("tens")
+    assert attached.results() == [i * 10 for i in range(12)]
+    with pytest.raises(UnknownBatchError, match="tens"):
+        Batch.attach("no-such-batch")
+    with pytest.raises(dbos_nb.BatchConflictError, match="already exists with 12 items"):
+        run(shell, "work.map(fetch, [1, 2], batch='tens')")
+
+
+def test_batch_from_dataframe_expand_retry_and_cancel(shell: InteractiveShell) -> None:
+    shell.user_ns["fail_for"] = {3}
+    run(
+        shell,
+        "from dbos_nb import DBOS\n"
+        "@DBOS.step()\n"
+        "def score(text, weight):\n"
+        "    CALLS.append(text)\n"
+        "    if weight in fail_for:\n"
+        "        raise RuntimeError(f'429 for {text}')\n"
+        "    return {'len': len(text), 'w': weight}\n",
+    )
+    run(shell, "%dbos_queue scoring --concurrency 2")
+    frame = pd.DataFrame({"text": ["a", "bb", "ccc", "dddd"], "weight": [1, 2, 3, 4]})
+    shell.user_ns["frame"] = frame
+    batch = run(shell, "scoring.map(score, frame, batch='df')")
+    batch.wait(timeout=20)
+    assert batch.counts()["failed"] == 1
+    progress = batch.progress()
+    assert progress.recent_errors and "429 for ccc" in progress.recent_errors[0][1]
+    wide = batch.to_pandas(expand=True)
+    assert list(wide.columns[:4]) == ["item", "workflow_id", "status", "input"]
+    assert list(wide["len"].iloc[[0, 1, 3]]) == [1, 2, 4]
+    assert wide["error"].iloc[2].startswith("RuntimeError: 429 for ccc")
+    shell.user_ns["fail_for"].clear()
+    assert batch.retry_failed() == 1
+    batch.wait(timeout=20)
+    assert batch.counts()["done"] == 4
+    assert CALLS.count("a") == 1 and CALLS.count("ccc") == 2  # only the failed item re-ran
+    gate = threading.Event()
+    shell.user_ns["gate"] = gate
+    run(shell, "@DBOS.step()\ndef slow(x):\n    gate.wait(10)\n    return x\n")
+    run(shell, "%dbos_queue single --concurrency 1")
+    slow_batch = run(shell, "single.map(slow, list(range(5)), batch='slow')")
+    assert slow_batch.cancel() >= 4
+    gate.set()
+    slow_batch.wait(timeout=20)
+    assert slow_batch.counts()["cancelled"] >= 4
+
+
+def test_progress_views_and_status_magics(shell: InteractiveShell) -> None:
+    run(shell, STEPS)
+    run(shell, "%dbos_queue viewq --limit 100/1m")
+    batch = run(shell, "viewq.map(fetch, [1, 2, 3], batch='view')")
+    batch.wait(timeout=20)
+    p = batch.progress()
+    assert p.complete and p.finished == 3 and p.rate_limit == 100 and p.rate_used == 3
+    assert "3/3 finished" in progress_text(p) and "###" in progress_text(p)
+    assert "batch view" in progress_html(p) and "rate limit: 3/100" in progress_html(p)
+    assert "3/3 finished" in repr(batch)
+    assert not widgets_available()  # a plain shell, not a kernel
+    assert "3 done" in repr(Snapshot(p))
+    frame = run(shell, "%dbos_status viewq")
+    assert isinstance(frame, pd.DataFrame) and len(frame) == 3
+    frame_all = dbos_nb.workflows_frame(queue_name="viewq")
+    assert list(frame_all["status"]) == ["SUCCESS"] * 3
+    with pytest.raises(UsageError, match="does not exist"):
+        run(shell, "%dbos_cancel nope")
