@@ -114,7 +114,10 @@ def test_batch_survives_a_kernel_restart(kernel: Kernel, db_url: str, tmp_path: 
     for cell in cells:
         kernel.run(cell)
     kernel.run("b = work.map(work_item, list(range(40)), batch='restart-batch')")
-    done_sql = "SELECT COUNT(*) FROM {s}workflow_status WHERE batch_id='restart-batch' AND status='SUCCESS'"
+    done_sql = (
+        "SELECT COUNT(*) FROM {s}workflow_status "
+        "WHERE batch_id='restart-batch' AND status='SUCCESS'"
+    )
     _wait_for(lambda: _query(db_url, done_sql)[0][0] >= 8)
     kernel.restart_now()
     checkpointed = {
@@ -132,8 +135,8 @@ def test_batch_survives_a_kernel_restart(kernel: Kernel, db_url: str, tmp_path: 
     out = kernel.run(
         "import json\n"
         "df = b.wait(timeout=60, show=False).to_pandas()\n"
-        "print(json.dumps({'items': df['item'].tolist(), 'status': df['status'].astype(str).tolist(),"
-        " 'output': df['output'].tolist()}))"
+        "print(json.dumps({'items': df['item'].tolist(),"
+        " 'status': df['status'].astype(str).tolist(), 'output': df['output'].tolist()}))"
     )
     result = json.loads(out.strip().splitlines()[-1])
     assert result["items"] == list(range(40))

@@ -82,7 +82,14 @@ def test_parse_limit() -> None:
 
 def test_durable_cell_runs_once_and_replays(shell: InteractiveShell, capsys: Any) -> None:
     run(shell, STEPS)
-    cell = "%%dbos_workflow scores\ntotal = 0\nfor i in range(3):\n    total += fetch(i)\nlabel = 'sum'\ntotal * 2\n"
+    cell = (
+        "%%dbos_workflow scores\n"
+        "total = 0\n"
+        "for i in range(3):\n"
+        "    total += fetch(i)\n"
+        "label = 'sum'\n"
+        "total * 2\n"
+    )
     assert run(shell, cell) == 60
     assert CALLS == [("fetch", 0), ("fetch", 1), ("fetch", 2)]
     assert shell.user_ns["total"] == 30
