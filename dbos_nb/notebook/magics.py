@@ -86,7 +86,10 @@ class DbosMagics(Magics):
     # -- %dbos_launch ---------------------------------------------------------------------------
 
     @magic_arguments()
-    @argument("--db", help="system database URL (default: .dbos_nb/<notebook>.sqlite here)")
+    @argument(
+        "--db",
+        help="system database URL (default: <notebook>.sqlite in $DBOS_NB_DIR, else in .dbos_nb/)",
+    )
     @argument("--name", help="application name (default: the notebook's name)")
     @argument("--executor-id", help="executor id (default: stable for this notebook and host)")
     @line_magic
@@ -94,7 +97,8 @@ class DbosMagics(Magics):
         """Create and launch DBOS for this notebook; recovers its unfinished work."""
         args = parse_argstring(self.dbos_launch, line)
         name = _safe(args.name or notebook_name(self._ns))
-        url = args.db or f"sqlite:///{Path('.dbos_nb').resolve() / (name + '.sqlite')}"
+        folder = Path(os.environ.get("DBOS_NB_DIR") or ".dbos_nb").resolve()
+        url = args.db or f"sqlite:///{folder / (name + '.sqlite')}"
         executor = args.executor_id or f"nb:{name}@{socket.gethostname()}"
         config = {"name": name, "system_database_url": url, "executor_id": executor}
         rt = peek_runtime()
