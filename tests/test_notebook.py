@@ -267,3 +267,28 @@ def test_progress_views_and_status_magics(shell: InteractiveShell) -> None:
     assert list(frame_all["status"]) == ["SUCCESS"] * 3
     with pytest.raises(UsageError, match="does not exist"):
         run(shell, "%dbos_cancel nope")
+
+
+def test_redefining_cells_while_work_is_queued(shell: InteractiveShell) -> None:
+    """Re-running definition cells never raises; queued work runs the definition registered
+    when it starts (here: the new one)."""
+    gate = threading.Event()
+    shell.user_ns["gate"] = gate
+    run(shell, "%dbos_queue serial --concurrency 1")
+    definition = (
+        "from dbos_nb import DBOS\n"
+        "@DBOS.step()\n"
+        "def blocker():\n"
+        "    gate.wait(10)\n"
+        "@DBOS.step()\n"
+        "def version(x):\n"
+        "    return ('{v}', x)\n"
+    )
+    run(shell, definition.format(v="v1"))
+    run(shell, "%dbos_queue serial --concurrency 1")  # declared again: harmless
+    first = run(shell, "serial.enqueue(blocker)")
+    queued = run(shell, "serial.enqueue(version, 1)")
+    run(shell, definition.format(v="v2"))  # the cell is edited and run again
+    gate.set()
+    first.get_result(timeout_sec=10)
+    assert queued.get_result(timeout_sec=10) == ("v2", 1)

@@ -158,3 +158,23 @@ def queues_frame(queue_name: str | None = None) -> pd.DataFrame:
             }
         )
     return pd.DataFrame.from_records(records)
+
+
+def executors_frame() -> pd.DataFrame:
+    """Live and recent executors (kernels and workers) with their heartbeat age."""
+    rt = get_runtime()
+    now = rt.now_ms()
+    rows = rt.store.list_executors()
+    return pd.DataFrame.from_records(
+        [
+            {
+                "executor": r["executor_id"],
+                "host": r["hostname"],
+                "pid": r["pid"],
+                "heartbeat_age_s": round((now - int(r["heartbeat_at"])) / 1000, 1),
+                "this_kernel": r["executor_id"] == rt.executor_id,
+            }
+            for r in rows
+        ],
+        columns=["executor", "host", "pid", "heartbeat_age_s", "this_kernel"],
+    )

@@ -285,12 +285,13 @@ class DbosMagics(Magics):
     @argument("queue", nargs="?", help="only this queue")
     @line_magic
     def dbos_status(self, line: str) -> Any:
-        """Queues (limits, counts per status) and recent workflows."""
+        """Queues (limits, counts per status), executors, and the latest workflows."""
         args = parse_argstring(self.dbos_status, line)
         _rt()
-        from dbos_nb.notebook.frames import queues_frame, workflows_frame
+        from dbos_nb.notebook.frames import executors_frame, queues_frame, workflows_frame
 
         views.display(queues_frame(args.queue))
+        views.display(executors_frame())
         return workflows_frame(queue_name=args.queue, limit=10, sort_desc=True, load_output=False)
 
     @magic_arguments()
