@@ -74,6 +74,22 @@ def _decorate(kind: Kind, func: Callable[..., Any], name: str | None, **options:
     return wrapper
 
 
+def _fastapi_hook(app: Any) -> Callable[[str, Callable[[], None]], None]:
+    """How to run DBOS.launch/destroy at a FastAPI app's startup and shutdown.
+
+    Starlette 1.x keeps `add_event_handler` only on the router. An app built with its own
+    `lifespan=` does not run these handlers: call DBOS.launch() in that lifespan instead.
+    """
+    for owner in (getattr(app, "router", None), app):
+        hook = getattr(owner, "add_event_handler", None)
+        if callable(hook):
+            return cast(Callable[[str, Callable[[], None]], None], hook)
+    raise DBOSConfigError(
+        f"cannot attach DBOS to {type(app).__name__}: it has no add_event_handler; call "
+        "DBOS.launch() in the app's lifespan instead"
+    )
+
+
 class DBOS:
     """The process's DBOS instance and DBOS Transact's class-level API."""
 
@@ -89,6 +105,7 @@ class DBOS:
         **_ignored: Any,
     ) -> DBOS:
         resolved = resolve_config(config)
+        attach = _fastapi_hook(fastapi) if fastapi is not None else None
         with _instance_lock:
             if cls._engine is not None:
                 if cls._config_key == resolved:
@@ -99,9 +116,9 @@ class DBOS:
                 )
             cls._engine = Engine(resolved, clock=clock)
             cls._config_key = resolved
-        if fastapi is not None:
-            fastapi.add_event_handler("startup", cls.launch)
-            fastapi.add_event_handler("shutdown", cls.destroy)
+        if attach is not None:
+            attach("startup", cls.launch)
+            attach("shutdown", cls.destroy)
         return object.__new__(cls)
 
     def __init__(self, **_kwargs: Any) -> None:
