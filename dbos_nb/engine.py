@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dbos_nb.clock import Clock, SystemClock
+from dbos_nb.core.functions import FunctionResolver
 from dbos_nb.core.pool import ElasticPool
 from dbos_nb.core.queue import QUEUES
 from dbos_nb.core.registry import REGISTRY, Registration
@@ -75,6 +76,12 @@ class ResolvedConfig:
     use_listen_notify: bool
     heartbeat_interval_sec: float
     executor_lease_sec: float
+    # Queues this process claims from: None = the queues it declares, ["*"] = every queue.
+    listen_queues: tuple[str, ...] | None = None
+    # Workers: claim and run any function stored in the database, not only their own.
+    run_stored_functions: bool = False
+    # At most this many workflows running at once in this process (None: no local cap).
+    max_concurrent_workflows: int | None = None
 
 
 def resolve_config(config: dict[str, Any] | None) -> ResolvedConfig:
@@ -95,6 +102,18 @@ def resolve_config(config: dict[str, Any] | None) -> ResolvedConfig:
             raise DBOSConfigError(f"config {key!r} must be a URL string, got {config[key]!r}")
     executor_id = config.get("executor_id") or os.environ.get("DBOS__VMID") or "local"
     version = config.get("application_version") or os.environ.get("DBOS__APPVERSION")
+    listen = config.get("listen_queues")
+    if listen is not None and (
+        isinstance(listen, str) or not all(isinstance(q, str) for q in listen)
+    ):
+        raise DBOSConfigError(
+            f"config 'listen_queues' must be a list of queue names, got {listen!r}"
+        )
+    cap = config.get("max_concurrent_workflows")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise DBOSConfigError(
+            f"config 'max_concurrent_workflows' must be a positive integer, got {cap!r}"
+        )
     return ResolvedConfig(
         name=name,
         system_database_url=system_url,
@@ -105,6 +124,9 @@ def resolve_config(config: dict[str, Any] | None) -> ResolvedConfig:
         use_listen_notify=bool(config.get("use_listen_notify", True)),
         heartbeat_interval_sec=_positive(config, "heartbeat_interval_sec", 5.0),
         executor_lease_sec=_positive(config, "executor_lease_sec", 30.0),
+        listen_queues=tuple(listen) if listen is not None else None,
+        run_stored_functions=bool(config.get("run_stored_functions", False)),
+        max_concurrent_workflows=cap,
     )
 
 
@@ -169,6 +191,7 @@ class Engine:
             executor_id=cfg.executor_id,
             app_version=cfg.application_version or _default_version(),
             polling_interval_sec=cfg.polling_interval_sec,
+            resolver=FunctionResolver(store, REGISTRY, run_stored=cfg.run_stored_functions),
         )
         store.upsert_queue(QueueSettings(name=INTERNAL_QUEUE), rt.now_ms())
         _record_functions(rt, REGISTRY.all())
@@ -187,6 +210,7 @@ class Engine:
             heartbeat=lambda: self._heartbeat(rt),
             heartbeat_interval_sec=cfg.heartbeat_interval_sec,
             use_listen_notify=cfg.use_listen_notify,
+            max_running=cfg.max_concurrent_workflows,
         )
         REGISTRY.add_listener(self._on_register)
         QUEUES.add_listener(self._on_queue)
@@ -196,7 +220,12 @@ class Engine:
         return rt
 
     def _listened_queues(self) -> list[str]:
-        return [INTERNAL_QUEUE, *QUEUES.names()]
+        listen = self.config.listen_queues
+        if listen is None:
+            return [INTERNAL_QUEUE, *QUEUES.names()]
+        if "*" in listen and self.runtime is not None:
+            return [q.name for q in self.runtime.store.list_queues()]
+        return [INTERNAL_QUEUE, *(q for q in listen if q != "*")]
 
     def _store_queue(self, rt: Runtime, settings: QueueSettings) -> None:
         previous = rt.store.upsert_queue(settings, rt.now_ms())
@@ -236,12 +265,31 @@ class Engine:
         store.register_executor(cfg.executor_id, host, os.getpid(), self._token, now)
 
     def _heartbeat(self, rt: Runtime) -> None:
-        if not rt.store.heartbeat(rt.executor_id, self._token, rt.now_ms()):
+        """Renew this executor's lease, and take over the work of executors whose lease ran out."""
+        now = rt.now_ms()
+        if not rt.store.heartbeat(rt.executor_id, self._token, now):
             logger.error(
-                "executor id %r was taken by another process; this process keeps running its "
-                "current work but two processes now share one id",
+                "executor %r missed its lease and its work was given to others; stopping its "
+                "current workflows (their results would be refused) and joining again",
                 rt.executor_id,
             )
+            rt.preempt_all("taken over by another executor")
+            self._token = uuid.uuid4().hex
+            rt.store.register_executor(
+                rt.executor_id, socket.gethostname(), os.getpid(), self._token, now
+            )
+        lease_ms = round(self.config.executor_lease_sec * 1000)
+        taken = rt.store.take_over_expired(now, lease_ms, keep=rt.executor_id)
+        for executor_id, ids in taken.items():
+            logger.warning(
+                "executor %r sent no heartbeat for %.0f s: %d unfinished workflow(s) returned to "
+                "their queues",
+                executor_id,
+                self.config.executor_lease_sec,
+                len(ids),
+            )
+        if taken:
+            rt.wake_scheduler()
 
     def destroy(self, workflow_completion_timeout_sec: float = 0.0) -> None:
         rt = self.runtime
@@ -262,6 +310,11 @@ class Engine:
                 "some workflow threads are still inside user code; they stop at their next step"
             )
         try:
+            # What this process had claimed but not finished goes back to its queue at once,
+            # for whichever process runs next (this one after a restart, or another worker).
+            released = rt.store.requeue_pending(rt.executor_id, rt.now_ms())
+            if released:
+                logger.info("returned %d unfinished workflow(s) to their queues", len(released))
             rt.store.unregister_executor(rt.executor_id, self._token)
         except Exception:
             logger.warning("could not unregister executor %r", rt.executor_id, exc_info=True)
@@ -273,7 +326,8 @@ class Engine:
 
 
 def _record_functions(rt: Runtime, regs: list[Registration]) -> None:
-    """Publish registered names so that clients can check the names they enqueue."""
+    """Publish registered names (and their latest versions) so that clients can check the names
+    they enqueue and pin the version."""
     rt.store.record_functions(
         [(r.name, r.kind, r.module, r.source_hash) for r in regs], rt.now_ms()
     )

@@ -110,6 +110,7 @@ class ClaimedWorkflow:
     deadline_epoch_ms: int | None
     recovery_attempts: int
     owner_xid: str
+    function_hash: str | None = None
     # Set when the queue has a rate limiter: the ledger entry's claim time, moved to the real
     # start time when the workflow begins.
     ledger_claimed_at_ms: int | None = None

@@ -270,8 +270,8 @@ def test_progress_views_and_status_magics(shell: InteractiveShell) -> None:
 
 
 def test_redefining_cells_while_work_is_queued(shell: InteractiveShell) -> None:
-    """Re-running definition cells never raises; queued work runs the definition registered
-    when it starts (here: the new one)."""
+    """Re-running definition cells never raises; work enqueued before runs the version it was
+    enqueued with, work enqueued after runs the new one."""
     gate = threading.Event()
     shell.user_ns["gate"] = gate
     run(shell, "%dbos_queue serial --concurrency 1")
@@ -287,8 +287,12 @@ def test_redefining_cells_while_work_is_queued(shell: InteractiveShell) -> None:
     run(shell, definition.format(v="v1"))
     run(shell, "%dbos_queue serial --concurrency 1")  # declared again: harmless
     first = run(shell, "serial.enqueue(blocker)")
-    queued = run(shell, "serial.enqueue(version, 1)")
+    old_work = run(shell, "serial.enqueue(version, 1)")
     run(shell, definition.format(v="v2"))  # the cell is edited and run again
+    new_work = run(shell, "serial.enqueue(version, 2)")
     gate.set()
     first.get_result(timeout_sec=10)
-    assert queued.get_result(timeout_sec=10) == ("v2", 1)
+    assert old_work.get_result(timeout_sec=10) == ("v1", 1)
+    assert new_work.get_result(timeout_sec=10) == ("v2", 2)
+    versions = {s.workflow_id: s for s in DBOS.list_workflows(queue_name="serial")}
+    assert len({versions[h.workflow_id].output for h in (old_work, new_work)}) == 2

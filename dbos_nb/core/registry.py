@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import cloudpickle
+
 from dbos_nb.errors import DBOSConflictingRegistrationError, DbosNbError
 
 logger = logging.getLogger(__name__)
@@ -46,15 +48,36 @@ class Registration:
     def module(self) -> str:
         return str(getattr(self.func, "__module__", ""))
 
+    # Whether workers may run it: a durable notebook cell needs its kernel's namespace.
+    portable: bool = True
+    _version: str | None = field(default=None, repr=False)
+
+    @property
+    def version(self) -> str:
+        """A hash of the function's code: two definitions with the same source are one version."""
+        if self._version is None:
+            try:
+                source = inspect.getsource(self.func)
+            except (OSError, TypeError):
+                code = getattr(self.func, "__code__", None)
+                source = repr(code.co_code) if code is not None else self.name
+            digest = hashlib.sha256(f"{self.kind}:{self.name}:{source}".encode())
+            self._version = digest.hexdigest()[:16]
+        return self._version
+
     @property
     def source_hash(self) -> str:
-        """A hash of the function's code, to tell re-definitions apart."""
+        return self.version
+
+    def payload(self) -> bytes | None:
+        """The decorated function, cloudpickled for other processes (None if it cannot be)."""
+        if not self.portable:
+            return None
         try:
-            source = inspect.getsource(self.func)
-        except (OSError, TypeError):
-            code = getattr(self.func, "__code__", None)
-            source = repr(code.co_code) if code is not None else self.name
-        return hashlib.sha256(source.encode()).hexdigest()[:16]
+            return bytes(cloudpickle.dumps(self.wrapper))
+        except Exception as exc:
+            logger.info("%s %r cannot be stored for workers: %s", self.kind, self.name, exc)
+            return None
 
 
 class Registry:

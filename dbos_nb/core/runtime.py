@@ -14,9 +14,10 @@ from typing import Any
 
 from dbos_nb.clock import Clock
 from dbos_nb.core.context import RunningWorkflow
+from dbos_nb.core.functions import FunctionResolver
 from dbos_nb.core.handles import status_from_row
 from dbos_nb.core.pool import ElasticPool
-from dbos_nb.core.registry import Registry
+from dbos_nb.core.registry import Registration, Registry
 from dbos_nb.core.waiters import Waiters, wait_for_result
 from dbos_nb.errors import DBOSNotLaunchedError
 from dbos_nb.models import WorkflowStatus
@@ -38,10 +39,12 @@ class Runtime:
     executor_id: str
     app_version: str
     polling_interval_sec: float
+    resolver: FunctionResolver
     stopping: threading.Event = field(default_factory=threading.Event)
     _running: dict[str, RunningWorkflow] = field(default_factory=dict)
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
     _wake: threading.Event = field(default_factory=threading.Event)
+    _stored_versions: set[str] = field(default_factory=set)
 
     def now_ms(self) -> int:
         return self.clock.now_ms()
@@ -78,6 +81,21 @@ class Runtime:
 
     def preempt_all(self, reason: str) -> None:
         self.preempt(self.running_ids(), reason)
+
+    # -- function versions ----------------------------------------------------------------------
+
+    def ensure_stored(self, reg: Registration) -> None:
+        """Store this version of a function before the first workflow that runs it is written,
+        so that any process can run exactly that version later."""
+        version = reg.version
+        if version in self._stored_versions:
+            return
+        payload = reg.payload()
+        if payload is not None:
+            self.store.record_function_versions(
+                [(reg.name, version, reg.kind, reg.module, payload)], self.now_ms()
+            )
+        self._stored_versions.add(version)
 
     # -- the handle backend ---------------------------------------------------------------------
 

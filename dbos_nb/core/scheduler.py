@@ -18,11 +18,13 @@ from collections.abc import Callable
 
 from dbos_nb.core.runtime import Runtime
 from dbos_nb.core.workflows import run_claimed
+from dbos_nb.models import ClaimedWorkflow
 from dbos_nb.storage import claims
 
 logger = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_MS = 100
+REFRESH_INTERVAL_MS = 1000
 
 
 class Scheduler:
@@ -36,11 +38,16 @@ class Scheduler:
         heartbeat: Callable[[], None],
         heartbeat_interval_sec: float,
         use_listen_notify: bool = True,
+        max_running: int | None = None,
     ) -> None:
         self._rt = rt
         self._queue_names = queue_names
         self._heartbeat = heartbeat
         self._heartbeat_interval_ms = round(heartbeat_interval_sec * 1000)
+        self._max_running = max_running
+        # Claimed and not yet finished (a claim counts from dispatch, before its thread starts).
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dbos_nb-scheduler", daemon=True)
         self._listener: threading.Thread | None = None
@@ -83,6 +90,7 @@ class Scheduler:
     def _loop(self) -> None:
         rt = self._rt
         last_sweep = 0
+        last_refresh = 0
         last_beat = rt.now_ms()
         while not self._stop.is_set():
             rt.wake_event.clear()
@@ -97,13 +105,33 @@ class Scheduler:
                     last_beat = now
                     self._heartbeat()
                 more = False
-                names = rt.registry.runnable_names()
+                if now - last_refresh >= REFRESH_INTERVAL_MS:
+                    last_refresh = now
+                    rt.resolver.refresh()
+                names = rt.resolver.claimable_names()
+                excluded = rt.resolver.excluded_versions()
                 for queue_name in self._queue_names():
                     if self._stop.is_set():
                         return
-                    result = claims.claim(rt.db, queue_name, rt.executor_id, rt.now_ms, names=names)
+                    room = claims.MAX_CLAIM_BATCH
+                    if self._max_running is not None:
+                        with self._inflight_lock:
+                            room = min(room, self._max_running - self._inflight)
+                        if room <= 0:
+                            break  # a finishing workflow wakes us
+                    result = claims.claim(
+                        rt.db,
+                        queue_name,
+                        rt.executor_id,
+                        rt.now_ms,
+                        names=names,
+                        exclude_versions=excluded,
+                        max_rows=room,
+                    )
                     for item in result.claimed:
-                        rt.pool.submit(run_claimed, rt, item)
+                        with self._inflight_lock:
+                            self._inflight += 1
+                        rt.pool.submit(self._run, item)
                     if len(result.claimed) >= claims.MAX_CLAIM_BATCH:
                         more = True
                     if result.next_rate_slot_ms is not None:
@@ -121,6 +149,19 @@ class Scheduler:
                 continue
             delay = max((next_wake - rt.now_ms()) / 1000, 0.0)
             rt.wake_event.wait(min(delay, poll_ms / 1000))
+
+    def _run(self, item: ClaimedWorkflow) -> None:
+        try:
+            run_claimed(self._rt, item)
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+            self._rt.wake_scheduler()
+
+    @property
+    def inflight(self) -> int:
+        with self._inflight_lock:
+            return self._inflight
 
     def _sweep_deadlines(self, now: int) -> None:
         cancelled = self._rt.store.cancel_overdue(now)

@@ -97,6 +97,7 @@ def _new_row(
     queue_name: str | None = None,
     owner: str | None = None,
 ) -> NewWorkflow:
+    rt.ensure_stored(reg)
     now = rt.now_ms()
     deadline = plan.inherited_deadline_ms
     started: int | None = None
@@ -124,6 +125,7 @@ def _new_row(
         parent_function_id=plan.parent_function_id,
         started_at_epoch_ms=started,
         recovery_attempts=1 if status == S.PENDING.value else 0,
+        function_hash=reg.version,
     )
 
 
@@ -355,12 +357,11 @@ def _run_quietly(
 
 def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
     """Run a workflow the scheduler claimed (on a pool thread)."""
-    reg = _registration_for(rt, claimed.name)
+    reg = rt.resolver.resolve(claimed.name, claimed.function_hash)
     if reg is None:
-        logger.warning(
-            "no function registered for claimed workflow %s (%s)", claimed.workflow_id, claimed.name
-        )
-        rt.store.resume_workflow(claimed.workflow_id, rt.now_ms(), claimed.queue_name)
+        # This process cannot run that version: give it back for one that can.
+        rt.store.release_claim(claimed.workflow_id, claimed.owner_xid, rt.now_ms())
+        rt.wake_scheduler()
         return
     if claimed.recovery_attempts > reg.max_recovery_attempts + 1:
         logger.error(
@@ -403,10 +404,3 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
         claimed.deadline_epoch_ms,
         ledger,
     )
-
-
-def _registration_for(rt: Runtime, workflow_name: str) -> Registration | None:
-    if workflow_name.startswith(STEP_WORKFLOW_PREFIX):
-        return rt.registry.get(workflow_name[len(STEP_WORKFLOW_PREFIX) :])
-    reg = rt.registry.get(workflow_name)
-    return reg if reg is not None and reg.kind == "workflow" else None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Collection
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 
 from dbos_nb.models import ClaimedWorkflow, ClaimResult, WorkflowStatusString
 from dbos_nb.storage.database import Database
@@ -42,11 +42,13 @@ def claim(
     clock: Callable[[], int],
     *,
     names: Collection[str] | None = None,
+    exclude_versions: Collection[str] = (),
     max_rows: int = MAX_CLAIM_BATCH,
 ) -> ClaimResult:
     """Claim as much ready work of one queue as its limits allow right now.
 
-    `names` restricts the claim to workflows whose function this process can run (None: any).
+    `names` restricts the claim to workflows whose function this process can run (None: any);
+    `exclude_versions` leaves out function versions it cannot load.
     Atomic: either every chosen row becomes PENDING for `executor_id` and its start is counted,
     or nothing changes. Rows are only ever taken from ENQUEUED, so two claimers never share one.
     `clock` gives epoch ms; it is read only once the queue is locked, so a claimer that waited
@@ -108,12 +110,17 @@ def claim(
                 ws.c.workflow_timeout_ms,
                 ws.c.workflow_deadline_epoch_ms,
                 ws.c.recovery_attempts,
+                ws.c.function_hash,
             )
             .where(ws.c.queue_name == queue_name, ws.c.status == ENQUEUED)
             .limit(budget)
         )
         if names is not None:
             candidates = candidates.where(ws.c.name.in_(list(names)))
+        if exclude_versions:
+            candidates = candidates.where(
+                or_(ws.c.function_hash.is_(None), ws.c.function_hash.not_in(list(exclude_versions)))
+            )
         if queue.priority_enabled:
             candidates = candidates.order_by(ws.c.priority, ws.c.id)
         else:
@@ -167,6 +174,7 @@ def claim(
                     deadline_epoch_ms=deadline,
                     recovery_attempts=int(r[5]) + 1,
                     owner_xid=owner,
+                    function_hash=r[6],
                     ledger_claimed_at_ms=now_ms if queue.limit is not None else None,
                 )
             )
@@ -211,11 +219,13 @@ def window_usage(db: Database, queue_name: str, limit_period_ms: int, now_ms: in
 def limiter_guard_ms(period_ms: int) -> int:
     """A start stays in the window this much longer than `period`.
 
-    The ledger holds when each workflow began (see `record_real_start`); its first step, or the
-    provider it calls, sees the start slightly later still. 2% of the period (at most a second)
-    absorbs that jitter so that no window, measured there, holds `limit + 1` starts.
+    The ledger holds when each workflow began its first operation (see `record_real_start`);
+    the step body, or the provider it calls, sees the start a little later still (thread
+    scheduling under load: a few to a few tens of milliseconds). 2% of the period, at least 50 ms
+    and at most a second, absorbs that jitter so that no window, measured there, holds
+    `limit + 1` starts. For an API limit per minute that costs under 2% of the budget.
     """
-    return min(period_ms // 50, 1000)
+    return min(max(period_ms // 50, 50), 1000)
 
 
 def _next_slot(

@@ -70,6 +70,8 @@ workflow_status = Table(
     Column("assumed_role", String(255)),
     Column("authenticated_roles", Text),
     Column("batch_id", String(255)),
+    # The version (content hash) of the function this workflow was started or enqueued with.
+    Column("function_hash", String(64)),
     Index("ix_ws_queue_claim", "queue_name", "status", "priority", "id"),
     # Partial indexes: a plain enqueued row (no deadline, parent or dedup id) updates none of
     # them, which keeps bulk enqueues fast.
@@ -158,6 +160,20 @@ functions = Table(
     Column("module", String(512)),
     Column("source_hash", String(64)),
     Column("updated_at", BigInteger, nullable=False),
+)
+
+# Every version of every registered function, cloudpickled, so that a worker process that never
+# saw the notebook can run exactly the version a workflow was enqueued with.
+function_versions = Table(
+    "function_versions",
+    system_metadata,
+    Column("name", String(512), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("module", String(512)),
+    Column("payload", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("name", "hash"),
 )
 
 schema_migrations = Table(

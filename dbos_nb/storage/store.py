@@ -37,8 +37,10 @@ from dbos_nb.storage.database import NOTIFY_CHANNEL, Database
 from dbos_nb.storage.schema import (
     batches,
     executors,
+    function_versions,
     functions,
     operation_outputs,
+    queue_starts,
     queues,
     workflow_status,
 )
@@ -78,6 +80,7 @@ class NewWorkflow:
     started_at_epoch_ms: int | None = None
     recovery_attempts: int = 0
     batch_id: str | None = None
+    function_hash: str | None = None
 
 
 @dataclass
@@ -177,6 +180,7 @@ _WF_COLUMNS = [
     "workflow_deadline_epoch_ms",
     "parent_workflow_id",
     "batch_id",
+    "function_hash",
 ]
 
 _STEP_COLUMNS = [
@@ -814,27 +818,30 @@ class SystemStore:
         Queued rows keep their place: claims order by enqueue order, so they come first.
         """
         with self.db.write() as conn:
-            ids = list(
-                conn.execute(
-                    select(ws.c.workflow_uuid).where(
-                        ws.c.status == PENDING, ws.c.executor_id == executor_id
-                    )
-                ).scalars()
+            return self._requeue_pending(conn, executor_id, now_ms)
+
+    def _requeue_pending(self, conn: Connection, executor_id: str, now_ms: int) -> list[str]:
+        ids = list(
+            conn.execute(
+                select(ws.c.workflow_uuid).where(
+                    ws.c.status == PENDING, ws.c.executor_id == executor_id
+                )
+            ).scalars()
+        )
+        for chunk in _chunks(ids, 500):
+            conn.execute(
+                update(ws)
+                .where(ws.c.workflow_uuid.in_(chunk), ws.c.queue_name.is_(None))
+                .values(queue_name=INTERNAL_QUEUE)
             )
-            for chunk in _chunks(ids, 500):
-                conn.execute(
-                    update(ws)
-                    .where(ws.c.workflow_uuid.in_(chunk), ws.c.queue_name.is_(None))
-                    .values(queue_name=INTERNAL_QUEUE)
-                )
-                conn.execute(
-                    update(ws)
-                    .where(ws.c.workflow_uuid.in_(chunk), ws.c.status == PENDING)
-                    .values(status=ENQUEUED, owner_xid=None, executor_id=None, updated_at=now_ms)
-                )
-            if ids:
-                self.db.notify(conn, "q:*")
-            return ids
+            conn.execute(
+                update(ws)
+                .where(ws.c.workflow_uuid.in_(chunk), ws.c.status == PENDING)
+                .values(status=ENQUEUED, owner_xid=None, executor_id=None, updated_at=now_ms)
+            )
+        if ids:
+            self.db.notify(conn, "q:*")
+        return ids
 
     def cancel_overdue(self, now_ms: int) -> list[str]:
         """Cancel every active workflow whose deadline has passed; returns their ids."""
@@ -915,6 +922,96 @@ class SystemStore:
         with self.db.read() as conn:
             kind = conn.execute(select(functions.c.kind).where(functions.c.name == name)).scalar()
             return str(kind) if kind is not None else None
+
+    def record_function_versions(
+        self, entries: Sequence[tuple[str, str, str, str, bytes]], now_ms: int
+    ) -> None:
+        """Store (name, hash, kind, module, payload) versions; known versions are left as they
+        are (a version is immutable)."""
+        if not entries:
+            return
+        rows = [
+            {"name": n, "hash": h, "kind": k, "module": m, "payload": p, "created_at": now_ms}
+            for n, h, k, m, p in entries
+        ]
+        with self.db.write() as conn:
+            conn.execute(self.db.insert(function_versions).on_conflict_do_nothing(), rows)
+
+    def load_function_version(self, name: str, version: str) -> bytes | None:
+        """The stored payload of one version of a function."""
+        fv = function_versions
+        with self.db.read() as conn:
+            payload = conn.execute(
+                select(fv.c.payload).where(fv.c.name == name, fv.c.hash == version)
+            ).scalar()
+        return bytes(payload) if payload is not None else None
+
+    def list_function_versions(self) -> list[tuple[str, str, str]]:
+        """(name, hash, kind) of every stored version."""
+        fv = function_versions
+        with self.db.read() as conn:
+            rows = conn.execute(select(fv.c.name, fv.c.hash, fv.c.kind)).all()
+        return [(str(n), str(h), str(k)) for n, h, k in rows]
+
+    def function_latest_hash(self, name: str) -> str | None:
+        """The version last registered under a name (what a client's enqueue pins)."""
+        with self.db.read() as conn:
+            value = conn.execute(
+                select(functions.c.source_hash).where(functions.c.name == name)
+            ).scalar()
+        return str(value) if value is not None else None
+
+    def release_claim(self, workflow_id: str, owner_xid: str, now_ms: int) -> bool:
+        """Give back a claimed workflow this process cannot run: ENQUEUED again, its attempt and
+        its rate-limiter start uncounted."""
+        with self.db.write() as conn:
+            released = conn.execute(
+                update(ws)
+                .where(
+                    ws.c.workflow_uuid == workflow_id,
+                    ws.c.owner_xid == owner_xid,
+                    ws.c.status == PENDING,
+                )
+                .values(
+                    status=ENQUEUED,
+                    owner_xid=None,
+                    executor_id=None,
+                    started_at_epoch_ms=None,
+                    recovery_attempts=ws.c.recovery_attempts - 1,
+                    updated_at=now_ms,
+                )
+            ).rowcount
+            if released:
+                latest = (
+                    select(func.max(queue_starts.c.id))
+                    .where(queue_starts.c.workflow_uuid == workflow_id)
+                    .scalar_subquery()
+                )
+                conn.execute(delete(queue_starts).where(queue_starts.c.id == latest))
+            return bool(released)
+
+    def take_over_expired(self, now_ms: int, lease_ms: int, keep: str) -> dict[str, list[str]]:
+        """Declare dead every executor (but `keep`) whose heartbeat is older than the lease, and
+        put its PENDING workflows back in their queues, in one transaction. Returns the
+        executors taken over and their requeued workflow ids.
+
+        A dead executor that comes back finds its row gone and its workflows owned by others:
+        its writes fail the owner checks, so it never overwrites the new owner's work.
+        """
+        taken: dict[str, list[str]] = {}
+        with self.db.write() as conn:
+            expired = list(
+                conn.execute(
+                    select(executors.c.executor_id).where(
+                        executors.c.heartbeat_at < now_ms - lease_ms,
+                        executors.c.executor_id != keep,
+                    )
+                ).scalars()
+            )
+            for executor_id in expired:
+                conn.execute(delete(executors).where(executors.c.executor_id == executor_id))
+                taken[executor_id] = self._requeue_pending(conn, executor_id, now_ms)
+        return taken
 
     # -- executors ------------------------------------------------------------------------------
 
@@ -1006,6 +1103,7 @@ def _row_values(wf: NewWorkflow) -> dict[str, Any]:
         "workflow_deadline_epoch_ms": wf.workflow_deadline_epoch_ms,
         "parent_workflow_id": wf.parent_workflow_id,
         "batch_id": wf.batch_id,
+        "function_hash": wf.function_hash,
     }
 
 

@@ -1,0 +1,132 @@
+"""Which code runs a workflow: the exact version it was enqueued with, wherever it runs.
+
+Every registered function is stored in the database under its name and content hash (see
+`Registration.payload`). A workflow row records the hash it was started with. To run it, a process
+uses its own registration when the hashes match, and otherwise loads that version from the
+database (cached by hash). So after a notebook redefines a function, work enqueued before still
+runs the old code, and a worker that never saw the notebook runs notebook-defined functions.
+
+A version this process cannot load (a module missing on this machine, say) is logged once and
+excluded from this process's claims, so the work stays queued for a process that can run it.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+
+from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX, Registration, Registry, registration_of
+from dbos_nb.storage.store import SystemStore
+
+logger = logging.getLogger(__name__)
+
+MISSING_RETRY_SEC = 5.0
+
+
+class FunctionResolver:
+    """Maps (workflow name, version hash) to a runnable Registration for this process."""
+
+    def __init__(self, store: SystemStore, registry: Registry, *, run_stored: bool) -> None:
+        self._store = store
+        self._registry = registry
+        # Workers (run_stored=True) claim any stored function; kernels claim what they define.
+        self._run_stored = run_stored
+        self._lock = threading.Lock()
+        self._loaded: dict[str, Registration] = {}
+        self._failed: dict[str, str] = {}
+        # Versions with no stored copy yet: the defining process may store it in a moment.
+        self._missing: dict[str, float] = {}
+        self._stored_names: set[str] = set()
+
+    def resolve(self, workflow_name: str, version: str | None) -> Registration | None:
+        """The registration to run a workflow row with, or None if this process cannot."""
+        base, is_step = _split(workflow_name)
+        local = self._registry.get(base)
+        if local is not None and (version is None or local.version == version):
+            return local if is_step or local.kind == "workflow" else None
+        if version is None:
+            return None
+        with self._lock:
+            if version in self._loaded:
+                return self._loaded[version]
+            if version in self._failed:
+                return None
+            if (
+                time.monotonic() - self._missing.get(version, -MISSING_RETRY_SEC)
+                < MISSING_RETRY_SEC
+            ):
+                return None
+        return self._load(base, version)
+
+    def _load(self, name: str, version: str) -> Registration | None:
+        payload = self._store.load_function_version(name, version)
+        reason = None
+        reg = None
+        if payload is None:
+            with self._lock:
+                if version not in self._missing:
+                    logger.warning(
+                        "no stored copy of %r version %s (it could not be pickled where it was "
+                        "defined); its work stays queued for a process that defines it",
+                        name,
+                        version,
+                    )
+                self._missing[version] = time.monotonic()
+            return None
+        else:
+            try:
+                reg = registration_of(pickle.loads(payload))
+                if reg is None:
+                    reason = "the stored object is not a decorated function"
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            if reg is not None:
+                self._loaded[version] = reg
+                return reg
+            if version not in self._failed:
+                logger.warning(
+                    "cannot load %r version %s here (%s); its work stays queued for another "
+                    "process",
+                    name,
+                    version,
+                    reason,
+                )
+            self._failed[version] = reason or "unknown"
+        return None
+
+    def refresh(self) -> None:
+        """Workers: learn (and try to load) the versions stored since the last refresh."""
+        if not self._run_stored:
+            return
+        for name, version, kind in self._store.list_function_versions():
+            with self._lock:
+                known = version in self._loaded or version in self._failed
+            if not known:
+                self._load(name, version)
+            with self._lock:
+                if version in self._loaded:
+                    self._stored_names.add(
+                        name if kind == "workflow" else STEP_WORKFLOW_PREFIX + name
+                    )
+
+    def claimable_names(self) -> set[str]:
+        """Workflow names this process claims."""
+        names = self._registry.runnable_names()
+        with self._lock:
+            return names | self._stored_names
+
+    def excluded_versions(self) -> set[str]:
+        """Versions that cannot be loaded here (now): not claimed by this process."""
+        now = time.monotonic()
+        with self._lock:
+            missing = {v for v, t in self._missing.items() if now - t < MISSING_RETRY_SEC}
+            return set(self._failed) | missing
+
+
+def _split(workflow_name: str) -> tuple[str, bool]:
+    if workflow_name.startswith(STEP_WORKFLOW_PREFIX):
+        return workflow_name[len(STEP_WORKFLOW_PREFIX) :], True
+    return workflow_name, False
