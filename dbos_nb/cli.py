@@ -2,8 +2,9 @@
 
     dbos-nb status    --db URL            queues, their limits and counts per status
     dbos-nb workflows --db URL [filters]  recent workflows
+    dbos-nb worker    --db URL [options]  run queued work until stopped (see dbos_nb/worker.py)
 
-It reads through the store only and starts no worker threads.
+`status` and `workflows` read through the store only and start no threads.
 """
 
 from __future__ import annotations
@@ -87,6 +88,37 @@ def cmd_workflows(args: argparse.Namespace) -> int:
         db.dispose()
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dbos_nb.worker import configure_logging, run_worker
+
+    configure_logging(args.verbose)
+    return run_worker(
+        args.db,
+        queues=args.queue or (),
+        concurrency=args.concurrency,
+        executor_id=args.executor_id,
+        imports=args.imports or (),
+        lease_sec=args.lease,
+        heartbeat_sec=args.heartbeat,
+        polling_interval_sec=args.poll,
+        grace_sec=args.grace,
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbos-nb", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dbos-nb {__version__}")
@@ -101,6 +133,42 @@ def build_parser() -> argparse.ArgumentParser:
     wfs.add_argument("--name", help="only this workflow name")
     wfs.add_argument("--limit", type=int, default=20)
     wfs.set_defaults(func=cmd_workflows)
+    worker = sub.add_parser(
+        "worker", help="run queued work (of notebooks and other processes) until stopped"
+    )
+    worker.add_argument("--db", required=True, help="system database URL")
+    worker.add_argument("--queue", action="append", help="a queue to run (repeat; default: all)")
+    worker.add_argument(
+        "--concurrency", type=_positive_int, help="at most N workflows at once in this worker"
+    )
+    worker.add_argument("--executor-id", help="this worker's executor id (default: generated)")
+    worker.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import a module first (repeat), e.g. the one defining your workflows",
+    )
+    worker.add_argument(
+        "--lease",
+        type=_positive_float,
+        default=30.0,
+        help="seconds without a heartbeat after which an executor's work is taken over",
+    )
+    worker.add_argument(
+        "--heartbeat", type=_positive_float, default=5.0, help="seconds between heartbeats"
+    )
+    worker.add_argument(
+        "--poll", type=_positive_float, default=1.0, help="fallback polling interval"
+    )
+    worker.add_argument(
+        "--grace",
+        type=_positive_float,
+        default=10.0,
+        help="on SIGTERM/Ctrl-C, seconds running workflows get to finish",
+    )
+    worker.add_argument("-v", "--verbose", action="store_true")
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -92,6 +92,11 @@ class DbosMagics(Magics):
     )
     @argument("--name", help="application name (default: the notebook's name)")
     @argument("--executor-id", help="executor id (default: stable for this notebook and host)")
+    @argument(
+        "--no-worker",
+        action="store_true",
+        help="run no queued work in this kernel (leave it to `dbos-nb worker` processes)",
+    )
     @line_magic
     def dbos_launch(self, line: str) -> None:
         """Create and launch DBOS for this notebook; recovers its unfinished work."""
@@ -100,7 +105,9 @@ class DbosMagics(Magics):
         folder = Path(os.environ.get("DBOS_NB_DIR") or ".dbos_nb").resolve()
         url = args.db or f"sqlite:///{folder / (name + '.sqlite')}"
         executor = args.executor_id or f"nb:{name}@{socket.gethostname()}"
-        config = {"name": name, "system_database_url": url, "executor_id": executor}
+        config: dict[str, Any] = {"name": name, "system_database_url": url, "executor_id": executor}
+        if args.no_worker:
+            config["listen_queues"] = []
         rt = peek_runtime()
         if rt is not None:
             if rt.db.url == normalize_url(url) and rt.executor_id == executor:
@@ -278,6 +285,43 @@ class DbosMagics(Magics):
         if out.get("skipped"):
             print(f"note: not recorded (cannot be serialized): {', '.join(out['skipped'])}")
         return out.get("result")
+
+    # -- %dbos_workers --------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("action", nargs="?", help="N to start N workers, 'stop' to stop this notebook's")
+    @argument("--queue", action="append", help="a queue the workers run (repeat; default: all)")
+    @argument("--concurrency", type=int, help="at most N workflows at once per worker")
+    @line_magic
+    def dbos_workers(self, line: str) -> Any:
+        """Start detached `dbos-nb worker` processes (they outlive the kernel), list the live
+        executors, or stop the workers this notebook started."""
+        args = parse_argstring(self.dbos_workers, line)
+        rt = _rt()
+        from dbos_nb.notebook import workers
+
+        if args.action is None:
+            return workers.executors_table(rt)
+        if args.action == "stop":
+            stopped = workers.stop_workers(rt)
+            print(f"stopped {len(stopped)} worker(s)" + (f": pids {stopped}" if stopped else ""))
+            return None
+        try:
+            count = int(args.action)
+        except ValueError:
+            raise UsageError(
+                f"%dbos_workers {args.action!r}: give a number of workers, 'stop', or nothing"
+            ) from None
+        if not 1 <= count <= 64:
+            raise UsageError("start between 1 and 64 workers at a time")
+        if args.concurrency is not None and args.concurrency < 1:
+            raise UsageError("--concurrency must be a positive integer")
+        started = workers.start_workers(rt, count, args.queue or [], args.concurrency)
+        print(
+            f"started {len(started)} worker(s): pids {[w['pid'] for w in started]}; logs in "
+            f"{workers.state_dir(rt)}"
+        )
+        return None
 
     # -- status and management ------------------------------------------------------------------
 

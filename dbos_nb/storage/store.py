@@ -629,6 +629,16 @@ class SystemStore:
         with self.db.read() as conn:
             return [dict(r) for r in conn.execute(stmt).mappings()]
 
+    def count_by_executor(self, executor_id: str) -> dict[str, int]:
+        """Number of workflows per status last run by one executor."""
+        stmt = (
+            select(ws.c.status, func.count())
+            .where(ws.c.executor_id == executor_id)
+            .group_by(ws.c.status)
+        )
+        with self.db.read() as conn:
+            return {str(s): int(n) for s, n in conn.execute(stmt)}
+
     def count_by_status(self, queue_name: str | None = None) -> dict[str, int]:
         """Number of workflows per status (of one queue, or of all)."""
         stmt = select(ws.c.status, func.count()).group_by(ws.c.status)

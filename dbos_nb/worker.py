@@ -1,0 +1,117 @@
+"""`dbos-nb worker`: a process that runs queued work for notebooks and other processes.
+
+A worker launches DBOS with its own executor id, claims from the given queues (every queue when
+none is given), and runs any function stored in the database: notebook-defined functions come from
+there, cloudpickled at the version each workflow was enqueued with. Modules given with --import
+are imported first (their decorated functions and queues register as usual).
+
+SIGTERM or Ctrl-C: stop claiming, give running workflows a grace period to finish (after it, they
+stop at their next step), put what was claimed but not finished back in its queue, exit 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Sequence
+from types import FrameType
+
+from dbos_nb.core.runtime import get_runtime
+from dbos_nb.dbos import DBOS
+
+logger = logging.getLogger("dbos_nb.worker")
+
+PROGRESS_INTERVAL_SEC = 5.0
+
+
+def default_executor_id() -> str:
+    return f"worker:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def run_worker(
+    db: str,
+    *,
+    queues: Sequence[str] = (),
+    concurrency: int | None = None,
+    executor_id: str | None = None,
+    imports: Sequence[str] = (),
+    lease_sec: float = 30.0,
+    heartbeat_sec: float = 5.0,
+    polling_interval_sec: float = 1.0,
+    grace_sec: float = 10.0,
+    stop: threading.Event | None = None,
+) -> int:
+    """Run until `stop` is set (or SIGTERM/SIGINT arrives); returns the exit code."""
+    stop = stop or threading.Event()
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in imports:
+        importlib.import_module(module)
+        logger.info("imported %s", module)
+    executor = executor_id or default_executor_id()
+    DBOS(
+        config={
+            "name": "dbos-nb-worker",
+            "system_database_url": db,
+            "executor_id": executor,
+            "listen_queues": list(queues) or ["*"],
+            "run_stored_functions": True,
+            "max_concurrent_workflows": concurrency,
+            "executor_lease_sec": lease_sec,
+            "heartbeat_interval_sec": heartbeat_sec,
+            "polling_interval_sec": polling_interval_sec,
+        }
+    )
+    DBOS.launch()
+    _install_signal_handlers(stop)
+    logger.info(
+        "worker %s running %s (at most %s at once)",
+        executor,
+        ", ".join(queues) if queues else "every queue",
+        concurrency if concurrency else "any number",
+    )
+    rt = get_runtime()
+    last = ""
+    while not stop.wait(PROGRESS_INTERVAL_SEC if last else 0.5):
+        counts = rt.store.count_by_executor(executor)
+        line = (
+            f"running {len(rt.running_ids())}, done {counts.get('SUCCESS', 0)}, "
+            f"failed {counts.get('ERROR', 0)}"
+        )
+        if line != last:
+            logger.info("%s", line)
+            last = line
+    logger.info(
+        "stopping: no new work; running workflows get %.0f s to finish, then stop at their next "
+        "step; unfinished work goes back to its queue",
+        grace_sec,
+    )
+    DBOS.destroy(workflow_completion_timeout_sec=grace_sec)
+    logger.info("worker %s stopped", executor)
+    return 0
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
