@@ -60,6 +60,9 @@ _KNOWN_KEYS = {
     "notification_listener_polling_interval_sec",
     "conductor_key",
     "conductor_url",
+    "listen_queues",
+    "run_stored_functions",
+    "max_concurrent_workflows",
 }
 
 

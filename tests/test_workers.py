@@ -1,0 +1,294 @@
+"""External `dbos-nb worker` processes: notebook-defined functions, versions, limits across
+workers, takeover of a SIGKILLed worker's work, and a graceful SIGTERM; on both backends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from IPython.core.interactiveshell import InteractiveShell
+
+from conftest import config
+from dbos_nb import DBOS, DBOSClient, Queue
+from dbos_nb.storage.database import normalize_url
+from dbos_nb.storage.schema import PG_SCHEMA
+
+TESTS = Path(__file__).parent
+LEASE = 2.0
+
+
+class WorkerPool:
+    """`dbos-nb worker` subprocesses on one database."""
+
+    def __init__(self, url: str, log: Path) -> None:
+        self.url, self.log = url, log
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *extra: str, sleep: float = 0.02) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, WORKER_TASKS_LOG=str(self.log), WORKER_TASKS_SLEEP=str(sleep))
+        cmd = [
+            sys.executable,
+            "-m",
+            "dbos_nb.cli",
+            "worker",
+            "--db",
+            self.url,
+            "--executor-id",
+            name,
+            "--import",
+            "worker_tasks",
+            "--lease",
+            str(LEASE),
+            "--heartbeat",
+            "0.3",
+            "--poll",
+            "0.05",
+            *extra,
+        ]
+        proc = subprocess.Popen(cmd, cwd=TESTS, env=env, stderr=subprocess.PIPE)
+        self.procs[name] = proc
+        return proc
+
+    def wait_registered(self, names: list[str]) -> None:
+        engine = sa.create_engine(normalize_url(self.url))
+        table = f"{PG_SCHEMA}.executors" if self.url.startswith("postgres") else "executors"
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    with engine.connect() as conn:
+                        live = set(
+                            conn.execute(sa.text(f"SELECT executor_id FROM {table}")).scalars()
+                        )
+                    if set(names) <= live:
+                        return
+                except sa.exc.OperationalError:
+                    pass
+                time.sleep(0.05)
+        finally:
+            engine.dispose()
+        raise AssertionError(f"workers {names} never registered")
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def events(self) -> list[tuple[str, int, float, float, str]]:
+        if not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            step, task, start, end, executor = line.split()
+            out.append((step, int(task), float(start), float(end), executor))
+        return sorted(out, key=lambda e: e[2])
+
+
+@pytest.fixture
+def pool(db_url: str, tmp_path: Path) -> Iterator[WorkerPool]:
+    p = WorkerPool(db_url, tmp_path / "events.log")
+    yield p
+    p.stop_all()
+
+
+def _max_overlap(spans: list[tuple[float, float]]) -> int:
+    marks = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    best = current = 0
+    for _, delta in marks:
+        current += delta
+        best = max(best, current)
+    return best
+
+
+@pytest.fixture
+def shell(db_url: str) -> Iterator[InteractiveShell]:
+    sh = InteractiveShell.instance()
+    sh.reset(new_session=True)
+    sh.run_line_magic("load_ext", "dbos_nb")
+    result = sh.run_cell(f"%dbos_launch --db {db_url} --name workers_nb --no-worker")
+    assert result.success
+    yield sh
+    DBOS.destroy()
+
+
+def _run(sh: InteractiveShell, code: str) -> Any:
+    result = sh.run_cell(code)
+    if not result.success:
+        raise result.error_in_exec or result.error_before_exec  # type: ignore[misc]
+    return result.result
+
+
+def test_notebook_defined_functions_run_in_a_worker(
+    shell: InteractiveShell, pool: WorkerPool
+) -> None:
+    _run(shell, "%dbos_queue remote")
+    definition = (
+        "import os\n"
+        "from dbos_nb import DBOS\n"
+        "FACTOR = {factor}\n"
+        "@DBOS.step()\n"
+        "def nb_scale(x):\n"
+        "    return ('{tag}', x * FACTOR, os.getpid())\n"
+    )
+    _run(shell, definition.format(factor=10, tag="v1"))
+    old = _run(shell, "remote.enqueue(nb_scale, 1)")
+    _run(shell, definition.format(factor=100, tag="v2"))  # the cell is edited and run again
+    new = _run(shell, "remote.enqueue(nb_scale, 2)")
+    time.sleep(0.3)
+    assert old.get_status().status == "ENQUEUED"  # this kernel runs no queued work
+    pool.start("w-nb")
+    tag_old, value_old, pid_old = old.get_result(timeout_sec=60)
+    tag_new, value_new, pid_new = new.get_result(timeout_sec=60)
+    assert (tag_old, value_old) == ("v1", 10)  # the old work ran the old code
+    assert (tag_new, value_new) == ("v2", 200)  # the new work the new code
+    assert pid_old == pid_new == pool.procs["w-nb"].pid != os.getpid()
+
+
+def test_a_version_a_worker_cannot_load_stays_queued(
+    db_url: str, pool: WorkerPool, tmp_path: Path
+) -> None:
+    module = tmp_path / "only_here.py"
+    module.write_text(
+        "from dbos_nb import DBOS\n"
+        "@DBOS.step(name='only_here_step')\n"
+        "def only_here_step(x):\n"
+        "    return x + 1\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import only_here  # type: ignore[import-not-found]
+
+        DBOS(config=config(db_url, listen_queues=[]))
+        q = Queue("picky")
+        DBOS.launch()
+        handle = q.enqueue(only_here.only_here_step, 1)
+        pool.start("w-picky")
+        time.sleep(2.0)
+        assert handle.get_status().status == "ENQUEUED"  # left for a process that can run it
+        DBOS.destroy()
+        DBOS(config=config(db_url))  # this process can: it imports the module
+        Queue("picky")
+        DBOS.launch()
+        assert handle.get_result(timeout_sec=20) == 2
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("only_here", None)
+    pool.stop_all()
+    _, err = pool.procs["w-picky"].communicate(timeout=30)
+    assert err.decode().count("cannot load 'only_here_step'") == 1  # said once, in its log
+
+
+def test_limits_hold_across_three_workers(db_url: str, pool: WorkerPool) -> None:
+    with DBOSClient(db_url):
+        pass
+    DBOS(config=config(db_url, listen_queues=[]))
+    Queue("shared", concurrency=4, worker_concurrency=2, limiter={"limit": 30, "period": 1.0})
+    DBOS.launch()
+    names = ["w1", "w2", "w3"]
+    for name in names:
+        pool.start(name, sleep=0.05)
+    pool.wait_registered(names)
+    with DBOSClient(db_url) as client:
+        handles = [
+            client.enqueue({"queue_name": "shared", "workflow_name": "wt_work"}, i)
+            for i in range(90)
+        ]
+        assert [h.get_result(timeout_sec=120) for h in handles] == list(range(90))
+    events = pool.events()
+    spans = [(e[2], e[3]) for e in events]
+    assert _max_overlap(spans) <= 4
+    for name in names:
+        mine = [(e[2], e[3]) for e in events if e[4] == name]
+        assert mine and _max_overlap(mine) <= 2
+    starts = [e[2] for e in events]
+    for i, s in enumerate(starts):
+        assert sum(1 for t in starts[i:] if t < s + 1.0) <= 30
+
+
+def _recorded(url: str) -> set[tuple[str, int]]:
+    engine = sa.create_engine(normalize_url(url))
+    table = f"{PG_SCHEMA}.operation_outputs" if url.startswith("postgres") else "operation_outputs"
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT workflow_uuid, function_id FROM {table}")).all()
+    engine.dispose()
+    return {(str(r[0]), int(r[1])) for r in rows}
+
+
+def test_sigkill_one_of_three_workers(db_url: str, pool: WorkerPool) -> None:
+    DBOS(config=config(db_url, listen_queues=[]))
+    Queue("batchq", concurrency=6, worker_concurrency=2)
+    DBOS.launch()
+    names = ["k1", "k2", "k3"]
+    for name in names:
+        pool.start(name, sleep=0.02)
+    pool.wait_registered(names)
+    with DBOSClient(db_url) as client:
+        ids = [
+            client.enqueue(
+                {"queue_name": "batchq", "workflow_name": "wt_two_steps", "workflow_id": f"t{i}"}, i
+            ).workflow_id
+            for i in range(300)
+        ]
+    deadline = time.monotonic() + 120
+    while len([e for e in pool.events() if e[0] == "second"]) < 60:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(pool.procs["k2"].pid, signal.SIGKILL)
+    pool.procs["k2"].wait(30)
+    killed_at = time.monotonic()
+    checkpointed = _recorded(db_url)
+    runs_at_kill = Counter((e[0], e[1]) for e in pool.events())
+    with DBOSClient(db_url) as client:
+        results = [client.retrieve_workflow(w).get_result(timeout_sec=120) for w in ids]
+    finished_after = time.monotonic() - killed_at
+    assert results == [2 * i for i in range(300)]  # every task, once, from the caller's view
+    assert finished_after < LEASE + 20
+    runs = Counter((e[0], e[1]) for e in pool.events())
+    index = {"first": 0, "second": 1}
+    for (step, task), count in runs.items():
+        if (f"t{task}", index[step]) in checkpointed:
+            assert count == runs_at_kill[(step, task)] == 1, (step, task)
+        else:
+            assert count <= 2, (step, task)
+    k2_did = [e for e in pool.events() if e[4] == "k2"]
+    assert k2_did, "the killed worker should have done part of the batch"
+
+
+def test_sigterm_stops_gracefully_and_releases_work(db_url: str, pool: WorkerPool) -> None:
+    DBOS(config=config(db_url, listen_queues=[]))
+    Queue("slowq", worker_concurrency=2)
+    DBOS.launch()
+    proc = pool.start("graceful", "--grace", "0.2", sleep=1.5)
+    pool.wait_registered(["graceful"])
+    with DBOSClient(db_url) as client:
+        handles = [
+            client.enqueue({"queue_name": "slowq", "workflow_name": "wt_two_steps"}, i)
+            for i in range(4)
+        ]
+        deadline = time.monotonic() + 30
+        while sum(h.get_status().status == "PENDING" for h in handles) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+        assert "stopping: no new work" in err.decode()
+        statuses = [h.get_status().status for h in handles]
+        assert "PENDING" not in statuses  # released, not left to a lease
+        pool.start("successor")
+        assert [h.get_result(timeout_sec=60) for h in handles] == [0, 2, 4, 6]
