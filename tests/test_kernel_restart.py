@@ -184,3 +184,42 @@ def test_durable_cell_resumes_after_a_kernel_restart(
         assert 1 <= starts[i] <= limit, (i, starts[i], recorded)
     status = _query(db_url, "SELECT status FROM {s}workflow_status WHERE workflow_uuid='long_cell'")
     assert status[0][0] == "SUCCESS"
+
+
+def test_detached_workers_keep_going_across_a_kernel_restart(
+    kernel: Kernel, db_url: str, tmp_path: Path
+) -> None:
+    setup = [
+        "%load_ext dbos_nb",
+        f"%dbos_launch --db {db_url} --name detached_test --no-worker",
+        "%dbos_queue far --concurrency 2",
+        "import time\nfrom dbos_nb import DBOS\n"
+        "@DBOS.step()\ndef far_work(i):\n    time.sleep(0.1)\n    return -i\n",
+    ]
+    for cell in setup:
+        kernel.run(cell)
+    kernel.run("%dbos_workers 2")
+    try:
+        kernel.run("b = far.map(far_work, list(range(30)), batch='detached')")
+        done_sql = (
+            "SELECT COUNT(*) FROM {s}workflow_status WHERE batch_id='detached' AND status='SUCCESS'"
+        )
+        _wait_for(lambda: bool(_query(db_url, done_sql)) and _query(db_url, done_sql)[0][0] >= 3)
+        kernel.restart_now()
+        at_restart = _query(db_url, done_sql)[0][0]
+        # With no kernel at all the workers go on.
+        _wait_for(lambda: _query(db_url, done_sql)[0][0] >= at_restart + 4)
+        for cell in setup:
+            kernel.run(cell)
+        out = kernel.run(
+            "from dbos_nb import Batch\n"
+            "b = Batch.attach('detached')\n"
+            "print(b.progress().total)\n"
+            "df = b.wait(timeout=90, show=False).to_pandas()\n"
+            "print(df['status'].astype(str).unique().tolist(), df['output'].tolist() == "
+            "[-i for i in range(30)], df['executor'].str.contains('worker').all())"
+        )
+        assert out.split() == ["30", "['SUCCESS']", "True", "True"]
+    finally:
+        out = kernel.run("%dbos_workers stop")
+    assert "stopped 2 worker(s)" in out
