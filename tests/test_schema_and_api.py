@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import config
 
 import dbos_nb
+from conftest import config
 from dbos_nb import (
     DBOS,
     DBOSConfigError,

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
-from conftest import config
 
+from conftest import config
 from dbos_nb import DBOS, SetWorkflowID
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.storage.database import normalize_url

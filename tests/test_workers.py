@@ -292,3 +292,40 @@ def test_sigterm_stops_gracefully_and_releases_work(db_url: str, pool: WorkerPoo
         assert "PENDING" not in statuses  # released, not left to a lease
         pool.start("successor")
         assert [h.get_result(timeout_sec=60) for h in handles] == [0, 2, 4, 6]
+
+
+def test_a_frozen_worker_that_comes_back_is_refused(db_url: str, pool: WorkerPool) -> None:
+    """A worker frozen past its lease loses its work to another; thawed, its writes are refused."""
+    DBOS(config=config(db_url, listen_queues=[]))
+    Queue("zq", worker_concurrency=2)
+    DBOS.launch()
+    zombie = pool.start("zombie", sleep=3.0)
+    pool.wait_registered(["zombie"])
+    with DBOSClient(db_url) as client:
+        handles = [
+            client.enqueue({"queue_name": "zq", "workflow_name": "wt_two_steps"}, i)
+            for i in range(2)
+        ]
+        deadline = time.monotonic() + 30
+        while not all(h.get_status().status == "PENDING" for h in handles):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(zombie.pid, signal.SIGSTOP)  # frozen in the middle of its first steps
+        try:
+            pool.start("heir", sleep=0.1)
+            assert [h.get_result(timeout_sec=60) for h in handles] == [0, 2]
+        finally:
+            os.kill(zombie.pid, signal.SIGCONT)
+        time.sleep(3.0)  # the zombie's steps finish now; their writes must be refused
+        for h in handles:
+            status = h.get_status()
+            assert (status.status, status.executor_id, status.output) == (
+                "SUCCESS",
+                "heir",
+                2 * h.get_status().input[0][0],
+            )
+            steps = client.list_workflow_steps(h.workflow_id)
+            assert [s.function_name for s in steps] == ["wt_first", "wt_second"]
+    pool.stop_all()
+    _, err = zombie.communicate(timeout=30)
+    assert "missed its lease" in err.decode()

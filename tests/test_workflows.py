@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 import pytest
-from conftest import config
 
+from conftest import config
 from dbos_nb import (
     DBOS,
     DBOSAwaitedWorkflowCancelledError,
