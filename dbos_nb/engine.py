@@ -248,7 +248,7 @@ class Engine:
         rt = self.runtime
         if rt is not None:
             self._store_queue(rt, settings)
-            rt.wake_scheduler()
+            rt.wake_scheduler(settings.name)
 
     def _claim_executor_id(self, store: SystemStore) -> None:
         cfg = self.config

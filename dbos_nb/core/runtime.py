@@ -45,6 +45,9 @@ class Runtime:
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
     _wake: threading.Event = field(default_factory=threading.Event)
     _stored_versions: set[str] = field(default_factory=set)
+    # Queues whose state changed since the scheduler last looked (all of them at first).
+    _dirty: set[str] = field(default_factory=set)
+    _dirty_all: bool = True
 
     def now_ms(self) -> int:
         return self.clock.now_ms()
@@ -111,8 +114,21 @@ class Runtime:
 
     # -- waking the scheduler ---------------------------------------------------------------------
 
-    def wake_scheduler(self) -> None:
+    def wake_scheduler(self, queue_name: str | None = None) -> None:
+        """Ask the scheduler to claim again: from one queue that changed, or from all."""
+        with self._running_lock:
+            if queue_name is None:
+                self._dirty_all = True
+            else:
+                self._dirty.add(queue_name)
         self._wake.set()
+
+    def take_dirty(self) -> tuple[bool, set[str]]:
+        """(all queues changed?, the queues that changed) since the last call."""
+        with self._running_lock:
+            everything, queues = self._dirty_all, self._dirty
+            self._dirty_all, self._dirty = False, set()
+        return everything, queues
 
     @property
     def wake_event(self) -> threading.Event:

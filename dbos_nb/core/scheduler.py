@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 
 from dbos_nb.core.runtime import Runtime
+from dbos_nb.core.steps import cancel_overdue
 from dbos_nb.core.workflows import run_claimed
 from dbos_nb.models import ClaimedWorkflow
 from dbos_nb.storage import claims
@@ -48,6 +49,7 @@ class Scheduler:
         # Claimed and not yet finished (a claim counts from dispatch, before its thread starts).
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+        self._starved: set[str] = set()  # queues skipped because this process was at its cap
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dbos_nb-scheduler", daemon=True)
         self._listener: threading.Thread | None = None
@@ -84,6 +86,8 @@ class Scheduler:
                 row = self._rt.store.get_status_and_result(wid)
                 if row is not None and row["status"] == "CANCELLED":
                     self._rt.preempt([wid], "cancelled")
+        elif payload.startswith("q:") and payload != "q:*":
+            self._rt.wake_scheduler(payload[2:])
         else:
             self._rt.wake_scheduler()
 
@@ -91,64 +95,78 @@ class Scheduler:
         rt = self._rt
         last_sweep = 0
         last_refresh = 0
+        last_full = 0
         last_beat = rt.now_ms()
+        rate_slots: dict[str, int] = {}  # queue -> when its rate limiter frees a slot
         while not self._stop.is_set():
             rt.wake_event.clear()
             now = rt.now_ms()
             poll_ms = round(rt.polling_interval_sec * 1000)
-            next_wake = now + poll_ms
             try:
                 if now - last_sweep >= SWEEP_INTERVAL_MS:
                     last_sweep = now
-                    self._sweep_deadlines(now)
+                    cancel_overdue(rt)
                 if now - last_beat >= self._heartbeat_interval_ms:
                     last_beat = now
                     self._heartbeat()
-                more = False
                 if now - last_refresh >= REFRESH_INTERVAL_MS:
                     last_refresh = now
                     rt.resolver.refresh()
-                names = rt.resolver.claimable_names()
-                excluded = rt.resolver.excluded_versions()
-                for queue_name in self._queue_names():
-                    if self._stop.is_set():
-                        return
-                    room = claims.MAX_CLAIM_BATCH
-                    if self._max_running is not None:
-                        with self._inflight_lock:
-                            room = min(room, self._max_running - self._inflight)
-                        if room <= 0:
-                            break  # a finishing workflow wakes us
-                    result = claims.claim(
-                        rt.db,
-                        queue_name,
-                        rt.executor_id,
-                        rt.now_ms,
-                        names=names,
-                        exclude_versions=excluded,
-                        max_rows=room,
-                    )
-                    for item in result.claimed:
-                        with self._inflight_lock:
-                            self._inflight += 1
-                        rt.pool.submit(self._run, item)
-                    if len(result.claimed) >= claims.MAX_CLAIM_BATCH:
-                        more = True
-                    if result.next_rate_slot_ms is not None:
-                        next_wake = min(next_wake, result.next_rate_slot_ms)
-                if more:
-                    continue
-                next_wake = (
-                    min(next_wake, now + SWEEP_INTERVAL_MS) if rt.running_ids() else next_wake
-                )
+                everything, dirty = rt.take_dirty()
+                if now - last_full >= poll_ms:
+                    # The fallback poll: what no wake-up reached (other processes on SQLite).
+                    everything, last_full = True, now
+                dirty |= {q for q, t in rate_slots.items() if t <= now}
+                listened = self._queue_names()
+                targets = listened if everything else [q for q in listened if q in dirty]
+                self._claim_from(targets, rate_slots)
             except Exception:
                 if self._stop.is_set():
                     return
                 logger.exception("scheduler iteration failed; retrying")
+                rt.wake_scheduler()
                 self._stop.wait(0.5)
                 continue
+            next_wake = min([last_full + poll_ms, *rate_slots.values()])
+            if rt.running_ids():
+                next_wake = min(next_wake, now + SWEEP_INTERVAL_MS)
             delay = max((next_wake - rt.now_ms()) / 1000, 0.0)
             rt.wake_event.wait(min(delay, poll_ms / 1000))
+
+    def _claim_from(self, queue_names: list[str], rate_slots: dict[str, int]) -> None:
+        rt = self._rt
+        names = rt.resolver.claimable_names()
+        excluded = rt.resolver.excluded_versions()
+        for queue_name in queue_names:
+            if self._stop.is_set():
+                return
+            room = claims.MAX_CLAIM_BATCH
+            if self._max_running is not None:
+                with self._inflight_lock:
+                    room = min(room, self._max_running - self._inflight)
+                if room <= 0:
+                    with self._inflight_lock:
+                        self._starved.add(queue_name)  # retried when a running workflow ends
+                    continue
+            result = claims.claim(
+                rt.db,
+                queue_name,
+                rt.executor_id,
+                rt.now_ms,
+                names=names,
+                exclude_versions=excluded,
+                max_rows=room,
+            )
+            for item in result.claimed:
+                with self._inflight_lock:
+                    self._inflight += 1
+                rt.pool.submit(self._run, item)
+            if len(result.claimed) >= room:
+                rt.wake_scheduler(queue_name)  # there may be more right away
+            if result.next_rate_slot_ms is not None:
+                rate_slots[queue_name] = result.next_rate_slot_ms
+            else:
+                rate_slots.pop(queue_name, None)
 
     def _run(self, item: ClaimedWorkflow) -> None:
         try:
@@ -156,17 +174,11 @@ class Scheduler:
         finally:
             with self._inflight_lock:
                 self._inflight -= 1
-            self._rt.wake_scheduler()
+                starved, self._starved = self._starved, set()
+            for queue_name in {item.queue_name, *starved}:
+                self._rt.wake_scheduler(queue_name)
 
     @property
     def inflight(self) -> int:
         with self._inflight_lock:
             return self._inflight
-
-    def _sweep_deadlines(self, now: int) -> None:
-        cancelled = self._rt.store.cancel_overdue(now)
-        if cancelled:
-            logger.info("cancelled %d workflow(s) past their deadline", len(cancelled))
-            self._rt.preempt(cancelled, "timed out")
-            for wid in cancelled:
-                self._rt.waiters.notify(wid)

@@ -52,9 +52,18 @@ def check_live(rt: Runtime, wf: RunningWorkflow, pre: StepPreflight | None = Non
         raise WorkflowPreempted(wf.workflow_id, "taken over by another execution")
     deadline = wf.deadline_ms
     if deadline is not None and rt.now_ms() >= deadline:
-        rt.store.cancel_workflows([wf.workflow_id], rt.now_ms(), cancel_children=True)
-        rt.waiters.notify(wf.workflow_id)
+        cancel_overdue(rt)
         raise WorkflowPreempted(wf.workflow_id, "timed out")
+
+
+def cancel_overdue(rt: Runtime) -> None:
+    """Cancel every workflow past its deadline, with its children. A child shares its parent's
+    deadline, so cancelling only the one that noticed would let the parent see the child's
+    cancellation as an ordinary error."""
+    cancelled = rt.store.cancel_overdue(rt.now_ms())
+    rt.preempt(cancelled, "timed out")
+    for wid in cancelled:
+        rt.waiters.notify(wid)
 
 
 def begin_operation(rt: Runtime, wf: RunningWorkflow, name: str) -> tuple[int, StepPreflight]:

@@ -21,7 +21,7 @@ from dbos_nb import serialization
 from dbos_nb.core.context import Context, RunningWorkflow, current, using
 from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX, Registration
 from dbos_nb.core.runtime import Runtime
-from dbos_nb.core.steps import begin_operation
+from dbos_nb.core.steps import begin_operation, cancel_overdue
 from dbos_nb.core.waiters import outcome_of, wait_for_result
 from dbos_nb.errors import (
     DBOSAwaitedWorkflowCancelledError,
@@ -202,7 +202,7 @@ def enqueue_workflow(
     if existing is not None:
         _check_same_function(plan.workflow_id, existing, name)
     else:
-        rt.wake_scheduler()
+        rt.wake_scheduler(queue_name)
     return plan.workflow_id
 
 
@@ -250,7 +250,7 @@ def enqueue_many(
             now,
             child_workflow_id=base,
         )
-    rt.wake_scheduler()
+    rt.wake_scheduler(queue_name)
     return ids
 
 
@@ -300,6 +300,10 @@ def execute(
                     wid, f"was stopped ({stop.reason})"
                 ) from None
             except Exception as exc:
+                if deadline_ms is not None and rt.now_ms() >= deadline_ms:
+                    # Failed because it ran out of time (a timed-out child, say): a timeout.
+                    cancel_overdue(rt)
+                    raise DBOSWorkflowTimedOutError(wid) from exc
                 _finish(rt, wid, owner, S.ERROR.value, None, serialization.dump_error(exc))
                 raise
         try:
@@ -331,7 +335,7 @@ def _finish(
 ) -> bool:
     done, queue_name = rt.store.finish_workflow(wid, owner, status, output, error, rt.now_ms())
     if queue_name is not None:
-        rt.wake_scheduler()  # a slot of its queue is free
+        rt.wake_scheduler(queue_name)  # a slot of its queue is free
     return done
 
 

@@ -289,7 +289,9 @@ class SystemStore:
         if not items:
             return
         base = _row_values(template)
-        columns = [c for c in base if c not in ("workflow_uuid", "inputs")]
+        # Only the columns this batch sets: NULLs are the columns' defaults anyway, and every
+        # bound parameter costs time over 100,000 rows.
+        columns = [c for c in base if c not in ("workflow_uuid", "inputs") and base[c] is not None]
         shared = tuple(base[c] for c in columns)
         with self.db.write() as conn:
             if template.batch_id is not None:
