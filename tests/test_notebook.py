@@ -4,6 +4,7 @@ progress views and DataFrames, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -296,3 +297,37 @@ def test_redefining_cells_while_work_is_queued(shell: InteractiveShell) -> None:
     assert new_work.get_result(timeout_sec=10) == ("v2", 2)
     versions = {s.workflow_id: s for s in DBOS.list_workflows(queue_name="serial")}
     assert len({versions[h.workflow_id].output for h in (old_work, new_work)}) == 2
+
+
+def test_live_view_and_frames_while_running(shell: InteractiveShell) -> None:
+    from dbos_nb.notebook.views import LiveView
+
+    gate = threading.Event()
+    shell.user_ns["gate"] = gate
+    run(
+        shell,
+        "from dbos_nb import DBOS\n@DBOS.step()\ndef held(x):\n    gate.wait(10)\n    return x\n",
+    )
+    run(shell, "%dbos_queue liveq --concurrency 2")
+    batch = run(shell, "liveq.map(held, list(range(6)), batch='live')")
+    time.sleep(0.3)
+    frame = batch.to_pandas()  # while the batch runs
+    assert len(frame) == 6 and set(frame["status"].astype(str)) <= {"ENQUEUED", "PENDING"}
+    assert frame["output"].isna().all()
+    view = LiveView(batch)
+    view.start()
+    assert view.bar.value == 0.0 and "0/6 finished" in view.title.value
+    gate.set()
+    batch.wait(timeout=20, show=False)
+    view._thread.join(5)  # the view's thread ends by itself once the batch is complete
+    assert not view._thread.is_alive()
+    assert view.bar.value == 1.0 and view.bar.bar_style == "success"
+    assert "6/6 finished" in view.title.value and "6</b> done" in view.counts.value
+
+
+def test_workers_magic_lists_executors(shell: InteractiveShell) -> None:
+    table = run(shell, "%dbos_workers")
+    assert list(table["executor"]) == [DBOS.executor_id]
+    assert bool(table["this_kernel"].iloc[0]) and table["heartbeat_age_s"].iloc[0] < 5
+    with pytest.raises(UsageError, match="number of workers"):
+        run(shell, "%dbos_workers many")
