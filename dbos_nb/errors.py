@@ -140,6 +140,23 @@ class UnknownQueueError(DbosNbError, LookupError):
         self.name = name
 
 
+class RateLimited(DbosNbError):
+    """A provider said "too many requests" (HTTP 429); raise it from a step.
+
+    The step is retried after `retry_after` seconds (or a back-off when the provider gave none),
+    without counting against its retries, and the whole queue it runs on starts no new work until
+    then, in every process. HTTP 429 errors of common clients (httpx, openai, requests) are
+    recognized without wrapping them.
+    """
+
+    def __init__(self, message: str = "rate limited", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[type, tuple[str, float | None]]:
+        return (type(self), (str(self), self.retry_after))
+
+
 class BatchConflictError(DbosNbError):
     """A batch name is already used by a batch of another function, queue or size."""
 

@@ -1,0 +1,1 @@
+"""LLM helpers: a local OpenAI-compatible fake server for tests, notebooks and the demo."""
