@@ -179,12 +179,23 @@ class DBOS:
         interval_seconds: float = 1.0,
         max_attempts: int = 3,
         backoff_rate: float = 2.0,
+        max_rate_limit_retries: int = 20,
     ) -> Callable[[F], F]:
-        """Make a function a checkpointed step (optionally retried with exponential back-off)."""
+        """Make a function a checkpointed step (optionally retried with exponential back-off).
+
+        A step that raises `RateLimited` (or an HTTP 429 error of httpx, openai or requests) is
+        retried after the delay the provider asked for, up to `max_rate_limit_retries` times,
+        without using up `max_attempts`; its queue starts no new work until then.
+        """
         if not isinstance(max_attempts, int) or max_attempts < 1:
             raise DbosNbError(f"max_attempts must be a positive integer, got {max_attempts!r}")
         if interval_seconds < 0 or backoff_rate < 1:
             raise DbosNbError("interval_seconds must be >= 0 and backoff_rate >= 1")
+        if not isinstance(max_rate_limit_retries, int) or max_rate_limit_retries < 0:
+            raise DbosNbError(
+                "max_rate_limit_retries must be a non-negative integer, "
+                f"got {max_rate_limit_retries!r}"
+            )
 
         def decorator(func: F) -> F:
             return cast(
@@ -197,6 +208,7 @@ class DBOS:
                     max_attempts=max_attempts,
                     interval_seconds=interval_seconds,
                     backoff_rate=backoff_rate,
+                    max_rate_limit_retries=max_rate_limit_retries,
                 ),
             )
 
@@ -358,6 +370,12 @@ class DBOS:
             ids.extend(rt.store.requeue_pending(executor, rt.now_ms()))
         rt.wake_scheduler()
         return [WorkflowHandle(rt, w) for w in ids]
+
+    @classmethod
+    def report_usage(cls, *, tokens: int | None = None, cost: float | None = None) -> None:
+        """Inside a step: record the tokens and cost it really used. The tokens replace the
+        task's estimate in its queue's token budget; both are stored per workflow."""
+        steps.report_usage(cls._rt(), tokens, cost)
 
     @classmethod
     def sleep(cls, seconds: float) -> None:

@@ -97,6 +97,8 @@ class QueueSettings:
     period_ms: int | None = None
     priority_enabled: bool = False
     polling_interval_ms: int = 1000
+    token_limit: int | None = None
+    token_period_ms: int | None = None
 
 
 @dataclass

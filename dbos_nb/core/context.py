@@ -40,6 +40,10 @@ class RunningWorkflow:
     ledger_entry: tuple[str, int] | None = None
     # Highest operation number already recorded when this execution began (-1: a fresh run).
     last_recorded_fid: int = -1
+    # The queue it was claimed from (for the shared back-off after a 429), if any.
+    queue_name: str | None = None
+    # Whether a step reported usage yet (the first report replaces the token estimate).
+    usage_reported: bool = False
 
     def take_function_id(self) -> int:
         fid = self.next_function_id
@@ -69,6 +73,7 @@ class Context:
     timeout_sec: Any = _UNSET
     deduplication_id: str | None = None
     priority: int | None = None
+    token_estimate: int | None = None
     authenticated_user: str | None = None
     authenticated_roles: list[str] | None = None
     assumed_role: str | None = None
@@ -156,13 +161,18 @@ class SetWorkflowTimeout(_ContextBlock):
 
 
 class SetEnqueueOptions(_ContextBlock):
-    """Deduplication id and priority for workflows enqueued in the block."""
+    """Deduplication id, priority and token estimate for workflows enqueued in the block.
+
+    `token_estimate` is what a queue with a `token_limiter` counts for the workflow until its
+    steps report their real usage with `DBOS.report_usage`.
+    """
 
     def __init__(
         self,
         *,
         deduplication_id: str | None = None,
         priority: int | None = None,
+        token_estimate: int | None = None,
     ) -> None:
         if priority is not None and (
             isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**31
@@ -170,11 +180,24 @@ class SetEnqueueOptions(_ContextBlock):
             raise DbosNbError(f"priority must be an integer from 0 to 2**31-1, got {priority!r}")
         if deduplication_id is not None and not isinstance(deduplication_id, str):
             raise DbosNbError(f"deduplication_id must be a string, got {deduplication_id!r}")
+        if token_estimate is not None and (
+            isinstance(token_estimate, bool)
+            or not isinstance(token_estimate, int)
+            or token_estimate < 0
+        ):
+            raise DbosNbError(
+                f"token_estimate must be a non-negative integer, got {token_estimate!r}"
+            )
         self.deduplication_id = deduplication_id
         self.priority = priority
+        self.token_estimate = token_estimate
 
     def _changes(self) -> dict[str, Any]:
-        return {"deduplication_id": self.deduplication_id, "priority": self.priority}
+        return {
+            "deduplication_id": self.deduplication_id,
+            "priority": self.priority,
+            "token_estimate": self.token_estimate,
+        }
 
 
 class DBOSContextSetAuth(_ContextBlock):

@@ -44,6 +44,7 @@ def build_settings(
     limiter: Any = None,
     priority_enabled: Any = False,
     polling_interval_sec: Any = 1.0,
+    token_limiter: Any = None,
 ) -> QueueSettings:
     """Validate a queue declaration; raises InvalidQueueSettingsError naming the problem."""
     if not isinstance(name, str) or not name.strip():
@@ -56,30 +57,8 @@ def build_settings(
         raise InvalidQueueSettingsError(
             f"queue {name!r}: worker_concurrency ({worker}) cannot exceed concurrency ({conc})"
         )
-    limit: int | None = None
-    period_ms: int | None = None
-    if limiter is not None:
-        if not isinstance(limiter, dict):
-            raise InvalidQueueSettingsError(
-                f"queue {name!r}: limiter must be a dict like {{'limit': 50, 'period': 30}}, "
-                f"got {limiter!r}"
-            )
-        unknown = set(limiter) - _LIMITER_KEYS
-        missing = _LIMITER_KEYS - set(limiter)
-        if unknown or missing:
-            raise InvalidQueueSettingsError(
-                f"queue {name!r}: limiter needs exactly the keys 'limit' and 'period'"
-                + (f"; unknown: {sorted(unknown)}" if unknown else "")
-                + (f"; missing: {sorted(missing)}" if missing else "")
-            )
-        limit = _positive_int("limiter['limit']", limiter["limit"], name)
-        period = limiter["period"]
-        if isinstance(period, bool) or not isinstance(period, int | float) or period <= 0:
-            raise InvalidQueueSettingsError(
-                f"queue {name!r}: limiter['period'] must be a positive number of seconds, "
-                f"got {period!r}"
-            )
-        period_ms = max(1, round(period * 1000))
+    limit, period_ms = _limiter(name, "limiter", limiter)
+    token_limit, token_period_ms = _limiter(name, "token_limiter", token_limiter)
     if not isinstance(priority_enabled, bool):
         raise InvalidQueueSettingsError(
             f"queue {name!r}: priority_enabled must be True or False, got {priority_enabled!r}"
@@ -101,7 +80,35 @@ def build_settings(
         period_ms=period_ms,
         priority_enabled=priority_enabled,
         polling_interval_ms=max(1, round(polling_interval_sec * 1000)),
+        token_limit=token_limit,
+        token_period_ms=token_period_ms,
     )
+
+
+def _limiter(queue: str, key: str, value: Any) -> tuple[int | None, int | None]:
+    """Validate {"limit": int, "period": seconds}; returns (limit, period in ms)."""
+    if value is None:
+        return None, None
+    if not isinstance(value, dict):
+        raise InvalidQueueSettingsError(
+            f"queue {queue!r}: {key} must be a dict like {{'limit': 50, 'period': 30}}, "
+            f"got {value!r}"
+        )
+    unknown = set(value) - _LIMITER_KEYS
+    missing = _LIMITER_KEYS - set(value)
+    if unknown or missing:
+        raise InvalidQueueSettingsError(
+            f"queue {queue!r}: {key} needs exactly the keys 'limit' and 'period'"
+            + (f"; unknown: {sorted(unknown)}" if unknown else "")
+            + (f"; missing: {sorted(missing)}" if missing else "")
+        )
+    limit = _positive_int(f"{key}['limit']", value["limit"], queue)
+    period = value["period"]
+    if isinstance(period, bool) or not isinstance(period, int | float) or period <= 0:
+        raise InvalidQueueSettingsError(
+            f"queue {queue!r}: {key}['period'] must be a positive number of seconds, got {period!r}"
+        )
+    return limit, max(1, round(period * 1000))
 
 
 class QueueRegistry:
@@ -169,9 +176,16 @@ class Queue:
         worker_concurrency: int | None = None,
         priority_enabled: bool = False,
         polling_interval_sec: float = 1.0,
+        token_limiter: dict[str, Any] | None = None,
     ) -> None:
         self.settings = build_settings(
-            name, concurrency, worker_concurrency, limiter, priority_enabled, polling_interval_sec
+            name,
+            concurrency,
+            worker_concurrency,
+            limiter,
+            priority_enabled,
+            polling_interval_sec,
+            token_limiter,
         )
         self.name = name
         QUEUES.declare(self)
@@ -192,6 +206,13 @@ class Queue:
         return {"limit": s.limit, "period": s.period_ms / 1000}
 
     @property
+    def token_limiter(self) -> dict[str, float] | None:
+        s = self.settings
+        if s.token_limit is None or s.token_period_ms is None:
+            return None
+        return {"limit": s.token_limit, "period": s.token_period_ms / 1000}
+
+    @property
     def priority_enabled(self) -> bool:
         return self.settings.priority_enabled
 
@@ -209,24 +230,28 @@ class Queue:
         *,
         batch_id: str | None = None,
         unpack: bool = False,
+        tokens: int | Callable[[Any], int] | None = None,
     ) -> list[WorkflowHandle[R]]:
         """Enqueue one call per item in a single transaction; returns the handles in order.
 
         Each item is passed as the single argument, or with `unpack=True` a tuple is spread as
         positional arguments and a dict as keyword arguments. With `batch_id`, the workflows get
         the ids `<batch_id>/<index>` and enqueueing the same batch again writes nothing twice.
+        `tokens` is each item's token estimate for a `token_limiter`: a number, or a function
+        of the item.
         """
         reg, bound = resolve(func, ())
-        calls = [_call_of(item, unpack, bound) for item in items]
+        listed = list(items)
+        calls = [_call_of(item, unpack, bound) for item in listed]
         rt = get_runtime()
-        ids = enqueue_many(rt, self.name, reg, calls, batch_id)
+        ids = enqueue_many(rt, self.name, reg, calls, batch_id, token_estimates(tokens, listed))
         return [WorkflowHandle(rt, wid) for wid in ids]
 
     def __repr__(self) -> str:
         s = self.settings
         return (
             f"Queue({s.name!r}, concurrency={s.concurrency}, worker_concurrency="
-            f"{s.worker_concurrency}, limiter={self.limiter})"
+            f"{s.worker_concurrency}, limiter={self.limiter}, token_limiter={self.token_limiter})"
         )
 
 
@@ -240,3 +265,16 @@ def _call_of(
     if isinstance(item, dict):
         return bound, dict(item)
     raise DbosNbError(f"with unpack=True each item must be a tuple or a dict, got {item!r}")
+
+
+def token_estimates(
+    tokens: int | Callable[[Any], int] | None, items: list[Any]
+) -> list[int | None] | None:
+    """Per-item token estimates from a number or a function of the item (validated)."""
+    if tokens is None:
+        return None
+    values = [tokens(item) if callable(tokens) else tokens for item in items]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DbosNbError(f"token estimates must be non-negative integers, got {value!r}")
+    return list(values)

@@ -41,6 +41,8 @@ class Registration:
     max_attempts: int = 3
     interval_seconds: float = 1.0
     backoff_rate: float = 2.0
+    # How many 429 answers a step waits out before it fails (they don't use up max_attempts).
+    max_rate_limit_retries: int = 20
     isolation_level: str | None = None
     class_name: str | None = None
 

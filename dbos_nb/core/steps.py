@@ -26,7 +26,9 @@ from dbos_nb.core.registry import Registration
 from dbos_nb.core.runtime import Runtime
 from dbos_nb.errors import (
     DBOSMaxStepRetriesExceeded,
+    DbosNbError,
     DBOSUnexpectedStepError,
+    RateLimited,
     WorkflowPreempted,
 )
 from dbos_nb.models import WorkflowStatusString as S
@@ -149,7 +151,9 @@ def _run_attempts(
     attempts = reg.max_attempts if reg.retries_allowed else 1
     errors: list[BaseException] = []
     wf = ctx.workflow
-    for attempt in range(attempts):
+    attempt = 0
+    throttled = 0
+    while True:
         frame = StepFrame(
             step_id=fid if fid is not None else -1,
             name=reg.name,
@@ -160,26 +164,98 @@ def _run_attempts(
             with using(derive(step=frame)):
                 return reg.func(*args, **kwargs)
         except Exception as exc:
+            retry_after = rate_limit_delay(exc)
+            if retry_after is not None and throttled < reg.max_rate_limit_retries:
+                # A 429 is no failure of the step: wait as told, with the whole queue.
+                throttled += 1
+                wait = retry_after or min(RATE_LIMIT_BACKOFF_SEC * 2 ** (throttled - 1), 60.0)
+                if wf is not None and wf.queue_name is not None:
+                    rt.store.pause_queue(wf.queue_name, rt.now_ms() + round(wait * 1000))
+                logger.info(
+                    "step %r was rate limited (%s); retrying in %.2f s, queue %r paused",
+                    reg.name,
+                    exc,
+                    wait,
+                    wf.queue_name if wf else None,
+                )
+                _pause(rt, wf, wait)
+                continue
             if not reg.retries_allowed:
                 raise
             errors.append(exc)
-            if attempt + 1 == attempts:
+            attempt += 1
+            if attempt == attempts:
                 break
-            wait = min(reg.interval_seconds * reg.backoff_rate**attempt, MAX_RETRY_WAIT_SEC)
+            wait = min(reg.interval_seconds * reg.backoff_rate ** (attempt - 1), MAX_RETRY_WAIT_SEC)
             logger.warning(
                 "step %r attempt %d/%d failed (%r); retrying in %.2f s",
                 reg.name,
-                attempt + 1,
+                attempt,
                 attempts,
                 exc,
                 wait,
             )
-            if wf is not None:
-                if wf.interrupt.wait(wait):
-                    check_live(rt, wf)
-            else:
-                time.sleep(wait)
+            _pause(rt, wf, wait)
     raise DBOSMaxStepRetriesExceeded(reg.name, attempts, errors)
+
+
+def _pause(rt: Runtime, wf: RunningWorkflow | None, seconds: float) -> None:
+    if wf is None:
+        time.sleep(seconds)
+    elif wf.interrupt.wait(seconds):
+        check_live(rt, wf)
+
+
+RATE_LIMIT_BACKOFF_SEC = 1.0
+
+
+def rate_limit_delay(exc: BaseException) -> float | None:
+    """None if `exc` is not a rate-limit answer; else the seconds to wait (0: not said).
+
+    Recognizes RateLimited and HTTP 429 errors of httpx, requests and the openai client (their
+    exceptions carry the response with its Retry-After header).
+    """
+    if isinstance(exc, RateLimited):
+        return float(exc.retry_after or 0.0)
+    response = getattr(exc, "response", None)
+    status = getattr(exc, "status_code", None) or getattr(response, "status_code", None)
+    if status != 429:
+        return None
+    headers: Any = getattr(response, "headers", None) or {}
+    for key, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(key) or headers.get(key.title())
+        if value is not None:
+            try:
+                return max(float(value) * scale, 0.0)
+            except ValueError:
+                continue
+    return 0.0
+
+
+def report_usage(rt: Runtime, tokens: int | None, cost: float | None) -> None:
+    """Record a step's real token use and cost (see DBOS.report_usage)."""
+    ctx = current()
+    wf = ctx.workflow
+    if wf is None or ctx.step is None:
+        raise DbosNbError(
+            "DBOS.report_usage() records what a step consumed: call it inside a @DBOS.step "
+            "(a report outside a step would be counted again when the workflow replays)"
+        )
+    if tokens is not None and (
+        isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0
+    ):
+        raise DbosNbError(f"tokens must be a non-negative integer, got {tokens!r}")
+    if cost is not None and (
+        isinstance(cost, bool) or not isinstance(cost, int | float) or cost < 0
+    ):
+        raise DbosNbError(f"cost must be a non-negative number, got {cost!r}")
+    rt.store.report_usage(
+        wf.workflow_id,
+        tokens,
+        float(cost) if cost is not None else None,
+        replace_estimate=not wf.usage_reported,
+    )
+    wf.usage_reported = True
 
 
 # -- transactions -------------------------------------------------------------------------------

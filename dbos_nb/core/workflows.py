@@ -126,6 +126,7 @@ def _new_row(
         started_at_epoch_ms=started,
         recovery_attempts=1 if status == S.PENDING.value else 0,
         function_hash=reg.version,
+        token_estimate=ctx.token_estimate if queue_name else None,
     )
 
 
@@ -212,6 +213,7 @@ def enqueue_many(
     reg: Registration,
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
     batch_id: str | None,
+    token_estimates: list[int | None] | None = None,
 ) -> list[str]:
     """Enqueue many calls in one transaction with ids `<batch>/<index>`; returns every id.
 
@@ -236,7 +238,8 @@ def enqueue_many(
     template.deduplication_id = None
     template.batch_id = explicit
     ids = [f"{base}/{index}" for index in range(len(inputs))]
-    rt.store.insert_enqueued_batch(template, list(zip(ids, inputs, strict=True)))
+    estimates = token_estimates or [template.token_estimate] * len(ids)
+    rt.store.insert_enqueued_batch(template, list(zip(ids, inputs, estimates, strict=True)))
     if plan.parent is not None and plan.parent_function_id is not None:
         now = rt.now_ms()
         rt.store.record_step(
@@ -275,6 +278,7 @@ def execute(
     ledger_entry: tuple[str, int] | None = None,
     *,
     fresh: bool = False,
+    queue_name: str | None = None,
 ) -> Any:
     """Run a workflow body whose row is PENDING and owned by `owner`, and record its outcome.
 
@@ -282,6 +286,7 @@ def execute(
     """
     running = RunningWorkflow(wid, owner, workflow_name_of(reg), deadline_ms)
     running.ledger_entry = ledger_entry
+    running.queue_name = queue_name
     running.last_recorded_fid = -1 if fresh else rt.store.last_recorded_function_id(wid)
     if not rt.add_running(running):
         # This process already runs it (e.g. recovered while a handle waits): wait instead.
@@ -349,10 +354,22 @@ def _run_quietly(
     deadline_ms: int | None,
     ledger_entry: tuple[str, int] | None = None,
     fresh: bool = False,
+    queue_name: str | None = None,
 ) -> None:
     """Run on a pool thread: outcomes are recorded, so exceptions stop here."""
     try:
-        execute(rt, reg, wid, owner, args, kwargs, deadline_ms, ledger_entry, fresh=fresh)
+        execute(
+            rt,
+            reg,
+            wid,
+            owner,
+            args,
+            kwargs,
+            deadline_ms,
+            ledger_entry,
+            fresh=fresh,
+            queue_name=queue_name,
+        )
     except WorkflowPreempted as stop:
         logger.debug("workflow %s stopped: %s", wid, stop.reason)
     except Exception:
@@ -407,4 +424,5 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
         kwargs,
         claimed.deadline_epoch_ms,
         ledger,
+        queue_name=claimed.queue_name,
     )

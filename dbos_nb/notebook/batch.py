@@ -20,6 +20,7 @@ from typing import Any
 from dbos_nb import serialization
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import Queue as CoreQueue
+from dbos_nb.core.queue import token_estimates
 from dbos_nb.core.registry import resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.core.workflows import enqueue_many, workflow_name_of
@@ -56,6 +57,8 @@ class Progress:
     rate_limit: int | None = None
     rate_period_s: float | None = None
     recent_errors: list[tuple[str, str]] = field(default_factory=list)
+    tokens: int = 0
+    cost: float = 0.0
 
     @property
     def finished(self) -> int:
@@ -147,6 +150,7 @@ class Batch:
         remaining = self.size - (counts["done"] + counts["failed"] + counts["cancelled"])
         eta = remaining / throughput if throughput > 0 and remaining > 0 else None
         progress = Progress(self.id, self.size, counts, throughput, eta)
+        progress.tokens, progress.cost = rt.store.batch_usage(self.id)
         settings = rt.store.get_queue(self.queue_name)
         if settings is not None and settings.limit is not None and settings.period_ms:
             progress.rate_limit = settings.limit
@@ -271,14 +275,23 @@ class Queue(CoreQueue):
         items: Any,
         *,
         batch: str | None = None,
+        tokens: int | Callable[[Any], int] | None = None,
     ) -> Batch:
         """Enqueue one call per item as a named batch, in one transaction; returns the Batch.
 
         Items are passed as the single argument; a DataFrame's rows are passed as keyword
         arguments. Without `batch`, the name is derived from the function and the items, so
         running the same cell again attaches to the same batch instead of enqueueing twice.
+        `tokens`: each item's token estimate for the queue's `token_limiter` (a number, or a
+        function of the item; a DataFrame's rows are passed as dicts).
         """
         reg, bound = resolve(func, ())
+        if (
+            not hasattr(items, "columns")
+            and isinstance(items, Iterable)
+            and not isinstance(items, str | bytes)
+        ):
+            items = list(items)  # a generator is read once, for the calls and the estimates
         calls = _items_to_calls(items, bound)
         if not calls:
             raise DbosNbError("map() got no items")
@@ -288,7 +301,8 @@ class Queue(CoreQueue):
             batch = default_batch_name(reg.name, payloads)
         if not isinstance(batch, str) or not batch or "/" in batch:
             raise DbosNbError(f"a batch name must be a non-empty string without '/', got {batch!r}")
-        enqueue_many(rt, self.name, reg, calls, batch)
+        rows = items.to_dict("records") if hasattr(items, "to_dict") else list(items)
+        enqueue_many(rt, self.name, reg, calls, batch, token_estimates(tokens, rows))
         record = {
             "size": len(calls),
             "queue_name": self.name,

@@ -75,6 +75,8 @@ def batch_frame(rows: list[dict[str, Any]], *, expand: bool = False) -> pd.DataF
             "error": [_error_of(r) for r in rows],
             "attempts": [int(r.get("recovery_attempts") or 0) for r in rows],
             "executor": [r.get("executor_id") for r in rows],
+            "tokens": pd.array([r.get("usage_tokens") for r in rows], dtype="Int64"),
+            "cost": pd.array([r.get("usage_cost") for r in rows], dtype="Float64"),
         }
     )
     _times(df, rows)

@@ -94,6 +94,8 @@ def _extras_html(p: Progress) -> str:
         parts.append(f"ETA {format_seconds(p.eta_s)}")
     if p.rate_limit is not None:
         parts.append(f"rate limit: {p.rate_used}/{p.rate_limit} per {p.rate_period_s:g}s used")
+    if p.tokens or p.cost:
+        parts.append(f"{p.tokens:,} tokens · ${p.cost:.4f}")
     return " · ".join(parts)
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Collection
+from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
 
-from dbos_nb.models import ClaimedWorkflow, ClaimResult, WorkflowStatusString
+from dbos_nb.models import ClaimedWorkflow, ClaimResult, QueueSettings, WorkflowStatusString
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.schema import queue_starts, workflow_status
 from dbos_nb.storage.store import queue_settings_from_row
@@ -82,12 +83,15 @@ def claim(
                 )
             ).scalar_one()
             budget = min(budget, queue.worker_concurrency - mine)
+        paused_until = row.get("paused_until_ms")
+        if paused_until is not None and now_ms < paused_until:
+            # A step of this queue was told "429, retry after ...": nobody starts work until then.
+            result.next_rate_slot_ms = int(paused_until)
+            return result
+        _prune_ledger(conn, queue, now_ms)
         window_starts: list[int] = []
         if queue.limit is not None and queue.period_ms is not None:
             window_open = now_ms - queue.period_ms - limiter_guard_ms(queue.period_ms)
-            conn.execute(
-                delete(qs).where(qs.c.queue_name == queue_name, qs.c.started_at_ms <= window_open)
-            )
             window_starts = list(
                 conn.execute(
                     select(qs.c.started_at_ms)
@@ -96,9 +100,25 @@ def claim(
                 ).scalars()
             )
             budget = min(budget, queue.limit - len(window_starts))
-        if budget <= 0:
-            result.next_rate_slot_ms = _next_slot(
-                queue.limit, queue.period_ms, window_starts, 0, now_ms
+        tokens_left: int | None = None
+        token_window: list[tuple[int, int]] = []
+        if queue.token_limit is not None and queue.token_period_ms is not None:
+            token_open = now_ms - queue.token_period_ms - limiter_guard_ms(queue.token_period_ms)
+            token_window = [
+                (int(t), int(n))
+                for t, n in conn.execute(
+                    select(qs.c.started_at_ms, qs.c.tokens)
+                    .where(qs.c.queue_name == queue_name, qs.c.started_at_ms > token_open)
+                    .order_by(qs.c.started_at_ms)
+                )
+            ]
+            tokens_left = queue.token_limit - sum(n for _, n in token_window)
+        if budget <= 0 or (tokens_left is not None and tokens_left <= 0):
+            result.next_rate_slot_ms = _earliest(
+                _next_slot(queue.limit, queue.period_ms, window_starts, 0, now_ms)
+                if budget <= 0
+                else None,
+                _token_slot(queue, token_window) if tokens_left is not None else None,
             )
             return result
 
@@ -111,6 +131,7 @@ def claim(
                 ws.c.workflow_deadline_epoch_ms,
                 ws.c.recovery_attempts,
                 ws.c.function_hash,
+                ws.c.token_estimate,
             )
             .where(ws.c.queue_name == queue_name, ws.c.status == ENQUEUED)
             .limit(budget)
@@ -127,8 +148,13 @@ def claim(
             candidates = candidates.order_by(ws.c.id)
         if db.is_postgres:
             candidates = candidates.with_for_update(skip_locked=True)
-        rows = conn.execute(candidates).all()
+        rows: list[Any] = list(conn.execute(candidates).all())
+        token_blocked = False
+        if tokens_left is not None:
+            rows, token_blocked = _fit_tokens(rows, tokens_left, not token_window)
         if not rows:
+            if token_blocked:
+                result.next_rate_slot_ms = _token_slot(queue, token_window)
             return result
 
         owner = uuid.uuid4().hex
@@ -149,17 +175,20 @@ def claim(
                 ),
             )
         )
-        if queue.limit is not None:
+        ledgered = queue.limit is not None or queue.token_limit is not None
+        if ledgered:
             conn.execute(
                 insert(qs).values(
                     queue_name=bindparam("q"),
                     started_at_ms=bindparam("t"),
                     workflow_uuid=bindparam("w"),
+                    tokens=bindparam("n"),
                 ),
-                [{"q": queue_name, "t": now_ms, "w": wid} for wid in ids],
+                [{"q": queue_name, "t": now_ms, "w": r[0], "n": int(r[7] or 0)} for r in rows],
             )
-            result.next_rate_slot_ms = _next_slot(
-                queue.limit, queue.period_ms, window_starts, len(ids), now_ms
+            result.next_rate_slot_ms = _earliest(
+                _next_slot(queue.limit, queue.period_ms, window_starts, len(ids), now_ms),
+                _token_slot(queue, token_window) if token_blocked else None,
             )
         for r in rows:
             deadline = r[4]
@@ -175,7 +204,7 @@ def claim(
                     recovery_attempts=int(r[5]) + 1,
                     owner_xid=owner,
                     function_hash=r[6],
-                    ledger_claimed_at_ms=now_ms if queue.limit is not None else None,
+                    ledger_claimed_at_ms=now_ms if ledgered else None,
                 )
             )
     return result
@@ -226,6 +255,44 @@ def limiter_guard_ms(period_ms: int) -> int:
     `limit + 1` starts. For an API limit per minute that costs under 2% of the budget.
     """
     return min(max(period_ms // 50, 50), 1000)
+
+
+def _prune_ledger(conn: Connection, queue: QueueSettings, now_ms: int) -> None:
+    """Forget starts older than every window of the queue (request and token)."""
+    periods = [p for p in (queue.period_ms, queue.token_period_ms) if p is not None]
+    if not periods:
+        return
+    longest = max(periods)
+    oldest = now_ms - longest - limiter_guard_ms(longest)
+    conn.execute(delete(qs).where(qs.c.queue_name == queue.name, qs.c.started_at_ms <= oldest))
+
+
+def _fit_tokens(rows: list[Any], tokens_left: int, window_empty: bool) -> tuple[list[Any], bool]:
+    """The longest prefix of candidates whose token estimates fit (FIFO: no skipping ahead).
+
+    A single task larger than the whole budget is admitted alone into an empty window, or it
+    would wait forever. Returns (admitted rows, whether the budget stopped the rest).
+    """
+    admitted: list[Any] = []
+    for r in rows:
+        need = int(r[7] or 0)
+        if need > tokens_left and not (window_empty and not admitted):
+            return admitted, True
+        admitted.append(r)
+        tokens_left -= need
+    return admitted, False
+
+
+def _token_slot(queue: QueueSettings, window: list[tuple[int, int]]) -> int | None:
+    """When the oldest start in the token window leaves it (tokens free up then)."""
+    if not window or queue.token_period_ms is None:
+        return None
+    return window[0][0] + queue.token_period_ms + limiter_guard_ms(queue.token_period_ms) + 1
+
+
+def _earliest(*times: int | None) -> int | None:
+    present = [t for t in times if t is not None]
+    return min(present) if present else None
 
 
 def _next_slot(

@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -72,6 +73,10 @@ workflow_status = Table(
     Column("batch_id", String(255)),
     # The version (content hash) of the function this workflow was started or enqueued with.
     Column("function_hash", String(64)),
+    # Token budget: the estimate a claim counts, and the usage the workflow's steps reported.
+    Column("token_estimate", Integer),
+    Column("usage_tokens", BigInteger),
+    Column("usage_cost", Float),
     Index("ix_ws_queue_claim", "queue_name", "status", "priority", "id"),
     # Partial indexes: a plain enqueued row (no deadline, parent or dedup id) updates none of
     # them, which keeps bulk enqueues fast.
@@ -125,6 +130,10 @@ queues = Table(
     Column("rate_period_ms", BigInteger),
     Column("priority_enabled", Boolean, nullable=False, server_default=text("false")),
     Column("polling_interval_ms", Integer, nullable=False, server_default=text("1000")),
+    Column("token_limit", BigInteger),
+    Column("token_period_ms", BigInteger),
+    # Shared back-off: no process starts work from this queue before this time (after a 429).
+    Column("paused_until_ms", BigInteger),
     Column("updated_at", BigInteger, nullable=False),
 )
 
@@ -137,6 +146,8 @@ queue_starts = Table(
     Column("queue_name", String(255), nullable=False),
     Column("started_at_ms", BigInteger, nullable=False),
     Column("workflow_uuid", String(255), nullable=False),
+    # Tokens counted against the queue's token budget: the estimate, then the reported usage.
+    Column("tokens", BigInteger, nullable=False, server_default=text("0")),
     Index("ix_qs_queue_time", "queue_name", "started_at_ms"),
 )
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     delete,
     func,
     literal,
+    or_,
     select,
     update,
 )
@@ -81,6 +82,7 @@ class NewWorkflow:
     recovery_attempts: int = 0
     batch_id: str | None = None
     function_hash: str | None = None
+    token_estimate: int | None = None
 
 
 @dataclass
@@ -181,6 +183,7 @@ _WF_COLUMNS = [
     "parent_workflow_id",
     "batch_id",
     "function_hash",
+    "token_estimate",
 ]
 
 _STEP_COLUMNS = [
@@ -276,33 +279,44 @@ class SystemStore:
             raise
 
     def insert_enqueued_batch(
-        self, template: NewWorkflow, items: Sequence[tuple[str, bytes]]
+        self, template: NewWorkflow, items: Sequence[tuple[str, bytes, int | None]]
     ) -> None:
         """Enqueue many workflows that share everything but id and inputs, in one transaction.
 
-        `items` are (workflow id, serialized inputs) pairs, written in order (so they start in
-        that order). Ids that already exist are skipped: enqueueing the same batch again writes
-        nothing twice. With `template.batch_id` set, the batch is recorded too; a batch id
-        already used for another function, queue or size raises BatchConflictError. All or
-        nothing.
+        `items` are (workflow id, serialized inputs, token estimate), written in order (so they
+        start in that order). Ids that already exist are skipped: enqueueing the same batch
+        again writes nothing twice. With `template.batch_id` set, the batch is recorded too; a
+        batch id already used for another function, queue or size raises BatchConflictError.
+        All or nothing.
         """
         if not items:
             return
         base = _row_values(template)
         # Only the columns this batch sets: NULLs are the columns' defaults anyway, and every
         # bound parameter costs time over 100,000 rows.
-        columns = [c for c in base if c not in ("workflow_uuid", "inputs") and base[c] is not None]
+        per_item = ("workflow_uuid", "inputs", "token_estimate")
+        columns = [c for c in base if c not in per_item and base[c] is not None]
         shared = tuple(base[c] for c in columns)
+        estimates = any(e is not None for _, _, e in items)
         with self.db.write() as conn:
             if template.batch_id is not None:
                 self._record_batch(conn, template, len(items))
-            self.db.bulk_insert(
-                conn,
-                ws,
-                ["workflow_uuid", "inputs", *columns],
-                [(wid, data, *shared) for wid, data in items],
-                skip_conflicts_on="workflow_uuid",
-            )
+            if estimates:
+                self.db.bulk_insert(
+                    conn,
+                    ws,
+                    ["workflow_uuid", "inputs", "token_estimate", *columns],
+                    [(wid, data, est, *shared) for wid, data, est in items],
+                    skip_conflicts_on="workflow_uuid",
+                )
+            else:
+                self.db.bulk_insert(
+                    conn,
+                    ws,
+                    ["workflow_uuid", "inputs", *columns],
+                    [(wid, data, *shared) for wid, data, _ in items],
+                    skip_conflicts_on="workflow_uuid",
+                )
             if template.queue_name:
                 self.db.notify(conn, f"q:{template.queue_name}")
 
@@ -881,6 +895,8 @@ class SystemStore:
             "rate_period_ms": settings.period_ms,
             "priority_enabled": settings.priority_enabled,
             "polling_interval_ms": settings.polling_interval_ms,
+            "token_limit": settings.token_limit,
+            "token_period_ms": settings.token_period_ms,
             "updated_at": now_ms,
         }
         with self.db.write() as conn:
@@ -1025,6 +1041,62 @@ class SystemStore:
                 taken[executor_id] = self._requeue_pending(conn, executor_id, now_ms)
         return taken
 
+    # -- rate limits: shared back-off and usage ---------------------------------------------------
+
+    def pause_queue(self, queue_name: str, until_ms: int) -> None:
+        """No process starts work from the queue before `until_ms` (extends, never shortens)."""
+        with self.db.single() as conn:
+            conn.execute(
+                update(queues)
+                .where(
+                    queues.c.name == queue_name,
+                    or_(queues.c.paused_until_ms.is_(None), queues.c.paused_until_ms < until_ms),
+                )
+                .values(paused_until_ms=until_ms)
+            )
+
+    def report_usage(
+        self,
+        workflow_id: str,
+        tokens: int | None,
+        cost: float | None,
+        *,
+        replace_estimate: bool,
+    ) -> None:
+        """Add a step's real usage to its workflow, and count its tokens in the queue's token
+        window in place of the estimate (the first report replaces it, later ones add)."""
+        with self.db.write() as conn:
+            conn.execute(
+                update(ws)
+                .where(ws.c.workflow_uuid == workflow_id)
+                .values(
+                    usage_tokens=func.coalesce(ws.c.usage_tokens, 0) + (tokens or 0),
+                    usage_cost=func.coalesce(ws.c.usage_cost, 0.0) + (cost or 0.0),
+                )
+            )
+            if tokens is None:
+                return
+            latest = (
+                select(func.max(queue_starts.c.id))
+                .where(queue_starts.c.workflow_uuid == workflow_id)
+                .scalar_subquery()
+            )
+            value = tokens if replace_estimate else queue_starts.c.tokens + tokens
+            conn.execute(
+                update(queue_starts).where(queue_starts.c.id == latest).values(tokens=value)
+            )
+
+    def batch_usage(self, batch_id: str) -> tuple[int, float]:
+        """Total tokens and cost the batch's workflows reported."""
+        with self.db.read() as conn:
+            row = conn.execute(
+                select(
+                    func.coalesce(func.sum(ws.c.usage_tokens), 0),
+                    func.coalesce(func.sum(ws.c.usage_cost), 0.0),
+                ).where(ws.c.batch_id == batch_id)
+            ).one()
+        return int(row[0]), float(row[1])
+
     # -- executors ------------------------------------------------------------------------------
 
     def get_executor(self, executor_id: str) -> dict[str, Any] | None:
@@ -1090,6 +1162,8 @@ def queue_settings_from_row(row: dict[str, Any]) -> QueueSettings:
         period_ms=row["rate_period_ms"],
         priority_enabled=bool(row["priority_enabled"]),
         polling_interval_ms=int(row["polling_interval_ms"]),
+        token_limit=row.get("token_limit"),
+        token_period_ms=row.get("token_period_ms"),
     )
 
 
@@ -1116,6 +1190,7 @@ def _row_values(wf: NewWorkflow) -> dict[str, Any]:
         "parent_workflow_id": wf.parent_workflow_id,
         "batch_id": wf.batch_id,
         "function_hash": wf.function_hash,
+        "token_estimate": wf.token_estimate,
     }
 
 
