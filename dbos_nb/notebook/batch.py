@@ -81,6 +81,8 @@ class Progress:
             parts.append(f"ETA {format_seconds(self.eta_s)}")
         if self.rate_limit is not None:
             parts.append(f"rate {self.rate_used}/{self.rate_limit} per {self.rate_period_s:g}s")
+        if self.tokens or self.cost:
+            parts.append(f"{self.tokens:,} tokens, ${self.cost:.4f}")
         return f"batch {self.batch_id!r}: " + ", ".join(parts)
 
 
