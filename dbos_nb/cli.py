@@ -3,6 +3,7 @@
     dbos-nb status    --db URL            queues, their limits and counts per status
     dbos-nb workflows --db URL [filters]  recent workflows
     dbos-nb worker    --db URL [options]  run queued work until stopped (see dbos_nb/worker.py)
+    dbos-nb demo      [--items N]         a durable LLM batch against a local fake LLM
 
 `status` and `workflows` read through the store only and start no threads.
 """
@@ -105,6 +106,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dbos_nb.llm.demo import run_demo
+
+    return run_demo(args.db, args.items)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -169,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("-v", "--verbose", action="store_true")
     worker.set_defaults(func=cmd_worker)
+    demo = sub.add_parser(
+        "demo", help="a durable batch of LLM calls under a rate limit, against a local fake LLM"
+    )
+    demo.add_argument("--db", default="sqlite:///dbos_nb_demo.sqlite", help="system database URL")
+    demo.add_argument("--items", type=_positive_int, default=500, help="how many prompts")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

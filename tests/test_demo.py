@@ -1,0 +1,49 @@
+"""`dbos-nb demo`, the README's main job: it finishes, and resumes without paying twice."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _demo(db: str, items: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dbos_nb.cli", "demo", "--db", db, "--items", str(items)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _calls(output: str) -> int:
+    match = re.search(r"the server answered (\d+) calls|in this run: (\d+) answered", output)
+    assert match, output
+    return int(match.group(1) or match.group(2))
+
+
+def test_demo_runs_and_a_second_run_calls_nothing(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'demo.sqlite'}"
+    out, _ = _demo(db, 120).communicate(timeout=120)
+    assert "done: 120 answered, 0 failed" in out and _calls(out) == 120
+    assert "0 refused with 429" in out
+    again, _ = _demo(db, 120).communicate(timeout=120)
+    assert "done: 120 answered" in again and _calls(again) == 0
+
+
+def test_interrupted_demo_resumes_without_calling_twice(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'demo.sqlite'}"
+    proc = _demo(db, 600)
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGINT)
+    first, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, first
+    assert "interrupted" in first
+    second, _ = _demo(db, 600).communicate(timeout=120)
+    assert "done: 600 answered, 0 failed" in second
+    first_calls, second_calls = _calls(first), _calls(second)
+    assert 0 < first_calls < 600
+    assert first_calls + second_calls == 600  # no prompt was sent twice
