@@ -46,3 +46,13 @@ def wt_second(task: int) -> int:
 def wt_two_steps(task: int) -> int:
     wt_first(task)
     return wt_second(task)
+
+
+@DBOS.step(name="wt_tokens")
+def wt_tokens(task: int) -> int:
+    """Uses (and reports) WORKER_TASKS_TOKENS tokens."""
+    start = time.time()
+    DBOS.report_usage(tokens=int(os.environ.get("WORKER_TASKS_TOKENS", "25")))
+    time.sleep(SLEEP)
+    _record("tokens", task, start)
+    return task
