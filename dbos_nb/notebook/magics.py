@@ -1,8 +1,8 @@
 """IPython magics: launch DBOS, declare queues, run durable cells, inspect and manage work.
 
     %dbos_launch [--db URL] [--name NAME] [--executor-id ID]
-    %dbos_queue NAME [--concurrency N] [--worker-concurrency N] [--limit 50/30s] [--priority]
-                [--as VAR]
+    %dbos_queue NAME [--concurrency N] [--worker-concurrency N] [--limit 50/30s]
+                [--tokens 90000/1m] [--priority] [--as VAR]
     %%dbos_workflow NAME [--id ID] [--queue Q] [--timeout S] [--background] [--rerun]
     %dbos_status [QUEUE]
     %dbos_cancel ID / %dbos_resume ID
@@ -136,6 +136,7 @@ class DbosMagics(Magics):
     @argument("--concurrency", type=int, help="at most N running at once, over all processes")
     @argument("--worker-concurrency", type=int, help="at most N running at once per process")
     @argument("--limit", help="rate limit LIMIT/PERIOD, e.g. 50/30s or 500/1m")
+    @argument("--tokens", help="token budget TOKENS/PERIOD, e.g. 90000/1m")
     @argument("--priority", action="store_true", help="order waiting work by priority")
     @argument("--as", dest="var", help="variable to bind the queue to")
     @line_magic
@@ -152,6 +153,7 @@ class DbosMagics(Magics):
                 worker_concurrency=args.worker_concurrency,
                 limiter=parse_limit(args.limit) if args.limit else None,
                 priority_enabled=args.priority,
+                token_limiter=parse_limit(args.tokens) if args.tokens else None,
             )
         except DbosNbError as exc:
             raise UsageError(str(exc)) from exc
