@@ -148,7 +148,7 @@ class DBOSClient:
     def get_result(self, workflow_id: str) -> Any:
         return self.retrieve_workflow(workflow_id).get_result()
 
-    def peek_result(self, workflow_id: str) -> tuple[bool, Any]:
+    def peek(self, workflow_id: str) -> tuple[bool, Any]:
         """(finished, value) without waiting; raises the workflow's error if it failed."""
         row = self._store.get_status_and_result(workflow_id)
         if row is None:

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar, cast
 from sqlalchemy.orm import Session
 
 from dbos_nb.clock import Clock
-from dbos_nb.core import management, steps, workflows
+from dbos_nb.core import aio, management, steps, workflows
 from dbos_nb.core.context import current
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import QUEUES, Queue
@@ -50,22 +50,33 @@ class classproperty(Generic[T]):
 
 
 def _decorate(kind: Kind, func: Callable[..., Any], name: str | None, **options: Any) -> Any:
-    if inspect.iscoroutinefunction(func):
-        raise DbosNbError(
-            f"{func.__qualname__}: async {kind}s are not supported yet; define it with 'def'"
-        )
     if not callable(func):
         raise DbosNbError(f"@DBOS.{kind}() decorates functions, got {func!r}")
-    runner = {
-        "workflow": workflows.call_workflow,
-        "step": steps.call_step,
-        "transaction": steps.call_transaction,
-    }[kind]
+    if inspect.iscoroutinefunction(func):
+        if kind == "transaction":
+            raise DbosNbError(
+                f"{func.__qualname__}: transactions run in a database session; define it with "
+                "'def' (async workflows can call it)"
+            )
+        async_runner = aio.call_workflow_async if kind == "workflow" else aio.call_step_async
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return runner(get_runtime(), reg, args, kwargs)
+        @functools.wraps(func)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            return await async_runner(get_runtime(), reg, args, kwargs)
 
+        wrapper: Callable[..., Any] = async_wrapper
+    else:
+        runner = {
+            "workflow": workflows.call_workflow,
+            "step": steps.call_step,
+            "transaction": steps.call_transaction,
+        }[kind]
+
+        @functools.wraps(func)
+        def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+            return runner(get_runtime(), reg, args, kwargs)
+
+        wrapper = sync_wrapper
     reg = Registration(
         name=name or func.__qualname__, kind=kind, func=func, wrapper=wrapper, **options
     )
@@ -376,6 +387,22 @@ class DBOS:
         """Inside a step: record the tokens and cost it really used. The tokens replace the
         task's estimate in its queue's token budget; both are stored per workflow."""
         steps.report_usage(cls._rt(), tokens, cost)
+
+    @classmethod
+    async def sleep_async(cls, seconds: float) -> None:
+        """Durable sleep for async workflows (does not block the loop)."""
+        await aio.durable_sleep_async(cls._rt(), seconds)
+
+    @classmethod
+    async def start_workflow_async(
+        cls, func: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> WorkflowHandle[T]:
+        """`start_workflow` for async callers (the workflow may be sync or async)."""
+        return cls.start_workflow(func, *args, **kwargs)
+
+    @classmethod
+    async def get_result_async(cls, workflow_id: str) -> Any:
+        return await cls.retrieve_workflow(workflow_id).get_result_async()
 
     @classmethod
     def sleep(cls, seconds: float) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dbos_nb.clock import Clock, SystemClock
+from dbos_nb.core import aio
 from dbos_nb.core.functions import FunctionResolver
 from dbos_nb.core.pool import ElasticPool
 from dbos_nb.core.queue import QUEUES
@@ -196,6 +197,7 @@ class Engine:
             polling_interval_sec=cfg.polling_interval_sec,
             resolver=FunctionResolver(store, REGISTRY, run_stored=cfg.run_stored_functions),
         )
+        rt.run_async = lambda ex: aio.start_on_loop(rt, ex)
         store.upsert_queue(QueueSettings(name=INTERNAL_QUEUE), rt.now_ms())
         _record_functions(rt, REGISTRY.all())
         for settings in QUEUES.all_settings():
@@ -308,6 +310,7 @@ class Engine:
         rt.stopping.set()
         rt.preempt_all("shutdown")
         rt.waiters.notify_all()
+        rt.aio.stop()
         if not rt.pool.shutdown(timeout=5.0):
             logger.warning(
                 "some workflow threads are still inside user code; they stop at their next step"

@@ -421,11 +421,11 @@ def test_not_launched_error() -> None:
         wf()
 
 
-def test_async_functions_raise_a_clear_error() -> None:
-    with pytest.raises(DbosNbError, match="async"):
+def test_async_transactions_raise_a_clear_error() -> None:
+    with pytest.raises(DbosNbError, match="database session"):
 
-        @DBOS.workflow()
-        async def not_yet() -> None:
+        @DBOS.transaction()
+        async def not_supported() -> None:
             return None
 
 

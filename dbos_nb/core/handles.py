@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -21,6 +22,8 @@ class HandleBackend(Protocol):
 
     def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None: ...
 
+    def peek(self, workflow_id: str) -> tuple[bool, Any]: ...
+
 
 class WorkflowHandle(Generic[R]):
     """A reference to a workflow, valid in any process that reaches the same database."""
@@ -38,6 +41,27 @@ class WorkflowHandle(Generic[R]):
         """Wait for the workflow to finish; return its result or raise its error."""
         value: R = self._backend.wait_result(self.workflow_id, polling_interval_sec, timeout_sec)
         return value
+
+    async def get_result_async(
+        self, polling_interval_sec: float = 1.0, *, timeout_sec: float | None = None
+    ) -> R:
+        """Await the workflow's result without holding a thread (polls with back-off)."""
+        delay, waited = 0.002, 0.0
+        while True:
+            finished, value = self._backend.peek(self.workflow_id)
+            if finished:
+                result: R = value
+                return result
+            if timeout_sec is not None and waited >= timeout_sec:
+                raise TimeoutError(
+                    f"workflow {self.workflow_id!r} did not finish within {timeout_sec} s"
+                )
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, max(polling_interval_sec, 0.002))
+
+    async def get_status_async(self) -> WorkflowStatus:
+        return self.get_status()
 
     def get_status(self) -> WorkflowStatus:
         status = self._backend.get_workflow_status(self.workflow_id)

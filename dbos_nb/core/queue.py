@@ -223,6 +223,12 @@ class Queue:
         wid = enqueue_workflow(rt, self.name, reg, call_args, kwargs)
         return WorkflowHandle(rt, wid)
 
+    async def enqueue_async(
+        self, func: Callable[..., R], *args: Any, **kwargs: Any
+    ) -> WorkflowHandle[R]:
+        """`enqueue` for async callers (one short database write)."""
+        return self.enqueue(func, *args, **kwargs)
+
     def enqueue_many(
         self,
         func: Callable[..., R],

@@ -55,6 +55,10 @@ class Registration:
     _version: str | None = field(default=None, repr=False)
 
     @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+    @property
     def version(self) -> str:
         """A hash of the function's code: two definitions with the same source are one version."""
         if self._version is None:

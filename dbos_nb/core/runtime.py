@@ -8,7 +8,9 @@ other way to find it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +18,11 @@ from dbos_nb.clock import Clock
 from dbos_nb.core.context import RunningWorkflow
 from dbos_nb.core.functions import FunctionResolver
 from dbos_nb.core.handles import status_from_row
+from dbos_nb.core.loop import LoopThread
 from dbos_nb.core.pool import ElasticPool
 from dbos_nb.core.registry import Registration, Registry
-from dbos_nb.core.waiters import Waiters, wait_for_result
-from dbos_nb.errors import DBOSNotLaunchedError
+from dbos_nb.core.waiters import Waiters, outcome_of, wait_for_result
+from dbos_nb.errors import DBOSNonExistentWorkflowError, DBOSNotLaunchedError
 from dbos_nb.models import WorkflowStatus
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.store import SystemStore
@@ -48,6 +51,10 @@ class Runtime:
     # Queues whose state changed since the scheduler last looked (all of them at first).
     _dirty: set[str] = field(default_factory=set)
     _dirty_all: bool = True
+    # The loop async workflows run on, and how to start one there (set by the engine, since
+    # the async module sits above this one).
+    aio: LoopThread = field(default_factory=LoopThread)
+    run_async: Callable[[Any], concurrent.futures.Future[Any]] | None = None
 
     def now_ms(self) -> int:
         return self.clock.now_ms()
@@ -107,6 +114,13 @@ class Runtime:
     ) -> Any:
         poll = min(polling_interval_sec, self.polling_interval_sec)
         return wait_for_result(self.store, self.waiters, self.clock, workflow_id, poll, timeout_sec)
+
+    def peek(self, workflow_id: str) -> tuple[bool, Any]:
+        """(finished, value) now, without waiting; raises the workflow's error if it failed."""
+        row = self.store.get_status_and_result(workflow_id)
+        if row is None:
+            raise DBOSNonExistentWorkflowError(workflow_id)
+        return outcome_of(workflow_id, row)
 
     def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None:
         row = self.store.get_workflow(workflow_id)

@@ -160,7 +160,11 @@ class Scheduler:
             for item in result.claimed:
                 with self._inflight_lock:
                     self._inflight += 1
-                rt.pool.submit(self._run, item)
+                reg = rt.resolver.resolve(item.name, item.function_hash)
+                if reg is not None and reg.is_async:
+                    self._run(item)  # only hands it to the loop: no thread needed
+                else:
+                    rt.pool.submit(self._run, item)
             if len(result.claimed) >= room:
                 rt.wake_scheduler(queue_name)  # there may be more right away
             if result.next_rate_slot_ms is not None:
@@ -169,14 +173,21 @@ class Scheduler:
                 rate_slots.pop(queue_name, None)
 
     def _run(self, item: ClaimedWorkflow) -> None:
+        future = None
         try:
-            run_claimed(self._rt, item)
+            future = run_claimed(self._rt, item)
         finally:
-            with self._inflight_lock:
-                self._inflight -= 1
-                starved, self._starved = self._starved, set()
-            for queue_name in {item.queue_name, *starved}:
-                self._rt.wake_scheduler(queue_name)
+            if future is None:
+                self._done(item)
+            else:  # an async workflow: it counts until it ends on the loop
+                future.add_done_callback(lambda _f: self._done(item))
+
+    def _done(self, item: ClaimedWorkflow) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+            starved, self._starved = self._starved, set()
+        for queue_name in {item.queue_name, *starved}:
+            self._rt.wake_scheduler(queue_name)
 
     @property
     def inflight(self) -> int:

@@ -114,30 +114,101 @@ def call_step(rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dic
     try:
         value = _run_attempts(rt, reg, ctx, fid, args, kwargs)
     except Exception as exc:
-        existing = rt.store.record_step(
-            wf.workflow_id,
-            wf.owner_xid,
-            fid,
-            reg.name,
-            None,
-            serialization.dump_error(exc),
-            started,
-            rt.now_ms(),
-        )
-        if existing is not None:
-            return replay(existing)
-        raise
+        return record_step_error(rt, wf, fid, reg.name, started, exc)
+    return record_step_value(rt, wf, fid, reg.name, started, value)
+
+
+def record_step_value(
+    rt: Runtime, wf: RunningWorkflow, fid: int, name: str, started: int, value: Any
+) -> Any:
+    """Checkpoint a step's result; returns the recorded one (another execution's, if first)."""
     existing = rt.store.record_step(
         wf.workflow_id,
         wf.owner_xid,
         fid,
-        reg.name,
+        name,
         serialization.dumps(value),
         None,
         started,
         rt.now_ms(),
     )
     return replay(existing) if existing is not None else value
+
+
+def record_step_error(
+    rt: Runtime, wf: RunningWorkflow, fid: int, name: str, started: int, exc: Exception
+) -> Any:
+    """Checkpoint a step's failure and raise it (or return another execution's record)."""
+    existing = rt.store.record_step(
+        wf.workflow_id,
+        wf.owner_xid,
+        fid,
+        name,
+        None,
+        serialization.dump_error(exc),
+        started,
+        rt.now_ms(),
+    )
+    if existing is not None:
+        return replay(existing)
+    raise exc
+
+
+class Retrier:
+    """The retry policy of one step call: plain retries with back-off, and 429 answers waited out
+    (with the whole queue) without using up the retries."""
+
+    def __init__(self, rt: Runtime, reg: Registration, wf: RunningWorkflow | None) -> None:
+        self.rt, self.reg, self.wf = rt, reg, wf
+        self.attempts = reg.max_attempts if reg.retries_allowed else 1
+        self.attempt = 0
+        self.throttled = 0
+        self.errors: list[BaseException] = []
+
+    def frame(self, fid: int | None) -> StepFrame:
+        return StepFrame(
+            step_id=fid if fid is not None else -1,
+            name=self.reg.name,
+            attempt=self.attempt + 1,
+            max_attempts=self.attempts,
+        )
+
+    def on_error(self, exc: Exception) -> float:
+        """Seconds to wait before the next try; raises when the step has failed for good."""
+        reg, wf = self.reg, self.wf
+        retry_after = rate_limit_delay(exc)
+        if retry_after is not None and self.throttled < reg.max_rate_limit_retries:
+            # A 429 is no failure of the step: wait as told, with the whole queue.
+            self.throttled += 1
+            wait = retry_after or min(RATE_LIMIT_BACKOFF_SEC * 2 ** (self.throttled - 1), 60.0)
+            if wf is not None and wf.queue_name is not None:
+                self.rt.store.pause_queue(wf.queue_name, self.rt.now_ms() + round(wait * 1000))
+            logger.info(
+                "step %r was rate limited (%s); retrying in %.2f s, queue %r paused",
+                reg.name,
+                exc,
+                wait,
+                wf.queue_name if wf else None,
+            )
+            return wait
+        if not reg.retries_allowed:
+            raise exc
+        self.errors.append(exc)
+        self.attempt += 1
+        if self.attempt == self.attempts:
+            raise DBOSMaxStepRetriesExceeded(reg.name, self.attempts, self.errors)
+        wait = min(
+            reg.interval_seconds * reg.backoff_rate ** (self.attempt - 1), MAX_RETRY_WAIT_SEC
+        )
+        logger.warning(
+            "step %r attempt %d/%d failed (%r); retrying in %.2f s",
+            reg.name,
+            self.attempt,
+            self.attempts,
+            exc,
+            wait,
+        )
+        return wait
 
 
 def _run_attempts(
@@ -148,55 +219,13 @@ def _run_attempts(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    attempts = reg.max_attempts if reg.retries_allowed else 1
-    errors: list[BaseException] = []
-    wf = ctx.workflow
-    attempt = 0
-    throttled = 0
+    retrier = Retrier(rt, reg, ctx.workflow)
     while True:
-        frame = StepFrame(
-            step_id=fid if fid is not None else -1,
-            name=reg.name,
-            attempt=attempt + 1,
-            max_attempts=attempts,
-        )
         try:
-            with using(derive(step=frame)):
+            with using(derive(step=retrier.frame(fid))):
                 return reg.func(*args, **kwargs)
         except Exception as exc:
-            retry_after = rate_limit_delay(exc)
-            if retry_after is not None and throttled < reg.max_rate_limit_retries:
-                # A 429 is no failure of the step: wait as told, with the whole queue.
-                throttled += 1
-                wait = retry_after or min(RATE_LIMIT_BACKOFF_SEC * 2 ** (throttled - 1), 60.0)
-                if wf is not None and wf.queue_name is not None:
-                    rt.store.pause_queue(wf.queue_name, rt.now_ms() + round(wait * 1000))
-                logger.info(
-                    "step %r was rate limited (%s); retrying in %.2f s, queue %r paused",
-                    reg.name,
-                    exc,
-                    wait,
-                    wf.queue_name if wf else None,
-                )
-                _pause(rt, wf, wait)
-                continue
-            if not reg.retries_allowed:
-                raise
-            errors.append(exc)
-            attempt += 1
-            if attempt == attempts:
-                break
-            wait = min(reg.interval_seconds * reg.backoff_rate ** (attempt - 1), MAX_RETRY_WAIT_SEC)
-            logger.warning(
-                "step %r attempt %d/%d failed (%r); retrying in %.2f s",
-                reg.name,
-                attempt,
-                attempts,
-                exc,
-                wait,
-            )
-            _pause(rt, wf, wait)
-    raise DBOSMaxStepRetriesExceeded(reg.name, attempts, errors)
+            _pause(rt, ctx.workflow, retrier.on_error(exc))
 
 
 def _pause(rt: Runtime, wf: RunningWorkflow | None, seconds: float) -> None:

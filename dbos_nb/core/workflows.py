@@ -11,6 +11,7 @@ gets the deterministic id `<parent>-<operation number>`, so a replaying parent f
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import uuid
 from collections.abc import Callable
@@ -176,18 +177,10 @@ def start_workflow(
     if existing is not None:
         _check_same_function(plan.workflow_id, existing, name)
         return plan.workflow_id
-    rt.pool.submit(
-        _run_quietly,
-        rt,
-        reg,
-        plan.workflow_id,
-        owner,
-        args,
-        kwargs,
-        row.workflow_deadline_epoch_ms,
-        None,
-        True,
+    ex = Execution(
+        reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms, fresh=True
     )
+    dispatch(rt, ex)
     return plan.workflow_id
 
 
@@ -267,6 +260,97 @@ def _await_existing(rt: Runtime, wid: str, existing: dict[str, Any]) -> Any:
 # -- running a body -----------------------------------------------------------------------------
 
 
+@dataclass
+class Execution:
+    """Everything needed to run one claimed or started workflow body."""
+
+    reg: Registration
+    workflow_id: str
+    owner: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    deadline_ms: int | None
+    ledger_entry: tuple[str, int] | None = None
+    fresh: bool = False
+    queue_name: str | None = None
+
+
+def begin(rt: Runtime, ex: Execution) -> RunningWorkflow | None:
+    """Register the execution in this process; None if this process already runs it."""
+    running = RunningWorkflow(ex.workflow_id, ex.owner, workflow_name_of(ex.reg), ex.deadline_ms)
+    running.ledger_entry = ex.ledger_entry
+    running.queue_name = ex.queue_name
+    running.last_recorded_fid = (
+        -1 if ex.fresh else rt.store.last_recorded_function_id(ex.workflow_id)
+    )
+    return running if rt.add_running(running) else None
+
+
+def on_failure(rt: Runtime, ex: Execution, exc: BaseException) -> BaseException:
+    """Record a body's failure; returns the exception the caller should see (re-raised)."""
+    wid = ex.workflow_id
+    if isinstance(exc, WorkflowPreempted):
+        if exc.workflow_id != wid or exc.reason == "shutdown":
+            return exc
+        if exc.reason == "timed out":
+            return DBOSWorkflowTimedOutError(wid)
+        return DBOSAwaitedWorkflowCancelledError(wid, f"was stopped ({exc.reason})")
+    if not isinstance(exc, Exception):
+        return exc  # KeyboardInterrupt and the like: the workflow stays PENDING, resumable
+    if ex.deadline_ms is not None and rt.now_ms() >= ex.deadline_ms:
+        # Failed because it ran out of time (a timed-out child, say): a timeout.
+        cancel_overdue(rt)
+        return DBOSWorkflowTimedOutError(wid)
+    _finish(rt, wid, ex.owner, S.ERROR.value, None, serialization.dump_error(exc))
+    return exc
+
+
+def on_success(rt: Runtime, ex: Execution, value: Any) -> Any:
+    """Record a body's result; returns what the caller should get (the durable record wins)."""
+    wid = ex.workflow_id
+    try:
+        output = serialization.dumps(value)
+    except DBOSNonSerializableError as exc:
+        error = DBOSNonSerializableError(f"the result of workflow {wid!r}: {exc}")
+        _finish(rt, wid, ex.owner, S.ERROR.value, None, serialization.dump_error(error))
+        raise error from exc
+    if not _finish(rt, wid, ex.owner, S.SUCCESS.value, output, None):
+        # Cancelled (or taken over) while the body ran.
+        row = rt.store.get_status_and_result(wid)
+        if row is not None:
+            finished, recorded = outcome_of(wid, row)
+            if finished:
+                return recorded
+    return value
+
+
+def end(rt: Runtime, ex: Execution) -> None:
+    rt.remove_running(ex.workflow_id)
+    rt.waiters.notify(ex.workflow_id)
+
+
+def run_execution(rt: Runtime, ex: Execution) -> Any:
+    """Run a workflow body whose row is PENDING and owned by `ex.owner`; record its outcome."""
+    running = begin(rt, ex)
+    if running is None:
+        # This process already runs it (e.g. recovered while a handle waits): wait instead.
+        return wait_for_result(
+            rt.store, rt.waiters, rt.clock, ex.workflow_id, rt.polling_interval_sec
+        )
+    try:
+        with using(Context(workflow=running)):
+            try:
+                value = _body_of(ex.reg)(*ex.args, **ex.kwargs)
+            except BaseException as exc:
+                shown = on_failure(rt, ex, exc)
+                if shown is exc:
+                    raise
+                raise shown from (None if isinstance(exc, WorkflowPreempted) else exc)
+        return on_success(rt, ex, value)
+    finally:
+        end(rt, ex)
+
+
 def execute(
     rt: Runtime,
     reg: Registration,
@@ -280,54 +364,12 @@ def execute(
     fresh: bool = False,
     queue_name: str | None = None,
 ) -> Any:
-    """Run a workflow body whose row is PENDING and owned by `owner`, and record its outcome.
+    """Run a workflow body (sync) and record its outcome; see `run_execution`.
 
     `fresh`: the row was written just now by this call, so nothing can be recorded for it yet.
     """
-    running = RunningWorkflow(wid, owner, workflow_name_of(reg), deadline_ms)
-    running.ledger_entry = ledger_entry
-    running.queue_name = queue_name
-    running.last_recorded_fid = -1 if fresh else rt.store.last_recorded_function_id(wid)
-    if not rt.add_running(running):
-        # This process already runs it (e.g. recovered while a handle waits): wait instead.
-        return wait_for_result(rt.store, rt.waiters, rt.clock, wid, rt.polling_interval_sec)
-    body = _body_of(reg)
-    try:
-        with using(Context(workflow=running)):
-            try:
-                value = body(*args, **kwargs)
-            except WorkflowPreempted as stop:
-                if stop.workflow_id != wid or stop.reason == "shutdown":
-                    raise
-                if stop.reason == "timed out":
-                    raise DBOSWorkflowTimedOutError(wid) from None
-                raise DBOSAwaitedWorkflowCancelledError(
-                    wid, f"was stopped ({stop.reason})"
-                ) from None
-            except Exception as exc:
-                if deadline_ms is not None and rt.now_ms() >= deadline_ms:
-                    # Failed because it ran out of time (a timed-out child, say): a timeout.
-                    cancel_overdue(rt)
-                    raise DBOSWorkflowTimedOutError(wid) from exc
-                _finish(rt, wid, owner, S.ERROR.value, None, serialization.dump_error(exc))
-                raise
-        try:
-            output = serialization.dumps(value)
-        except DBOSNonSerializableError as exc:
-            error = DBOSNonSerializableError(f"the result of workflow {wid!r}: {exc}")
-            _finish(rt, wid, owner, S.ERROR.value, None, serialization.dump_error(error))
-            raise error from exc
-        if not _finish(rt, wid, owner, S.SUCCESS.value, output, None):
-            # Cancelled (or taken over) while the body ran: the durable record wins.
-            row = rt.store.get_status_and_result(wid)
-            if row is not None:
-                finished, recorded = outcome_of(wid, row)
-                if finished:
-                    return recorded
-        return value
-    finally:
-        rt.remove_running(wid)
-        rt.waiters.notify(wid)
+    ex = Execution(reg, wid, owner, args, kwargs, deadline_ms, ledger_entry, fresh, queue_name)
+    return run_execution(rt, ex)
 
 
 def _body_of(reg: Registration) -> Callable[..., Any]:
@@ -344,46 +386,46 @@ def _finish(
     return done
 
 
-def _run_quietly(
-    rt: Runtime,
-    reg: Registration,
-    wid: str,
-    owner: str,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    deadline_ms: int | None,
-    ledger_entry: tuple[str, int] | None = None,
-    fresh: bool = False,
-    queue_name: str | None = None,
-) -> None:
+def dispatch(rt: Runtime, ex: Execution) -> concurrent.futures.Future[Any] | None:
+    """Run an execution in the background: async bodies on the runtime's loop (returns its
+    future), sync ones on a pool thread."""
+    if ex.reg.is_async:
+        if rt.run_async is None:
+            raise RuntimeError("async workflows need a launched engine")
+        future = rt.run_async(ex)
+        future.add_done_callback(_log_outcome(ex.workflow_id))
+        return future
+    rt.pool.submit(_run_execution_quietly, rt, ex)
+    return None
+
+
+def _log_outcome(wid: str) -> Callable[[concurrent.futures.Future[Any]], None]:
+    def done(future: concurrent.futures.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            logger.debug("workflow %s ended: %r", wid, future.exception())
+
+    return done
+
+
+def _run_execution_quietly(rt: Runtime, ex: Execution) -> None:
     """Run on a pool thread: outcomes are recorded, so exceptions stop here."""
     try:
-        execute(
-            rt,
-            reg,
-            wid,
-            owner,
-            args,
-            kwargs,
-            deadline_ms,
-            ledger_entry,
-            fresh=fresh,
-            queue_name=queue_name,
-        )
+        run_execution(rt, ex)
     except WorkflowPreempted as stop:
-        logger.debug("workflow %s stopped: %s", wid, stop.reason)
+        logger.debug("workflow %s stopped: %s", ex.workflow_id, stop.reason)
     except Exception:
-        logger.debug("workflow %s failed (recorded)", wid, exc_info=True)
+        logger.debug("workflow %s failed (recorded)", ex.workflow_id, exc_info=True)
 
 
-def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
-    """Run a workflow the scheduler claimed (on a pool thread)."""
+def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> concurrent.futures.Future[Any] | None:
+    """Run a workflow the scheduler claimed (on a pool thread). An async one goes on to the
+    runtime's loop: its future is returned, and the pool thread is free at once."""
     reg = rt.resolver.resolve(claimed.name, claimed.function_hash)
     if reg is None:
         # This process cannot run that version: give it back for one that can.
         rt.store.release_claim(claimed.workflow_id, claimed.owner_xid, rt.now_ms())
         rt.wake_scheduler()
-        return
+        return None
     if claimed.recovery_attempts > reg.max_recovery_attempts + 1:
         logger.error(
             "workflow %s (%s) was started %d times; giving up (max_recovery_attempts=%d)",
@@ -397,7 +439,7 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
         )
         rt.waiters.notify(claimed.workflow_id)
         rt.wake_scheduler()
-        return
+        return None
     try:
         args, kwargs = serialization.load_inputs(claimed.inputs)
     except Exception as exc:
@@ -411,12 +453,11 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
             serialization.dump_error(exc),
         )
         rt.waiters.notify(claimed.workflow_id)
-        return
+        return None
     ledger = None
     if claimed.ledger_claimed_at_ms is not None:
         ledger = (claimed.queue_name, claimed.ledger_claimed_at_ms)
-    _run_quietly(
-        rt,
+    ex = Execution(
         reg,
         claimed.workflow_id,
         claimed.owner_xid,
@@ -426,3 +467,7 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> None:
         ledger,
         queue_name=claimed.queue_name,
     )
+    if reg.is_async:
+        return dispatch(rt, ex)
+    _run_execution_quietly(rt, ex)
+    return None

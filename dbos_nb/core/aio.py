@@ -1,0 +1,187 @@
+"""`async def` workflows and steps, run on an event loop that dbos_nb owns.
+
+LLM clients are mostly async, and 200 calls in flight should not need 200 threads. Async workflows
+run as tasks on one loop in a daemon thread owned by the runtime, never on the caller's loop: a
+Jupyter kernel's loop stops running tasks when a cell finishes, and a durable workflow must keep
+going. The bookkeeping (checkpoints, owner checks, outcomes) is the same as for sync workflows and
+reuses their functions; the database calls are short and made from the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import uuid
+from typing import Any
+
+from dbos_nb import serialization
+from dbos_nb.core.context import Context, current, derive, using
+from dbos_nb.core.registry import Registration
+from dbos_nb.core.runtime import Runtime
+from dbos_nb.core.steps import (
+    Retrier,
+    begin_operation,
+    check_live,
+    record_step_error,
+    record_step_value,
+    replay,
+)
+from dbos_nb.core.waiters import outcome_of
+from dbos_nb.core.workflows import (
+    Execution,
+    _body_of,
+    _check_same_function,
+    _new_row,
+    begin,
+    end,
+    on_failure,
+    on_success,
+    plan_start,
+    workflow_name_of,
+)
+from dbos_nb.errors import DBOSNonExistentWorkflowError, WorkflowPreempted
+from dbos_nb.models import WorkflowStatusString as S
+
+
+async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
+    """The async twin of `workflows.run_execution` (runs on the runtime's loop)."""
+    running = begin(rt, ex)
+    if running is None:
+        return await wait_result_async(rt, ex.workflow_id, rt.polling_interval_sec)
+    try:
+        with using(Context(workflow=running)):
+            try:
+                value = await _body_of(ex.reg)(*ex.args, **ex.kwargs)
+            except BaseException as exc:
+                shown = on_failure(rt, ex, exc)
+                if shown is exc:
+                    raise
+                raise shown from (None if isinstance(exc, WorkflowPreempted) else exc)
+        return on_success(rt, ex, value)
+    finally:
+        end(rt, ex)
+
+
+def start_on_loop(rt: Runtime, ex: Execution) -> concurrent.futures.Future[Any]:
+    """Run an async workflow on the runtime's loop; returns a future of its outcome."""
+    return rt.aio.submit(run_execution_async(rt, ex))
+
+
+async def call_workflow_async(
+    rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Await an async workflow called directly: it runs on dbos_nb's loop, not the caller's."""
+    name = workflow_name_of(reg)
+    inputs = serialization.dump_inputs(reg.name, args, kwargs)
+    plan = plan_start(rt, name)
+    owner = uuid.uuid4().hex
+    row = _new_row(rt, reg, plan, inputs, name, status=S.PENDING.value, owner=owner)
+    existing = rt.store.insert_workflow(row)
+    if existing is not None:
+        _check_same_function(plan.workflow_id, existing, name)
+        return await wait_result_async(rt, plan.workflow_id, rt.polling_interval_sec)
+    ex = Execution(
+        reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms, fresh=True
+    )
+    return await asyncio.wrap_future(start_on_loop(rt, ex))
+
+
+async def call_step_async(
+    rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The async twin of `steps.call_step`."""
+    ctx = current()
+    wf = ctx.workflow
+    if wf is None or ctx.step is not None:
+        return await _attempts_async(rt, reg, ctx, None, args, kwargs)
+    fid, pre = begin_operation(rt, wf, reg.name)
+    if pre.recorded:
+        return replay(pre)
+    started = rt.now_ms()
+    try:
+        value = await _attempts_async(rt, reg, ctx, fid, args, kwargs)
+    except Exception as exc:
+        return record_step_error(rt, wf, fid, reg.name, started, exc)
+    return record_step_value(rt, wf, fid, reg.name, started, value)
+
+
+async def _attempts_async(
+    rt: Runtime,
+    reg: Registration,
+    ctx: Context,
+    fid: int | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    retrier = Retrier(rt, reg, ctx.workflow)
+    while True:
+        try:
+            with using(derive(step=retrier.frame(fid))):
+                return await reg.func(*args, **kwargs)
+        except Exception as exc:
+            await sleep_checked(rt, ctx, retrier.on_error(exc))
+
+
+async def sleep_checked(rt: Runtime, ctx: Context, seconds: float) -> None:
+    """Sleep without blocking the loop, stopping early if the workflow must stop."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    wf = ctx.workflow
+    while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+        await asyncio.sleep(min(remaining, 0.05))
+        if wf is not None and wf.interrupt.is_set():
+            check_live(rt, wf)
+
+
+async def durable_sleep_async(rt: Runtime, seconds: float) -> None:
+    """The async twin of `DBOS.sleep`: the wake-up time is recorded."""
+    ctx = current()
+    wf = ctx.workflow
+    if wf is None or ctx.step is not None:
+        await asyncio.sleep(seconds)
+        return
+    fid, pre = begin_operation(rt, wf, "DBOS.sleep")
+    if pre.recorded:
+        wake_at = int(serialization.loads(pre.output))
+    else:
+        now = rt.now_ms()
+        wake_at = now + round(seconds * 1000)
+        rt.store.record_step(
+            wf.workflow_id,
+            wf.owner_xid,
+            fid,
+            "DBOS.sleep",
+            serialization.dumps(wake_at),
+            None,
+            now,
+            now,
+        )
+    await sleep_checked(rt, ctx, max((wake_at - rt.now_ms()) / 1000, 0.0))
+
+
+async def wait_result_async(
+    rt: Any, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None = None
+) -> Any:
+    """Await a workflow's outcome without holding a thread (polls with back-off)."""
+    delay, waited = 0.002, 0.0
+    while True:
+        row = rt.store.get_status_and_result(workflow_id)
+        if row is None:
+            raise DBOSNonExistentWorkflowError(workflow_id)
+        finished, value = outcome_of(workflow_id, row)
+        if finished:
+            return value
+        if timeout_sec is not None and waited >= timeout_sec:
+            raise TimeoutError(f"workflow {workflow_id!r} did not finish within {timeout_sec} s")
+        await asyncio.sleep(delay)
+        waited += delay
+        delay = min(delay * 2, max(polling_interval_sec, 0.002))
+
+
+__all__ = [
+    "call_step_async",
+    "call_workflow_async",
+    "durable_sleep_async",
+    "run_execution_async",
+    "start_on_loop",
+    "wait_result_async",
+]
