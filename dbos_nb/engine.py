@@ -260,7 +260,7 @@ class Engine:
         if row is not None and row["token"] != self._token:
             fresh = now - int(row["heartbeat_at"]) < cfg.executor_lease_sec * 1000
             same_host = row["hostname"] == host
-            other_live_pid = same_host and row["pid"] != os.getpid() and _pid_alive(int(row["pid"]))
+            other_live_pid = same_host and row["pid"] != os.getpid() and pid_alive(int(row["pid"]))
             if fresh and (other_live_pid or not same_host):
                 raise DBOSExecutorIdInUseError(
                     f"executor id {cfg.executor_id!r} is in use by process {row['pid']} on "
@@ -339,7 +339,8 @@ def _record_functions(rt: Runtime, regs: list[Registration]) -> None:
     )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine is alive (a zombie is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import uuid
 from typing import Any
 
-from dbos_nb import serialization
 from dbos_nb.core.context import Context, current, derive, using
 from dbos_nb.core.registry import Registration
 from dbos_nb.core.runtime import Runtime
@@ -25,22 +23,19 @@ from dbos_nb.core.steps import (
     record_step_error,
     record_step_value,
     replay,
+    sleep_until,
 )
 from dbos_nb.core.waiters import outcome_of
 from dbos_nb.core.workflows import (
     Execution,
     _body_of,
-    _check_same_function,
-    _new_row,
     begin,
     end,
     on_failure,
     on_success,
-    plan_start,
-    workflow_name_of,
+    write_started,
 )
 from dbos_nb.errors import DBOSNonExistentWorkflowError, WorkflowPreempted
-from dbos_nb.models import WorkflowStatusString as S
 
 
 async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
@@ -71,18 +66,9 @@ async def call_workflow_async(
     rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """Await an async workflow called directly: it runs on dbos_nb's loop, not the caller's."""
-    name = workflow_name_of(reg)
-    inputs = serialization.dump_inputs(reg.name, args, kwargs)
-    plan = plan_start(rt, name)
-    owner = uuid.uuid4().hex
-    row = _new_row(rt, reg, plan, inputs, name, status=S.PENDING.value, owner=owner)
-    existing = rt.store.insert_workflow(row)
+    ex, existing = write_started(rt, reg, args, kwargs)
     if existing is not None:
-        _check_same_function(plan.workflow_id, existing, name)
-        return await wait_result_async(rt, plan.workflow_id, rt.polling_interval_sec)
-    ex = Execution(
-        reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms, fresh=True
-    )
+        return await wait_result_async(rt, ex.workflow_id, rt.polling_interval_sec)
     return await asyncio.wrap_future(start_on_loop(rt, ex))
 
 
@@ -139,22 +125,7 @@ async def durable_sleep_async(rt: Runtime, seconds: float) -> None:
     if wf is None or ctx.step is not None:
         await asyncio.sleep(seconds)
         return
-    fid, pre = begin_operation(rt, wf, "DBOS.sleep")
-    if pre.recorded:
-        wake_at = int(serialization.loads(pre.output))
-    else:
-        now = rt.now_ms()
-        wake_at = now + round(seconds * 1000)
-        rt.store.record_step(
-            wf.workflow_id,
-            wf.owner_xid,
-            fid,
-            "DBOS.sleep",
-            serialization.dumps(wake_at),
-            None,
-            now,
-            now,
-        )
+    wake_at = sleep_until(rt, wf, seconds)
     await sleep_checked(rt, ctx, max((wake_at - rt.now_ms()) / 1000, 0.0))
 
 

@@ -403,6 +403,26 @@ def current_session() -> Session:
 # -- durable sleep ------------------------------------------------------------------------------
 
 
+def sleep_until(rt: Runtime, wf: RunningWorkflow, seconds: float) -> int:
+    """The durable sleep's wake-up time: recorded by the first run, read back on replay."""
+    fid, pre = begin_operation(rt, wf, "DBOS.sleep")
+    if pre.recorded:
+        return int(serialization.loads(pre.output))
+    now = rt.now_ms()
+    wake_at = now + round(seconds * 1000)
+    rt.store.record_step(
+        wf.workflow_id,
+        wf.owner_xid,
+        fid,
+        "DBOS.sleep",
+        serialization.dumps(wake_at),
+        None,
+        now,
+        now,
+    )
+    return wake_at
+
+
 def durable_sleep(rt: Runtime, seconds: float) -> None:
     """Sleep; inside a workflow the wake-up time is recorded so a resumed sleep does not restart."""
     ctx = current()
@@ -410,22 +430,7 @@ def durable_sleep(rt: Runtime, seconds: float) -> None:
     if wf is None or ctx.step is not None:
         time.sleep(seconds)
         return
-    fid, pre = begin_operation(rt, wf, "DBOS.sleep")
-    if pre.recorded:
-        wake_at = int(serialization.loads(pre.output))
-    else:
-        now = rt.now_ms()
-        wake_at = now + round(seconds * 1000)
-        rt.store.record_step(
-            wf.workflow_id,
-            wf.owner_xid,
-            fid,
-            "DBOS.sleep",
-            serialization.dumps(wake_at),
-            None,
-            now,
-            now,
-        )
+    wake_at = sleep_until(rt, wf, seconds)
     while True:
         remaining = (wake_at - rt.now_ms()) / 1000
         if remaining <= 0:

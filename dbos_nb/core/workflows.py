@@ -146,10 +146,14 @@ def workflow_name_of(reg: Registration) -> str:
 # -- direct call and background start ----------------------------------------------------------
 
 
-def call_workflow(
+def write_started(
     rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """Run a workflow in the calling thread and return its result (DBOS's direct call)."""
+) -> tuple[Execution, dict[str, Any] | None]:
+    """Write the PENDING row of a workflow started now (direct call or background start).
+
+    Returns the execution to run, and the existing row instead when the id was taken (then
+    nothing was written and nothing must run).
+    """
     name = workflow_name_of(reg)
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
     plan = plan_start(rt, name)
@@ -158,30 +162,30 @@ def call_workflow(
     existing = rt.store.insert_workflow(row)
     if existing is not None:
         _check_same_function(plan.workflow_id, existing, name)
-        return _await_existing(rt, plan.workflow_id, existing)
-    return execute(
-        rt, reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms, fresh=True
+    ex = Execution(
+        reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms, fresh=True
     )
+    return ex, existing
+
+
+def call_workflow(
+    rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Run a workflow in the calling thread and return its result (DBOS's direct call)."""
+    ex, existing = write_started(rt, reg, args, kwargs)
+    if existing is not None:
+        return _await_existing(rt, ex.workflow_id, existing)
+    return run_execution(rt, ex)
 
 
 def start_workflow(
     rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str:
-    """Write the workflow's row, then run it on a pool thread; returns its id at once."""
-    name = workflow_name_of(reg)
-    inputs = serialization.dump_inputs(reg.name, args, kwargs)
-    plan = plan_start(rt, name)
-    owner = uuid.uuid4().hex
-    row = _new_row(rt, reg, plan, inputs, name, status=S.PENDING.value, owner=owner)
-    existing = rt.store.insert_workflow(row)
-    if existing is not None:
-        _check_same_function(plan.workflow_id, existing, name)
-        return plan.workflow_id
-    ex = Execution(
-        reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms, fresh=True
-    )
-    dispatch(rt, ex)
-    return plan.workflow_id
+    """Write the workflow's row, then run it in the background; returns its id at once."""
+    ex, existing = write_started(rt, reg, args, kwargs)
+    if existing is None:
+        dispatch(rt, ex)
+    return ex.workflow_id
 
 
 def enqueue_workflow(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dbos_nb.core.runtime import Runtime
+from dbos_nb.engine import pid_alive
 
 
 def state_dir(rt: Runtime) -> Path:
@@ -47,21 +48,11 @@ def _save(rt: Runtime, workers: list[dict[str, Any]]) -> None:
     _state_file(rt).write_text(json.dumps(workers, indent=1))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def start_workers(
     rt: Runtime, count: int, queues: list[str], concurrency: int | None
 ) -> list[dict[str, Any]]:
     """Start `count` detached workers on this notebook's database."""
-    known = [w for w in _load(rt) if _alive(int(w["pid"]))]
+    known = [w for w in _load(rt) if pid_alive(int(w["pid"]))]
     started = []
     for _ in range(count):
         executor = f"{rt.executor_id}/worker-{uuid.uuid4().hex[:6]}"
@@ -102,12 +93,12 @@ def start_workers(
 
 def stop_workers(rt: Runtime, timeout: float = 30.0) -> list[int]:
     """SIGTERM the workers this notebook started and wait for them to exit."""
-    workers = [w for w in _load(rt) if _alive(int(w["pid"]))]
+    workers = [w for w in _load(rt) if pid_alive(int(w["pid"]))]
     for w in workers:
         os.kill(int(w["pid"]), signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for w in workers:
-        while _alive(int(w["pid"])) and time.monotonic() < deadline:
+        while pid_alive(int(w["pid"])) and time.monotonic() < deadline:
             _reap(int(w["pid"]))
             time.sleep(0.05)
     _save(rt, [])
