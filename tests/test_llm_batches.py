@@ -26,7 +26,7 @@ def ask(prompt: str) -> dict[str, object]:
 def test_limits_just_under_the_servers_never_get_a_429(launched: str) -> None:
     with FakeLLMServer(latency=0.02, request_limit=50, period=1.0) as server:
         SERVER["url"] = server.url
-        q = Queue("under", limiter={"limit": 45, "period": 1.0})
+        q = Queue("under", concurrency=10, limiter={"limit": 45, "period": 1.0})
         prompts = [f"question {i}" for i in range(300)]
         batch = q.map(ask, prompts, batch="under")
         batch.wait(timeout=60, show=False)
