@@ -49,16 +49,20 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULT_MARKER = "BENCH_RESULT "
-PG_URL_ENV = "DBOS_NB_BENCH_PG_URL"
-WORKER_TIMEOUT_SEC = 1800
+from bench_common import (
+    REPO_ROOT,
+    RESULT_MARKER,
+    PostgresTarget,
+    probe_dbos,
+    run_measurement,
+    sqlite_dir,
+)
+
 WAIT_TIMEOUT_SEC = 600.0
 XPROC_QUEUE = "bench_xproc"
 XPROC_WORKFLOW = "bench_xproc_wf"
@@ -393,110 +397,12 @@ class Job:
     mode: str  # "local": everything in one process; "xproc": client + worker process
 
 
-def _admin_dsn(server_url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(server_url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-class PostgresTarget:
-    """A PostgreSQL server: the one in DBOS_NB_BENCH_PG_URL or a throwaway durable one."""
-
-    def __init__(self, tmpdir: str | None) -> None:
-        self._server: Any = None
-        self._databases: list[str] = []
-        url = os.environ.get(PG_URL_ENV)
-        if url:
-            self.server_url = url
-            self.description = f"server from {PG_URL_ENV}"
-        else:
-            sys.path.insert(0, str(REPO_ROOT / "tests"))
-            pgserver: Any = importlib.import_module("pgserver")
-            directory = tempfile.mkdtemp(prefix="dbos_nb_bench_pg_", dir=tmpdir)
-            self._server = pgserver.start(directory, durable=True)
-            self.server_url = str(self._server.url)
-            self.description = "throwaway server, durable (fsync=on, synchronous_commit=on)"
-        try:
-            self.version = self._server_version()
-        except Exception:
-            self.close()
-            raise
-
-    def _server_version(self) -> str:
-        import psycopg
-
-        with psycopg.connect(_admin_dsn(self.server_url), autocommit=True) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-            fsync = conn.execute("SHOW fsync").fetchone()
-        return f"{row[0] if row else '?'}, fsync={fsync[0] if fsync else '?'}"
-
-    def create_database(self, prefix: str) -> str:
-        import psycopg
-        from sqlalchemy.engine import make_url
-
-        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(_admin_dsn(self.server_url), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        self._databases.append(name)
-        url = make_url(self.server_url).set(drivername="postgresql", database=name)
-        return url.render_as_string(hide_password=False)
-
-    def close(self) -> None:
-        import psycopg
-
-        try:
-            if self._databases:
-                with psycopg.connect(_admin_dsn(self.server_url), autocommit=True) as conn:
-                    for name in self._databases:
-                        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            if self._server is not None:
-                self._server.stop()
-
-
 def _run_job(job: Job, url: str, settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
     """Run one measurement subprocess; (figures, None) or (None, error)."""
     cmd = [job.python, str(Path(__file__).resolve()), "--worker", job.library, "--url", url]
     cmd += ["--mode", job.mode, "--settings", json.dumps(asdict(settings))]
     print(f"  running {job.library} {job.mode} on {job.backend} ...", file=sys.stderr, flush=True)
-    try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=WORKER_TIMEOUT_SEC,
-            cwd=tempfile.gettempdir(),
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {WORKER_TIMEOUT_SEC} s"
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            figures: dict[str, Any] = json.loads(line[len(RESULT_MARKER) :])
-            return figures, None
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-    return None, f"worker exited with {proc.returncode}:\n{tail}"
-
-
-def _probe_dbos(python: str) -> tuple[bool, str]:
-    """Whether `python` can import dbos; the version, or the reason it cannot."""
-    probe = "import importlib.metadata as m, dbos; print(m.version('dbos'))"
-    try:
-        proc = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"cannot run {python}: {exc}"
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
-        return False, f"{python} cannot import dbos ({last})"
-    return True, proc.stdout.strip()
-
-
-@contextmanager
-def _sqlite_dir(tmpdir: str | None) -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="dbos_nb_bench_sqlite_", dir=tmpdir)
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    return run_measurement(cmd)
 
 
 @dataclass(frozen=True)
@@ -620,7 +526,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     settings = Settings.for_mode(args.quick)
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     dbos_python = args.dbos_python or sys.executable
-    dbos_ok, dbos_info = _probe_dbos(dbos_python)
+    dbos_ok, dbos_info = probe_dbos(dbos_python)
     notes = [
         f"Python {platform.python_version()} on {platform.system()} {platform.release()}, "
         f"{os.cpu_count()} CPUs.",
@@ -664,7 +570,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
 
     for backend in backends:
         if backend == "sqlite":
-            with _sqlite_dir(args.tmpdir) as directory:
+            with sqlite_dir(args.tmpdir) as directory:
                 notes.append(f"SQLite: fresh file per run in {Path(directory).parent}.")
                 for library, python in libraries:
                     url = f"sqlite:///{directory}/{library}.sqlite"
