@@ -111,6 +111,21 @@ def _clean_state() -> Iterator[None]:
     queue_module.QUEUES.clear()
 
 
+def recorded_steps(url: str) -> set[tuple[str, int]]:
+    """(workflow id, operation number) of every checkpoint in the database, read directly."""
+    import sqlalchemy as sa
+
+    from dbos_nb.storage.database import normalize_url
+    from dbos_nb.storage.schema import PG_SCHEMA
+
+    engine = sa.create_engine(normalize_url(url))
+    table = f"{PG_SCHEMA}.operation_outputs" if url.startswith("postgres") else "operation_outputs"
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT workflow_uuid, function_id FROM {table}")).all()
+    engine.dispose()
+    return {(str(r[0]), int(r[1])) for r in rows}
+
+
 def config(url: str, **extra: Any) -> dict[str, Any]:
     """A test configuration: short polling so cross-process tests need no long waits."""
     base: dict[str, Any] = {

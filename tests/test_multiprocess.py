@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
+from conftest import recorded_steps
 from dbos_nb.client import DBOSClient
-from dbos_nb.storage.database import normalize_url
-from dbos_nb.storage.schema import PG_SCHEMA
 
 APP = Path(__file__).parent / "queue_worker_app.py"
 
@@ -178,15 +176,6 @@ def test_fifo_across_two_processes(db_url: str, workers_factory: Any) -> None:
     # specified (the one finishing a task often claims the next before the other polls).
 
 
-def _recorded_steps(url: str) -> set[tuple[str, int]]:
-    engine = sa.create_engine(normalize_url(url))
-    table = f"{PG_SCHEMA}.operation_outputs" if url.startswith("postgres") else "operation_outputs"
-    with engine.connect() as conn:
-        rows = conn.execute(sa.text(f"SELECT workflow_uuid, function_id FROM {table}")).all()
-    engine.dispose()
-    return {(str(r[0]), int(r[1])) for r in rows}
-
-
 def test_sigkill_during_a_queue_run(db_url: str, workers_factory: Any) -> None:
     queue = {"name": "mp_crash", "concurrency": 4, "worker_concurrency": 2}
     workers = workers_factory(db_url, queue, 0.06)
@@ -210,7 +199,7 @@ def test_sigkill_during_a_queue_run(db_url: str, workers_factory: Any) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     workers.kill("k1")
-    checkpointed_before_restart = _recorded_steps(db_url)
+    checkpointed_before_restart = recorded_steps(db_url)
     effects_at_kill = Counter((e.step, e.task) for e in workers.events())
     workers.start("k1")  # the same executor comes back and recovers its unfinished work
     _wait_all(db_url, ids)

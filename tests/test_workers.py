@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from IPython.core.interactiveshell import InteractiveShell
 
-from conftest import config
+from conftest import config, recorded_steps
 from dbos_nb import DBOS, DBOSClient, Queue
 from dbos_nb.storage.database import normalize_url
 from dbos_nb.storage.schema import PG_SCHEMA
@@ -220,15 +220,6 @@ def test_limits_hold_across_three_workers(db_url: str, pool: WorkerPool) -> None
         assert sum(1 for t in starts[i:] if t < s + 1.0) <= 30
 
 
-def _recorded(url: str) -> set[tuple[str, int]]:
-    engine = sa.create_engine(normalize_url(url))
-    table = f"{PG_SCHEMA}.operation_outputs" if url.startswith("postgres") else "operation_outputs"
-    with engine.connect() as conn:
-        rows = conn.execute(sa.text(f"SELECT workflow_uuid, function_id FROM {table}")).all()
-    engine.dispose()
-    return {(str(r[0]), int(r[1])) for r in rows}
-
-
 def test_sigkill_one_of_three_workers(db_url: str, pool: WorkerPool) -> None:
     DBOS(config=config(db_url, listen_queues=[]))
     Queue("batchq", concurrency=6, worker_concurrency=2)
@@ -251,7 +242,7 @@ def test_sigkill_one_of_three_workers(db_url: str, pool: WorkerPool) -> None:
     os.kill(pool.procs["k2"].pid, signal.SIGKILL)
     pool.procs["k2"].wait(30)
     killed_at = time.monotonic()
-    checkpointed = _recorded(db_url)
+    checkpointed = recorded_steps(db_url)
     runs_at_kill = Counter((e[0], e[1]) for e in pool.events())
     with DBOSClient(db_url) as client:
         results = [client.retrieve_workflow(w).get_result(timeout_sec=120) for w in ids]
