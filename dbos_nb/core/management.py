@@ -32,7 +32,7 @@ def to_epoch_ms(value: Any, label: str) -> int | None:
     raise DbosNbError(f"{label} must be a datetime, an ISO-8601 string or epoch ms, got {value!r}")
 
 
-def list_workflows(
+def workflow_rows(
     store: SystemStore,
     *,
     workflow_ids: list[str] | None = None,
@@ -49,11 +49,11 @@ def list_workflows(
     sort_desc: bool = False,
     load_input: bool = True,
     load_output: bool = True,
-) -> list[WorkflowStatus]:
-    """Workflows matching every given filter, in enqueue order (newest first if `sort_desc`)."""
+) -> list[dict[str, Any]]:
+    """Rows of the workflows matching every given filter, in enqueue order (newest first if
+    `sort_desc`); inputs and outputs are left out unless `load_input` or `load_output`."""
     statuses = [status] if isinstance(status, str) else status
-    load = load_input or load_output
-    rows = store.list_workflows(
+    return store.list_workflows(
         workflow_ids=workflow_ids,
         status=[str(s) for s in statuses] if statuses is not None else None,
         name=name,
@@ -66,9 +66,14 @@ def list_workflows(
         limit=limit,
         offset=offset,
         sort_desc=sort_desc,
-        load_payloads=load,
+        load_payloads=load_input or load_output,
     )
-    return [status_from_row(r, load_payloads=load) for r in rows]
+
+
+def list_workflows(store: SystemStore, **filters: Any) -> list[WorkflowStatus]:
+    """Workflows matching the filters of `workflow_rows`, as WorkflowStatus objects."""
+    load = filters.get("load_input", True) or filters.get("load_output", True)
+    return [status_from_row(r, load_payloads=load) for r in workflow_rows(store, **filters)]
 
 
 def get_status(store: SystemStore, workflow_id: str) -> WorkflowStatus | None:

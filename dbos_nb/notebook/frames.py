@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from dbos_nb import serialization
-from dbos_nb.core.management import to_epoch_ms
+from dbos_nb.core.management import workflow_rows
 from dbos_nb.core.runtime import get_runtime
 
 STATUS_ORDER = [
@@ -97,30 +97,9 @@ def _expand_outputs(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([left, expanded, right], axis=1)
 
 
-def workflows_frame(
-    *,
-    status: str | list[str] | None = None,
-    name: str | None = None,
-    queue_name: str | None = None,
-    start_time: Any = None,
-    end_time: Any = None,
-    workflow_id_prefix: str | None = None,
-    limit: int | None = None,
-    sort_desc: bool = False,
-    load_output: bool = True,
-) -> pd.DataFrame:
+def workflows_frame(**filters: Any) -> pd.DataFrame:
     """A DataFrame of workflows matching the same filters as `DBOS.list_workflows`."""
-    rows = get_runtime().store.list_workflows(
-        status=[status] if isinstance(status, str) else status,
-        name=name,
-        queue_name=queue_name,
-        start_time=to_epoch_ms(start_time, "start_time"),
-        end_time=to_epoch_ms(end_time, "end_time"),
-        workflow_id_prefix=workflow_id_prefix,
-        limit=limit,
-        sort_desc=sort_desc,
-        load_payloads=load_output,
-    )
+    rows = workflow_rows(get_runtime().store, **filters)
     df = pd.DataFrame(
         {
             "workflow_id": [r["workflow_uuid"] for r in rows],
