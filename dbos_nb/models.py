@@ -116,6 +116,9 @@ class ClaimedWorkflow:
     # Set when the queue has a rate limiter: the ledger entry's claim time, moved to the real
     # start time when the workflow begins.
     ledger_claimed_at_ms: int | None = None
+    # Highest operation number recorded for it at the claim (-1: none), so that the execution
+    # need not read it again.
+    last_recorded_fid: int = -1
 
 
 @dataclass
@@ -125,6 +128,10 @@ class ClaimResult:
     claimed: list[ClaimedWorkflow] = field(default_factory=list)
     # Epoch ms when the rate limiter next frees a slot, if it is what stops further claims.
     next_rate_slot_ms: int | None = None
+    # What stops the next claim from taking more, if known: "concurrency" (the queue's or this
+    # worker's slots are all taken) or "rate" (the limiter or a back-off, until
+    # `next_rate_slot_ms`). None: it took every row that was ready.
+    blocked: str | None = None
 
 
 class DBOSConfig(TypedDict, total=False):

@@ -27,6 +27,11 @@ from dbos_nb.models import WorkflowStatus
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.store import SystemStore
 
+# Why the scheduler is woken for a queue.
+WAKE_ANY = "any"  # anything may have changed
+WAKE_ENQUEUED = "enqueued"  # new work was enqueued
+WAKE_FREED = "freed"  # a workflow of the queue ended: a concurrency slot is free
+
 
 @dataclass
 class Runtime:
@@ -48,8 +53,9 @@ class Runtime:
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
     _wake: threading.Event = field(default_factory=threading.Event)
     _stored_versions: set[str] = field(default_factory=set)
-    # Queues whose state changed since the scheduler last looked (all of them at first).
-    _dirty: set[str] = field(default_factory=set)
+    # Queues whose state changed since the scheduler last looked (all of them at first), with
+    # what changed (WAKE_*).
+    _dirty: dict[str, set[str]] = field(default_factory=dict)
     _dirty_all: bool = True
     # The loop async workflows run on, and how to start one there (set by the engine, since
     # the async module sits above this one).
@@ -80,6 +86,11 @@ class Runtime:
     def running_ids(self) -> list[str]:
         with self._running_lock:
             return list(self._running)
+
+    def running_owners(self) -> dict[str, str]:
+        """Workflow id -> owner token of every execution running in this process."""
+        with self._running_lock:
+            return {wid: running.owner_xid for wid, running in self._running.items()}
 
     def preempt(self, workflow_ids: list[str], reason: str) -> None:
         """Ask local executions to stop at their next durable operation."""
@@ -128,20 +139,23 @@ class Runtime:
 
     # -- waking the scheduler ---------------------------------------------------------------------
 
-    def wake_scheduler(self, queue_name: str | None = None) -> None:
-        """Ask the scheduler to claim again: from one queue that changed, or from all."""
+    def wake_scheduler(self, queue_name: str | None = None, reason: str = WAKE_ANY) -> None:
+        """Ask the scheduler to claim again: from one queue that changed, or from all.
+
+        `reason` lets it skip claims that cannot succeed: work enqueued on a queue that is
+        full, or a slot freed on a queue that has no concurrency limit to free."""
         with self._running_lock:
             if queue_name is None:
                 self._dirty_all = True
             else:
-                self._dirty.add(queue_name)
+                self._dirty.setdefault(queue_name, set()).add(reason)
         self._wake.set()
 
-    def take_dirty(self) -> tuple[bool, set[str]]:
-        """(all queues changed?, the queues that changed) since the last call."""
+    def take_dirty(self) -> tuple[bool, dict[str, set[str]]]:
+        """(all queues changed?, the queues that changed and why) since the last call."""
         with self._running_lock:
             everything, queues = self._dirty_all, self._dirty
-            self._dirty_all, self._dirty = False, set()
+            self._dirty_all, self._dirty = False, {}
         return everything, queues
 
     @property

@@ -16,8 +16,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from dbos_nb.core.runtime import Runtime
-from dbos_nb.core.steps import cancel_overdue
+from dbos_nb.core.runtime import WAKE_ANY, WAKE_ENQUEUED, WAKE_FREED, Runtime
+from dbos_nb.core.steps import cancel_overdue, preempt_lost
 from dbos_nb.core.workflows import run_claimed
 from dbos_nb.models import ClaimedWorkflow
 from dbos_nb.storage import claims
@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_MS = 100
 REFRESH_INTERVAL_MS = 1000
+# After a claim that took work, how long to let further enqueues and completions gather before
+# the next claim (each claim is a write transaction: one per enqueue would halve throughput).
+# Only busy queues wait: a claim after an idle spell runs at once.
+COALESCE_SEC = 0.002
 
 
 class Scheduler:
@@ -50,6 +54,8 @@ class Scheduler:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._starved: set[str] = set()  # queues skipped because this process was at its cap
+        # What stopped each queue's last claim (claims.BLOCKED_*), if anything did.
+        self._blocked: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dbos_nb-scheduler", daemon=True)
         self._listener: threading.Thread | None = None
@@ -100,12 +106,15 @@ class Scheduler:
         rate_slots: dict[str, int] = {}  # queue -> when its rate limiter frees a slot
         while not self._stop.is_set():
             rt.wake_event.clear()
+            claimed = 0
             now = rt.now_ms()
             poll_ms = round(rt.polling_interval_sec * 1000)
             try:
                 if now - last_sweep >= SWEEP_INTERVAL_MS:
                     last_sweep = now
                     cancel_overdue(rt)
+                    if not rt.db.notifications:
+                        preempt_lost(rt)
                 if now - last_beat >= self._heartbeat_interval_ms:
                     last_beat = now
                     self._heartbeat()
@@ -116,10 +125,17 @@ class Scheduler:
                 if now - last_full >= poll_ms:
                     # The fallback poll: what no wake-up reached (other processes on SQLite).
                     everything, last_full = True, now
-                dirty |= {q for q, t in rate_slots.items() if t <= now}
+                for queue_name, slot in rate_slots.items():
+                    if slot <= now:
+                        dirty.setdefault(queue_name, set()).add(WAKE_ANY)
                 listened = self._queue_names()
-                targets = listened if everything else [q for q in listened if q in dirty]
-                self._claim_from(targets, rate_slots)
+                if everything:
+                    targets = listened
+                else:
+                    targets = [
+                        q for q in listened if q in dirty and self._worth_claiming(q, dirty[q])
+                    ]
+                claimed = self._claim_from(targets, rate_slots)
             except Exception:
                 if self._stop.is_set():
                     return
@@ -127,19 +143,37 @@ class Scheduler:
                 rt.wake_scheduler()
                 self._stop.wait(0.5)
                 continue
+            if claimed:
+                # Work arrives about as fast as it is taken: let the next enqueues and
+                # completions gather for a moment, so that one claim takes them together.
+                self._stop.wait(COALESCE_SEC)
             next_wake = min([last_full + poll_ms, *rate_slots.values()])
             if rt.running_ids():
                 next_wake = min(next_wake, now + SWEEP_INTERVAL_MS)
             delay = max((next_wake - rt.now_ms()) / 1000, 0.0)
             rt.wake_event.wait(min(delay, poll_ms / 1000))
 
-    def _claim_from(self, queue_names: list[str], rate_slots: dict[str, int]) -> None:
+    def _worth_claiming(self, queue_name: str, reasons: set[str]) -> bool:
+        """Whether a claim can take anything, given why the queue was woken and what stopped
+        its last claim (each claim is a write transaction: skipping useless ones matters)."""
+        if WAKE_ANY in reasons:
+            return True
+        blocked = self._blocked.get(queue_name)
+        if blocked == claims.BLOCKED_RATE:
+            return False  # woken when its rate slot comes (computed), whatever is enqueued
+        if blocked == claims.BLOCKED_CONCURRENCY:
+            return WAKE_FREED in reasons
+        return WAKE_ENQUEUED in reasons  # a free slot changes nothing when slots don't limit
+
+    def _claim_from(self, queue_names: list[str], rate_slots: dict[str, int]) -> int:
+        """Claim from each queue and dispatch what was claimed; returns how many."""
         rt = self._rt
         names = rt.resolver.claimable_names()
         excluded = rt.resolver.excluded_versions()
+        total = 0
         for queue_name in queue_names:
             if self._stop.is_set():
-                return
+                return total
             room = claims.MAX_CLAIM_BATCH
             if self._max_running is not None:
                 with self._inflight_lock:
@@ -167,10 +201,16 @@ class Scheduler:
                     rt.pool.submit(self._run, item)
             if len(result.claimed) >= room:
                 rt.wake_scheduler(queue_name)  # there may be more right away
+            if result.blocked is not None:
+                self._blocked[queue_name] = result.blocked
+            else:
+                self._blocked.pop(queue_name, None)
             if result.next_rate_slot_ms is not None:
                 rate_slots[queue_name] = result.next_rate_slot_ms
             else:
                 rate_slots.pop(queue_name, None)
+            total += len(result.claimed)
+        return total
 
     def _run(self, item: ClaimedWorkflow) -> None:
         future = None
@@ -186,7 +226,8 @@ class Scheduler:
         with self._inflight_lock:
             self._inflight -= 1
             starved, self._starved = self._starved, set()
-        for queue_name in {item.queue_name, *starved}:
+        self._rt.wake_scheduler(item.queue_name, WAKE_FREED)
+        for queue_name in starved:
             self._rt.wake_scheduler(queue_name)
 
     @property

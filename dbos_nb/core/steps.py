@@ -68,13 +68,28 @@ def cancel_overdue(rt: Runtime) -> None:
         rt.waiters.notify(wid)
 
 
+def preempt_lost(rt: Runtime) -> None:
+    """Stop, at their next operation, local executions whose workflow was cancelled or taken
+    over by another process. PostgreSQL tells us by notification; without notifications (SQLite)
+    the scheduler calls this on every sweep."""
+    owners = rt.running_owners()
+    if not owners:
+        return
+    by_reason: dict[str, list[str]] = {}
+    for wid, reason in rt.store.lost_executions(owners).items():
+        by_reason.setdefault(reason, []).append(wid)
+    for reason, ids in by_reason.items():
+        rt.preempt(ids, reason)
+
+
 def begin_operation(rt: Runtime, wf: RunningWorkflow, name: str) -> tuple[int, StepPreflight]:
     """Take the next operation number and read what is recorded for it."""
     fid = wf.take_function_id()
-    if fid > wf.last_recorded_fid and rt.db.notifications:
+    if fid > wf.last_recorded_fid:
         # Nothing can be recorded past what this execution found at its start (another
-        # execution's record would make our own insert return it), and a cancel from any
-        # process reaches us by notification: the in-memory checks suffice.
+        # execution's record would make our own insert return it). A cancel from this process
+        # preempts us directly; one from another process arrives by notification (PostgreSQL)
+        # or the scheduler's sweep (`preempt_lost`): the in-memory checks suffice.
         pre = StepPreflight(S.PENDING.value, None, False, None, None, None, None, wf.owner_xid)
     else:
         pre = rt.store.step_preflight(wf.workflow_id, fid)
@@ -285,6 +300,9 @@ def report_usage(rt: Runtime, tokens: int | None, cost: float | None) -> None:
         replace_estimate=not wf.usage_reported,
     )
     wf.usage_reported = True
+    if wf.queue_name is not None:
+        # A report below the estimate frees token budget: the queue's next claim may succeed.
+        rt.wake_scheduler(wf.queue_name)
 
 
 # -- transactions -------------------------------------------------------------------------------

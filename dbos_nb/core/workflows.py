@@ -21,7 +21,7 @@ from typing import Any
 from dbos_nb import serialization
 from dbos_nb.core.context import Context, RunningWorkflow, current, using
 from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX, Registration
-from dbos_nb.core.runtime import Runtime
+from dbos_nb.core.runtime import WAKE_ENQUEUED, WAKE_FREED, Runtime
 from dbos_nb.core.steps import begin_operation, cancel_overdue
 from dbos_nb.core.waiters import outcome_of, wait_for_result
 from dbos_nb.errors import (
@@ -200,7 +200,7 @@ def enqueue_workflow(
     if existing is not None:
         _check_same_function(plan.workflow_id, existing, name)
     else:
-        rt.wake_scheduler(queue_name)
+        rt.wake_scheduler(queue_name, WAKE_ENQUEUED)
     return plan.workflow_id
 
 
@@ -250,7 +250,7 @@ def enqueue_many(
             now,
             child_workflow_id=base,
         )
-    rt.wake_scheduler(queue_name)
+    rt.wake_scheduler(queue_name, WAKE_ENQUEUED)
     return ids
 
 
@@ -277,6 +277,8 @@ class Execution:
     ledger_entry: tuple[str, int] | None = None
     fresh: bool = False
     queue_name: str | None = None
+    # Known highest recorded operation (from the claim); None: read it when the run begins.
+    last_recorded_fid: int | None = None
 
 
 def begin(rt: Runtime, ex: Execution) -> RunningWorkflow | None:
@@ -284,9 +286,12 @@ def begin(rt: Runtime, ex: Execution) -> RunningWorkflow | None:
     running = RunningWorkflow(ex.workflow_id, ex.owner, workflow_name_of(ex.reg), ex.deadline_ms)
     running.ledger_entry = ex.ledger_entry
     running.queue_name = ex.queue_name
-    running.last_recorded_fid = (
-        -1 if ex.fresh else rt.store.last_recorded_function_id(ex.workflow_id)
-    )
+    if ex.fresh:
+        running.last_recorded_fid = -1
+    elif ex.last_recorded_fid is not None:
+        running.last_recorded_fid = ex.last_recorded_fid
+    else:
+        running.last_recorded_fid = rt.store.last_recorded_function_id(ex.workflow_id)
     return running if rt.add_running(running) else None
 
 
@@ -386,7 +391,7 @@ def _finish(
 ) -> bool:
     done, queue_name = rt.store.finish_workflow(wid, owner, status, output, error, rt.now_ms())
     if queue_name is not None:
-        rt.wake_scheduler(queue_name)  # a slot of its queue is free
+        rt.wake_scheduler(queue_name, WAKE_FREED)
     return done
 
 
@@ -470,6 +475,7 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> concurrent.futures.Fut
         claimed.deadline_epoch_ms,
         ledger,
         queue_name=claimed.queue_name,
+        last_recorded_fid=claimed.last_recorded_fid,
     )
     if reg.is_async:
         return dispatch(rt, ex)

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select,
 
 from dbos_nb.models import ClaimedWorkflow, ClaimResult, QueueSettings, WorkflowStatusString
 from dbos_nb.storage.database import Database
-from dbos_nb.storage.schema import queue_starts, workflow_status
+from dbos_nb.storage.schema import operation_outputs, queue_starts, workflow_status
 from dbos_nb.storage.store import queue_settings_from_row
 
 ws = workflow_status
@@ -32,8 +32,21 @@ qs = queue_starts
 PENDING = WorkflowStatusString.PENDING.value
 ENQUEUED = WorkflowStatusString.ENQUEUED.value
 
+# What stops a queue's next claim (ClaimResult.blocked).
+BLOCKED_CONCURRENCY = "concurrency"
+BLOCKED_RATE = "rate"
+
 # Upper bound on rows taken by one claim, so one transaction stays short.
 MAX_CLAIM_BATCH = 256
+
+# What a resumed workflow already recorded, read with the claim instead of once per workflow.
+# Exact: an ENQUEUED row has no owner, so no execution can record anything for it until the
+# claim commits.
+_LAST_RECORDED = (
+    select(func.max(operation_outputs.c.function_id))
+    .where(operation_outputs.c.workflow_uuid == ws.c.workflow_uuid)
+    .scalar_subquery()
+)
 
 
 def claim(
@@ -83,10 +96,14 @@ def claim(
                 )
             ).scalar_one()
             budget = min(budget, queue.worker_concurrency - mine)
+        # What concurrency allows (None: no concurrency limit).
+        limited = queue.concurrency is not None or queue.worker_concurrency is not None
+        slots = budget if limited else None
         paused_until = row.get("paused_until_ms")
         if paused_until is not None and now_ms < paused_until:
             # A step of this queue was told "429, retry after ...": nobody starts work until then.
             result.next_rate_slot_ms = int(paused_until)
+            result.blocked = BLOCKED_RATE
             return result
         _prune_ledger(conn, queue, now_ms)
         window_starts: list[int] = []
@@ -120,6 +137,10 @@ def claim(
                 else None,
                 _token_slot(queue, token_window) if tokens_left is not None else None,
             )
+            if slots is not None and slots <= 0:
+                result.blocked = BLOCKED_CONCURRENCY
+            elif result.next_rate_slot_ms is not None:
+                result.blocked = BLOCKED_RATE
             return result
 
         candidates = (
@@ -132,6 +153,7 @@ def claim(
                 ws.c.recovery_attempts,
                 ws.c.function_hash,
                 ws.c.token_estimate,
+                _LAST_RECORDED,
             )
             .where(ws.c.queue_name == queue_name, ws.c.status == ENQUEUED)
             .limit(budget)
@@ -155,6 +177,7 @@ def claim(
         if not rows:
             if token_blocked:
                 result.next_rate_slot_ms = _token_slot(queue, token_window)
+                result.blocked = BLOCKED_RATE if result.next_rate_slot_ms is not None else None
             return result
 
         owner = uuid.uuid4().hex
@@ -190,6 +213,10 @@ def claim(
                 _next_slot(queue.limit, queue.period_ms, window_starts, len(ids), now_ms),
                 _token_slot(queue, token_window) if token_blocked else None,
             )
+        if slots is not None and len(ids) >= slots:
+            result.blocked = BLOCKED_CONCURRENCY
+        elif result.next_rate_slot_ms is not None:
+            result.blocked = BLOCKED_RATE
         for r in rows:
             deadline = r[4]
             if deadline is None and r[3] is not None:
@@ -205,6 +232,7 @@ def claim(
                     owner_xid=owner,
                     function_hash=r[6],
                     ledger_claimed_at_ms=now_ms if ledgered else None,
+                    last_recorded_fid=-1 if r[8] is None else int(r[8]),
                 )
             )
     return result

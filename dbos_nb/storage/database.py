@@ -26,12 +26,22 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Engine, Table, create_engine, event, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Executable,
+    Table,
+    create_engine,
+    event,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
+from dbos_nb.storage.committer import GroupCommitter, MergedRunner
 from dbos_nb.storage.schema import PG_SCHEMA, queues
 
 logger = logging.getLogger(__name__)
@@ -79,7 +89,10 @@ class Database:
         self.origin = uuid.uuid4().hex[:12]
         self.engine: Engine
         self._single_engine: Engine
+        self._committer: GroupCommitter
         self._engines: list[Engine] = []
+        self._write_lock: threading.RLock | None = None
+        self._in_write = threading.local()
         if self.is_postgres:
             translate = {None: PG_SCHEMA}
             engine = self._make_pg_engine(pool_size, max_overflow)
@@ -88,6 +101,7 @@ class Database:
             # (BEGIN, statement, COMMIT), and a lone statement is atomic anyway.
             auto = self._make_pg_engine(pool_size, max_overflow, isolation_level="AUTOCOMMIT")
             self._single_engine = auto.execution_options(schema_translate_map=translate)
+            self._committer = GroupCommitter(None, self.single, "dbos_nb-committer")
         else:
             path = parsed.database or ""
             directory = os.path.dirname(os.path.abspath(path))
@@ -101,8 +115,14 @@ class Database:
             )
             self._engines.append(engine)
             _install_sqlite_hooks(engine)
+            # Writers of this process take turns on a Python lock before BEGIN IMMEDIATE: SQLite's
+            # busy handler waits by sleeping (1, 2, 5 ... 100 ms), so threads that collide on
+            # the file lock would idle for milliseconds; the lock hands over at once. Other
+            # processes still meet at the file lock and its busy timeout.
+            self._write_lock = threading.RLock()
             self.engine = engine
             self._single_engine = engine
+            self._committer = GroupCommitter(self.write, self.single, "dbos_nb-committer")
 
     def _make_pg_engine(self, pool_size: int, max_overflow: int, **kwargs: Any) -> Engine:
         engine = create_engine(
@@ -124,13 +144,22 @@ class Database:
 
         `isolation_level` applies on PostgreSQL; SQLite's BEGIN IMMEDIATE is serializable anyway.
         """
-        with self.engine.connect() as conn:
-            if not self.is_postgres:
-                conn = conn.execution_options(**{_WRITE_OPTION: True})
-            elif isolation_level is not None:
-                conn = conn.execution_options(isolation_level=isolation_level)
-            with conn.begin():
-                yield conn
+        if self._write_lock is None:
+            with self.engine.connect() as conn:
+                if isolation_level is not None:
+                    conn = conn.execution_options(isolation_level=isolation_level)
+                with conn.begin():
+                    yield conn
+            return
+        with self._write_lock, self.engine.connect() as conn:
+            conn = conn.execution_options(**{_WRITE_OPTION: True})
+            depth = getattr(self._in_write, "depth", 0)
+            self._in_write.depth = depth + 1
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                self._in_write.depth = depth
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -152,6 +181,27 @@ class Database:
             return
         with self.write() as conn:
             yield conn
+
+    def grouped(
+        self, stmt: Executable, params: dict[str, Any], merged: MergedRunner | None = None
+    ) -> tuple[Any, ...] | None:
+        """Run one self-contained writing statement durably, committed together with other
+        threads' statements (see `committer`); returns its first row.
+
+        SQLite shares one transaction among them. PostgreSQL merges those that have a `merged`
+        runner into one statement per kind; any other runs at once on the caller's thread, in
+        autocommit (its own round trip is all it costs there).
+        """
+        if getattr(self._in_write, "depth", 0) or (self.is_postgres and merged is None):
+            # (SQLite: this thread holds the write lock, which the committer would wait for.)
+            with self.single() as conn:
+                row = conn.execute(stmt, params).first()
+                return None if row is None else tuple(row)
+        return self._committer.execute(stmt, params, merged)
+
+    @property
+    def committer(self) -> GroupCommitter:
+        return self._committer
 
     def insert(self, table: Table) -> Any:
         """An INSERT construct that supports `on_conflict_do_nothing` on both dialects."""
@@ -234,7 +284,8 @@ class Database:
                 stop.wait(0.5)
 
     def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Stop the committer and close every pooled connection."""
+        self._committer.stop()
         for engine in self._engines:
             engine.dispose()
 

@@ -7,6 +7,7 @@ Python functions, queues objects or threads; queue claiming lives in `claims.py`
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from dbos_nb.models import (
     QueueSettings,
     WorkflowStatusString,
 )
+from dbos_nb.storage import merged
 from dbos_nb.storage.database import NOTIFY_CHANNEL, Database
 from dbos_nb.storage.schema import (
     batches,
@@ -203,6 +205,7 @@ class SystemStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._finish_merged = functools.partial(merged.finish_workflows, notify=db.notifications)
         self._insert_step = db.insert(oo).on_conflict_do_nothing().returning(oo.c.function_id)
         # RETURNING, not rowcount: with an autoincrement key PostgreSQL reports -1.
         self._insert_wf = (
@@ -251,8 +254,7 @@ class SystemStore:
                     stmt = self._insert_wf_and_notify
                     params["b_channel"] = NOTIFY_CHANNEL
                     params["b_payload"] = self.db.payload(f"q:{wf.queue_name}")
-                with self.db.single() as conn:
-                    inserted = conn.execute(stmt, params).first()
+                inserted = self.db.grouped(stmt, params)
                 return None if inserted is not None else self.get_workflow(wf.workflow_id)
             with self.db.write() as conn:
                 if conn.execute(self._insert_wf, params).first() is None:
@@ -500,8 +502,7 @@ class SystemStore:
             "b_origin": self.db.payload(""),
         }
         stmt = _FINISH_AND_NOTIFY if self.db.notifications else _FINISH
-        with self.db.single() as conn:
-            row = conn.execute(stmt, params).first()
+        row = self.db.grouped(stmt, params, self._finish_merged)
         return (row is not None, row[1] if row is not None else None)
 
     def set_status(self, workflow_id: str, status: str, now_ms: int) -> None:
@@ -551,22 +552,22 @@ class SystemStore:
         written, and that record is returned (else None). Raises WorkflowPreempted, writing
         nothing, when another execution owns the workflow now. One atomic statement.
         """
-        with self.db.single() as conn:
-            inserted = conn.execute(
-                self._record_owned_step,
-                {
-                    "workflow_uuid": workflow_id,
-                    "function_id": function_id,
-                    "function_name": function_name,
-                    "output": output,
-                    "error": error,
-                    "child_workflow_id": child_workflow_id,
-                    "started_at_epoch_ms": started_ms,
-                    "completed_at_epoch_ms": completed_ms,
-                    "b_wid": workflow_id,
-                    "b_owner": owner_xid,
-                },
-            ).first()
+        inserted = self.db.grouped(
+            self._record_owned_step,
+            {
+                "workflow_uuid": workflow_id,
+                "function_id": function_id,
+                "function_name": function_name,
+                "output": output,
+                "error": error,
+                "child_workflow_id": child_workflow_id,
+                "started_at_epoch_ms": started_ms,
+                "completed_at_epoch_ms": completed_ms,
+                "b_wid": workflow_id,
+                "b_owner": owner_xid,
+            },
+            merged.record_steps,
+        )
         if inserted is not None:
             return None
         existing = self.step_preflight(workflow_id, function_id)
@@ -883,6 +884,25 @@ class SystemStore:
         if not ids:
             return []
         return self.cancel_workflows(ids, now_ms, cancel_children=True)
+
+    def lost_executions(self, owners: dict[str, str]) -> dict[str, str]:
+        """Of these executions (workflow id -> owner), the ones that must stop, with why: their
+        workflow is no longer PENDING (cancelled, say) or another execution owns it now."""
+        lost: dict[str, str] = {}
+        ids = list(owners)
+        for chunk in _chunks(ids, 500):
+            with self.db.read() as conn:
+                rows = conn.execute(
+                    select(ws.c.workflow_uuid, ws.c.status, ws.c.owner_xid).where(
+                        ws.c.workflow_uuid.in_(chunk)
+                    )
+                ).all()
+            for wid, status, owner in rows:
+                if status != PENDING:
+                    lost[wid] = "cancelled" if status == CANCELLED else f"now {status}"
+                elif owner != owners[wid]:
+                    lost[wid] = "taken over by another execution"
+        return lost
 
     # -- queues ---------------------------------------------------------------------------------
 

@@ -1,0 +1,211 @@
+"""Group commit: single-statement writes from many threads share one commit.
+
+A queue running a hundred one-step workflows at once issues a step record and a finish per
+workflow, each an atomic statement of its own. Run one by one, every statement pays for a whole
+commit (SQLite: the write lock and a WAL commit; PostgreSQL: a round trip and a WAL flush), and
+the threads contend for locks and for the GIL. Here callers hand their statement to one committer
+thread and wait: it runs every statement waiting at that moment together, and only then answers
+each caller. A caller therefore still returns only after its own write is durable, exactly as
+with its own transaction; under load the cost of a commit is shared, and a lone caller pays one
+thread hand-over.
+
+Two ways of running a batch, one per database:
+- shared transaction (SQLite): every statement in one BEGIN IMMEDIATE ... COMMIT. Statements are
+  cheap in-process calls there; the commit and the write lock are what cost.
+- merged statements (PostgreSQL): statements of one kind (all step records, say) become one
+  statement over arrays, run in autocommit: one round trip and one WAL flush for the lot, and
+  no transaction left open across round trips (a frozen process must not sit on row locks).
+
+Statements are independent (each affects its own rows and reads only what it writes), so running
+them together changes no outcome. If a batch fails as a whole (a constraint, a deadlock, a lost
+connection), each statement is run again alone, so that one caller's failure is reported to that
+caller only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from sqlalchemy import Connection, Executable
+
+logger = logging.getLogger(__name__)
+
+# Enough to share a commit among every workflow a claim starts, small enough to keep each
+# transaction short for the claimers waiting on the same locks.
+MAX_BATCH = 256
+
+
+# Runs many statements of one kind as one: the parameters of each, in order -> the first row of
+# each, in the same order.
+MergedRunner = Callable[[Connection, list[dict[str, Any]]], list[tuple[Any, ...] | None]]
+
+
+class _Op:
+    """One caller's statement and, once committed, its first row or its error."""
+
+    __slots__ = ("done", "error", "merged", "params", "row", "stmt")
+
+    def __init__(
+        self, stmt: Executable, params: dict[str, Any], merged: MergedRunner | None
+    ) -> None:
+        self.stmt = stmt
+        self.params = params
+        self.merged = merged
+        self.row: tuple[Any, ...] | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class GroupCommitter:
+    """One committer thread per database object, started on first use (and again after a fork
+    or `stop`)."""
+
+    def __init__(
+        self,
+        transaction: Callable[[], AbstractContextManager[Connection]] | None,
+        single: Callable[[], AbstractContextManager[Connection]],
+        name: str,
+    ) -> None:
+        # The shared transaction, or None to merge statements of a kind instead.
+        self._transaction = transaction
+        # For a statement that runs alone (PostgreSQL: autocommit, one round trip).
+        self._single = single
+        self._name = name
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        # Batches run and statements in them (diagnostics, and how tests see the grouping).
+        self.batches = 0
+        self.statements = 0
+
+    def execute(
+        self, stmt: Executable, params: dict[str, Any], merged: MergedRunner | None = None
+    ) -> tuple[Any, ...] | None:
+        """Run `stmt` with others; its first result row once committed. `merged` runs many
+        statements of its kind as one (required when batches are merged, not shared)."""
+        op = _Op(stmt, params, merged)
+        self._ensure_started()
+        self._ops.put(op)
+        op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.row
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None and self._pid == os.getpid()
+
+    @property
+    def waiting(self) -> int:
+        """Statements queued and not yet taken into a batch."""
+        return self._ops.qsize()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, then end the thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and self._pid == os.getpid():
+            self._ops.put(None)
+            thread.join(timeout)
+
+    def _ensure_started(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is not None and self._pid == os.getpid():
+                return
+            if self._pid != os.getpid():
+                self._ops = queue.SimpleQueue()  # a forked child must not share the parent's
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        ops = self._ops
+        while True:
+            first = ops.get()
+            if first is None:
+                return
+            batch = [first]
+            stopping = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = ops.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                batch.append(more)
+            self._commit(batch)
+            if stopping:
+                return
+
+    def _commit(self, batch: list[_Op]) -> None:
+        self.batches += 1
+        self.statements += len(batch)
+        if len(batch) == 1:
+            self._commit_alone(batch[0])
+        elif self._transaction is not None:
+            self._commit_shared(batch, self._transaction)
+        else:
+            kinds: dict[MergedRunner | None, list[_Op]] = {}
+            for op in batch:
+                kinds.setdefault(op.merged, []).append(op)
+            for runner, ops in kinds.items():
+                if runner is None or len(ops) == 1:
+                    for op in ops:
+                        self._commit_alone(op)
+                else:
+                    self._commit_merged(ops, runner)
+        _release(batch)
+
+    def _commit_shared(
+        self, batch: list[_Op], transaction: Callable[[], AbstractContextManager[Connection]]
+    ) -> None:
+        try:
+            with transaction() as conn:
+                rows = [_first(conn, op) for op in batch]
+        except BaseException as exc:
+            logger.debug("shared commit of %d statements failed (%r); one by one", len(batch), exc)
+            for op in batch:
+                self._commit_alone(op)
+            return
+        for op, row in zip(batch, rows, strict=True):
+            op.row = row
+
+    def _commit_merged(self, ops: list[_Op], runner: MergedRunner) -> None:
+        try:
+            with self._single() as conn:
+                rows = runner(conn, [op.params for op in ops])
+        except BaseException as exc:
+            logger.debug("merged statement of %d failed (%r); one by one", len(ops), exc)
+            for op in ops:
+                self._commit_alone(op)
+            return
+        for op, row in zip(ops, rows, strict=True):
+            op.row = row
+
+    def _commit_alone(self, op: _Op) -> None:
+        try:
+            with self._single() as conn:
+                op.row = _first(conn, op)
+        except BaseException as exc:
+            op.error = exc
+
+
+def _first(conn: Connection, op: _Op) -> tuple[Any, ...] | None:
+    row = conn.execute(op.stmt, op.params).first()
+    return None if row is None else tuple(row)
+
+
+def _release(batch: list[_Op]) -> None:
+    for op in batch:
+        op.done.set()

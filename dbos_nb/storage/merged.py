@@ -1,0 +1,105 @@
+"""PostgreSQL statements that make many writes of one kind in one round trip.
+
+The group committer (`committer.py`) hands these the parameters of every waiting statement of a
+kind; each runs them as a single statement over arrays (`unnest`), in autocommit, and answers
+for each input what the one-row statement would have returned. The one-row statements live in
+`store.py`; these must keep the same conditions (owner checks, status checks, notifications).
+
+Written as SQL text for the driver: the array parameters and `unnest` column lists are plain
+PostgreSQL, and a fixed text is prepared once however many rows a batch has.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection
+
+from dbos_nb.storage.schema import PG_SCHEMA
+
+_RECORD_STEPS = f"""
+INSERT INTO {PG_SCHEMA}.operation_outputs (
+    workflow_uuid, function_id, function_name, output, error, child_workflow_id,
+    started_at_epoch_ms, completed_at_epoch_ms)
+SELECT v.workflow_uuid, v.function_id, v.function_name, v.output, v.error, v.child_workflow_id,
+       v.started_at_epoch_ms, v.completed_at_epoch_ms
+FROM unnest(%(wid)s::text[], %(fid)s::integer[], %(name)s::text[], %(output)s::bytea[],
+            %(error)s::bytea[], %(child)s::text[], %(started)s::bigint[],
+            %(completed)s::bigint[], %(owner)s::text[])
+     AS v(workflow_uuid, function_id, function_name, output, error, child_workflow_id,
+          started_at_epoch_ms, completed_at_epoch_ms, owner)
+WHERE EXISTS (
+    SELECT 1 FROM {PG_SCHEMA}.workflow_status ws
+    WHERE ws.workflow_uuid = v.workflow_uuid AND ws.owner_xid = v.owner)
+ON CONFLICT DO NOTHING
+RETURNING workflow_uuid, function_id
+"""
+
+_FINISH_BODY = f"""
+WITH v AS (
+    SELECT * FROM unnest(%(wid)s::text[], %(owner)s::text[], %(status)s::text[],
+                         %(output)s::bytea[], %(error)s::bytea[], %(now)s::bigint[])
+         AS v(wid, owner, status, output, error, now_ms)
+), finished AS (
+    UPDATE {PG_SCHEMA}.workflow_status ws
+    SET status = v.status, output = v.output, error = v.error, updated_at = v.now_ms,
+        completed_at = v.now_ms, deduplication_id = NULL
+    FROM v
+    WHERE ws.workflow_uuid = v.wid AND ws.status = 'PENDING' AND ws.owner_xid = v.owner
+    RETURNING ws.workflow_uuid, ws.queue_name
+)
+"""
+
+_FINISH = _FINISH_BODY + "SELECT workflow_uuid, queue_name FROM finished"
+
+# Notifications as in the one-row statement; PostgreSQL delivers identical ones of a
+# transaction once, so a batch wakes each queue's schedulers once.
+_FINISH_AND_NOTIFY = (
+    _FINISH_BODY
+    + """
+SELECT f.workflow_uuid, f.queue_name,
+       pg_notify(%(channel)s, %(origin)s || 'done:' || f.workflow_uuid),
+       CASE WHEN f.queue_name IS NOT NULL
+            THEN pg_notify(%(channel)s, %(origin)s || 'q:' || f.queue_name) END
+FROM finished f
+"""
+)
+
+
+def record_steps(conn: Connection, batch: list[dict[str, Any]]) -> list[tuple[Any, ...] | None]:
+    """Many `SystemStore.record_step` statements: (function_id,) for each one recorded."""
+    params = {
+        "wid": [p["workflow_uuid"] for p in batch],
+        "fid": [p["function_id"] for p in batch],
+        "name": [p["function_name"] for p in batch],
+        "output": [p["output"] for p in batch],
+        "error": [p["error"] for p in batch],
+        "child": [p["child_workflow_id"] for p in batch],
+        "started": [p["started_at_epoch_ms"] for p in batch],
+        "completed": [p["completed_at_epoch_ms"] for p in batch],
+        "owner": [p["b_owner"] for p in batch],
+    }
+    done = {(r[0], r[1]) for r in conn.exec_driver_sql(_RECORD_STEPS, params)}
+    return [
+        (p["function_id"],) if (p["workflow_uuid"], p["function_id"]) in done else None
+        for p in batch
+    ]
+
+
+def finish_workflows(
+    conn: Connection, batch: list[dict[str, Any]], notify: bool
+) -> list[tuple[Any, ...] | None]:
+    """Many `SystemStore.finish_workflow` statements: (id, queue name) for each one recorded."""
+    params = {
+        "wid": [p["b_wid"] for p in batch],
+        "owner": [p["b_owner"] for p in batch],
+        "status": [p["b_status"] for p in batch],
+        "output": [p["b_output"] for p in batch],
+        "error": [p["b_error"] for p in batch],
+        "now": [p["b_now"] for p in batch],
+        "channel": batch[0]["b_channel"],
+        "origin": batch[0]["b_origin"],
+    }
+    sql = _FINISH_AND_NOTIFY if notify else _FINISH
+    finished = {r[0]: (r[0], r[1]) for r in conn.exec_driver_sql(sql, params)}
+    return [finished.get(p["b_wid"]) for p in batch]

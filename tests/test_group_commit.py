@@ -1,0 +1,313 @@
+"""The hot write paths: group commit, what a claim tells the execution, skipped claims, and
+cancellation seen without notifications.
+
+Group commit is made deterministic by blocking the committer's first statement behind a
+transaction this test holds (SQLite: the write lock; PostgreSQL: a row lock), so that every other
+statement queues up and must run in the next batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import insert, select
+
+from dbos_nb import DBOS, DBOSClient, Queue
+from dbos_nb.core.runtime import get_runtime
+from dbos_nb.errors import DBOSQueueDeduplicatedError, WorkflowPreempted
+from dbos_nb.storage import claims
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.schema import operation_outputs, workflow_status
+from dbos_nb.storage.store import NewWorkflow, SystemStore
+from tests.conftest import config
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def _pending(store: SystemStore, prefix: str, n: int) -> list[str]:
+    ids = [f"{prefix}{i}" for i in range(n)]
+    for i, wid in enumerate(ids):
+        store.insert_workflow(
+            NewWorkflow(
+                workflow_id=wid,
+                name="wf",
+                inputs=b"",
+                status="PENDING",
+                created_at=1,
+                owner_xid=f"owner-{i}",
+                executor_id="test",
+            )
+        )
+    return ids
+
+
+@contextmanager
+def _held(
+    db: Database, first_step: tuple[str, int] | None, first_row: str | None
+) -> Iterator[None]:
+    """Hold what the committer's first statement needs until the block ends (then roll back)."""
+
+    class Release(Exception):
+        pass
+
+    try:
+        with db.write() as conn:
+            if db.is_postgres and first_step is not None:
+                conn.execute(
+                    insert(operation_outputs).values(
+                        workflow_uuid=first_step[0], function_id=first_step[1], function_name="x"
+                    )
+                )
+            if db.is_postgres and first_row is not None:
+                conn.execute(
+                    select(workflow_status.c.id)
+                    .where(workflow_status.c.workflow_uuid == first_row)
+                    .with_for_update()
+                )
+            yield
+            raise Release
+    except Release:
+        pass
+
+
+def _run_queued(
+    db: Database, calls: list[Callable[[], Any]]
+) -> tuple[list[Any], list[threading.Thread]]:
+    """Start calls[0], wait until the committer holds it, start the rest, wait until they all
+    queue behind it; returns each call's result or exception once the caller releases."""
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as exc:  # WorkflowPreempted is one: user code must not catch it
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    threads[0].start()
+    _wait_until(lambda: db.committer.started and db.committer.waiting == 0)
+    time.sleep(0.05)  # the committer took it and is blocked on the held lock
+    for t in threads[1:]:
+        t.start()
+    _wait_until(lambda: db.committer.waiting == len(calls) - 1)
+    return results, threads
+
+
+def test_waiting_step_records_share_one_commit(launched: str) -> None:
+    rt = get_runtime()
+    db, store = rt.db, rt.store
+    ids = _pending(store, "gc-step-", 12)
+
+    def record(i: int) -> Callable[[], Any]:
+        owner = f"owner-{i}" if i != 5 else "someone-else"
+        return lambda: store.record_step(ids[i], owner, 0, "s", b"out", None, 1, 2)
+
+    before = (db.committer.batches, db.committer.statements)
+    with _held(db, (ids[0], 0), None):
+        results, threads = _run_queued(db, [record(i) for i in range(12)])
+    for t in threads:
+        t.join(20)
+    batches = db.committer.batches - before[0]
+    statements = db.committer.statements - before[1]
+    assert (batches, statements) == (2, 12)  # the held one alone, then the other eleven together
+    assert isinstance(results[5], WorkflowPreempted)
+    assert [r for i, r in enumerate(results) if i != 5] == [None] * 11
+    with db.read() as conn:
+        rows = conn.execute(select(operation_outputs.c.workflow_uuid)).scalars().all()
+    assert sorted(rows) == sorted(w for i, w in enumerate(ids) if i != 5)
+
+
+def test_waiting_finishes_share_one_commit(launched: str) -> None:
+    rt = get_runtime()
+    db, store = rt.db, rt.store
+    ids = _pending(store, "gc-fin-", 10)
+
+    def finish(i: int) -> Callable[[], Any]:
+        owner = f"owner-{i}" if i != 3 else "stale"
+        return lambda: store.finish_workflow(ids[i], owner, "SUCCESS", b"v", None, 5)
+
+    with _held(db, None, ids[0]):
+        results, threads = _run_queued(db, [finish(i) for i in range(10)])
+    for t in threads:
+        t.join(20)
+    assert results[3] == (False, None)
+    assert [r for i, r in enumerate(results) if i != 3] == [(True, None)] * 9
+    for i, wid in enumerate(ids):
+        row = store.get_workflow(wid)
+        assert row is not None
+        assert row["status"] == ("PENDING" if i == 3 else "SUCCESS")
+
+
+def test_a_failing_statement_fails_only_its_caller(launched: str) -> None:
+    rt = get_runtime()
+    db, store = rt.db, rt.store
+    ids = _pending(store, "gc-bad-", 8)
+
+    def record(i: int) -> Callable[[], Any]:
+        # NULL in a NOT NULL column: the batch fails as a whole, then runs one by one.
+        name: Any = None if i == 4 else "s"
+        return lambda: store.record_step(ids[i], f"owner-{i}", 0, name, b"out", None, 1, 2)
+
+    with _held(db, (ids[0], 0), None):
+        results, threads = _run_queued(db, [record(i) for i in range(8)])
+    for t in threads:
+        t.join(20)
+    assert "function_name" in str(results[4]) or "NOT NULL" in str(results[4]).upper()
+    assert [r for i, r in enumerate(results) if i != 4] == [None] * 7
+    with db.read() as conn:
+        rows = conn.execute(select(operation_outputs.c.workflow_uuid)).scalars().all()
+    assert sorted(rows) == sorted(w for i, w in enumerate(ids) if i != 4)
+
+
+def test_a_duplicate_enqueue_in_a_batch_is_refused_alone(launched: str) -> None:
+    rt = get_runtime()
+    db, store = rt.db, rt.store
+
+    def enqueue(i: int, dedup: str | None) -> Callable[[], Any]:
+        row = NewWorkflow(
+            workflow_id=f"gc-enq-{i}",
+            name="wf",
+            inputs=b"",
+            status="ENQUEUED",
+            created_at=1,
+            queue_name="gc_q",
+            deduplication_id=dedup,
+        )
+        return lambda: store.insert_workflow(row)
+
+    enqueue(0, "same")()
+    calls = [enqueue(i, "same" if i == 3 else None) for i in range(1, 7)]
+    with _held(db, None, None):
+        if db.is_postgres:
+            # Enqueues run on their caller's thread there (one autocommit round trip each).
+            results: list[Any] = [None] * len(calls)
+            for i, call in enumerate(calls):
+                try:
+                    results[i] = call()
+                except Exception as exc:
+                    results[i] = exc
+            threads: list[threading.Thread] = []
+        else:
+            results, threads = _run_queued(db, calls)
+    for t in threads:
+        t.join(20)
+    assert isinstance(results[2], DBOSQueueDeduplicatedError)
+    assert [r for i, r in enumerate(results) if i != 2] == [None] * 5
+    assert store.get_workflow("gc-enq-3") is None
+    assert all(store.get_workflow(f"gc-enq-{i}") is not None for i in (1, 2, 4, 5, 6))
+
+
+def test_a_claim_reports_what_a_workflow_already_recorded(launched: str) -> None:
+    rt = get_runtime()
+    db, store = rt.db, rt.store
+    for wid in ("gc-resumed", "gc-fresh"):
+        store.insert_workflow(
+            NewWorkflow(
+                workflow_id=wid,
+                name="never_registered",
+                inputs=b"",
+                status="ENQUEUED",
+                created_at=1,
+                queue_name="gc_claims",
+            )
+        )
+    with db.write() as conn:
+        for fid in (0, 1, 2):
+            conn.execute(
+                insert(operation_outputs).values(
+                    workflow_uuid="gc-resumed", function_id=fid, function_name="s"
+                )
+            )
+    from dbos_nb.models import QueueSettings
+
+    store.upsert_queue(QueueSettings(name="gc_claims"), rt.now_ms())
+    result = claims.claim(db, "gc_claims", "someone", rt.now_ms, names=["never_registered"])
+    assert {c.workflow_id: c.last_recorded_fid for c in result.claimed} == {
+        "gc-resumed": 2,
+        "gc-fresh": -1,
+    }
+
+
+@pytest.mark.parametrize("limit", ["rate", "concurrency"])
+def test_enqueues_onto_a_full_queue_do_not_trigger_claims(
+    db_url: str, limit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fallback polls far apart: every claim counted here comes from a wake-up.
+    DBOS(config=config(db_url, polling_interval_sec=30))
+    gate = threading.Event()
+
+    @DBOS.workflow()
+    def held(i: int) -> int:
+        gate.wait(30)
+        return i
+
+    if limit == "rate":
+        q = Queue("gc_full", limiter={"limit": 1, "period": 3600})
+    else:
+        q = Queue("gc_full", concurrency=1)
+    DBOS.launch()
+    first = q.enqueue(held, 0)
+    _wait_until(lambda: first.get_status().status == "PENDING")
+    time.sleep(0.2)  # the scheduler has seen the queue full
+    calls: list[str] = []
+    real_claim = claims.claim
+
+    def counting_claim(db: Any, queue_name: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(queue_name)
+        return real_claim(db, queue_name, *args, **kwargs)
+
+    monkeypatch.setattr(claims, "claim", counting_claim)
+    handles = [q.enqueue(held, i) for i in range(1, 31)]
+    time.sleep(0.3)
+    assert calls.count("gc_full") == 0
+    assert all(h.get_status().status == "ENQUEUED" for h in handles)
+    gate.set()
+    assert first.get_result(timeout_sec=20) == 0
+    if limit == "concurrency":
+        # A finished workflow frees the slot: the next one starts at once, without a poll.
+        assert handles[0].get_result(timeout_sec=20) == 1
+        assert calls.count("gc_full") >= 1
+
+
+def test_a_cancel_from_another_process_stops_the_next_step(db_url: str) -> None:
+    """Without notifications (SQLite, or PostgreSQL with them turned off) the scheduler's sweep
+    finds a cancel made elsewhere; the running workflow stops before its next step."""
+    DBOS(config=config(db_url, use_listen_notify=False))
+    entered = threading.Event()
+    gate = threading.Event()
+    ran: list[int] = []
+
+    @DBOS.step()
+    def step(i: int) -> int:
+        ran.append(i)
+        if i == 0:
+            entered.set()
+            gate.wait(30)
+        return i
+
+    @DBOS.workflow()
+    def three_steps() -> int:
+        return sum(step(i) for i in range(3))
+
+    q = Queue("gc_cancel")
+    DBOS.launch()
+    handle = q.enqueue(three_steps)
+    assert entered.wait(20)
+    with DBOSClient(db_url) as client:  # its own connections: nothing in this runtime is told
+        client.cancel_workflow(handle.workflow_id)
+    rt = get_runtime()
+    _wait_until(lambda: rt._running[handle.workflow_id].preempt_reason == "cancelled")
+    gate.set()
+    _wait_until(lambda: not rt.is_running(handle.workflow_id))
+    assert ran == [0]
+    assert handle.get_status().status == "CANCELLED"
