@@ -132,6 +132,10 @@ class ClaimResult:
     # worker's slots are all taken) or "rate" (the limiter or a back-off, until
     # `next_rate_slot_ms`). None: it took every row that was ready.
     blocked: str | None = None
+    # The queue has no limit of any kind and no back-off: `claims.claim_unlimited` may serve
+    # its next claims. Its priority setting, which that claim needs.
+    unlimited: bool = False
+    priority_enabled: bool = False
 
 
 class DBOSConfig(TypedDict, total=False):

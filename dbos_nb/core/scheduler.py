@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from dbos_nb.core.runtime import WAKE_ANY, WAKE_ENQUEUED, WAKE_FREED, Runtime
 from dbos_nb.core.steps import cancel_overdue, preempt_lost
 from dbos_nb.core.workflows import run_claimed
-from dbos_nb.models import ClaimedWorkflow
+from dbos_nb.models import ClaimedWorkflow, ClaimResult
 from dbos_nb.storage import claims
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class Scheduler:
         self._starved: set[str] = set()  # queues skipped because this process was at its cap
         # What stopped each queue's last claim (claims.BLOCKED_*), if anything did.
         self._blocked: dict[str, str] = {}
+        # Queues last seen without any limit (-> their priority setting): claimed in one
+        # statement (claims.claim_unlimited).
+        self._unlimited: dict[str, bool] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dbos_nb-scheduler", daemon=True)
         self._listener: threading.Thread | None = None
@@ -135,7 +138,7 @@ class Scheduler:
                     targets = [
                         q for q in listened if q in dirty and self._worth_claiming(q, dirty[q])
                     ]
-                claimed = self._claim_from(targets, rate_slots)
+                claimed = self._claim_from(targets, rate_slots, everything)
             except Exception:
                 if self._stop.is_set():
                     return
@@ -165,8 +168,54 @@ class Scheduler:
             return WAKE_FREED in reasons
         return WAKE_ENQUEUED in reasons  # a free slot changes nothing when slots don't limit
 
-    def _claim_from(self, queue_names: list[str], rate_slots: dict[str, int]) -> int:
-        """Claim from each queue and dispatch what was claimed; returns how many."""
+    def _claim_one(
+        self,
+        queue_name: str,
+        names: Collection[str] | None,
+        excluded: Collection[str],
+        room: int,
+        full: bool,
+    ) -> ClaimResult:
+        """One claim: the one-statement kind where the queue was last seen without limits
+        (except on the fallback poll, which re-reads every queue's settings)."""
+        rt = self._rt
+        priority = self._unlimited.get(queue_name)
+        if priority is not None and not full:
+            taken = claims.claim_unlimited(
+                rt.db,
+                queue_name,
+                rt.executor_id,
+                rt.now_ms,
+                priority_enabled=priority,
+                names=names,
+                exclude_versions=excluded,
+                max_rows=room,
+            )
+            if taken:
+                return ClaimResult(claimed=taken, unlimited=True, priority_enabled=priority)
+            # Nothing ready, or the queue has limits now: the next claim reads its settings.
+            del self._unlimited[queue_name]
+            return ClaimResult(unlimited=True, priority_enabled=priority)
+        result = claims.claim(
+            rt.db,
+            queue_name,
+            rt.executor_id,
+            rt.now_ms,
+            names=names,
+            exclude_versions=excluded,
+            max_rows=room,
+        )
+        if result.unlimited:
+            self._unlimited[queue_name] = result.priority_enabled
+        else:
+            self._unlimited.pop(queue_name, None)
+        return result
+
+    def _claim_from(
+        self, queue_names: list[str], rate_slots: dict[str, int], full: bool = False
+    ) -> int:
+        """Claim from each queue and dispatch what was claimed; returns how many. `full`: the
+        fallback poll."""
         rt = self._rt
         names = rt.resolver.claimable_names()
         excluded = rt.resolver.excluded_versions()
@@ -182,15 +231,7 @@ class Scheduler:
                     with self._inflight_lock:
                         self._starved.add(queue_name)  # retried when a running workflow ends
                     continue
-            result = claims.claim(
-                rt.db,
-                queue_name,
-                rt.executor_id,
-                rt.now_ms,
-                names=names,
-                exclude_versions=excluded,
-                max_rows=room,
-            )
+            result = self._claim_one(queue_name, names, excluded, room, full)
             for item in result.claimed:
                 with self._inflight_lock:
                     self._inflight += 1

@@ -15,15 +15,28 @@ Unrelated queues lock different rows and never wait on each other.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Collection
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    Integer,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from dbos_nb.models import ClaimedWorkflow, ClaimResult, QueueSettings, WorkflowStatusString
 from dbos_nb.storage.database import Database
-from dbos_nb.storage.schema import operation_outputs, queue_starts, workflow_status
+from dbos_nb.storage.schema import operation_outputs, queue_starts, queues, workflow_status
 from dbos_nb.storage.store import queue_settings_from_row
 
 ws = workflow_status
@@ -47,6 +60,84 @@ _LAST_RECORDED = (
     .where(operation_outputs.c.workflow_uuid == ws.c.workflow_uuid)
     .scalar_subquery()
 )
+
+
+# The claim's statements, built once: building SQLAlchemy constructs costs more than running them.
+_COUNT_RUNNING = (
+    select(func.count())
+    .select_from(ws)
+    .where(ws.c.queue_name == bindparam("q"), ws.c.status == PENDING)
+)
+_COUNT_MINE = _COUNT_RUNNING.where(ws.c.executor_id == bindparam("executor"))
+_NOW = bindparam("now", type_=BigInteger)
+# ENQUEUED -> PENDING for this executor and a new owner token, the attempt counted.
+_TAKE_VALUES: dict[str, Any] = {
+    "status": PENDING,
+    "executor_id": bindparam("executor"),
+    "owner_xid": bindparam("owner"),
+    "started_at_epoch_ms": _NOW,
+    "updated_at": _NOW,
+    "recovery_attempts": ws.c.recovery_attempts + 1,
+    # Timeouts run from the dequeue; a deadline inherited from a parent stays.
+    "workflow_deadline_epoch_ms": func.coalesce(
+        ws.c.workflow_deadline_epoch_ms, _NOW + ws.c.workflow_timeout_ms
+    ),
+}
+_TAKE = (
+    update(ws)
+    .where(ws.c.workflow_uuid.in_(bindparam("ids", expanding=True)), ws.c.status == ENQUEUED)
+    .values(_TAKE_VALUES)
+)
+_WINDOW = (
+    select(qs.c.started_at_ms)
+    .where(qs.c.queue_name == bindparam("q"), qs.c.started_at_ms > bindparam("open"))
+    .order_by(qs.c.started_at_ms)
+)
+_TOKEN_WINDOW = _WINDOW.add_columns(qs.c.tokens)
+_PRUNE = delete(qs).where(
+    qs.c.queue_name == bindparam("q"), qs.c.started_at_ms <= bindparam("oldest")
+)
+_LEDGER_START = insert(qs).values(
+    queue_name=bindparam("q"),
+    started_at_ms=bindparam("t"),
+    workflow_uuid=bindparam("w"),
+    tokens=bindparam("n"),
+)
+
+
+@functools.cache
+def _candidates_statement(
+    postgres: bool, priority_enabled: bool, by_name: bool, excluding: bool
+) -> Any:
+    """The ready rows of a queue, oldest (or most urgent) first, as far as the budget goes."""
+    candidates = (
+        select(
+            ws.c.workflow_uuid,
+            ws.c.name,
+            ws.c.inputs,
+            ws.c.workflow_timeout_ms,
+            ws.c.workflow_deadline_epoch_ms,
+            ws.c.recovery_attempts,
+            ws.c.function_hash,
+            ws.c.token_estimate,
+            _LAST_RECORDED,
+        )
+        .where(ws.c.queue_name == bindparam("q"), ws.c.status == ENQUEUED)
+        .order_by(*((ws.c.priority, ws.c.id) if priority_enabled else (ws.c.id,)))
+        .limit(bindparam("n", type_=Integer))
+    )
+    if by_name:
+        candidates = candidates.where(ws.c.name.in_(bindparam("names", expanding=True)))
+    if excluding:
+        candidates = candidates.where(
+            or_(
+                ws.c.function_hash.is_(None),
+                ws.c.function_hash.not_in(bindparam("excluded", expanding=True)),
+            )
+        )
+    if postgres:
+        candidates = candidates.with_for_update(skip_locked=True)
+    return candidates
 
 
 def claim(
@@ -77,23 +168,15 @@ def claim(
             return result
         now_ms = clock()
         queue = queue_settings_from_row(row)
+        result.priority_enabled = queue.priority_enabled
+        result.unlimited = _is_unlimited(queue) and row.get("paused_until_ms") is None
         budget = max_rows
         if queue.concurrency is not None:
-            running = conn.execute(
-                select(func.count())
-                .select_from(ws)
-                .where(ws.c.queue_name == queue_name, ws.c.status == PENDING)
-            ).scalar_one()
+            running = conn.execute(_COUNT_RUNNING, {"q": queue_name}).scalar_one()
             budget = min(budget, queue.concurrency - running)
         if queue.worker_concurrency is not None and budget > 0:
             mine = conn.execute(
-                select(func.count())
-                .select_from(ws)
-                .where(
-                    ws.c.queue_name == queue_name,
-                    ws.c.status == PENDING,
-                    ws.c.executor_id == executor_id,
-                )
+                _COUNT_MINE, {"q": queue_name, "executor": executor_id}
             ).scalar_one()
             budget = min(budget, queue.worker_concurrency - mine)
         # What concurrency allows (None: no concurrency limit).
@@ -110,11 +193,7 @@ def claim(
         if queue.limit is not None and queue.period_ms is not None:
             window_open = now_ms - queue.period_ms - limiter_guard_ms(queue.period_ms)
             window_starts = list(
-                conn.execute(
-                    select(qs.c.started_at_ms)
-                    .where(qs.c.queue_name == queue_name, qs.c.started_at_ms > window_open)
-                    .order_by(qs.c.started_at_ms)
-                ).scalars()
+                conn.execute(_WINDOW, {"q": queue_name, "open": window_open}).scalars()
             )
             budget = min(budget, queue.limit - len(window_starts))
         tokens_left: int | None = None
@@ -123,11 +202,7 @@ def claim(
             token_open = now_ms - queue.token_period_ms - limiter_guard_ms(queue.token_period_ms)
             token_window = [
                 (int(t), int(n))
-                for t, n in conn.execute(
-                    select(qs.c.started_at_ms, qs.c.tokens)
-                    .where(qs.c.queue_name == queue_name, qs.c.started_at_ms > token_open)
-                    .order_by(qs.c.started_at_ms)
-                )
+                for t, n in conn.execute(_TOKEN_WINDOW, {"q": queue_name, "open": token_open})
             ]
             tokens_left = queue.token_limit - sum(n for _, n in token_window)
         if budget <= 0 or (tokens_left is not None and tokens_left <= 0):
@@ -143,34 +218,15 @@ def claim(
                 result.blocked = BLOCKED_RATE
             return result
 
-        candidates = (
-            select(
-                ws.c.workflow_uuid,
-                ws.c.name,
-                ws.c.inputs,
-                ws.c.workflow_timeout_ms,
-                ws.c.workflow_deadline_epoch_ms,
-                ws.c.recovery_attempts,
-                ws.c.function_hash,
-                ws.c.token_estimate,
-                _LAST_RECORDED,
-            )
-            .where(ws.c.queue_name == queue_name, ws.c.status == ENQUEUED)
-            .limit(budget)
+        candidates = _candidates_statement(
+            db.is_postgres, queue.priority_enabled, names is not None, bool(exclude_versions)
         )
+        params: dict[str, Any] = {"q": queue_name, "n": budget}
         if names is not None:
-            candidates = candidates.where(ws.c.name.in_(list(names)))
+            params["names"] = list(names)
         if exclude_versions:
-            candidates = candidates.where(
-                or_(ws.c.function_hash.is_(None), ws.c.function_hash.not_in(list(exclude_versions)))
-            )
-        if queue.priority_enabled:
-            candidates = candidates.order_by(ws.c.priority, ws.c.id)
-        else:
-            candidates = candidates.order_by(ws.c.id)
-        if db.is_postgres:
-            candidates = candidates.with_for_update(skip_locked=True)
-        rows: list[Any] = list(conn.execute(candidates).all())
+            params["excluded"] = list(exclude_versions)
+        rows: list[Any] = list(conn.execute(candidates, params).all())
         token_blocked = False
         if tokens_left is not None:
             rows, token_blocked = _fit_tokens(rows, tokens_left, not token_window)
@@ -182,31 +238,11 @@ def claim(
 
         owner = uuid.uuid4().hex
         ids = [r[0] for r in rows]
-        conn.execute(
-            update(ws)
-            .where(ws.c.workflow_uuid.in_(ids), ws.c.status == ENQUEUED)
-            .values(
-                status=PENDING,
-                executor_id=executor_id,
-                owner_xid=owner,
-                started_at_epoch_ms=now_ms,
-                updated_at=now_ms,
-                recovery_attempts=ws.c.recovery_attempts + 1,
-                # Timeouts run from the dequeue; a deadline inherited from a parent stays.
-                workflow_deadline_epoch_ms=func.coalesce(
-                    ws.c.workflow_deadline_epoch_ms, now_ms + ws.c.workflow_timeout_ms
-                ),
-            )
-        )
+        conn.execute(_TAKE, {"ids": ids, "executor": executor_id, "owner": owner, "now": now_ms})
         ledgered = queue.limit is not None or queue.token_limit is not None
         if ledgered:
             conn.execute(
-                insert(qs).values(
-                    queue_name=bindparam("q"),
-                    started_at_ms=bindparam("t"),
-                    workflow_uuid=bindparam("w"),
-                    tokens=bindparam("n"),
-                ),
+                _LEDGER_START,
                 [{"q": queue_name, "t": now_ms, "w": r[0], "n": int(r[7] or 0)} for r in rows],
             )
             result.next_rate_slot_ms = _earliest(
@@ -236,6 +272,126 @@ def claim(
                 )
             )
     return result
+
+
+def claim_unlimited(
+    db: Database,
+    queue_name: str,
+    executor_id: str,
+    clock: Callable[[], int],
+    *,
+    priority_enabled: bool,
+    names: Collection[str] | None = None,
+    exclude_versions: Collection[str] = (),
+    max_rows: int = MAX_CLAIM_BATCH,
+) -> list[ClaimedWorkflow]:
+    """`claim` in one statement, for a queue that has no limits (as a previous `claim` found).
+
+    With nothing to count there is nothing to lock: one UPDATE takes the oldest ENQUEUED rows
+    (PostgreSQL: skipping rows another claimer is taking) and returns them, in one round trip.
+    The statement itself checks that the queue is still unlimited, unpaused and has the same
+    priority setting; if not, it takes nothing, and the caller goes back to `claim`.
+    """
+    if max_rows <= 0 or (names is not None and not names):
+        return []
+    now_ms = clock()
+    owner = uuid.uuid4().hex
+    stmt = _unlimited_claim_statement(
+        db.is_postgres, priority_enabled, names is not None, bool(exclude_versions)
+    )
+    params: dict[str, Any] = {
+        "q": queue_name,
+        "now": now_ms,
+        "prio": priority_enabled,
+        "n": max_rows,
+        "executor": executor_id,
+        "owner": owner,
+    }
+    if names is not None:
+        params["names"] = list(names)
+    if exclude_versions:
+        params["excluded"] = list(exclude_versions)
+    with db.single() as conn:
+        rows = sorted(conn.execute(stmt, params).all(), key=lambda r: r[0])
+    return [
+        ClaimedWorkflow(
+            workflow_id=r[1],
+            name=r[2],
+            inputs=r[3],
+            queue_name=queue_name,
+            deadline_epoch_ms=r[4],
+            recovery_attempts=int(r[5]),
+            owner_xid=owner,
+            function_hash=r[6],
+            last_recorded_fid=-1 if r[7] is None else int(r[7]),
+        )
+        for r in rows
+    ]
+
+
+@functools.cache
+def _unlimited_claim_statement(
+    postgres: bool, priority_enabled: bool, by_name: bool, excluding: bool
+) -> Any:
+    """The statement of `claim_unlimited`, built once per variant (building SQLAlchemy
+    constructs costs more than running them)."""
+    now = _NOW
+    still_unlimited = (
+        select(queues.c.name)
+        .where(
+            queues.c.name == bindparam("q"),
+            queues.c.concurrency.is_(None),
+            queues.c.worker_concurrency.is_(None),
+            queues.c.rate_limit.is_(None),
+            queues.c.token_limit.is_(None),
+            or_(queues.c.paused_until_ms.is_(None), queues.c.paused_until_ms <= now),
+            queues.c.priority_enabled == bindparam("prio", type_=Boolean),
+        )
+        .exists()
+    )
+    # An alias, so that the pick is a subquery of its own and not correlated to the UPDATE.
+    cand = ws.alias("candidate")
+    picked = (
+        select(cand.c.workflow_uuid)
+        .where(cand.c.queue_name == bindparam("q"), cand.c.status == ENQUEUED, still_unlimited)
+        .order_by(*((cand.c.priority, cand.c.id) if priority_enabled else (cand.c.id,)))
+        .limit(bindparam("n", type_=Integer))
+    )
+    if by_name:
+        picked = picked.where(cand.c.name.in_(bindparam("names", expanding=True)))
+    if excluding:
+        picked = picked.where(
+            or_(
+                cand.c.function_hash.is_(None),
+                cand.c.function_hash.not_in(bindparam("excluded", expanding=True)),
+            )
+        )
+    if postgres:
+        picked = picked.with_for_update(skip_locked=True)
+    return (
+        update(ws)
+        .where(ws.c.workflow_uuid.in_(picked.scalar_subquery()), ws.c.status == ENQUEUED)
+        .values(_TAKE_VALUES)
+        .returning(
+            ws.c.id,
+            ws.c.workflow_uuid,
+            ws.c.name,
+            ws.c.inputs,
+            ws.c.workflow_deadline_epoch_ms,
+            ws.c.recovery_attempts,
+            ws.c.function_hash,
+            _LAST_RECORDED.correlate(ws),
+        )
+    )
+
+
+def _is_unlimited(queue: QueueSettings) -> bool:
+    return (
+        queue.concurrency is None
+        and queue.worker_concurrency is None
+        and queue.limit is None
+        and queue.token_limit is None
+    )
 
 
 def record_real_start(
@@ -292,7 +448,7 @@ def _prune_ledger(conn: Connection, queue: QueueSettings, now_ms: int) -> None:
         return
     longest = max(periods)
     oldest = now_ms - longest - limiter_guard_ms(longest)
-    conn.execute(delete(qs).where(qs.c.queue_name == queue.name, qs.c.started_at_ms <= oldest))
+    conn.execute(_PRUNE, {"q": queue.name, "oldest": oldest})
 
 
 def _fit_tokens(rows: list[Any], tokens_left: int, window_empty: bool) -> tuple[list[Any], bool]:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     Engine,
     Executable,
     Table,
+    bindparam,
     create_engine,
     event,
     select,
@@ -47,6 +48,8 @@ from dbos_nb.storage.schema import PG_SCHEMA, queues
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "dbos_nb_events"
+_READ_QUEUE_ROW = select(queues).where(queues.c.name == bindparam("q"))
+_LOCK_QUEUE_ROW = _READ_QUEUE_ROW.with_for_update()
 _WRITE_OPTION = "dbos_nb_write"
 
 
@@ -235,10 +238,8 @@ class Database:
 
     def lock_queue_row(self, conn: Connection, queue_name: str) -> dict[str, Any] | None:
         """Read a queue's row, holding its row lock until commit on PostgreSQL."""
-        stmt = select(queues).where(queues.c.name == queue_name)
-        if self.is_postgres:
-            stmt = stmt.with_for_update()
-        row = conn.execute(stmt).mappings().first()
+        stmt = _LOCK_QUEUE_ROW if self.is_postgres else _READ_QUEUE_ROW
+        row = conn.execute(stmt, {"q": queue_name}).mappings().first()
         return dict(row) if row is not None else None
 
     def advisory_lock(self, conn: Connection, key: int) -> None:
