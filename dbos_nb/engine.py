@@ -222,6 +222,7 @@ class Engine:
         self.runtime = rt
         set_runtime(rt)
         self._scheduler.start()
+        rt.direct = self._scheduler
         return rt
 
     def _listened_queues(self) -> list[str]:
@@ -302,6 +303,7 @@ class Engine:
             return
         REGISTRY.remove_listener(self._on_register)
         QUEUES.remove_listener(self._on_queue)
+        rt.direct = None
         if self._scheduler is not None:
             self._scheduler.stop()
         deadline = time.monotonic() + max(workflow_completion_timeout_sec, 0.0)

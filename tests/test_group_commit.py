@@ -311,3 +311,65 @@ def test_a_cancel_from_another_process_stops_the_next_step(db_url: str) -> None:
     _wait_until(lambda: not rt.is_running(handle.workflow_id))
     assert ran == [0]
     assert handle.get_status().status == "CANCELLED"
+
+
+def test_an_enqueue_onto_a_served_unlimited_queue_starts_without_a_claim(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    DBOS(config=config(db_url, polling_interval_sec=30))
+
+    @DBOS.workflow()
+    def double(i: int) -> int:
+        return 2 * i
+
+    q = Queue("gc_direct")
+    DBOS.launch()
+    assert q.enqueue(double, 1).get_result(timeout_sec=20) == 2  # the scheduler has seen it
+    time.sleep(0.3)  # and has handled every wake-up that enqueue caused
+    calls: list[str] = []
+    real_claim, real_fast = claims.claim, claims.claim_unlimited
+
+    def counting(real: Callable[..., Any]) -> Callable[..., Any]:
+        def claim(db: Any, queue_name: str, *args: Any, **kwargs: Any) -> Any:
+            calls.append(queue_name)
+            return real(db, queue_name, *args, **kwargs)
+
+        return claim
+
+    monkeypatch.setattr(claims, "claim", counting(real_claim))
+    monkeypatch.setattr(claims, "claim_unlimited", counting(real_fast))
+    handles = [q.enqueue(double, i) for i in range(20)]
+    assert [h.get_result(timeout_sec=20) for h in handles] == [2 * i for i in range(20)]
+    assert calls.count("gc_direct") == 0
+    status = handles[0].get_status()
+    assert (status.status, status.queue_name, status.executor_id) == (
+        "SUCCESS",
+        "gc_direct",
+        get_runtime().executor_id,
+    )
+
+
+def test_a_queue_limited_elsewhere_is_not_started_directly(db_url: str) -> None:
+    """Another process gave the queue a limit: this one still believes it unlimited, but the
+    write checks the stored settings, so the work is enqueued and claimed under the limit."""
+    DBOS(config=config(db_url, polling_interval_sec=30))
+    gate = threading.Event()
+
+    @DBOS.workflow()
+    def held(i: int) -> int:
+        gate.wait(30)
+        return i
+
+    q = Queue("gc_changed")
+    DBOS.launch()
+    first = q.enqueue(held, 0)
+    _wait_until(lambda: first.get_status().status == "PENDING")
+    rt = get_runtime()
+    from dbos_nb.models import QueueSettings
+
+    rt.store.upsert_queue(QueueSettings(name="gc_changed", concurrency=1), rt.now_ms())
+    second = q.enqueue(held, 1)
+    time.sleep(0.3)
+    assert second.get_status().status == "ENQUEUED"  # the concurrency slot is taken
+    gate.set()
+    assert (first.get_result(timeout_sec=20), second.get_result(timeout_sec=20)) == (0, 1)

@@ -12,7 +12,7 @@ import concurrent.futures
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dbos_nb.clock import Clock
 from dbos_nb.core.context import RunningWorkflow
@@ -23,7 +23,7 @@ from dbos_nb.core.pool import ElasticPool
 from dbos_nb.core.registry import Registration, Registry
 from dbos_nb.core.waiters import Waiters, outcome_of, wait_for_result
 from dbos_nb.errors import DBOSNonExistentWorkflowError, DBOSNotLaunchedError
-from dbos_nb.models import WorkflowStatus
+from dbos_nb.models import ClaimedWorkflow, WorkflowStatus
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.store import SystemStore
 
@@ -31,6 +31,21 @@ from dbos_nb.storage.store import SystemStore
 WAKE_ANY = "any"  # anything may have changed
 WAKE_ENQUEUED = "enqueued"  # new work was enqueued
 WAKE_FREED = "freed"  # a workflow of the queue ended: a concurrency slot is free
+
+
+class DirectStarter(Protocol):
+    """The scheduler, as seen by an enqueue that may start its work at once (see
+    `workflows.enqueue_workflow`)."""
+
+    def reserve(self, queue_name: str) -> bool:
+        """Take a slot of this process for a workflow of `queue_name`, if that queue is known
+        to have no limits and this process serves it and has room."""
+
+    def cancel_reservation(self) -> None:
+        """Give back a slot that `reserve` took and that was not used."""
+
+    def adopt(self, item: ClaimedWorkflow) -> None:
+        """Run a workflow written as already started, in the slot `reserve` took."""
 
 
 @dataclass
@@ -61,6 +76,8 @@ class Runtime:
     # the async module sits above this one).
     aio: LoopThread = field(default_factory=LoopThread)
     run_async: Callable[[Any], concurrent.futures.Future[Any]] | None = None
+    # Set while the scheduler runs (by the engine, since the scheduler sits above this module).
+    direct: DirectStarter | None = None
 
     def now_ms(self) -> int:
         return self.clock.now_ms()

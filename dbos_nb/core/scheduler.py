@@ -193,9 +193,7 @@ class Scheduler:
             )
             if taken:
                 return ClaimResult(claimed=taken, unlimited=True, priority_enabled=priority)
-            # Nothing ready, or the queue has limits now: the next claim reads its settings.
-            del self._unlimited[queue_name]
-            return ClaimResult(unlimited=True, priority_enabled=priority)
+            # Nothing ready, or the queue has limits now: read its settings to know which.
         result = claims.claim(
             rt.db,
             queue_name,
@@ -235,11 +233,7 @@ class Scheduler:
             for item in result.claimed:
                 with self._inflight_lock:
                     self._inflight += 1
-                reg = rt.resolver.resolve(item.name, item.function_hash)
-                if reg is not None and reg.is_async:
-                    self._run(item)  # only hands it to the loop: no thread needed
-                else:
-                    rt.pool.submit(self._run, item)
+                self._dispatch(item)
             if len(result.claimed) >= room:
                 rt.wake_scheduler(queue_name)  # there may be more right away
             if result.blocked is not None:
@@ -252,6 +246,13 @@ class Scheduler:
                 rate_slots.pop(queue_name, None)
             total += len(result.claimed)
         return total
+
+    def _dispatch(self, item: ClaimedWorkflow) -> None:
+        reg = self._rt.resolver.resolve(item.name, item.function_hash)
+        if reg is not None and reg.is_async:
+            self._run(item)  # only hands it to the loop: no thread needed
+        else:
+            self._rt.pool.submit(self._run, item)
 
     def _run(self, item: ClaimedWorkflow) -> None:
         future = None
@@ -270,6 +271,24 @@ class Scheduler:
         self._rt.wake_scheduler(item.queue_name, WAKE_FREED)
         for queue_name in starved:
             self._rt.wake_scheduler(queue_name)
+
+    # -- starting enqueued work directly (runtime.DirectStarter) --------------------------------
+
+    def reserve(self, queue_name: str) -> bool:
+        if self._stop.is_set() or queue_name not in self._unlimited:
+            return False
+        with self._inflight_lock:
+            if self._max_running is not None and self._inflight >= self._max_running:
+                return False
+            self._inflight += 1
+        return True
+
+    def cancel_reservation(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+
+    def adopt(self, item: ClaimedWorkflow) -> None:
+        self._dispatch(item)
 
     @property
     def inflight(self) -> int:

@@ -12,6 +12,7 @@ gets the deterministic id `<parent>-<operation number>`, so a replaying parent f
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
@@ -196,12 +197,58 @@ def enqueue_workflow(
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
     plan = plan_start(rt, name)
     row = _new_row(rt, reg, plan, inputs, name, status=S.ENQUEUED.value, queue_name=queue_name)
+    if plan.parent is None and _start_directly(rt, row):
+        return plan.workflow_id
     existing = rt.store.insert_workflow(row)
     if existing is not None:
         _check_same_function(plan.workflow_id, existing, name)
     else:
         rt.wake_scheduler(queue_name, WAKE_ENQUEUED)
     return plan.workflow_id
+
+
+def _start_directly(rt: Runtime, row: NewWorkflow) -> bool:
+    """Enqueue and claim in one write, when this process serves the queue and the queue has no
+    limits (nothing to wait for, nothing to count): the workflow starts at once, here, without
+    a claim round trip. False (nothing written) when that does not apply."""
+    direct = rt.direct
+    if direct is None or row.queue_name is None or not direct.reserve(row.queue_name):
+        return False
+    now = rt.now_ms()
+    started = dataclasses.replace(
+        row,
+        status=S.PENDING.value,
+        executor_id=rt.executor_id,
+        owner_xid=uuid.uuid4().hex,
+        started_at_epoch_ms=now,
+        recovery_attempts=1,
+        workflow_deadline_epoch_ms=(
+            now + row.workflow_timeout_ms
+            if row.workflow_timeout_ms is not None
+            else row.workflow_deadline_epoch_ms
+        ),
+    )
+    try:
+        written = rt.store.insert_started_if_unlimited(started, now)
+    except BaseException:
+        direct.cancel_reservation()
+        raise
+    if not written:
+        direct.cancel_reservation()
+        return False
+    direct.adopt(
+        ClaimedWorkflow(
+            workflow_id=started.workflow_id,
+            name=started.name,
+            inputs=started.inputs,
+            queue_name=row.queue_name,
+            deadline_epoch_ms=started.workflow_deadline_epoch_ms,
+            recovery_attempts=1,
+            owner_xid=str(started.owner_xid),
+            function_hash=started.function_hash,
+        )
+    )
+    return True
 
 
 def enqueue_many(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     String,
     and_,
@@ -214,6 +215,30 @@ class SystemStore:
             .on_conflict_do_nothing(index_elements=["workflow_uuid"])
             .returning(ws.c.id)
         )
+        unlimited = (
+            select(queues.c.name)
+            .where(
+                queues.c.name == bindparam("queue_name", type_=String),
+                queues.c.concurrency.is_(None),
+                queues.c.worker_concurrency.is_(None),
+                queues.c.rate_limit.is_(None),
+                queues.c.token_limit.is_(None),
+                or_(
+                    queues.c.paused_until_ms.is_(None),
+                    queues.c.paused_until_ms <= bindparam("b_now", type_=BigInteger),
+                ),
+            )
+            .exists()
+        )
+        self._insert_started = (
+            db.insert(ws)
+            .from_select(
+                _WF_COLUMNS,
+                select(*[bindparam(c, type_=ws.c[c].type) for c in _WF_COLUMNS]).where(unlimited),
+            )
+            .on_conflict_do_nothing(index_elements=["workflow_uuid"])
+            .returning(ws.c.id)
+        )
         inserted = self._insert_wf.cte("inserted")
         self._insert_wf_and_notify = select(
             inserted.c.id,
@@ -273,6 +298,25 @@ class SystemStore:
                 if wf.status == ENQUEUED and wf.queue_name is not None:
                     self.db.notify(conn, f"q:{wf.queue_name}")
                 return None
+        except IntegrityError as exc:
+            if wf.deduplication_id is not None and wf.queue_name is not None:
+                raise DBOSQueueDeduplicatedError(
+                    wf.workflow_id, wf.queue_name, wf.deduplication_id
+                ) from exc
+            raise
+
+    def insert_started_if_unlimited(self, wf: NewWorkflow, now_ms: int) -> bool:
+        """Write a queued workflow already started (PENDING, owned) by its enqueuer, if its
+        queue has no limit of any kind and no back-off now; returns whether it was written.
+
+        For a queue without limits that the enqueuing process serves, enqueue-then-claim comes
+        to the same; this does both in one statement. Writes nothing (False) when the queue has
+        limits or when the id exists; the caller then enqueues the ordinary way.
+        """
+        params = _row_values(wf)
+        params["b_now"] = now_ms
+        try:
+            return self.db.grouped(self._insert_started, params) is not None
         except IntegrityError as exc:
             if wf.deduplication_id is not None and wf.queue_name is not None:
                 raise DBOSQueueDeduplicatedError(
