@@ -373,3 +373,43 @@ def test_a_queue_limited_elsewhere_is_not_started_directly(db_url: str) -> None:
     assert second.get_status().status == "ENQUEUED"  # the concurrency slot is taken
     gate.set()
     assert (first.get_result(timeout_sec=20), second.get_result(timeout_sec=20)) == (0, 1)
+
+
+def test_waiting_work_is_not_overtaken_by_a_direct_start(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    DBOS(config=config(db_url, polling_interval_sec=30))
+
+    @DBOS.workflow()
+    def noop(i: int) -> int:
+        return i
+
+    q = Queue("gc_fifo")
+    DBOS.launch()
+    assert q.enqueue(noop, 0).get_result(timeout_sec=20) == 0
+    time.sleep(0.3)  # the scheduler has handled every wake-up that enqueue caused
+    rt = get_runtime()
+    # Work waiting in the queue that this process cannot run (say, enqueued by a client for a
+    # function only other workers have).
+    rt.store.insert_workflow(
+        NewWorkflow(
+            workflow_id="gc-waiting",
+            name="elsewhere",
+            inputs=b"",
+            status="ENQUEUED",
+            created_at=1,
+            queue_name="gc_fifo",
+        )
+    )
+    calls: list[str] = []
+    for name in ("claim", "claim_unlimited"):
+        real = getattr(claims, name)
+
+        def counting(db: Any, queue_name: str, *a: Any, _real: Any = real, **k: Any) -> Any:
+            calls.append(queue_name)
+            return _real(db, queue_name, *a, **k)
+
+        monkeypatch.setattr(claims, name, counting)
+    later = q.enqueue(noop, 1)
+    assert later.get_result(timeout_sec=20) == 1
+    assert "gc_fifo" in calls  # written the ordinary way and claimed, not started directly

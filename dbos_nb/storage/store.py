@@ -230,11 +230,23 @@ class SystemStore:
             )
             .exists()
         )
+        # FIFO: nothing may start ahead of work already waiting in the queue.
+        waiting = ws.alias("waiting")
+        nothing_waiting = ~(
+            select(waiting.c.id)
+            .where(
+                waiting.c.queue_name == bindparam("queue_name", type_=String),
+                waiting.c.status == ENQUEUED,
+            )
+            .exists()
+        )
         self._insert_started = (
             db.insert(ws)
             .from_select(
                 _WF_COLUMNS,
-                select(*[bindparam(c, type_=ws.c[c].type) for c in _WF_COLUMNS]).where(unlimited),
+                select(*[bindparam(c, type_=ws.c[c].type) for c in _WF_COLUMNS]).where(
+                    unlimited, nothing_waiting
+                ),
             )
             .on_conflict_do_nothing(index_elements=["workflow_uuid"])
             .returning(ws.c.id)
@@ -307,7 +319,8 @@ class SystemStore:
 
     def insert_started_if_unlimited(self, wf: NewWorkflow, now_ms: int) -> bool:
         """Write a queued workflow already started (PENDING, owned) by its enqueuer, if its
-        queue has no limit of any kind and no back-off now; returns whether it was written.
+        queue has no limit of any kind, no back-off and no waiting work now; returns whether it
+        was written.
 
         For a queue without limits that the enqueuing process serves, enqueue-then-claim comes
         to the same; this does both in one statement. Writes nothing (False) when the queue has
