@@ -541,8 +541,9 @@ def run_benchmarks(args: argparse.Namespace) -> int:
         f"{settings.rate_period:g}}}; achieved/allowed = N / (last start - first start + period) "
         "/ (limit / period).",
         "Both libraries with their defaults: DBOS polls each queue every 1 s "
-        "(polling_interval_sec=1.0), dbos_nb wakes on enqueue (LISTEN/NOTIFY across processes "
-        "on PostgreSQL). SQLite: dbos_nb uses WAL + synchronous=NORMAL, DBOS SQLite's defaults.",
+        "(polling_interval_sec=1.0); dbos_nb starts work on a queue without limits at the "
+        "enqueue, wakes its worker on other enqueues (LISTEN/NOTIFY across processes on "
+        "PostgreSQL). SQLite: dbos_nb uses WAL + synchronous=NORMAL, DBOS SQLite's defaults.",
         "'nb/dbos' = dbos_nb's figure / DBOS's; whether higher is better is in column 'better'.",
     ]
     if dbos_ok:

@@ -180,7 +180,6 @@ class Engine:
                 app_db = Database(cfg.application_database_url)
             migrate_app(app_db)
             store = SystemStore(db)
-            self._claim_executor_id(store)
         except BaseException:
             db.dispose()
             raise
@@ -202,6 +201,13 @@ class Engine:
         _record_functions(rt, REGISTRY.all())
         for settings in QUEUES.all_settings():
             self._store_queue(rt, settings)
+        # Registered last: a live executor's functions and queues are already in the catalogue
+        # (a client may check them as soon as it sees the worker).
+        try:
+            self._claim_executor_id(store)
+        except BaseException:
+            db.dispose()
+            raise
         recovered = store.requeue_pending(cfg.executor_id, rt.now_ms())
         if recovered:
             logger.info(

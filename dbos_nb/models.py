@@ -132,10 +132,12 @@ class ClaimResult:
     # worker's slots are all taken) or "rate" (the limiter or a back-off, until
     # `next_rate_slot_ms`). None: it took every row that was ready.
     blocked: str | None = None
-    # The queue has no limit of any kind and no back-off: `claims.claim_unlimited` may serve
-    # its next claims. Its priority setting, which that claim needs.
-    unlimited: bool = False
+    # The queue has no limit shared between processes and no back-off: `claims.claim_unshared`
+    # may serve its next claims. Its priority and worker_concurrency settings, which that
+    # claim needs.
+    unshared: bool = False
     priority_enabled: bool = False
+    worker_concurrency: int | None = None
 
 
 class DBOSConfig(TypedDict, total=False):

@@ -327,7 +327,7 @@ def test_an_enqueue_onto_a_served_unlimited_queue_starts_without_a_claim(
     assert q.enqueue(double, 1).get_result(timeout_sec=20) == 2  # the scheduler has seen it
     time.sleep(0.3)  # and has handled every wake-up that enqueue caused
     calls: list[str] = []
-    real_claim, real_fast = claims.claim, claims.claim_unlimited
+    real_claim, real_fast = claims.claim, claims.claim_unshared
 
     def counting(real: Callable[..., Any]) -> Callable[..., Any]:
         def claim(db: Any, queue_name: str, *args: Any, **kwargs: Any) -> Any:
@@ -337,7 +337,7 @@ def test_an_enqueue_onto_a_served_unlimited_queue_starts_without_a_claim(
         return claim
 
     monkeypatch.setattr(claims, "claim", counting(real_claim))
-    monkeypatch.setattr(claims, "claim_unlimited", counting(real_fast))
+    monkeypatch.setattr(claims, "claim_unshared", counting(real_fast))
     handles = [q.enqueue(double, i) for i in range(20)]
     assert [h.get_result(timeout_sec=20) for h in handles] == [2 * i for i in range(20)]
     assert calls.count("gc_direct") == 0
@@ -402,7 +402,7 @@ def test_waiting_work_is_not_overtaken_by_a_direct_start(
         )
     )
     calls: list[str] = []
-    for name in ("claim", "claim_unlimited"):
+    for name in ("claim", "claim_unshared"):
         real = getattr(claims, name)
 
         def counting(db: Any, queue_name: str, *a: Any, _real: Any = real, **k: Any) -> Any:
@@ -413,3 +413,37 @@ def test_waiting_work_is_not_overtaken_by_a_direct_start(
     later = q.enqueue(noop, 1)
     assert later.get_result(timeout_sec=20) == 1
     assert "gc_fifo" in calls  # written the ordinary way and claimed, not started directly
+
+
+def test_worker_concurrency_claims_follow_a_changed_setting(db_url: str) -> None:
+    """Claims of a worker_concurrency queue count in memory; when another process stores a
+    different limit, the claim statement sees it and the next claims use the new one."""
+    DBOS(config=config(db_url, polling_interval_sec=30))
+    lock = threading.Lock()
+    active = [0]
+    peak = [0]
+
+    @DBOS.workflow()
+    def work(i: int) -> int:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.03)
+        with lock:
+            active[0] -= 1
+        return i
+
+    q = Queue("gc_wc", worker_concurrency=3)
+    DBOS.launch()
+    assert [h.get_result(timeout_sec=20) for h in [q.enqueue(work, i) for i in range(12)]] == list(
+        range(12)
+    )
+    assert 1 <= peak[0] <= 3
+    rt = get_runtime()
+    from dbos_nb.models import QueueSettings
+
+    rt.store.upsert_queue(QueueSettings(name="gc_wc", worker_concurrency=1), rt.now_ms())
+    peak[0] = 0
+    handles = [q.enqueue(work, i) for i in range(6)]
+    assert [h.get_result(timeout_sec=20) for h in handles] == list(range(6))
+    assert peak[0] == 1

@@ -41,7 +41,7 @@ class DirectStarter(Protocol):
         """Take a slot of this process for a workflow of `queue_name`, if that queue is known
         to have no limits and this process serves it and has room."""
 
-    def cancel_reservation(self) -> None:
+    def cancel_reservation(self, queue_name: str) -> None:
         """Give back a slot that `reserve` took and that was not used."""
 
     def adopt(self, item: ClaimedWorkflow) -> None:

@@ -56,9 +56,12 @@ class Scheduler:
         self._starved: set[str] = set()  # queues skipped because this process was at its cap
         # What stopped each queue's last claim (claims.BLOCKED_*), if anything did.
         self._blocked: dict[str, str] = {}
-        # Queues last seen without any limit (-> their priority setting): claimed in one
-        # statement (claims.claim_unlimited).
-        self._unlimited: dict[str, bool] = {}
+        # Queues last seen without limits shared between processes -> (priority_enabled,
+        # worker_concurrency): claimed in one statement (claims.claim_unshared), this process
+        # counting its own running workflows per queue (only it claims for its executor, so
+        # the count is exact, and it never runs ahead of the database's).
+        self._unshared: dict[str, tuple[bool, int | None]] = {}
+        self._running_by_queue: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dbos_nb-scheduler", daemon=True)
         self._listener: threading.Thread | None = None
@@ -177,23 +180,36 @@ class Scheduler:
         full: bool,
     ) -> ClaimResult:
         """One claim: the one-statement kind where the queue was last seen without limits
-        (except on the fallback poll, which re-reads every queue's settings)."""
+        shared between processes (except on the fallback poll, which re-reads every queue's
+        settings)."""
         rt = self._rt
-        priority = self._unlimited.get(queue_name)
-        if priority is not None and not full:
-            taken = claims.claim_unlimited(
+        known = self._unshared.get(queue_name)
+        if known is not None and not full:
+            priority, worker_concurrency = known
+            budget = room
+            if worker_concurrency is not None:
+                with self._inflight_lock:
+                    mine = self._running_by_queue.get(queue_name, 0)
+                budget = min(room, worker_concurrency - mine)
+                if budget <= 0:
+                    return ClaimResult(blocked=claims.BLOCKED_CONCURRENCY)
+            taken = claims.claim_unshared(
                 rt.db,
                 queue_name,
                 rt.executor_id,
                 rt.now_ms,
                 priority_enabled=priority,
+                worker_concurrency=worker_concurrency,
                 names=names,
                 exclude_versions=excluded,
-                max_rows=room,
+                max_rows=budget,
             )
             if taken:
-                return ClaimResult(claimed=taken, unlimited=True, priority_enabled=priority)
-            # Nothing ready, or the queue has limits now: read its settings to know which.
+                full_now = worker_concurrency is not None and len(taken) >= budget
+                return ClaimResult(
+                    claimed=taken, blocked=claims.BLOCKED_CONCURRENCY if full_now else None
+                )
+            # Nothing ready, or the settings changed: read them to know which.
         result = claims.claim(
             rt.db,
             queue_name,
@@ -203,10 +219,10 @@ class Scheduler:
             exclude_versions=excluded,
             max_rows=room,
         )
-        if result.unlimited:
-            self._unlimited[queue_name] = result.priority_enabled
+        if result.unshared:
+            self._unshared[queue_name] = (result.priority_enabled, result.worker_concurrency)
         else:
-            self._unlimited.pop(queue_name, None)
+            self._unshared.pop(queue_name, None)
         return result
 
     def _claim_from(
@@ -233,6 +249,8 @@ class Scheduler:
             for item in result.claimed:
                 with self._inflight_lock:
                     self._inflight += 1
+                    count = self._running_by_queue.get(queue_name, 0)
+                    self._running_by_queue[queue_name] = count + 1
                 self._dispatch(item)
             if len(result.claimed) >= room:
                 rt.wake_scheduler(queue_name)  # there may be more right away
@@ -267,6 +285,7 @@ class Scheduler:
     def _done(self, item: ClaimedWorkflow) -> None:
         with self._inflight_lock:
             self._inflight -= 1
+            self._running_by_queue[item.queue_name] -= 1
             starved, self._starved = self._starved, set()
         self._rt.wake_scheduler(item.queue_name, WAKE_FREED)
         for queue_name in starved:
@@ -275,17 +294,21 @@ class Scheduler:
     # -- starting enqueued work directly (runtime.DirectStarter) --------------------------------
 
     def reserve(self, queue_name: str) -> bool:
-        if self._stop.is_set() or queue_name not in self._unlimited:
+        # Only queues without any limit: a worker_concurrency needs the claim's count, which
+        # a concurrent direct start could not see.
+        if self._stop.is_set() or self._unshared.get(queue_name, (False, 0))[1] is not None:
             return False
         with self._inflight_lock:
             if self._max_running is not None and self._inflight >= self._max_running:
                 return False
             self._inflight += 1
+            self._running_by_queue[queue_name] = self._running_by_queue.get(queue_name, 0) + 1
         return True
 
-    def cancel_reservation(self) -> None:
+    def cancel_reservation(self, queue_name: str) -> None:
         with self._inflight_lock:
             self._inflight -= 1
+            self._running_by_queue[queue_name] -= 1
 
     def adopt(self, item: ClaimedWorkflow) -> None:
         self._dispatch(item)

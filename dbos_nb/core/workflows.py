@@ -231,10 +231,10 @@ def _start_directly(rt: Runtime, row: NewWorkflow) -> bool:
     try:
         written = rt.store.insert_started_if_unlimited(started, now)
     except BaseException:
-        direct.cancel_reservation()
+        direct.cancel_reservation(row.queue_name)
         raise
     if not written:
-        direct.cancel_reservation()
+        direct.cancel_reservation(row.queue_name)
         return False
     direct.adopt(
         ClaimedWorkflow(

@@ -169,7 +169,8 @@ def claim(
         now_ms = clock()
         queue = queue_settings_from_row(row)
         result.priority_enabled = queue.priority_enabled
-        result.unlimited = _is_unlimited(queue) and row.get("paused_until_ms") is None
+        result.unshared = _is_unshared(queue) and row.get("paused_until_ms") is None
+        result.worker_concurrency = queue.worker_concurrency
         budget = max_rows
         if queue.concurrency is not None:
             running = conn.execute(_COUNT_RUNNING, {"q": queue_name}).scalar_one()
@@ -274,35 +275,40 @@ def claim(
     return result
 
 
-def claim_unlimited(
+def claim_unshared(
     db: Database,
     queue_name: str,
     executor_id: str,
     clock: Callable[[], int],
     *,
     priority_enabled: bool,
+    worker_concurrency: int | None = None,
     names: Collection[str] | None = None,
     exclude_versions: Collection[str] = (),
     max_rows: int = MAX_CLAIM_BATCH,
 ) -> list[ClaimedWorkflow]:
-    """`claim` in one statement, for a queue that has no limits (as a previous `claim` found).
+    """`claim` in one statement, for a queue with no limit shared between processes (as a
+    previous `claim` found): no concurrency, rate or token limit, perhaps a worker_concurrency.
 
-    With nothing to count there is nothing to lock: one UPDATE takes the oldest ENQUEUED rows
-    (PostgreSQL: skipping rows another claimer is taking) and returns them, in one round trip.
-    The statement itself checks that the queue is still unlimited, unpaused and has the same
-    priority setting; if not, it takes nothing, and the caller goes back to `claim`.
+    With nothing shared to count there is nothing to lock: one UPDATE takes the oldest ENQUEUED
+    rows (PostgreSQL: skipping rows another claimer is taking) and returns them, in one round
+    trip. A worker_concurrency is the caller's to respect through `max_rows`: only this process
+    claims for its executor, so it can count its own running workflows. The statement itself
+    checks that the stored settings are still these and the queue is not paused; if not, it
+    takes nothing, and the caller goes back to `claim`.
     """
     if max_rows <= 0 or (names is not None and not names):
         return []
     now_ms = clock()
     owner = uuid.uuid4().hex
-    stmt = _unlimited_claim_statement(
+    stmt = _unshared_claim_statement(
         db.is_postgres, priority_enabled, names is not None, bool(exclude_versions)
     )
     params: dict[str, Any] = {
         "q": queue_name,
         "now": now_ms,
         "prio": priority_enabled,
+        "wc": worker_concurrency,
         "n": max_rows,
         "executor": executor_id,
         "owner": owner,
@@ -330,18 +336,18 @@ def claim_unlimited(
 
 
 @functools.cache
-def _unlimited_claim_statement(
+def _unshared_claim_statement(
     postgres: bool, priority_enabled: bool, by_name: bool, excluding: bool
 ) -> Any:
-    """The statement of `claim_unlimited`, built once per variant (building SQLAlchemy
+    """The statement of `claim_unshared`, built once per variant (building SQLAlchemy
     constructs costs more than running them)."""
     now = _NOW
-    still_unlimited = (
+    still_unshared = (
         select(queues.c.name)
         .where(
             queues.c.name == bindparam("q"),
             queues.c.concurrency.is_(None),
-            queues.c.worker_concurrency.is_(None),
+            queues.c.worker_concurrency.is_not_distinct_from(bindparam("wc", type_=Integer)),
             queues.c.rate_limit.is_(None),
             queues.c.token_limit.is_(None),
             or_(queues.c.paused_until_ms.is_(None), queues.c.paused_until_ms <= now),
@@ -353,7 +359,7 @@ def _unlimited_claim_statement(
     cand = ws.alias("candidate")
     picked = (
         select(cand.c.workflow_uuid)
-        .where(cand.c.queue_name == bindparam("q"), cand.c.status == ENQUEUED, still_unlimited)
+        .where(cand.c.queue_name == bindparam("q"), cand.c.status == ENQUEUED, still_unshared)
         .order_by(*((cand.c.priority, cand.c.id) if priority_enabled else (cand.c.id,)))
         .limit(bindparam("n", type_=Integer))
     )
@@ -367,10 +373,18 @@ def _unlimited_claim_statement(
             )
         )
     if postgres:
-        picked = picked.with_for_update(skip_locked=True)
+        # A materialized CTE: as `IN (subquery)` PostgreSQL may run the pick once per row it
+        # updates, and with SKIP LOCKED each run finds other rows, taking more than LIMIT.
+        chosen = (
+            picked.with_for_update(skip_locked=True)
+            .cte("picked")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
+        )
+        take = update(ws).where(ws.c.workflow_uuid == chosen.c.workflow_uuid)
+    else:
+        take = update(ws).where(ws.c.workflow_uuid.in_(picked.scalar_subquery()))
     return (
-        update(ws)
-        .where(ws.c.workflow_uuid.in_(picked.scalar_subquery()), ws.c.status == ENQUEUED)
+        take.where(ws.c.status == ENQUEUED)
         .values(_TAKE_VALUES)
         .returning(
             ws.c.id,
@@ -385,13 +399,8 @@ def _unlimited_claim_statement(
     )
 
 
-def _is_unlimited(queue: QueueSettings) -> bool:
-    return (
-        queue.concurrency is None
-        and queue.worker_concurrency is None
-        and queue.limit is None
-        and queue.token_limit is None
-    )
+def _is_unshared(queue: QueueSettings) -> bool:
+    return queue.concurrency is None and queue.limit is None and queue.token_limit is None
 
 
 def record_real_start(
