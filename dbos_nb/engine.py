@@ -207,6 +207,8 @@ class Engine:
             self._claim_executor_id(store)
         except BaseException:
             db.dispose()
+            if app_db is not db:
+                app_db.dispose()
             raise
         recovered = store.requeue_pending(cfg.executor_id, rt.now_ms())
         if recovered:
