@@ -3,11 +3,11 @@
 A queue running a hundred one-step workflows at once issues a step record and a finish per
 workflow, each an atomic statement of its own. Run one by one, every statement pays for a whole
 commit (SQLite: the write lock and a WAL commit; PostgreSQL: a round trip and a WAL flush), and
-the threads contend for locks and for the GIL. Here callers hand their statement to one committer
-thread and wait: it runs every statement waiting at that moment together, and only then answers
-each caller. A caller therefore still returns only after its own write is durable, exactly as
-with its own transaction; under load the cost of a commit is shared, and a lone caller pays one
-thread hand-over.
+the threads contend for locks and for the GIL. Here the first caller to find nobody committing
+commits, on its own thread, every statement waiting at that moment; the others wait, and the
+oldest of them then leads the next batch. A caller still returns only after its own write is
+durable, exactly as with its own transaction; under load the cost of a commit is shared, and a
+lone caller runs its statement directly.
 
 Two ways of running a batch, one per database:
 - shared transaction (SQLite): every statement in one BEGIN IMMEDIATE ... COMMIT. Statements are
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -49,7 +48,7 @@ MergedRunner = Callable[[Connection, list[dict[str, Any]]], list[tuple[Any, ...]
 class _Op:
     """One caller's statement and, once committed, its first row or its error."""
 
-    __slots__ = ("done", "error", "merged", "params", "row", "stmt")
+    __slots__ = ("done", "error", "merged", "params", "promoted", "row", "stmt")
 
     def __init__(
         self, stmt: Executable, params: dict[str, Any], merged: MergedRunner | None
@@ -60,27 +59,34 @@ class _Op:
         self.row: tuple[Any, ...] | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
+        # Woken to lead the next batch rather than with a result.
+        self.promoted = False
+
+    def result(self) -> tuple[Any, ...] | None:
+        if self.error is not None:
+            raise self.error
+        return self.row
 
 
 class GroupCommitter:
-    """One committer thread per database object, started on first use (and again after a fork
-    or `stop`)."""
+    """Leader/follower group commit. The caller that finds nobody committing commits, on its
+    own thread, every statement waiting at that moment (its own first); callers arriving
+    meanwhile wait, and when the batch is done the oldest of them leads the next one. A lone
+    caller thus runs its statement directly, without a hand-over to another thread."""
 
     def __init__(
         self,
         transaction: Callable[[], AbstractContextManager[Connection]] | None,
         single: Callable[[], AbstractContextManager[Connection]],
-        name: str,
     ) -> None:
         # The shared transaction, or None to merge statements of a kind instead.
         self._transaction = transaction
         # For a statement that runs alone (PostgreSQL: autocommit, one round trip).
         self._single = single
-        self._name = name
-        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._pending: list[_Op] = []
+        self._leading = False
+        self._pid = os.getpid()
         # Batches run and statements in them (diagnostics, and how tests see the grouping).
         self.batches = 0
         self.statements = 0
@@ -91,62 +97,46 @@ class GroupCommitter:
         """Run `stmt` with others; its first result row once committed. `merged` runs many
         statements of its kind as one (required when batches are merged, not shared)."""
         op = _Op(stmt, params, merged)
-        self._ensure_started()
-        self._ops.put(op)
-        op.done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.row
+        with self._lock:
+            if self._pid != os.getpid():
+                # A forked child: the parent's leader is not here to finish anything.
+                self._pid, self._pending, self._leading = os.getpid(), [], False
+            self._pending.append(op)
+            follow = self._leading
+            self._leading = True
+        if follow:
+            op.done.wait()
+            if not op.promoted:
+                return op.result()
+        self._lead()
+        return op.result()
 
     @property
     def started(self) -> bool:
-        return self._thread is not None and self._pid == os.getpid()
+        """Whether a batch is being committed now."""
+        return self._leading
 
     @property
     def waiting(self) -> int:
         """Statements queued and not yet taken into a batch."""
-        return self._ops.qsize()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish what is queued, then end the thread."""
         with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None and self._pid == os.getpid():
-            self._ops.put(None)
-            thread.join(timeout)
+            return len(self._pending)
 
-    def _ensure_started(self) -> None:
-        if self._thread is not None and self._pid == os.getpid():
-            return
+    def _lead(self) -> None:
         with self._lock:
-            if self._thread is not None and self._pid == os.getpid():
-                return
-            if self._pid != os.getpid():
-                self._ops = queue.SimpleQueue()  # a forked child must not share the parent's
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-            self._thread.start()
-
-    def _loop(self) -> None:
-        ops = self._ops
-        while True:
-            first = ops.get()
-            if first is None:
-                return
-            batch = [first]
-            stopping = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    more = ops.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stopping = True
-                    break
-                batch.append(more)
+            batch = self._pending[:MAX_BATCH]
+            del self._pending[:MAX_BATCH]
+        try:
             self._commit(batch)
-            if stopping:
-                return
+        finally:
+            with self._lock:
+                successor = self._pending[0] if self._pending else None
+                if successor is None:
+                    self._leading = False
+                else:
+                    successor.promoted = True
+            if successor is not None:
+                successor.done.set()  # it leads the next batch, its own statement first
 
     def _commit(self, batch: list[_Op]) -> None:
         self.batches += 1

@@ -104,7 +104,7 @@ class Database:
             # (BEGIN, statement, COMMIT), and a lone statement is atomic anyway.
             auto = self._make_pg_engine(pool_size, max_overflow, isolation_level="AUTOCOMMIT")
             self._single_engine = auto.execution_options(schema_translate_map=translate)
-            self._committer = GroupCommitter(None, self.single, "dbos_nb-committer")
+            self._committer = GroupCommitter(None, self.single)
         else:
             path = parsed.database or ""
             directory = os.path.dirname(os.path.abspath(path))
@@ -125,7 +125,7 @@ class Database:
             self._write_lock = threading.RLock()
             self.engine = engine
             self._single_engine = engine
-            self._committer = GroupCommitter(self.write, self.single, "dbos_nb-committer")
+            self._committer = GroupCommitter(self.write, self.single)
 
     def _make_pg_engine(self, pool_size: int, max_overflow: int, **kwargs: Any) -> Engine:
         engine = create_engine(
@@ -196,7 +196,7 @@ class Database:
         autocommit (its own round trip is all it costs there).
         """
         if getattr(self._in_write, "depth", 0) or (self.is_postgres and merged is None):
-            # (SQLite: this thread holds the write lock, which the committer would wait for.)
+            # (SQLite: this thread holds the write lock; a batch it led would wait for it.)
             with self.single() as conn:
                 row = conn.execute(stmt, params).first()
                 return None if row is None else tuple(row)
@@ -285,8 +285,7 @@ class Database:
                 stop.wait(0.5)
 
     def dispose(self) -> None:
-        """Stop the committer and close every pooled connection."""
-        self._committer.stop()
+        """Close every pooled connection."""
         for engine in self._engines:
             engine.dispose()
 
