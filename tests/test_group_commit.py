@@ -447,3 +447,56 @@ def test_worker_concurrency_claims_follow_a_changed_setting(db_url: str) -> None
     handles = [q.enqueue(work, i) for i in range(6)]
     assert [h.get_result(timeout_sec=20) for h in handles] == list(range(6))
     assert peak[0] == 1
+
+
+def test_an_interrupt_in_the_leader_still_completes_the_others(tmp_path: Any) -> None:
+    """Ctrl-C reaching a caller while it leads a batch: the other callers' statements are
+    still written and answered; the leader's caller gets the interrupt."""
+    from dbos_nb.storage.committer import GroupCommitter
+    from dbos_nb.storage.migrations import migrate
+
+    db = Database(f"sqlite:///{tmp_path / 'interrupt.sqlite'}")
+    migrate(db)
+    shared_attempts = [0]
+
+    @contextmanager
+    def interrupted_once() -> Iterator[Any]:
+        shared_attempts[0] += 1
+        if shared_attempts[0] == 1:
+            raise KeyboardInterrupt
+        with db.write() as conn:
+            yield conn
+
+    committer = GroupCommitter(interrupted_once, db.single)
+    stmt = insert(operation_outputs).returning(operation_outputs.c.function_id)
+
+    def record(i: int) -> Callable[[], Any]:
+        params = {"workflow_uuid": "gc-int", "function_id": i, "function_name": "s"}
+        return lambda: committer.execute(stmt, params)
+
+    results: list[Any] = [None] * 4
+
+    def run(i: int) -> None:
+        try:
+            results[i] = record(i)()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    with _held(db, None, None):  # the first caller's statement waits for the write lock
+        threads[0].start()
+        _wait_until(lambda: committer.started and committer.waiting == 0)
+        time.sleep(0.05)
+        for t in threads[1:]:
+            t.start()
+        _wait_until(lambda: committer.waiting == 3)
+    for t in threads:
+        t.join(20)
+    assert results[0] == (0,)
+    # The second caller led the batch of three and was interrupted; the others were answered.
+    assert isinstance(results[1], KeyboardInterrupt)
+    assert results[2:] == [(2,), (3,)]
+    with db.read() as conn:
+        rows = conn.execute(select(operation_outputs.c.function_id)).scalars().all()
+    assert sorted(rows) == [0, 1, 2, 3]
+    db.dispose()

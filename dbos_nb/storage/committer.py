@@ -141,10 +141,11 @@ class GroupCommitter:
     def _commit(self, batch: list[_Op]) -> None:
         self.batches += 1
         self.statements += len(batch)
+        interrupt: BaseException | None = None
         if len(batch) == 1:
             self._commit_alone(batch[0])
         elif self._transaction is not None:
-            self._commit_shared(batch, self._transaction)
+            interrupt = self._commit_shared(batch, self._transaction)
         else:
             kinds: dict[MergedRunner | None, list[_Op]] = {}
             for op in batch:
@@ -154,12 +155,17 @@ class GroupCommitter:
                     for op in ops:
                         self._commit_alone(op)
                 else:
-                    self._commit_merged(ops, runner)
+                    interrupt = self._commit_merged(ops, runner) or interrupt
         _release(batch)
+        if interrupt is not None:
+            # Ctrl-C (or the like) reached the leader while it wrote the others' statements:
+            # they are done; the leader's caller still gets the interrupt.
+            raise interrupt
 
     def _commit_shared(
         self, batch: list[_Op], transaction: Callable[[], AbstractContextManager[Connection]]
-    ) -> None:
+    ) -> BaseException | None:
+        """Returns an interrupt (not an Exception) that stopped the shared attempt, if any."""
         try:
             with transaction() as conn:
                 rows = [_first(conn, op) for op in batch]
@@ -167,11 +173,13 @@ class GroupCommitter:
             logger.debug("shared commit of %d statements failed (%r); one by one", len(batch), exc)
             for op in batch:
                 self._commit_alone(op)
-            return
+            return None if isinstance(exc, Exception) else exc
         for op, row in zip(batch, rows, strict=True):
             op.row = row
+        return None
 
-    def _commit_merged(self, ops: list[_Op], runner: MergedRunner) -> None:
+    def _commit_merged(self, ops: list[_Op], runner: MergedRunner) -> BaseException | None:
+        """As `_commit_shared`, for statements merged into one."""
         try:
             with self._single() as conn:
                 rows = runner(conn, [op.params for op in ops])
@@ -179,9 +187,10 @@ class GroupCommitter:
             logger.debug("merged statement of %d failed (%r); one by one", len(ops), exc)
             for op in ops:
                 self._commit_alone(op)
-            return
+            return None if isinstance(exc, Exception) else exc
         for op, row in zip(ops, rows, strict=True):
             op.row = row
+        return None
 
     def _commit_alone(self, op: _Op) -> None:
         try:
