@@ -110,8 +110,9 @@ def _candidates_statement(
     postgres: bool, priority_enabled: bool, by_name: bool, excluding: bool
 ) -> Any:
     """The ready rows of a queue, oldest (or most urgent) first, as far as the budget goes."""
-    candidates = (
-        select(
+    candidates = _ready_rows(
+        ws,
+        (
             ws.c.workflow_uuid,
             ws.c.name,
             ws.c.inputs,
@@ -121,23 +122,37 @@ def _candidates_statement(
             ws.c.function_hash,
             ws.c.token_estimate,
             _LAST_RECORDED,
-        )
-        .where(ws.c.queue_name == bindparam("q"), ws.c.status == ENQUEUED)
-        .order_by(*((ws.c.priority, ws.c.id) if priority_enabled else (ws.c.id,)))
-        .limit(bindparam("n", type_=Integer))
+        ),
+        priority_enabled,
+        by_name,
+        excluding,
     )
-    if by_name:
-        candidates = candidates.where(ws.c.name.in_(bindparam("names", expanding=True)))
-    if excluding:
-        candidates = candidates.where(
-            or_(
-                ws.c.function_hash.is_(None),
-                ws.c.function_hash.not_in(bindparam("excluded", expanding=True)),
-            )
-        )
     if postgres:
         candidates = candidates.with_for_update(skip_locked=True)
     return candidates
+
+
+def _ready_rows(
+    table: Any, columns: tuple[Any, ...], priority_enabled: bool, by_name: bool, excluding: bool
+) -> Any:
+    """ENQUEUED rows of queue :q, oldest (or most urgent) first, at most :n, restricted to the
+    function names (:names) and away from the versions (:excluded) the claimer asks for."""
+    rows = (
+        select(*columns)
+        .where(table.c.queue_name == bindparam("q"), table.c.status == ENQUEUED)
+        .order_by(*((table.c.priority, table.c.id) if priority_enabled else (table.c.id,)))
+        .limit(bindparam("n", type_=Integer))
+    )
+    if by_name:
+        rows = rows.where(table.c.name.in_(bindparam("names", expanding=True)))
+    if excluding:
+        rows = rows.where(
+            or_(
+                table.c.function_hash.is_(None),
+                table.c.function_hash.not_in(bindparam("excluded", expanding=True)),
+            )
+        )
+    return rows
 
 
 def claim(
@@ -357,21 +372,9 @@ def _unshared_claim_statement(
     )
     # An alias, so that the pick is a subquery of its own and not correlated to the UPDATE.
     cand = ws.alias("candidate")
-    picked = (
-        select(cand.c.workflow_uuid)
-        .where(cand.c.queue_name == bindparam("q"), cand.c.status == ENQUEUED, still_unshared)
-        .order_by(*((cand.c.priority, cand.c.id) if priority_enabled else (cand.c.id,)))
-        .limit(bindparam("n", type_=Integer))
+    picked = _ready_rows(cand, (cand.c.workflow_uuid,), priority_enabled, by_name, excluding).where(
+        still_unshared
     )
-    if by_name:
-        picked = picked.where(cand.c.name.in_(bindparam("names", expanding=True)))
-    if excluding:
-        picked = picked.where(
-            or_(
-                cand.c.function_hash.is_(None),
-                cand.c.function_hash.not_in(bindparam("excluded", expanding=True)),
-            )
-        )
     if postgres:
         # A materialized CTE: as `IN (subquery)` PostgreSQL may run the pick once per row it
         # updates, and with SKIP LOCKED each run finds other rows, taking more than LIMIT.

@@ -165,26 +165,26 @@ class GroupCommitter:
     def _commit_shared(
         self, batch: list[_Op], transaction: Callable[[], AbstractContextManager[Connection]]
     ) -> BaseException | None:
-        """Returns an interrupt (not an Exception) that stopped the shared attempt, if any."""
-        try:
-            with transaction() as conn:
-                rows = [_first(conn, op) for op in batch]
-        except BaseException as exc:
-            logger.debug("shared commit of %d statements failed (%r); one by one", len(batch), exc)
-            for op in batch:
-                self._commit_alone(op)
-            return None if isinstance(exc, Exception) else exc
-        for op, row in zip(batch, rows, strict=True):
-            op.row = row
-        return None
+        """All statements in one transaction (see `_together`)."""
+        return self._together(batch, transaction, lambda conn: [_first(conn, op) for op in batch])
 
     def _commit_merged(self, ops: list[_Op], runner: MergedRunner) -> BaseException | None:
-        """As `_commit_shared`, for statements merged into one."""
+        """Statements of one kind merged into one (see `_together`)."""
+        return self._together(ops, self._single, lambda conn: runner(conn, [o.params for o in ops]))
+
+    def _together(
+        self,
+        ops: list[_Op],
+        transaction: Callable[[], AbstractContextManager[Connection]],
+        run: Callable[[Connection], list[tuple[Any, ...] | None]],
+    ) -> BaseException | None:
+        """Run `ops` at once; if that fails, one by one. Returns an interrupt (not an
+        Exception) that stopped the joint attempt, if any."""
         try:
-            with self._single() as conn:
-                rows = runner(conn, [op.params for op in ops])
+            with transaction() as conn:
+                rows = run(conn)
         except BaseException as exc:
-            logger.debug("merged statement of %d failed (%r); one by one", len(ops), exc)
+            logger.debug("joint commit of %d statements failed (%r); one by one", len(ops), exc)
             for op in ops:
                 self._commit_alone(op)
             return None if isinstance(exc, Exception) else exc
