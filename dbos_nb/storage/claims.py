@@ -36,8 +36,8 @@ from sqlalchemy import (
 
 from dbos_nb.models import ClaimedWorkflow, ClaimResult, QueueSettings, WorkflowStatusString
 from dbos_nb.storage.database import Database
+from dbos_nb.storage.queue_records import queue_settings_from_row
 from dbos_nb.storage.schema import operation_outputs, queue_starts, queues, workflow_status
-from dbos_nb.storage.store import queue_settings_from_row
 
 ws = workflow_status
 qs = queue_starts

@@ -3,7 +3,8 @@
 The group committer (`committer.py`) hands these the parameters of every waiting statement of a
 kind; each runs them as a single statement over arrays (`unnest`), in autocommit, and answers
 for each input what the one-row statement would have returned. The one-row statements live in
-`store.py`; these must keep the same conditions (owner checks, status checks, notifications).
+`workflow_rows.py` and `step_records.py`; these must keep the same conditions (owner checks,
+status checks, notifications).
 
 Written as SQL text for the driver: the array parameters and `unnest` column lists are plain
 PostgreSQL, and a fixed text is prepared once however many rows a batch has.

@@ -1,0 +1,199 @@
+"""Batches: enqueueing many workflows at once (with the batch's record), retrying a batch's
+failures, and reading a batch's progress, rows, errors and usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, select, update
+
+from dbos_nb.errors import BatchConflictError
+from dbos_nb.storage.rows import ENQUEUED, NewWorkflow, StoreBase, _chunks, _row_values
+from dbos_nb.storage.schema import batches, operation_outputs, workflow_status
+
+ws = workflow_status
+oo = operation_outputs
+
+
+class BatchRecords(StoreBase):
+    """Enqueue, retry and report on batches of workflows."""
+
+    def insert_enqueued_batch(
+        self, template: NewWorkflow, items: Sequence[tuple[str, bytes, int | None]]
+    ) -> None:
+        """Enqueue many workflows that share everything but id and inputs, in one transaction.
+
+        `items` are (workflow id, serialized inputs, token estimate), written in order (so they
+        start in that order). Ids that already exist are skipped: enqueueing the same batch
+        again writes nothing twice. With `template.batch_id` set, the batch is recorded too; a
+        batch id already used for another function, queue or size raises BatchConflictError.
+        All or nothing.
+        """
+        if not items:
+            return
+        base = _row_values(template)
+        # Only the columns this batch sets: NULLs are the columns' defaults anyway, and every
+        # bound parameter costs time over 100,000 rows.
+        per_item = ("workflow_uuid", "inputs", "token_estimate")
+        columns = [c for c in base if c not in per_item and base[c] is not None]
+        shared = tuple(base[c] for c in columns)
+        estimates = any(e is not None for _, _, e in items)
+        with self.db.write() as conn:
+            if template.batch_id is not None:
+                self._record_batch(conn, template, len(items))
+            if estimates:
+                self.db.bulk_insert(
+                    conn,
+                    ws,
+                    ["workflow_uuid", "inputs", "token_estimate", *columns],
+                    [(wid, data, est, *shared) for wid, data, est in items],
+                    skip_conflicts_on="workflow_uuid",
+                )
+            else:
+                self.db.bulk_insert(
+                    conn,
+                    ws,
+                    ["workflow_uuid", "inputs", *columns],
+                    [(wid, data, *shared) for wid, data, _ in items],
+                    skip_conflicts_on="workflow_uuid",
+                )
+            if template.queue_name:
+                self.db.notify(conn, f"q:{template.queue_name}")
+
+    def _record_batch(self, conn: Connection, template: NewWorkflow, size: int) -> None:
+        values = {
+            "batch_id": template.batch_id,
+            "queue_name": template.queue_name,
+            "function_name": template.name,
+            "size": size,
+            "created_at": template.created_at,
+        }
+        conn.execute(self.db.insert(batches).values(**values).on_conflict_do_nothing())
+        row = (
+            conn.execute(select(batches).where(batches.c.batch_id == template.batch_id))
+            .mappings()
+            .one()
+        )
+        mismatched = [k for k in ("queue_name", "function_name", "size") if row[k] != values[k]]
+        if mismatched:
+            raise BatchConflictError(
+                f"batch {template.batch_id!r} already exists with {row['size']} items of "
+                f"{row['function_name']!r} on queue {row['queue_name']!r}; this call has "
+                f"{size} items of {template.name!r} on {template.queue_name!r}. Use another "
+                "batch name (or the same items and function to attach to it)"
+            )
+
+    def retry_failed_in_batch(self, batch_id: str, now_ms: int) -> list[str]:
+        """Put the batch's failed workflows back in their queue, in one transaction.
+
+        Their failed operations' records are removed so those run again; their completed
+        operations stay recorded and are not run again (no call is paid for twice).
+        """
+        with self.db.write() as conn:
+            ids = list(
+                conn.execute(
+                    select(ws.c.workflow_uuid).where(
+                        ws.c.batch_id == batch_id, ws.c.status == "ERROR"
+                    )
+                ).scalars()
+            )
+            for chunk in _chunks(ids, 500):
+                conn.execute(
+                    delete(oo).where(oo.c.workflow_uuid.in_(chunk), oo.c.error.is_not(None))
+                )
+                conn.execute(
+                    update(ws)
+                    .where(ws.c.workflow_uuid.in_(chunk), ws.c.status == "ERROR")
+                    .values(
+                        status=ENQUEUED,
+                        error=None,
+                        output=None,
+                        owner_xid=None,
+                        executor_id=None,
+                        started_at_epoch_ms=None,
+                        completed_at=None,
+                        recovery_attempts=0,
+                        workflow_deadline_epoch_ms=None,
+                        updated_at=now_ms,
+                    )
+                )
+            queue = conn.execute(
+                select(batches.c.queue_name).where(batches.c.batch_id == batch_id)
+            ).scalar()
+            if ids and queue:
+                self.db.notify(conn, f"q:{queue}")
+            return ids
+
+    def get_batch(self, batch_id: str) -> dict[str, Any] | None:
+        """A batch's record: queue, function, size, creation time."""
+        with self.db.read() as conn:
+            row = (
+                conn.execute(select(batches).where(batches.c.batch_id == batch_id))
+                .mappings()
+                .first()
+            )
+            return dict(row) if row is not None else None
+
+    def list_batches(self) -> list[dict[str, Any]]:
+        """Every recorded batch, newest first."""
+        with self.db.read() as conn:
+            rows = conn.execute(select(batches).order_by(batches.c.created_at.desc())).mappings()
+            return [dict(r) for r in rows]
+
+    def batch_counts(self, batch_id: str) -> dict[str, int]:
+        """Number of the batch's workflows per status (one indexed GROUP BY)."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(ws.c.status, func.count())
+                .where(ws.c.batch_id == batch_id)
+                .group_by(ws.c.status)
+            )
+            return {str(status): int(n) for status, n in rows}
+
+    def batch_finished_since(self, batch_id: str, since_ms: int) -> int:
+        """How many of the batch's workflows finished at or after `since_ms`."""
+        with self.db.read() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(
+                        ws.c.batch_id == batch_id, ws.c.completed_at >= since_ms
+                    )
+                ).scalar_one()
+            )
+
+    def batch_rows(self, batch_id: str, *, load_payloads: bool = True) -> list[dict[str, Any]]:
+        """The batch's workflow rows in input (enqueue) order."""
+        columns = (
+            list(ws.c)
+            if load_payloads
+            else [c for c in ws.c if c.name not in ("inputs", "output", "error")]
+        )
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(*columns).where(ws.c.batch_id == batch_id).order_by(ws.c.id)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    def batch_recent_errors(self, batch_id: str, limit: int) -> list[tuple[str, bytes | None]]:
+        """(workflow id, serialized error) of the batch's latest failures."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(ws.c.workflow_uuid, ws.c.error)
+                .where(ws.c.batch_id == batch_id, ws.c.status == "ERROR")
+                .order_by(ws.c.completed_at.desc())
+                .limit(limit)
+            ).all()
+            return [(str(r[0]), r[1]) for r in rows]
+
+    def batch_usage(self, batch_id: str) -> tuple[int, float]:
+        """Total tokens and cost the batch's workflows reported."""
+        with self.db.read() as conn:
+            row = conn.execute(
+                select(
+                    func.coalesce(func.sum(ws.c.usage_tokens), 0),
+                    func.coalesce(func.sum(ws.c.usage_cost), 0.0),
+                ).where(ws.c.batch_id == batch_id)
+            ).one()
+        return int(row[0]), float(row[1])

@@ -1,0 +1,115 @@
+"""Queues' shared state: their declared settings, the back-off every process honours, and the
+usage reported against their token windows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+
+from dbos_nb.models import QueueSettings
+from dbos_nb.storage.rows import StoreBase
+from dbos_nb.storage.schema import queue_starts, queues, workflow_status
+
+ws = workflow_status
+
+
+class QueueRecords(StoreBase):
+    """Store and read queue settings; pause a queue; report usage."""
+
+    def upsert_queue(self, settings: QueueSettings, now_ms: int) -> QueueSettings | None:
+        """Store a queue's settings; returns the settings it replaced (None if it is new)."""
+        values = {
+            "concurrency": settings.concurrency,
+            "worker_concurrency": settings.worker_concurrency,
+            "rate_limit": settings.limit,
+            "rate_period_ms": settings.period_ms,
+            "priority_enabled": settings.priority_enabled,
+            "polling_interval_ms": settings.polling_interval_ms,
+            "token_limit": settings.token_limit,
+            "token_period_ms": settings.token_period_ms,
+            "updated_at": now_ms,
+        }
+        with self.db.write() as conn:
+            old = conn.execute(select(queues).where(queues.c.name == settings.name)).mappings()
+            previous = next(iter(old), None)
+            if previous is None:
+                conn.execute(queues.insert().values(name=settings.name, **values))
+                return None
+            old_settings = queue_settings_from_row(dict(previous))
+            if old_settings != settings:
+                conn.execute(update(queues).where(queues.c.name == settings.name).values(**values))
+            return old_settings
+
+    def get_queue(self, name: str) -> QueueSettings | None:
+        """A queue's stored settings, or None when no process declared it."""
+        with self.db.read() as conn:
+            row = conn.execute(select(queues).where(queues.c.name == name)).mappings().first()
+        return queue_settings_from_row(dict(row)) if row is not None else None
+
+    def list_queues(self) -> list[QueueSettings]:
+        """Every declared queue."""
+        with self.db.read() as conn:
+            rows = conn.execute(select(queues).order_by(queues.c.name)).mappings()
+            return [queue_settings_from_row(dict(r)) for r in rows]
+
+    # -- rate limits: shared back-off and usage ---------------------------------------------------
+
+    def pause_queue(self, queue_name: str, until_ms: int) -> None:
+        """No process starts work from the queue before `until_ms` (extends, never shortens)."""
+        with self.db.single() as conn:
+            conn.execute(
+                update(queues)
+                .where(
+                    queues.c.name == queue_name,
+                    or_(queues.c.paused_until_ms.is_(None), queues.c.paused_until_ms < until_ms),
+                )
+                .values(paused_until_ms=until_ms)
+            )
+
+    def report_usage(
+        self,
+        workflow_id: str,
+        tokens: int | None,
+        cost: float | None,
+        *,
+        replace_estimate: bool,
+    ) -> None:
+        """Add a step's real usage to its workflow, and count its tokens in the queue's token
+        window in place of the estimate (the first report replaces it, later ones add)."""
+        with self.db.write() as conn:
+            conn.execute(
+                update(ws)
+                .where(ws.c.workflow_uuid == workflow_id)
+                .values(
+                    usage_tokens=func.coalesce(ws.c.usage_tokens, 0) + (tokens or 0),
+                    usage_cost=func.coalesce(ws.c.usage_cost, 0.0) + (cost or 0.0),
+                )
+            )
+            if tokens is None:
+                return
+            latest = (
+                select(func.max(queue_starts.c.id))
+                .where(queue_starts.c.workflow_uuid == workflow_id)
+                .scalar_subquery()
+            )
+            value = tokens if replace_estimate else queue_starts.c.tokens + tokens
+            conn.execute(
+                update(queue_starts).where(queue_starts.c.id == latest).values(tokens=value)
+            )
+
+
+def queue_settings_from_row(row: dict[str, Any]) -> QueueSettings:
+    """Build QueueSettings from a `queues` row."""
+    return QueueSettings(
+        name=row["name"],
+        concurrency=row["concurrency"],
+        worker_concurrency=row["worker_concurrency"],
+        limit=row["rate_limit"],
+        period_ms=row["rate_period_ms"],
+        priority_enabled=bool(row["priority_enabled"]),
+        polling_interval_ms=int(row["polling_interval_ms"]),
+        token_limit=row.get("token_limit"),
+        token_period_ms=row.get("token_period_ms"),
+    )

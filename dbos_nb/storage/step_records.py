@@ -1,0 +1,148 @@
+"""Step records: what a step checks before it runs, recording its outcome (only by the
+workflow's owner, first record wins), and reading a workflow's records.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import String, and_, bindparam, func, select
+
+from dbos_nb.errors import WorkflowPreempted
+from dbos_nb.storage import merged
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.rows import StepPreflight, StoreBase
+from dbos_nb.storage.schema import operation_outputs, workflow_status
+
+ws = workflow_status
+oo = operation_outputs
+
+
+_STEP_PREFLIGHT = (
+    select(
+        ws.c.status,
+        ws.c.workflow_deadline_epoch_ms,
+        ws.c.owner_xid,
+        oo.c.function_id,
+        oo.c.function_name,
+        oo.c.output,
+        oo.c.error,
+        oo.c.child_workflow_id,
+    )
+    .select_from(
+        ws.outerjoin(
+            oo,
+            and_(
+                oo.c.workflow_uuid == ws.c.workflow_uuid,
+                oo.c.function_id == bindparam("fid"),
+            ),
+        )
+    )
+    .where(ws.c.workflow_uuid == bindparam("wid"))
+)
+
+_STEP_COLUMNS = [
+    "workflow_uuid",
+    "function_id",
+    "function_name",
+    "output",
+    "error",
+    "child_workflow_id",
+    "started_at_epoch_ms",
+    "completed_at_epoch_ms",
+]
+
+
+class StepRecords(StoreBase):
+    """Preflight, record and read the operations of workflows."""
+
+    def _build_step_statements(self, db: Database) -> None:
+        """Prepare the dialect-specific write of a step record (called once, by __init__)."""
+        owned = select(*[bindparam(c, type_=oo.c[c].type) for c in _STEP_COLUMNS]).where(
+            select(ws.c.id)
+            .where(
+                ws.c.workflow_uuid == bindparam("b_wid", type_=String),
+                ws.c.owner_xid == bindparam("b_owner", type_=String),
+            )
+            .exists()
+        )
+        self._record_owned_step = (
+            db.insert(oo)
+            .from_select(_STEP_COLUMNS, owned)
+            .on_conflict_do_nothing()
+            .returning(oo.c.function_id)
+        )
+
+    def step_preflight(self, workflow_id: str, function_id: int) -> StepPreflight:
+        """The workflow's status and deadline, and the step's recorded outcome if it has one."""
+        with self.db.read() as conn:
+            row = conn.execute(_STEP_PREFLIGHT, {"wid": workflow_id, "fid": function_id}).first()
+        if row is None:
+            return StepPreflight(None, None, False, None, None, None, None)
+        return StepPreflight(
+            status=row[0],
+            deadline_ms=row[1],
+            owner_xid=row[2],
+            recorded=row[3] is not None,
+            function_name=row[4],
+            output=row[5],
+            error=row[6],
+            child_workflow_id=row[7],
+        )
+
+    def record_step(
+        self,
+        workflow_id: str,
+        owner_xid: str,
+        function_id: int,
+        function_name: str,
+        output: bytes | None,
+        error: bytes | None,
+        started_ms: int,
+        completed_ms: int,
+        child_workflow_id: str | None = None,
+    ) -> StepPreflight | None:
+        """Record an operation's outcome, if this execution still owns the workflow.
+
+        Idempotent: if the operation is already recorded, the first record wins, nothing is
+        written, and that record is returned (else None). Raises WorkflowPreempted, writing
+        nothing, when another execution owns the workflow now. One atomic statement.
+        """
+        inserted = self.db.grouped(
+            self._record_owned_step,
+            {
+                "workflow_uuid": workflow_id,
+                "function_id": function_id,
+                "function_name": function_name,
+                "output": output,
+                "error": error,
+                "child_workflow_id": child_workflow_id,
+                "started_at_epoch_ms": started_ms,
+                "completed_at_epoch_ms": completed_ms,
+                "b_wid": workflow_id,
+                "b_owner": owner_xid,
+            },
+            merged.record_steps,
+        )
+        if inserted is not None:
+            return None
+        existing = self.step_preflight(workflow_id, function_id)
+        if existing.recorded:
+            return existing
+        raise WorkflowPreempted(workflow_id, "taken over by another execution")
+
+    def last_recorded_function_id(self, workflow_id: str) -> int:
+        """The highest operation number recorded for a workflow (-1 if none)."""
+        with self.db.read() as conn:
+            value = conn.execute(
+                select(func.max(oo.c.function_id)).where(oo.c.workflow_uuid == workflow_id)
+            ).scalar()
+        return int(value) if value is not None else -1
+
+    def list_steps(self, workflow_id: str) -> list[dict[str, Any]]:
+        """Every recorded operation of a workflow, in order."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(oo).where(oo.c.workflow_uuid == workflow_id).order_by(oo.c.function_id)
+            ).mappings()
+            return [dict(r) for r in rows]

@@ -1,0 +1,164 @@
+"""Operator actions on workflows: cancel (also every workflow past its deadline), resume,
+fork, delete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import delete, select, update
+
+from dbos_nb.models import ACTIVE_STATUSES, INTERNAL_QUEUE, WorkflowStatusString
+from dbos_nb.storage.rows import CANCELLED, ENQUEUED, StoreBase, _chunks
+from dbos_nb.storage.schema import operation_outputs, workflow_status
+
+ws = workflow_status
+oo = operation_outputs
+
+
+class WorkflowControl(StoreBase):
+    """Cancel, resume, fork and delete workflows."""
+
+    def cancel_workflows(
+        self, workflow_ids: Sequence[str], now_ms: int, *, cancel_children: bool
+    ) -> list[str]:
+        """Mark active workflows CANCELLED (with their descendants if asked); returns the ids
+        changed. Finished workflows are left as they are. Idempotent."""
+        changed: list[str] = []
+        with self.db.write() as conn:
+            frontier = list(workflow_ids)
+            seen: set[str] = set()
+            while frontier:
+                batch = [w for w in frontier if w not in seen]
+                seen.update(batch)
+                if not batch:
+                    break
+                for chunk in _chunks(batch, 500):
+                    ids = conn.execute(
+                        update(ws)
+                        .where(ws.c.workflow_uuid.in_(chunk), ws.c.status.in_(ACTIVE_STATUSES))
+                        .values(
+                            status=CANCELLED,
+                            updated_at=now_ms,
+                            completed_at=now_ms,
+                            deduplication_id=None,
+                        )
+                        .returning(ws.c.workflow_uuid)
+                    ).scalars()
+                    changed.extend(ids)
+                if not cancel_children:
+                    break
+                frontier = list(
+                    conn.execute(
+                        select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(batch))
+                    ).scalars()
+                )
+            for wid in changed:
+                self.db.notify(conn, f"done:{wid}")
+        return changed
+
+    def cancel_overdue(self, now_ms: int) -> list[str]:
+        """Cancel every active workflow whose deadline has passed; returns their ids."""
+        with self.db.read() as conn:
+            ids = list(
+                conn.execute(
+                    select(ws.c.workflow_uuid).where(
+                        ws.c.workflow_deadline_epoch_ms <= now_ms,
+                        ws.c.status.in_(ACTIVE_STATUSES),
+                    )
+                ).scalars()
+            )
+        if not ids:
+            return []
+        return self.cancel_workflows(ids, now_ms, cancel_children=True)
+
+    def resume_workflow(self, workflow_id: str, now_ms: int, queue_name: str | None) -> bool:
+        """Put a cancelled, dead-lettered or stuck workflow back in a queue, from its last
+        completed step. Finished (SUCCESS/ERROR) workflows are left alone; returns whether the
+        row changed."""
+        target = queue_name or INTERNAL_QUEUE
+        with self.db.write() as conn:
+            done = conn.execute(
+                update(ws)
+                .where(
+                    ws.c.workflow_uuid == workflow_id,
+                    ws.c.status.not_in(
+                        (WorkflowStatusString.SUCCESS.value, WorkflowStatusString.ERROR.value)
+                    ),
+                )
+                .values(
+                    status=ENQUEUED,
+                    queue_name=target,
+                    owner_xid=None,
+                    executor_id=None,
+                    recovery_attempts=0,
+                    started_at_epoch_ms=None,
+                    workflow_deadline_epoch_ms=None,
+                    deduplication_id=None,
+                    updated_at=now_ms,
+                )
+            ).rowcount
+            if done:
+                self.db.notify(conn, f"q:{target}")
+            return bool(done)
+
+    def fork_workflow(
+        self,
+        source_id: str,
+        new_id: str,
+        start_step: int,
+        now_ms: int,
+        application_version: str | None,
+        queue_name: str | None,
+    ) -> bool:
+        """Create `new_id` as a copy of `source_id` that replays the source's steps before
+        `start_step` and runs the rest. Atomic; returns False if the source does not exist."""
+        target = queue_name or INTERNAL_QUEUE
+        with self.db.write() as conn:
+            src = self._get_row(conn, source_id)
+            if src is None:
+                return False
+            conn.execute(
+                ws.insert().values(
+                    workflow_uuid=new_id,
+                    status=ENQUEUED,
+                    name=src["name"],
+                    class_name=src["class_name"],
+                    config_name=src["config_name"],
+                    inputs=src["inputs"],
+                    application_version=application_version or src["application_version"],
+                    created_at=now_ms,
+                    updated_at=now_ms,
+                    queue_name=target,
+                    priority=0,
+                    workflow_timeout_ms=src["workflow_timeout_ms"],
+                    authenticated_user=src["authenticated_user"],
+                    assumed_role=src["assumed_role"],
+                    authenticated_roles=src["authenticated_roles"],
+                )
+            )
+            steps = conn.execute(
+                select(oo).where(oo.c.workflow_uuid == source_id, oo.c.function_id < start_step)
+            ).mappings()
+            copied = [dict(s, workflow_uuid=new_id) for s in steps]
+            if copied:
+                conn.execute(oo.insert(), copied)
+            self.db.notify(conn, f"q:{target}")
+            return True
+
+    def delete_workflow(self, workflow_id: str) -> list[str]:
+        """Delete a workflow, its descendants and all their records; returns the ids deleted."""
+        with self.db.write() as conn:
+            doomed: list[str] = []
+            frontier = [workflow_id]
+            while frontier:
+                doomed.extend(frontier)
+                frontier = list(
+                    conn.execute(
+                        select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(frontier))
+                    ).scalars()
+                )
+            for chunk in _chunks(doomed, 500):
+                conn.execute(delete(oo).where(oo.c.workflow_uuid.in_(chunk)))
+                conn.execute(delete(ws).where(ws.c.workflow_uuid.in_(chunk)))
+            return doomed

@@ -1,0 +1,340 @@
+"""Workflow rows: writing a workflow (a direct start or an enqueue), recording its outcome,
+reading and listing rows, counting them by status.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import BigInteger, String, bindparam, case, func, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from dbos_nb.errors import DBOSQueueDeduplicatedError
+from dbos_nb.storage import merged
+from dbos_nb.storage.database import NOTIFY_CHANNEL, Database
+from dbos_nb.storage.rows import ENQUEUED, PENDING, NewWorkflow, StoreBase, _row_values
+from dbos_nb.storage.schema import operation_outputs, queues, workflow_status
+
+ws = workflow_status
+oo = operation_outputs
+
+
+_FINISH = (
+    update(ws)
+    .where(
+        ws.c.workflow_uuid == bindparam("b_wid"),
+        ws.c.status == PENDING,
+        ws.c.owner_xid == bindparam("b_owner"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        output=bindparam("b_output"),
+        error=bindparam("b_error"),
+        updated_at=bindparam("b_now"),
+        completed_at=bindparam("b_now"),
+        deduplication_id=None,
+    )
+    .returning(ws.c.workflow_uuid, ws.c.queue_name)
+)
+
+# PostgreSQL: the outcome and its notifications in one statement (one round trip, atomic). A
+# queued workflow's end also wakes the schedulers, since it frees a slot of its queue.
+_finished = _FINISH.cte("finished")
+_FINISH_AND_NOTIFY = select(
+    _finished.c.workflow_uuid,
+    _finished.c.queue_name,
+    func.pg_notify(
+        bindparam("b_channel"), bindparam("b_origin") + literal("done:") + _finished.c.workflow_uuid
+    ),
+    case(
+        (
+            _finished.c.queue_name.is_not(None),
+            func.pg_notify(
+                bindparam("b_channel"),
+                bindparam("b_origin") + literal("q:") + _finished.c.queue_name,
+            ),
+        )
+    ),
+)
+
+
+_WF_COLUMNS = [
+    "workflow_uuid",
+    "status",
+    "name",
+    "class_name",
+    "config_name",
+    "inputs",
+    "executor_id",
+    "owner_xid",
+    "application_version",
+    "recovery_attempts",
+    "created_at",
+    "updated_at",
+    "queue_name",
+    "priority",
+    "deduplication_id",
+    "started_at_epoch_ms",
+    "workflow_timeout_ms",
+    "workflow_deadline_epoch_ms",
+    "parent_workflow_id",
+    "batch_id",
+    "function_hash",
+    "token_estimate",
+]
+
+
+class WorkflowRows(StoreBase):
+    """Writing, finishing, reading and listing workflow rows."""
+
+    def _build_workflow_statements(self, db: Database) -> None:
+        """Prepare the dialect-specific writes of workflow rows (called once, by __init__)."""
+        self._finish_merged = functools.partial(merged.finish_workflows, notify=db.notifications)
+        self._insert_step = db.insert(oo).on_conflict_do_nothing().returning(oo.c.function_id)
+        # RETURNING, not rowcount: with an autoincrement key PostgreSQL reports -1.
+        self._insert_wf = (
+            db.insert(ws)
+            .values({c: bindparam(c, type_=ws.c[c].type) for c in _WF_COLUMNS})
+            .on_conflict_do_nothing(index_elements=["workflow_uuid"])
+            .returning(ws.c.id)
+        )
+        unlimited = (
+            select(queues.c.name)
+            .where(
+                queues.c.name == bindparam("queue_name", type_=String),
+                queues.c.concurrency.is_(None),
+                queues.c.worker_concurrency.is_(None),
+                queues.c.rate_limit.is_(None),
+                queues.c.token_limit.is_(None),
+                or_(
+                    queues.c.paused_until_ms.is_(None),
+                    queues.c.paused_until_ms <= bindparam("b_now", type_=BigInteger),
+                ),
+            )
+            .exists()
+        )
+        # FIFO: nothing may start ahead of work already waiting in the queue.
+        waiting = ws.alias("waiting")
+        nothing_waiting = ~(
+            select(waiting.c.id)
+            .where(
+                waiting.c.queue_name == bindparam("queue_name", type_=String),
+                waiting.c.status == ENQUEUED,
+            )
+            .exists()
+        )
+        self._insert_started = (
+            db.insert(ws)
+            .from_select(
+                _WF_COLUMNS,
+                select(*[bindparam(c, type_=ws.c[c].type) for c in _WF_COLUMNS]).where(
+                    unlimited, nothing_waiting
+                ),
+            )
+            .on_conflict_do_nothing(index_elements=["workflow_uuid"])
+            .returning(ws.c.id)
+        )
+        inserted = self._insert_wf.cte("inserted")
+        self._insert_wf_and_notify = select(
+            inserted.c.id,
+            func.pg_notify(bindparam("b_channel"), bindparam("b_payload")),
+        )
+
+    def insert_workflow(self, wf: NewWorkflow) -> dict[str, Any] | None:
+        """Write a new workflow row; if the id exists, write nothing and return the existing row.
+
+        Atomic with the parent's record of the child (for child workflows) and, for an enqueue, with
+        the wake-up notification. Idempotent by workflow id. Raises `DBOSQueueDeduplicatedError`
+        when an active workflow of the queue holds the same deduplication id.
+        """
+        params = _row_values(wf)
+        is_child = wf.parent_workflow_id is not None and wf.parent_function_id is not None
+        notify = wf.status == ENQUEUED and wf.queue_name is not None and self.db.notifications
+        try:
+            if not is_child:
+                # One statement (with its notification): one round trip on PostgreSQL.
+                stmt = self._insert_wf
+                if notify:
+                    stmt = self._insert_wf_and_notify
+                    params["b_channel"] = NOTIFY_CHANNEL
+                    params["b_payload"] = self.db.payload(f"q:{wf.queue_name}")
+                inserted = self.db.grouped(stmt, params)
+                return None if inserted is not None else self.get_workflow(wf.workflow_id)
+            with self.db.write() as conn:
+                if conn.execute(self._insert_wf, params).first() is None:
+                    return self._get_row(conn, wf.workflow_id)
+                conn.execute(
+                    self._insert_step,
+                    {
+                        "workflow_uuid": wf.parent_workflow_id,
+                        "function_id": wf.parent_function_id,
+                        "function_name": wf.name,
+                        "child_workflow_id": wf.workflow_id,
+                        "started_at_epoch_ms": wf.created_at,
+                        "completed_at_epoch_ms": wf.created_at,
+                    },
+                )
+                if wf.status == ENQUEUED and wf.queue_name is not None:
+                    self.db.notify(conn, f"q:{wf.queue_name}")
+                return None
+        except IntegrityError as exc:
+            if wf.deduplication_id is not None and wf.queue_name is not None:
+                raise DBOSQueueDeduplicatedError(
+                    wf.workflow_id, wf.queue_name, wf.deduplication_id
+                ) from exc
+            raise
+
+    def insert_started_if_unlimited(self, wf: NewWorkflow, now_ms: int) -> bool:
+        """Write a queued workflow already started (PENDING, owned) by its enqueuer, if its
+        queue has no limit of any kind, no back-off and no waiting work now; returns whether it
+        was written.
+
+        For a queue without limits that the enqueuing process serves, enqueue-then-claim comes
+        to the same; this does both in one statement. Writes nothing (False) when the queue has
+        limits or when the id exists; the caller then enqueues the ordinary way.
+        """
+        params = _row_values(wf)
+        params["b_now"] = now_ms
+        try:
+            return self.db.grouped(self._insert_started, params) is not None
+        except IntegrityError as exc:
+            if wf.deduplication_id is not None and wf.queue_name is not None:
+                raise DBOSQueueDeduplicatedError(
+                    wf.workflow_id, wf.queue_name, wf.deduplication_id
+                ) from exc
+            raise
+
+    def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
+        """The workflow's row as a dict, or None."""
+        with self.db.read() as conn:
+            return self._get_row(conn, workflow_id)
+
+    def get_status_and_result(self, workflow_id: str) -> dict[str, Any] | None:
+        """Just the columns a waiter needs: status, output, error, deadline, completion time."""
+        with self.db.read() as conn:
+            row = (
+                conn.execute(
+                    select(
+                        ws.c.status,
+                        ws.c.output,
+                        ws.c.error,
+                        ws.c.workflow_deadline_epoch_ms,
+                        ws.c.completed_at,
+                    ).where(ws.c.workflow_uuid == workflow_id)
+                )
+                .mappings()
+                .first()
+            )
+            return dict(row) if row is not None else None
+
+    def finish_workflow(
+        self,
+        workflow_id: str,
+        owner_xid: str,
+        status: str,
+        output: bytes | None,
+        error: bytes | None,
+        now_ms: int,
+    ) -> tuple[bool, str | None]:
+        """Record a workflow's outcome if this execution still owns it and it is PENDING.
+
+        Returns (recorded, queue name). Writes nothing when the workflow was cancelled, timed
+        out, or taken over by another execution meanwhile: a stale execution never overwrites
+        the owner's result. One atomic statement, with its notifications.
+        """
+        params = {
+            "b_wid": workflow_id,
+            "b_owner": owner_xid,
+            "b_status": status,
+            "b_output": output,
+            "b_error": error,
+            "b_now": now_ms,
+            "b_channel": NOTIFY_CHANNEL,
+            "b_origin": self.db.payload(""),
+        }
+        stmt = _FINISH_AND_NOTIFY if self.db.notifications else _FINISH
+        row = self.db.grouped(stmt, params, self._finish_merged)
+        return (row is not None, row[1] if row is not None else None)
+
+    def set_status(self, workflow_id: str, status: str, now_ms: int) -> None:
+        """Set a status unconditionally (used to dead-letter a workflow)."""
+        with self.db.write() as conn:
+            conn.execute(
+                update(ws)
+                .where(ws.c.workflow_uuid == workflow_id)
+                .values(status=status, updated_at=now_ms, deduplication_id=None)
+            )
+            self.db.notify(conn, f"done:{workflow_id}")
+
+    def list_workflows(
+        self,
+        *,
+        workflow_ids: Sequence[str] | None = None,
+        status: Sequence[str] | None = None,
+        name: str | None = None,
+        queue_name: str | None = None,
+        start_time: int | None = None,
+        end_time: int | None = None,
+        workflow_id_prefix: str | None = None,
+        app_version: str | None = None,
+        executor_id: str | None = None,
+        parent_workflow_id: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        sort_desc: bool = False,
+        load_payloads: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Workflow rows matching every given filter, ordered by creation (enqueue order)."""
+        columns = (
+            list(ws.c)
+            if load_payloads
+            else [c for c in ws.c if c.name not in ("inputs", "output", "error")]
+        )
+        stmt = select(*columns)
+        if workflow_ids is not None:
+            stmt = stmt.where(ws.c.workflow_uuid.in_(list(workflow_ids)))
+        if status is not None:
+            stmt = stmt.where(ws.c.status.in_(list(status)))
+        if name is not None:
+            stmt = stmt.where(ws.c.name == name)
+        if queue_name is not None:
+            stmt = stmt.where(ws.c.queue_name == queue_name)
+        if start_time is not None:
+            stmt = stmt.where(ws.c.created_at >= start_time)
+        if end_time is not None:
+            stmt = stmt.where(ws.c.created_at <= end_time)
+        if workflow_id_prefix is not None:
+            stmt = stmt.where(ws.c.workflow_uuid.startswith(workflow_id_prefix, autoescape=True))
+        if app_version is not None:
+            stmt = stmt.where(ws.c.application_version == app_version)
+        if executor_id is not None:
+            stmt = stmt.where(ws.c.executor_id == executor_id)
+        if parent_workflow_id is not None:
+            stmt = stmt.where(ws.c.parent_workflow_id == parent_workflow_id)
+        stmt = stmt.order_by(ws.c.id.desc() if sort_desc else ws.c.id)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        if offset is not None:
+            stmt = stmt.offset(offset)
+        with self.db.read() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    def count_by_executor(self, executor_id: str) -> dict[str, int]:
+        """Number of workflows per status last run by one executor."""
+        stmt = (
+            select(ws.c.status, func.count())
+            .where(ws.c.executor_id == executor_id)
+            .group_by(ws.c.status)
+        )
+        with self.db.read() as conn:
+            return {str(s): int(n) for s, n in conn.execute(stmt)}
+
+    def count_by_status(self, queue_name: str | None = None) -> dict[str, int]:
+        """Number of workflows per status (of one queue, or of all)."""
+        stmt = select(ws.c.status, func.count()).group_by(ws.c.status)
+        if queue_name is not None:
+            stmt = stmt.where(ws.c.queue_name == queue_name)
+        with self.db.read() as conn:
+            return {str(s): int(n) for s, n in conn.execute(stmt)}
