@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 
 from dbos_nb import DBOS, DBOSClient, Queue
 from dbos_nb.core.runtime import get_runtime
@@ -464,11 +464,16 @@ def test_an_interrupt_in_the_leader_still_completes_the_others(tmp_path: Any) ->
         shared_attempts[0] += 1
         if shared_attempts[0] == 1:
             raise KeyboardInterrupt
-        with db.write() as conn:
+        with db.driver_write() as conn:
             yield conn
 
-    committer = GroupCommitter(interrupted_once, db.single)
-    stmt = insert(operation_outputs).returning(operation_outputs.c.function_id)
+    committer = GroupCommitter(interrupted_once, db.driver_write)
+    columns = ("workflow_uuid", "function_id", "function_name")
+    stmt = db.prepared(
+        insert(operation_outputs)
+        .values({c: bindparam(c) for c in columns})
+        .returning(operation_outputs.c.function_id)
+    )
 
     def record(i: int) -> Callable[[], Any]:
         params = {"workflow_uuid": "gc-int", "function_id": i, "function_name": "s"}

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from sqlalchemy import Connection, Executable
+from dbos_nb.storage.prepared import Prepared
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,12 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 256
 
 
-# Runs many statements of one kind as one: the parameters of each, in order -> the first row of
-# each, in the same order.
-MergedRunner = Callable[[Connection, list[dict[str, Any]]], list[tuple[Any, ...] | None]]
+# Runs many statements of one kind as one, on a driver connection: the parameters of each, in
+# order -> the first row of each, in the same order.
+MergedRunner = Callable[[Any, list[dict[str, Any]]], list[tuple[Any, ...] | None]]
+
+# A transaction (or an autocommit connection) on the driver's connection, which it yields.
+Transaction = Callable[[], AbstractContextManager[Any]]
 
 
 class _Op:
@@ -50,9 +53,7 @@ class _Op:
 
     __slots__ = ("done", "error", "merged", "params", "promoted", "row", "stmt")
 
-    def __init__(
-        self, stmt: Executable, params: dict[str, Any], merged: MergedRunner | None
-    ) -> None:
+    def __init__(self, stmt: Prepared, params: dict[str, Any], merged: MergedRunner | None) -> None:
         self.stmt = stmt
         self.params = params
         self.merged = merged
@@ -76,8 +77,8 @@ class GroupCommitter:
 
     def __init__(
         self,
-        transaction: Callable[[], AbstractContextManager[Connection]] | None,
-        single: Callable[[], AbstractContextManager[Connection]],
+        transaction: Transaction | None,
+        single: Transaction,
     ) -> None:
         # The shared transaction, or None to merge statements of a kind instead.
         self._transaction = transaction
@@ -92,7 +93,7 @@ class GroupCommitter:
         self.statements = 0
 
     def execute(
-        self, stmt: Executable, params: dict[str, Any], merged: MergedRunner | None = None
+        self, stmt: Prepared, params: dict[str, Any], merged: MergedRunner | None = None
     ) -> tuple[Any, ...] | None:
         """Run `stmt` with others; its first result row once committed. `merged` runs many
         statements of its kind as one (required when batches are merged, not shared)."""
@@ -162,9 +163,7 @@ class GroupCommitter:
             # they are done; the leader's caller still gets the interrupt.
             raise interrupt
 
-    def _commit_shared(
-        self, batch: list[_Op], transaction: Callable[[], AbstractContextManager[Connection]]
-    ) -> BaseException | None:
+    def _commit_shared(self, batch: list[_Op], transaction: Transaction) -> BaseException | None:
         """All statements in one transaction (see `_together`)."""
         return self._together(batch, transaction, lambda conn: [_first(conn, op) for op in batch])
 
@@ -175,8 +174,8 @@ class GroupCommitter:
     def _together(
         self,
         ops: list[_Op],
-        transaction: Callable[[], AbstractContextManager[Connection]],
-        run: Callable[[Connection], list[tuple[Any, ...] | None]],
+        transaction: Transaction,
+        run: Callable[[Any], list[tuple[Any, ...] | None]],
     ) -> BaseException | None:
         """Run `ops` at once; if that fails, one by one. Returns an interrupt (not an
         Exception) that stopped the joint attempt, if any."""
@@ -200,9 +199,8 @@ class GroupCommitter:
             op.error = exc
 
 
-def _first(conn: Connection, op: _Op) -> tuple[Any, ...] | None:
-    row = conn.execute(op.stmt, op.params).first()
-    return None if row is None else tuple(row)
+def _first(conn: Any, op: _Op) -> tuple[Any, ...] | None:
+    return op.stmt.first(conn, op.params)
 
 
 def _release(batch: list[_Op]) -> None:

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from sqlalchemy import (
@@ -39,10 +39,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
 from dbos_nb.storage.committer import GroupCommitter, MergedRunner
+from dbos_nb.storage.prepared import Prepared, translate
 from dbos_nb.storage.schema import PG_SCHEMA, queues
 
 logger = logging.getLogger(__name__)
@@ -96,15 +98,21 @@ class Database:
         self._engines: list[Engine] = []
         self._write_lock: threading.RLock | None = None
         self._in_write = threading.local()
+        # Statements run through `grouped`, compiled once (see prepared.py); by id(statement).
+        self._prepared: dict[int, tuple[Executable, Prepared]] = {}
+        self._translate: dict[str | None, str] | None = None
+        # SQLite: the driver connection that grouped writes use, under the write lock.
+        self._hot: tuple[int, Any] | None = None
         if self.is_postgres:
-            translate = {None: PG_SCHEMA}
+            translate: dict[str | None, str] = {None: PG_SCHEMA}
             engine = self._make_pg_engine(pool_size, max_overflow)
             self.engine = engine.execution_options(schema_translate_map=translate)
             # Single statements run in autocommit: one round trip instead of three
             # (BEGIN, statement, COMMIT), and a lone statement is atomic anyway.
             auto = self._make_pg_engine(pool_size, max_overflow, isolation_level="AUTOCOMMIT")
             self._single_engine = auto.execution_options(schema_translate_map=translate)
-            self._committer = GroupCommitter(None, self.single)
+            self._translate = translate
+            self._committer = GroupCommitter(None, self.driver_single)
         else:
             path = parsed.database or ""
             directory = os.path.dirname(os.path.abspath(path))
@@ -125,7 +133,7 @@ class Database:
             self._write_lock = threading.RLock()
             self.engine = engine
             self._single_engine = engine
-            self._committer = GroupCommitter(self.write, self.single)
+            self._committer = GroupCommitter(self.driver_write, self.driver_write)
 
     def _make_pg_engine(self, pool_size: int, max_overflow: int, **kwargs: Any) -> Engine:
         engine = create_engine(
@@ -193,14 +201,77 @@ class Database:
 
         SQLite shares one transaction among them. PostgreSQL merges those that have a `merged`
         runner into one statement per kind; any other runs at once on the caller's thread, in
-        autocommit (its own round trip is all it costs there).
+        autocommit (its own round trip is all it costs there). The statement runs on the
+        driver's connection, compiled once (`prepared.py`).
         """
-        if getattr(self._in_write, "depth", 0) or (self.is_postgres and merged is None):
-            # (SQLite: this thread holds the write lock; a batch it led would wait for it.)
+        if getattr(self._in_write, "depth", 0):
+            # SQLite: this thread holds the write lock in a transaction of its own; a batch it
+            # led, or the hot connection's BEGIN IMMEDIATE, would wait for it.
             with self.single() as conn:
                 row = conn.execute(stmt, params).first()
                 return None if row is None else tuple(row)
-        return self._committer.execute(stmt, params, merged)
+        prepared = self.prepared(stmt)
+        if self.is_postgres and merged is None:
+            with self.driver_single() as raw:
+                return prepared.first(raw, params)
+        return self._committer.execute(prepared, params, merged)
+
+    def prepared(self, stmt: Executable) -> Prepared:
+        """`stmt` compiled once for this database (statements are long-lived constants)."""
+        entry = self._prepared.get(id(stmt))
+        if entry is None or entry[0] is not stmt:
+            entry = (stmt, Prepared(stmt, self.engine.dialect, self._translate))
+            self._prepared[id(stmt)] = entry
+        return entry[1]
+
+    @contextlib.contextmanager
+    def driver_write(self) -> Iterator[Any]:
+        """SQLite: a BEGIN IMMEDIATE transaction on the hot driver connection (committed when
+        the block exits without an exception), under the process's write lock."""
+        assert self._write_lock is not None
+        with self._write_lock:
+            conn = self._hot_connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise translate(exc, self.engine.dialect) from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise translate(exc, self.engine.dialect) from exc
+                raise
+
+    def _hot_connection(self) -> Any:
+        # Checked out of the pool for good (the pool's connect hook has set it up); a forked
+        # child opens its own rather than share the parent's file handle.
+        if self._hot is None or self._hot[0] != os.getpid():
+            fairy = self.engine.raw_connection()
+            self._hot = (os.getpid(), fairy)
+        return self._hot[1].driver_connection
+
+    @contextlib.contextmanager
+    def driver_single(self) -> Iterator[Any]:
+        """PostgreSQL: a pooled driver connection in autocommit, for statements that are
+        atomic on their own. A connection found broken is dropped from the pool."""
+        fairy = self._single_engine.raw_connection()
+        try:
+            yield fairy.driver_connection
+        except psycopg.Error as exc:
+            if self.engine.dialect.is_disconnect(cast(Any, exc), fairy.dbapi_connection, None):
+                fairy.invalidate(exc)
+            raise translate(exc, self.engine.dialect) from exc
+        except DBAPIError as exc:
+            if exc.orig is not None and self.engine.dialect.is_disconnect(
+                cast(Any, exc.orig), fairy.dbapi_connection, None
+            ):
+                fairy.invalidate(exc.orig)
+            raise
+        finally:
+            fairy.close()
 
     @property
     def committer(self) -> GroupCommitter:
@@ -286,6 +357,11 @@ class Database:
 
     def dispose(self) -> None:
         """Close every pooled connection."""
+        if self._hot is not None:
+            pid, fairy = self._hot
+            self._hot = None
+            if pid == os.getpid():
+                fairy.close()
         for engine in self._engines:
             engine.dispose()
 

@@ -6,15 +6,14 @@ for each input what the one-row statement would have returned. The one-row state
 `workflow_rows.py` and `step_records.py`; these must keep the same conditions (owner checks,
 status checks, notifications).
 
-Written as SQL text for the driver: the array parameters and `unnest` column lists are plain
-PostgreSQL, and a fixed text is prepared once however many rows a batch has.
+Written as SQL text for the driver and run on its connection: the array parameters and `unnest`
+column lists are plain PostgreSQL, and a fixed text is prepared once however many rows a batch
+has.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from sqlalchemy import Connection
 
 from dbos_nb.storage.schema import PG_SCHEMA
 
@@ -67,7 +66,7 @@ FROM finished f
 )
 
 
-def record_steps(conn: Connection, batch: list[dict[str, Any]]) -> list[tuple[Any, ...] | None]:
+def record_steps(conn: Any, batch: list[dict[str, Any]]) -> list[tuple[Any, ...] | None]:
     """Many `SystemStore.record_step` statements: (function_id,) for each one recorded."""
     params = {
         "wid": [p["workflow_uuid"] for p in batch],
@@ -80,7 +79,7 @@ def record_steps(conn: Connection, batch: list[dict[str, Any]]) -> list[tuple[An
         "completed": [p["completed_at_epoch_ms"] for p in batch],
         "owner": [p["b_owner"] for p in batch],
     }
-    done = {(r[0], r[1]) for r in conn.exec_driver_sql(_RECORD_STEPS, params)}
+    done = {(r[0], r[1]) for r in _rows(conn, _RECORD_STEPS, params)}
     return [
         (p["function_id"],) if (p["workflow_uuid"], p["function_id"]) in done else None
         for p in batch
@@ -88,7 +87,7 @@ def record_steps(conn: Connection, batch: list[dict[str, Any]]) -> list[tuple[An
 
 
 def finish_workflows(
-    conn: Connection, batch: list[dict[str, Any]], notify: bool
+    conn: Any, batch: list[dict[str, Any]], notify: bool
 ) -> list[tuple[Any, ...] | None]:
     """Many `SystemStore.finish_workflow` statements: (id, queue name) for each one recorded."""
     params = {
@@ -102,5 +101,13 @@ def finish_workflows(
         "origin": batch[0]["b_origin"],
     }
     sql = _FINISH_AND_NOTIFY if notify else _FINISH
-    finished = {r[0]: (r[0], r[1]) for r in conn.exec_driver_sql(sql, params)}
+    finished = {r[0]: (r[0], r[1]) for r in _rows(conn, sql, params)}
     return [finished.get(p["b_wid"]) for p in batch]
+
+
+def _rows(conn: Any, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Run on the driver connection (psycopg); its driver errors are translated by the
+    connection's owner (`Database`)."""
+    with conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())

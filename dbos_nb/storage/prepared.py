@@ -1,0 +1,101 @@
+"""Hot statements compiled once and run on the driver's own connection.
+
+A queue's work writes three statements per workflow (the enqueue, the step record, the
+outcome). Through `Connection.execute`, even with SQLAlchemy's compiled cache, each of them costs
+about 100 microseconds of Python (pool checkout, execution context, events, bind and result
+processing): more than SQLite takes to run it, and, with the GIL, time that the enqueuing
+thread and the workers take from one another. A `Prepared` statement is compiled once, by
+SQLAlchemy, into the driver's SQL text and parameter order; running it is one `cursor.execute`.
+
+Driver errors are re-raised as SQLAlchemy's exception classes (`IntegrityError`,
+`OperationalError`, ...), so callers catch the same errors either way. Only statements whose
+parameters and results are plain values (text, integers, bytes, None) belong here: results are
+returned as the driver gives them, without SQLAlchemy's result processing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Dialect, Executable
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+
+class Prepared:
+    """One statement compiled for one dialect; `first()` runs it on a DBAPI connection."""
+
+    __slots__ = ("_defaults", "_dialect", "_error", "_names", "_positional", "_processors", "sql")
+
+    def __init__(
+        self,
+        statement: Executable,
+        dialect: Dialect,
+        schema_translate_map: dict[str | None, str] | None = None,
+    ) -> None:
+        assert isinstance(statement, ClauseElement)
+        compiled = statement.compile(
+            dialect=dialect,
+            schema_translate_map=schema_translate_map,
+            render_schema_translate=schema_translate_map is not None,
+        )
+        assert isinstance(compiled, SQLCompiler)
+        self.sql = compiled.string
+        if "POSTCOMPILE" in self.sql:  # expanding IN (...) needs SQLAlchemy at each execution
+            raise ValueError("a prepared statement cannot hold expanding parameters")
+        self._dialect = dialect
+        self._error: type[Exception] = dialect.loaded_dbapi.Error
+        self._positional = compiled.positional
+        binds = compiled.binds
+        # Parameters in the driver's order (qmark) or by name (pyformat).
+        self._names: list[str] = (
+            list(compiled.positiontup or []) if compiled.positional else list(binds)
+        )
+        # Values written into the statement (e.g. `status == 'ENQUEUED'`) are parameters too.
+        self._defaults = {name: bind.value for name, bind in binds.items() if not bind.required}
+        self._processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in binds.items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                self._processors[name] = processor
+
+    def arguments(self, params: dict[str, Any]) -> Any:
+        """The driver's parameters for `params` (a sequence for qmark, a dict for pyformat)."""
+        values = {**self._defaults, **params} if self._defaults else params
+        try:
+            if self._processors:
+                values = dict(values)
+                for name, processor in self._processors.items():
+                    values[name] = processor(values[name])
+            if self._positional:
+                return [values[name] for name in self._names]
+            return {name: values[name] for name in self._names}
+        except KeyError:
+            missing = [name for name in self._names if name not in values]
+            raise ValueError(f"no value for parameters {missing} of: {self.sql}") from None
+
+    def first(self, dbapi_connection: Any, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        """Run the statement; its first result row (None if it returns none)."""
+        args = self.arguments(params)
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(self.sql, args)
+            # All rows: SQLite cannot commit while a statement still has rows to give.
+            rows = cursor.fetchall() if cursor.description is not None else []
+        except self._error as exc:
+            raise translate(exc, self._dialect, self.sql, args) from exc
+        finally:
+            cursor.close()
+        return tuple(rows[0]) if rows else None
+
+
+def translate(
+    exc: Exception, dialect: Dialect, sql: str | None = None, args: Any = None
+) -> BaseException:
+    """The SQLAlchemy exception (IntegrityError, OperationalError, ...) for a driver error."""
+    error = dialect.loaded_dbapi.Error
+    if not isinstance(exc, error):
+        return exc
+    return DBAPIError.instance(sql, args, exc, error, dialect=dialect)
