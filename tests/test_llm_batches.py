@@ -37,7 +37,9 @@ def test_limits_just_under_the_servers_never_get_a_429(launched: str) -> None:
     assert set(frame["status"].astype(str)) == {"SUCCESS"}
     span = (frame["started"].max() - frame["started"].min()).total_seconds()
     allowed = (math.ceil(300 / 45) - 1) * 1.0  # the windows the limit needs after the first
-    assert span <= allowed * 1.15, (span, allowed)
+    # The budget is used: a limiter that idled a period in each window would take ~12 s. The
+    # slack absorbs a loaded machine's scheduling delays (this is no speed measurement).
+    assert span <= allowed + 1.5, (span, allowed)
 
 
 def test_limits_above_the_servers_are_absorbed_by_the_shared_back_off(launched: str) -> None:
