@@ -505,3 +505,58 @@ def test_an_interrupt_in_the_leader_still_completes_the_others(tmp_path: Any) ->
         rows = conn.execute(select(operation_outputs.c.function_id)).scalars().all()
     assert sorted(rows) == [0, 1, 2, 3]
     db.dispose()
+
+
+def test_a_caller_interrupted_while_waiting_hands_nothing_over(tmp_path: Any) -> None:
+    """Ctrl-C reaching a caller that waits for another's batch: its statement is still
+    written, and the callers after it are not left without a leader."""
+    import signal
+
+    db = Database(f"sqlite:///{tmp_path / 'follower.sqlite'}")
+    from dbos_nb.storage.migrations import migrate
+
+    migrate(db)
+    committer = db.committer
+    columns = ("workflow_uuid", "function_id", "function_name")
+    stmt = db.prepared(
+        insert(operation_outputs)
+        .values({c: bindparam(c) for c in columns})
+        .returning(operation_outputs.c.function_id)
+    )
+
+    def params(i: int) -> dict[str, Any]:
+        return {"workflow_uuid": "gc-follow", "function_id": i, "function_name": "s"}
+
+    results: dict[int, Any] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = committer.execute(stmt, params(i))
+        except BaseException as exc:
+            results[i] = exc
+
+    main = threading.get_ident()
+
+    def interrupt_main_when_it_waits() -> None:
+        _wait_until(lambda: committer.waiting == 1)
+        time.sleep(0.05)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    leader = threading.Thread(target=run, args=(0,))
+    # The leader's statement waits for the write lock that _held takes.
+    with pytest.raises(KeyboardInterrupt), _held(db, None, None):
+        leader.start()
+        _wait_until(lambda: committer.started and committer.waiting == 0)
+        threading.Thread(target=interrupt_main_when_it_waits).start()
+        committer.execute(stmt, params(1))  # follows the blocked leader; interrupted
+    leader.join(20)
+    assert results[0] == (0,)
+    # Later callers still get a leader (without the hand-over fix they would wait forever).
+    later = threading.Thread(target=run, args=(2,))
+    later.start()
+    later.join(20)
+    assert results.get(2) == (2,)
+    with db.read() as conn:
+        rows = conn.execute(select(operation_outputs.c.function_id)).scalars().all()
+    assert sorted(rows) == [0, 1, 2]  # the interrupted caller's statement was written too
+    db.dispose()

@@ -100,6 +100,10 @@ class Runtime:
         with self._running_lock:
             return workflow_id in self._running
 
+    def has_running(self) -> bool:
+        """Whether any execution runs in this process now (no copy, no lock: a hint)."""
+        return bool(self._running)
+
     def running_ids(self) -> list[str]:
         with self._running_lock:
             return list(self._running)

@@ -134,14 +134,18 @@ class Scheduler:
                 for queue_name, slot in rate_slots.items():
                     if slot <= now:
                         dirty.setdefault(queue_name, set()).add(WAKE_ANY)
-                listened = self._queue_names()
+                # Most wake-ups (a workflow ended on a queue that no slot limit stops) find
+                # nothing worth a claim: keep them cheap, the workers need the GIL.
+                targets: list[str] = []
                 if everything:
-                    targets = listened
-                else:
+                    targets = self._queue_names()
+                elif any(self._worth_claiming(q, reasons) for q, reasons in dirty.items()):
                     targets = [
-                        q for q in listened if q in dirty and self._worth_claiming(q, dirty[q])
+                        q
+                        for q in self._queue_names()
+                        if q in dirty and self._worth_claiming(q, dirty[q])
                     ]
-                claimed = self._claim_from(targets, rate_slots, everything)
+                claimed = self._claim_from(targets, rate_slots, everything) if targets else 0
             except Exception:
                 if self._stop.is_set():
                     return
@@ -154,7 +158,7 @@ class Scheduler:
                 # completions gather for a moment, so that one claim takes them together.
                 self._stop.wait(COALESCE_SEC)
             next_wake = min([last_full + poll_ms, *rate_slots.values()])
-            if rt.running_ids():
+            if rt.has_running():
                 next_wake = min(next_wake, now + SWEEP_INTERVAL_MS)
             delay = max((next_wake - rt.now_ms()) / 1000, 0.0)
             rt.wake_event.wait(min(delay, poll_ms / 1000))

@@ -51,7 +51,7 @@ Transaction = Callable[[], AbstractContextManager[Any]]
 class _Op:
     """One caller's statement and, once committed, its first row or its error."""
 
-    __slots__ = ("done", "error", "merged", "params", "promoted", "row", "stmt")
+    __slots__ = ("abandoned", "error", "latch", "merged", "params", "promoted", "row", "stmt")
 
     def __init__(self, stmt: Prepared, params: dict[str, Any], merged: MergedRunner | None) -> None:
         self.stmt = stmt
@@ -59,14 +59,25 @@ class _Op:
         self.merged = merged
         self.row: tuple[Any, ...] | None = None
         self.error: BaseException | None = None
-        self.done = threading.Event()
+        # A follower waits on this lock (taken at creation, released once by the leader that
+        # answers or promotes it); a bare lock is far cheaper than an Event, and a caller that
+        # leads at once never needs one.
+        self.latch: threading.Lock | None = None
         # Woken to lead the next batch rather than with a result.
         self.promoted = False
+        # Its caller stopped waiting (Ctrl-C): the statement is still written, but this caller
+        # cannot be handed the lead.
+        self.abandoned = False
 
     def result(self) -> tuple[Any, ...] | None:
         if self.error is not None:
             raise self.error
         return self.row
+
+    def wake(self) -> None:
+        latch, self.latch = self.latch, None
+        if latch is not None:
+            latch.release()
 
 
 class GroupCommitter:
@@ -98,15 +109,29 @@ class GroupCommitter:
         """Run `stmt` with others; its first result row once committed. `merged` runs many
         statements of its kind as one (required when batches are merged, not shared)."""
         op = _Op(stmt, params, merged)
+        latch = None
         with self._lock:
             if self._pid != os.getpid():
                 # A forked child: the parent's leader is not here to finish anything.
                 self._pid, self._pending, self._leading = os.getpid(), [], False
             self._pending.append(op)
-            follow = self._leading
+            if self._leading:
+                latch = op.latch = threading.Lock()
+                latch.acquire()
             self._leading = True
-        if follow:
-            op.done.wait()
+        if latch is not None:
+            try:
+                latch.acquire()  # released by the leader that answers or promotes this caller
+            except BaseException:
+                # Interrupted while waiting (Ctrl-C in a notebook): the statement stays queued
+                # and is still written, like a commit whose reply was lost. If the lead was
+                # handed over meanwhile, the others depend on this caller taking it.
+                with self._lock:
+                    op.abandoned = True
+                    promoted = op.promoted
+                if promoted:
+                    self._lead()
+                raise
             if not op.promoted:
                 return op.result()
         self._lead()
@@ -124,20 +149,33 @@ class GroupCommitter:
             return len(self._pending)
 
     def _lead(self) -> None:
-        with self._lock:
-            batch = self._pending[:MAX_BATCH]
-            del self._pending[:MAX_BATCH]
-        try:
-            self._commit(batch)
-        finally:
+        interrupt: BaseException | None = None
+        while True:
             with self._lock:
-                successor = self._pending[0] if self._pending else None
-                if successor is None:
-                    self._leading = False
-                else:
-                    successor.promoted = True
-            if successor is not None:
-                successor.done.set()  # it leads the next batch, its own statement first
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # an interrupt: errors are answered to their callers
+                interrupt = interrupt or exc
+            if not self._hand_over():
+                break
+        if interrupt is not None:
+            raise interrupt
+
+    def _hand_over(self) -> bool:
+        """Promote the oldest waiting caller to lead the next batch; True when only abandoned
+        callers wait (their statements are still written: this leader goes on)."""
+        with self._lock:
+            successor = next((op for op in self._pending if not op.abandoned), None)
+            if successor is None:
+                if self._pending:
+                    return True
+                self._leading = False
+                return False
+            successor.promoted = True
+        successor.wake()  # it leads the next batch, with the statements queued before its own
+        return False
 
     def _commit(self, batch: list[_Op]) -> None:
         self.batches += 1
@@ -205,4 +243,4 @@ def _first(conn: Any, op: _Op) -> tuple[Any, ...] | None:
 
 def _release(batch: list[_Op]) -> None:
     for op in batch:
-        op.done.set()
+        op.wake()
