@@ -31,7 +31,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from dbos_nb.storage.prepared import Prepared
+from dbos_nb.storage.prepared import Statement
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class _Op:
 
     __slots__ = ("abandoned", "error", "latch", "merged", "params", "promoted", "row", "stmt")
 
-    def __init__(self, stmt: Prepared, params: dict[str, Any], merged: MergedRunner | None) -> None:
+    def __init__(
+        self, stmt: Statement, params: dict[str, Any], merged: MergedRunner | None
+    ) -> None:
         self.stmt = stmt
         self.params = params
         self.merged = merged
@@ -104,7 +106,7 @@ class GroupCommitter:
         self.statements = 0
 
     def execute(
-        self, stmt: Prepared, params: dict[str, Any], merged: MergedRunner | None = None
+        self, stmt: Statement, params: dict[str, Any], merged: MergedRunner | None = None
     ) -> tuple[Any, ...] | None:
         """Run `stmt` with others; its first result row once committed. `merged` runs many
         statements of its kind as one (required when batches are merged, not shared)."""

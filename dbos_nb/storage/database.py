@@ -44,7 +44,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
 from dbos_nb.storage.committer import GroupCommitter, MergedRunner
-from dbos_nb.storage.prepared import Prepared, translate
+from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
 from dbos_nb.storage.schema import PG_SCHEMA, queues
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,12 @@ class Database:
             yield conn
 
     def grouped(
-        self, stmt: Executable, params: dict[str, Any], merged: MergedRunner | None = None
+        self,
+        stmt: Executable,
+        params: dict[str, Any],
+        merged: MergedRunner | None = None,
+        *,
+        guard: Executable | None = None,
     ) -> tuple[Any, ...] | None:
         """Run one self-contained writing statement durably, committed together with other
         threads' statements (see `committer`); returns its first row.
@@ -203,14 +208,23 @@ class Database:
         runner into one statement per kind; any other runs at once on the caller's thread, in
         autocommit (its own round trip is all it costs there). The statement runs on the
         driver's connection, compiled once (`prepared.py`).
+
+        `guard` (SQLite only: a transaction holds the two together): a query that must return a
+        row for `stmt` to run; otherwise nothing is written and None is returned.
         """
+        if guard is not None and self.is_postgres:
+            raise ValueError("a guard needs a transaction: write one statement on PostgreSQL")
         if getattr(self._in_write, "depth", 0):
             # SQLite: this thread holds the write lock in a transaction of its own; a batch it
             # led, or the hot connection's BEGIN IMMEDIATE, would wait for it.
             with self.single() as conn:
+                if guard is not None and conn.execute(guard, params).first() is None:
+                    return None
                 row = conn.execute(stmt, params).first()
                 return None if row is None else tuple(row)
-        prepared = self.prepared(stmt)
+        prepared: Statement = self.prepared(stmt)
+        if guard is not None:
+            prepared = Guarded(self.prepared(guard), self.prepared(stmt))
         if self.is_postgres and merged is None:
             with self.driver_single() as raw:
                 return prepared.first(raw, params)

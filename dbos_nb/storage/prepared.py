@@ -16,7 +16,7 @@ returned as the driver gives them, without SQLAlchemy's result processing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Dialect, Executable
 from sqlalchemy.exc import DBAPIError
@@ -89,6 +89,28 @@ class Prepared:
         finally:
             cursor.close()
         return tuple(rows[0]) if rows else None
+
+
+class Statement(Protocol):
+    """What the group committer runs: a prepared statement, or a guarded one."""
+
+    def first(self, dbapi_connection: Any, params: dict[str, Any]) -> tuple[Any, ...] | None: ...
+
+
+class Guarded:
+    """A statement that runs only when its guard query returns a row, both on the caller's
+    connection and so in its transaction (SQLite's BEGIN IMMEDIATE makes the pair atomic)."""
+
+    __slots__ = ("guard", "statement")
+
+    def __init__(self, guard: Prepared, statement: Prepared) -> None:
+        self.guard = guard
+        self.statement = statement
+
+    def first(self, dbapi_connection: Any, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        if self.guard.first(dbapi_connection, params) is None:
+            return None
+        return self.statement.first(dbapi_connection, params)
 
 
 def translate(

@@ -125,6 +125,11 @@ class WorkflowRows(StoreBase):
             )
             .exists()
         )
+        # SQLite: the conditions as a query of their own, then the plain insert, in the one
+        # BEGIN IMMEDIATE transaction (atomic there). In one INSERT ... SELECT that reads
+        # workflow_status, SQLite first copies the selected row to a temporary table, which
+        # made the enqueue's insert cost about 40 microseconds more.
+        self._start_guard = select(literal(1)).where(unlimited, nothing_waiting)
         self._insert_started = (
             db.insert(ws)
             .from_select(
@@ -198,7 +203,9 @@ class WorkflowRows(StoreBase):
         params = _row_values(wf)
         params["b_now"] = now_ms
         try:
-            return self.db.grouped(self._insert_started, params) is not None
+            if self.db.is_postgres:
+                return self.db.grouped(self._insert_started, params) is not None
+            return self.db.grouped(self._insert_wf, params, guard=self._start_guard) is not None
         except IntegrityError as exc:
             if wf.deduplication_id is not None and wf.queue_name is not None:
                 raise DBOSQueueDeduplicatedError(
