@@ -53,6 +53,24 @@ def loads(data: bytes | None) -> Any:
     return pickle.loads(data)
 
 
+def dump_many_inputs(
+    func_name: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+) -> list[bytes]:
+    """`dump_inputs` of each call: the same bytes, in a loop without per-item calls (an
+    `enqueue_many` of 100,000 items spends a good part of its time here)."""
+    fast = pickle.dumps
+    out: list[bytes] = []
+    for args, kwargs in calls:
+        try:
+            data: bytes | None = fast({"args": args, "kwargs": kwargs}, _PROTOCOL)
+        except Exception:
+            data = None
+        if data is None or b"__main__" in data:
+            data = dump_inputs(func_name, args, kwargs)
+        out.append(data)
+    return out
+
+
 def dump_inputs(func_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Serialize a call's arguments, naming the first argument that cannot be serialized."""
     payload = {"args": args, "kwargs": kwargs}

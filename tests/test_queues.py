@@ -265,6 +265,27 @@ def test_enqueue_many_is_idempotent_and_ordered(launched: str) -> None:
         q.enqueue_many(add, [7], unpack=True)
 
 
+def test_enqueue_many_writes_shared_values_that_need_quoting(launched: str) -> None:
+    """Values every row of a batch shares are written into the statement as literals: a
+    queue and a batch id with quotes and backslashes must arrive intact."""
+    name = "bob's \\ queue"
+    q = Queue(name)
+
+    @DBOS.step()
+    def echo(i: int) -> int:
+        return i
+
+    handles = q.enqueue_many(echo, range(3), batch_id="it's \\ a batch")
+    assert [h.get_result() for h in handles] == [0, 1, 2]
+    rows = DBOS.list_workflows(queue_name=name)
+    assert sorted(r.workflow_id for r in rows) == [f"it's \\ a batch/{i}" for i in range(3)]
+    with SetWorkflowTimeout(60):
+        timed = q.enqueue_many(echo, [5], batch_id="timed")
+    assert timed[0].get_result() == 5
+    status = DBOS.get_workflow_status(timed[0].workflow_id)
+    assert status is not None and status.workflow_timeout_ms == 60_000
+
+
 def test_timeout_cancels_workflow_and_children(launched: str) -> None:
     q = Queue("timeouts")
     child_started = threading.Event()

@@ -248,7 +248,10 @@ class Queue:
         """
         reg, bound = resolve(func, ())
         listed = list(items)
-        calls = [_call_of(item, unpack, bound) for item in listed]
+        if unpack or bound:
+            calls = [_call_of(item, unpack, bound) for item in listed]
+        else:  # the common case, without a call per item
+            calls = [((item,), {}) for item in listed]
         rt = get_runtime()
         ids = enqueue_many(rt, self.name, reg, calls, batch_id, token_estimates(tokens, listed))
         return [WorkflowHandle(rt, wid) for wid in ids]

@@ -265,7 +265,7 @@ def enqueue_many(
     harmless. Inside a workflow the whole batch is one operation of the parent.
     """
     name = workflow_name_of(reg)
-    inputs = [serialization.dump_inputs(reg.name, args, kwargs) for args, kwargs in calls]
+    inputs = serialization.dump_many_inputs(reg.name, calls)
     explicit = batch_id
     ctx = current()
     plan: StartPlan | None = None

@@ -37,8 +37,7 @@ class BatchRecords(StoreBase):
         # Only the columns this batch sets: NULLs are the columns' defaults anyway, and every
         # bound parameter costs time over 100,000 rows.
         per_item = ("workflow_uuid", "inputs", "token_estimate")
-        columns = [c for c in base if c not in per_item and base[c] is not None]
-        shared = tuple(base[c] for c in columns)
+        constants = {c: v for c, v in base.items() if c not in per_item and v is not None}
         estimates = any(e is not None for _, _, e in items)
         with self.db.write() as conn:
             if template.batch_id is not None:
@@ -47,16 +46,18 @@ class BatchRecords(StoreBase):
                 self.db.bulk_insert(
                     conn,
                     ws,
-                    ["workflow_uuid", "inputs", "token_estimate", *columns],
-                    [(wid, data, est, *shared) for wid, data, est in items],
+                    ["workflow_uuid", "inputs", "token_estimate"],
+                    list(items),
+                    constants=constants,
                     skip_conflicts_on="workflow_uuid",
                 )
             else:
                 self.db.bulk_insert(
                     conn,
                     ws,
-                    ["workflow_uuid", "inputs", *columns],
-                    [(wid, data, *shared) for wid, data, _ in items],
+                    ["workflow_uuid", "inputs"],
+                    [(wid, data) for wid, data, _ in items],
+                    constants=constants,
                     skip_conflicts_on="workflow_uuid",
                 )
             if template.queue_name:
