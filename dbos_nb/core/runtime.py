@@ -72,6 +72,8 @@ class Runtime:
     # what changed (WAKE_*).
     _dirty: dict[str, set[str]] = field(default_factory=dict)
     _dirty_all: bool = True
+    # Queues whose last claim a full concurrency limit stopped (see mark_slot_bound).
+    _slot_bound: set[str] = field(default_factory=set)
     # The loop async workflows run on, and how to start one there (set by the engine, since
     # the async module sits above this one).
     aio: LoopThread = field(default_factory=LoopThread)
@@ -170,7 +172,27 @@ class Runtime:
                 self._dirty_all = True
             else:
                 self._dirty.setdefault(queue_name, set()).add(reason)
+        if reason == WAKE_FREED and queue_name not in self._slot_bound:
+            # Recorded, but not worth waking the scheduler's thread (a GIL hand-over per
+            # finished workflow): no concurrency limit stopped the queue's last claim.
+            return
         self._wake.set()
+
+    def mark_slot_bound(self, queue_name: str, bound: bool) -> None:
+        """The scheduler: whether the queue's last claim stopped at a full concurrency limit,
+        so that a freed slot is worth waking it for.
+
+        Race-free with `wake_scheduler`: a waker records its reason before it reads the set,
+        and the scheduler adds to the set before it reads the recorded reasons; one of them
+        sees the other."""
+        if not bound:
+            self._slot_bound.discard(queue_name)
+            return
+        self._slot_bound.add(queue_name)
+        with self._running_lock:
+            freed = WAKE_FREED in self._dirty.get(queue_name, ())
+        if freed:
+            self._wake.set()
 
     def take_dirty(self) -> tuple[bool, dict[str, set[str]]]:
         """(all queues changed?, the queues that changed and why) since the last call."""

@@ -262,6 +262,7 @@ class Scheduler:
                 self._blocked[queue_name] = result.blocked
             else:
                 self._blocked.pop(queue_name, None)
+            rt.mark_slot_bound(queue_name, result.blocked == claims.BLOCKED_CONCURRENCY)
             if result.next_rate_slot_ms is not None:
                 rate_slots[queue_name] = result.next_rate_slot_ms
             else:
