@@ -10,7 +10,11 @@ statements once with SQLAlchemy Core and asks this module for:
 - `lock_queue_row()`: on PostgreSQL, `SELECT ... FOR UPDATE` on the queue's row so that claimers of
   one queue take turns and count exactly (SQLite needs nothing: `BEGIN IMMEDIATE` already
   serializes writers);
-- `notify()` and `listen()`: PostgreSQL LISTEN/NOTIFY; on SQLite no-ops (other processes poll).
+- `notify()` and `listen()`: PostgreSQL LISTEN/NOTIFY; on SQLite no-ops (other processes poll);
+- `grouped()`: the hot single-statement writes (enqueue, step record, outcome), compiled once and
+  run on the driver's connection (`driver_write()`: SQLite's one dedicated connection, under the
+  process's write lock; `driver_single()`: PostgreSQL's pooled connections in autocommit), with
+  other threads' writes sharing the commit (`committer.py`).
 """
 
 from __future__ import annotations
@@ -223,9 +227,8 @@ class Database:
                     return None
                 row = conn.execute(stmt, params).first()
                 return None if row is None else tuple(row)
-        prepared: Statement = self.prepared(stmt)
-        if guard is not None:
-            prepared = Guarded(self.prepared(guard), self.prepared(stmt))
+        main = self.prepared(stmt)
+        prepared: Statement = main if guard is None else Guarded(self.prepared(guard), main)
         if self.is_postgres and merged is None:
             with self.driver_single() as raw:
                 return prepared.first(raw, params)
