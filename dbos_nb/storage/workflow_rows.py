@@ -185,10 +185,7 @@ class WorkflowRows(StoreBase):
                     self.db.notify(conn, f"q:{wf.queue_name}")
                 return None
         except IntegrityError as exc:
-            if wf.deduplication_id is not None and wf.queue_name is not None:
-                raise DBOSQueueDeduplicatedError(
-                    wf.workflow_id, wf.queue_name, wf.deduplication_id
-                ) from exc
+            _raise_if_deduplicated(wf, exc)
             raise
 
     def insert_started_if_unlimited(self, wf: NewWorkflow, now_ms: int) -> bool:
@@ -207,10 +204,7 @@ class WorkflowRows(StoreBase):
                 return self.db.grouped(self._insert_started, params) is not None
             return self.db.grouped(self._insert_wf, params, guard=self._start_guard) is not None
         except IntegrityError as exc:
-            if wf.deduplication_id is not None and wf.queue_name is not None:
-                raise DBOSQueueDeduplicatedError(
-                    wf.workflow_id, wf.queue_name, wf.deduplication_id
-                ) from exc
+            _raise_if_deduplicated(wf, exc)
             raise
 
     def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
@@ -345,3 +339,11 @@ class WorkflowRows(StoreBase):
             stmt = stmt.where(ws.c.queue_name == queue_name)
         with self.db.read() as conn:
             return {str(s): int(n) for s, n in conn.execute(stmt)}
+
+
+def _raise_if_deduplicated(wf: NewWorkflow, exc: IntegrityError) -> None:
+    """A unique violation on an enqueue with a deduplication id is the dedup index's."""
+    if wf.deduplication_id is not None and wf.queue_name is not None:
+        raise DBOSQueueDeduplicatedError(
+            wf.workflow_id, wf.queue_name, wf.deduplication_id
+        ) from exc
