@@ -25,10 +25,12 @@ from sqlalchemy import (
     Boolean,
     Connection,
     Integer,
+    String,
     bindparam,
     delete,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -105,6 +107,9 @@ _LEDGER_START = insert(qs).values(
 )
 
 
+_ENQUEUED_LITERAL = literal_column(f"'{ENQUEUED}'", String)
+
+
 @functools.cache
 def _candidates_statement(
     postgres: bool, priority_enabled: bool, by_name: bool, excluding: bool
@@ -139,7 +144,8 @@ def _ready_rows(
     function names (:names) and away from the versions (:excluded) the claimer asks for."""
     rows = (
         select(*columns)
-        .where(table.c.queue_name == bindparam("q"), table.c.status == ENQUEUED)
+        # The status as a literal: PostgreSQL's generic plans use the partial FIFO index only then.
+        .where(table.c.queue_name == bindparam("q"), table.c.status == _ENQUEUED_LITERAL)
         .order_by(*((table.c.priority, table.c.id) if priority_enabled else (table.c.id,)))
         .limit(bindparam("n", type_=Integer))
     )

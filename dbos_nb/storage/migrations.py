@@ -22,6 +22,7 @@ from dbos_nb.storage.schema import (
     app_metadata,
     schema_migrations,
     system_metadata,
+    workflow_status,
 )
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,16 @@ _APP_LOCK_KEY = 7_112_025_002
 # version -> step that upgrades a database from version - 1. A fresh database gets the newest
 # tables from `create_all` and is stamped with SCHEMA_VERSION, so steps only serve old databases.
 UPGRADES: dict[int, Callable[[Connection], None]] = {}
+
+
+def _add_fifo_index(conn: Connection) -> None:
+    """Version 2: the partial index that gives a queue's waiting rows in FIFO order."""
+    for index in workflow_status.indexes:
+        if index.name == "ix_ws_queue_fifo":
+            index.create(conn, checkfirst=True)
+
+
+UPGRADES[2] = _add_fifo_index
 
 
 def migrate(db: Database) -> None:
