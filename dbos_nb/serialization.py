@@ -60,9 +60,13 @@ def dump_many_inputs(
     `enqueue_many` of 100,000 items spends a good part of its time here)."""
     fast = pickle.dumps
     out: list[bytes] = []
+    # One payload dict, refilled: pickle's output depends on the content only.
+    payload: dict[str, Any] = {"args": (), "kwargs": {}}
     for args, kwargs in calls:
+        payload["args"] = args
+        payload["kwargs"] = kwargs
         try:
-            data: bytes | None = fast({"args": args, "kwargs": kwargs}, _PROTOCOL)
+            data: bytes | None = fast(payload, _PROTOCOL)
         except Exception:
             data = None
         if data is None or b"__main__" in data:

@@ -24,6 +24,7 @@ import pgserver
 
 from dbos_nb import DBOS
 from dbos_nb.core import queue as queue_module
+from dbos_nb.core.registry import REGISTRY
 
 BACKENDS = ["sqlite", "postgres"]
 
@@ -103,12 +104,21 @@ def new_db_url(
 
 @pytest.fixture(autouse=True)
 def _clean_state() -> Iterator[None]:
-    """Every test starts without a DBOS instance or declared queues, and ends the same way."""
+    """Every test starts without a DBOS instance or declared queues, and ends the same way.
+
+    Functions that test modules register at import survive a test that destroys the registry
+    (`DBOS.destroy(destroy_registry=True)`, a kernel restart): without them a later test's
+    queued work would wait forever for a process that knows its function.
+    """
     DBOS.destroy()
     queue_module.QUEUES.clear()
+    registered = REGISTRY.all()
     yield
     DBOS.destroy()
     queue_module.QUEUES.clear()
+    for reg in registered:
+        if REGISTRY.get(reg.name) is None:
+            REGISTRY.register(reg)
 
 
 def recorded_steps(url: str) -> set[tuple[str, int]]:

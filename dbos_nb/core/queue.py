@@ -250,8 +250,9 @@ class Queue:
         listed = list(items)
         if unpack or bound:
             calls = [_call_of(item, unpack, bound) for item in listed]
-        else:  # the common case, without a call per item
-            calls = [((item,), {}) for item in listed]
+        else:  # the common case, without a call per item; the empty kwargs are only read
+            no_kwargs: dict[str, Any] = {}
+            calls = [((item,), no_kwargs) for item in listed]
         rt = get_runtime()
         ids = enqueue_many(rt, self.name, reg, calls, batch_id, token_estimates(tokens, listed))
         return [WorkflowHandle(rt, wid) for wid in ids]
