@@ -129,13 +129,7 @@ class BatchRecords(StoreBase):
 
     def get_batch(self, batch_id: str) -> dict[str, Any] | None:
         """A batch's record: queue, function, size, creation time."""
-        with self.db.read() as conn:
-            row = (
-                conn.execute(select(batches).where(batches.c.batch_id == batch_id))
-                .mappings()
-                .first()
-            )
-            return dict(row) if row is not None else None
+        return self._read_one(select(batches).where(batches.c.batch_id == batch_id))
 
     def list_batches(self) -> list[dict[str, Any]]:
         """Every recorded batch, newest first."""

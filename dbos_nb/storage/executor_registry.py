@@ -15,13 +15,7 @@ class ExecutorRegistry(StoreBase):
 
     def get_executor(self, executor_id: str) -> dict[str, Any] | None:
         """The executor's registration row."""
-        with self.db.read() as conn:
-            row = (
-                conn.execute(select(executors).where(executors.c.executor_id == executor_id))
-                .mappings()
-                .first()
-            )
-            return dict(row) if row is not None else None
+        return self._read_one(select(executors).where(executors.c.executor_id == executor_id))
 
     def register_executor(
         self, executor_id: str, hostname: str, pid: int, token: str, now_ms: int

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Select, select
 
 from dbos_nb.models import WorkflowStatusString
 from dbos_nb.storage.database import Database
@@ -70,8 +70,17 @@ class StoreBase:
     db: Database
 
     def _get_row(self, conn: Connection, workflow_id: str) -> dict[str, Any] | None:
-        row = conn.execute(select(ws).where(ws.c.workflow_uuid == workflow_id)).mappings().first()
-        return dict(row) if row is not None else None
+        return _first_mapping(conn, select(ws).where(ws.c.workflow_uuid == workflow_id))
+
+    def _read_one(self, stmt: Select[Any]) -> dict[str, Any] | None:
+        """The first row of a query, as a dict (None if there is none), in a short read."""
+        with self.db.read() as conn:
+            return _first_mapping(conn, stmt)
+
+
+def _first_mapping(conn: Connection, stmt: Select[Any]) -> dict[str, Any] | None:
+    row = conn.execute(stmt).mappings().first()
+    return dict(row) if row is not None else None
 
 
 def _row_values(wf: NewWorkflow) -> dict[str, Any]:
