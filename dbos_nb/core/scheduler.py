@@ -139,12 +139,10 @@ class Scheduler:
                 targets: list[str] = []
                 if everything:
                     targets = self._queue_names()
-                elif any(self._worth_claiming(q, reasons) for q, reasons in dirty.items()):
-                    targets = [
-                        q
-                        for q in self._queue_names()
-                        if q in dirty and self._worth_claiming(q, dirty[q])
-                    ]
+                else:
+                    worth = {q for q, reasons in dirty.items() if self._worth_claiming(q, reasons)}
+                    if worth:
+                        targets = [q for q in self._queue_names() if q in worth]
                 claimed = self._claim_from(targets, rate_slots, everything) if targets else 0
             except Exception:
                 if self._stop.is_set():
@@ -301,7 +299,8 @@ class Scheduler:
     def reserve(self, queue_name: str) -> bool:
         # Only queues without any limit: a worker_concurrency needs the claim's count, which
         # a concurrent direct start could not see.
-        if self._stop.is_set() or self._unshared.get(queue_name, (False, 0))[1] is not None:
+        known = self._unshared.get(queue_name)
+        if self._stop.is_set() or known is None or known[1] is not None:
             return False
         with self._inflight_lock:
             if self._max_running is not None and self._inflight >= self._max_running:

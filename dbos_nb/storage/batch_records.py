@@ -10,7 +10,13 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, select, update
 
 from dbos_nb.errors import BatchConflictError
-from dbos_nb.storage.rows import ENQUEUED, NewWorkflow, StoreBase, _chunks, _row_values
+from dbos_nb.storage.rows import (
+    NewWorkflow,
+    StoreBase,
+    _chunks,
+    _row_values,
+    requeued_afresh,
+)
 from dbos_nb.storage.schema import batches, operation_outputs, workflow_status
 
 ws = workflow_status
@@ -108,16 +114,12 @@ class BatchRecords(StoreBase):
                     update(ws)
                     .where(ws.c.workflow_uuid.in_(chunk), ws.c.status == "ERROR")
                     .values(
-                        status=ENQUEUED,
-                        error=None,
-                        output=None,
-                        owner_xid=None,
-                        executor_id=None,
-                        started_at_epoch_ms=None,
-                        completed_at=None,
-                        recovery_attempts=0,
-                        workflow_deadline_epoch_ms=None,
-                        updated_at=now_ms,
+                        {
+                            **requeued_afresh(now_ms),
+                            "error": None,
+                            "output": None,
+                            "completed_at": None,
+                        }
                     )
                 )
             queue = conn.execute(

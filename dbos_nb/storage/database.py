@@ -278,16 +278,17 @@ class Database:
         fairy = self._single_engine.raw_connection()
         try:
             yield fairy.driver_connection
-        except psycopg.Error as exc:
-            if self.engine.dialect.is_disconnect(cast(Any, exc), fairy.dbapi_connection, None):
-                fairy.invalidate(exc)
-            raise translate(exc, self.engine.dialect) from exc
-        except DBAPIError as exc:
-            if exc.orig is not None and self.engine.dialect.is_disconnect(
-                cast(Any, exc.orig), fairy.dbapi_connection, None
+        except (psycopg.Error, DBAPIError) as exc:
+            # Prepared statements raise SQLAlchemy's errors already; merged runners, the
+            # driver's own.
+            orig = exc.orig if isinstance(exc, DBAPIError) else exc
+            if orig is not None and self.engine.dialect.is_disconnect(
+                cast(Any, orig), fairy.dbapi_connection, None
             ):
-                fairy.invalidate(exc.orig)
-            raise
+                fairy.invalidate(orig)
+            if isinstance(exc, DBAPIError):
+                raise
+            raise translate(exc, self.engine.dialect) from exc
         finally:
             fairy.close()
 
@@ -334,8 +335,6 @@ class Database:
         conn.exec_driver_sql(sql, rows)
 
     def _literal(self, table: Table, column: str, value: Any) -> str:
-        if value is None:
-            return "NULL"
         bound = literal(value, type_=table.c[column].type)
         compiled = bound.compile(
             dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}

@@ -83,6 +83,21 @@ def _first_mapping(conn: Connection, stmt: Select[Any]) -> dict[str, Any] | None
     return dict(row) if row is not None else None
 
 
+def requeued_afresh(now_ms: int) -> dict[str, Any]:
+    """Column values that put a workflow back in its queue as if it had never started: no
+    owner, no attempt, no start time, and no deadline (a timeout starts again at the next
+    dequeue). Retrying and resuming add what else they reset."""
+    return {
+        "status": ENQUEUED,
+        "owner_xid": None,
+        "executor_id": None,
+        "recovery_attempts": 0,
+        "started_at_epoch_ms": None,
+        "workflow_deadline_epoch_ms": None,
+        "updated_at": now_ms,
+    }
+
+
 def _row_values(wf: NewWorkflow) -> dict[str, Any]:
     return {
         "workflow_uuid": wf.workflow_id,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from sqlalchemy import delete, select, update
 
 from dbos_nb.models import ACTIVE_STATUSES, INTERNAL_QUEUE, WorkflowStatusString
-from dbos_nb.storage.rows import CANCELLED, ENQUEUED, StoreBase, _chunks
+from dbos_nb.storage.rows import CANCELLED, ENQUEUED, StoreBase, _chunks, requeued_afresh
 from dbos_nb.storage.schema import operation_outputs, workflow_status
 
 ws = workflow_status
@@ -86,17 +86,7 @@ class WorkflowControl(StoreBase):
                         (WorkflowStatusString.SUCCESS.value, WorkflowStatusString.ERROR.value)
                     ),
                 )
-                .values(
-                    status=ENQUEUED,
-                    queue_name=target,
-                    owner_xid=None,
-                    executor_id=None,
-                    recovery_attempts=0,
-                    started_at_epoch_ms=None,
-                    workflow_deadline_epoch_ms=None,
-                    deduplication_id=None,
-                    updated_at=now_ms,
-                )
+                .values({**requeued_afresh(now_ms), "queue_name": target, "deduplication_id": None})
             ).rowcount
             if done:
                 self.db.notify(conn, f"q:{target}")
