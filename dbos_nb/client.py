@@ -43,6 +43,9 @@ class EnqueueOptions(TypedDict, total=False):
 
 
 _KNOWN_OPTIONS = set(EnqueueOptions.__annotations__)
+# A client's transactions are a few statements long; one open this long is a frozen process's
+# (on PostgreSQL the server then ends it, releasing its locks). Workers use their lease.
+STALLED_TRANSACTION_SEC = 30.0
 
 
 class DBOSClient:
@@ -59,7 +62,12 @@ class DBOSClient:
         url = system_database_url or database_url
         if not url:
             raise DbosNbError("DBOSClient needs the system database URL")
-        self._db = Database(url, pool_size=2, max_overflow=8)
+        self._db = Database(
+            url,
+            pool_size=2,
+            max_overflow=8,
+            stalled_transaction_timeout_sec=STALLED_TRANSACTION_SEC,
+        )
         migrate(self._db)
         self._store = SystemStore(self._db)
         self._clock: Clock = clock or SystemClock()

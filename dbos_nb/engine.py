@@ -171,7 +171,13 @@ class Engine:
             logger.warning("DBOS.launch() called again; it is already launched")
             return self.runtime
         cfg = self.config
-        db = Database(cfg.system_database_url, notifications=cfg.use_listen_notify)
+        # A transaction left open longer than the lease can only be a frozen process's: its
+        # work goes to others after the lease, so must the locks that work needs.
+        db = Database(
+            cfg.system_database_url,
+            notifications=cfg.use_listen_notify,
+            stalled_transaction_timeout_sec=cfg.executor_lease_sec,
+        )
         try:
             migrate(db)
             if cfg.application_database_url == cfg.system_database_url:

@@ -380,7 +380,7 @@ def _run_in_session(
     delay = 0.01
     for attempt in range(50):
         try:
-            with rt.app_db.write(isolation_level=reg.isolation_level) as conn:
+            with rt.app_db.user_transaction(reg.isolation_level) as conn:
                 session = Session(bind=conn)
                 frame = StepFrame(
                     step_id=fid if fid is not None else -1, name=reg.name, session=session

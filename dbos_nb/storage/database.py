@@ -90,6 +90,7 @@ class Database:
         pool_size: int = 8,
         max_overflow: int = 64,
         notifications: bool = True,
+        stalled_transaction_timeout_sec: float | None = None,
     ) -> None:
         self.url = normalize_url(url)
         parsed = make_url(self.url)
@@ -108,6 +109,12 @@ class Database:
         self._translate: dict[str | None, str] | None = None
         # SQLite: the driver connection that grouped writes use, under the write lock.
         self._hot: tuple[int, Any] | None = None
+        # PostgreSQL ends a session that sits inside a transaction longer than this: a process
+        # frozen mid-transaction (SIGSTOP, a paused VM) would otherwise hold its row locks, and
+        # every claimer and take-over waiting on them, until it thawed.
+        self._stall_ms: int | None = None
+        if stalled_transaction_timeout_sec is not None:
+            self._stall_ms = max(round(stalled_transaction_timeout_sec * 1000), 1)
         if self.is_postgres:
             translate: dict[str | None, str] = {None: PG_SCHEMA}
             engine = self._make_pg_engine(pool_size, max_overflow)
@@ -149,6 +156,8 @@ class Database:
             connect_args={"connect_timeout": 10},
             **kwargs,
         )
+        if self._stall_ms is not None:
+            event.listen(engine, "connect", _idle_transaction_limit(self._stall_ms))
         self._engines.append(engine)
         return engine
 
@@ -176,6 +185,15 @@ class Database:
                     yield conn
             finally:
                 self._in_write.depth = depth
+
+    @contextlib.contextmanager
+    def user_transaction(self, isolation_level: str | None = None) -> Iterator[Connection]:
+        """A `write()` for application code (`@DBOS.transaction`), which may compute for as long
+        as it likes between its statements: the stalled-transaction limit does not apply."""
+        with self.write(isolation_level) as conn:
+            if self.is_postgres and self._stall_ms is not None:
+                conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+            yield conn
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -444,3 +462,15 @@ def _enable_wal(cursor: Any) -> None:
                 raise
         time.sleep(0.01 * min(attempt + 1, 10))
     raise sqlite3.OperationalError("could not switch the SQLite database to WAL mode")
+
+
+def _idle_transaction_limit(ms: int) -> Callable[[Any, ConnectionPoolEntry], None]:
+    """A connect hook that sets the session's `idle_in_transaction_session_timeout` (a SET
+    rather than a startup option, which connection poolers such as PgBouncer refuse)."""
+
+    def on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        with dbapi_connection.cursor() as cur:
+            cur.execute(f"SET idle_in_transaction_session_timeout = {int(ms)}")
+        dbapi_connection.commit()
+
+    return on_connect
