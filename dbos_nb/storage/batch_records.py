@@ -17,7 +17,7 @@ from dbos_nb.storage.rows import (
     _row_values,
     requeued_afresh,
 )
-from dbos_nb.storage.schema import batches, operation_outputs, workflow_status
+from dbos_nb.storage.schema import batches, operation_outputs, status_is, workflow_status
 
 ws = workflow_status
 oo = operation_outputs
@@ -102,7 +102,7 @@ class BatchRecords(StoreBase):
             ids = list(
                 conn.execute(
                     select(ws.c.workflow_uuid).where(
-                        ws.c.batch_id == batch_id, ws.c.status == "ERROR"
+                        ws.c.batch_id == batch_id, status_is(ws.c.status, "ERROR")
                     )
                 ).scalars()
             )
@@ -112,7 +112,7 @@ class BatchRecords(StoreBase):
                 )
                 conn.execute(
                     update(ws)
-                    .where(ws.c.workflow_uuid.in_(chunk), ws.c.status == "ERROR")
+                    .where(ws.c.workflow_uuid.in_(chunk), status_is(ws.c.status, "ERROR"))
                     .values(
                         {
                             **requeued_afresh(now_ms),
@@ -178,7 +178,7 @@ class BatchRecords(StoreBase):
         with self.db.read() as conn:
             rows = conn.execute(
                 select(ws.c.workflow_uuid, ws.c.error)
-                .where(ws.c.batch_id == batch_id, ws.c.status == "ERROR")
+                .where(ws.c.batch_id == batch_id, status_is(ws.c.status, "ERROR"))
                 .order_by(ws.c.completed_at.desc())
                 .limit(limit)
             ).all()

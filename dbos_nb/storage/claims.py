@@ -25,12 +25,10 @@ from sqlalchemy import (
     Boolean,
     Connection,
     Integer,
-    String,
     bindparam,
     delete,
     func,
     insert,
-    literal_column,
     or_,
     select,
     update,
@@ -39,7 +37,13 @@ from sqlalchemy import (
 from dbos_nb.models import ClaimedWorkflow, ClaimResult, QueueSettings, WorkflowStatusString
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.queue_records import queue_settings_from_row
-from dbos_nb.storage.schema import operation_outputs, queue_starts, queues, workflow_status
+from dbos_nb.storage.schema import (
+    operation_outputs,
+    queue_starts,
+    queues,
+    status_is,
+    workflow_status,
+)
 
 ws = workflow_status
 qs = queue_starts
@@ -68,7 +72,7 @@ _LAST_RECORDED = (
 _COUNT_RUNNING = (
     select(func.count())
     .select_from(ws)
-    .where(ws.c.queue_name == bindparam("q"), ws.c.status == PENDING)
+    .where(ws.c.queue_name == bindparam("q"), status_is(ws.c.status, PENDING))
 )
 _COUNT_MINE = _COUNT_RUNNING.where(ws.c.executor_id == bindparam("executor"))
 _NOW = bindparam("now", type_=BigInteger)
@@ -87,7 +91,9 @@ _TAKE_VALUES: dict[str, Any] = {
 }
 _TAKE = (
     update(ws)
-    .where(ws.c.workflow_uuid.in_(bindparam("ids", expanding=True)), ws.c.status == ENQUEUED)
+    .where(
+        ws.c.workflow_uuid.in_(bindparam("ids", expanding=True)), status_is(ws.c.status, ENQUEUED)
+    )
     .values(_TAKE_VALUES)
 )
 _WINDOW = (
@@ -105,9 +111,6 @@ _LEDGER_START = insert(qs).values(
     workflow_uuid=bindparam("w"),
     tokens=bindparam("n"),
 )
-
-
-_ENQUEUED_LITERAL = literal_column(f"'{ENQUEUED}'", String)
 
 
 @functools.cache
@@ -145,7 +148,7 @@ def _ready_rows(
     rows = (
         select(*columns)
         # The status as a literal: PostgreSQL's generic plans use the partial FIFO index only then.
-        .where(table.c.queue_name == bindparam("q"), table.c.status == _ENQUEUED_LITERAL)
+        .where(table.c.queue_name == bindparam("q"), status_is(table.c.status, ENQUEUED))
         .order_by(*((table.c.priority, table.c.id) if priority_enabled else (table.c.id,)))
         .limit(bindparam("n", type_=Integer))
     )
@@ -393,7 +396,7 @@ def _unshared_claim_statement(
     else:
         take = update(ws).where(ws.c.workflow_uuid.in_(picked.scalar_subquery()))
     return (
-        take.where(ws.c.status == ENQUEUED)
+        take.where(status_is(ws.c.status, ENQUEUED))
         .values(_TAKE_VALUES)
         .returning(
             ws.c.id,

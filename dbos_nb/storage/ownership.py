@@ -12,7 +12,7 @@ from sqlalchemy import Connection, delete, func, select, update
 
 from dbos_nb.models import INTERNAL_QUEUE
 from dbos_nb.storage.rows import CANCELLED, ENQUEUED, PENDING, StoreBase, _chunks
-from dbos_nb.storage.schema import executors, queue_starts, workflow_status
+from dbos_nb.storage.schema import executors, queue_starts, status_is, workflow_status
 
 ws = workflow_status
 
@@ -30,7 +30,7 @@ class WorkflowOwnership(StoreBase):
         with self.db.write() as conn:
             done = conn.execute(
                 update(ws)
-                .where(ws.c.workflow_uuid == workflow_id, ws.c.status == ENQUEUED)
+                .where(ws.c.workflow_uuid == workflow_id, status_is(ws.c.status, ENQUEUED))
                 .values(
                     status=PENDING,
                     executor_id=executor_id,
@@ -56,7 +56,7 @@ class WorkflowOwnership(StoreBase):
             return bool(
                 conn.execute(
                     update(ws)
-                    .where(ws.c.workflow_uuid == workflow_id, ws.c.status == PENDING)
+                    .where(ws.c.workflow_uuid == workflow_id, status_is(ws.c.status, PENDING))
                     .values(status=ENQUEUED, owner_xid=None, executor_id=None, updated_at=now_ms)
                 ).rowcount
             )
@@ -70,7 +70,7 @@ class WorkflowOwnership(StoreBase):
                 .where(
                     ws.c.workflow_uuid == workflow_id,
                     ws.c.owner_xid == owner_xid,
-                    ws.c.status == PENDING,
+                    status_is(ws.c.status, PENDING),
                 )
                 .values(
                     status=ENQUEUED,
@@ -105,7 +105,7 @@ class WorkflowOwnership(StoreBase):
         ids = list(
             conn.execute(
                 select(ws.c.workflow_uuid).where(
-                    ws.c.status == PENDING, ws.c.executor_id == executor_id
+                    status_is(ws.c.status, PENDING), ws.c.executor_id == executor_id
                 )
             ).scalars()
         )
@@ -117,7 +117,7 @@ class WorkflowOwnership(StoreBase):
             )
             conn.execute(
                 update(ws)
-                .where(ws.c.workflow_uuid.in_(chunk), ws.c.status == PENDING)
+                .where(ws.c.workflow_uuid.in_(chunk), status_is(ws.c.status, PENDING))
                 .values(status=ENQUEUED, owner_xid=None, executor_id=None, updated_at=now_ms)
             )
         if ids:

@@ -22,8 +22,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    literal_column,
     text,
 )
+from sqlalchemy.sql.elements import ColumnElement
 
 SCHEMA_VERSION = 2
 PG_SCHEMA = "dbos_nb"
@@ -39,6 +41,23 @@ def _partial(name: str, columns: list[str], where: str, unique: bool = False) ->
     return [
         Index(name, *columns, unique=unique, sqlite_where=text(where), postgresql_where=text(where))
     ]
+
+
+def status_is(column: Column[str], *statuses: str) -> ColumnElement[bool]:
+    """`column = 'X'` (or `IN (...)`) with the statuses spelled as SQL literals, not parameters.
+
+    Statuses are constants of the code, and the planners need to see them: PostgreSQL's generic
+    plan of a prepared statement (psycopg prepares one after five runs) cannot tell a rare status
+    from a common one behind a parameter, and scanned the whole table for the few waiting rows
+    of a queue; and a partial index `WHERE status = 'X'` serves only a query that spells the
+    same literal (on SQLite too).
+    """
+    for status in statuses:
+        if not status.isidentifier():
+            raise ValueError(f"not a workflow status: {status!r}")
+    if len(statuses) == 1:
+        return column == literal_column(f"'{statuses[0]}'", String)
+    return column.in_([literal_column(f"'{s}'", String) for s in statuses])
 
 
 workflow_status = Table(

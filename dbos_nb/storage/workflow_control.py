@@ -10,7 +10,7 @@ from sqlalchemy import delete, select, update
 
 from dbos_nb.models import ACTIVE_STATUSES, INTERNAL_QUEUE, WorkflowStatusString
 from dbos_nb.storage.rows import CANCELLED, ENQUEUED, StoreBase, _chunks, requeued_afresh
-from dbos_nb.storage.schema import operation_outputs, workflow_status
+from dbos_nb.storage.schema import operation_outputs, status_is, workflow_status
 
 ws = workflow_status
 oo = operation_outputs
@@ -36,7 +36,9 @@ class WorkflowControl(StoreBase):
                 for chunk in _chunks(batch, 500):
                     ids = conn.execute(
                         update(ws)
-                        .where(ws.c.workflow_uuid.in_(chunk), ws.c.status.in_(ACTIVE_STATUSES))
+                        .where(
+                            ws.c.workflow_uuid.in_(chunk), status_is(ws.c.status, *ACTIVE_STATUSES)
+                        )
                         .values(
                             status=CANCELLED,
                             updated_at=now_ms,
@@ -64,7 +66,7 @@ class WorkflowControl(StoreBase):
                 conn.execute(
                     select(ws.c.workflow_uuid).where(
                         ws.c.workflow_deadline_epoch_ms <= now_ms,
-                        ws.c.status.in_(ACTIVE_STATUSES),
+                        status_is(ws.c.status, *ACTIVE_STATUSES),
                     )
                 ).scalars()
             )

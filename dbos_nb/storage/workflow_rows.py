@@ -15,7 +15,7 @@ from dbos_nb.errors import DBOSQueueDeduplicatedError
 from dbos_nb.storage import merged
 from dbos_nb.storage.database import NOTIFY_CHANNEL, Database
 from dbos_nb.storage.rows import ENQUEUED, PENDING, NewWorkflow, StoreBase, _row_values
-from dbos_nb.storage.schema import operation_outputs, queues, workflow_status
+from dbos_nb.storage.schema import operation_outputs, queues, status_is, workflow_status
 
 ws = workflow_status
 oo = operation_outputs
@@ -25,7 +25,7 @@ _FINISH = (
     update(ws)
     .where(
         ws.c.workflow_uuid == bindparam("b_wid"),
-        ws.c.status == PENDING,
+        status_is(ws.c.status, PENDING),
         ws.c.owner_xid == bindparam("b_owner"),
     )
     .values(
@@ -121,7 +121,7 @@ class WorkflowRows(StoreBase):
             select(waiting.c.id)
             .where(
                 waiting.c.queue_name == bindparam("queue_name", type_=String),
-                waiting.c.status == ENQUEUED,
+                status_is(waiting.c.status, ENQUEUED),
             )
             .exists()
         )
