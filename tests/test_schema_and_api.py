@@ -157,6 +157,7 @@ def test_prepared_statements_never_scan_the_workflow_table(pg_server_url: str) -
         unlimited = Queue("plain")
         limited = Queue("limited", concurrency=2)
         per_worker = Queue("per_worker", worker_concurrency=2)
+        rated = Queue("rated", limiter={"limit": 1000, "period": 1.0}, priority_enabled=True)
 
         @DBOS.workflow()
         def plus_one(x: int) -> int:
@@ -169,7 +170,7 @@ def test_prepared_statements_never_scan_the_workflow_table(pg_server_url: str) -
                 sa.text(
                     "INSERT INTO dbos_nb.workflow_status (workflow_uuid, status, name, queue_name,"
                     " created_at, updated_at) SELECT 'old-' || i, 'SUCCESS', 'old',"
-                    " (ARRAY['plain', 'limited', 'per_worker'])[1 + i % 3], i, i"
+                    " (ARRAY['plain', 'limited', 'per_worker', 'rated'])[1 + i % 4], i, i"
                     " FROM generate_series(1, 30000) AS i"
                 )
             )
@@ -179,7 +180,7 @@ def test_prepared_statements_never_scan_the_workflow_table(pg_server_url: str) -
         before = _seq_scans_of_workflow_status(url)
         DBOS(config=config(url))
         DBOS.launch()
-        for queue in (unlimited, limited, per_worker):
+        for queue in (unlimited, limited, per_worker, rated):
             handles = [queue.enqueue(plus_one, i) for i in range(30)]
             assert [h.get_result(timeout_sec=60) for h in handles] == list(range(1, 31))
         DBOS.destroy()
