@@ -32,7 +32,7 @@ from dbos_nb.errors import (
     WorkflowPreempted,
 )
 from dbos_nb.models import WorkflowStatusString as S
-from dbos_nb.storage import claims
+from dbos_nb.storage import rate_ledger
 from dbos_nb.storage.schema import transaction_outputs
 from dbos_nb.storage.store import StepPreflight
 
@@ -103,7 +103,7 @@ def begin_operation(rt: Runtime, wf: RunningWorkflow, name: str) -> tuple[int, S
         # The work really starts now: count the rate-limited start from here, not the claim.
         queue_name, claimed_at = wf.ledger_entry
         wf.ledger_entry = None
-        claims.record_real_start(rt.db, queue_name, wf.workflow_id, claimed_at, rt.now_ms)
+        rate_ledger.record_real_start(rt.db, queue_name, wf.workflow_id, claimed_at, rt.now_ms)
     return fid, pre
 
 

@@ -25,7 +25,7 @@ from dbos_nb.core.registry import resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.core.workflows import enqueue_many, workflow_name_of
 from dbos_nb.errors import DbosNbError
-from dbos_nb.storage import claims
+from dbos_nb.storage import rate_ledger
 
 # How a batch's workflow statuses are grouped for people.
 STATUS_GROUPS = {
@@ -157,7 +157,7 @@ class Batch:
         if settings is not None and settings.limit is not None and settings.period_ms:
             progress.rate_limit = settings.limit
             progress.rate_period_s = settings.period_ms / 1000
-            progress.rate_used = claims.window_usage(
+            progress.rate_used = rate_ledger.window_usage(
                 rt.db, self.queue_name, settings.period_ms, now
             )
         if errors and counts["failed"]:

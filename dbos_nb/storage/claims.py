@@ -9,7 +9,8 @@ take turns for the length of one small transaction, and every count they make is
 - rate limit: `limit - (starts in the ledger within the last period)`.
 
 The budget is the smallest of these; that many ENQUEUED rows are taken in (priority,) enqueue order
-and marked PENDING for this executor in the same transaction, and their starts enter the ledger.
+and marked PENDING for this executor in the same transaction, and their starts enter the ledger
+(`rate_ledger.py`).
 Unrelated queues lock different rows and never wait on each other.
 """
 
@@ -23,30 +24,26 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    Connection,
     Integer,
     bindparam,
-    delete,
     func,
-    insert,
     or_,
     select,
     update,
 )
 
 from dbos_nb.models import ClaimedWorkflow, ClaimResult, QueueSettings, WorkflowStatusString
+from dbos_nb.storage import rate_ledger
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.queue_records import queue_settings_from_row
 from dbos_nb.storage.schema import (
     operation_outputs,
-    queue_starts,
     queues,
     status_is,
     workflow_status,
 )
 
 ws = workflow_status
-qs = queue_starts
 
 PENDING = WorkflowStatusString.PENDING.value
 ENQUEUED = WorkflowStatusString.ENQUEUED.value
@@ -95,21 +92,6 @@ _TAKE = (
         ws.c.workflow_uuid.in_(bindparam("ids", expanding=True)), status_is(ws.c.status, ENQUEUED)
     )
     .values(_TAKE_VALUES)
-)
-_WINDOW = (
-    select(qs.c.started_at_ms)
-    .where(qs.c.queue_name == bindparam("q"), qs.c.started_at_ms > bindparam("open"))
-    .order_by(qs.c.started_at_ms)
-)
-_TOKEN_WINDOW = _WINDOW.add_columns(qs.c.tokens)
-_PRUNE = delete(qs).where(
-    qs.c.queue_name == bindparam("q"), qs.c.started_at_ms <= bindparam("oldest")
-)
-_LEDGER_START = insert(qs).values(
-    queue_name=bindparam("q"),
-    started_at_ms=bindparam("t"),
-    workflow_uuid=bindparam("w"),
-    tokens=bindparam("n"),
 )
 
 
@@ -213,29 +195,14 @@ def claim(
             result.next_rate_slot_ms = int(paused_until)
             result.blocked = BLOCKED_RATE
             return result
-        _prune_ledger(conn, queue, now_ms)
-        window_starts: list[int] = []
-        if queue.limit is not None and queue.period_ms is not None:
-            window_open = now_ms - queue.period_ms - limiter_guard_ms(queue.period_ms)
-            window_starts = list(
-                conn.execute(_WINDOW, {"q": queue_name, "open": window_open}).scalars()
-            )
-            budget = min(budget, queue.limit - len(window_starts))
-        tokens_left: int | None = None
-        token_window: list[tuple[int, int]] = []
-        if queue.token_limit is not None and queue.token_period_ms is not None:
-            token_open = now_ms - queue.token_period_ms - limiter_guard_ms(queue.token_period_ms)
-            token_window = [
-                (int(t), int(n))
-                for t, n in conn.execute(_TOKEN_WINDOW, {"q": queue_name, "open": token_open})
-            ]
-            tokens_left = queue.token_limit - sum(n for _, n in token_window)
+        windows = rate_ledger.read_windows(conn, queue, now_ms)
+        if windows.room is not None:
+            budget = min(budget, windows.room)
+        tokens_left = windows.tokens_left
         if budget <= 0 or (tokens_left is not None and tokens_left <= 0):
             result.next_rate_slot_ms = _earliest(
-                _next_slot(queue.limit, queue.period_ms, window_starts, 0, now_ms)
-                if budget <= 0
-                else None,
-                _token_slot(queue, token_window) if tokens_left is not None else None,
+                windows.next_slot(0, now_ms) if budget <= 0 else None,
+                windows.token_slot() if tokens_left is not None else None,
             )
             if slots is not None and slots <= 0:
                 result.blocked = BLOCKED_CONCURRENCY
@@ -252,12 +219,11 @@ def claim(
         if exclude_versions:
             params["excluded"] = list(exclude_versions)
         rows: list[Any] = list(conn.execute(candidates, params).all())
-        token_blocked = False
-        if tokens_left is not None:
-            rows, token_blocked = _fit_tokens(rows, tokens_left, not token_window)
+        admitted, token_blocked = windows.fit_tokens([(r[0], int(r[7] or 0)) for r in rows])
+        rows = rows[:admitted]
         if not rows:
             if token_blocked:
-                result.next_rate_slot_ms = _token_slot(queue, token_window)
+                result.next_rate_slot_ms = windows.token_slot()
                 result.blocked = BLOCKED_RATE if result.next_rate_slot_ms is not None else None
             return result
 
@@ -266,13 +232,12 @@ def claim(
         conn.execute(_TAKE, {"ids": ids, "executor": executor_id, "owner": owner, "now": now_ms})
         ledgered = queue.limit is not None or queue.token_limit is not None
         if ledgered:
-            conn.execute(
-                _LEDGER_START,
-                [{"q": queue_name, "t": now_ms, "w": r[0], "n": int(r[7] or 0)} for r in rows],
+            rate_ledger.record_starts(
+                conn, queue_name, now_ms, [(r[0], int(r[7] or 0)) for r in rows]
             )
             result.next_rate_slot_ms = _earliest(
-                _next_slot(queue.limit, queue.period_ms, window_starts, len(ids), now_ms),
-                _token_slot(queue, token_window) if token_blocked else None,
+                windows.next_slot(len(ids), now_ms),
+                windows.token_slot() if token_blocked else None,
             )
         if slots is not None and len(ids) >= slots:
             result.blocked = BLOCKED_CONCURRENCY
@@ -415,98 +380,6 @@ def _is_unshared(queue: QueueSettings) -> bool:
     return queue.concurrency is None and queue.limit is None and queue.token_limit is None
 
 
-def record_real_start(
-    db: Database, queue_name: str, workflow_id: str, claimed_at_ms: int, clock: Callable[[], int]
-) -> None:
-    """Move a start in the rate limiter's ledger from claim time to when the work began.
-
-    A claimed workflow reaches its first step a little after the claim (milliseconds, more under
-    load). Counting from the real start keeps every window honest as measured where the work
-    runs. The update lands long before the entry could leave the window, so every later claim
-    sees it. The clock is read once the transaction holds its locks, never before a wait.
-    """
-    with db.write() as conn:
-        conn.execute(
-            update(qs)
-            .where(
-                qs.c.queue_name == queue_name,
-                qs.c.workflow_uuid == workflow_id,
-                qs.c.started_at_ms == claimed_at_ms,
-            )
-            .values(started_at_ms=clock())
-        )
-
-
-def window_usage(db: Database, queue_name: str, limit_period_ms: int, now_ms: int) -> int:
-    """How many starts the rate limiter's window holds right now (for progress views)."""
-    window_open = now_ms - limit_period_ms - limiter_guard_ms(limit_period_ms)
-    with db.read() as conn:
-        return int(
-            conn.execute(
-                select(func.count()).where(
-                    qs.c.queue_name == queue_name, qs.c.started_at_ms > window_open
-                )
-            ).scalar_one()
-        )
-
-
-def limiter_guard_ms(period_ms: int) -> int:
-    """A start stays in the window this much longer than `period`.
-
-    The ledger holds when each workflow began its first operation (see `record_real_start`);
-    the step body, or the provider it calls, sees the start a little later still (thread
-    scheduling under load: a few to a few tens of milliseconds). 2% of the period, at least 50 ms
-    and at most a second, absorbs that jitter so that no window, measured there, holds
-    `limit + 1` starts. For an API limit per minute that costs under 2% of the budget.
-    """
-    return min(max(period_ms // 50, 50), 1000)
-
-
-def _prune_ledger(conn: Connection, queue: QueueSettings, now_ms: int) -> None:
-    """Forget starts older than every window of the queue (request and token)."""
-    periods = [p for p in (queue.period_ms, queue.token_period_ms) if p is not None]
-    if not periods:
-        return
-    longest = max(periods)
-    oldest = now_ms - longest - limiter_guard_ms(longest)
-    conn.execute(_PRUNE, {"q": queue.name, "oldest": oldest})
-
-
-def _fit_tokens(rows: list[Any], tokens_left: int, window_empty: bool) -> tuple[list[Any], bool]:
-    """The longest prefix of candidates whose token estimates fit (FIFO: no skipping ahead).
-
-    A single task larger than the whole budget is admitted alone into an empty window, or it
-    would wait forever. Returns (admitted rows, whether the budget stopped the rest).
-    """
-    admitted: list[Any] = []
-    for r in rows:
-        need = int(r[7] or 0)
-        if need > tokens_left and not (window_empty and not admitted):
-            return admitted, True
-        admitted.append(r)
-        tokens_left -= need
-    return admitted, False
-
-
-def _token_slot(queue: QueueSettings, window: list[tuple[int, int]]) -> int | None:
-    """When the oldest start in the token window leaves it (tokens free up then)."""
-    if not window or queue.token_period_ms is None:
-        return None
-    return window[0][0] + queue.token_period_ms + limiter_guard_ms(queue.token_period_ms) + 1
-
-
 def _earliest(*times: int | None) -> int | None:
     present = [t for t in times if t is not None]
     return min(present) if present else None
-
-
-def _next_slot(
-    limit: int | None, period_ms: int | None, window: list[int], added: int, now_ms: int
-) -> int | None:
-    """When the rate window next has room, if the limiter is (now) what blocks claims."""
-    if limit is None or period_ms is None or len(window) + added < limit:
-        return None
-    starts = window + [now_ms] * added
-    # The window holds `limit` or more starts; the oldest that must expire for a slot to open:
-    oldest_needed = starts[len(starts) - limit]
-    return oldest_needed + period_ms + limiter_guard_ms(period_ms) + 1

@@ -1,0 +1,175 @@
+"""The rate limiter's ledger: when each of a queue's workflows started, to count the starts (and
+the tokens) inside the queue's sliding windows.
+
+A claim reads the windows under the queue's row lock (`read_windows`), records the starts it
+makes (`record_starts`), and the workflow moves its entry to the time its work really began
+(`record_real_start`). `Windows` answers how much room is left and when the next slot opens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+
+from dbos_nb.models import QueueSettings
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.schema import queue_starts
+
+qs = queue_starts
+
+_WINDOW = (
+    select(qs.c.started_at_ms)
+    .where(qs.c.queue_name == bindparam("q"), qs.c.started_at_ms > bindparam("open"))
+    .order_by(qs.c.started_at_ms)
+)
+_TOKEN_WINDOW = _WINDOW.add_columns(qs.c.tokens)
+_PRUNE = delete(qs).where(
+    qs.c.queue_name == bindparam("q"), qs.c.started_at_ms <= bindparam("oldest")
+)
+_LEDGER_START = insert(qs).values(
+    queue_name=bindparam("q"),
+    started_at_ms=bindparam("t"),
+    workflow_uuid=bindparam("w"),
+    tokens=bindparam("n"),
+)
+
+
+def limiter_guard_ms(period_ms: int) -> int:
+    """A start stays in the window this much longer than `period`.
+
+    The ledger holds when each workflow began its first operation (see `record_real_start`);
+    the step body, or the provider it calls, sees the start a little later still (thread
+    scheduling under load: a few to a few tens of milliseconds). 2% of the period, at least 50 ms
+    and at most a second, absorbs that jitter so that no window, measured there, holds
+    `limit + 1` starts. For an API limit per minute that costs under 2% of the budget.
+    """
+    return min(max(period_ms // 50, 50), 1000)
+
+
+@dataclass
+class Windows:
+    """A queue's windows as a claim found them: the starts in the request window, and the
+    (start, tokens) entries in the token window."""
+
+    queue: QueueSettings
+    starts: list[int] = field(default_factory=list)
+    token_entries: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def room(self) -> int | None:
+        """Starts the request window still admits (None: no request limit)."""
+        if self.queue.limit is None or self.queue.period_ms is None:
+            return None
+        return self.queue.limit - len(self.starts)
+
+    @property
+    def tokens_left(self) -> int | None:
+        """Tokens the token window still admits (None: no token limit)."""
+        if self.queue.token_limit is None or self.queue.token_period_ms is None:
+            return None
+        return self.queue.token_limit - sum(n for _, n in self.token_entries)
+
+    def next_slot(self, added: int, now_ms: int) -> int | None:
+        """When the request window next has room after `added` more starts now, if it is
+        (then) full."""
+        limit, period_ms = self.queue.limit, self.queue.period_ms
+        if limit is None or period_ms is None or len(self.starts) + added < limit:
+            return None
+        starts = self.starts + [now_ms] * added
+        # The window holds `limit` or more starts; the oldest that must expire for a slot to open:
+        oldest_needed = starts[len(starts) - limit]
+        return oldest_needed + period_ms + limiter_guard_ms(period_ms) + 1
+
+    def token_slot(self) -> int | None:
+        """When the oldest start in the token window leaves it (tokens free up then)."""
+        period_ms = self.queue.token_period_ms
+        if not self.token_entries or period_ms is None:
+            return None
+        return self.token_entries[0][0] + period_ms + limiter_guard_ms(period_ms) + 1
+
+    def fit_tokens(self, rows: list[tuple[str, int]]) -> tuple[int, bool]:
+        """How many of these (workflow id, token estimate) candidates, in order, the token
+        window admits (FIFO: no skipping ahead), and whether the budget stopped the rest.
+
+        A single task larger than the whole budget is admitted alone into an empty window, or
+        it would wait forever.
+        """
+        left = self.tokens_left
+        if left is None:
+            return len(rows), False
+        admitted = 0
+        for _, need in rows:
+            if need > left and not (not self.token_entries and admitted == 0):
+                return admitted, True
+            admitted += 1
+            left -= need
+        return admitted, False
+
+
+def read_windows(conn: Connection, queue: QueueSettings, now_ms: int) -> Windows:
+    """Forget starts older than every window of the queue, then read its windows (in the
+    claim's transaction, under the queue's row lock)."""
+    windows = Windows(queue)
+    periods = [p for p in (queue.period_ms, queue.token_period_ms) if p is not None]
+    if not periods:
+        return windows
+    longest = max(periods)
+    conn.execute(_PRUNE, {"q": queue.name, "oldest": now_ms - longest - limiter_guard_ms(longest)})
+    if queue.limit is not None and queue.period_ms is not None:
+        window_open = now_ms - queue.period_ms - limiter_guard_ms(queue.period_ms)
+        windows.starts = list(
+            conn.execute(_WINDOW, {"q": queue.name, "open": window_open}).scalars()
+        )
+    if queue.token_limit is not None and queue.token_period_ms is not None:
+        token_open = now_ms - queue.token_period_ms - limiter_guard_ms(queue.token_period_ms)
+        windows.token_entries = [
+            (int(t), int(n))
+            for t, n in conn.execute(_TOKEN_WINDOW, {"q": queue.name, "open": token_open})
+        ]
+    return windows
+
+
+def record_starts(
+    conn: Connection, queue_name: str, now_ms: int, started: list[tuple[str, int]]
+) -> None:
+    """Count these (workflow id, token estimate) starts in the queue's windows."""
+    conn.execute(
+        _LEDGER_START, [{"q": queue_name, "t": now_ms, "w": w, "n": n} for w, n in started]
+    )
+
+
+def record_real_start(
+    db: Database, queue_name: str, workflow_id: str, claimed_at_ms: int, clock: Callable[[], int]
+) -> None:
+    """Move a start in the rate limiter's ledger from claim time to when the work began.
+
+    A claimed workflow reaches its first step a little after the claim (milliseconds, more under
+    load). Counting from the real start keeps every window honest as measured where the work
+    runs. The update lands long before the entry could leave the window, so every later claim
+    sees it. The clock is read once the transaction holds its locks, never before a wait.
+    """
+    with db.write() as conn:
+        conn.execute(
+            update(qs)
+            .where(
+                qs.c.queue_name == queue_name,
+                qs.c.workflow_uuid == workflow_id,
+                qs.c.started_at_ms == claimed_at_ms,
+            )
+            .values(started_at_ms=clock())
+        )
+
+
+def window_usage(db: Database, queue_name: str, limit_period_ms: int, now_ms: int) -> int:
+    """How many starts the rate limiter's window holds right now (for progress views)."""
+    window_open = now_ms - limit_period_ms - limiter_guard_ms(limit_period_ms)
+    with db.read() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    qs.c.queue_name == queue_name, qs.c.started_at_ms > window_open
+                )
+            ).scalar_one()
+        )
