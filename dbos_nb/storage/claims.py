@@ -219,7 +219,8 @@ def claim(
         if exclude_versions:
             params["excluded"] = list(exclude_versions)
         rows: list[Any] = list(conn.execute(candidates, params).all())
-        admitted, token_blocked = windows.fit_tokens([(r[0], int(r[7] or 0)) for r in rows])
+        estimates = [int(r[7] or 0) for r in rows]
+        admitted, token_blocked = windows.fit_tokens(estimates)
         rows = rows[:admitted]
         if not rows:
             if token_blocked:
@@ -233,7 +234,7 @@ def claim(
         ledgered = queue.limit is not None or queue.token_limit is not None
         if ledgered:
             rate_ledger.record_starts(
-                conn, queue_name, now_ms, [(r[0], int(r[7] or 0)) for r in rows]
+                conn, queue_name, now_ms, [(r[0], n) for r, n in zip(rows, estimates, strict=False)]
             )
             result.next_rate_slot_ms = _earliest(
                 windows.next_slot(len(ids), now_ms),

@@ -48,6 +48,11 @@ def limiter_guard_ms(period_ms: int) -> int:
     return min(max(period_ms // 50, 50), 1000)
 
 
+def _window_open(now_ms: int, period_ms: int) -> int:
+    """Starts after this time are inside a window of `period_ms` ending now."""
+    return now_ms - period_ms - limiter_guard_ms(period_ms)
+
+
 @dataclass
 class Windows:
     """A queue's windows as a claim found them: the starts in the request window, and the
@@ -89,18 +94,18 @@ class Windows:
             return None
         return self.token_entries[0][0] + period_ms + limiter_guard_ms(period_ms) + 1
 
-    def fit_tokens(self, rows: list[tuple[str, int]]) -> tuple[int, bool]:
-        """How many of these (workflow id, token estimate) candidates, in order, the token
-        window admits (FIFO: no skipping ahead), and whether the budget stopped the rest.
+    def fit_tokens(self, estimates: list[int]) -> tuple[int, bool]:
+        """How many candidates, in order, with these token estimates the token window admits
+        (FIFO: no skipping ahead), and whether the budget stopped the rest.
 
         A single task larger than the whole budget is admitted alone into an empty window, or
         it would wait forever.
         """
         left = self.tokens_left
         if left is None:
-            return len(rows), False
+            return len(estimates), False
         admitted = 0
-        for _, need in rows:
+        for need in estimates:
             if need > left and not (not self.token_entries and admitted == 0):
                 return admitted, True
             admitted += 1
@@ -115,15 +120,14 @@ def read_windows(conn: Connection, queue: QueueSettings, now_ms: int) -> Windows
     periods = [p for p in (queue.period_ms, queue.token_period_ms) if p is not None]
     if not periods:
         return windows
-    longest = max(periods)
-    conn.execute(_PRUNE, {"q": queue.name, "oldest": now_ms - longest - limiter_guard_ms(longest)})
+    conn.execute(_PRUNE, {"q": queue.name, "oldest": _window_open(now_ms, max(periods))})
     if queue.limit is not None and queue.period_ms is not None:
-        window_open = now_ms - queue.period_ms - limiter_guard_ms(queue.period_ms)
+        window_open = _window_open(now_ms, queue.period_ms)
         windows.starts = list(
             conn.execute(_WINDOW, {"q": queue.name, "open": window_open}).scalars()
         )
     if queue.token_limit is not None and queue.token_period_ms is not None:
-        token_open = now_ms - queue.token_period_ms - limiter_guard_ms(queue.token_period_ms)
+        token_open = _window_open(now_ms, queue.token_period_ms)
         windows.token_entries = [
             (int(t), int(n))
             for t, n in conn.execute(_TOKEN_WINDOW, {"q": queue.name, "open": token_open})
@@ -164,7 +168,7 @@ def record_real_start(
 
 def window_usage(db: Database, queue_name: str, limit_period_ms: int, now_ms: int) -> int:
     """How many starts the rate limiter's window holds right now (for progress views)."""
-    window_open = now_ms - limit_period_ms - limiter_guard_ms(limit_period_ms)
+    window_open = _window_open(now_ms, limit_period_ms)
     with db.read() as conn:
         return int(
             conn.execute(
