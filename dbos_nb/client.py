@@ -67,6 +67,7 @@ class DBOSClient:
             pool_size=2,
             max_overflow=8,
             stalled_transaction_timeout_sec=STALLED_TRANSACTION_SEC,
+            system_tables=True,
         )
         migrate(self._db)
         self._store = SystemStore(self._db)

@@ -177,6 +177,7 @@ class Engine:
             cfg.system_database_url,
             notifications=cfg.use_listen_notify,
             stalled_transaction_timeout_sec=cfg.executor_lease_sec,
+            system_tables=True,
         )
         try:
             migrate(db)

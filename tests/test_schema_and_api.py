@@ -24,6 +24,7 @@ from dbos_nb import (
     WorkflowStatus,
     WorkflowStatusString,
 )
+from dbos_nb.core.runtime import get_runtime
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.schema import SCHEMA_VERSION, schema_migrations
 
@@ -185,6 +186,97 @@ def test_prepared_statements_never_scan_the_workflow_table(pg_server_url: str) -
             assert [h.get_result(timeout_sec=60) for h in handles] == list(range(1, 31))
         DBOS.destroy()
         assert _seq_scans_of_workflow_status(url) == before
+    finally:
+        DBOS.destroy()
+        drop_pg_database(pg_server_url, url)
+
+
+def _rows_read_from_workflow_status(url: str) -> int:
+    """Rows and index entries of workflow_status read so far, by scans of any kind, once the
+    counts have settled (an idle session reports its counts within about a second)."""
+    import psycopg
+
+    dsn = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    query = (
+        "SELECT (SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'workflow_status')"
+        " + (SELECT sum(idx_tup_read) FROM pg_stat_user_indexes"
+        " WHERE relname = 'workflow_status')"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        deadline = time.monotonic() + 30
+        last, since = None, time.monotonic()
+        while True:
+            row = conn.execute(query).fetchone()
+            assert row is not None
+            if row[0] != last:
+                last, since = row[0], time.monotonic()
+            elif time.monotonic() - since > 1.5:
+                return int(last)
+            assert time.monotonic() < deadline, "the counts never settled"
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("analyzed_young", [False, True], ids=["never-analyzed", "analyzed-young"])
+def test_plans_made_on_a_young_table_do_not_scan_it_once_it_has_grown(
+    pg_server_url: str, analyzed_young: bool
+) -> None:
+    """PostgreSQL keeps a prepared statement's plan until the table's next ANALYZE, which
+    autovacuum runs a minute or more apart: thousands of rows later, in a busy queue.
+    - Never analyzed: the merged step record of a batch (one statement over arrays) was
+      planned as a scan of the whole table, and every batch read it all (throughput fell as
+      the table grew).
+    - Analyzed while it held a few rows (a notebook's first small batch, then a large one):
+      looking a workflow up by id was planned as a scan, and every handle's wait read the
+      whole table."""
+    from conftest import create_pg_database, drop_pg_database
+
+    url = create_pg_database(pg_server_url)
+    grown = 30_000
+    try:
+        DBOS(config=config(url))
+        queue = Queue("growing")
+
+        @DBOS.step()
+        def double(x: int) -> int:
+            return 2 * x
+
+        @DBOS.workflow()
+        def twice(x: int) -> int:
+            return double(x)
+
+        DBOS.launch()
+        engine = sa.create_engine(sa.make_url(url).set(drivername="postgresql+psycopg"))
+        with engine.begin() as conn:
+            # No ANALYZE during the test: it would make every session plan again.
+            conn.execute(
+                sa.text("ALTER TABLE dbos_nb.workflow_status SET (autovacuum_enabled = false)")
+            )
+        committer = get_runtime().db.committer
+        before = (committer.batches, committer.statements)
+        for i in range(20):  # the young table: statements are prepared and planned
+            if analyzed_young and i == 2:
+                with engine.begin() as conn:
+                    conn.execute(sa.text("ANALYZE dbos_nb.workflow_status"))
+            handles = queue.enqueue_many(twice, range(8))
+            assert [h.get_result(timeout_sec=60) for h in handles] == [2 * x for x in range(8)]
+        with engine.begin() as conn:  # the table grows, its statistics stay those of none
+            conn.execute(
+                sa.text(
+                    "INSERT INTO dbos_nb.workflow_status (workflow_uuid, status, name, queue_name,"
+                    " created_at, updated_at) SELECT 'old-' || i, 'SUCCESS', 'old', 'growing', i, i"
+                    f" FROM generate_series(1, {grown}) AS i"
+                )
+            )
+        engine.dispose()
+        read_young = _rows_read_from_workflow_status(url)
+        handles = queue.enqueue_many(twice, range(200))
+        assert [h.get_result(timeout_sec=60) for h in handles] == [2 * x for x in range(200)]
+        # Workflows shared commits, so merged statements ran.
+        assert committer.statements - before[1] > committer.batches - before[0]
+        DBOS.destroy()
+        # Index look-ups read a row or two each; one scan of the grown table (or of one of its
+        # indexes) reads them all.
+        assert _rows_read_from_workflow_status(url) - read_young < grown
     finally:
         DBOS.destroy()
         drop_pg_database(pg_server_url, url)

@@ -358,22 +358,24 @@ def _unshared_claim_statement(
             .cte("picked")
             .prefix_with("MATERIALIZED", dialect="postgresql")
         )
+        # The picked rows are ENQUEUED and locked by this statement until it commits, so the
+        # update repeats no status test: one would let the planner, misled by a young
+        # table's statistics, join through the index of waiting rows, reading all of them
+        # once per picked row.
         take = update(ws).where(ws.c.workflow_uuid == chosen.c.workflow_uuid)
     else:
-        take = update(ws).where(ws.c.workflow_uuid.in_(picked.scalar_subquery()))
-    return (
-        take.where(status_is(ws.c.status, ENQUEUED))
-        .values(_TAKE_VALUES)
-        .returning(
-            ws.c.id,
-            ws.c.workflow_uuid,
-            ws.c.name,
-            ws.c.inputs,
-            ws.c.workflow_deadline_epoch_ms,
-            ws.c.recovery_attempts,
-            ws.c.function_hash,
-            _LAST_RECORDED.correlate(ws),
+        take = update(ws).where(
+            ws.c.workflow_uuid.in_(picked.scalar_subquery()), status_is(ws.c.status, ENQUEUED)
         )
+    return take.values(_TAKE_VALUES).returning(
+        ws.c.id,
+        ws.c.workflow_uuid,
+        ws.c.name,
+        ws.c.inputs,
+        ws.c.workflow_deadline_epoch_ms,
+        ws.c.recovery_attempts,
+        ws.c.function_hash,
+        _LAST_RECORDED.correlate(ws),
     )
 
 

@@ -35,6 +35,7 @@ from sqlalchemy import (
     Engine,
     Executable,
     Table,
+    TextClause,
     bindparam,
     create_engine,
     event,
@@ -91,6 +92,7 @@ class Database:
         max_overflow: int = 64,
         notifications: bool = True,
         stalled_transaction_timeout_sec: float | None = None,
+        system_tables: bool = False,
     ) -> None:
         self.url = normalize_url(url)
         parsed = make_url(self.url)
@@ -115,6 +117,24 @@ class Database:
         self._stall_ms: int | None = None
         if stalled_transaction_timeout_sec is not None:
             self._stall_ms = max(round(stalled_transaction_timeout_sec * 1000), 1)
+        # PostgreSQL keeps the plan of a prepared statement until the table's next ANALYZE. A
+        # plan made while workflow_status held a few rows reads it with a sequential scan
+        # (cheaper than an index for a page or two), and keeps doing so while the table grows
+        # by thousands of rows until autovacuum comes round (a minute or more): a notebook's
+        # first small test batch, then a large one, is exactly that. Every statement dbos_nb
+        # runs on its own tables has an index made for it, so its sessions ask the planner to
+        # use indexes; a query that no index serves still scans (the setting only weighs
+        # against scans). Application transactions get the default back (`user_transaction`).
+        # Each: (name, value for dbos_nb's sessions, value for application transactions).
+        self._session: list[tuple[str, str, str]] = []
+        if self._stall_ms is not None:
+            self._session.append(("idle_in_transaction_session_timeout", str(self._stall_ms), "0"))
+        if system_tables:
+            self._session.append(("enable_seqscan", "off", "on"))
+            # Short statements only: compiling one (which PostgreSQL starts above a cost
+            # threshold, and a scan of a table without a usable index is costed far above it
+            # once scans are weighed against) takes 20-90 ms.
+            self._session.append(("jit", "off", "on"))
         if self.is_postgres:
             translate: dict[str | None, str] = {None: PG_SCHEMA}
             engine = self._make_pg_engine(pool_size, max_overflow)
@@ -156,8 +176,9 @@ class Database:
             connect_args={"connect_timeout": 10},
             **kwargs,
         )
-        if self._stall_ms is not None:
-            event.listen(engine, "connect", _idle_transaction_limit(self._stall_ms))
+        if self._session:
+            own = [(name, value) for name, value, _ in self._session]
+            event.listen(engine, "connect", _session_settings(own))
         self._engines.append(engine)
         return engine
 
@@ -191,8 +212,8 @@ class Database:
         """A `write()` for application code (`@DBOS.transaction`), which may compute for as long
         as it likes between its statements: the stalled-transaction limit does not apply."""
         with self.write(isolation_level) as conn:
-            if self.is_postgres and self._stall_ms is not None:
-                conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+            if self.is_postgres and self._session:
+                conn.execute(_set_config([(name, app) for name, _, app in self._session], True))
             yield conn
 
     @contextlib.contextmanager
@@ -464,13 +485,24 @@ def _enable_wal(cursor: Any) -> None:
     raise sqlite3.OperationalError("could not switch the SQLite database to WAL mode")
 
 
-def _idle_transaction_limit(ms: int) -> Callable[[Any, ConnectionPoolEntry], None]:
-    """A connect hook that sets the session's `idle_in_transaction_session_timeout` (a SET
-    rather than a startup option, which connection poolers such as PgBouncer refuse)."""
+def _set_config(settings: list[tuple[str, str]], local: bool) -> TextClause:
+    """One statement setting each (name, value), for the session or the transaction (`local`);
+    names and values are dbos_nb's own constants."""
+    flag = "true" if local else "false"
+    calls = ", ".join(f"set_config('{name}', '{value}', {flag})" for name, value in settings)
+    return text(f"SELECT {calls}")
+
+
+def _session_settings(
+    settings: list[tuple[str, str]],
+) -> Callable[[Any, ConnectionPoolEntry], None]:
+    """A connect hook that sets each new session's settings (in a statement rather than as
+    startup options, which connection poolers such as PgBouncer refuse)."""
+    sql = str(_set_config(settings, False))
 
     def on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         with dbapi_connection.cursor() as cur:
-            cur.execute(f"SET idle_in_transaction_session_timeout = {int(ms)}")
+            cur.execute(sql)
         dbapi_connection.commit()
 
     return on_connect

@@ -7,8 +7,13 @@ for each input what the one-row statement would have returned. The one-row state
 status checks, notifications).
 
 Written as SQL text for the driver and run on its connection: the array parameters and `unnest`
-column lists are plain PostgreSQL, and a fixed text is prepared once however many rows a batch
-has.
+column lists are plain PostgreSQL.
+
+Never prepared on the server, so PostgreSQL plans them at each run, for the table as it is then:
+how best to join a batch to workflow_status depends on the table's size (one pass over a table
+of a few pages, index look-ups for anything larger). A prepared statement keeps the plan made
+on a young table until the table's next ANALYZE, a minute or more and thousands of rows later,
+and every batch meanwhile read the whole table. Planning once per batch costs little.
 """
 
 from __future__ import annotations
@@ -109,5 +114,6 @@ def _rows(conn: Any, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
     """Run on the driver connection (psycopg); its driver errors are translated by the
     connection's owner (`Database`)."""
     with conn.cursor() as cursor:
-        cursor.execute(sql, params)
+        # Never a server-side prepared statement: see the module docstring.
+        cursor.execute(sql, params, prepare=False)
         return list(cursor.fetchall())
