@@ -8,10 +8,11 @@ statement queues up and must run in the next batch.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
@@ -22,9 +23,10 @@ from dbos_nb.core.runtime import get_runtime
 from dbos_nb.errors import DBOSQueueDeduplicatedError, WorkflowPreempted
 from dbos_nb.storage import claims
 from dbos_nb.storage.database import Database
+from dbos_nb.storage.merged import DONES_PER_NOTIFICATION
 from dbos_nb.storage.schema import operation_outputs, workflow_status
 from dbos_nb.storage.store import NewWorkflow, SystemStore
-from tests.conftest import config
+from tests.conftest import config, create_pg_database, drop_pg_database
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -146,6 +148,79 @@ def test_waiting_finishes_share_one_commit(launched: str) -> None:
         row = store.get_workflow(wid)
         assert row is not None
         assert row["status"] == ("PENDING" if i == 3 else "SUCCESS")
+
+
+@pytest.fixture
+def launched_pg(pg_server_url: str) -> Iterator[str]:
+    """DBOS launched on a fresh PostgreSQL database; yields its URL."""
+    url = create_pg_database(pg_server_url)
+    DBOS(config=config(url))
+    DBOS.launch()
+    yield url
+    DBOS.destroy()
+    drop_pg_database(pg_server_url, url)
+
+
+def test_finishes_committed_together_are_announced_together(launched_pg: str) -> None:
+    """Other processes learn of workflows that finished in one batch from a few notifications
+    (JSON lists of ids, whatever characters the ids hold), not one each, and wake whoever
+    waits on them; the one-row finish still announces its workflow alone. Here a second
+    `Database` (its own origin, as another process) finishes the workflows; this process's
+    worker and a third listener receive the notifications."""
+    rt = get_runtime()
+    n = 2 * DONES_PER_NOTIFICATION + 3
+    ids = _pending(rt.store, 'gc-note-,"\\ é ', n)
+    finisher = Database(launched_pg)
+    store = SystemStore(finisher)
+    payloads: list[str] = []
+    stop = threading.Event()
+    spy = Database(launched_pg)
+    listener = threading.Thread(target=spy.listen, args=(payloads.append, stop))
+    listener.start()
+    try:
+        with ExitStack() as watching:
+            woken = [watching.enter_context(rt.waiters.watch(wid)) for wid in ids]
+            time.sleep(0.5)  # listening
+            with _held(finisher, None, ids[0]):
+                results, threads = _run_queued(
+                    finisher,
+                    [
+                        (
+                            lambda i=i: store.finish_workflow(
+                                ids[i], f"owner-{i}", "SUCCESS", b"v", None, 5
+                            )
+                        )
+                        for i in range(n)
+                    ],
+                )
+            for t in threads:
+                t.join(20)
+            assert results == [(True, None)] * n
+            _wait_until(lambda: all(event.is_set() for event in woken))
+        announced: list[str] = []
+        _wait_until(lambda: _announced(payloads, announced) >= n)
+    finally:
+        stop.set()
+        listener.join(10)
+        spy.dispose()
+        finisher.dispose()
+    assert sorted(announced) == sorted(ids)  # each once
+    # The first finish ran alone ("done:<id>"); the other n - 1 shared a statement.
+    assert [p for p in payloads if p.startswith("done:")] == [f"done:{ids[0]}"]
+    lists = [p for p in payloads if p.startswith("dones:")]
+    assert len(lists) == math.ceil((n - 1) / DONES_PER_NOTIFICATION)
+
+
+def _announced(payloads: list[str], into: list[str]) -> int:
+    import json
+
+    into.clear()
+    for p in list(payloads):
+        if p.startswith("done:"):
+            into.append(p[5:])
+        elif p.startswith("dones:"):
+            into.extend(json.loads(p[6:]))
+    return len(into)
 
 
 def test_a_failing_statement_fails_only_its_caller(launched: str) -> None:

@@ -12,6 +12,7 @@ It also cancels workflows whose deadline passed and renews this executor's heart
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Collection
@@ -91,17 +92,23 @@ class Scheduler:
 
     def _on_notification(self, payload: str) -> None:
         if payload.startswith("done:"):
-            wid = payload[5:]
-            self._rt.waiters.notify(wid)
-            # Cancelled elsewhere: stop our execution of it at once, not at its next step.
-            if self._rt.is_running(wid):
-                row = self._rt.store.get_status_and_result(wid)
-                if row is not None and row["status"] == "CANCELLED":
-                    self._rt.preempt([wid], "cancelled")
+            self._on_done(payload[5:])
+        elif payload.startswith("dones:"):  # workflows that finished together (a JSON list)
+            for wid in json.loads(payload[6:]):
+                self._on_done(wid)
         elif payload.startswith("q:") and payload != "q:*":
             self._rt.wake_scheduler(payload[2:])
         else:
             self._rt.wake_scheduler()
+
+    def _on_done(self, wid: str) -> None:
+        """A workflow ended (finished, cancelled) in another process."""
+        self._rt.waiters.notify(wid)
+        # Cancelled elsewhere: stop our execution of it at once, not at its next step.
+        if self._rt.is_running(wid):
+            row = self._rt.store.get_status_and_result(wid)
+            if row is not None and row["status"] == "CANCELLED":
+                self._rt.preempt([wid], "cancelled")
 
     def _loop(self) -> None:
         rt = self._rt

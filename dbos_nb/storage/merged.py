@@ -18,6 +18,7 @@ and every batch meanwhile read the whole table. Planning once per batch costs li
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from dbos_nb.storage.schema import PG_SCHEMA
@@ -57,15 +58,21 @@ WITH v AS (
 
 _FINISH = _FINISH_BODY + "SELECT workflow_uuid, queue_name FROM finished"
 
-# Notifications as in the one-row statement; PostgreSQL delivers identical ones of a
-# transaction once, so a batch wakes each queue's schedulers once.
+# Workflows finished together are announced together: one `dones:` notification per
+# DONES_PER_NOTIFICATION ids (a JSON list, since an id may hold any character, made here
+# rather than in SQL, which PostgreSQL would plan at every run), rather than a `done:` each,
+# which every listening process would receive and handle one by one. Every id of the batch is
+# announced: one whose finish was refused (another owner) only makes its waiters look again.
+# A freed slot wakes its queue's schedulers (`q:`; PostgreSQL delivers identical notifications
+# of a transaction once).
+DONES_PER_NOTIFICATION = 25  # ids of up to 255 characters stay within a payload's 8,000 bytes
 _FINISH_AND_NOTIFY = (
     _FINISH_BODY
     + """
 SELECT f.workflow_uuid, f.queue_name,
-       pg_notify(%(channel)s, %(origin)s || 'done:' || f.workflow_uuid),
        CASE WHEN f.queue_name IS NOT NULL
-            THEN pg_notify(%(channel)s, %(origin)s || 'q:' || f.queue_name) END
+            THEN pg_notify(%(channel)s, %(origin)s || 'q:' || f.queue_name) END,
+       (SELECT count(pg_notify(%(channel)s, note)) FROM unnest(%(dones)s::text[]) AS note)
 FROM finished f
 """
 )
@@ -105,6 +112,12 @@ def finish_workflows(
         "channel": batch[0]["b_channel"],
         "origin": batch[0]["b_origin"],
     }
+    if notify:
+        ids = params["wid"]
+        params["dones"] = [
+            f"{params['origin']}dones:{json.dumps(ids[i : i + DONES_PER_NOTIFICATION])}"
+            for i in range(0, len(ids), DONES_PER_NOTIFICATION)
+        ]
     sql = _FINISH_AND_NOTIFY if notify else _FINISH
     finished = {r[0]: (r[0], r[1]) for r in _rows(conn, sql, params)}
     return [finished.get(p["b_wid"]) for p in batch]
