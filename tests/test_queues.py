@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -263,6 +264,36 @@ def test_enqueue_many_is_idempotent_and_ordered(launched: str) -> None:
     assert [h.get_result() for h in mixed] == [3, 10]
     with pytest.raises(DbosNbError, match="tuple or a dict"):
         q.enqueue_many(add, [7], unpack=True)
+
+
+def test_enqueue_many_pauses_the_cycle_collector_and_restores_it(launched: str) -> None:
+    """A bulk enqueue builds its many objects with Python's cycle collector paused (it cost
+    a fifth of the time), and leaves the collector as it found it, also when it fails."""
+    q = Queue("bulk")
+    seen: list[bool] = []
+
+    @DBOS.step()
+    def echo(i: int) -> int:
+        return i
+
+    def estimate(item: int) -> int:  # called while the batch is built
+        seen.append(gc.isenabled())
+        return 1
+
+    assert gc.isenabled()
+    handles = q.enqueue_many(echo, range(3), tokens=estimate)
+    assert seen == [False] * 3
+    assert gc.isenabled()
+    assert [h.get_result() for h in handles] == [0, 1, 2]
+    with pytest.raises(DbosNbError, match="tuple or a dict"):
+        q.enqueue_many(echo, [7], unpack=True)
+    assert gc.isenabled()
+    gc.disable()  # the caller's choice stands
+    try:
+        q.enqueue_many(echo, range(2))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_enqueue_many_writes_shared_values_that_need_quoting(launched: str) -> None:

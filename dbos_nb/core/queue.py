@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.registry import resolve
 from dbos_nb.core.runtime import get_runtime
-from dbos_nb.core.workflows import enqueue_many, enqueue_workflow
+from dbos_nb.core.workflows import cycle_collector_paused, enqueue_many, enqueue_workflow
 from dbos_nb.errors import DbosNbError, InvalidQueueSettingsError
 from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
 
@@ -247,15 +247,17 @@ class Queue:
         of the item.
         """
         reg, bound = resolve(func, ())
-        listed = list(items)
-        if unpack or bound:
-            calls = [_call_of(item, unpack, bound) for item in listed]
-        else:  # the common case, without a call per item; the empty kwargs are only read
-            no_kwargs: dict[str, Any] = {}
-            calls = [((item,), no_kwargs) for item in listed]
         rt = get_runtime()
-        ids = enqueue_many(rt, self.name, reg, calls, batch_id, token_estimates(tokens, listed))
-        return [WorkflowHandle(rt, wid) for wid in ids]
+        with cycle_collector_paused():
+            listed = list(items)
+            if unpack or bound:
+                calls = [_call_of(item, unpack, bound) for item in listed]
+            else:  # the common case, without a call per item; the empty kwargs are only read
+                no_kwargs: dict[str, Any] = {}
+                calls = [((item,), no_kwargs) for item in listed]
+            estimates = token_estimates(tokens, listed)
+            ids = enqueue_many(rt, self.name, reg, calls, batch_id, estimates)
+            return [WorkflowHandle(rt, wid) for wid in ids]
 
     def __repr__(self) -> str:
         s = self.settings

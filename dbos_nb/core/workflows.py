@@ -12,10 +12,12 @@ gets the deterministic id `<parent>-<operation number>`, so a replaying parent f
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import gc
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,6 +253,25 @@ def _start_directly(rt: Runtime, row: NewWorkflow) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def cycle_collector_paused() -> Iterator[None]:
+    """Pause Python's cycle collector while a bulk enqueue builds its objects.
+
+    A batch of 100,000 items allocates several objects per item (arguments, pickles, ids, rows,
+    handles), none of them in a reference cycle; the collector would run hundreds of times
+    meanwhile, each pass over every live object, and cost about a fifth of the enqueue. Only
+    cycles wait for it (any other object is freed as usual), and it is switched back on only
+    if it was on, so concurrent or nested bulk enqueues leave it as they found it.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def enqueue_many(
     rt: Runtime,
     queue_name: str,
@@ -264,6 +285,18 @@ def enqueue_many(
     Ids that already exist are not written again, so enqueueing the same batch id twice is
     harmless. Inside a workflow the whole batch is one operation of the parent.
     """
+    with cycle_collector_paused():
+        return _enqueue_many(rt, queue_name, reg, calls, batch_id, token_estimates)
+
+
+def _enqueue_many(
+    rt: Runtime,
+    queue_name: str,
+    reg: Registration,
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    batch_id: str | None,
+    token_estimates: list[int | None] | None,
+) -> list[str]:
     name = workflow_name_of(reg)
     inputs = serialization.dump_many_inputs(reg.name, calls)
     explicit = batch_id
