@@ -211,6 +211,22 @@ def test_finishes_committed_together_are_announced_together(launched_pg: str) ->
     assert len(lists) == math.ceil((n - 1) / DONES_PER_NOTIFICATION)
 
 
+def test_announced_id_lists_fit_a_notification() -> None:
+    """Ids up to the column's 255 characters, even ones JSON must escape or that take four
+    bytes a character, are split into lists under PostgreSQL's 8,000-byte payload limit, in
+    order, each id once."""
+    import json
+
+    from dbos_nb.storage.merged import _id_lists
+
+    ids = ["a" * 255] * 60 + ['"\\' * 85] * 30 + ["😀" * 255] * 10 + ["x"] * 3
+    lists = _id_lists(ids)
+    assert all(len(f"{'o' * 12}|dones:{text}".encode()) < 8000 for text in lists)
+    assert [wid for text in lists for wid in json.loads(text)] == ids
+    assert all(len(json.loads(text)) <= DONES_PER_NOTIFICATION for text in lists)
+    assert len(_id_lists(["u" * 36] * 52)) == 3  # uuids: 25 to a list
+
+
 def _announced(payloads: list[str], into: list[str]) -> int:
     import json
 

@@ -59,13 +59,15 @@ WITH v AS (
 _FINISH = _FINISH_BODY + "SELECT workflow_uuid, queue_name FROM finished"
 
 # Workflows finished together are announced together: one `dones:` notification per
-# DONES_PER_NOTIFICATION ids (a JSON list, since an id may hold any character, made here
-# rather than in SQL, which PostgreSQL would plan at every run), rather than a `done:` each,
+# DONES_PER_NOTIFICATION ids, or fewer where long ids would pass PostgreSQL's 8,000-byte payload
+# limit (a JSON list, since an id may hold any character, made here rather than in SQL, which
+# PostgreSQL would plan at every run), rather than a `done:` each,
 # which every listening process would receive and handle one by one. Every id of the batch is
 # announced: one whose finish was refused (another owner) only makes its waiters look again.
 # A freed slot wakes its queue's schedulers (`q:`; PostgreSQL delivers identical notifications
 # of a transaction once).
-DONES_PER_NOTIFICATION = 25  # ids of up to 255 characters stay within a payload's 8,000 bytes
+DONES_PER_NOTIFICATION = 25
+_PAYLOAD_BYTES = 7_000  # below the limit, with room for the origin and the prefix
 _FINISH_AND_NOTIFY = (
     _FINISH_BODY
     + """
@@ -113,14 +115,27 @@ def finish_workflows(
         "origin": batch[0]["b_origin"],
     }
     if notify:
-        ids = params["wid"]
-        params["dones"] = [
-            f"{params['origin']}dones:{json.dumps(ids[i : i + DONES_PER_NOTIFICATION])}"
-            for i in range(0, len(ids), DONES_PER_NOTIFICATION)
-        ]
+        params["dones"] = [f"{params['origin']}dones:{chunk}" for chunk in _id_lists(params["wid"])]
     sql = _FINISH_AND_NOTIFY if notify else _FINISH
     finished = {r[0]: (r[0], r[1]) for r in _rows(conn, sql, params)}
     return [finished.get(p["b_wid"]) for p in batch]
+
+
+def _id_lists(ids: list[str]) -> list[str]:
+    """`ids` as JSON lists of at most DONES_PER_NOTIFICATION ids and _PAYLOAD_BYTES bytes."""
+    lists: list[str] = []
+    chunk: list[str] = []
+    size = 2
+    for wid in ids:
+        width = len(json.dumps(wid, ensure_ascii=False).encode()) + 1
+        if chunk and (len(chunk) == DONES_PER_NOTIFICATION or size + width > _PAYLOAD_BYTES):
+            lists.append(json.dumps(chunk, ensure_ascii=False))
+            chunk, size = [], 2
+        chunk.append(wid)
+        size += width
+    if chunk:
+        lists.append(json.dumps(chunk, ensure_ascii=False))
+    return lists
 
 
 def _rows(conn: Any, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
