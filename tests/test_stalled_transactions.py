@@ -64,3 +64,32 @@ def test_an_application_transaction_may_idle_longer_than_the_lease(pg_url: str) 
 
     DBOS.launch()
     assert wf() == 1
+
+
+def test_application_transactions_run_with_the_servers_settings(pg_url: str) -> None:
+    """dbos_nb's sessions change some planner and timeout settings for its own statements;
+    `@DBOS.transaction` code runs with what the server, database or role set instead."""
+    dsn = sa.make_url(pg_url).set(drivername="postgresql+psycopg")
+    engine = sa.create_engine(dsn)
+    with engine.begin() as conn:  # a DBA's choice for this database
+        conn.execute(sa.text(f'ALTER DATABASE "{dsn.database}" SET jit = off'))
+        conn.execute(sa.text(f'ALTER DATABASE "{dsn.database}" SET enable_seqscan = on'))
+    engine.dispose()
+    DBOS(config=config(pg_url, executor_lease_sec=LEASE, heartbeat_interval_sec=0.2))
+    query = sa.text(
+        "SELECT current_setting('enable_seqscan'), current_setting('jit'),"
+        " current_setting('idle_in_transaction_session_timeout')"
+    )
+
+    @DBOS.transaction()
+    def settings() -> tuple[str, str, str]:
+        row = DBOS.sql_session.execute(query).one()
+        return (str(row[0]), str(row[1]), str(row[2]))
+
+    DBOS.launch()
+    assert settings() == ("on", "off", "0")
+    with get_runtime().db.read() as conn:
+        own = conn.execute(query).one()
+    assert (own[0], own[1]) == ("off", "off")
+    assert own[2] != "0"  # the stalled-transaction limit
+    assert settings() == ("on", "off", "0")  # the pooled connection again

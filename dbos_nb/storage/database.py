@@ -124,17 +124,17 @@ class Database:
         # first small test batch, then a large one, is exactly that. Every statement dbos_nb
         # runs on its own tables has an index made for it, so its sessions ask the planner to
         # use indexes; a query that no index serves still scans (the setting only weighs
-        # against scans). Application transactions get the default back (`user_transaction`).
-        # Each: (name, value for dbos_nb's sessions, value for application transactions).
-        self._session: list[tuple[str, str, str]] = []
+        # against scans). Application transactions get the server's settings back
+        # (`user_transaction`). Each: (name, value for dbos_nb's sessions).
+        self._session: list[tuple[str, str]] = []
         if self._stall_ms is not None:
-            self._session.append(("idle_in_transaction_session_timeout", str(self._stall_ms), "0"))
+            self._session.append(("idle_in_transaction_session_timeout", str(self._stall_ms)))
         if system_tables:
-            self._session.append(("enable_seqscan", "off", "on"))
+            self._session.append(("enable_seqscan", "off"))
             # Short statements only: compiling one (which PostgreSQL starts above a cost
             # threshold, and a scan of a table without a usable index is costed far above it
             # once scans are weighed against) takes 20-90 ms.
-            self._session.append(("jit", "off", "on"))
+            self._session.append(("jit", "off"))
         if self.is_postgres:
             translate: dict[str | None, str] = {None: PG_SCHEMA}
             engine = self._make_pg_engine(pool_size, max_overflow)
@@ -177,8 +177,7 @@ class Database:
             **kwargs,
         )
         if self._session:
-            own = [(name, value) for name, value, _ in self._session]
-            event.listen(engine, "connect", _session_settings(own))
+            event.listen(engine, "connect", _session_settings(self._session))
         self._engines.append(engine)
         return engine
 
@@ -213,7 +212,9 @@ class Database:
         as it likes between its statements: the stalled-transaction limit does not apply."""
         with self.write(isolation_level) as conn:
             if self.is_postgres and self._session:
-                conn.execute(_set_config([(name, app) for name, _, app in self._session], True))
+                server = conn.connection.info.get(_SERVER_SETTINGS)
+                if server:
+                    conn.execute(_set_config(server, True))
             yield conn
 
     @contextlib.contextmanager
@@ -487,22 +488,36 @@ def _enable_wal(cursor: Any) -> None:
 
 def _set_config(settings: list[tuple[str, str]], local: bool) -> TextClause:
     """One statement setting each (name, value), for the session or the transaction (`local`);
-    names and values are dbos_nb's own constants."""
+    names are dbos_nb's own, values its own or read from the server (quoted)."""
     flag = "true" if local else "false"
-    calls = ", ".join(f"set_config('{name}', '{value}', {flag})" for name, value in settings)
+    calls = ", ".join(
+        f"set_config('{name}', '{value.replace(chr(39), chr(39) * 2)}', {flag})"
+        for name, value in settings
+    )
     return text(f"SELECT {calls}")
+
+
+# Where a connection keeps the server's values of the settings dbos_nb changed in its session.
+_SERVER_SETTINGS = "dbos_nb_server_settings"
 
 
 def _session_settings(
     settings: list[tuple[str, str]],
 ) -> Callable[[Any, ConnectionPoolEntry], None]:
     """A connect hook that sets each new session's settings (in a statement rather than as
-    startup options, which connection poolers such as PgBouncer refuse)."""
+    startup options, which connection poolers such as PgBouncer refuse), keeping the values
+    they replace (the server's, the database's or the role's) for application transactions."""
+    names = ", ".join(f"current_setting('{name}')" for name, _ in settings)
     sql = str(_set_config(settings, False))
 
-    def on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         with dbapi_connection.cursor() as cur:
+            cur.execute(f"SELECT {names}")
+            row = cur.fetchone()
             cur.execute(sql)
         dbapi_connection.commit()
+        record.info[_SERVER_SETTINGS] = [
+            (name, str(value)) for (name, _), value in zip(settings, row, strict=True)
+        ]
 
     return on_connect
