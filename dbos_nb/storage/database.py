@@ -114,9 +114,6 @@ class Database:
         # PostgreSQL ends a session that sits inside a transaction longer than this: a process
         # frozen mid-transaction (SIGSTOP, a paused VM) would otherwise hold its row locks, and
         # every claimer and take-over waiting on them, until it thawed.
-        self._stall_ms: int | None = None
-        if stalled_transaction_timeout_sec is not None:
-            self._stall_ms = max(round(stalled_transaction_timeout_sec * 1000), 1)
         # PostgreSQL keeps the plan of a prepared statement until the table's next ANALYZE. A
         # plan made while workflow_status held a few rows reads it with a sequential scan
         # (cheaper than an index for a page or two), and keeps doing so while the table grows
@@ -127,8 +124,9 @@ class Database:
         # against scans). Application transactions get the server's settings back
         # (`user_transaction`). Each: (name, value for dbos_nb's sessions).
         self._session: list[tuple[str, str]] = []
-        if self._stall_ms is not None:
-            self._session.append(("idle_in_transaction_session_timeout", str(self._stall_ms)))
+        if stalled_transaction_timeout_sec is not None:
+            stall_ms = max(round(stalled_transaction_timeout_sec * 1000), 1)
+            self._session.append(("idle_in_transaction_session_timeout", str(stall_ms)))
         if system_tables:
             self._session.append(("enable_seqscan", "off"))
             # Short statements only: compiling one (which PostgreSQL starts above a cost

@@ -61,11 +61,10 @@ _FINISH = _FINISH_BODY + "SELECT workflow_uuid, queue_name FROM finished"
 # Workflows finished together are announced together: one `dones:` notification per
 # DONES_PER_NOTIFICATION ids, or fewer where long ids would pass PostgreSQL's 8,000-byte payload
 # limit (a JSON list, since an id may hold any character, made here rather than in SQL, which
-# PostgreSQL would plan at every run), rather than a `done:` each,
-# which every listening process would receive and handle one by one. Every id of the batch is
-# announced: one whose finish was refused (another owner) only makes its waiters look again.
-# A freed slot wakes its queue's schedulers (`q:`; PostgreSQL delivers identical notifications
-# of a transaction once).
+# PostgreSQL would plan at every run), rather than a `done:` each, which every listening process
+# would receive and handle one by one. Every id of the batch is announced: one whose finish was
+# refused (another owner) only makes its waiters look again. A freed slot wakes its queue's
+# schedulers (`q:`; PostgreSQL delivers identical notifications of a transaction once).
 DONES_PER_NOTIFICATION = 25
 _PAYLOAD_BYTES = 7_000  # below the limit, with room for the origin and the prefix
 _FINISH_AND_NOTIFY = (
@@ -124,17 +123,18 @@ def finish_workflows(
 def _id_lists(ids: list[str]) -> list[str]:
     """`ids` as JSON lists of at most DONES_PER_NOTIFICATION ids and _PAYLOAD_BYTES bytes."""
     lists: list[str] = []
-    chunk: list[str] = []
-    size = 2
+    chunk: list[str] = []  # each id already encoded as a JSON string
+    size = 2  # the brackets
     for wid in ids:
-        width = len(json.dumps(wid, ensure_ascii=False).encode()) + 1
+        encoded = json.dumps(wid, ensure_ascii=False)
+        width = len(encoded.encode()) + 2  # and its separator
         if chunk and (len(chunk) == DONES_PER_NOTIFICATION or size + width > _PAYLOAD_BYTES):
-            lists.append(json.dumps(chunk, ensure_ascii=False))
+            lists.append(f"[{', '.join(chunk)}]")
             chunk, size = [], 2
-        chunk.append(wid)
+        chunk.append(encoded)
         size += width
     if chunk:
-        lists.append(json.dumps(chunk, ensure_ascii=False))
+        lists.append(f"[{', '.join(chunk)}]")
     return lists
 
 
