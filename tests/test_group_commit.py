@@ -16,14 +16,14 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, insert, select, text
 
 from dbos_nb import DBOS, DBOSClient, Queue
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.errors import DBOSQueueDeduplicatedError, WorkflowPreempted
 from dbos_nb.storage import claims
 from dbos_nb.storage.database import Database
-from dbos_nb.storage.merged import DONES_PER_NOTIFICATION
+from dbos_nb.storage.merged import DONES_PER_NOTIFICATION, MERGE_FROM
 from dbos_nb.storage.schema import operation_outputs, workflow_status
 from dbos_nb.storage.store import NewWorkflow, SystemStore
 from tests.conftest import config, create_pg_database, drop_pg_database
@@ -105,10 +105,16 @@ def _run_queued(
     return results, threads
 
 
-def test_waiting_step_records_share_one_commit(launched: str) -> None:
+# A few statements of a kind are sent one by one in the batch's pipeline, many as one statement
+# (PostgreSQL; SQLite shares a transaction either way).
+SIZES = [12, MERGE_FROM + 8]
+
+
+@pytest.mark.parametrize("n", SIZES, ids=["few", "many"])
+def test_waiting_step_records_share_one_commit(launched: str, n: int) -> None:
     rt = get_runtime()
     db, store = rt.db, rt.store
-    ids = _pending(store, "gc-step-", 12)
+    ids = _pending(store, "gc-step-", n)
 
     def record(i: int) -> Callable[[], Any]:
         owner = f"owner-{i}" if i != 5 else "someone-else"
@@ -116,34 +122,35 @@ def test_waiting_step_records_share_one_commit(launched: str) -> None:
 
     before = (db.committer.batches, db.committer.statements)
     with _held(db, (ids[0], 0), None):
-        results, threads = _run_queued(db, [record(i) for i in range(12)])
+        results, threads = _run_queued(db, [record(i) for i in range(n)])
     for t in threads:
         t.join(20)
     batches = db.committer.batches - before[0]
     statements = db.committer.statements - before[1]
-    assert (batches, statements) == (2, 12)  # the held one alone, then the other eleven together
+    assert (batches, statements) == (2, n)  # the held one alone, then all the others together
     assert isinstance(results[5], WorkflowPreempted)
-    assert [r for i, r in enumerate(results) if i != 5] == [None] * 11
+    assert [r for i, r in enumerate(results) if i != 5] == [None] * (n - 1)
     with db.read() as conn:
         rows = conn.execute(select(operation_outputs.c.workflow_uuid)).scalars().all()
     assert sorted(rows) == sorted(w for i, w in enumerate(ids) if i != 5)
 
 
-def test_waiting_finishes_share_one_commit(launched: str) -> None:
+@pytest.mark.parametrize("n", SIZES, ids=["few", "many"])
+def test_waiting_finishes_share_one_commit(launched: str, n: int) -> None:
     rt = get_runtime()
     db, store = rt.db, rt.store
-    ids = _pending(store, "gc-fin-", 10)
+    ids = _pending(store, "gc-fin-", n)
 
     def finish(i: int) -> Callable[[], Any]:
         owner = f"owner-{i}" if i != 3 else "stale"
         return lambda: store.finish_workflow(ids[i], owner, "SUCCESS", b"v", None, 5)
 
     with _held(db, None, ids[0]):
-        results, threads = _run_queued(db, [finish(i) for i in range(10)])
+        results, threads = _run_queued(db, [finish(i) for i in range(n)])
     for t in threads:
         t.join(20)
     assert results[3] == (False, None)
-    assert [r for i, r in enumerate(results) if i != 3] == [(True, None)] * 9
+    assert [r for i, r in enumerate(results) if i != 3] == [(True, None)] * (n - 1)
     for i, wid in enumerate(ids):
         row = store.get_workflow(wid)
         assert row is not None
@@ -161,14 +168,14 @@ def launched_pg(pg_server_url: str) -> Iterator[str]:
     drop_pg_database(pg_server_url, url)
 
 
-def test_finishes_committed_together_are_announced_together(launched_pg: str) -> None:
+@pytest.mark.parametrize("n", [6, 2 * DONES_PER_NOTIFICATION + 3], ids=["few", "many"])
+def test_finishes_committed_together_are_announced_together(launched_pg: str, n: int) -> None:
     """Other processes learn of workflows that finished in one batch from a few notifications
     (JSON lists of ids, whatever characters the ids hold), not one each, and wake whoever
     waits on them; the one-row finish still announces its workflow alone. Here a second
     `Database` (its own origin, as another process) finishes the workflows; this process's
     worker and a third listener receive the notifications."""
     rt = get_runtime()
-    n = 2 * DONES_PER_NOTIFICATION + 3
     ids = _pending(rt.store, 'gc-note-,"\\ é ', n)
     finisher = Database(launched_pg)
     store = SystemStore(finisher)
@@ -209,6 +216,70 @@ def test_finishes_committed_together_are_announced_together(launched_pg: str) ->
     assert [p for p in payloads if p.startswith("done:")] == [f"done:{ids[0]}"]
     lists = [p for p in payloads if p.startswith("dones:")]
     assert len(lists) == math.ceil((n - 1) / DONES_PER_NOTIFICATION)
+
+
+def test_step_records_and_finishes_waiting_together_commit_together(launched_pg: str) -> None:
+    """On PostgreSQL a batch's kinds of statements are sent together and commit as one
+    transaction: the rows they write carry the same transaction id (xmin). If one statement
+    fails, the batch is rolled back and run again statement by statement: only the failing
+    caller gets an error and nothing of the others is lost."""
+    rt = get_runtime()
+    db, store = rt.db, rt.store
+    ids = _pending(store, "gc-mixed-", 13)
+
+    def record(i: int) -> Callable[[], Any]:
+        return lambda: store.record_step(ids[i], f"owner-{i}", 0, "s", b"out", None, 1, 2)
+
+    def finish(i: int) -> Callable[[], Any]:
+        return lambda: store.finish_workflow(ids[i], f"owner-{i}", "SUCCESS", b"v", None, 5)
+
+    calls = [record(0)] + [record(i) for i in range(1, 7)] + [finish(i) for i in range(7, 13)]
+    with _held(db, (ids[0], 0), None):
+        results, threads = _run_queued(db, calls)
+    for t in threads:
+        t.join(20)
+    assert results == [None] * 7 + [(True, None)] * 6
+    with db.read() as conn:
+        steps = conn.execute(
+            text(
+                "SELECT workflow_uuid, xmin::text FROM dbos_nb.operation_outputs"
+                " WHERE workflow_uuid LIKE 'gc-mixed-%'"
+            )
+        ).all()
+        finished = conn.execute(
+            text(
+                "SELECT workflow_uuid, xmin::text FROM dbos_nb.workflow_status"
+                " WHERE workflow_uuid LIKE 'gc-mixed-%' AND status = 'SUCCESS'"
+            )
+        ).all()
+    assert sorted(w for w, _ in steps) == sorted(ids[:7])
+    assert sorted(w for w, _ in finished) == sorted(ids[7:])
+    held_alone = {x for w, x in steps if w == ids[0]}
+    together = {x for w, x in steps + finished if w != ids[0]}
+    assert len(together) == 1 and together != held_alone
+
+    # The same with a failing step record among them (NULL in a NOT NULL column).
+    more = _pending(store, "gc-mixfail-", 9)
+
+    def bad_or_good(i: int) -> Callable[[], Any]:
+        name: Any = None if i == 3 else "s"
+        return lambda: store.record_step(more[i], f"owner-{i}", 0, name, b"out", None, 1, 2)
+
+    def finish_more(i: int) -> Callable[[], Any]:
+        return lambda: store.finish_workflow(more[i], f"owner-{i}", "SUCCESS", b"v", None, 5)
+
+    calls = [bad_or_good(i) for i in range(5)] + [finish_more(i) for i in range(5, 9)]
+    with _held(db, (more[0], 0), None):
+        results, threads = _run_queued(db, calls)
+    for t in threads:
+        t.join(20)
+    assert "NOT NULL" in str(results[3]).upper() or "function_name" in str(results[3])
+    assert [r for i, r in enumerate(results) if i != 3] == [None] * 4 + [(True, None)] * 4
+    for i, wid in enumerate(more):
+        row = store.get_workflow(wid)
+        assert row is not None
+        assert row["status"] == ("SUCCESS" if i >= 5 else "PENDING")
+        assert store.step_preflight(wid, 0).recorded == (i < 5 and i != 3)
 
 
 def test_announced_id_lists_fit_a_notification() -> None:

@@ -12,9 +12,10 @@ lone caller runs its statement directly.
 Two ways of running a batch, one per database:
 - shared transaction (SQLite): every statement in one BEGIN IMMEDIATE ... COMMIT. Statements are
   cheap in-process calls there; the commit and the write lock are what cost.
-- merged statements (PostgreSQL): statements of one kind (all step records, say) become one
-  statement over arrays, run in autocommit: one round trip and one WAL flush for the lot, and
-  no transaction left open across round trips (a frozen process must not sit on row locks).
+- one pipeline (PostgreSQL, `merged.py`): the batch's statements are sent together and run as
+  one implicit transaction (many of a kind merged into one statement over arrays): one round
+  trip and one WAL flush for the lot, and no transaction left open across round trips (a
+  frozen process must not sit on row locks).
 
 Statements are independent (each affects its own rows and reads only what it writes), so running
 them together changes no outcome. If a batch fails as a whole (a constraint, a deadlock, a lost
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -40,9 +41,16 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 256
 
 
-# Runs many statements of one kind as one, on a driver connection: the parameters of each, in
-# order -> the first row of each, in the same order.
-MergedRunner = Callable[[Any, list[dict[str, Any]]], list[tuple[Any, ...] | None]]
+# A kind of statement that the database can batch (`merged.MergedKind`): the committer only
+# groups by it and hands the groups to the database's runner.
+MergedRunner = Hashable
+
+# Runs the statements of several kinds together and atomically on a driver connection: (kind,
+# the parameters of each of its statements) per kind -> the first row of each statement, in
+# the same order.
+MergedRun = Callable[
+    [Any, list[tuple[Any, list[dict[str, Any]]]]], list[list[tuple[Any, ...] | None]]
+]
 
 # A transaction (or an autocommit connection) on the driver's connection, which it yields.
 Transaction = Callable[[], AbstractContextManager[Any]]
@@ -92,9 +100,11 @@ class GroupCommitter:
         self,
         transaction: Transaction | None,
         single: Transaction,
+        merged: MergedRun | None = None,
     ) -> None:
-        # The shared transaction, or None to merge statements of a kind instead.
+        # The shared transaction, or None to hand batches to `merged` instead.
         self._transaction = transaction
+        self._merged = merged
         # For a statement that runs alone (PostgreSQL: autocommit, one round trip).
         self._single = single
         self._lock = threading.Lock()
@@ -188,15 +198,7 @@ class GroupCommitter:
         elif self._transaction is not None:
             interrupt = self._commit_shared(batch, self._transaction)
         else:
-            kinds: dict[MergedRunner | None, list[_Op]] = {}
-            for op in batch:
-                kinds.setdefault(op.merged, []).append(op)
-            for runner, ops in kinds.items():
-                if runner is None or len(ops) == 1:
-                    for op in ops:
-                        self._commit_alone(op)
-                else:
-                    interrupt = self._commit_merged(ops, runner) or interrupt
+            interrupt = self._commit_merged(batch)
         _release(batch)
         if interrupt is not None:
             # Ctrl-C (or the like) reached the leader while it wrote the others' statements:
@@ -207,9 +209,26 @@ class GroupCommitter:
         """All statements in one transaction (see `_together`)."""
         return self._together(batch, transaction, lambda conn: [_first(conn, op) for op in batch])
 
-    def _commit_merged(self, ops: list[_Op], runner: MergedRunner) -> BaseException | None:
-        """Statements of one kind merged into one (see `_together`)."""
-        return self._together(ops, self._single, lambda conn: runner(conn, [o.params for o in ops]))
+    def _commit_merged(self, batch: list[_Op]) -> BaseException | None:
+        """Every statement with a kind in one go, by the database's runner (see `_together`);
+        a statement without a kind runs alone."""
+        kinds: dict[MergedRunner, list[_Op]] = {}
+        for op in batch:
+            if op.merged is None:
+                self._commit_alone(op)
+            else:
+                kinds.setdefault(op.merged, []).append(op)
+        if not kinds:
+            return None
+        assert self._merged is not None, "merged statements need a runner"
+        run_merged = self._merged
+        parts = [(kind, [op.params for op in ops]) for kind, ops in kinds.items()]
+        ordered = [op for ops in kinds.values() for op in ops]
+        return self._together(
+            ordered,
+            self._single,
+            lambda conn: [row for rows in run_merged(conn, parts) for row in rows],
+        )
 
     def _together(
         self,

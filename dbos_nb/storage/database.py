@@ -50,6 +50,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
 from dbos_nb.storage.committer import GroupCommitter, MergedRunner
+from dbos_nb.storage.merged import run_merged
 from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
 from dbos_nb.storage.schema import PG_SCHEMA, queues
 
@@ -142,7 +143,7 @@ class Database:
             auto = self._make_pg_engine(pool_size, max_overflow, isolation_level="AUTOCOMMIT")
             self._single_engine = auto.execution_options(schema_translate_map=translate)
             self._translate = translate
-            self._committer = GroupCommitter(None, self.driver_single)
+            self._committer = GroupCommitter(None, self.driver_single, run_merged)
         else:
             path = parsed.database or ""
             directory = os.path.dirname(os.path.abspath(path))
@@ -247,10 +248,10 @@ class Database:
         """Run one self-contained writing statement durably, committed together with other
         threads' statements (see `committer`); returns its first row.
 
-        SQLite shares one transaction among them. PostgreSQL merges those that have a `merged`
-        runner into one statement per kind; any other runs at once on the caller's thread, in
-        autocommit (its own round trip is all it costs there). The statement runs on the
-        driver's connection, compiled once (`prepared.py`).
+        SQLite shares one transaction among them. PostgreSQL sends those that have a `merged`
+        kind together, as one transaction (`merged.py`); any other runs at once on the caller's
+        thread, in autocommit (its own round trip is all it costs there). A statement that runs
+        alone runs on the driver's connection, compiled once (`prepared.py`).
 
         `guard` (SQLite only: a transaction holds the two together): a query that must return a
         row for `stmt` to run; otherwise nothing is written and None is returned.

@@ -122,7 +122,7 @@ class StepRecords(StoreBase):
                 "b_wid": workflow_id,
                 "b_owner": owner_xid,
             },
-            merged.record_steps,
+            merged.RECORD_STEPS,
         )
         if inserted is not None:
             return None

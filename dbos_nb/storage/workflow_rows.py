@@ -4,7 +4,6 @@ reading and listing rows, counting them by status.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,7 +90,7 @@ class WorkflowRows(StoreBase):
 
     def _build_workflow_statements(self, db: Database) -> None:
         """Prepare the dialect-specific writes of workflow rows (called once, by __init__)."""
-        self._finish_merged = functools.partial(merged.finish_workflows, notify=db.notifications)
+        self._finish_merged = merged.FINISH_AND_NOTIFY if db.notifications else merged.FINISH
         self._insert_step = db.insert(oo).on_conflict_do_nothing().returning(oo.c.function_id)
         # RETURNING, not rowcount: with an autoincrement key PostgreSQL reports -1.
         self._insert_wf = (
