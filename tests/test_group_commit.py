@@ -218,13 +218,23 @@ def test_finishes_committed_together_are_announced_together(launched_pg: str, n:
     assert len(lists) == math.ceil((n - 1) / DONES_PER_NOTIFICATION)
 
 
-def test_step_records_and_finishes_waiting_together_commit_together(launched_pg: str) -> None:
+@pytest.mark.parametrize("notifications", [True, False], ids=["notifying", "quiet"])
+def test_step_records_and_finishes_waiting_together_commit_together(
+    launched_pg: str, notifications: bool
+) -> None:
     """On PostgreSQL a batch's kinds of statements are sent together and commit as one
     transaction: the rows they write carry the same transaction id (xmin). If one statement
     fails, the batch is rolled back and run again statement by statement: only the failing
-    caller gets an error and nothing of the others is lost."""
-    rt = get_runtime()
-    db, store = rt.db, rt.store
+    caller gets an error and nothing of the others is lost. (Here a `Database` of its own,
+    with or without notifications, writes.)"""
+    db = Database(launched_pg, notifications=notifications)
+    try:
+        _mixed_batches(db, SystemStore(db))
+    finally:
+        db.dispose()
+
+
+def _mixed_batches(db: Database, store: SystemStore) -> None:
     ids = _pending(store, "gc-mixed-", 13)
 
     def record(i: int) -> Callable[[], Any]:

@@ -176,8 +176,11 @@ def run_merged(conn: Any, parts: list[tuple[MergedKind, Batch]]) -> list[list[Ro
     one transaction (see the module docstring); the answers of each part, in order."""
     plans = [kind.statements(batch) for kind, batch in parts]
     statements = [statement for plan in plans for statement in plan]
-    if len(statements) == 1 or not psycopg.Pipeline.is_supported():
-        results = [_rows(conn, sql, params) for sql, params in statements]
+    if len(statements) == 1:
+        results = [_rows(conn, *statements[0])]
+    elif not psycopg.Pipeline.is_supported():  # libpq before 14: a transaction, round trip each
+        with conn.transaction():
+            results = [_rows(conn, sql, params) for sql, params in statements]
     else:
         cursors = [conn.cursor() for _ in statements]
         try:
