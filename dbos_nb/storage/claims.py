@@ -22,9 +22,13 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Boolean,
     Integer,
+    String,
+    all_,
+    any_,
     bindparam,
     func,
     or_,
@@ -116,6 +120,7 @@ def _candidates_statement(
         priority_enabled,
         by_name,
         excluding,
+        postgres,
     )
     if postgres:
         candidates = candidates.with_for_update(skip_locked=True)
@@ -123,10 +128,19 @@ def _candidates_statement(
 
 
 def _ready_rows(
-    table: Any, columns: tuple[Any, ...], priority_enabled: bool, by_name: bool, excluding: bool
+    table: Any,
+    columns: tuple[Any, ...],
+    priority_enabled: bool,
+    by_name: bool,
+    excluding: bool,
+    postgres: bool,
 ) -> Any:
     """ENQUEUED rows of queue :q, oldest (or most urgent) first, at most :n, restricted to the
-    function names (:names) and away from the versions (:excluded) the claimer asks for."""
+    function names (:names) and away from the versions (:excluded) the claimer asks for.
+
+    PostgreSQL takes the names and versions as arrays (`= ANY`), so the statement's text is the
+    same whatever their number: compiled once, run on the driver (`prepared.py`). SQLite has no
+    arrays: an `IN` list, which SQLAlchemy expands at each run."""
     rows = (
         select(*columns)
         # The status as a literal: PostgreSQL's generic plans use the partial FIFO index only then.
@@ -135,14 +149,18 @@ def _ready_rows(
         .limit(bindparam("n", type_=Integer))
     )
     if by_name:
-        rows = rows.where(table.c.name.in_(bindparam("names", expanding=True)))
+        if postgres:
+            rows = rows.where(table.c.name == any_(bindparam("names", type_=ARRAY(String))))
+        else:
+            rows = rows.where(table.c.name.in_(bindparam("names", expanding=True)))
     if excluding:
-        rows = rows.where(
-            or_(
-                table.c.function_hash.is_(None),
-                table.c.function_hash.not_in(bindparam("excluded", expanding=True)),
+        if postgres:
+            other_version = table.c.function_hash != all_(
+                bindparam("excluded", type_=ARRAY(String))
             )
-        )
+        else:
+            other_version = table.c.function_hash.not_in(bindparam("excluded", expanding=True))
+        rows = rows.where(or_(table.c.function_hash.is_(None), other_version))
     return rows
 
 
@@ -307,8 +325,16 @@ def claim_unshared(
         params["names"] = list(names)
     if exclude_versions:
         params["excluded"] = list(exclude_versions)
-    with db.single() as conn:
-        rows = sorted(conn.execute(stmt, params).all(), key=lambda r: r[0])
+    if db.is_postgres:
+        # Compiled once and run on the driver: the scheduler's thread claims after every few
+        # finished workflows of a busy queue, and SQLAlchemy's execution would cost more than
+        # the statement.
+        with db.driver_single() as raw:
+            found = db.prepared(stmt).all(raw, params)
+    else:
+        with db.single() as conn:
+            found = [tuple(r) for r in conn.execute(stmt, params)]
+    rows = sorted(found, key=lambda r: r[0])
     return [
         ClaimedWorkflow(
             workflow_id=r[1],
@@ -347,9 +373,9 @@ def _unshared_claim_statement(
     )
     # An alias, so that the pick is a subquery of its own and not correlated to the UPDATE.
     cand = ws.alias("candidate")
-    picked = _ready_rows(cand, (cand.c.workflow_uuid,), priority_enabled, by_name, excluding).where(
-        still_unshared
-    )
+    picked = _ready_rows(
+        cand, (cand.c.workflow_uuid,), priority_enabled, by_name, excluding, postgres
+    ).where(still_unshared)
     if postgres:
         # A materialized CTE: as `IN (subquery)` PostgreSQL may run the pick once per row it
         # updates, and with SKIP LOCKED each run finds other rows, taking more than LIMIT.

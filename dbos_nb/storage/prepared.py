@@ -78,6 +78,11 @@ class Prepared:
 
     def first(self, dbapi_connection: Any, params: dict[str, Any]) -> tuple[Any, ...] | None:
         """Run the statement; its first result row (None if it returns none)."""
+        rows = self.all(dbapi_connection, params)
+        return rows[0] if rows else None
+
+    def all(self, dbapi_connection: Any, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Run the statement; all its result rows."""
         args = self.arguments(params)
         cursor = dbapi_connection.cursor()
         try:
@@ -88,7 +93,7 @@ class Prepared:
             raise translate(exc, self._dialect, self.sql, args) from exc
         finally:
             cursor.close()
-        return tuple(rows[0]) if rows else None
+        return [tuple(row) for row in rows]
 
 
 class Statement(Protocol):
