@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from dbos_nb.storage.database import Database
@@ -57,6 +57,30 @@ def test_a_prepared_statement_writes_and_returns_what_sqlalchemy_would(db: Datab
     assert db.grouped(stmt, {"wid": "nobody"}) is None
     assert _steps(db, "p1") == [(3, b"\x00bytes")]
     assert db.prepared(_INSERT) is db.prepared(_INSERT)  # compiled once
+
+
+def test_all_rows_and_statements_without_rows(db: Database) -> None:
+    """`all()` gives every row (claims read many); a write without RETURNING gives none, on a
+    statement whose kind is known when it is compiled, and a text statement is asked."""
+    for fid in (1, 2, 3):
+        db.grouped(
+            _INSERT,
+            {"workflow_uuid": "p2", "function_id": fid, "function_name": "s", "output": b""},
+        )
+    query = db.prepared(
+        select(oo.c.function_id)
+        .where(oo.c.workflow_uuid == bindparam("wid"))
+        .order_by("function_id")
+    )
+    plain = db.prepared(
+        update(oo).where(oo.c.workflow_uuid == bindparam("wid")).values(output=b"x")
+    )
+    raw_select = db.prepared(text("SELECT 7"))
+    with db.driver_write() if not db.is_postgres else db.driver_single() as conn:
+        assert query.all(conn, {"wid": "p2"}) == [(1,), (2,), (3,)]
+        assert plain.first(conn, {"wid": "p2"}) is None
+        assert raw_select.all(conn, {}) == [(7,)]
+    assert _steps(db, "p2") == [(1, b"x"), (2, b"x"), (3, b"x")]
 
 
 def test_a_constraint_violation_is_sqlalchemys_integrity_error_and_nothing_is_lost(

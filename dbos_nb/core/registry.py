@@ -8,6 +8,7 @@ claiming a name that is already taken is a conflict.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -54,8 +55,9 @@ class Registration:
     portable: bool = True
     _version: str | None = field(default=None, repr=False)
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
+        # Asked at every start of the function's work: `inspect` takes longer than the lookup.
         return inspect.iscoroutinefunction(self.func)
 
     @property

@@ -27,7 +27,16 @@ from sqlalchemy.sql.compiler import SQLCompiler
 class Prepared:
     """One statement compiled for one dialect; `first()` runs it on a DBAPI connection."""
 
-    __slots__ = ("_defaults", "_dialect", "_error", "_names", "_positional", "_processors", "sql")
+    __slots__ = (
+        "_defaults",
+        "_dialect",
+        "_error",
+        "_names",
+        "_positional",
+        "_processors",
+        "_returns_rows",
+        "sql",
+    )
 
     def __init__(
         self,
@@ -47,6 +56,10 @@ class Prepared:
             raise ValueError("a prepared statement cannot hold expanding parameters")
         self._dialect = dialect
         self._error: type[Exception] = dialect.loaded_dbapi.Error
+        # Whether it gives rows (a SELECT, or RETURNING), known here: asking the cursor each
+        # time makes psycopg build a description of every column. None: ask the cursor.
+        columns = getattr(statement, "exported_columns", None)
+        self._returns_rows: bool | None = None if columns is None else len(columns) > 0
         self._positional = compiled.positional
         binds = compiled.binds
         # Parameters in the driver's order (qmark) or by name (pyformat).
@@ -87,8 +100,11 @@ class Prepared:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self.sql, args)
+            returns_rows = self._returns_rows
+            if returns_rows is None:
+                returns_rows = cursor.description is not None
             # All rows: SQLite cannot commit while a statement still has rows to give.
-            rows = cursor.fetchall() if cursor.description is not None else []
+            rows = cursor.fetchall() if returns_rows else []
         except self._error as exc:
             raise translate(exc, self._dialect, self.sql, args) from exc
         finally:
