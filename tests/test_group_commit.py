@@ -36,7 +36,7 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-def _pending(store: SystemStore, prefix: str, n: int) -> list[str]:
+def _pending(store: SystemStore, prefix: str, n: int, queue_name: str | None = None) -> list[str]:
     ids = [f"{prefix}{i}" for i in range(n)]
     for i, wid in enumerate(ids):
         store.insert_workflow(
@@ -48,6 +48,7 @@ def _pending(store: SystemStore, prefix: str, n: int) -> list[str]:
                 created_at=1,
                 owner_xid=f"owner-{i}",
                 executor_id="test",
+                queue_name=queue_name,
             )
         )
     return ids
@@ -176,7 +177,7 @@ def test_finishes_committed_together_are_announced_together(launched_pg: str, n:
     `Database` (its own origin, as another process) finishes the workflows; this process's
     worker and a third listener receive the notifications."""
     rt = get_runtime()
-    ids = _pending(rt.store, 'gc-note-,"\\ é ', n)
+    ids = _pending(rt.store, 'gc-note-,"\\ é ', n, queue_name="gc-note-queue")
     finisher = Database(launched_pg)
     store = SystemStore(finisher)
     payloads: list[str] = []
@@ -202,7 +203,7 @@ def test_finishes_committed_together_are_announced_together(launched_pg: str, n:
                 )
             for t in threads:
                 t.join(20)
-            assert results == [(True, None)] * n
+            assert results == [(True, "gc-note-queue")] * n
             _wait_until(lambda: all(event.is_set() for event in woken))
         announced: list[str] = []
         _wait_until(lambda: _announced(payloads, announced) >= n)
@@ -216,26 +217,83 @@ def test_finishes_committed_together_are_announced_together(launched_pg: str, n:
     assert [p for p in payloads if p.startswith("done:")] == [f"done:{ids[0]}"]
     lists = [p for p in payloads if p.startswith("dones:")]
     assert len(lists) == math.ceil((n - 1) / DONES_PER_NOTIFICATION)
+    # Their queue's schedulers are woken once per transaction: the lone finish, then the batch.
+    assert [p for p in payloads if p.startswith("q:")] == ["q:gc-note-queue"] * 2
 
 
-@pytest.mark.parametrize("notifications", [True, False], ids=["notifying", "quiet"])
+@pytest.mark.parametrize(
+    ("notifications", "per_kind"),
+    [(True, 6), (False, 6), (True, MERGE_FROM + 2)],
+    ids=["notifying-few", "quiet-few", "notifying-many"],
+)
 def test_step_records_and_finishes_waiting_together_commit_together(
-    launched_pg: str, notifications: bool
+    launched_pg: str, notifications: bool, per_kind: int
 ) -> None:
     """On PostgreSQL a batch's kinds of statements are sent together and commit as one
     transaction: the rows they write carry the same transaction id (xmin). If one statement
     fails, the batch is rolled back and run again statement by statement: only the failing
     caller gets an error and nothing of the others is lost. (Here a `Database` of its own,
-    with or without notifications, writes.)"""
+    with or without notifications, writes; a few statements of a kind are sent one by one,
+    many as one.)"""
     db = Database(launched_pg, notifications=notifications)
     try:
-        _mixed_batches(db, SystemStore(db))
+        _mixed_batches(db, SystemStore(db), per_kind)
     finally:
         db.dispose()
 
 
-def _mixed_batches(db: Database, store: SystemStore) -> None:
-    ids = _pending(store, "gc-mixed-", 13)
+def test_without_pipeline_mode_a_batch_is_still_one_transaction(
+    launched_pg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a libpq older than 14 (no pipeline mode) a batch is one explicit transaction."""
+    import psycopg
+
+    monkeypatch.setattr(psycopg.Pipeline, "is_supported", classmethod(lambda cls: False))
+    db = Database(launched_pg)
+    try:
+        _mixed_batches(db, SystemStore(db), 6)
+    finally:
+        db.dispose()
+
+
+def test_a_statement_refused_before_it_is_sent_leaves_nothing_of_its_batch(
+    launched_pg: str,
+) -> None:
+    """psycopg refuses text holding a NUL character while it queues the batch, after the
+    statements before it were sent. None of them may commit: run again one by one, the others
+    still answer that their outcome was recorded (not that someone else took the workflow),
+    and only the refused caller gets the error."""
+    db = Database(launched_pg)
+    store = SystemStore(db)
+    try:
+        ids = _pending(store, "gc-nul-", 7)
+        before = db.committer.batches
+
+        def finish(i: int) -> Callable[[], Any]:
+            output = b"v"
+            status = "SUCCESS" if i != 4 else "SUC\x00CESS"
+            return lambda: store.finish_workflow(ids[i], f"owner-{i}", status, output, None, 5)
+
+        with _held(db, None, ids[0]):
+            results, threads = _run_queued(db, [finish(i) for i in range(7)])
+        for t in threads:
+            t.join(20)
+        assert db.committer.batches - before == 2
+        assert "NUL" in str(results[4])
+        assert [r for i, r in enumerate(results) if i != 4] == [(True, None)] * 6
+        for i, wid in enumerate(ids):
+            row = store.get_workflow(wid)
+            assert row is not None
+            assert row["status"] == ("PENDING" if i == 4 else "SUCCESS")
+    finally:
+        db.dispose()
+
+
+def _mixed_batches(db: Database, store: SystemStore, per_kind: int) -> None:
+    """Step records of `per_kind` workflows and finishes of `per_kind` others, queued behind a
+    held first record: one batch, one transaction. Then the same with a failing record."""
+    n = 1 + 2 * per_kind
+    ids = _pending(store, "gc-mixed-", n)
 
     def record(i: int) -> Callable[[], Any]:
         return lambda: store.record_step(ids[i], f"owner-{i}", 0, "s", b"out", None, 1, 2)
@@ -243,12 +301,15 @@ def _mixed_batches(db: Database, store: SystemStore) -> None:
     def finish(i: int) -> Callable[[], Any]:
         return lambda: store.finish_workflow(ids[i], f"owner-{i}", "SUCCESS", b"v", None, 5)
 
-    calls = [record(0)] + [record(i) for i in range(1, 7)] + [finish(i) for i in range(7, 13)]
+    steps_to = 1 + per_kind
+    calls = [record(i) for i in range(steps_to)] + [finish(i) for i in range(steps_to, n)]
+    before = db.committer.batches
     with _held(db, (ids[0], 0), None):
         results, threads = _run_queued(db, calls)
     for t in threads:
         t.join(20)
-    assert results == [None] * 7 + [(True, None)] * 6
+    assert db.committer.batches - before == 2  # the held record alone, then all the others
+    assert results == [None] * steps_to + [(True, None)] * per_kind
     with db.read() as conn:
         steps = conn.execute(
             text(
@@ -262,14 +323,14 @@ def _mixed_batches(db: Database, store: SystemStore) -> None:
                 " WHERE workflow_uuid LIKE 'gc-mixed-%' AND status = 'SUCCESS'"
             )
         ).all()
-    assert sorted(w for w, _ in steps) == sorted(ids[:7])
-    assert sorted(w for w, _ in finished) == sorted(ids[7:])
+    assert sorted(w for w, _ in steps) == sorted(ids[:steps_to])
+    assert sorted(w for w, _ in finished) == sorted(ids[steps_to:])
     held_alone = {x for w, x in steps if w == ids[0]}
     together = {x for w, x in steps + finished if w != ids[0]}
     assert len(together) == 1 and together != held_alone
 
     # The same with a failing step record among them (NULL in a NOT NULL column).
-    more = _pending(store, "gc-mixfail-", 9)
+    more = _pending(store, "gc-mixfail-", n)
 
     def bad_or_good(i: int) -> Callable[[], Any]:
         name: Any = None if i == 3 else "s"
@@ -278,18 +339,19 @@ def _mixed_batches(db: Database, store: SystemStore) -> None:
     def finish_more(i: int) -> Callable[[], Any]:
         return lambda: store.finish_workflow(more[i], f"owner-{i}", "SUCCESS", b"v", None, 5)
 
-    calls = [bad_or_good(i) for i in range(5)] + [finish_more(i) for i in range(5, 9)]
+    calls = [bad_or_good(i) for i in range(steps_to)] + [finish_more(i) for i in range(steps_to, n)]
     with _held(db, (more[0], 0), None):
         results, threads = _run_queued(db, calls)
     for t in threads:
         t.join(20)
     assert "NOT NULL" in str(results[3]).upper() or "function_name" in str(results[3])
-    assert [r for i, r in enumerate(results) if i != 3] == [None] * 4 + [(True, None)] * 4
+    expected = [None] * (steps_to - 1) + [(True, None)] * per_kind
+    assert [r for i, r in enumerate(results) if i != 3] == expected
     for i, wid in enumerate(more):
         row = store.get_workflow(wid)
         assert row is not None
-        assert row["status"] == ("SUCCESS" if i >= 5 else "PENDING")
-        assert store.step_preflight(wid, 0).recorded == (i < 5 and i != 3)
+        assert row["status"] == ("SUCCESS" if i >= steps_to else "PENDING")
+        assert store.step_preflight(wid, 0).recorded == (i < steps_to and i != 3)
 
 
 def test_announced_id_lists_fit_a_notification() -> None:

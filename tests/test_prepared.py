@@ -76,6 +76,11 @@ def test_all_rows_and_statements_without_rows(db: Database) -> None:
         update(oo).where(oo.c.workflow_uuid == bindparam("wid")).values(output=b"x")
     )
     raw_select = db.prepared(text("SELECT 7"))
+    assert (query._returns_rows, plain._returns_rows, raw_select._returns_rows) == (
+        True,
+        False,
+        None,  # asks the cursor
+    )
     with db.driver_write() if not db.is_postgres else db.driver_single() as conn:
         assert query.all(conn, {"wid": "p2"}) == [(1,), (2,), (3,)]
         assert plain.first(conn, {"wid": "p2"}) is None

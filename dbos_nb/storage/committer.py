@@ -12,10 +12,9 @@ lone caller runs its statement directly.
 Two ways of running a batch, one per database:
 - shared transaction (SQLite): every statement in one BEGIN IMMEDIATE ... COMMIT. Statements are
   cheap in-process calls there; the commit and the write lock are what cost.
-- one pipeline (PostgreSQL, `merged.py`): the batch's statements are sent together and run as
-  one implicit transaction (many of a kind merged into one statement over arrays): one round
-  trip and one WAL flush for the lot, and no transaction left open across round trips (a
-  frozen process must not sit on row locks).
+- one pipeline (PostgreSQL, `merged.py`): the batch's statements are sent together between
+  BEGIN and COMMIT (many of a kind merged into one statement over arrays): one round trip and
+  one WAL flush for the lot, and no transaction waits on a reply to this process.
 
 Statements are independent (each affects its own rows and reads only what it writes), so running
 them together changes no outcome. If a batch fails as a whole (a constraint, a deadlock, a lost
@@ -43,7 +42,7 @@ MAX_BATCH = 256
 
 # A kind of statement that the database can batch (`merged.MergedKind`): the committer only
 # groups by it and hands the groups to the database's runner.
-MergedRunner = Hashable
+BatchKind = Hashable
 
 # Runs the statements of several kinds together and atomically on a driver connection: (kind,
 # the parameters of each of its statements) per kind -> the first row of each statement, in
@@ -61,9 +60,7 @@ class _Op:
 
     __slots__ = ("abandoned", "error", "latch", "merged", "params", "promoted", "row", "stmt")
 
-    def __init__(
-        self, stmt: Statement, params: dict[str, Any], merged: MergedRunner | None
-    ) -> None:
+    def __init__(self, stmt: Statement, params: dict[str, Any], merged: BatchKind | None) -> None:
         self.stmt = stmt
         self.params = params
         self.merged = merged
@@ -116,10 +113,11 @@ class GroupCommitter:
         self.statements = 0
 
     def execute(
-        self, stmt: Statement, params: dict[str, Any], merged: MergedRunner | None = None
+        self, stmt: Statement, params: dict[str, Any], merged: BatchKind | None = None
     ) -> tuple[Any, ...] | None:
-        """Run `stmt` with others; its first result row once committed. `merged` runs many
-        statements of its kind as one (required when batches are merged, not shared)."""
+        """Run `stmt` with others; its first result row once committed. `merged`: its kind,
+        by which the database's runner writes it with others of the kind (required when
+        batches go to a runner rather than a shared transaction); `stmt` runs alone."""
         op = _Op(stmt, params, merged)
         latch = None
         with self._lock:
@@ -212,7 +210,7 @@ class GroupCommitter:
     def _commit_merged(self, batch: list[_Op]) -> BaseException | None:
         """Every statement with a kind in one go, by the database's runner (see `_together`);
         a statement without a kind runs alone."""
-        kinds: dict[MergedRunner, list[_Op]] = {}
+        kinds: dict[BatchKind, list[_Op]] = {}
         for op in batch:
             if op.merged is None:
                 self._commit_alone(op)

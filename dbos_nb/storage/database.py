@@ -11,10 +11,11 @@ statements once with SQLAlchemy Core and asks this module for:
   one queue take turns and count exactly (SQLite needs nothing: `BEGIN IMMEDIATE` already
   serializes writers);
 - `notify()` and `listen()`: PostgreSQL LISTEN/NOTIFY; on SQLite no-ops (other processes poll);
-- `grouped()`: the hot single-statement writes (enqueue, step record, outcome), compiled once and
-  run on the driver's connection (`driver_write()`: SQLite's one dedicated connection, under the
-  process's write lock; `driver_single()`: PostgreSQL's pooled connections in autocommit), with
-  other threads' writes sharing the commit (`committer.py`).
+- `grouped()`: the hot single-statement writes (enqueue, step record, outcome), run on the
+  driver's connection (`driver_write()`: SQLite's one dedicated connection, under the process's
+  write lock; `driver_single()`: PostgreSQL's pooled connections in autocommit), with other
+  threads' writes sharing the commit (`committer.py`): compiled once (`prepared.py`), or, for
+  PostgreSQL's batches, as the SQL of `merged.py`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
-from dbos_nb.storage.committer import GroupCommitter, MergedRunner
+from dbos_nb.storage.committer import BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
 from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
 from dbos_nb.storage.schema import PG_SCHEMA, queues
@@ -241,7 +242,7 @@ class Database:
         self,
         stmt: Executable,
         params: dict[str, Any],
-        merged: MergedRunner | None = None,
+        merged: BatchKind | None = None,
         *,
         guard: Executable | None = None,
     ) -> tuple[Any, ...] | None:

@@ -1,10 +1,13 @@
 """PostgreSQL batches: the writes the group committer gathered, in one round trip and one commit.
 
 The group committer (`committer.py`) hands over the parameters of every waiting statement, by
-kind (step records, outcomes). All of them are sent as one pipeline (psycopg's pipeline mode)
-on an autocommit connection: PostgreSQL runs everything between two Syncs as one implicit
-transaction, so the batch commits once (one WAL flush), or, if any statement fails, not at all.
-The whole transaction is sent at once, so it never waits on this process while holding locks.
+kind (step records, outcomes). All of them are sent as one pipeline (psycopg's pipeline mode),
+between BEGIN and COMMIT: one round trip and one commit (one WAL flush) for the batch, or, if
+any statement fails, nothing. psycopg sends each statement as it is queued, so the server runs
+them while the rest are still being sent; a process frozen at that moment (a debugger, SIGSTOP)
+holds the locks of the rows written so far (its own workflows' rows) until it resumes, and
+`idle_in_transaction_session_timeout` does not count that time. The window is the time this
+thread takes to queue the statements, usually a fraction of a millisecond.
 
 A kind with few statements in the batch sends them one by one, each a small prepared statement
 with scalar parameters; a kind with many is merged into one statement over arrays (`unnest`).
@@ -28,6 +31,7 @@ here is prepared like any other (psycopg prepares a statement on its fifth run).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -35,10 +39,16 @@ import psycopg
 
 from dbos_nb.storage.schema import PG_SCHEMA
 
+logger = logging.getLogger(__name__)
+
 Row = tuple[Any, ...]
 Batch = list[dict[str, Any]]
 
+# Each recorded row comes back with the workflow's owner, so that of two executions of one
+# workflow in a batch (a stale one and the one that took it over) only the owner is told its
+# record was written.
 _RECORD_STEPS = f"""
+WITH recorded AS (
 INSERT INTO {PG_SCHEMA}.operation_outputs (
     workflow_uuid, function_id, function_name, output, error, child_workflow_id,
     started_at_epoch_ms, completed_at_epoch_ms)
@@ -54,6 +64,10 @@ JOIN {PG_SCHEMA}.workflow_status ws
 WHERE ws.workflow_uuid = ANY(%(wid)s::text[])
 ON CONFLICT DO NOTHING
 RETURNING workflow_uuid, function_id
+)
+SELECT r.workflow_uuid, r.function_id, ws.owner_xid
+FROM recorded r JOIN {PG_SCHEMA}.workflow_status ws ON ws.workflow_uuid = r.workflow_uuid
+WHERE ws.workflow_uuid = ANY(%(wid)s::text[])
 """
 
 _RECORD_STEP = f"""
@@ -100,14 +114,14 @@ WITH v AS (
     FROM v
     WHERE ws.workflow_uuid = ANY(%(wid)s::text[])
       AND ws.workflow_uuid = v.wid AND ws.status = 'PENDING' AND ws.owner_xid = v.owner
-    RETURNING ws.workflow_uuid, ws.queue_name
+    RETURNING ws.workflow_uuid, ws.queue_name, ws.owner_xid
 )
 """
-_FINISH = _FINISH_BODY + "SELECT workflow_uuid, queue_name FROM finished"
+_FINISH = _FINISH_BODY + "SELECT workflow_uuid, queue_name, owner_xid FROM finished"
 _FINISH_AND_WAKE = (
     _FINISH_BODY
     + """
-SELECT workflow_uuid, queue_name,
+SELECT workflow_uuid, queue_name, owner_xid,
        CASE WHEN queue_name IS NOT NULL
             THEN pg_notify(%(channel)s, %(origin)s || 'q:' || queue_name) END
 FROM finished
@@ -174,20 +188,29 @@ class MergedKind:
 def run_merged(conn: Any, parts: list[tuple[MergedKind, Batch]]) -> list[list[Row | None]]:
     """Write every part (a kind and the parameters of its statements) in one round trip and
     one transaction (see the module docstring); the answers of each part, in order."""
+    assert conn.autocommit, "batches run on an autocommit connection"
     plans = [kind.statements(batch) for kind, batch in parts]
     statements = [statement for plan in plans for statement in plan]
     if len(statements) == 1:
         results = [_rows(conn, *statements[0])]
-    elif not psycopg.Pipeline.is_supported():  # libpq before 14: a transaction, round trip each
+    elif not psycopg.Pipeline.is_supported():  # libpq before 14: a round trip each
         with conn.transaction():
             results = [_rows(conn, sql, params) for sql, params in statements]
     else:
         cursors = [conn.cursor() for _ in statements]
         try:
             with conn.pipeline():
+                # An explicit transaction: if this thread fails (or is interrupted) before it
+                # has sent every statement, the Sync that closes the pipeline must not commit
+                # the ones already sent, as it would an implicit transaction.
+                conn.execute("BEGIN")
                 for cursor, (sql, params) in zip(cursors, statements, strict=True):
                     cursor.execute(sql, params)
+                conn.execute("COMMIT")
             results = [list(cursor.fetchall()) for cursor in cursors]
+        except BaseException:
+            _roll_back(conn)
+            raise
         finally:
             for cursor in cursors:
                 cursor.close()
@@ -197,6 +220,15 @@ def run_merged(conn: Any, parts: list[tuple[MergedKind, Batch]]) -> list[list[Ro
         answers.append(kind.answers(batch, results[start : start + len(plan)]))
         start += len(plan)
     return answers
+
+
+def _roll_back(conn: Any) -> None:
+    """End what a failed batch left open, here and now: without depending on the pool's
+    reset when the connection goes back to it."""
+    try:
+        conn.rollback()
+    except Exception:  # a broken connection: its owner drops it
+        logger.debug("rollback after a failed batch failed", exc_info=True)
 
 
 def _record_steps_statement(batch: Batch) -> Statement:
@@ -214,9 +246,11 @@ def _record_steps_statement(batch: Batch) -> Statement:
 
 
 def _record_steps_answers(batch: Batch, rows: list[Row]) -> list[Row | None]:
-    done = {(r[0], r[1]) for r in rows}
+    done = {(r[0], r[1], r[2]) for r in rows}
     return [
-        (p["function_id"],) if (p["workflow_uuid"], p["function_id"]) in done else None
+        (p["function_id"],)
+        if (p["workflow_uuid"], p["function_id"], p["b_owner"]) in done
+        else None
         for p in batch
     ]
 
@@ -235,8 +269,8 @@ def _finish_statement(batch: Batch, wake: bool) -> Statement:
 
 
 def _finish_answers(batch: Batch, rows: list[Row]) -> list[Row | None]:
-    finished = {r[0]: (r[0], r[1]) for r in rows}
-    return [finished.get(p["b_wid"]) for p in batch]
+    finished = {(r[0], r[2]): (r[0], r[1]) for r in rows}
+    return [finished.get((p["b_wid"], p["b_owner"])) for p in batch]
 
 
 def _announce_statement(batch: Batch) -> Statement:

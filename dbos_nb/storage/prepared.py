@@ -22,10 +22,13 @@ from sqlalchemy import Dialect, Executable
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.selectable import SelectBase
 
 
 class Prepared:
-    """One statement compiled for one dialect; `first()` runs it on a DBAPI connection."""
+    """One statement compiled for one dialect; `first()` and `all()` run it on a DBAPI
+    connection."""
 
     __slots__ = (
         "_defaults",
@@ -56,10 +59,14 @@ class Prepared:
             raise ValueError("a prepared statement cannot hold expanding parameters")
         self._dialect = dialect
         self._error: type[Exception] = dialect.loaded_dbapi.Error
-        # Whether it gives rows (a SELECT, or RETURNING), known here: asking the cursor each
-        # time makes psycopg build a description of every column. None: ask the cursor.
-        columns = getattr(statement, "exported_columns", None)
-        self._returns_rows: bool | None = None if columns is None else len(columns) > 0
+        # Whether it gives rows, known here for a SELECT and for a write with or without
+        # RETURNING: asking the cursor each time makes psycopg build a description of every
+        # column. None (any other statement): ask the cursor.
+        self._returns_rows: bool | None = None
+        if isinstance(statement, SelectBase):
+            self._returns_rows = True
+        elif isinstance(statement, UpdateBase):
+            self._returns_rows = len(statement.exported_columns) > 0
         self._positional = compiled.positional
         binds = compiled.binds
         # Parameters in the driver's order (qmark) or by name (pyformat).
