@@ -289,21 +289,23 @@ RECORD_STEPS = MergedKind(
     _record_steps_statement,
     _record_steps_answers,
 )
-# `SystemStore.finish_workflow` statements: (id, queue name) for each one recorded; announced
-# or not.
-FINISH_AND_NOTIFY = MergedKind(
-    "finish_and_notify",
-    lambda params: (_FINISH_ONE_AND_WAKE, params),
-    lambda batch: _finish_statement(batch, wake=True),
-    _finish_answers,
-    _announce_statement,
-)
-FINISH = MergedKind(
-    "finish",
-    lambda params: (_FINISH_ONE, params),
-    lambda batch: _finish_statement(batch, wake=False),
-    _finish_answers,
-)
+
+
+def _finish_kind(notify: bool) -> MergedKind:
+    one = _FINISH_ONE_AND_WAKE if notify else _FINISH_ONE
+    return MergedKind(
+        "finish_and_notify" if notify else "finish",
+        lambda params: (one, params),
+        lambda batch: _finish_statement(batch, wake=notify),
+        _finish_answers,
+        _announce_statement if notify else None,
+    )
+
+
+# `SystemStore.finish_workflow` statements: (id, queue name) for each one recorded; with the
+# notifications (PostgreSQL's default) or without.
+FINISH_AND_NOTIFY = _finish_kind(notify=True)
+FINISH = _finish_kind(notify=False)
 
 
 def _id_lists(ids: list[str]) -> list[str]:
