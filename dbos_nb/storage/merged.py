@@ -9,14 +9,15 @@ holds the locks of the rows written so far (its own workflows' rows) until it re
 `idle_in_transaction_session_timeout` does not count that time. The window is the time this
 thread takes to queue the statements, usually a fraction of a millisecond.
 
-A kind with few statements in the batch sends them one by one, each a small prepared statement
-with scalar parameters; a kind with many is merged into one statement over arrays (`unnest`).
+A kind with few statements in the batch sends them one by one: each its own one-row statement,
+as `workflow_rows.py` or `step_records.py` compiled it (`prepared.py`), with scalar parameters.
+A kind with many is merged into one statement over arrays (`unnest`).
 Measured on PostgreSQL 15 with 2 to 16 statements a batch, the one-row statements cost the
 server about a third less: an array statement spends more on parsing and binding its arrays
 than on its rows, and only pays off from a few dozen rows on.
 
-Each statement answers, for each input, what the one-row statement of `workflow_rows.py` or
-`step_records.py` would have returned, and keeps its conditions (owner checks, status checks).
+A merged statement answers, for each input, what its one-row statement would have returned,
+and keeps its conditions (owner checks, status checks).
 Outcomes written together are announced together (see DONES_PER_NOTIFICATION).
 
 The merged statements find their rows of workflow_status with `workflow_uuid = ANY(<the batch's
@@ -37,6 +38,7 @@ from typing import Any
 
 import psycopg
 
+from dbos_nb.storage.prepared import Prepared
 from dbos_nb.storage.schema import PG_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -69,38 +71,6 @@ SELECT r.workflow_uuid, r.function_id, ws.owner_xid
 FROM recorded r JOIN {PG_SCHEMA}.workflow_status ws ON ws.workflow_uuid = r.workflow_uuid
 WHERE ws.workflow_uuid = ANY(%(wid)s::text[])
 """
-
-_RECORD_STEP = f"""
-INSERT INTO {PG_SCHEMA}.operation_outputs (
-    workflow_uuid, function_id, function_name, output, error, child_workflow_id,
-    started_at_epoch_ms, completed_at_epoch_ms)
-SELECT %(workflow_uuid)s::text, %(function_id)s::integer, %(function_name)s::text,
-       %(output)s::bytea, %(error)s::bytea, %(child_workflow_id)s::text,
-       %(started_at_epoch_ms)s::bigint, %(completed_at_epoch_ms)s::bigint
-WHERE EXISTS (
-    SELECT 1 FROM {PG_SCHEMA}.workflow_status
-    WHERE workflow_uuid = %(b_wid)s::text AND owner_xid = %(b_owner)s::text)
-ON CONFLICT DO NOTHING
-RETURNING function_id
-"""
-
-_FINISH_ONE = f"""
-UPDATE {PG_SCHEMA}.workflow_status
-SET status = %(b_status)s::text, output = %(b_output)s::bytea, error = %(b_error)s::bytea,
-    updated_at = %(b_now)s::bigint, completed_at = %(b_now)s::bigint, deduplication_id = NULL
-WHERE workflow_uuid = %(b_wid)s::text AND status = 'PENDING' AND owner_xid = %(b_owner)s::text
-RETURNING workflow_uuid, queue_name
-"""
-
-# The same, waking its queue's schedulers: its end frees a slot (PostgreSQL delivers identical
-# notifications of a transaction once).
-_FINISH_ONE_AND_WAKE = (
-    _FINISH_ONE.rstrip()
-    + """,
-    CASE WHEN queue_name IS NOT NULL
-         THEN pg_notify(%(b_channel)s, %(b_origin)s || 'q:' || queue_name) END
-"""
-)
 
 _FINISH_BODY = f"""
 WITH v AS (
@@ -153,7 +123,7 @@ class MergedKind:
     def __init__(
         self,
         name: str,
-        one: Callable[[dict[str, Any]], Statement],
+        one: Prepared,
         merged: Callable[[Batch], Statement],
         answers: Callable[[Batch, list[Row]], list[Row | None]],
         announce: Callable[[Batch], Statement] | None = None,
@@ -170,7 +140,8 @@ class MergedKind:
         if len(batch) >= MERGE_FROM:
             statements = [self._merged(batch)]
         else:
-            statements = [self._one(params) for params in batch]
+            one = self._one
+            statements = [(one.sql, one.arguments(params)) for params in batch]
         if self._announce is not None:
             statements.append(self._announce(batch))
         return statements
@@ -282,30 +253,23 @@ def _announce_statement(batch: Batch) -> Statement:
     }
 
 
-# `SystemStore.record_step` statements: (function_id,) for each one recorded.
-RECORD_STEPS = MergedKind(
-    "record_steps",
-    lambda params: (_RECORD_STEP, params),
-    _record_steps_statement,
-    _record_steps_answers,
-)
+def record_steps(one: Prepared) -> MergedKind:
+    """`SystemStore.record_step` statements (`one`, the one-row statement): (function_id,) for
+    each one recorded."""
+    return MergedKind("record_steps", one, _record_steps_statement, _record_steps_answers)
 
 
-def _finish_kind(notify: bool) -> MergedKind:
-    one = _FINISH_ONE_AND_WAKE if notify else _FINISH_ONE
+def finish_workflows(one: Prepared, notify: bool) -> MergedKind:
+    """`SystemStore.finish_workflow` statements (`one`, the one-row statement, waking the
+    queue's schedulers if `notify`): (id, queue name) for each one recorded; with the
+    notifications (PostgreSQL's default) or without."""
     return MergedKind(
         "finish_and_notify" if notify else "finish",
-        lambda params: (one, params),
+        one,
         lambda batch: _finish_statement(batch, wake=notify),
         _finish_answers,
         _announce_statement if notify else None,
     )
-
-
-# `SystemStore.finish_workflow` statements: (id, queue name) for each one recorded; with the
-# notifications (PostgreSQL's default) or without.
-FINISH_AND_NOTIFY = _finish_kind(notify=True)
-FINISH = _finish_kind(notify=False)
 
 
 def _id_lists(ids: list[str]) -> list[str]:

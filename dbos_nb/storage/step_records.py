@@ -72,6 +72,7 @@ class StepRecords(StoreBase):
             .on_conflict_do_nothing()
             .returning(oo.c.function_id)
         )
+        self._record_steps = merged.record_steps(db.prepared(self._record_owned_step))
 
     def step_preflight(self, workflow_id: str, function_id: int) -> StepPreflight:
         """The workflow's status and deadline, and the step's recorded outcome if it has one."""
@@ -122,7 +123,7 @@ class StepRecords(StoreBase):
                 "b_wid": workflow_id,
                 "b_owner": owner_xid,
             },
-            merged.RECORD_STEPS,
+            self._record_steps,
         )
         if inserted is not None:
             return None

@@ -41,22 +41,24 @@ _FINISH = (
 # PostgreSQL: the outcome and its notifications in one statement (one round trip, atomic). A
 # queued workflow's end also wakes the schedulers, since it frees a slot of its queue.
 _finished = _FINISH.cte("finished")
+_wake = case(
+    (
+        _finished.c.queue_name.is_not(None),
+        func.pg_notify(
+            bindparam("b_channel"), bindparam("b_origin") + literal("q:") + _finished.c.queue_name
+        ),
+    )
+)
 _FINISH_AND_NOTIFY = select(
     _finished.c.workflow_uuid,
     _finished.c.queue_name,
     func.pg_notify(
         bindparam("b_channel"), bindparam("b_origin") + literal("done:") + _finished.c.workflow_uuid
     ),
-    case(
-        (
-            _finished.c.queue_name.is_not(None),
-            func.pg_notify(
-                bindparam("b_channel"),
-                bindparam("b_origin") + literal("q:") + _finished.c.queue_name,
-            ),
-        )
-    ),
+    _wake,
 )
+# The same without its own `done:`: in a batch, finishes are announced together.
+_FINISH_AND_WAKE = select(_finished.c.workflow_uuid, _finished.c.queue_name, _wake)
 
 
 _WF_COLUMNS = [
@@ -90,7 +92,9 @@ class WorkflowRows(StoreBase):
 
     def _build_workflow_statements(self, db: Database) -> None:
         """Prepare the dialect-specific writes of workflow rows (called once, by __init__)."""
-        self._finish_merged = merged.FINISH_AND_NOTIFY if db.notifications else merged.FINISH
+        # In a batch the finish wakes its queue but is announced with the others (`merged.py`).
+        one = db.prepared(_FINISH_AND_WAKE if db.notifications else _FINISH)
+        self._finish_merged = merged.finish_workflows(one, notify=db.notifications)
         self._insert_step = db.insert(oo).on_conflict_do_nothing().returning(oo.c.function_id)
         # RETURNING, not rowcount: with an autoincrement key PostgreSQL reports -1.
         self._insert_wf = (
