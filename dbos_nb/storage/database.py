@@ -314,16 +314,23 @@ class Database:
     @contextlib.contextmanager
     def driver_single(self) -> Iterator[Any]:
         """PostgreSQL: a pooled driver connection in autocommit, for statements that are
-        atomic on their own. A connection found broken is dropped from the pool."""
+        atomic on their own. A connection found broken, or closed by its user (`pgwire` closes
+        one it was interrupted on), is dropped from the pool."""
         fairy = self._single_engine.raw_connection()
         try:
             yield fairy.driver_connection
-        except (psycopg.Error, DBAPIError) as exc:
+        except BaseException as exc:
+            if fairy.is_valid and cast(Any, fairy.driver_connection).closed:
+                fairy.invalidate(exc if isinstance(exc, Exception) else None)
+            if not isinstance(exc, psycopg.Error | DBAPIError):
+                raise
             # Prepared statements raise SQLAlchemy's errors already; merged runners, the
             # driver's own.
             orig = exc.orig if isinstance(exc, DBAPIError) else exc
-            if orig is not None and self.engine.dialect.is_disconnect(
-                cast(Any, orig), fairy.dbapi_connection, None
+            if (
+                orig is not None
+                and fairy.is_valid
+                and self.engine.dialect.is_disconnect(cast(Any, orig), fairy.dbapi_connection, None)
             ):
                 fairy.invalidate(orig)
             if isinstance(exc, DBAPIError):

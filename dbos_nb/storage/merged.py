@@ -1,13 +1,14 @@
 """PostgreSQL batches: the writes the group committer gathered, in one round trip and one commit.
 
 The group committer (`committer.py`) hands over the parameters of every waiting statement, by
-kind (step records, outcomes). All of them are sent as one pipeline (psycopg's pipeline mode),
-between BEGIN and COMMIT: one round trip and one commit (one WAL flush) for the batch, or, if
-any statement fails, nothing. psycopg sends each statement as it is queued, so the server runs
-them while the rest are still being sent; a process frozen at that moment (a debugger, SIGSTOP)
-holds the locks of the rows written so far (its own workflows' rows) until it resumes, and
-`idle_in_transaction_session_timeout` does not count that time. The window is the time this
-thread takes to queue the statements, usually a fraction of a millisecond.
+kind (step records, outcomes). All of them are sent as one pipeline (libpq's pipeline mode,
+`pgwire.py`), between BEGIN and COMMIT: one round trip and one commit (one WAL flush) for the
+batch, or, if any statement fails, nothing. libpq may send the first statements of a large
+batch while the rest are queued, so the server can start on them early; a process frozen at
+that moment (a debugger, SIGSTOP) holds the locks of the rows written so far (its own
+workflows' rows) until it resumes, and `idle_in_transaction_session_timeout` does not count
+that time. The window is the time this thread takes to queue the statements, usually a
+fraction of a millisecond.
 
 A kind with few statements in the batch sends them one by one: each its own one-row statement,
 as `workflow_rows.py` or `step_records.py` compiled it (`prepared.py`), with scalar parameters.
@@ -36,8 +37,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
-
+from dbos_nb.storage import pgwire
 from dbos_nb.storage.prepared import Prepared
 from dbos_nb.storage.schema import PG_SCHEMA
 
@@ -162,44 +162,21 @@ def run_merged(conn: Any, parts: list[tuple[MergedKind, Batch]]) -> list[list[Ro
     assert conn.autocommit, "batches run on an autocommit connection"
     plans = [kind.statements(batch) for kind, batch in parts]
     statements = [statement for plan in plans for statement in plan]
-    if len(statements) == 1:
+    if pgwire.supported():
+        # More than one: an explicit transaction, so that if this thread fails (or is
+        # interrupted) before it has sent every statement, nothing already sent commits.
+        results = pgwire.run(conn, statements, transaction=len(statements) > 1)
+    elif len(statements) == 1:
         results = [_rows(conn, *statements[0])]
-    elif not psycopg.Pipeline.is_supported():  # libpq before 14: a round trip each
+    else:  # libpq before 14, without pipeline mode: a round trip each
         with conn.transaction():
             results = [_rows(conn, sql, params) for sql, params in statements]
-    else:
-        cursors = [conn.cursor() for _ in statements]
-        try:
-            with conn.pipeline():
-                # An explicit transaction: if this thread fails (or is interrupted) before it
-                # has sent every statement, the Sync that closes the pipeline must not commit
-                # the ones already sent, as it would an implicit transaction.
-                conn.execute("BEGIN")
-                for cursor, (sql, params) in zip(cursors, statements, strict=True):
-                    cursor.execute(sql, params)
-                conn.execute("COMMIT")
-            results = [list(cursor.fetchall()) for cursor in cursors]
-        except BaseException:
-            _roll_back(conn)
-            raise
-        finally:
-            for cursor in cursors:
-                cursor.close()
     answers: list[list[Row | None]] = []
     start = 0
     for (kind, batch), plan in zip(parts, plans, strict=True):
         answers.append(kind.answers(batch, results[start : start + len(plan)]))
         start += len(plan)
     return answers
-
-
-def _roll_back(conn: Any) -> None:
-    """End what a failed batch left open, here and now: without depending on the pool's
-    reset when the connection goes back to it."""
-    try:
-        conn.rollback()
-    except Exception:  # a broken connection: its owner drops it
-        logger.debug("rollback after a failed batch failed", exc_info=True)
 
 
 def _record_steps_statement(batch: Batch) -> Statement:

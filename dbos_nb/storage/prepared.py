@@ -5,7 +5,8 @@ outcome). Through `Connection.execute`, even with SQLAlchemy's compiled cache, e
 about 100 microseconds of Python (pool checkout, execution context, events, bind and result
 processing): more than SQLite takes to run it, and, with the GIL, time that the enqueuing
 thread and the workers take from one another. A `Prepared` statement is compiled once, by
-SQLAlchemy, into the driver's SQL text and parameter order; running it is one `cursor.execute`.
+SQLAlchemy, into the driver's SQL text and parameter order; running it is one `cursor.execute`
+(SQLite), or one message to libpq (PostgreSQL: `pgwire.py`).
 
 Driver errors are re-raised as SQLAlchemy's exception classes (`IntegrityError`,
 `OperationalError`, ...), so callers catch the same errors either way. Only statements whose
@@ -25,6 +26,8 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.selectable import SelectBase
 
+from dbos_nb.storage import pgwire
+
 
 class Prepared:
     """One statement compiled for one dialect; `first()` and `all()` run it on a DBAPI
@@ -38,6 +41,7 @@ class Prepared:
         "_positional",
         "_processors",
         "_returns_rows",
+        "_wire",
         "sql",
     )
 
@@ -59,6 +63,8 @@ class Prepared:
             raise ValueError("a prepared statement cannot hold expanding parameters")
         self._dialect = dialect
         self._error: type[Exception] = dialect.loaded_dbapi.Error
+        # PostgreSQL through psycopg: sent by `pgwire`, without a cursor.
+        self._wire = dialect.driver == "psycopg" and pgwire.supported()
         # Whether it gives rows, known here for a SELECT and for a write with or without
         # RETURNING: asking the cursor each time makes psycopg build a description of every
         # column. None (any other statement): ask the cursor.
@@ -104,6 +110,11 @@ class Prepared:
     def all(self, dbapi_connection: Any, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run the statement; all its result rows."""
         args = self.arguments(params)
+        if self._wire:
+            try:
+                return pgwire.run(dbapi_connection, [(self.sql, args)], transaction=False)[0]
+            except self._error as exc:
+                raise translate(exc, self._dialect, self.sql, args) from exc
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self.sql, args)
