@@ -2,13 +2,13 @@
 
 The group committer (`committer.py`) hands over the parameters of every waiting statement, by
 kind (step records, outcomes). All of them are sent as one pipeline (libpq's pipeline mode,
-`pgwire.py`), between BEGIN and COMMIT: one round trip and one commit (one WAL flush) for the
-batch, or, if any statement fails, nothing. libpq may send the first statements of a large
-batch while the rest are queued, so the server can start on them early; a process frozen at
-that moment (a debugger, SIGSTOP) holds the locks of the rows written so far (its own
-workflows' rows) until it resumes, and `idle_in_transaction_session_timeout` does not count
-that time. The window is the time this thread takes to queue the statements, usually a
-fraction of a millisecond.
+`pgwire.py`), as the one transaction that the pipeline's closing Sync commits: one round trip
+and one commit (one WAL flush) for the batch, or, if any statement fails, nothing. libpq may
+send the first statements of a large batch while the rest are queued, so the server can start
+on them early; a process frozen at that moment (a debugger, SIGSTOP) holds the locks of the rows
+written so far (its own workflows' rows) until it resumes, and
+`idle_in_transaction_session_timeout` does not count that time. The window is the time this
+thread takes to queue the statements, usually a fraction of a millisecond.
 
 A kind with few statements in the batch sends them one by one: each its own one-row statement,
 as `workflow_rows.py` or `step_records.py` compiled it (`prepared.py`), with scalar parameters.
@@ -163,9 +163,7 @@ def run_merged(conn: Any, parts: list[tuple[MergedKind, Batch]]) -> list[list[Ro
     plans = [kind.statements(batch) for kind, batch in parts]
     statements = [statement for plan in plans for statement in plan]
     if pgwire.supported():
-        # More than one: an explicit transaction, so that if this thread fails (or is
-        # interrupted) before it has sent every statement, nothing already sent commits.
-        results = pgwire.run(conn, statements, transaction=len(statements) > 1)
+        results = pgwire.run(conn, statements)
     elif len(statements) == 1:
         results = [_rows(conn, *statements[0])]
     else:  # libpq before 14, without pipeline mode: a round trip each

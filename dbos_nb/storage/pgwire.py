@@ -11,10 +11,10 @@ cursor, for about a quarter of the Python.
 
 Only what the system store's hot path needs: statements with `%(name)s` parameters (as
 SQLAlchemy compiles them for psycopg), run on an autocommit connection that this thread owns,
-alone or as one transaction. A statement that fails raises psycopg's error for it, and the
-connection is left idle (the transaction rolled back); any other failure on the way (the
-connection broke, the thread was interrupted) closes the connection, so that nothing half-sent
-is ever committed and the pool drops it.
+as one transaction. A statement that fails raises psycopg's error for it, and the connection
+is left idle (the transaction rolled back); a failure on the way (the connection broke, the
+thread was interrupted) closes the connection, so that nothing half-sent ever commits and the
+pool drops it.
 """
 
 from __future__ import annotations
@@ -111,119 +111,119 @@ def _session(conn: psycopg.Connection[Any]) -> _Session:
     return session
 
 
-def run(
-    conn: psycopg.Connection[Any], statements: Sequence[Statement], *, transaction: bool
-) -> list[list[Row]]:
-    """Run `statements` (SQL with `%(name)s` parameters, and their values) in one round trip;
-    each one's rows (none for a statement without rows). With `transaction`, between BEGIN and
-    COMMIT: all or nothing. Without, each commits on its own (autocommit)."""
+def run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list[list[Row]]:
+    """Run `statements` (SQL with `%(name)s` parameters, and their values) in one round trip
+    and one transaction (the pipeline's implicit one: all or nothing); each one's rows (none
+    for a statement without rows)."""
     try:
-        return _run(conn, statements, transaction)
+        return _run(conn, statements)
     except psycopg.Error as exc:
         if exc.sqlstate != _LOST_PREPARED:
             raise
     # Something (DISCARD ALL, DEALLOCATE) removed this module's statements from the session:
     # prepare them again. Nothing was written: the statement failed when it was bound.
     _session(conn).names.clear()
-    return _run(conn, statements, transaction)
+    return _run(conn, statements)
 
 
-def _run(
-    conn: psycopg.Connection[Any], statements: Sequence[Statement], transaction: bool
-) -> list[list[Row]]:
+class _Bound(NamedTuple):
+    name: bytes
+    query: bytes | None  # to prepare first, under `name` (None: prepared already)
+    key: tuple[bytes, tuple[int, ...]]
+    buffers: Sequence[Any]
+    formats: Sequence[Any] | None
+
+
+def _run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list[list[Row]]:
     pgconn = conn.pgconn
-    if pgconn.transaction_status != _IDLE:
+    if not conn.autocommit or pgconn.transaction_status != _IDLE:
         raise psycopg.ProgrammingError("pgwire needs an idle connection in autocommit")
     session = _session(conn)
+    # Every parameter is converted before anything is sent: a value psycopg refuses (a NUL
+    # character in text) or a missing one fails here, with the connection untouched.
+    bound = [_bind(session, sql, params) for sql, params in statements]
     try:
-        pending = _send(pgconn, session, statements, transaction)
-        results, error = _receive(conn, pgconn, session, pending, len(statements))
+        _send(pgconn, bound)
+        results, error = _receive(conn, pgconn, session, bound)
     except BaseException:
-        # Half sent or half read: only closing the connection makes sure nothing of it is
-        # committed (the server rolls back what it had), and tells the pool to drop it.
+        # Half sent or half read (the connection broke, the thread was interrupted): only
+        # closing the connection makes sure nothing of it commits (the server rolls back the
+        # pipeline's transaction, never closed by its Sync), and tells the pool to drop it.
         conn.close()
         raise
     if error is not None:
-        if pgconn.transaction_status != _IDLE:
-            conn.rollback()
         raise error
     return results
 
 
-# What each result of the pipeline answers: a statement's rows (its index), the preparation of
-# a statement (its key and name), or a BEGIN/COMMIT (None).
-_Expected = int | tuple[tuple[bytes, tuple[int, ...]], bytes] | None
-
-
-def _send(
-    pgconn: Any, session: _Session, statements: Sequence[Statement], transaction: bool
-) -> list[_Expected]:
+def _bind(session: _Session, sql: str, params: dict[str, Any]) -> _Bound:
+    conversion = _convert(sql)
+    try:
+        values = [params[name] for name in conversion.order]
+    except KeyError:
+        missing = [name for name in conversion.order if name not in params]
+        raise ValueError(f"no value for parameters {missing} of: {sql}") from None
     transformer = session.transformer
-    pending: list[_Expected] = []
+    buffers = transformer.dump_sequence(values, conversion.formats)
+    types = tuple(transformer.types or ())
+    key = (conversion.query, types)
+    name = session.names.get(key)
+    if name is not None:
+        return _Bound(name, None, key, buffers, transformer.formats)
+    # Named for this session; psycopg's own are `_pg3_<n>`. Recorded as prepared only once
+    # the server says so (a preparation after a failure in the pipeline is skipped).
+    name = b"_dbos_nb_%d" % session.counter
+    session.counter += 1
+    return _Bound(name, conversion.query, key, buffers, transformer.formats)
+
+
+def _send(pgconn: Any, bound: list[_Bound]) -> None:
     pgconn.enter_pipeline_mode()
-    if transaction:
-        pgconn.send_query_params(b"BEGIN", None)
-        pending.append(None)
-    for index, (sql, params) in enumerate(statements):
-        conversion = _convert(sql)
-        try:
-            values = [params[name] for name in conversion.order]
-        except KeyError:
-            missing = [name for name in conversion.order if name not in params]
-            raise ValueError(f"no value for parameters {missing} of: {sql}") from None
-        buffers = transformer.dump_sequence(values, conversion.formats)
-        types = tuple(transformer.types or ())
-        key = (conversion.query, types)
-        name = session.names.get(key)
-        if name is None:
-            name = b"_dbos_nb_%d" % session.counter
-            session.counter += 1
-            pgconn.send_prepare(name, conversion.query, param_types=types)
-            pending.append((key, name))
-        pgconn.send_query_prepared(name, buffers, param_formats=transformer.formats)
-        pending.append(index)
-    if transaction:
-        pgconn.send_query_params(b"COMMIT", None)
-        pending.append(None)
+    for statement in bound:
+        if statement.query is not None:
+            pgconn.send_prepare(statement.name, statement.query, param_types=statement.key[1])
+        pgconn.send_query_prepared(
+            statement.name, statement.buffers, param_formats=statement.formats
+        )
     pgconn.pipeline_sync()
-    return pending
-
-
-def _receive(
-    conn: psycopg.Connection[Any],
-    pgconn: Any,
-    session: _Session,
-    pending: list[_Expected],
-    count: int,
-) -> tuple[list[list[Row]], psycopg.Error | None]:
     fileno = pgconn.socket
     while pgconn.flush():  # send all (reading meanwhile, so that neither side's buffer fills)
         if _wait(fileno, write=True):
             pgconn.consume_input()
+
+
+def _receive(
+    conn: psycopg.Connection[Any], pgconn: Any, session: _Session, bound: list[_Bound]
+) -> tuple[list[list[Row]], psycopg.Error | None]:
+    fileno = pgconn.socket
     transformer = session.transformer
-    results: list[list[Row]] = [[] for _ in range(count)]
+    results: list[list[Row]] = []
     error: psycopg.Error | None = None
-    encoding = conn.info.encoding
-    for expected in pending:
-        result = _next_result(pgconn, fileno)
-        while _next_result(pgconn, fileno) is not None:  # each command's results end with None
-            pass
+    for statement in bound:
+        if statement.query is not None and _result(pgconn, fileno).status == _OK:
+            session.names[statement.key] = statement.name
+        result = _result(pgconn, fileno)
         status = result.status
-        if status == _FATAL:
-            if error is None:
-                error = psycopg.errors.error_from_result(result, encoding=encoding)
-        elif isinstance(expected, int):
-            if status == _TUPLES:
-                transformer.set_pgresult(result)
-                results[expected] = transformer.load_rows(0, result.ntuples, tuple)
-        elif expected is not None and status == _OK:
-            key, name = expected
-            session.names[key] = name
+        if status == _TUPLES:
+            transformer.set_pgresult(result)
+            results.append(transformer.load_rows(0, result.ntuples, tuple))
+        else:
+            if status == _FATAL and error is None:
+                error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+            results.append([])
     sync = _next_result(pgconn, fileno)
-    if sync.status != _SYNC:
-        raise psycopg.InternalError(f"unexpected result at the end of a pipeline: {sync.status}")
+    if sync is None or sync.status != _SYNC:
+        raise psycopg.InternalError("a pipeline did not end with its Sync")
     pgconn.exit_pipeline_mode()
     return results, error
+
+
+def _result(pgconn: Any, fileno: int) -> Any:
+    """The result of the next command in the pipeline (each command's results end with None)."""
+    result = _next_result(pgconn, fileno)
+    while _next_result(pgconn, fileno) is not None:
+        pass
+    return result
 
 
 def _next_result(pgconn: Any, fileno: int) -> Any:

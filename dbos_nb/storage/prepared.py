@@ -112,7 +112,7 @@ class Prepared:
         args = self.arguments(params)
         if self._wire:
             try:
-                return pgwire.run(dbapi_connection, [(self.sql, args)], transaction=False)[0]
+                return pgwire.run(dbapi_connection, [(self.sql, args)])[0]
             except self._error as exc:
                 raise translate(exc, self._dialect, self.sql, args) from exc
         cursor = dbapi_connection.cursor()

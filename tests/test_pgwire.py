@@ -1,0 +1,152 @@
+"""PostgreSQL statements sent to libpq directly (`storage/pgwire.py`): the same values and the
+same errors as psycopg's cursors, all or nothing as a transaction, and a connection that is
+either left idle and usable or closed, never half way through a pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from dbos_nb.storage import pgwire
+from tests.conftest import create_pg_database, drop_pg_database
+
+_TABLE = """
+CREATE TABLE items (
+    id integer PRIMARY KEY, name text, data bytea, big bigint, flag boolean, ratio double precision
+)
+"""
+_INSERT = (
+    "INSERT INTO items (id, name, data, big, flag, ratio) "
+    "VALUES (%(id)s, %(name)s, %(data)s, %(big)s, %(flag)s, %(ratio)s) RETURNING id"
+)
+_SELECT = "SELECT id, name, data, big, flag, ratio FROM items WHERE id = ANY(%(ids)s) ORDER BY id"
+
+
+@pytest.fixture
+def dsn(pg_server_url: str) -> Iterator[str]:
+    url = create_pg_database(pg_server_url)
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(_TABLE)
+    try:
+        yield url
+    finally:
+        drop_pg_database(pg_server_url, url)
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        yield connection
+
+
+def _item(i: int, **changes: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "id": i,
+        "name": f"näme {i} ✓",
+        "data": bytes([0, 255, i % 256]) * 3,
+        "big": 2**40 + i,
+        "flag": i % 2 == 0,
+        "ratio": i / 3,
+    }
+    values.update(changes)
+    return values
+
+
+def _count(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT count(*) FROM items").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_values_go_and_come_back_as_through_a_cursor(conn: psycopg.Connection[Any]) -> None:
+    items = [_item(1), _item(2, name=None, data=None, big=None, flag=None, ratio=None), _item(3)]
+    answers = pgwire.run(conn, [(_INSERT, item) for item in items])
+    assert answers == [[(1,)], [(2,)], [(3,)]]
+    rows = pgwire.run(conn, [(_SELECT, {"ids": [1, 2, 3]})])[0]
+    with conn.cursor() as cursor:
+        cursor.execute(_SELECT, {"ids": [1, 2, 3]})
+        assert rows == cursor.fetchall()
+    assert rows[0] == (1, "näme 1 ✓", bytes([0, 255, 1]) * 3, 2**40 + 1, False, 1 / 3)
+    assert rows[1] == (2, None, None, None, None, None)
+    # Run again: the statements are prepared on this connection by now, same answers.
+    assert pgwire.run(conn, [(_SELECT, {"ids": [3]})])[0] == [rows[2]]
+    # A statement without rows answers an empty list; a literal percent sign survives.
+    assert pgwire.run(
+        conn,
+        [
+            ("UPDATE items SET name = %(n)s WHERE id = 1", {"n": "x"}),
+            ("SELECT name || '%%' FROM items WHERE id = 1", {}),
+        ],
+    ) == [[], [("x%",)]]
+
+
+def test_a_failing_statement_raises_its_error_and_writes_nothing_of_its_call(
+    conn: psycopg.Connection[Any],
+) -> None:
+    pgwire.run(conn, [(_INSERT, _item(1))])
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        pgwire.run(conn, [(_INSERT, _item(2)), (_INSERT, _item(1)), (_INSERT, _item(3))])
+    assert _count(conn) == 1  # items 2 and 3 went with their transaction
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert not conn.closed
+    assert pgwire.run(conn, [(_INSERT, _item(4)), (_SELECT, {"ids": [4]})])[0] == [(4,)]
+
+
+def test_values_refused_before_sending_leave_the_connection_untouched(
+    conn: psycopg.Connection[Any],
+) -> None:
+    # psycopg refuses a NUL character in text; every value is converted before anything goes.
+    statements = [(_INSERT, _item(i)) for i in range(5)] + [(_INSERT, _item(9, name="a\x00b"))]
+    with pytest.raises(psycopg.DataError):
+        pgwire.run(conn, statements)
+    with pytest.raises(ValueError, match=r"no value for parameters \['ratio'\]"):
+        pgwire.run(conn, [(_INSERT, {k: v for k, v in _item(1).items() if k != "ratio"})])
+    assert not conn.closed
+    assert _count(conn) == 0
+    assert pgwire.run(conn, [(_INSERT, _item(1))]) == [[(1,)]]
+
+
+def test_a_connection_lost_midway_is_closed_and_commits_nothing(
+    conn: psycopg.Connection[Any], dsn: str
+) -> None:
+    pgwire.run(conn, [(_INSERT, _item(1))])
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid])
+        with pytest.raises(psycopg.OperationalError):
+            pgwire.run(conn, [(_INSERT, _item(2)), (_INSERT, _item(3))])
+        assert conn.closed  # a pool drops it (`Database.driver_single`)
+        assert _count(other) == 1
+
+
+def test_only_an_idle_connection_in_autocommit_is_used(
+    conn: psycopg.Connection[Any], dsn: str
+) -> None:
+    conn.execute("BEGIN")
+    with pytest.raises(psycopg.ProgrammingError, match="idle connection in autocommit"):
+        pgwire.run(conn, [(_INSERT, _item(1))])
+    conn.execute("ROLLBACK")
+    with psycopg.connect(dsn) as transactional, pytest.raises(psycopg.ProgrammingError):
+        pgwire.run(transactional, [(_INSERT, _item(1))])
+    assert _count(conn) == 0
+
+
+def test_statements_dropped_by_the_session_are_prepared_again(
+    conn: psycopg.Connection[Any],
+) -> None:
+    pgwire.run(conn, [(_INSERT, _item(1))])
+    conn.execute("DEALLOCATE ALL")
+    assert pgwire.run(conn, [(_INSERT, _item(2)), (_SELECT, {"ids": [2]})])[0] == [(2,)]
+    assert _count(conn) == 2
+
+
+def test_a_large_pipeline_neither_blocks_nor_loses_answers(conn: psycopg.Connection[Any]) -> None:
+    # Megabytes each way: sending must read the answers meanwhile, or both sides' buffers fill.
+    big = b"x" * 20_000
+    statements = [(_INSERT, _item(i, data=big)) for i in range(600)]
+    answers = pgwire.run(conn, statements)
+    assert answers == [[(i,)] for i in range(600)]
+    rows = pgwire.run(conn, [(_SELECT, {"ids": list(range(600))})])[0]
+    assert len(rows) == 600 and all(r[2] == big for r in rows)
