@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from conftest import config
 from dbos_nb import (
@@ -19,7 +20,9 @@ from dbos_nb import (
     SetEnqueueOptions,
 )
 from dbos_nb.clock import ManualClock
+from dbos_nb.core.runtime import get_runtime
 from dbos_nb.core.steps import rate_limit_delay
+from dbos_nb.storage.schema import queues
 
 
 def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
@@ -27,6 +30,13 @@ def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.005)
+
+
+def _paused_until_ms(queue_name: str) -> int | None:
+    with get_runtime().db.read() as conn:
+        return conn.execute(
+            select(queues.c.paused_until_ms).where(queues.c.name == queue_name)
+        ).scalar_one()
 
 
 def test_a_429_pauses_the_whole_queue_and_is_retried(launched: str) -> None:
@@ -50,6 +60,9 @@ def test_a_429_pauses_the_whole_queue_and_is_retried(launched: str) -> None:
 
     first = q.enqueue(call, 0)
     assert said_429.wait(10)
+    # The pause is written once the 429 has left the step: calls enqueued before then may still
+    # start (they are in flight, as they would be against a real provider).
+    _wait_until(lambda: _paused_until_ms("llm") is not None)
     t429 = time.monotonic()
     others = [q.enqueue(call, i) for i in range(1, 6)]
     assert first.get_result(timeout_sec=20) == 0

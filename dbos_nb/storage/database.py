@@ -57,6 +57,8 @@ from dbos_nb.storage.schema import PG_SCHEMA, queues
 
 logger = logging.getLogger(__name__)
 
+_PQ_IDLE = psycopg.pq.TransactionStatus.IDLE
+
 NOTIFY_CHANNEL = "dbos_nb_events"
 _READ_QUEUE_ROW = select(queues).where(queues.c.name == bindparam("q"))
 _LOCK_QUEUE_ROW = _READ_QUEUE_ROW.with_for_update()
@@ -113,6 +115,11 @@ class Database:
         self._translate: dict[str | None, str] | None = None
         # SQLite: the driver connection that grouped writes use, under the write lock.
         self._hot: tuple[int, Any] | None = None
+        # PostgreSQL: idle connections of `driver_single` (see `_take_single`).
+        self._idle_single: list[Any] = []
+        self._idle_single_pid = os.getpid()
+        self._idle_single_lock = threading.Lock()
+        self._idle_single_max = pool_size
         # PostgreSQL ends a session that sits inside a transaction longer than this: a process
         # frozen mid-transaction (SIGSTOP, a paused VM) would otherwise hold its row locks, and
         # every claimer and take-over waiting on them, until it thawed.
@@ -313,31 +320,52 @@ class Database:
 
     @contextlib.contextmanager
     def driver_single(self) -> Iterator[Any]:
-        """PostgreSQL: a pooled driver connection in autocommit, for statements that are
-        atomic on their own. A connection found broken, or closed by its user (`pgwire` closes
-        one it was interrupted on), is dropped from the pool."""
-        fairy = self._single_engine.raw_connection()
+        """PostgreSQL: a driver connection in autocommit, for statements that are atomic on
+        their own. A connection found broken, or closed by its user (`pgwire` closes one it was
+        interrupted on), is dropped from the pool."""
+        fairy = self._take_single()
         try:
             yield fairy.driver_connection
         except BaseException as exc:
-            if fairy.is_valid and cast(Any, fairy.driver_connection).closed:
+            broken = bool(cast(Any, fairy.driver_connection).closed)
+            if not broken and isinstance(exc, psycopg.Error | DBAPIError):
+                # Prepared statements raise SQLAlchemy's errors already; merged runners, the
+                # driver's own.
+                orig = exc.orig if isinstance(exc, DBAPIError) else exc
+                broken = orig is not None and self.engine.dialect.is_disconnect(
+                    cast(Any, orig), fairy.dbapi_connection, None
+                )
+            if broken:
                 fairy.invalidate(exc if isinstance(exc, Exception) else None)
-            if not isinstance(exc, psycopg.Error | DBAPIError):
-                raise
-            # Prepared statements raise SQLAlchemy's errors already; merged runners, the
-            # driver's own.
-            orig = exc.orig if isinstance(exc, DBAPIError) else exc
-            if (
-                orig is not None
-                and fairy.is_valid
-                and self.engine.dialect.is_disconnect(cast(Any, orig), fairy.dbapi_connection, None)
-            ):
-                fairy.invalidate(orig)
-            if isinstance(exc, DBAPIError):
-                raise
-            raise translate(exc, self.engine.dialect) from exc
-        finally:
             fairy.close()
+            if isinstance(exc, psycopg.Error):
+                raise translate(exc, self.engine.dialect) from exc
+            raise
+        self._give_back_single(fairy)
+
+    # Between uses, `driver_single`'s connections stay checked out of SQLAlchemy's pool, in a
+    # list of this process: a check-out and return through the pool (events, reset, its queue)
+    # cost about 40 microseconds of Python, paid one to three times per workflow. At most
+    # `pool_size` wait there; the pool itself holds no more idle either.
+
+    def _take_single(self) -> Any:
+        if self._idle_single_pid != os.getpid():
+            # A forked child: the parent's connections are not ours to use, nor to close.
+            self._idle_single_pid = os.getpid()
+            self._idle_single = []
+        with self._idle_single_lock:
+            if self._idle_single:
+                return self._idle_single.pop()
+        return self._single_engine.raw_connection()
+
+    def _give_back_single(self, fairy: Any) -> None:
+        conn = fairy.driver_connection
+        if not conn.closed and conn.pgconn.transaction_status == _PQ_IDLE:
+            with self._idle_single_lock:
+                if len(self._idle_single) < self._idle_single_max:
+                    self._idle_single.append(fairy)
+                    return
+        fairy.close()
 
     @property
     def committer(self) -> GroupCommitter:
@@ -438,6 +466,11 @@ class Database:
 
     def dispose(self) -> None:
         """Close every pooled connection."""
+        with self._idle_single_lock:
+            idle, self._idle_single = self._idle_single, []
+        if self._idle_single_pid == os.getpid():
+            for fairy in idle:
+                fairy.close()
         if self._hot is not None:
             pid, fairy = self._hot
             self._hot = None
