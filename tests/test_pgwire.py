@@ -9,8 +9,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from dbos_nb.storage import pgwire
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.migrations import migrate
 from tests.conftest import create_pg_database, drop_pg_database
 
 _TABLE = """
@@ -150,3 +153,24 @@ def test_a_large_pipeline_neither_blocks_nor_loses_answers(conn: psycopg.Connect
     assert answers == [[(i,)] for i in range(600)]
     rows = pgwire.run(conn, [(_SELECT, {"ids": list(range(600))})])[0]
     assert len(rows) == 600 and all(r[2] == big for r in rows)
+
+
+def test_database_drops_a_broken_connection_and_reuses_sound_ones(pg_server_url: str) -> None:
+    url = create_pg_database(pg_server_url)
+    db = Database(url)
+    try:
+        migrate(db)
+        with db.driver_single() as first:
+            pass
+        with db.driver_single() as again:
+            assert again is first  # kept between uses, not returned to SQLAlchemy's pool
+        with psycopg.connect(url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", [first.info.backend_pid])
+        with pytest.raises(OperationalError), db.driver_single() as conn:
+            pgwire.run(conn, [("SELECT 1", {})])
+        with db.driver_single() as fresh:
+            assert fresh is not first and not fresh.closed
+            assert pgwire.run(fresh, [("SELECT 1 AS one", {})]) == [[(1,)]]
+    finally:
+        db.dispose()
+        drop_pg_database(pg_server_url, url)
