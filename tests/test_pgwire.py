@@ -174,3 +174,15 @@ def test_database_drops_a_broken_connection_and_reuses_sound_ones(pg_server_url:
     finally:
         db.dispose()
         drop_pg_database(pg_server_url, url)
+
+
+def test_a_statement_the_server_cannot_prepare_raises_alone_or_in_a_pipeline(
+    conn: psycopg.Connection[Any],
+) -> None:
+    wrong = ("SELECT nothing FROM items WHERE id = %(id)s", {"id": 1})
+    with pytest.raises(psycopg.errors.UndefinedColumn):
+        pgwire.run(conn, [wrong])
+    with pytest.raises(psycopg.errors.UndefinedColumn):
+        pgwire.run(conn, [(_INSERT, _item(1)), wrong])
+    assert _count(conn) == 0 and not conn.closed
+    assert pgwire.run(conn, [(_INSERT, _item(1))]) == [[(1,)]]

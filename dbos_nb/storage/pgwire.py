@@ -4,10 +4,10 @@ A queue's work sends three or four short statements per workflow. Through psycop
 costs 50-80 microseconds of Python (the cursor, query conversion, the pipeline's bookkeeping,
 the result's description) that, under the GIL, every other thread of the process waits for:
 more than PostgreSQL takes to run it. Here the statements of one call go to libpq directly, in
-one pipeline (one round trip), each as a named prepared statement (prepared on a connection the
-first time it is sent there), with psycopg's own adapters (`Transformer`, compiled C in
-psycopg-binary) converting parameters and rows: the same values, types and errors as through a
-cursor, for about a quarter of the Python.
+one round trip (several in one pipeline), each as a named prepared statement (prepared on a
+connection the first time it is sent there), with psycopg's own adapters (`Transformer`,
+compiled C in psycopg-binary) converting parameters and rows: the same values, types and
+errors as through a cursor, for about a quarter of the Python.
 
 Only what the system store's hot path needs: statements with `%(name)s` parameters (as
 SQLAlchemy compiles them for psycopg), run on an autocommit connection that this thread owns,
@@ -143,8 +143,11 @@ def _run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list
     # character in text) or a missing one fails here, with the connection untouched.
     bound = [_bind(session, sql, params) for sql, params in statements]
     try:
-        _send(pgconn, bound)
-        results, error = _receive(conn, pgconn, session, bound)
+        if len(bound) == 1:
+            results, error = _run_alone(conn, pgconn, session, bound[0])
+        else:
+            _send(pgconn, bound)
+            results, error = _receive(conn, pgconn, session, bound)
     except BaseException:
         # Half sent or half read (the connection broke, the thread was interrupted): only
         # closing the connection makes sure nothing of it commits (the server rolls back the
@@ -177,6 +180,40 @@ def _bind(session: _Session, sql: str, params: dict[str, Any]) -> _Bound:
     return _Bound(name, conversion.query, key, buffers, transformer.formats)
 
 
+def _run_alone(
+    conn: psycopg.Connection[Any], pgconn: Any, session: _Session, statement: _Bound
+) -> tuple[list[list[Row]], psycopg.Error | None]:
+    """One statement, outside pipeline mode: libpq then sends it with the GIL released (a
+    send on a loopback socket takes 15-20 microseconds, which the other threads can use),
+    where in pipeline mode the Sync sends with the GIL held. A statement not yet prepared on
+    this connection costs one more round trip, once."""
+    fileno = pgconn.socket
+    if statement.query is not None:
+        pgconn.send_prepare(statement.name, statement.query, param_types=statement.key[1])
+        _flush(pgconn, fileno)
+        result = _result(pgconn, fileno)
+        if result.status != _OK:
+            return [[]], psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+        session.names[statement.key] = statement.name
+    pgconn.send_query_prepared(statement.name, statement.buffers, param_formats=statement.formats)
+    _flush(pgconn, fileno)
+    result = _result(pgconn, fileno)
+    if result.status == _TUPLES:
+        transformer = session.transformer
+        transformer.set_pgresult(result)
+        return [transformer.load_rows(0, result.ntuples, tuple)], None
+    if result.status == _FATAL:
+        return [[]], psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    return [[]], None
+
+
+def _flush(pgconn: Any, fileno: int) -> None:
+    """Send all that libpq holds (reading meanwhile, so that neither side's buffer fills)."""
+    while pgconn.flush():
+        if _wait(fileno, write=True):
+            pgconn.consume_input()
+
+
 def _send(pgconn: Any, bound: list[_Bound]) -> None:
     pgconn.enter_pipeline_mode()
     for statement in bound:
@@ -186,10 +223,7 @@ def _send(pgconn: Any, bound: list[_Bound]) -> None:
             statement.name, statement.buffers, param_formats=statement.formats
         )
     pgconn.pipeline_sync()
-    fileno = pgconn.socket
-    while pgconn.flush():  # send all (reading meanwhile, so that neither side's buffer fills)
-        if _wait(fileno, write=True):
-            pgconn.consume_input()
+    _flush(pgconn, pgconn.socket)
 
 
 def _receive(
@@ -200,8 +234,12 @@ def _receive(
     results: list[list[Row]] = []
     error: psycopg.Error | None = None
     for statement in bound:
-        if statement.query is not None and _result(pgconn, fileno).status == _OK:
-            session.names[statement.key] = statement.name
+        if statement.query is not None:
+            prepared = _result(pgconn, fileno)
+            if prepared.status == _OK:
+                session.names[statement.key] = statement.name
+            elif prepared.status == _FATAL and error is None:
+                error = psycopg.errors.error_from_result(prepared, encoding=conn.info.encoding)
         result = _result(pgconn, fileno)
         status = result.status
         if status == _TUPLES:
