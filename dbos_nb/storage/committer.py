@@ -25,13 +25,13 @@ caller only.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
 from typing import Any
 
 from dbos_nb.storage.prepared import Statement
+from dbos_nb.storage.process import current_pid
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class GroupCommitter:
         self._lock = threading.Lock()
         self._pending: list[_Op] = []
         self._leading = False
-        self._pid = os.getpid()
+        self._pid = current_pid()
         # Batches run and statements in them (diagnostics, and how tests see the grouping).
         self.batches = 0
         self.statements = 0
@@ -121,9 +121,9 @@ class GroupCommitter:
         op = _Op(stmt, params, merged)
         latch = None
         with self._lock:
-            if self._pid != os.getpid():
+            if self._pid != current_pid():
                 # A forked child: the parent's leader is not here to finish anything.
-                self._pid, self._pending, self._leading = os.getpid(), [], False
+                self._pid, self._pending, self._leading = current_pid(), [], False
             self._pending.append(op)
             if self._leading:
                 latch = op.latch = threading.Lock()

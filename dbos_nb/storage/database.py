@@ -53,6 +53,7 @@ from dbos_nb.errors import DBOSConfigError
 from dbos_nb.storage.committer import BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
 from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
+from dbos_nb.storage.process import current_pid
 from dbos_nb.storage.schema import PG_SCHEMA, queues
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class Database:
         self._hot: tuple[int, Any] | None = None
         # PostgreSQL: idle connections of `driver_single` (see `_take_single`).
         self._idle_single: list[Any] = []
-        self._idle_single_pid = os.getpid()
+        self._idle_single_pid = current_pid()
         self._idle_single_lock = threading.Lock()
         self._idle_single_max = pool_size
         # PostgreSQL ends a session that sits inside a transaction longer than this: a process
@@ -313,9 +314,9 @@ class Database:
     def _hot_connection(self) -> Any:
         # Checked out of the pool for good (the pool's connect hook has set it up); a forked
         # child opens its own rather than share the parent's file handle.
-        if self._hot is None or self._hot[0] != os.getpid():
+        if self._hot is None or self._hot[0] != current_pid():
             fairy = self.engine.raw_connection()
-            self._hot = (os.getpid(), fairy)
+            self._hot = (current_pid(), fairy)
         return self._hot[1].driver_connection
 
     @contextlib.contextmanager
@@ -349,9 +350,9 @@ class Database:
     # `pool_size` wait there; the pool itself holds no more idle either.
 
     def _take_single(self) -> Any:
-        if self._idle_single_pid != os.getpid():
+        if self._idle_single_pid != current_pid():
             # A forked child: the parent's connections are not ours to use, nor to close.
-            self._idle_single_pid = os.getpid()
+            self._idle_single_pid = current_pid()
             self._idle_single = []
         with self._idle_single_lock:
             if self._idle_single:
@@ -468,13 +469,13 @@ class Database:
         """Close every pooled connection."""
         with self._idle_single_lock:
             idle, self._idle_single = self._idle_single, []
-        if self._idle_single_pid == os.getpid():
+        if self._idle_single_pid == current_pid():
             for fairy in idle:
                 fairy.close()
         if self._hot is not None:
             pid, fairy = self._hot
             self._hot = None
-            if pid == os.getpid():
+            if pid == current_pid():
                 fairy.close()
         for engine in self._engines:
             engine.dispose()
