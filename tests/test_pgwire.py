@@ -4,6 +4,9 @@ either left idle and usable or closed, never half way through a pipeline."""
 
 from __future__ import annotations
 
+import gc
+import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +36,8 @@ def dsn(pg_server_url: str) -> Iterator[str]:
     url = create_pg_database(pg_server_url)
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute(_TABLE)
+        # Checked at commit: an error that comes after the statement's own answer.
+        connection.execute("CREATE TABLE deferred (v integer UNIQUE DEFERRABLE INITIALLY DEFERRED)")
     try:
         yield url
     finally:
@@ -112,7 +117,7 @@ def test_values_refused_before_sending_leave_the_connection_untouched(
     assert pgwire.run(conn, [(_INSERT, _item(1))]) == [[(1,)]]
 
 
-def test_a_connection_lost_midway_is_closed_and_commits_nothing(
+def test_a_connection_lost_before_a_call_raises_and_is_closed(
     conn: psycopg.Connection[Any], dsn: str
 ) -> None:
     pgwire.run(conn, [(_INSERT, _item(1))])
@@ -122,6 +127,79 @@ def test_a_connection_lost_midway_is_closed_and_commits_nothing(
             pgwire.run(conn, [(_INSERT, _item(2)), (_INSERT, _item(3))])
         assert conn.closed  # a pool drops it (`Database.driver_single`)
         assert _count(other) == 1
+
+
+def test_a_pipeline_interrupted_before_its_sync_commits_nothing(
+    conn: psycopg.Connection[Any], dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted while queuing its statements: those already queued reach the server when
+    the connection is closed, but without the Sync that would commit them."""
+    sent: list[Any] = []
+    send_one = pgwire._send_one
+
+    def interrupted(pgconn: Any, statement: Any) -> None:
+        if sent:
+            raise KeyboardInterrupt
+        sent.append(statement)
+        send_one(pgconn, statement)
+
+    monkeypatch.setattr(pgwire, "_send_one", interrupted)
+    backend = conn.info.backend_pid
+    with pytest.raises(KeyboardInterrupt):
+        pgwire.run(conn, [(_INSERT, _item(1)), (_INSERT, _item(2))])
+    assert conn.closed and len(sent) == 1
+    with psycopg.connect(dsn, autocommit=True) as other:
+        deadline = time.monotonic() + 10
+        while other.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [backend]).fetchone():
+            assert time.monotonic() < deadline, "the abandoned session did not end"
+            time.sleep(0.01)
+        assert _count(other) == 0
+
+
+def test_an_error_at_commit_is_raised_alone_or_in_a_pipeline(
+    conn: psycopg.Connection[Any],
+) -> None:
+    twice = ("INSERT INTO deferred (v) VALUES (%(v)s), (%(v)s)", {"v": 7})
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        pgwire.run(conn, [twice])
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        pgwire.run(conn, [(_INSERT, _item(1)), twice])
+    assert _count(conn) == 0 and not conn.closed
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert pgwire.run(conn, [(_INSERT, _item(1)), (_INSERT, _item(2))]) == [[(1,)], [(2,)]]
+
+
+def test_each_statement_is_prepared_once_per_connection(
+    conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def prepared() -> int:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '\\_dbos\\_nb\\_%%'"
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    pgwire.run(conn, [(_INSERT, _item(i)) for i in range(3)])  # the same statement thrice
+    pgwire.run(conn, [(_INSERT, _item(3))])
+    assert prepared() == 1
+    # Past the limit, further statements run unnamed, with the same answers.
+    monkeypatch.setattr(pgwire, "_MAX_PREPARED", 1)
+    assert pgwire.run(conn, [(_SELECT, {"ids": [3]})])[0][0][0] == 3
+    assert pgwire.run(conn, [(_SELECT, {"ids": [1]}), (_INSERT, _item(4))]) == [
+        [pgwire.run(conn, [(_SELECT, {"ids": [1]})])[0][0]],
+        [(4,)],
+    ]
+    assert prepared() == 1
+
+
+def test_a_closed_connection_is_freed(dsn: str) -> None:
+    connection = psycopg.connect(dsn, autocommit=True)
+    pgwire.run(connection, [(_INSERT, _item(1))])
+    ref = weakref.ref(connection)
+    connection.close()
+    del connection
+    gc.collect()
+    assert ref() is None
 
 
 def test_only_an_idle_connection_in_autocommit_is_used(
@@ -141,8 +219,10 @@ def test_statements_dropped_by_the_session_are_prepared_again(
 ) -> None:
     pgwire.run(conn, [(_INSERT, _item(1))])
     conn.execute("DEALLOCATE ALL")
+    assert pgwire.run(conn, [(_INSERT, _item(5))]) == [[(5,)]]  # alone
+    conn.execute("DEALLOCATE ALL")
     assert pgwire.run(conn, [(_INSERT, _item(2)), (_SELECT, {"ids": [2]})])[0] == [(2,)]
-    assert _count(conn) == 2
+    assert _count(conn) == 3
 
 
 def test_a_large_pipeline_neither_blocks_nor_loses_answers(conn: psycopg.Connection[Any]) -> None:

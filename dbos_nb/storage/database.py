@@ -59,6 +59,9 @@ from dbos_nb.storage.schema import PG_SCHEMA, queues
 logger = logging.getLogger(__name__)
 
 _PQ_IDLE = psycopg.pq.TransactionStatus.IDLE
+# Idle connections a forked child inherited (see `Database._take_single`), kept from the garbage
+# collector, which would return them to the child's pool.
+_INHERITED: list[list[Any]] = []
 
 NOTIFY_CHANNEL = "dbos_nb_events"
 _READ_QUEUE_ROW = select(queues).where(queues.c.name == bindparam("q"))
@@ -347,13 +350,16 @@ class Database:
     # Between uses, `driver_single`'s connections stay checked out of SQLAlchemy's pool, in a
     # list of this process: a check-out and return through the pool (events, reset, its queue)
     # cost about 40 microseconds of Python, paid one to three times per workflow. At most
-    # `pool_size` wait there; the pool itself holds no more idle either.
+    # `pool_size` wait there, besides those idle in the pool itself.
 
     def _take_single(self) -> Any:
         if self._idle_single_pid != current_pid():
-            # A forked child: the parent's connections are not ours to use, nor to close.
+            # A forked child: the parent's connections are not ours to use, nor to close, nor
+            # to let the garbage collector hand back to the pool; its lock may have been held.
+            _INHERITED.append(self._idle_single)
             self._idle_single_pid = current_pid()
             self._idle_single = []
+            self._idle_single_lock = threading.Lock()
         with self._idle_single_lock:
             if self._idle_single:
                 return self._idle_single.pop()

@@ -13,8 +13,7 @@ Only what the system store's hot path needs: statements with `%(name)s` paramete
 SQLAlchemy compiles them for psycopg), run on an autocommit connection that this thread owns,
 as one transaction. A statement that fails raises psycopg's error for it, and the connection
 is left idle (the transaction rolled back); a failure on the way (the connection broke, the
-thread was interrupted) closes the connection, so that nothing half-sent ever commits and the
-pool drops it.
+thread was interrupted) drops the connection (see `_abandon`), and the pool with it.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from __future__ import annotations
 import re
 import select
 import threading
-import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -85,7 +83,9 @@ def _convert(sql: str) -> _Conversion:
 
 
 class _Session:
-    """What this module keeps per connection: the names it prepared there and an adapter."""
+    """What this module keeps per connection: the names it prepared there and an adapter.
+    Kept on the connection itself (the adapter refers to the connection, so a weak mapping
+    from connections would keep every one alive)."""
 
     __slots__ = ("counter", "names", "transformer")
 
@@ -96,18 +96,18 @@ class _Session:
         self.counter = 0
 
 
-_sessions: weakref.WeakKeyDictionary[psycopg.Connection[Any], _Session] = (
-    weakref.WeakKeyDictionary()
-)
-_sessions_lock = threading.Lock()
+_SESSION = "_dbos_nb_pgwire"
+# Parameter types are part of a prepared statement (psycopg sends a small integer as int2, a
+# large one as int8, None untyped), so a statement may be prepared in a few variants; past
+# this many on one connection, further ones run unnamed (parsed at each run).
+_MAX_PREPARED = 500
 
 
 def _session(conn: psycopg.Connection[Any]) -> _Session:
-    session = _sessions.get(conn)
+    session: _Session | None = getattr(conn, _SESSION, None)
     if session is None:
         session = _Session(conn)
-        with _sessions_lock:
-            _sessions[conn] = session
+        setattr(conn, _SESSION, session)
     return session
 
 
@@ -127,9 +127,10 @@ def run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list[
 
 
 class _Bound(NamedTuple):
-    name: bytes
-    query: bytes | None  # to prepare first, under `name` (None: prepared already)
-    key: tuple[bytes, tuple[int, ...]]
+    name: bytes  # b"": the unnamed statement, parsed with this run
+    prepare: bool  # to prepare under `name` first
+    query: bytes
+    types: tuple[int, ...]
     buffers: Sequence[Any]
     formats: Sequence[Any] | None
 
@@ -141,7 +142,8 @@ def _run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list
     session = _session(conn)
     # Every parameter is converted before anything is sent: a value psycopg refuses (a NUL
     # character in text) or a missing one fails here, with the connection untouched.
-    bound = [_bind(session, sql, params) for sql, params in statements]
+    preparing: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
+    bound = [_bind(session, preparing, sql, params) for sql, params in statements]
     try:
         if len(bound) == 1:
             results, error = _run_alone(conn, pgconn, session, bound[0])
@@ -149,17 +151,28 @@ def _run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list
             _send(pgconn, bound)
             results, error = _receive(conn, pgconn, session, bound)
     except BaseException:
-        # Half sent or half read (the connection broke, the thread was interrupted): only
-        # closing the connection makes sure nothing of it commits (the server rolls back the
-        # pipeline's transaction, never closed by its Sync), and tells the pool to drop it.
-        conn.close()
+        _abandon(conn)
         raise
     if error is not None:
         raise error
     return results
 
 
-def _bind(session: _Session, sql: str, params: dict[str, Any]) -> _Bound:
+def _abandon(conn: psycopg.Connection[Any]) -> None:
+    """Drop a connection left half way (broken, or its thread interrupted). Before the
+    pipeline's Sync is queued nothing can commit: the server rolls back a transaction whose
+    connection ends without one. Once the Sync is queued (libpq sends it at once), the outcome
+    is the server's, as when a connection breaks at commit: the caller only knows that it
+    failed, and a statement run again finds its own earlier write."""
+    conn.close()
+
+
+def _bind(
+    session: _Session,
+    preparing: dict[tuple[bytes, tuple[int, ...]], bytes],
+    sql: str,
+    params: dict[str, Any],
+) -> _Bound:
     conversion = _convert(sql)
     try:
         values = [params[name] for name in conversion.order]
@@ -169,15 +182,33 @@ def _bind(session: _Session, sql: str, params: dict[str, Any]) -> _Bound:
     transformer = session.transformer
     buffers = transformer.dump_sequence(values, conversion.formats)
     types = tuple(transformer.types or ())
+    formats = transformer.formats
     key = (conversion.query, types)
-    name = session.names.get(key)
+    name = session.names.get(key) or preparing.get(key)
     if name is not None:
-        return _Bound(name, None, key, buffers, transformer.formats)
+        return _Bound(name, False, conversion.query, types, buffers, formats)
+    if len(session.names) + len(preparing) >= _MAX_PREPARED:
+        return _Bound(b"", False, conversion.query, types, buffers, formats)
     # Named for this session; psycopg's own are `_pg3_<n>`. Recorded as prepared only once
     # the server says so (a preparation after a failure in the pipeline is skipped).
     name = b"_dbos_nb_%d" % session.counter
     session.counter += 1
-    return _Bound(name, conversion.query, key, buffers, transformer.formats)
+    preparing[key] = name
+    return _Bound(name, True, conversion.query, types, buffers, formats)
+
+
+def _send_one(pgconn: Any, statement: _Bound) -> None:
+    if not statement.name:
+        pgconn.send_query_params(
+            statement.query,
+            statement.buffers,
+            param_types=statement.types,
+            param_formats=statement.formats,
+        )
+        return
+    if statement.prepare:
+        pgconn.send_prepare(statement.name, statement.query, param_types=statement.types)
+    pgconn.send_query_prepared(statement.name, statement.buffers, param_formats=statement.formats)
 
 
 def _run_alone(
@@ -188,23 +219,18 @@ def _run_alone(
     where in pipeline mode the Sync sends with the GIL held. A statement not yet prepared on
     this connection costs one more round trip, once."""
     fileno = pgconn.socket
-    if statement.query is not None:
-        pgconn.send_prepare(statement.name, statement.query, param_types=statement.key[1])
+    if statement.prepare:
+        pgconn.send_prepare(statement.name, statement.query, param_types=statement.types)
         _flush(pgconn, fileno)
-        result = _result(pgconn, fileno)
-        if result.status != _OK:
-            return [[]], psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-        session.names[statement.key] = statement.name
-    pgconn.send_query_prepared(statement.name, statement.buffers, param_formats=statement.formats)
+        _, error = _command(conn, pgconn, fileno)
+        if error is not None:
+            return [[]], error
+        session.names[(statement.query, statement.types)] = statement.name
+        statement = statement._replace(prepare=False)
+    _send_one(pgconn, statement)
     _flush(pgconn, fileno)
-    result = _result(pgconn, fileno)
-    if result.status == _TUPLES:
-        transformer = session.transformer
-        transformer.set_pgresult(result)
-        return [transformer.load_rows(0, result.ntuples, tuple)], None
-    if result.status == _FATAL:
-        return [[]], psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-    return [[]], None
+    result, error = _command(conn, pgconn, fileno)
+    return [_rows(session, result)], error
 
 
 def _flush(pgconn: Any, fileno: int) -> None:
@@ -217,11 +243,7 @@ def _flush(pgconn: Any, fileno: int) -> None:
 def _send(pgconn: Any, bound: list[_Bound]) -> None:
     pgconn.enter_pipeline_mode()
     for statement in bound:
-        if statement.query is not None:
-            pgconn.send_prepare(statement.name, statement.query, param_types=statement.key[1])
-        pgconn.send_query_prepared(
-            statement.name, statement.buffers, param_formats=statement.formats
-        )
+        _send_one(pgconn, statement)
     pgconn.pipeline_sync()
     _flush(pgconn, pgconn.socket)
 
@@ -230,38 +252,60 @@ def _receive(
     conn: psycopg.Connection[Any], pgconn: Any, session: _Session, bound: list[_Bound]
 ) -> tuple[list[list[Row]], psycopg.Error | None]:
     fileno = pgconn.socket
-    transformer = session.transformer
     results: list[list[Row]] = []
     error: psycopg.Error | None = None
     for statement in bound:
-        if statement.query is not None:
-            prepared = _result(pgconn, fileno)
-            if prepared.status == _OK:
-                session.names[statement.key] = statement.name
-            elif prepared.status == _FATAL and error is None:
-                error = psycopg.errors.error_from_result(prepared, encoding=conn.info.encoding)
-        result = _result(pgconn, fileno)
-        status = result.status
-        if status == _TUPLES:
-            transformer.set_pgresult(result)
-            results.append(transformer.load_rows(0, result.ntuples, tuple))
-        else:
-            if status == _FATAL and error is None:
-                error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-            results.append([])
-    sync = _next_result(pgconn, fileno)
-    if sync is None or sync.status != _SYNC:
-        raise psycopg.InternalError("a pipeline did not end with its Sync")
+        if statement.prepare:
+            _, failed = _command(conn, pgconn, fileno)
+            if failed is None:
+                session.names[(statement.query, statement.types)] = statement.name
+            error = error or failed
+        result, failed = _command(conn, pgconn, fileno)
+        results.append(_rows(session, result))
+        error = error or failed
+    # What the Sync answers: the commit, which can fail too (a deferred constraint, a full
+    # notification queue), and then the Sync itself.
+    empty = 0
+    while True:
+        result = _next_result(pgconn, fileno)
+        if result is None:
+            empty += 1
+            if empty > 2:  # libpq answers None for ever once nothing more is coming
+                raise psycopg.InternalError("a pipeline ended without its Sync")
+            continue
+        if result.status == _SYNC:
+            break
+        if result.status == _FATAL:
+            error = error or psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
     pgconn.exit_pipeline_mode()
     return results, error
 
 
-def _result(pgconn: Any, fileno: int) -> Any:
-    """The result of the next command in the pipeline (each command's results end with None)."""
-    result = _next_result(pgconn, fileno)
-    while _next_result(pgconn, fileno) is not None:
-        pass
-    return result
+def _command(
+    conn: psycopg.Connection[Any], pgconn: Any, fileno: int
+) -> tuple[Any, psycopg.Error | None]:
+    """The next command's result, and its error: each command's results end with None, and
+    outside a pipeline an autocommit statement's commit comes after its rows, as an error
+    if it fails."""
+    first = _next_result(pgconn, fileno)
+    if first is None:
+        raise psycopg.OperationalError("the server sent no result")
+    error: psycopg.Error | None = None
+    result = first
+    while result is not None:
+        if result.status == _FATAL and error is None:
+            error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+        result = _next_result(pgconn, fileno)
+    return first, error
+
+
+def _rows(session: _Session, result: Any) -> list[Row]:
+    if result.status != _TUPLES:
+        return []
+    transformer = session.transformer
+    transformer.set_pgresult(result)
+    rows: list[Row] = transformer.load_rows(0, result.ntuples, tuple)
+    return rows
 
 
 def _next_result(pgconn: Any, fileno: int) -> Any:
