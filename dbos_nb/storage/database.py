@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select as io_select
 import sqlite3
 import threading
 import time
@@ -456,15 +457,30 @@ class Database:
         if not self.is_postgres:
             return
         dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        # Most notifications a busy process receives are its own (every listener gets every
+        # one): they are read from libpq as bytes and dropped by their prefix, without
+        # psycopg's per-notification objects and decoding.
         while not stop.is_set():
             try:
                 with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    encoding = conn.info.encoding
+                    own = self.payload("").encode(encoding)
+                    pgconn = conn.pgconn
+                    poller = io_select.poll() if hasattr(io_select, "poll") else None
+                    if poller is not None:
+                        poller.register(pgconn.socket, io_select.POLLIN)
                     while not stop.is_set():
-                        for note in conn.notifies(timeout=0.25, stop_after=64):
-                            origin, _, message = note.payload.partition("|")
-                            if origin != self.origin:
-                                on_payload(message)
+                        if poller is not None:
+                            ready = bool(poller.poll(250))
+                        else:
+                            ready = bool(io_select.select([pgconn.socket], [], [], 0.25)[0])
+                        if not ready:
+                            continue
+                        pgconn.consume_input()  # raises once the connection is lost
+                        while (note := pgconn.notifies()) is not None:
+                            if not note.extra.startswith(own):
+                                on_payload(note.extra.decode(encoding).partition("|")[2])
             except psycopg.Error as exc:
                 if stop.is_set():
                     return
