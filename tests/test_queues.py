@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from conftest import config
 from dbos_nb import (
@@ -27,6 +28,10 @@ from dbos_nb import (
 )
 from dbos_nb.client import DBOSClient
 from dbos_nb.clock import ManualClock
+from dbos_nb.storage import rate_ledger
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.migrations import migrate
+from dbos_nb.storage.schema import queue_starts
 
 
 def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
@@ -120,6 +125,31 @@ def test_rate_limiter_with_an_injected_clock(db_url: str) -> None:
     assert [h.get_result(timeout_sec=10) for h in handles] == list(range(8))
     # Each window started the next three in FIFO order (threads may interleave inside one).
     assert [sorted(ran[0:3]), sorted(ran[3:6]), sorted(ran[6:])] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+@pytest.mark.parametrize(
+    ("readings", "counted_from"),
+    [([1_000, 1_002], 1_000), ([1_000, 1_090, 1_090, 1_091], 1_090)],
+    ids=["quick-commit", "slow-commit"],
+)
+def test_a_start_is_counted_from_after_a_slow_commit(
+    db_url: str, readings: list[int], counted_from: int
+) -> None:
+    """The ledger counts a start from when the work began: the clock is read inside the
+    transaction, and if the commit took long (a checkpoint's fsyncs), once more after it."""
+    db = Database(db_url)
+    try:
+        migrate(db)
+        with db.write() as conn:
+            rate_ledger.record_starts(conn, "limited", 500, [("wf-1", 1)])
+        clock = iter(readings)
+        rate_ledger.record_real_start(db, "limited", "wf-1", 500, lambda: next(clock))
+        assert next(clock, None) is None  # every reading was used
+        with db.read() as conn:
+            starts = conn.execute(select(queue_starts.c.started_at_ms)).scalars().all()
+        assert starts == [counted_from]
+    finally:
+        db.dispose()
 
 
 def test_priority_orders_waiting_work(launched: str) -> None:
