@@ -156,14 +156,29 @@ def test_a_pipeline_interrupted_before_its_sync_commits_nothing(
         assert _count(other) == 0
 
 
-def test_an_error_at_commit_is_raised_alone_or_in_a_pipeline(
-    conn: psycopg.Connection[Any],
+@pytest.mark.parametrize(
+    ("wrong", "error"),
+    [
+        # Refused when prepared: its Parse fails (in a pipeline, its execution is "aborted").
+        (
+            ("SELECT nothing FROM items WHERE id = %(id)s", {"id": 1}),
+            psycopg.errors.UndefinedColumn,
+        ),
+        # Refused at commit, after the statement's own answer.
+        (
+            ("INSERT INTO deferred (v) VALUES (%(v)s), (%(v)s)", {"v": 7}),
+            psycopg.errors.UniqueViolation,
+        ),
+    ],
+    ids=["at-prepare", "at-commit"],
+)
+def test_an_error_is_raised_alone_or_in_a_pipeline(
+    conn: psycopg.Connection[Any], wrong: Any, error: type[Exception]
 ) -> None:
-    twice = ("INSERT INTO deferred (v) VALUES (%(v)s), (%(v)s)", {"v": 7})
-    with pytest.raises(psycopg.errors.UniqueViolation):
-        pgwire.run(conn, [twice])
-    with pytest.raises(psycopg.errors.UniqueViolation):
-        pgwire.run(conn, [(_INSERT, _item(1)), twice])
+    with pytest.raises(error):
+        pgwire.run(conn, [wrong])
+    with pytest.raises(error):
+        pgwire.run(conn, [(_INSERT, _item(1)), wrong])
     assert _count(conn) == 0 and not conn.closed
     assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert pgwire.run(conn, [(_INSERT, _item(1)), (_INSERT, _item(2))]) == [[(1,)], [(2,)]]
@@ -254,15 +269,3 @@ def test_database_drops_a_broken_connection_and_reuses_sound_ones(pg_server_url:
     finally:
         db.dispose()
         drop_pg_database(pg_server_url, url)
-
-
-def test_a_statement_the_server_cannot_prepare_raises_alone_or_in_a_pipeline(
-    conn: psycopg.Connection[Any],
-) -> None:
-    wrong = ("SELECT nothing FROM items WHERE id = %(id)s", {"id": 1})
-    with pytest.raises(psycopg.errors.UndefinedColumn):
-        pgwire.run(conn, [wrong])
-    with pytest.raises(psycopg.errors.UndefinedColumn):
-        pgwire.run(conn, [(_INSERT, _item(1)), wrong])
-    assert _count(conn) == 0 and not conn.closed
-    assert pgwire.run(conn, [(_INSERT, _item(1))]) == [[(1,)]]
