@@ -12,9 +12,10 @@ lone caller runs its statement directly.
 Two ways of running a batch, one per database:
 - shared transaction (SQLite): every statement in one BEGIN IMMEDIATE ... COMMIT. Statements are
   cheap in-process calls there; the commit and the write lock are what cost.
-- one pipeline (PostgreSQL, `merged.py`): the batch's statements are sent together between
-  BEGIN and COMMIT (many of a kind merged into one statement over arrays): one round trip and
-  one WAL flush for the lot, and no transaction waits on a reply to this process.
+- one pipeline (PostgreSQL, `merged.py`): the batch's statements are sent together, as the one
+  transaction the pipeline's Sync commits (many of a kind merged into one statement over
+  arrays): one round trip and one WAL flush for the lot, and no transaction waits on a reply
+  to this process.
 
 Statements are independent (each affects its own rows and reads only what it writes), so running
 them together changes no outcome. If a batch fails as a whole (a constraint, a deadlock, a lost

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dbos_nb.storage import pgwire
+from dbos_nb.storage.pgwire import Statement
 from dbos_nb.storage.prepared import Prepared
 from dbos_nb.storage.schema import PG_SCHEMA
 
@@ -110,8 +111,6 @@ _ANNOUNCE = "SELECT count(pg_notify(%(channel)s, note)) FROM unnest(%(dones)s::t
 
 # Below this many statements of a kind in a batch, each is sent as it is (see the docstring).
 MERGE_FROM = 32
-
-Statement = tuple[str, dict[str, Any]]
 
 
 class MergedKind:
