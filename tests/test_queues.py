@@ -296,6 +296,32 @@ def test_enqueue_many_is_idempotent_and_ordered(launched: str) -> None:
         q.enqueue_many(add, [7], unpack=True)
 
 
+@pytest.mark.parametrize("with_tokens", [False, True])
+def test_enqueue_many_spanning_several_statements_keeps_every_item_in_order(
+    launched: str, with_tokens: bool
+) -> None:
+    """A large batch is written as several multi-row INSERTs plus a shorter last one: every
+    item arrives once, with its own inputs, in order, and enqueueing it again adds nothing."""
+    q = Queue(f"wide-{with_tokens}", concurrency=1)
+    order: list[int] = []
+
+    @DBOS.step()
+    def note(i: int) -> int:
+        order.append(i)
+        return -i
+
+    n = 1001  # two full statements and a remainder, with 2 and with 3 columns per row
+    tokens = 7 if with_tokens else None
+    batch = f"wide-{with_tokens}"
+    handles = q.enqueue_many(note, range(n), batch_id=batch, tokens=tokens)
+    again = q.enqueue_many(note, range(n), batch_id=batch, tokens=tokens)
+    assert [h.workflow_id for h in again] == [f"{batch}/{i}" for i in range(n)]
+    rows = DBOS.list_workflows(queue_name=q.name)
+    assert [r.workflow_id for r in rows] == [f"{batch}/{i}" for i in range(n)]  # by id
+    assert [h.get_result() for h in handles] == [-i for i in range(n)]
+    assert order == list(range(n))
+
+
 def test_enqueue_many_pauses_the_cycle_collector_and_restores_it(launched: str) -> None:
     """A bulk enqueue builds its many objects with Python's cycle collector paused (it cost
     a fifth of the time), and leaves the collector as it found it, also when it fails."""

@@ -68,6 +68,9 @@ NOTIFY_CHANNEL = "dbos_nb_events"
 _READ_QUEUE_ROW = select(queues).where(queues.c.name == bindparam("q"))
 _LOCK_QUEUE_ROW = _READ_QUEUE_ROW.with_for_update()
 _WRITE_OPTION = "dbos_nb_write"
+# Bound parameters per multi-row INSERT of `bulk_insert`: under the 999 of SQLite builds older
+# than 3.32, and past the point where larger statements stop paying off.
+_BULK_PARAMS = 900
 
 
 def normalize_url(url: str) -> str:
@@ -395,13 +398,17 @@ class Database:
         constants: dict[str, Any] | None = None,
         skip_conflicts_on: str | None = None,
     ) -> None:
-        """Insert many rows through the driver's executemany, skipping SQLAlchemy's per-row
+        """Insert many rows, in order, through the driver, skipping SQLAlchemy's per-row
         parameter processing (several times faster for large batches). Rows that conflict on
         the unique column `skip_conflicts_on` are skipped.
 
         `constants`: values shared by every row, written into the statement as literals
         (rendered and quoted by SQLAlchemy) rather than bound again for each row, which saves
         about a fifth of SQLite's time over 100,000 rows.
+
+        Each statement carries up to `_BULK_PARAMS` parameters' worth of rows (`VALUES (...),
+        (...), ...`): the driver's per-execution cost is paid once per few hundred rows, not
+        once per row, which halves SQLite's time to insert 100,000 rows.
         """
         if not rows:
             return
@@ -412,10 +419,23 @@ class Database:
         for column, value in (constants or {}).items():
             names.append(column)
             values.append(self._literal(table, column, value))
-        sql = f"INSERT INTO {name} ({', '.join(names)}) VALUES ({', '.join(values)})"
-        if skip_conflicts_on is not None:
-            sql += f" ON CONFLICT ({skip_conflicts_on}) DO NOTHING"
-        conn.exec_driver_sql(sql, rows)
+        one_row = f"({', '.join(values)})"
+        suffix = f" ON CONFLICT ({skip_conflicts_on}) DO NOTHING" if skip_conflicts_on else ""
+
+        def statement(n_rows: int) -> str:
+            tuples = ", ".join([one_row] * n_rows)
+            return f"INSERT INTO {name} ({', '.join(names)}) VALUES {tuples}{suffix}"
+
+        per_statement = max(1, _BULK_PARAMS // len(columns))
+        full = len(rows) - len(rows) % per_statement
+        if full:
+            flat = [value for row in rows[:full] for value in row]
+            width = per_statement * len(columns)
+            groups = [tuple(flat[i : i + width]) for i in range(0, len(flat), width)]
+            conn.exec_driver_sql(statement(per_statement), groups)
+        if full < len(rows):
+            rest = tuple(value for row in rows[full:] for value in row)
+            conn.exec_driver_sql(statement(len(rows) - full), rest)
 
     def _literal(self, table: Table, column: str, value: Any) -> str:
         bound = literal(value, type_=table.c[column].type)
