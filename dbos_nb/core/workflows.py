@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import gc
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +37,10 @@ from dbos_nb.errors import (
 from dbos_nb.models import ClaimedWorkflow
 from dbos_nb.models import WorkflowStatusString as S
 from dbos_nb.storage.store import NewWorkflow
+
+# Status strings as plain constants: an enum member's `.value` is a descriptor call.
+_PENDING = S.PENDING.value
+_ENQUEUED = S.ENQUEUED.value
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +87,12 @@ def plan_start(rt: Runtime, workflow_name: str) -> StartPlan:
     return StartPlan(wid, parent, fid, recorded, timeout_ms, inherited, ctx)
 
 
+def _new_owner() -> str:
+    """A new execution's ownership token: 128 random bits in hex (uuid4().hex without building
+    a UUID object, which costs more than the randomness)."""
+    return os.urandom(16).hex()
+
+
 def _consume_id(ctx: Context) -> str | None:
     wid = ctx.next_workflow_id
     if wid is not None:
@@ -105,7 +115,7 @@ def _new_row(
     now = rt.now_ms()
     deadline = plan.inherited_deadline_ms
     started: int | None = None
-    if status == S.PENDING.value:
+    if status == _PENDING:
         started = now
         if plan.timeout_ms is not None:
             deadline = now + plan.timeout_ms
@@ -117,7 +127,7 @@ def _new_row(
         status=status,
         created_at=now,
         class_name=reg.class_name,
-        executor_id=rt.executor_id if status == S.PENDING.value else None,
+        executor_id=rt.executor_id if status == _PENDING else None,
         owner_xid=owner,
         application_version=rt.app_version,
         queue_name=queue_name,
@@ -128,7 +138,7 @@ def _new_row(
         parent_workflow_id=plan.parent.workflow_id if plan.parent else None,
         parent_function_id=plan.parent_function_id,
         started_at_epoch_ms=started,
-        recovery_attempts=1 if status == S.PENDING.value else 0,
+        recovery_attempts=1 if status == _PENDING else 0,
         function_hash=reg.version,
         token_estimate=ctx.token_estimate if queue_name else None,
     )
@@ -160,8 +170,8 @@ def write_started(
     name = workflow_name_of(reg)
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
     plan = plan_start(rt, name)
-    owner = uuid.uuid4().hex
-    row = _new_row(rt, reg, plan, inputs, name, status=S.PENDING.value, owner=owner)
+    owner = _new_owner()
+    row = _new_row(rt, reg, plan, inputs, name, status=_PENDING, owner=owner)
     existing = rt.store.insert_workflow(row)
     if existing is not None:
         _check_same_function(plan.workflow_id, existing, name)
@@ -198,9 +208,9 @@ def enqueue_workflow(
     name = workflow_name_of(reg)
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
     plan = plan_start(rt, name)
-    row = _new_row(rt, reg, plan, inputs, name, status=S.ENQUEUED.value, queue_name=queue_name)
-    if plan.parent is None and _start_directly(rt, row):
+    if plan.parent is None and _start_directly(rt, reg, plan, inputs, name, queue_name):
         return plan.workflow_id
+    row = _new_row(rt, reg, plan, inputs, name, status=_ENQUEUED, queue_name=queue_name)
     existing = rt.store.insert_workflow(row)
     if existing is not None:
         _check_same_function(plan.workflow_id, existing, name)
@@ -209,41 +219,33 @@ def enqueue_workflow(
     return plan.workflow_id
 
 
-def _start_directly(rt: Runtime, row: NewWorkflow) -> bool:
+def _start_directly(
+    rt: Runtime, reg: Registration, plan: StartPlan, inputs: bytes, name: str, queue_name: str
+) -> bool:
     """Enqueue and claim in one write, when this process serves the queue and the queue has no
     limits (nothing to wait for, nothing to count): the workflow starts at once, here, without
     a claim round trip. False (nothing written) when that does not apply."""
     direct = rt.direct
-    if direct is None or row.queue_name is None or not direct.reserve(row.queue_name):
+    if direct is None or not direct.reserve(queue_name):
         return False
-    now = rt.now_ms()
-    started = dataclasses.replace(
-        row,
-        status=S.PENDING.value,
-        executor_id=rt.executor_id,
-        owner_xid=uuid.uuid4().hex,
-        started_at_epoch_ms=now,
-        recovery_attempts=1,
-        workflow_deadline_epoch_ms=(
-            now + row.workflow_timeout_ms
-            if row.workflow_timeout_ms is not None
-            else row.workflow_deadline_epoch_ms
-        ),
+    # The row as a claim would leave it: PENDING, owned by a new execution of this process.
+    started = _new_row(
+        rt, reg, plan, inputs, name, status=_PENDING, queue_name=queue_name, owner=_new_owner()
     )
     try:
-        written = rt.store.insert_started_if_unlimited(started, now)
+        written = rt.store.insert_started_if_unlimited(started, started.created_at)
     except BaseException:
-        direct.cancel_reservation(row.queue_name)
+        direct.cancel_reservation(queue_name)
         raise
     if not written:
-        direct.cancel_reservation(row.queue_name)
+        direct.cancel_reservation(queue_name)
         return False
     direct.adopt(
         ClaimedWorkflow(
             workflow_id=started.workflow_id,
             name=started.name,
             inputs=started.inputs,
-            queue_name=row.queue_name,
+            queue_name=queue_name,
             deadline_epoch_ms=started.workflow_deadline_epoch_ms,
             recovery_attempts=1,
             owner_xid=str(started.owner_xid),
@@ -310,7 +312,7 @@ def _enqueue_many(
         plan = StartPlan(base, None, None, None, None, None, ctx)
         if isinstance(ctx.timeout_sec, int | float):
             plan.timeout_ms = round(ctx.timeout_sec * 1000)
-    template = _new_row(rt, reg, plan, b"", name, status=S.ENQUEUED.value, queue_name=queue_name)
+    template = _new_row(rt, reg, plan, b"", name, status=_ENQUEUED, queue_name=queue_name)
     template.parent_function_id = None
     template.deduplication_id = None
     template.batch_id = explicit

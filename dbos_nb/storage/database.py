@@ -297,6 +297,22 @@ class Database:
             self._prepared[id(stmt)] = entry
         return entry[1]
 
+    def read_row(self, stmt: Executable, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        """The first row of a single-statement read, through the driver (compiled once, see
+        `prepared.py`): a handle's wait reads its workflow's outcome this way, for a fifth of
+        the Python that the same query costs through a SQLAlchemy connection."""
+        prepared = self.prepared(stmt)
+        if self.is_postgres:
+            with self.driver_single() as raw:
+                return prepared.first(raw, params)
+        # SQLite: a lone SELECT is a consistent snapshot by itself (the driver begins no
+        # transaction for it).
+        fairy = self.engine.raw_connection()
+        try:
+            return prepared.first(fairy.driver_connection, params)
+        finally:
+            fairy.close()
+
     @contextlib.contextmanager
     def driver_write(self) -> Iterator[Any]:
         """SQLite: a BEGIN IMMEDIATE transaction on the hot driver connection (committed when

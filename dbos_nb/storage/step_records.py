@@ -76,8 +76,7 @@ class StepRecords(StoreBase):
 
     def step_preflight(self, workflow_id: str, function_id: int) -> StepPreflight:
         """The workflow's status and deadline, and the step's recorded outcome if it has one."""
-        with self.db.read() as conn:
-            row = conn.execute(_STEP_PREFLIGHT, {"wid": workflow_id, "fid": function_id}).first()
+        row = self.db.read_row(_STEP_PREFLIGHT, {"wid": workflow_id, "fid": function_id})
         if row is None:
             return StepPreflight(None, None, False, None, None, None, None)
         return StepPreflight(

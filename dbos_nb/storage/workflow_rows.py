@@ -58,6 +58,21 @@ _FINISH_AND_NOTIFY = select(
     _wake,
 )
 # The same without its own `done:`: in a batch, finishes are announced together.
+_STATUS_AND_RESULT = select(
+    ws.c.status,
+    ws.c.output,
+    ws.c.error,
+    ws.c.workflow_deadline_epoch_ms,
+    ws.c.completed_at,
+).where(ws.c.workflow_uuid == bindparam("wid", type_=String))
+_STATUS_AND_RESULT_KEYS = (
+    "status",
+    "output",
+    "error",
+    "workflow_deadline_epoch_ms",
+    "completed_at",
+)
+
 _FINISH_AND_WAKE = select(_finished.c.workflow_uuid, _finished.c.queue_name, _wake)
 
 
@@ -217,21 +232,8 @@ class WorkflowRows(StoreBase):
 
     def get_status_and_result(self, workflow_id: str) -> dict[str, Any] | None:
         """Just the columns a waiter needs: status, output, error, deadline, completion time."""
-        with self.db.read() as conn:
-            row = (
-                conn.execute(
-                    select(
-                        ws.c.status,
-                        ws.c.output,
-                        ws.c.error,
-                        ws.c.workflow_deadline_epoch_ms,
-                        ws.c.completed_at,
-                    ).where(ws.c.workflow_uuid == workflow_id)
-                )
-                .mappings()
-                .first()
-            )
-            return dict(row) if row is not None else None
+        row = self.db.read_row(_STATUS_AND_RESULT, {"wid": workflow_id})
+        return dict(zip(_STATUS_AND_RESULT_KEYS, row, strict=True)) if row is not None else None
 
     def finish_workflow(
         self,
