@@ -222,6 +222,7 @@ def _run_alone(
     if statement.prepare:
         pgconn.send_prepare(statement.name, statement.query, param_types=statement.types)
         _flush(pgconn, fileno)
+        _first_input(pgconn, fileno)
         _, error = _command(conn, pgconn, fileno)
         if error is not None:
             return [[]], error
@@ -229,6 +230,7 @@ def _run_alone(
         statement = statement._replace(prepare=False)
     _send_one(pgconn, statement)
     _flush(pgconn, fileno)
+    _first_input(pgconn, fileno)
     result, error = _command(conn, pgconn, fileno)
     return [_rows(session, result)], error
 
@@ -240,12 +242,21 @@ def _flush(pgconn: Any, fileno: int) -> None:
             pgconn.consume_input()
 
 
+def _first_input(pgconn: Any, fileno: int) -> None:
+    """Wait for the server's first bytes after a send. Asking libpq first whether the answer
+    is complete could only say no, and `is_busy` releases and retakes the GIL: under load
+    each such hand-over waits for another thread's whole turn."""
+    _wait(fileno, write=False)
+    pgconn.consume_input()
+
+
 def _send(pgconn: Any, bound: list[_Bound]) -> None:
     pgconn.enter_pipeline_mode()
     for statement in bound:
         _send_one(pgconn, statement)
     pgconn.pipeline_sync()
     _flush(pgconn, pgconn.socket)
+    _first_input(pgconn, pgconn.socket)
 
 
 def _receive(
