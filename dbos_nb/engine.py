@@ -204,6 +204,8 @@ class Engine:
             resolver=FunctionResolver(store, REGISTRY, run_stored=cfg.run_stored_functions),
         )
         rt.run_async = lambda ex: aio.start_on_loop(rt, ex)
+        # The running workflows are the writers a commit can wait a moment for.
+        db.committer.expect_writers(rt.running_count)
         store.upsert_queue(QueueSettings(name=INTERNAL_QUEUE), rt.now_ms())
         _record_functions(rt, REGISTRY.all())
         for settings in QUEUES.all_settings():

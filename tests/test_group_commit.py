@@ -795,3 +795,48 @@ def test_a_caller_interrupted_while_waiting_hands_nothing_over(tmp_path: Any) ->
         rows = conn.execute(select(operation_outputs.c.function_id)).scalars().all()
     assert sorted(rows) == [0, 1, 2]  # the interrupted caller's statement was written too
     db.dispose()
+
+
+def test_a_leader_waits_a_moment_for_running_writers_on_postgres_only(launched: str) -> None:
+    """With more workflows running than statements waiting, a PostgreSQL leader waits a moment
+    (its commit costs a WAL flush) so that the others' statements share its batch; a lone
+    writer never waits, nor does SQLite, where commits are cheap."""
+    rt = get_runtime()
+    db, store = rt.db, rt.store
+    committer = db.committer
+    ids = _pending(store, "gc-gather-", 4)
+    writers = [1]
+    committer.expect_writers(lambda: writers[0])
+    waits: list[float] = []
+    in_wait = threading.Event()
+
+    def scripted_sleep(seconds: float) -> None:  # the others queue while the leader waits
+        waits.append(seconds)
+        in_wait.set()
+        _wait_until(lambda: committer.waiting == 3)
+
+    committer.sleep = scripted_sleep
+
+    def record(i: int) -> None:
+        store.record_step(ids[i], f"owner-{i}", 0, "s", b"out", None, 1, 2)
+
+    record(3)  # alone: one writer, one statement
+    assert waits == []
+    writers[0] = 3
+    before = (committer.batches, committer.statements)
+    threads = [threading.Thread(target=record, args=(i,)) for i in range(3)]
+    threads[0].start()
+    if not db.is_postgres:
+        threads[0].join(20)
+        assert waits == [] and committer.gather_sec == 0
+        return
+    assert in_wait.wait(20)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert waits == [committer.gather_sec] and committer.gather_sec > 0
+    assert (committer.batches - before[0], committer.statements - before[1]) == (1, 3)
+    with db.read() as conn:
+        rows = conn.execute(select(operation_outputs.c.workflow_uuid)).scalars().all()
+    assert sorted(rows) == sorted(ids)

@@ -102,6 +102,10 @@ class Runtime:
         with self._running_lock:
             return workflow_id in self._running
 
+    def running_count(self) -> int:
+        """How many executions run in this process now (no lock: a hint)."""
+        return len(self._running)
+
     def has_running(self) -> bool:
         """Whether any execution runs in this process now (no copy, no lock: a hint)."""
         return bool(self._running)

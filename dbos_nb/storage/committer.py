@@ -7,7 +7,8 @@ the threads contend for locks and for the GIL. Here the first caller to find nob
 commits, on its own thread, every statement waiting at that moment; the others wait, and the
 oldest of them then leads the next batch. A caller still returns only after its own write is
 durable, exactly as with its own transaction; under load the cost of a commit is shared, and a
-lone caller runs its statement directly.
+lone caller runs its statement directly. On PostgreSQL a leader that knows of other running
+workflows waits a tenth of a millisecond for their statements first (see GATHER_SEC).
 
 Two ways of running a batch, one per database:
 - shared transaction (SQLite): every statement in one BEGIN IMMEDIATE ... COMMIT. Statements are
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -39,6 +41,17 @@ logger = logging.getLogger(__name__)
 # Enough to share a commit among every workflow a claim starts, small enough to keep each
 # transaction short for the claimers waiting on the same locks.
 MAX_BATCH = 256
+
+# Gathering (PostgreSQL): when more writers are active than statements wait (see
+# `GroupCommitter.expect_writers`), a leader waits GATHER_SEC before taking its batch, so that
+# the others' statements share its commit (the idea of PostgreSQL's `commit_delay`, applied
+# before the round trip). There each commit costs a WAL flush, which the enqueuing thread's
+# own commits queue behind: with one-step workflows enqueued one by one, batches grew from 2.7
+# to 3.5 statements and throughput rose by about 7% (noisy alternating runs; 200 us gained
+# more on average but cost two workflows running quick steps side by side 30% of their pace,
+# where 100 us costs them about 9%). A lone writer never waits. On SQLite a commit is cheap and
+# enqueues go through the committer too: waiting cost 11% there, so it does not wait.
+GATHER_SEC = 0.0001
 
 
 # A kind of statement that the database can batch (`merged.MergedKind`): the committer only
@@ -99,6 +112,9 @@ class GroupCommitter:
         transaction: Transaction | None,
         single: Transaction,
         merged: MergedRun | None = None,
+        *,
+        gather_sec: float = 0.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         # The shared transaction, or None to hand batches to `merged` instead.
         self._transaction = transaction
@@ -109,6 +125,10 @@ class GroupCommitter:
         self._pending: list[_Op] = []
         self._leading = False
         self._pid = current_pid()
+        # How many threads may write soon (None: unknown, never gather), and how long to wait.
+        self._writers: Callable[[], int] | None = None
+        self.gather_sec = gather_sec
+        self.sleep = sleep
         # Batches run and statements in them (diagnostics, and how tests see the grouping).
         self.batches = 0
         self.statements = 0
@@ -148,6 +168,12 @@ class GroupCommitter:
         self._lead()
         return op.result()
 
+    def expect_writers(self, count: Callable[[], int] | None) -> None:
+        """Tell the committer how many threads may soon write (the workflows running in this
+        process), so that a leader can wait a moment for their statements (see GATHER_SEC,
+        and `gather_sec`: 0 never waits)."""
+        self._writers = count
+
     @property
     def started(self) -> bool:
         """Whether a batch is being committed now."""
@@ -162,6 +188,7 @@ class GroupCommitter:
     def _lead(self) -> None:
         interrupt: BaseException | None = None
         while True:
+            self._gather()
             with self._lock:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
@@ -173,6 +200,13 @@ class GroupCommitter:
                 break
         if interrupt is not None:
             raise interrupt
+
+    def _gather(self) -> None:
+        writers = self._writers
+        if writers is None or self.gather_sec <= 0:
+            return
+        if writers() > len(self._pending):
+            self.sleep(self.gather_sec)  # the others' statements join `_pending` meanwhile
 
     def _hand_over(self) -> bool:
         """Promote the oldest waiting caller to lead the next batch; True when only abandoned

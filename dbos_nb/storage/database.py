@@ -51,7 +51,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
-from dbos_nb.storage.committer import BatchKind, GroupCommitter
+from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
 from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
 from dbos_nb.storage.process import current_pid
@@ -159,7 +159,9 @@ class Database:
             auto = self._make_pg_engine(pool_size, max_overflow, isolation_level="AUTOCOMMIT")
             self._single_engine = auto.execution_options(schema_translate_map=translate)
             self._translate = translate
-            self._committer = GroupCommitter(None, self.driver_single, run_merged)
+            self._committer = GroupCommitter(
+                None, self.driver_single, run_merged, gather_sec=GATHER_SEC
+            )
         else:
             path = parsed.database or ""
             directory = os.path.dirname(os.path.abspath(path))
