@@ -51,6 +51,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
+from dbos_nb.storage.checkpointer import FALLBACK_PAGES, Checkpointer
 from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
 from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
@@ -117,6 +118,7 @@ class Database:
         self._committer: GroupCommitter
         self._engines: list[Engine] = []
         self._write_lock: threading.RLock | None = None
+        self._checkpointer: Checkpointer | None = None
         self._in_write = threading.local()
         # Statements run through `grouped`, compiled once (see prepared.py); by id(statement).
         self._prepared: dict[int, tuple[Executable, Prepared]] = {}
@@ -180,6 +182,8 @@ class Database:
             # the file lock would idle for milliseconds; the lock hands over at once. Other
             # processes still meet at the file lock and its busy timeout.
             self._write_lock = threading.RLock()
+            if path and path != ":memory:":
+                self._checkpointer = Checkpointer(os.path.abspath(path))
             self.engine = engine
             self._single_engine = engine
             self._committer = GroupCommitter(self.driver_write, self.driver_write)
@@ -213,6 +217,8 @@ class Database:
                 with conn.begin():
                     yield conn
             return
+        if self._checkpointer is not None:
+            self._checkpointer.ensure_running()
         with self._write_lock, self.engine.connect() as conn:
             conn = conn.execution_options(**{_WRITE_OPTION: True})
             depth = getattr(self._in_write, "depth", 0)
@@ -320,6 +326,8 @@ class Database:
         """SQLite: a BEGIN IMMEDIATE transaction on the hot driver connection (committed when
         the block exits without an exception), under the process's write lock."""
         assert self._write_lock is not None
+        if self._checkpointer is not None:
+            self._checkpointer.ensure_running()
         with self._write_lock:
             conn = self._hot_connection()
             try:
@@ -395,6 +403,11 @@ class Database:
                     self._idle_single.append(fairy)
                     return
         fairy.close()
+
+    @property
+    def checkpointer(self) -> Checkpointer | None:
+        """SQLite: the thread that checkpoints the write-ahead log (None on PostgreSQL)."""
+        return self._checkpointer
 
     @property
     def committer(self) -> GroupCommitter:
@@ -526,7 +539,9 @@ class Database:
                 stop.wait(0.5)
 
     def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (and stop SQLite's checkpointing thread)."""
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         with self._idle_single_lock:
             idle, self._idle_single = self._idle_single, []
         if self._idle_single_pid == current_pid():
@@ -562,6 +577,9 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         # 64 MiB of page cache: bulk enqueues touch many index pages in one transaction.
         cursor.execute("PRAGMA cache_size=-65536")
+        # The process's checkpointing thread copies the log back (`checkpointer.py`); a commit
+        # does it itself only past this many pages.
+        cursor.execute(f"PRAGMA wal_autocheckpoint={FALLBACK_PAGES}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -1,0 +1,59 @@
+"""SQLite's write-ahead log is checkpointed by a thread of the process, not by the commit that
+happens to cross SQLite's limit (`storage/checkpointer.py`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import insert
+
+from dbos_nb.storage.checkpointer import FALLBACK_PAGES
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.migrations import migrate
+from dbos_nb.storage.schema import workflow_status as ws
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def _rows(prefix: str, n: int) -> list[dict[str, object]]:
+    return [
+        {
+            "workflow_uuid": f"{prefix}{i}",
+            "status": "ENQUEUED",
+            "name": "wf",
+            "inputs": b"x" * 200,
+            "created_at": 1,
+            "updated_at": 1,
+            "queue_name": "q",
+        }
+        for i in range(n)
+    ]
+
+
+def test_the_log_is_checkpointed_in_the_background_until_the_database_is_disposed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ckpt.sqlite"
+    db = Database(f"sqlite:///{path}")
+    migrate(db)
+    checkpointer = db.checkpointer
+    assert checkpointer is not None and checkpointer.alive  # started by the first write
+    with db.read() as conn:  # commits checkpoint themselves only far past SQLite's 1,000 pages
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == FALLBACK_PAGES
+    before = checkpointer.checkpoints
+    with db.write() as conn:
+        conn.execute(insert(ws), _rows("a", 3000))
+    _wait_until(lambda: checkpointer.checkpoints > before)  # it copied the commit's pages
+    with db.read() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM workflow_status").scalar() == 3000
+    db.dispose()
+    assert not checkpointer.alive
+    checkpointer.ensure_running()  # a disposed database's thread stays stopped
+    assert not checkpointer.alive
