@@ -83,6 +83,9 @@ class Checkpointer:
                     stat = os.stat(self._wal)
                 except FileNotFoundError:
                     continue
+                # A write that lands in the same timestamp tick as the last look, without growing
+                # the file, waits for the next write to be copied: only the copy is late, the
+                # log itself is durable and read by everyone.
                 state = (stat.st_mtime_ns, stat.st_size)
                 if state == seen:
                     continue  # nothing written since the last checkpoint
@@ -94,7 +97,7 @@ class Checkpointer:
                 if not busy and copied > 0:
                     self.checkpoints += 1
                 seen = state if not busy and frames == copied else None
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             logger.warning("background WAL checkpoints stopped (%s); commits checkpoint", exc)
         finally:
             if conn is not None:
