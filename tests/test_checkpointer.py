@@ -3,6 +3,7 @@ happens to cross SQLite's limit (`storage/checkpointer.py`)."""
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +54,22 @@ def test_the_log_is_checkpointed_in_the_background_until_the_database_is_dispose
     _wait_until(lambda: checkpointer.checkpoints > before)  # it copied the commit's pages
     with db.read() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM workflow_status").scalar() == 3000
+    thread = checkpointer._thread
+    assert thread is not None and thread.is_alive()
     db.dispose()
-    assert not checkpointer.alive
+    assert not thread.is_alive() and not checkpointer.alive
     checkpointer.ensure_running()  # a disposed database's thread stays stopped
     assert not checkpointer.alive
+
+
+def test_a_database_dropped_without_dispose_ends_its_thread(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'dropped.sqlite'}")
+    migrate(db)
+    checkpointer = db.checkpointer
+    assert checkpointer is not None
+    thread = checkpointer._thread
+    assert thread is not None and thread.is_alive()
+    del db
+    gc.collect()
+    thread.join(20)
+    assert not thread.is_alive()

@@ -798,15 +798,14 @@ def test_a_caller_interrupted_while_waiting_hands_nothing_over(tmp_path: Any) ->
 
 
 def test_a_leader_waits_a_moment_for_running_writers_on_postgres_only(launched: str) -> None:
-    """With more workflows running than statements waiting, a PostgreSQL leader waits a moment
-    (its commit costs a WAL flush) so that the others' statements share its batch; a lone
-    writer never waits, nor does SQLite, where commits are cheap."""
+    """While batches have company and more workflows run than statements wait, a PostgreSQL
+    leader waits a moment (its commit costs a WAL flush) so that the others' statements share
+    its batch; a lone writer never waits, nor does SQLite, where commits are cheap."""
     rt = get_runtime()
     db, store = rt.db, rt.store
     committer = db.committer
-    ids = _pending(store, "gc-gather-", 4)
+    ids = _pending(store, "gc-gather-", 8)
     writers = [1]
-    committer.expect_writers(lambda: writers[0])
     waits: list[float] = []
     in_wait = threading.Event()
 
@@ -815,28 +814,43 @@ def test_a_leader_waits_a_moment_for_running_writers_on_postgres_only(launched: 
         in_wait.set()
         _wait_until(lambda: committer.waiting == 3)
 
-    committer.sleep = scripted_sleep
-
     def record(i: int) -> None:
         store.record_step(ids[i], f"owner-{i}", 0, "s", b"out", None, 1, 2)
 
-    record(3)  # alone: one writer, one statement
-    assert waits == []
-    writers[0] = 3
-    before = (committer.batches, committer.statements)
-    threads = [threading.Thread(target=record, args=(i,)) for i in range(3)]
-    threads[0].start()
-    if not db.is_postgres:
-        threads[0].join(20)
-        assert waits == [] and committer.gather_sec == 0
-        return
-    assert in_wait.wait(20)
-    for t in threads[1:]:
-        t.start()
-    for t in threads:
-        t.join(20)
-    assert waits == [committer.gather_sec] and committer.gather_sec > 0
-    assert (committer.batches - before[0], committer.statements - before[1]) == (1, 3)
-    with db.read() as conn:
-        rows = conn.execute(select(operation_outputs.c.workflow_uuid)).scalars().all()
-    assert sorted(rows) == sorted(ids)
+    committer.expect_writers(lambda: writers[0])
+    committer.sleep = scripted_sleep
+    try:
+        record(7)  # one writer, one statement
+        writers[0] = 3
+        record(6)  # more workflows run, but no batch had company yet
+        assert waits == []
+        if not db.is_postgres:
+            threads = [threading.Thread(target=record, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+            assert waits == [] and committer.gather_sec == 0
+            return
+        committer.expect_writers(None)  # a batch with company, made as in the tests above
+        with _held(db, (ids[3], 0), None):
+            _, held = _run_queued(db, [lambda i=i: record(i) for i in (3, 4, 5)])
+        for t in held:
+            t.join(20)
+        committer.expect_writers(lambda: writers[0])
+        before = (committer.batches, committer.statements)
+        threads = [threading.Thread(target=record, args=(i,)) for i in range(3)]
+        threads[0].start()
+        assert in_wait.wait(20)
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert waits == [committer.gather_sec] and committer.gather_sec > 0
+        assert (committer.batches - before[0], committer.statements - before[1]) == (1, 3)
+        with db.read() as conn:
+            rows = conn.execute(select(operation_outputs.c.workflow_uuid)).scalars().all()
+        assert sorted(rows) == sorted(ids)
+    finally:
+        committer.sleep = time.sleep
+        committer.expect_writers(rt.running_count)

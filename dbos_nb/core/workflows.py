@@ -228,11 +228,12 @@ def _start_directly(
     direct = rt.direct
     if direct is None or not direct.reserve(queue_name):
         return False
-    # The row as a claim would leave it: PENDING, owned by a new execution of this process.
-    started = _new_row(
-        rt, reg, plan, inputs, name, status=_PENDING, queue_name=queue_name, owner=_new_owner()
-    )
     try:
+        # The row as a claim would leave it: PENDING, owned by a new execution of this process
+        # (built inside: storing a new function version is a write that can fail too).
+        started = _new_row(
+            rt, reg, plan, inputs, name, status=_PENDING, queue_name=queue_name, owner=_new_owner()
+        )
         written = rt.store.insert_started_if_unlimited(started, started.created_at)
     except BaseException:
         direct.cancel_reservation(queue_name)

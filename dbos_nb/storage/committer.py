@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 # transaction short for the claimers waiting on the same locks.
 MAX_BATCH = 256
 
-# Gathering (PostgreSQL): when more writers are active than statements wait (see
+# Gathering (PostgreSQL): while batches have company (the last one held more than one
+# statement) and more workflows run in the process than statements wait (see
 # `GroupCommitter.expect_writers`), a leader waits GATHER_SEC before taking its batch, so that
 # the others' statements share its commit (the idea of PostgreSQL's `commit_delay`, applied
 # before the round trip). There each commit costs a WAL flush, which the enqueuing thread's
@@ -129,6 +130,7 @@ class GroupCommitter:
         self._writers: Callable[[], int] | None = None
         self.gather_sec = gather_sec
         self.sleep = sleep
+        self._last_batch = 0  # statements in the last batch
         # Batches run and statements in them (diagnostics, and how tests see the grouping).
         self.batches = 0
         self.statements = 0
@@ -188,7 +190,10 @@ class GroupCommitter:
     def _lead(self) -> None:
         interrupt: BaseException | None = None
         while True:
-            self._gather()
+            try:
+                self._gather()
+            except BaseException as exc:  # Ctrl-C in the wait: the batch is still committed
+                interrupt = interrupt or exc
             with self._lock:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
@@ -205,7 +210,9 @@ class GroupCommitter:
         writers = self._writers
         if writers is None or self.gather_sec <= 0:
             return
-        if writers() > len(self._pending):
+        # Only while writes overlap (the last batch had company): running workflows that sleep
+        # or wait on children would otherwise delay a lone active one at every commit.
+        if self._last_batch > 1 and writers() > len(self._pending):
             self.sleep(self.gather_sec)  # the others' statements join `_pending` meanwhile
 
     def _hand_over(self) -> bool:
@@ -225,6 +232,7 @@ class GroupCommitter:
     def _commit(self, batch: list[_Op]) -> None:
         self.batches += 1
         self.statements += len(batch)
+        self._last_batch = len(batch)
         interrupt: BaseException | None = None
         if len(batch) == 1:
             self._commit_alone(batch[0])

@@ -28,6 +28,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -184,6 +185,8 @@ class Database:
             self._write_lock = threading.RLock()
             if path and path != ":memory:":
                 self._checkpointer = Checkpointer(os.path.abspath(path))
+                # A database dropped without `dispose()` (a forgotten client) ends its thread.
+                weakref.finalize(self, self._checkpointer.stop, 0)
             self.engine = engine
             self._single_engine = engine
             self._committer = GroupCommitter(self.driver_write, self.driver_write)
