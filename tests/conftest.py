@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -134,6 +135,14 @@ def recorded_steps(url: str) -> set[tuple[str, int]]:
         rows = conn.execute(sa.text(f"SELECT workflow_uuid, function_id FROM {table}")).all()
     engine.dispose()
     return {(str(r[0]), int(r[1])) for r in rows}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
 
 
 def config(url: str, **extra: Any) -> dict[str, Any]:

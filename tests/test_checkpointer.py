@@ -4,8 +4,6 @@ happens to cross SQLite's limit (`storage/checkpointer.py`)."""
 from __future__ import annotations
 
 import gc
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import insert
@@ -14,13 +12,7 @@ from dbos_nb.storage.checkpointer import FALLBACK_PAGES
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate
 from dbos_nb.storage.schema import workflow_status as ws
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+from tests.conftest import wait_until
 
 
 def _rows(prefix: str, n: int) -> list[dict[str, object]]:
@@ -51,7 +43,7 @@ def test_the_log_is_checkpointed_in_the_background_until_the_database_is_dispose
     before = checkpointer.checkpoints
     with db.write() as conn:
         conn.execute(insert(ws), _rows("a", 3000))
-    _wait_until(lambda: checkpointer.checkpoints > before)  # it copied the commit's pages
+    wait_until(lambda: checkpointer.checkpoints > before)  # it copied the commit's pages
     with db.read() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM workflow_status").scalar() == 3000
     thread = checkpointer._thread

@@ -26,14 +26,7 @@ from dbos_nb.storage.database import Database
 from dbos_nb.storage.merged import DONES_PER_NOTIFICATION, MERGE_FROM
 from dbos_nb.storage.schema import operation_outputs, workflow_status
 from dbos_nb.storage.store import NewWorkflow, SystemStore
-from tests.conftest import config, create_pg_database, drop_pg_database
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+from tests.conftest import config, create_pg_database, drop_pg_database, wait_until
 
 
 def _pending(store: SystemStore, prefix: str, n: int, queue_name: str | None = None) -> list[str]:
@@ -98,11 +91,11 @@ def _run_queued(
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
     threads[0].start()
-    _wait_until(lambda: db.committer.started and db.committer.waiting == 0)
+    wait_until(lambda: db.committer.started and db.committer.waiting == 0)
     time.sleep(0.05)  # the committer took it and is blocked on the held lock
     for t in threads[1:]:
         t.start()
-    _wait_until(lambda: db.committer.waiting == len(calls) - 1)
+    wait_until(lambda: db.committer.waiting == len(calls) - 1)
     return results, threads
 
 
@@ -204,9 +197,9 @@ def test_finishes_committed_together_are_announced_together(launched_pg: str, n:
             for t in threads:
                 t.join(20)
             assert results == [(True, "gc-note-queue")] * n
-            _wait_until(lambda: all(event.is_set() for event in woken))
+            wait_until(lambda: all(event.is_set() for event in woken))
         announced: list[str] = []
-        _wait_until(lambda: _announced(payloads, announced) >= n)
+        wait_until(lambda: _announced(payloads, announced) >= n)
     finally:
         stop.set()
         listener.join(10)
@@ -491,7 +484,7 @@ def test_enqueues_onto_a_full_queue_do_not_trigger_claims(
         q = Queue("gc_full", concurrency=1)
     DBOS.launch()
     first = q.enqueue(held, 0)
-    _wait_until(lambda: first.get_status().status == "PENDING")
+    wait_until(lambda: first.get_status().status == "PENDING")
     time.sleep(0.2)  # the scheduler has seen the queue full
     calls: list[str] = []
     real_claim = claims.claim
@@ -541,9 +534,9 @@ def test_a_cancel_from_another_process_stops_the_next_step(db_url: str) -> None:
     with DBOSClient(db_url) as client:  # its own connections: nothing in this runtime is told
         client.cancel_workflow(handle.workflow_id)
     rt = get_runtime()
-    _wait_until(lambda: rt._running[handle.workflow_id].preempt_reason == "cancelled")
+    wait_until(lambda: rt._running[handle.workflow_id].preempt_reason == "cancelled")
     gate.set()
-    _wait_until(lambda: not rt.is_running(handle.workflow_id))
+    wait_until(lambda: not rt.is_running(handle.workflow_id))
     assert ran == [0]
     assert handle.get_status().status == "CANCELLED"
 
@@ -598,7 +591,7 @@ def test_a_queue_limited_elsewhere_is_not_started_directly(db_url: str) -> None:
     q = Queue("gc_changed")
     DBOS.launch()
     first = q.enqueue(held, 0)
-    _wait_until(lambda: first.get_status().status == "PENDING")
+    wait_until(lambda: first.get_status().status == "PENDING")
     rt = get_runtime()
     from dbos_nb.models import QueueSettings
 
@@ -725,11 +718,11 @@ def test_an_interrupt_in_the_leader_still_completes_the_others(tmp_path: Any) ->
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     with _held(db, None, None):  # the first caller's statement waits for the write lock
         threads[0].start()
-        _wait_until(lambda: committer.started and committer.waiting == 0)
+        wait_until(lambda: committer.started and committer.waiting == 0)
         time.sleep(0.05)
         for t in threads[1:]:
             t.start()
-        _wait_until(lambda: committer.waiting == 3)
+        wait_until(lambda: committer.waiting == 3)
     for t in threads:
         t.join(20)
     assert results[0] == (0,)
@@ -773,7 +766,7 @@ def test_a_caller_interrupted_while_waiting_hands_nothing_over(tmp_path: Any) ->
     main = threading.get_ident()
 
     def interrupt_main_when_it_waits() -> None:
-        _wait_until(lambda: committer.waiting == 1)
+        wait_until(lambda: committer.waiting == 1)
         time.sleep(0.05)
         signal.pthread_kill(main, signal.SIGINT)
 
@@ -781,7 +774,7 @@ def test_a_caller_interrupted_while_waiting_hands_nothing_over(tmp_path: Any) ->
     # The leader's statement waits for the write lock that _held takes.
     with pytest.raises(KeyboardInterrupt), _held(db, None, None):
         leader.start()
-        _wait_until(lambda: committer.started and committer.waiting == 0)
+        wait_until(lambda: committer.started and committer.waiting == 0)
         threading.Thread(target=interrupt_main_when_it_waits).start()
         committer.execute(stmt, params(1))  # follows the blocked leader; interrupted
     leader.join(20)
@@ -812,7 +805,7 @@ def test_a_leader_waits_a_moment_for_running_writers_on_postgres_only(launched: 
     def scripted_sleep(seconds: float) -> None:  # the others queue while the leader waits
         waits.append(seconds)
         in_wait.set()
-        _wait_until(lambda: committer.waiting == 3)
+        wait_until(lambda: committer.waiting == 3)
 
     def record(i: int) -> None:
         store.record_step(ids[i], f"owner-{i}", 0, "s", b"out", None, 1, 2)

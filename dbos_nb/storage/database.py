@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select as io_select
 import sqlite3
 import threading
 import time
@@ -52,6 +51,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
+from dbos_nb.storage import pgwire
 from dbos_nb.storage.checkpointer import FALLBACK_PAGES, Checkpointer
 from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
@@ -521,15 +521,8 @@ class Database:
                     encoding = conn.info.encoding
                     own = self.payload("").encode(encoding)
                     pgconn = conn.pgconn
-                    poller = io_select.poll() if hasattr(io_select, "poll") else None
-                    if poller is not None:
-                        poller.register(pgconn.socket, io_select.POLLIN)
                     while not stop.is_set():
-                        if poller is not None:
-                            ready = bool(poller.poll(250))
-                        else:
-                            ready = bool(io_select.select([pgconn.socket], [], [], 0.25)[0])
-                        if not ready:
+                        if not pgwire.wait_readable(pgconn.socket, 0.25):
                             continue
                         pgconn.consume_input()  # raises once the connection is lost
                         while (note := pgconn.notifies()) is not None:

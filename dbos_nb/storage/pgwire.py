@@ -326,16 +326,22 @@ def _next_result(pgconn: Any, fileno: int) -> Any:
     return pgconn.get_result()
 
 
-def _wait(fileno: int, write: bool) -> bool:
-    """Block until the socket can be read (or, with `write`, written); whether it can be read.
-    poll() where there is one: select() refuses descriptors from 1024 on."""
+def _wait(fileno: int, write: bool, timeout: float | None = None) -> bool:
+    """Block until the socket can be read (or, with `write`, written), at most `timeout`
+    seconds if given; whether it can be read. poll() where there is one: select() refuses
+    descriptors from 1024 on."""
     if _HAS_POLL:
         poller = select.poll()
         poller.register(fileno, select.POLLIN | select.POLLOUT if write else select.POLLIN)
-        events = poller.poll()
+        events = poller.poll(None if timeout is None else timeout * 1000)
         return any(mask & (select.POLLIN | select.POLLERR | select.POLLHUP) for _, mask in events)
-    readable, _, _ = select.select([fileno], [fileno] if write else [], [])
+    readable, _, _ = select.select([fileno], [fileno] if write else [], [], timeout)
     return bool(readable)
+
+
+def wait_readable(fileno: int, timeout: float) -> bool:
+    """Whether the socket has something to read (or was closed) within `timeout` seconds."""
+    return _wait(fileno, write=False, timeout=timeout)
 
 
 _HAS_POLL = hasattr(select, "poll")

@@ -58,6 +58,9 @@ _FINISH_AND_NOTIFY = select(
     _wake,
 )
 # The same without its own `done:`: in a batch, finishes are announced together.
+_FINISH_AND_WAKE = select(_finished.c.workflow_uuid, _finished.c.queue_name, _wake)
+
+# What a waiter reads: status, output, error, deadline, completion time.
 _STATUS_AND_RESULT = select(
     ws.c.status,
     ws.c.output,
@@ -65,15 +68,7 @@ _STATUS_AND_RESULT = select(
     ws.c.workflow_deadline_epoch_ms,
     ws.c.completed_at,
 ).where(ws.c.workflow_uuid == bindparam("wid", type_=String))
-_STATUS_AND_RESULT_KEYS = (
-    "status",
-    "output",
-    "error",
-    "workflow_deadline_epoch_ms",
-    "completed_at",
-)
-
-_FINISH_AND_WAKE = select(_finished.c.workflow_uuid, _finished.c.queue_name, _wake)
+_STATUS_AND_RESULT_KEYS = tuple(_STATUS_AND_RESULT.selected_columns.keys())
 
 
 _WF_COLUMNS = [
