@@ -7,7 +7,6 @@ the database (their settings and names are stored there), unless `allow_unregist
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Required, TypedDict
 
 from dbos_nb import serialization
@@ -22,6 +21,7 @@ from dbos_nb.errors import (
     UnknownQueueError,
     UnknownWorkflowNameError,
 )
+from dbos_nb.ids import new_workflow_id
 from dbos_nb.models import StepInfo, WorkflowStatus, WorkflowStatusString
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate
@@ -92,7 +92,7 @@ class DBOSClient:
             )
         row_name = STEP_WORKFLOW_PREFIX + name if kind in ("step", "transaction") else name
         timeout = opts.get("workflow_timeout")
-        wid = opts.get("workflow_id") or str(uuid.uuid4())
+        wid = opts.get("workflow_id") or new_workflow_id()
         row = NewWorkflow(
             workflow_id=wid,
             name=row_name,

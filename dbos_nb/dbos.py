@@ -11,7 +11,6 @@ import functools
 import inspect
 import logging
 import threading
-import uuid
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
@@ -31,6 +30,7 @@ from dbos_nb.errors import (
     DBOSNonExistentWorkflowError,
     UnknownQueueError,
 )
+from dbos_nb.ids import new_workflow_id
 from dbos_nb.models import StepInfo, StepStatus, WorkflowStatus
 
 T = TypeVar("T")
@@ -362,7 +362,7 @@ class DBOS:
     ) -> WorkflowHandle[Any]:
         """Start a new workflow that reuses the steps of `workflow_id` before `start_step`."""
         rt = cls._rt()
-        new_id = current().next_workflow_id or str(uuid.uuid4())
+        new_id = current().next_workflow_id or new_workflow_id()
         if not rt.store.fork_workflow(
             workflow_id, new_id, start_step, rt.now_ms(), application_version, queue_name
         ):

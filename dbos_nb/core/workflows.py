@@ -15,8 +15,6 @@ import concurrent.futures
 import contextlib
 import gc
 import logging
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +32,7 @@ from dbos_nb.errors import (
     DBOSWorkflowTimedOutError,
     WorkflowPreempted,
 )
+from dbos_nb.ids import new_token, new_workflow_id
 from dbos_nb.models import ClaimedWorkflow
 from dbos_nb.models import WorkflowStatusString as S
 from dbos_nb.storage.store import NewWorkflow
@@ -75,7 +74,7 @@ def plan_start(rt: Runtime, workflow_name: str) -> StartPlan:
     elif parent is not None and fid is not None:
         wid = f"{parent.workflow_id}-{fid}"
     else:
-        wid = str(uuid.uuid4())
+        wid = new_workflow_id()
     timeout_ms: int | None = None
     inherited: int | None = None
     if ctx.timeout_sec is None:
@@ -85,12 +84,6 @@ def plan_start(rt: Runtime, workflow_name: str) -> StartPlan:
     elif parent is not None:
         inherited = parent.deadline_ms
     return StartPlan(wid, parent, fid, recorded, timeout_ms, inherited, ctx)
-
-
-def _new_owner() -> str:
-    """A new execution's ownership token: 128 random bits in hex (uuid4().hex without building
-    a UUID object, which costs more than the randomness)."""
-    return os.urandom(16).hex()
 
 
 def _consume_id(ctx: Context) -> str | None:
@@ -170,7 +163,7 @@ def write_started(
     name = workflow_name_of(reg)
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
     plan = plan_start(rt, name)
-    owner = _new_owner()
+    owner = new_token()
     row = _new_row(rt, reg, plan, inputs, name, status=_PENDING, owner=owner)
     existing = rt.store.insert_workflow(row)
     if existing is not None:
@@ -232,7 +225,7 @@ def _start_directly(
         # The row as a claim would leave it: PENDING, owned by a new execution of this process
         # (built inside: storing a new function version is a write that can fail too).
         started = _new_row(
-            rt, reg, plan, inputs, name, status=_PENDING, queue_name=queue_name, owner=_new_owner()
+            rt, reg, plan, inputs, name, status=_PENDING, queue_name=queue_name, owner=new_token()
         )
         written = rt.store.insert_started_if_unlimited(started, started.created_at)
     except BaseException:
@@ -309,7 +302,7 @@ def _enqueue_many(
         plan = plan_start(rt, name)
         base = plan.recorded_child_id or explicit or plan.workflow_id
     else:
-        base = explicit or _consume_id(ctx) or str(uuid.uuid4())
+        base = explicit or _consume_id(ctx) or new_workflow_id()
         plan = StartPlan(base, None, None, None, None, None, ctx)
         if isinstance(ctx.timeout_sec, int | float):
             plan.timeout_ms = round(ctx.timeout_sec * 1000)

@@ -17,7 +17,6 @@ Unrelated queues lock different rows and never wait on each other.
 from __future__ import annotations
 
 import functools
-import uuid
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -36,6 +35,7 @@ from sqlalchemy import (
     update,
 )
 
+from dbos_nb.ids import new_token
 from dbos_nb.models import ClaimedWorkflow, ClaimResult, QueueSettings, WorkflowStatusString
 from dbos_nb.storage import rate_ledger
 from dbos_nb.storage.database import Database
@@ -246,7 +246,7 @@ def claim(
                 result.blocked = BLOCKED_RATE if result.next_rate_slot_ms is not None else None
             return result
 
-        owner = uuid.uuid4().hex
+        owner = new_token()
         ids = [r[0] for r in rows]
         conn.execute(_TAKE, {"ids": ids, "executor": executor_id, "owner": owner, "now": now_ms})
         ledgered = queue.limit is not None or queue.token_limit is not None
@@ -308,7 +308,7 @@ def claim_unshared(
     if max_rows <= 0 or (names is not None and not names):
         return []
     now_ms = clock()
-    owner = uuid.uuid4().hex
+    owner = new_token()
     stmt = _unshared_claim_statement(
         db.is_postgres, priority_enabled, names is not None, bool(exclude_versions)
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from sqlalchemy import Dialect, Executable
+from sqlalchemy import Dialect, Executable, LargeBinary
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -83,6 +83,10 @@ class Prepared:
         self._defaults = {name: bind.value for name, bind in binds.items() if not bind.required}
         self._processors: dict[str, Callable[[Any], Any]] = {}
         for name, bind in binds.items():
+            if self._wire and type(bind.type) is LargeBinary:
+                # psycopg sends bytes as bytea itself; SQLAlchemy's processor would only wrap
+                # each value in `psycopg.Binary`, which its dumper then copies.
+                continue
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 self._processors[name] = processor
