@@ -7,10 +7,8 @@ transaction in progress, and the options that `SetWorkflowID`, `SetWorkflowTimeo
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -90,14 +88,22 @@ def current() -> Context:
     return ctx if ctx is not None else Context()
 
 
-@contextlib.contextmanager
-def using(ctx: Context) -> Iterator[Context]:
-    """Run a block with `ctx` as the current context."""
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
+class using:  # a class: a generator's context manager costs several times more, twice a step
+    """`with using(ctx):` runs a block with `ctx` as the current context."""
+
+    __slots__ = ("_ctx", "_token")
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._token: Token[Context | None] | None = None
+
+    def __enter__(self) -> Context:
+        self._token = _current.set(self._ctx)
+        return self._ctx
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        _current.reset(self._token)
 
 
 def derive(**changes: Any) -> Context:

@@ -29,6 +29,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any, cast
 
 import psycopg
@@ -355,30 +356,28 @@ class Database:
             self._hot = (current_pid(), fairy)
         return self._hot[1].driver_connection
 
-    @contextlib.contextmanager
-    def driver_single(self) -> Iterator[Any]:
+    def driver_single(self) -> AbstractContextManager[Any]:
         """PostgreSQL: a driver connection in autocommit, for statements that are atomic on
         their own. A connection found broken, or closed by its user (`pgwire` closes one it was
         interrupted on), is dropped from the pool."""
-        fairy = self._take_single()
-        try:
-            yield fairy.driver_connection
-        except BaseException as exc:
-            broken = bool(cast(Any, fairy.driver_connection).closed)
-            if not broken and isinstance(exc, psycopg.Error | DBAPIError):
-                # Prepared statements raise SQLAlchemy's errors already; merged runners, the
-                # driver's own.
-                orig = exc.orig if isinstance(exc, DBAPIError) else exc
-                broken = orig is not None and self.engine.dialect.is_disconnect(
-                    cast(Any, orig), fairy.dbapi_connection, None
-                )
-            if broken:
-                fairy.invalidate(exc if isinstance(exc, Exception) else None)
-            fairy.close()
-            if isinstance(exc, psycopg.Error):
-                raise translate(exc, self.engine.dialect) from exc
-            raise
-        self._give_back_single(fairy)
+        return _SingleUse(self)
+
+    def _drop_single(self, fairy: Any, exc: BaseException) -> None:
+        """`driver_single`'s block failed: return the connection to the pool, or invalidate it
+        if it broke; a driver's error is raised again as SQLAlchemy's."""
+        broken = bool(cast(Any, fairy.driver_connection).closed)
+        if not broken and isinstance(exc, psycopg.Error | DBAPIError):
+            # Prepared statements raise SQLAlchemy's errors already; merged runners, the
+            # driver's own.
+            orig = exc.orig if isinstance(exc, DBAPIError) else exc
+            broken = orig is not None and self.engine.dialect.is_disconnect(
+                cast(Any, orig), fairy.dbapi_connection, None
+            )
+        if broken:
+            fairy.invalidate(exc if isinstance(exc, Exception) else None)
+        fairy.close()
+        if isinstance(exc, psycopg.Error):
+            raise translate(exc, self.engine.dialect) from exc
 
     # Between uses, `driver_single`'s connections stay checked out of SQLAlchemy's pool, in a
     # list of this process: a check-out and return through the pool (events, reset, its queue)
@@ -398,8 +397,7 @@ class Database:
                 return self._idle_single.pop()
         return self._single_engine.raw_connection()
 
-    def _give_back_single(self, fairy: Any) -> None:
-        conn = fairy.driver_connection
+    def _give_back_single(self, fairy: Any, conn: Any) -> None:
         if not conn.closed and conn.pgconn.transaction_status == _PQ_IDLE:
             with self._idle_single_lock:
                 if len(self._idle_single) < self._idle_single_max:
@@ -550,6 +548,29 @@ class Database:
                 fairy.close()
         for engine in self._engines:
             engine.dispose()
+
+
+class _SingleUse:
+    """`Database.driver_single`'s block (a class: a generator's context manager costs several
+    times more, and this one runs one to three times per workflow)."""
+
+    __slots__ = ("_conn", "_db", "_fairy")
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._fairy: Any = None
+        self._conn: Any = None
+
+    def __enter__(self) -> Any:
+        self._fairy = self._db._take_single()
+        self._conn = self._fairy.driver_connection
+        return self._conn
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if exc is None:
+            self._db._give_back_single(self._fairy, self._conn)
+        else:
+            self._db._drop_single(self._fairy, exc)  # raises a driver's error as SQLAlchemy's
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:
