@@ -9,7 +9,7 @@ practice, and nothing secret depends on them (an id is a name, not a credential)
 The generator is private so that a notebook's `random.seed(42)`, common before sampling data,
 cannot make a later session draw the same ids again: an enqueue under an id that exists is
 idempotent and would silently return the old workflow. A forked child reseeds it, so parent and
-child never share a sequence.
+child never share a sequence (a fork made in C, bypassing Python's fork hooks, would not).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import os
 import random
 
 _rng = random.Random()  # seeded from os.urandom
-os.register_at_fork(after_in_child=_rng.seed)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork either
+    os.register_at_fork(after_in_child=_rng.seed)
 
 _bits = _rng.getrandbits
 # The version (4) and variant (RFC 4122, binary 10) fields of a UUID, as integer masks.

@@ -59,6 +59,21 @@ def test_a_prepared_statement_writes_and_returns_what_sqlalchemy_would(db: Datab
     assert db.prepared(_INSERT) is db.prepared(_INSERT)  # compiled once
 
 
+@pytest.mark.parametrize(
+    "value", [b"\x00raw", bytearray(b"\x01array"), memoryview(b"\x02view"), None]
+)
+def test_bytes_like_values_and_none_are_stored_as_bytes(
+    db: Database, value: bytes | bytearray | memoryview | None
+) -> None:
+    # On PostgreSQL these reach psycopg's own bytea adapters (no SQLAlchemy processor).
+    row = db.grouped(
+        _INSERT, {"workflow_uuid": "b1", "function_id": 1, "function_name": "s", "output": value}
+    )
+    expected = None if value is None else bytes(value)
+    assert row == (1, expected)
+    assert _steps(db, "b1") == [(1, expected)]
+
+
 def test_all_rows_and_statements_without_rows(db: Database) -> None:
     """`all()` gives every row (claims read many); a write without RETURNING gives none, on a
     statement whose kind is known when it is compiled, and a text statement is asked."""

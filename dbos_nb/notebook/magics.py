@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from dbos_nb.core.runtime import Runtime, peek_runtime
 from dbos_nb.core.workflows import execute
 from dbos_nb.dbos import DBOS
 from dbos_nb.errors import DbosNbError
+from dbos_nb.ids import new_token
 from dbos_nb.notebook import cells, views
 from dbos_nb.notebook.batch import Queue
 from dbos_nb.storage.database import normalize_url
@@ -263,7 +263,7 @@ class DbosMagics(Magics):
         # Unfinished: resume in the foreground where we can, else wait for whoever runs it.
         if status == "PENDING" and row["executor_id"] == rt.executor_id and not rt.is_running(wid):
             rt.store.requeue_workflow(wid, rt.now_ms())
-        owner = uuid.uuid4().hex
+        owner = new_token()
         claimed = rt.store.claim_workflow(wid, rt.executor_id, owner, rt.now_ms())
         REGISTRY.register(reg)
         if claimed is None:

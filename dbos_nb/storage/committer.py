@@ -66,7 +66,7 @@ MergedRun = Callable[
     [Any, list[tuple[Any, list[dict[str, Any]]]]], list[list[tuple[Any, ...] | None]]
 ]
 
-# A transaction (or an autocommit connection) on the driver's connection, which it yields.
+# A transaction (or an autocommit connection) on the driver's connection, given to the block.
 Transaction = Callable[[], AbstractContextManager[Any]]
 
 

@@ -562,8 +562,12 @@ class _SingleUse:
         self._conn: Any = None
 
     def __enter__(self) -> Any:
-        self._fairy = self._db._take_single()
-        self._conn = self._fairy.driver_connection
+        self._fairy = fairy = self._db._take_single()
+        try:
+            self._conn = fairy.driver_connection
+        except BaseException:  # Ctrl-C on the way: the connection goes back to the pool
+            fairy.close()
+            raise
         return self._conn
 
     def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:

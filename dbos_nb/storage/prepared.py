@@ -84,8 +84,9 @@ class Prepared:
         self._processors: dict[str, Callable[[Any], Any]] = {}
         for name, bind in binds.items():
             if self._wire and type(bind.type) is LargeBinary:
-                # psycopg sends bytes as bytea itself; SQLAlchemy's processor would only wrap
-                # each value in `psycopg.Binary`, which its dumper then copies.
+                # psycopg's adapters (which `pgwire` uses) dump bytes, bytearray and memoryview
+                # as bytea already; SQLAlchemy's processor would only wrap each value in a
+                # `psycopg.Binary`, an object and a Python-level dump per value.
                 continue
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
