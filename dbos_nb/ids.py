@@ -1,10 +1,10 @@
 """Random identifiers: workflow ids (UUID version 4 strings) and ownership tokens.
 
 An enqueue makes two of them. `uuid.uuid4()` and `os.urandom` ask the kernel for every one (a
-system call of about 12 microseconds on a virtual machine, a fifth of the Python an enqueue
-costs), and `uuid.UUID` builds an object only to format it. Here the bits come from a generator
-of this module's own, seeded from `os.urandom`: 128 bits per id, so ids never collide in
-practice, and nothing secret depends on them (an id is a name, not a credential).
+system call of about 12 microseconds on a virtual machine; the two came to a fifth of the Python
+an enqueue costs), and `uuid.UUID` builds an object only to format it. Here the bits come from a
+generator of this module's own, seeded from `os.urandom`: 128 bits per id, so ids never collide
+in practice, and nothing secret depends on them (an id is a name, not a credential).
 
 The generator is private so that a notebook's `random.seed(42)`, common before sampling data,
 cannot make a later session draw the same ids again: an enqueue under an id that exists is
