@@ -142,7 +142,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+        time.sleep(0.005)
 
 
 def config(url: str, **extra: Any) -> dict[str, Any]:

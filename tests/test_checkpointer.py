@@ -8,11 +8,11 @@ from pathlib import Path
 
 from sqlalchemy import insert
 
+from conftest import wait_until
 from dbos_nb.storage.checkpointer import FALLBACK_PAGES
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate
 from dbos_nb.storage.schema import workflow_status as ws
-from tests.conftest import wait_until
 
 
 def _rows(prefix: str, n: int) -> list[dict[str, object]]:

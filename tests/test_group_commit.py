@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import bindparam, insert, select, text
 
+from conftest import config, create_pg_database, drop_pg_database, wait_until
 from dbos_nb import DBOS, DBOSClient, Queue
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.errors import DBOSQueueDeduplicatedError, WorkflowPreempted
@@ -26,7 +27,6 @@ from dbos_nb.storage.database import Database
 from dbos_nb.storage.merged import DONES_PER_NOTIFICATION, MERGE_FROM
 from dbos_nb.storage.schema import operation_outputs, workflow_status
 from dbos_nb.storage.store import NewWorkflow, SystemStore
-from tests.conftest import config, create_pg_database, drop_pg_database, wait_until
 
 
 def _pending(store: SystemStore, prefix: str, n: int, queue_name: str | None = None) -> list[str]:

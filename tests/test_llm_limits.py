@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import select
 
-from conftest import config
+from conftest import config, wait_until
 from dbos_nb import (
     DBOS,
     DbosNbError,
@@ -23,13 +22,6 @@ from dbos_nb.clock import ManualClock
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.core.steps import rate_limit_delay
 from dbos_nb.storage.schema import queues
-
-
-def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def _paused_until_ms(queue_name: str) -> int | None:
@@ -62,7 +54,7 @@ def test_a_429_pauses_the_whole_queue_and_is_retried(launched: str) -> None:
     assert said_429.wait(10)
     # The pause is written once the 429 has left the step: calls enqueued before then may still
     # start (they are in flight, as they would be against a real provider).
-    _wait_until(lambda: _paused_until_ms("llm") is not None)
+    wait_until(lambda: _paused_until_ms("llm") is not None)
     t429 = time.monotonic()
     others = [q.enqueue(call, i) for i in range(1, 6)]
     assert first.get_result(timeout_sec=20) == 0
@@ -122,7 +114,7 @@ def test_token_budget_with_estimates_and_reported_usage(db_url: str) -> None:
         handles = [q.enqueue(complete, i) for i in range(5)]
     # 40 + 40 fit; a third 40 would make 120. Items 0 and 1 then report 10 each instead: their
     # real usage frees the budget for 2 and 3 (10 + 10 + 40 + 40 = 100), not for 4.
-    _wait_until(lambda: sorted(started) == [0, 1, 2, 3])
+    wait_until(lambda: sorted(started) == [0, 1, 2, 3])
     time.sleep(0.3)
     assert sorted(started) == [0, 1, 2, 3]
     clock.advance(62)  # the window moves on

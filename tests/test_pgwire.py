@@ -14,10 +14,10 @@ import psycopg
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from conftest import create_pg_database, drop_pg_database
 from dbos_nb.storage import pgwire
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate
-from tests.conftest import create_pg_database, drop_pg_database
 
 _TABLE = """
 CREATE TABLE items (

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from conftest import config
+from conftest import config, wait_until
 from dbos_nb import (
     DBOS,
     DBOSAwaitedWorkflowCancelledError,
@@ -32,13 +32,6 @@ from dbos_nb.storage import rate_ledger
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate
 from dbos_nb.storage.schema import queue_starts
-
-
-def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def _max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -112,7 +105,7 @@ def test_rate_limiter_with_an_injected_clock(db_url: str) -> None:
 
     DBOS.launch()
     handles = [q.enqueue(call, i) for i in range(8)]
-    _wait_until(lambda: len(ran) == 3)
+    wait_until(lambda: len(ran) == 3)
     time.sleep(0.3)
     assert sorted(ran) == [0, 1, 2]  # the window is full until the clock moves
     # A start leaves the window after the period plus the limiter's guard (2%: 0.2 s here).
@@ -120,7 +113,7 @@ def test_rate_limiter_with_an_injected_clock(db_url: str) -> None:
     time.sleep(0.2)
     assert len(ran) == 3
     clock.advance(0.15)
-    _wait_until(lambda: len(ran) == 6)
+    wait_until(lambda: len(ran) == 6)
     clock.advance(10.25)
     assert [h.get_result(timeout_sec=10) for h in handles] == list(range(8))
     # Each window started the next three in FIFO order (threads may interleave inside one).
@@ -166,12 +159,12 @@ def test_priority_orders_waiting_work(launched: str) -> None:
         order.append(tag)
 
     first = q.enqueue(blocker)
-    _wait_until(lambda: first.get_status().status == "PENDING")
+    wait_until(lambda: first.get_status().status == "PENDING")
     for tag, priority in [("low", 10), ("high", 1), ("mid", 5), ("default", 0)]:
         with SetEnqueueOptions(priority=priority):
             q.enqueue(record, tag)
     gate.set()
-    _wait_until(lambda: len(order) == 4)
+    wait_until(lambda: len(order) == 4)
     assert order == ["default", "high", "mid", "low"]
 
 
@@ -392,7 +385,7 @@ def test_timeout_cancels_workflow_and_children(launched: str) -> None:
     with pytest.raises(DBOSWorkflowTimedOutError):
         handle.get_result(timeout_sec=20)
     assert child_started.is_set()
-    _wait_until(lambda: DBOS.get_workflow_status("to-parent-0").status == "CANCELLED")  # type: ignore[union-attr]
+    wait_until(lambda: DBOS.get_workflow_status("to-parent-0").status == "CANCELLED")  # type: ignore[union-attr]
     status = handle.get_status()
     assert status.status == "CANCELLED" and status.workflow_timeout_ms == 500
     with pytest.raises(DBOSAwaitedWorkflowCancelledError):
