@@ -185,7 +185,7 @@ class Database:
             # processes still meet at the file lock and its busy timeout.
             self._write_lock = threading.RLock()
             if path and path != ":memory:":
-                self._checkpointer = Checkpointer(os.path.abspath(path))
+                self._checkpointer = Checkpointer(path)  # it resolves the path itself
                 # A database dropped without `dispose()` (a forgotten client) ends its thread.
                 weakref.finalize(self, self._checkpointer.stop, 0)
             self.engine = engine
