@@ -4,7 +4,8 @@ Measures, per backend:
 
 1. throughput of one-step workflows through a queue without limits: enqueue them all one by one,
    then wait for all (workflows/s of the whole run, and of the processing part: from the first
-   start to the last completion);
+   start to the last completion); the median of a few rounds, each in a new process on a fresh
+   database, the libraries taking turns;
 2. the same through a queue with `worker_concurrency=8`;
 3. enqueue throughput, one `queue.enqueue` at a time (items/s), and dbos_nb's
    `queue.enqueue_many(fn, items, batch_id=...)` of 100,000 items (DBOS has no enqueue_many);
@@ -251,13 +252,10 @@ def _rate_limit(queue: Any, workflow: Callable[[int], float], settings: Settings
     }
 
 
-def run_worker(library: str, url: str, settings: Settings) -> dict[str, Any]:
-    """Measure one library on one system database, in this process; returns the figures."""
-    module, version = _import_library(library)
-    dbos: Any = module.DBOS
-    _create_dbos(dbos, "bench_queues", url)
+def _workflows(dbos: Any) -> tuple[Callable[[int], float], Callable[[int], int]]:
+    """The benchmark's workflows: one step that reports its start, and one without steps.
+    Registered by calling the decorators: the library is only known at run time (Any)."""
 
-    # Registered by calling the decorators: the library is only known at run time (Any).
     def stamp_body(_i: int) -> float:
         now = time.time()
         TRACKER.started(now)
@@ -275,26 +273,42 @@ def run_worker(library: str, url: str, settings: Settings) -> dict[str, Any]:
 
     one_step: Callable[[int], float] = dbos.workflow(name="bench_one_step")(one_step_body)
     park: Callable[[int], int] = dbos.workflow(name="bench_park")(park_body)
+    return one_step, park
 
+
+def run_round(library: str, url: str, settings: Settings) -> dict[str, Any]:
+    """One round of measurement 1 (no limits), on a fresh database, in this process."""
+    module, _version = _import_library(library)
+    dbos: Any = module.DBOS
+    _create_dbos(dbos, "bench_queues", url)
+    one_step, _park = _workflows(dbos)
+    dbos.launch()
+    try:
+        unlimited = dbos.register_queue("bench_unlimited")
+        _throughput(unlimited, one_step, 50)  # warm-up
+        measured = _throughput(unlimited, one_step, settings.throughput)
+    finally:
+        dbos.destroy()
+    return {f"tp_{key}": value for key, value in measured.items()}
+
+
+def run_worker(library: str, url: str, settings: Settings) -> dict[str, Any]:
+    """Measurements 2-5 of one library on one system database, in this process; returns the
+    figures (measurement 1 runs in rounds of its own, see `run_round`)."""
+    module, version = _import_library(library)
+    dbos: Any = module.DBOS
+    _create_dbos(dbos, "bench_queues", url)
+    one_step, park = _workflows(dbos)
     dbos.launch()
     figures: dict[str, Any] = {"library": library, "version": version}
     try:
-        unlimited = dbos.register_queue("bench_unlimited")
         wc8 = dbos.register_queue("bench_wc8", worker_concurrency=8)
         idle = dbos.register_queue("bench_idle")
         rated = dbos.register_queue(
             "bench_rate", limiter={"limit": settings.rate_limit, "period": settings.rate_period}
         )
         parked = dbos.register_queue("bench_parked", limiter={"limit": 1, "period": 3600})
-        _throughput(unlimited, one_step, 50)  # warm-up
-        # The machine's speed drifts by a fifth from one run to the next: the median of a few.
-        rounds = [
-            _throughput(unlimited, one_step, settings.throughput)
-            for _ in range(settings.throughput_rounds)
-        ]
-        for key in rounds[0]:
-            figures[f"tp_{key}"] = statistics.median(r[key] for r in rounds)
-        figures["tp_rounds"] = [round(r["total"]) for r in rounds]
+        _throughput(wc8, one_step, 50)  # warm-up
         for key, value in _throughput(wc8, one_step, settings.throughput).items():
             figures[f"wc8_{key}"] = value
         for key, value in _latency_in_process(idle, one_step, settings).items():
@@ -403,7 +417,9 @@ class Job:
     backend: str
     library: str
     python: str
-    mode: str  # "local": everything in one process; "xproc": client + worker process
+    # "round": one round of measurement 1; "local": measurements 2-5 in one process;
+    # "xproc": the cross-process latency (client here, worker process)
+    mode: str
 
 
 def _run_job(job: Job, url: str, settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
@@ -568,8 +584,13 @@ def run_benchmarks(args: argparse.Namespace) -> int:
         f"Python {platform.python_version()} on {platform.system()} {platform.release()}, "
         f"{os.cpu_count()} CPUs.",
         f"1-2: {settings.throughput} one-step workflows enqueued one by one, then awaited; "
-        "'processing' counts from the first start to the last completion. 1: the median of "
-        f"{settings.throughput_rounds} rounds (each round's whole run below the table).",
+        "'processing' counts from the first start to the last completion. 1: "
+        + (
+            f"the median of {settings.throughput_rounds} rounds, each in a new process on a "
+            "fresh database, the libraries taking turns (each round's whole run below the table)."
+            if settings.throughput_rounds > 1
+            else "one round, in a new process on a fresh database."
+        ),
         f"3: {settings.enqueue} single enqueues and one enqueue_many of {settings.enqueue_many:,} "
         "items, on a queue kept idle by its limiter (1 start per hour).",
         f"4: {settings.latency_samples} samples after {settings.latency_warmup} warm-ups, a "
@@ -607,6 +628,27 @@ def run_benchmarks(args: argparse.Namespace) -> int:
         elif results.get(key) is not None and figures is not None:
             results[key] = {**(results[key] or {}), **figures}
 
+    def rounds(backend: str, fresh_url: Callable[[str, int], str]) -> None:
+        """Measurement 1: the libraries take turns, a round each in its own process on a fresh
+        database (the order reversed every other round), so that the machine's drift over the
+        minutes of a run weighs on both alike; each keeps the median of its rounds."""
+        measured: dict[str, list[dict[str, Any]]] = {library: [] for library, _ in libraries}
+        for turn in range(settings.throughput_rounds):
+            for library, python in libraries if turn % 2 == 0 else libraries[::-1]:
+                job = Job(backend, library, python, "round")
+                figures, error = _run_job(job, fresh_url(library, turn), settings)
+                if error is not None or figures is None:
+                    errors.append(f"{library} round {turn + 1} on {backend} failed: {error}")
+                    continue
+                measured[library].append(figures)
+        for library, done in measured.items():
+            figures = results.get((backend, library))
+            if figures is None or len(done) != settings.throughput_rounds:
+                continue  # a failed round leaves the measurement out, not a median of the rest
+            for key in done[0]:
+                figures[key] = statistics.median(r[key] for r in done)
+            figures["tp_rounds"] = [round(r["tp_total"]) for r in done]
+
     for backend in backends:
         if backend == "sqlite":
             with sqlite_dir(args.tmpdir) as directory:
@@ -614,6 +656,11 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                 for library, python in libraries:
                     url = f"sqlite:///{directory}/{library}.sqlite"
                     record(Job(backend, library, python, "local"), url)
+
+                def fresh_file(library: str, turn: int, folder: str = directory) -> str:
+                    return f"sqlite:///{folder}/{library}-{turn}.sqlite"
+
+                rounds(backend, fresh_file)
             continue
         print("  setting up PostgreSQL ...", file=sys.stderr, flush=True)
         try:
@@ -629,6 +676,11 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                 for mode in ("local", "xproc"):
                     url = target.create_database(f"benchq_{library}")
                     record(Job(backend, library, python, mode), url)
+
+            def fresh_database(library: str, turn: int, on: PostgresTarget = target) -> str:
+                return on.create_database(f"benchq_{library}_{turn}")
+
+            rounds(backend, fresh_database)
         finally:
             target.close()
 
@@ -656,7 +708,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # Internal: one measurement in a subprocess, or the worker process of the cross-process test.
     parser.add_argument("--worker", choices=["dbos_nb", "dbos"], help=argparse.SUPPRESS)
     parser.add_argument("--serve", choices=["dbos_nb", "dbos"], help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=["local", "xproc"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["round", "local", "xproc"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -672,6 +724,8 @@ def main(argv: list[str]) -> int:
         settings = Settings(**json.loads(args.settings))
         if args.mode == "xproc":
             figures = run_client(args.worker, args.url, settings)
+        elif args.mode == "round":
+            figures = run_round(args.worker, args.url, settings)
         else:
             figures = run_worker(args.worker, args.url, settings)
         print(RESULT_MARKER + json.dumps(figures), flush=True)
