@@ -43,21 +43,22 @@ def pg_server_url() -> Iterator[str]:
         server.stop()
 
 
-def _admin_dsn(server_url: str) -> str:
-    return make_url(server_url).set(drivername="postgresql").render_as_string(hide_password=False)
+def libpq_dsn(url: str) -> str:
+    """A SQLAlchemy URL of a PostgreSQL database as psycopg's own connection string."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def create_pg_database(server_url: str) -> str:
     """A fresh database on the test server; returns its URL."""
     name = "t_" + uuid.uuid4().hex[:16]
-    with psycopg.connect(_admin_dsn(server_url), autocommit=True) as conn:
+    with psycopg.connect(libpq_dsn(server_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
 def drop_pg_database(server_url: str, url: str) -> None:
     name = make_url(url).database
-    with psycopg.connect(_admin_dsn(server_url), autocommit=True) as conn:
+    with psycopg.connect(libpq_dsn(server_url), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -15,14 +15,13 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from conftest import config, create_pg_database, drop_pg_database, wait_until
+from conftest import config, create_pg_database, drop_pg_database, libpq_dsn, wait_until
 from dbos_nb import DBOS, DBOSClient, EnqueueOptions, Queue
 
 
 def _socket_url(tcp_url: str) -> str:
     """The same database, addressed through the server's Unix socket (`?host=<dir>&port=`)."""
-    dsn = make_url(tcp_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(libpq_dsn(tcp_url)) as conn:
         directories = conn.execute("SHOW unix_socket_directories").fetchone()
         port = conn.execute("SHOW port").fetchone()
     assert directories and directories[0], "the test server listens on no Unix socket"
@@ -53,8 +52,7 @@ def socket_step(x: int) -> int:
 
 
 def test_the_url_really_goes_through_the_socket(socket_url: str) -> None:
-    dsn = make_url(socket_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(libpq_dsn(socket_url)) as conn:
         # A Unix-socket session has no client address.
         assert conn.execute("SELECT inet_client_addr()").fetchone() == (None,)
         assert conn.info.host.startswith("/")

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 import dbos_nb
-from conftest import config
+from conftest import config, libpq_dsn
 from dbos_nb import (
     DBOS,
     DBOSConfigError,
@@ -122,7 +122,7 @@ def _seq_scans_of_workflow_status(url: str) -> int:
     session reports its counts when it ends)."""
     import psycopg
 
-    dsn = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    dsn = libpq_dsn(url)
     with psycopg.connect(dsn, autocommit=True) as conn:
         deadline = time.monotonic() + 30
         while conn.execute(
@@ -196,7 +196,7 @@ def _rows_read_from_workflow_status(url: str) -> int:
     counts have settled (an idle session reports its counts within about a second)."""
     import psycopg
 
-    dsn = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    dsn = libpq_dsn(url)
     query = (
         "SELECT (SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'workflow_status')"
         " + (SELECT sum(idx_tup_read) FROM pg_stat_user_indexes"
