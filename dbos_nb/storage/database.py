@@ -313,15 +313,20 @@ class Database:
         """The first row of a single-statement read, through the driver (compiled once, see
         `prepared.py`): a handle's wait reads its workflow's outcome this way, for a fifth of
         the Python that the same query costs through a SQLAlchemy connection."""
+        rows = self.read_rows(stmt, params)
+        return rows[0] if rows else None
+
+    def read_rows(self, stmt: Executable, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Every row of a single-statement read, through the driver (see `read_row`)."""
         prepared = self.prepared(stmt)
         if self.is_postgres:
             with self.driver_single() as raw:
-                return prepared.first(raw, params)
+                return prepared.all(raw, params)
         # SQLite: a lone SELECT is a consistent snapshot by itself (the driver begins no
         # transaction for it).
         fairy = self.engine.raw_connection()
         try:
-            return prepared.first(fairy.driver_connection, params)
+            return prepared.all(fairy.driver_connection, params)
         finally:
             fairy.close()
 
