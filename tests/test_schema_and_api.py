@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from dbos_nb import (
     DBOSExecutorIdInUseError,
     Queue,
     SetWorkflowID,
+    SetWorkflowTimeout,
     WorkflowStatus,
     WorkflowStatusString,
 )
@@ -69,9 +71,8 @@ def test_a_version_1_database_gains_the_fifo_index(db_url: str) -> None:
         conn.execute(
             sa.text("DROP INDEX " + ("dbos_nb." if db.is_postgres else "") + "ix_ws_queue_fifo")
         )
-        conn.execute(
-            sa.update(schema_migrations).where(schema_migrations.c.version == 2).values(version=1)
-        )
+        conn.execute(sa.delete(schema_migrations))
+        conn.execute(schema_migrations.insert().values(version=1, applied_at=1))
         conn.execute(
             sa.text(
                 f"INSERT INTO {table} (workflow_uuid, status, name, queue_name, created_at, "
@@ -90,8 +91,100 @@ def test_a_version_1_database_gains_the_fifo_index(db_url: str) -> None:
         old = conn.execute(sa.text(f"SELECT status FROM {table} WHERE workflow_uuid = 'old'"))
         assert old.scalar() == "ENQUEUED"
     db.dispose()
-    assert sorted(versions) == [1, SCHEMA_VERSION] and SCHEMA_VERSION == 2
+    assert sorted(versions) == list(range(1, SCHEMA_VERSION + 1))
     assert "ix_ws_queue_fifo" in names
+
+
+def test_a_version_2_database_gets_the_active_deadline_index(db_url: str) -> None:
+    """Version 3 replaces the index of every row that ever had a deadline with one of active
+    rows only; a version 2 database gets it at the next launch, its rows kept, and its overdue
+    workflows are still found."""
+    from dbos_nb.storage.migrations import migrate
+    from dbos_nb.storage.store import SystemStore
+
+    db = Database(db_url)
+    migrate(db)
+    prefix = "dbos_nb." if db.is_postgres else ""
+    table = f"{prefix}workflow_status"
+    with db.write() as conn:  # the schema as version 2 left it
+        conn.execute(sa.text(f"DROP INDEX {prefix}ix_ws_active_deadline"))
+        conn.execute(
+            sa.text(
+                f"CREATE INDEX ix_ws_deadline ON {table} (workflow_deadline_epoch_ms) "
+                "WHERE workflow_deadline_epoch_ms IS NOT NULL"
+            )
+        )
+        conn.execute(sa.delete(schema_migrations))
+        conn.execute(schema_migrations.insert().values(version=2, applied_at=1))
+        for wid, status in (("done", "SUCCESS"), ("late", "PENDING")):
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {table} (workflow_uuid, status, name, created_at, updated_at, "
+                    f"workflow_deadline_epoch_ms) VALUES ('{wid}', '{status}', 'wf', 1, 1, 5)"
+                )
+            )
+    migrate(db)
+    with db.read() as conn:
+        versions = conn.execute(sa.select(schema_migrations.c.version)).scalars().all()
+        names = {
+            i["name"]
+            for i in sa.inspect(conn).get_indexes(
+                "workflow_status", schema=("dbos_nb" if db.is_postgres else None)
+            )
+        }
+    assert sorted(versions) == list(range(2, SCHEMA_VERSION + 1))
+    assert "ix_ws_active_deadline" in names and "ix_ws_deadline" not in names
+    assert SystemStore(db).cancel_overdue(10) == ["late"]
+    with db.read() as conn:
+        statuses = dict(conn.execute(sa.text(f"SELECT workflow_uuid, status FROM {table}")).all())
+    db.dispose()
+    assert statuses == {"done": "SUCCESS", "late": "CANCELLED"}
+
+
+def test_the_deadline_sweep_reads_active_workflows_only(launched: str) -> None:
+    """The scheduler's sweep for overdue workflows runs ten times a second while work runs; it
+    must not read again every finished workflow that once had a timeout (the index it reads
+    holds active workflows only)."""
+    from dbos_nb.storage import workflow_control
+
+    release = threading.Event()
+
+    @DBOS.workflow()
+    def timed(i: int) -> int:
+        if i < 0:
+            release.wait(30)
+        return i
+
+    q = Queue("sweep_q")
+    with SetWorkflowTimeout(600):
+        finished = [q.enqueue(timed, i) for i in range(20)]
+        running = q.enqueue(timed, -1)
+    assert [h.get_result() for h in finished] == list(range(20))
+    try:
+        db = get_runtime().db
+        sql = db.prepared(workflow_control._OVERDUE).sql
+        far = 2**62  # every deadline has passed by then
+        with db.read() as conn:
+            if db.is_postgres:
+                plan = conn.exec_driver_sql(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, {"now": far}
+                ).scalar()
+                node = plan[0]["Plan"]
+                while "Index Name" not in node:
+                    node = node["Plans"][0]
+                assert node["Index Name"] == "ix_ws_active_deadline"
+                assert node["Actual Rows"] == 1  # the running one, not the 20 finished
+            else:
+                plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, (far,)).all()
+                assert "ix_ws_active_deadline" in str(plan), plan
+                conn.exec_driver_sql("ANALYZE")
+                stat = conn.exec_driver_sql(
+                    "SELECT stat FROM sqlite_stat1 WHERE idx = 'ix_ws_active_deadline'"
+                ).scalar()
+                assert stat is not None and stat.split()[0] == "1", stat
+    finally:
+        release.set()
+    assert running.get_result() == -1
 
 
 def test_a_claim_reads_waiting_rows_in_index_order(tmp_path: Path) -> None:

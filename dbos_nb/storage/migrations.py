@@ -46,6 +46,19 @@ def _add_fifo_index(conn: Connection) -> None:
 UPGRADES[2] = _add_fifo_index
 
 
+def _active_deadline_index(conn: Connection) -> None:
+    """Version 3: the deadline index holds active workflows only (it held every workflow that
+    ever had a deadline, which the scheduler's sweep read again ten times a second)."""
+    prefix = f"{PG_SCHEMA}." if conn.dialect.name == "postgresql" else ""
+    conn.execute(text(f"DROP INDEX IF EXISTS {prefix}ix_ws_deadline"))
+    for index in workflow_status.indexes:
+        if index.name == "ix_ws_active_deadline":
+            index.create(conn, checkfirst=True)
+
+
+UPGRADES[3] = _active_deadline_index
+
+
 def migrate(db: Database) -> None:
     """Bring the system database's schema to SCHEMA_VERSION (idempotent, concurrency-safe)."""
     with db.write() as conn:

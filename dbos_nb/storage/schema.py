@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PG_SCHEMA = "dbos_nb"
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY (an alias of rowid).
@@ -113,8 +113,14 @@ workflow_status = Table(
         "deduplication_id IS NOT NULL",
         unique=True,
     ),
+    # The scheduler's sweep for workflows past their deadline (ten times a second while work
+    # runs): only active rows, so that it does not read again every finished workflow that
+    # ever had a timeout (version 2's index held them all: 50,000 finished rows made each
+    # sweep cost 8 ms on SQLite). The query must spell the same status literals.
     *_partial(
-        "ix_ws_deadline", ["workflow_deadline_epoch_ms"], "workflow_deadline_epoch_ms IS NOT NULL"
+        "ix_ws_active_deadline",
+        ["workflow_deadline_epoch_ms"],
+        "workflow_deadline_epoch_ms IS NOT NULL AND status IN ('ENQUEUED', 'PENDING')",
     ),
     *_partial("ix_ws_batch", ["batch_id", "status"], "batch_id IS NOT NULL"),
 )
