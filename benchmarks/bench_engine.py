@@ -98,7 +98,7 @@ def _force_sqlite_synchronous_full() -> None:
 
     from dbos_nb.storage import database
 
-    original = database._install_sqlite_hooks
+    original = database.install_sqlite_hooks
 
     def install(engine: Engine) -> None:
         original(engine)
@@ -109,7 +109,7 @@ def _force_sqlite_synchronous_full() -> None:
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.close()
 
-    database._install_sqlite_hooks = install
+    database.install_sqlite_hooks = install
 
 
 def run_worker(library: str, url: str, settings: Settings, sqlite_full: bool) -> dict[str, Any]:

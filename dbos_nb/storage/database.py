@@ -25,7 +25,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
@@ -38,7 +37,6 @@ from sqlalchemy import (
     Engine,
     Executable,
     Table,
-    TextClause,
     bindparam,
     create_engine,
     event,
@@ -49,16 +47,22 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
 from dbos_nb.storage import pgwire
-from dbos_nb.storage.checkpointer import FALLBACK_PAGES, Checkpointer
+from dbos_nb.storage.checkpointer import Checkpointer
 from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
 from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
 from dbos_nb.storage.process import current_pid
 from dbos_nb.storage.schema import PG_SCHEMA, queues
+from dbos_nb.storage.sessions import (
+    SERVER_SETTINGS,
+    WRITE_OPTION,
+    install_sqlite_hooks,
+    session_settings,
+    set_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,6 @@ _INHERITED: list[list[Any]] = []
 NOTIFY_CHANNEL = "dbos_nb_events"
 _READ_QUEUE_ROW = select(queues).where(queues.c.name == bindparam("q"))
 _LOCK_QUEUE_ROW = _READ_QUEUE_ROW.with_for_update()
-_WRITE_OPTION = "dbos_nb_write"
 # Bound parameters per multi-row INSERT of `bulk_insert`: under the 999 of SQLite builds older
 # than 3.32, and past the point where larger statements stop paying off.
 _BULK_PARAMS = 900
@@ -178,7 +181,7 @@ class Database:
                 connect_args={"check_same_thread": False, "timeout": 60},
             )
             self._engines.append(engine)
-            _install_sqlite_hooks(engine)
+            install_sqlite_hooks(engine)
             # Writers of this process take turns on a Python lock before BEGIN IMMEDIATE: SQLite's
             # busy handler waits by sleeping (1, 2, 5 ... 100 ms), so threads that collide on
             # the file lock would idle for milliseconds; the lock hands over at once. Other
@@ -202,7 +205,7 @@ class Database:
             **kwargs,
         )
         if self._session:
-            event.listen(engine, "connect", _session_settings(self._session))
+            event.listen(engine, "connect", session_settings(self._session))
         self._engines.append(engine)
         return engine
 
@@ -224,7 +227,7 @@ class Database:
         if self._checkpointer is not None:
             self._checkpointer.ensure_running()
         with self._write_lock, self.engine.connect() as conn:
-            conn = conn.execution_options(**{_WRITE_OPTION: True})
+            conn = conn.execution_options(**{WRITE_OPTION: True})
             depth = getattr(self._in_write, "depth", 0)
             self._in_write.depth = depth + 1
             try:
@@ -239,9 +242,9 @@ class Database:
         as it likes between its statements: the stalled-transaction limit does not apply."""
         with self.write(isolation_level) as conn:
             if self.is_postgres and self._session:
-                server = conn.connection.info.get(_SERVER_SETTINGS)
+                server = conn.connection.info.get(SERVER_SETTINGS)
                 if server:
-                    conn.execute(_set_config(server, True))
+                    conn.execute(set_config(server, True))
             yield conn
 
     @contextlib.contextmanager
@@ -580,89 +583,3 @@ class _SingleUse:
             self._db._give_back_single(self._fairy, self._conn)
         else:
             self._db._drop_single(self._fairy, exc)  # raises a driver's error as SQLAlchemy's
-
-
-def _install_sqlite_hooks(engine: Engine) -> None:
-    """Take over transaction control from the sqlite3 module and set WAL mode.
-
-    sqlite3's own implicit BEGIN is deferred; two deferred writers that both read first deadlock
-    on the upgrade to a write lock and one fails with "database is locked" at once, ignoring the
-    busy timeout. Writers here start with BEGIN IMMEDIATE instead and wait their turn.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout=60000")
-        # WAL lets readers run beside the writer and other processes share the file.
-        _enable_wal(cursor)
-        # synchronous=NORMAL: a commit survives a crash of the process (the case dbos_nb guards
-        # against) but not of the operating system, in exchange for no fsync per commit.
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        # 64 MiB of page cache: bulk enqueues touch many index pages in one transaction.
-        cursor.execute("PRAGMA cache_size=-65536")
-        # The process's checkpointing thread copies the log back (`checkpointer.py`); a commit
-        # does it itself only past this many pages.
-        cursor.execute(f"PRAGMA wal_autocheckpoint={FALLBACK_PAGES}")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get(_WRITE_OPTION):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
-
-
-def _enable_wal(cursor: Any) -> None:
-    # Switching a new file to WAL takes an exclusive lock, and SQLite can answer BUSY there
-    # without waiting on the busy timeout when several processes open the file at once.
-    for attempt in range(200):
-        try:
-            mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()
-            if mode and str(mode[0]).lower() == "wal":
-                return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-        time.sleep(0.01 * min(attempt + 1, 10))
-    raise sqlite3.OperationalError("could not switch the SQLite database to WAL mode")
-
-
-def _set_config(settings: list[tuple[str, str]], local: bool) -> TextClause:
-    """One statement setting each (name, value), for the session or the transaction (`local`);
-    names are dbos_nb's own, values its own or read from the server (quoted)."""
-    flag = "true" if local else "false"
-    calls = ", ".join(
-        f"set_config('{name}', '{value.replace(chr(39), chr(39) * 2)}', {flag})"
-        for name, value in settings
-    )
-    return text(f"SELECT {calls}")
-
-
-# Where a connection keeps the server's values of the settings dbos_nb changed in its session.
-_SERVER_SETTINGS = "dbos_nb_server_settings"
-
-
-def _session_settings(
-    settings: list[tuple[str, str]],
-) -> Callable[[Any, ConnectionPoolEntry], None]:
-    """A connect hook that sets each new session's settings (in a statement rather than as
-    startup options, which connection poolers such as PgBouncer refuse), keeping the values
-    they replace (the server's, the database's or the role's) for application transactions."""
-    names = ", ".join(f"current_setting('{name}')" for name, _ in settings)
-    sql = str(_set_config(settings, False))
-
-    def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        with dbapi_connection.cursor() as cur:
-            cur.execute(f"SELECT {names}")
-            row = cur.fetchone()
-            cur.execute(sql)
-        dbapi_connection.commit()
-        record.info[_SERVER_SETTINGS] = [
-            (name, str(value)) for (name, _), value in zip(settings, row, strict=True)
-        ]
-
-    return on_connect
