@@ -147,11 +147,12 @@ def test_the_deadline_sweep_reads_active_workflows_only(launched: str) -> None:
     holds active workflows only)."""
     from dbos_nb.storage import workflow_control
 
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     @DBOS.workflow()
     def timed(i: int) -> int:
         if i < 0:
+            started.set()
             release.wait(30)
         return i
 
@@ -160,28 +161,44 @@ def test_the_deadline_sweep_reads_active_workflows_only(launched: str) -> None:
         finished = [q.enqueue(timed, i) for i in range(20)]
         running = q.enqueue(timed, -1)
     assert [h.get_result() for h in finished] == list(range(20))
+    assert started.wait(20)  # dequeued: its deadline is set
     try:
         db = get_runtime().db
         sql = db.prepared(workflow_control._OVERDUE).sql
         far = 2**62  # every deadline has passed by then
-        with db.read() as conn:
-            if db.is_postgres:
+        if db.is_postgres:
+            with db.read() as conn:
+                # As dbos_nb runs it: prepared, with the generic plan it settles on.
+                conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+                conn.exec_driver_sql(
+                    "PREPARE sweep_test(bigint) AS " + sql.replace("%(now)s", "$1")
+                )
                 plan = conn.exec_driver_sql(
-                    "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, {"now": far}
+                    f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE sweep_test({far})"
                 ).scalar()
-                node = plan[0]["Plan"]
-                while "Index Name" not in node:
-                    node = node["Plans"][0]
-                assert node["Index Name"] == "ix_ws_active_deadline"
-                assert node["Actual Rows"] == 1  # the running one, not the 20 finished
-            else:
+                conn.exec_driver_sql("DEALLOCATE sweep_test")
+                conn.exec_driver_sql("RESET plan_cache_mode")
+            nodes, stack = [], [plan[0]["Plan"]]
+            while stack:
+                nodes.append(stack.pop())
+                stack.extend(nodes[-1].get("Plans", []))
+            scans = [n for n in nodes if "Index Name" in n]
+            assert [n["Index Name"] for n in scans] == ["ix_ws_active_deadline"], nodes
+            # The index gives the running one only: no finished row read and filtered out.
+            assert scans[0]["Actual Rows"] == 1, nodes
+            assert all(n.get("Rows Removed by Filter", 0) == 0 for n in nodes), nodes
+            assert all(n.get("Rows Removed by Index Recheck", 0) == 0 for n in nodes), nodes
+        else:
+            with db.read() as conn:
                 plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, (far,)).all()
-                assert "ix_ws_active_deadline" in str(plan), plan
+            assert "ix_ws_active_deadline" in str(plan), plan
+            with db.write() as conn:  # ANALYZE writes: under the write lock
                 conn.exec_driver_sql("ANALYZE")
                 stat = conn.exec_driver_sql(
                     "SELECT stat FROM sqlite_stat1 WHERE idx = 'ix_ws_active_deadline'"
                 ).scalar()
-                assert stat is not None and stat.split()[0] == "1", stat
+            # The index's entries: the running one only.
+            assert stat is not None and stat.split()[0] == "1", stat
     finally:
         release.set()
     assert running.get_result() == -1

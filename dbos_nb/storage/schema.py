@@ -27,8 +27,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
+from dbos_nb.models import ACTIVE_STATUSES
+
 SCHEMA_VERSION = 3
 PG_SCHEMA = "dbos_nb"
+# The active statuses as the SQL list that `status_is(column, *ACTIVE_STATUSES)` writes.
+_ACTIVE = ", ".join(f"'{status}'" for status in ACTIVE_STATUSES)
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY (an alias of rowid).
 _AutoId = BigInteger().with_variant(Integer(), "sqlite")
@@ -116,11 +120,12 @@ workflow_status = Table(
     # The scheduler's sweep for workflows past their deadline (ten times a second while work
     # runs): only active rows, so that it does not read again every finished workflow that
     # ever had a timeout (version 2's index held them all: 50,000 finished rows made each
-    # sweep cost 8 ms on SQLite). The query must spell the same status literals.
+    # sweep cost 8 ms on SQLite). The query must spell the same status literals, in the same
+    # order (SQLite matches the terms as written).
     *_partial(
         "ix_ws_active_deadline",
         ["workflow_deadline_epoch_ms"],
-        "workflow_deadline_epoch_ms IS NOT NULL AND status IN ('ENQUEUED', 'PENDING')",
+        f"workflow_deadline_epoch_ms IS NOT NULL AND status IN ({_ACTIVE})",
     ),
     *_partial("ix_ws_batch", ["batch_id", "status"], "batch_id IS NOT NULL"),
 )
