@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, literal_column, select, update
 
 from dbos_nb.models import ACTIVE_STATUSES, INTERNAL_QUEUE, WorkflowStatusString
 from dbos_nb.storage.rows import CANCELLED, ENQUEUED, StoreBase, _chunks, requeued_afresh
@@ -15,13 +15,20 @@ from dbos_nb.storage.schema import operation_outputs, status_is, workflow_status
 ws = workflow_status
 oo = operation_outputs
 
-# The scheduler's sweep runs this ten times a second while work runs: a constant statement,
-# compiled once and sent through the driver, costs the workers' GIL a fraction of building
-# and compiling the query each time.
+# The scheduler's sweep runs ten times a second while work runs: constant statements, compiled
+# once and sent through the driver, cost the workers' GIL a fraction of building and compiling
+# the query each time.
 _OVERDUE = select(ws.c.workflow_uuid).where(
     ws.c.workflow_deadline_epoch_ms <= bindparam("now", type_=ws.c.workflow_deadline_epoch_ms.type),
     status_is(ws.c.status, *ACTIVE_STATUSES),
 )
+# Usually nothing is overdue: the sweep first asks for one row, in deadline order. PostgreSQL
+# reads that through the index itself (for all rows it would collect them in a bitmap first),
+# and an index scan marks the entries of dead row versions as it meets them: right after a
+# large timed batch, the index still points at every finished row's old PENDING version until
+# vacuum passes, and the sweep would visit them all, every time (4.5 ms a sweep after 50,000);
+# this way only the first sweep does.
+_FIRST_OVERDUE = _OVERDUE.order_by(ws.c.workflow_deadline_epoch_ms).limit(literal_column("1"))
 
 
 class WorkflowControl(StoreBase):
@@ -69,6 +76,8 @@ class WorkflowControl(StoreBase):
 
     def cancel_overdue(self, now_ms: int) -> list[str]:
         """Cancel every active workflow whose deadline has passed; returns their ids."""
+        if self.db.read_row(_FIRST_OVERDUE, {"now": now_ms}) is None:
+            return []
         ids = [row[0] for row in self.db.read_rows(_OVERDUE, {"now": now_ms})]
         if not ids:
             return []
