@@ -59,6 +59,19 @@ def test_processes_creating_the_schema_at_once(db_url: str) -> None:
     DBOS.launch()  # and the schema is usable
 
 
+def _versions_and_index_names(db: Database) -> tuple[list[int], set[str]]:
+    """The schema versions stamped in the database, and the names of workflow_status's indexes."""
+    with db.read() as conn:
+        versions = list(conn.execute(sa.select(schema_migrations.c.version)).scalars())
+        names = {
+            str(i["name"])
+            for i in sa.inspect(conn).get_indexes(
+                "workflow_status", schema=("dbos_nb" if db.is_postgres else None)
+            )
+        }
+    return versions, names
+
+
 def test_a_version_1_database_gains_the_fifo_index(db_url: str) -> None:
     """Version 2 adds the partial index that gives a queue's waiting rows in order; a database
     made by version 1 gets it at the next launch, and its rows stay as they were."""
@@ -80,14 +93,8 @@ def test_a_version_1_database_gains_the_fifo_index(db_url: str) -> None:
             )
         )
     migrate(db)
+    versions, names = _versions_and_index_names(db)
     with db.read() as conn:
-        versions = conn.execute(sa.select(schema_migrations.c.version)).scalars().all()
-        names = {
-            i["name"]
-            for i in sa.inspect(conn).get_indexes(
-                "workflow_status", schema=("dbos_nb" if db.is_postgres else None)
-            )
-        }
         old = conn.execute(sa.text(f"SELECT status FROM {table} WHERE workflow_uuid = 'old'"))
         assert old.scalar() == "ENQUEUED"
     db.dispose()
@@ -124,14 +131,7 @@ def test_a_version_2_database_gets_the_active_deadline_index(db_url: str) -> Non
                 )
             )
     migrate(db)
-    with db.read() as conn:
-        versions = conn.execute(sa.select(schema_migrations.c.version)).scalars().all()
-        names = {
-            i["name"]
-            for i in sa.inspect(conn).get_indexes(
-                "workflow_status", schema=("dbos_nb" if db.is_postgres else None)
-            )
-        }
+    versions, names = _versions_and_index_names(db)
     assert sorted(versions) == list(range(2, SCHEMA_VERSION + 1))
     assert "ix_ws_active_deadline" in names and "ix_ws_deadline" not in names
     assert SystemStore(db).cancel_overdue(10) == ["late"]
