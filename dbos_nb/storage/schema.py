@@ -120,8 +120,8 @@ workflow_status = Table(
     # The scheduler's sweep for workflows past their deadline (ten times a second while work
     # runs): only active rows, so that it does not read again every finished workflow that
     # ever had a timeout (version 2's index held them all: 50,000 finished rows made each
-    # sweep cost 8 ms on SQLite). The query must spell the same status literals, in the same
-    # order (SQLite matches the terms as written).
+    # sweep cost 10 ms, see benchmarks/bench_sweep.py). The query must spell the same status
+    # literals, in the same order (SQLite matches the terms as written).
     *_partial(
         "ix_ws_active_deadline",
         ["workflow_deadline_epoch_ms"],

@@ -27,7 +27,8 @@ _OVERDUE = select(ws.c.workflow_uuid).where(
 # and an index scan marks the entries of dead row versions as it meets them: right after a
 # large timed batch, the index still points at every finished row's old PENDING version until
 # vacuum passes, and the sweep would visit them all, every time (4.5 ms a sweep after 50,000);
-# this way only the first sweep does.
+# this way only the first sweep does. The LIMIT is a literal so that the generic plan of the
+# prepared statement knows it is 1.
 _FIRST_OVERDUE = _OVERDUE.order_by(ws.c.workflow_deadline_epoch_ms).limit(literal_column("1"))
 
 
