@@ -26,8 +26,11 @@ RESULT_MARKER = "BENCH_RESULT "
 WORKER_TIMEOUT_SEC = 1800
 
 
-def run_measurement(cmd: list[str]) -> tuple[dict[str, Any] | None, str | None]:
-    """Run one measuring subprocess; (figures, None), or (None, what went wrong)."""
+def run_measurement(
+    cmd: list[str], env: dict[str, str] | None = None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Run one measuring subprocess (with `env` as its environment, if given); (figures, None),
+    or (None, what went wrong)."""
     try:
         proc = subprocess.run(
             cmd,
@@ -35,6 +38,7 @@ def run_measurement(cmd: list[str]) -> tuple[dict[str, Any] | None, str | None]:
             text=True,
             timeout=WORKER_TIMEOUT_SEC,
             cwd=tempfile.gettempdir(),
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return None, f"timed out after {WORKER_TIMEOUT_SEC} s"

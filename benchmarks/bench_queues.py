@@ -4,8 +4,9 @@ Measures, per backend:
 
 1. throughput of one-step workflows through a queue without limits: enqueue them all one by one,
    then wait for all (workflows/s of the whole run, and of the processing part: from the first
-   start to the last completion); the median of a few rounds, each in a new process on a fresh
-   database, the libraries taking turns;
+   start to the last completion), and the CPU time the process spent per workflow (all its
+   threads; the database server's is not counted); the median of a few rounds, each in a new
+   process on a fresh database, the libraries taking turns;
 2. the same through a queue with `worker_concurrency=8`;
 3. enqueue throughput, one `queue.enqueue` at a time (items/s), and dbos_nb's
    `queue.enqueue_many(fn, items, batch_id=...)` of 100,000 items (DBOS has no enqueue_many);
@@ -202,9 +203,11 @@ def _throughput(queue: Any, workflow: Callable[[int], float], n: int) -> dict[st
     """Enqueue n one-step workflows one by one, then wait until all have finished."""
     TRACKER.reset()
     start = time.time()
+    cpu_start = time.process_time()
     handles = [queue.enqueue(workflow, i) for i in range(n)]
     enqueued = time.time()
     TRACKER.wait(done=n)
+    cpu = time.process_time() - cpu_start
     end = TRACKER.last_done
     first_start = min(TRACKER.starts)
     for handle in handles[-10:]:  # the results really are stored
@@ -213,6 +216,8 @@ def _throughput(queue: Any, workflow: Callable[[int], float], n: int) -> dict[st
         "total": n / (end - start),
         "processing": n / (end - first_start),
         "enqueue_phase": n / (enqueued - start),
+        # All the threads of the process, per workflow (the database server's CPU not included).
+        "cpu_us": cpu / n * 1e6,
     }
 
 
@@ -445,6 +450,7 @@ METRICS = (
     Metric("tp_total", "1 no limits: whole run", "wf/s", True),
     Metric("tp_processing", "1 no limits: processing", "wf/s", True),
     Metric("tp_enqueue_phase", "1 no limits: enqueue phase", "wf/s", True),
+    Metric("tp_cpu_us", "1 no limits: CPU per workflow", "us/wf", False),
     Metric("wc8_total", "2 worker_conc=8: whole run", "wf/s", True),
     Metric("wc8_processing", "2 worker_conc=8: processing", "wf/s", True),
     Metric("enqueue_one", "3 enqueue one by one", "items/s", True),
