@@ -260,6 +260,59 @@ def test_cancel_stops_a_running_workflow_at_its_next_step(launched: str) -> None
     assert ran == ["first", "second"]
 
 
+@pytest.mark.parametrize("cancel_first", [True, False], ids=["cancel-then-resume", "resume"])
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_workflow_resumed_while_its_old_execution_still_runs_here_completes(
+    launched: str, cancel_first: bool, is_async: bool
+) -> None:
+    """Resumed (or recovered) while a step of its first execution still runs in this process:
+    the new execution waits for the stale one to stop (its writes are refused) and finishes the
+    workflow from its last completed step, instead of both waiting for each other forever."""
+    started = threading.Event()
+    release = threading.Event()
+    ran: list[int] = []
+
+    def body(i: int) -> int:
+        ran.append(i)
+        if i == 0 and len(ran) == 1:  # the first execution's first step holds on
+            started.set()
+            release.wait(10)
+        return i
+
+    if is_async:
+
+        @DBOS.step(name="resumed_step_async")
+        async def astep(i: int) -> int:
+            return await asyncio.to_thread(body, i)
+
+        @DBOS.workflow(name="resumed_wf_async")
+        async def awf() -> list[int]:
+            return [await astep(i) for i in range(3)]
+
+        handle = DBOS.start_workflow(awf)
+    else:
+
+        @DBOS.step(name="resumed_step")
+        def step(i: int) -> int:
+            return body(i)
+
+        @DBOS.workflow(name="resumed_wf")
+        def wf() -> list[int]:
+            return [step(i) for i in range(3)]
+
+        handle = DBOS.start_workflow(wf)
+    assert started.wait(10)
+    if cancel_first:
+        DBOS.cancel_workflow(handle.workflow_id)
+    resumed = DBOS.resume_workflow(handle.workflow_id)
+    time.sleep(0.1)  # the scheduler claims it again while the old execution still runs
+    release.set()
+    assert resumed.get_result(timeout_sec=20) == [0, 1, 2]
+    assert handle.get_status().status == "SUCCESS"
+    # Step 0 had not completed when it was resumed: it ran again, then the rest once each.
+    assert ran == [0, 0, 1, 2]
+
+
 def test_cancel_children_and_unknown_ids(launched: str) -> None:
     gate = threading.Event()
 

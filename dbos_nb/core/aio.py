@@ -29,10 +29,10 @@ from dbos_nb.core.waiters import outcome_of
 from dbos_nb.core.workflows import (
     Execution,
     _body_of,
-    begin,
     end,
     on_failure,
     on_success,
+    register,
     write_started,
 )
 from dbos_nb.errors import DBOSNonExistentWorkflowError, WorkflowPreempted
@@ -40,7 +40,11 @@ from dbos_nb.errors import DBOSNonExistentWorkflowError, WorkflowPreempted
 
 async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
     """The async twin of `workflows.run_execution` (runs on the runtime's loop)."""
-    running = begin(rt, ex)
+    running, stale = register(rt, ex)
+    while stale is not None:  # see `workflows.register`; the stale one may run on this loop
+        while not stale.ended.is_set():
+            await asyncio.sleep(0.01)
+        running, stale = register(rt, ex)
     if running is None:
         return await wait_result_async(rt, ex.workflow_id, rt.polling_interval_sec)
     try:

@@ -42,6 +42,8 @@ class RunningWorkflow:
     queue_name: str | None = None
     # Whether a step reported usage yet (the first report replaces the token estimate).
     usage_reported: bool = False
+    # Set once the execution has ended and left the process's register (see workflows.begin).
+    ended: threading.Event = field(default_factory=threading.Event)
 
     def take_function_id(self) -> int:
         fid = self.next_function_id

@@ -86,17 +86,21 @@ class Runtime:
 
     # -- in-process executions --------------------------------------------------------------------
 
-    def add_running(self, running: RunningWorkflow) -> bool:
-        """Register an execution; False if this process already runs that workflow."""
+    def add_running(self, running: RunningWorkflow) -> RunningWorkflow | None:
+        """Register an execution; None if registered, else the execution of that workflow
+        that this process runs already."""
         with self._running_lock:
-            if running.workflow_id in self._running:
-                return False
-            self._running[running.workflow_id] = running
-            return True
+            other = self._running.get(running.workflow_id)
+            if other is None:
+                self._running[running.workflow_id] = running
+            return other
 
     def remove_running(self, workflow_id: str) -> None:
+        """Unregister the workflow's execution, and tell whoever waits for it to end."""
         with self._running_lock:
-            self._running.pop(workflow_id, None)
+            running = self._running.pop(workflow_id, None)
+        if running is not None:
+            running.ended.set()
 
     def is_running(self, workflow_id: str) -> bool:
         with self._running_lock:

@@ -358,7 +358,24 @@ class Execution:
 
 
 def begin(rt: Runtime, ex: Execution) -> RunningWorkflow | None:
-    """Register the execution in this process; None if this process already runs it."""
+    """Register the execution in this process; None if this process runs this very execution
+    already. A stale execution of the workflow still running here is stopped first and waited
+    for (see `register`)."""
+    while True:
+        running, stale = register(rt, ex)
+        if stale is None:
+            return running
+        stale.ended.wait()
+
+
+def register(rt: Runtime, ex: Execution) -> tuple[RunningWorkflow | None, RunningWorkflow | None]:
+    """Register the execution: (it, None). (None, None) if this process runs this very
+    execution already (e.g. recovered while a handle waits). (None, the other) if another
+    execution of the workflow still runs here, with an owner the row no longer names (the
+    workflow was cancelled and resumed, or recovered, and claimed again meanwhile): that one is
+    told to stop at its next operation (its writes are refused anyway), and the caller must
+    wait until it has ended and register again. Left alone, the two would wait for each other:
+    the new one for the old one's result, the old one refused at every write."""
     running = RunningWorkflow(ex.workflow_id, ex.owner, workflow_name_of(ex.reg), ex.deadline_ms)
     running.ledger_entry = ex.ledger_entry
     running.queue_name = ex.queue_name
@@ -368,7 +385,15 @@ def begin(rt: Runtime, ex: Execution) -> RunningWorkflow | None:
         running.last_recorded_fid = ex.last_recorded_fid
     else:
         running.last_recorded_fid = rt.store.last_recorded_function_id(ex.workflow_id)
-    return running if rt.add_running(running) else None
+    other = rt.add_running(running)
+    if other is None:
+        return running, None
+    if other.owner_xid == running.owner_xid:
+        return None, None
+    rt.preempt([ex.workflow_id], "taken over by another execution")
+    # What the stale execution recorded before it noticed is read again at the next attempt.
+    ex.last_recorded_fid = None
+    return None, other
 
 
 def on_failure(rt: Runtime, ex: Execution, exc: BaseException) -> BaseException:
