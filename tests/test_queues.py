@@ -478,3 +478,41 @@ def test_client_enqueue_and_manage(launched: str) -> None:
         assert pending.get_status().status == "CANCELLED"
         assert [w.workflow_id for w in client.list_workflows(name="client_wf")] == ["c-1"]
         assert client.list_workflow_steps("c-1") == []
+
+
+def test_a_queue_declared_by_two_processes_at_once_is_stored_once(launched: str) -> None:
+    """Processes that launch together declare the same queues at the same moment: the second
+    declaration waits for the first one's row and finds it (no unique violation). Here another
+    connection, standing for the other process, holds its uncommitted insert of the row while
+    this process declares the queue."""
+    from sqlalchemy import insert as sa_insert
+
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.models import QueueSettings
+    from dbos_nb.storage.schema import queues
+
+    rt = get_runtime()
+    settings = QueueSettings(name="raced", concurrency=3)
+    outcome: list[Any] = []
+
+    def declare() -> None:
+        try:
+            outcome.append(rt.store.upsert_queue(settings, rt.now_ms()))
+        except Exception as exc:
+            outcome.append(exc)
+
+    other = Database(launched)
+    try:
+        with other.write() as conn:
+            conn.execute(sa_insert(queues).values(name="raced", concurrency=3, updated_at=1))
+            thread = threading.Thread(target=declare)
+            thread.start()
+            thread.join(0.5)
+            assert thread.is_alive()  # it waits for the other declaration to commit
+        thread.join(20)
+    finally:
+        other.dispose()
+    assert len(outcome) == 1 and isinstance(outcome[0], QueueSettings), outcome
+    assert outcome[0].concurrency == 3
+    stored = rt.store.get_queue("raced")
+    assert stored is not None and stored.concurrency == 3

@@ -31,12 +31,25 @@ class QueueRecords(StoreBase):
             "token_period_ms": settings.token_period_ms,
             "updated_at": now_ms,
         }
+        # Insert first, doing nothing if the row exists: processes that launch at once all
+        # declare the same queues, and a read-then-insert let two of them insert (PostgreSQL,
+        # READ COMMITTED: a raw unique violation in the second one's launch).
+        insert = (
+            self.db.insert(queues)
+            .values(name=settings.name, **values)
+            .on_conflict_do_nothing(index_elements=["name"])
+            .returning(queues.c.name)
+        )
         with self.db.write() as conn:
-            old = conn.execute(select(queues).where(queues.c.name == settings.name)).mappings()
-            previous = next(iter(old), None)
-            if previous is None:
-                conn.execute(queues.insert().values(name=settings.name, **values))
+            if conn.execute(insert).first() is not None:
                 return None
+            previous = (
+                conn.execute(
+                    select(queues).where(queues.c.name == settings.name).with_for_update()
+                )
+                .mappings()
+                .one()
+            )
             old_settings = queue_settings_from_row(dict(previous))
             if old_settings != settings:
                 conn.execute(update(queues).where(queues.c.name == settings.name).values(**values))
