@@ -12,6 +12,7 @@ from typing import Any, Required, TypedDict
 from dbos_nb import serialization
 from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import management
+from dbos_nb.core.context import valid_timeout
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX
 from dbos_nb.core.waiters import Waiters, outcome_of, wait_for_result
@@ -121,16 +122,21 @@ class DBOSClient:
         for key in ("queue_name", "workflow_name"):
             if not isinstance(options.get(key), str) or not options[key]:
                 raise DbosNbError(f"enqueue options need {key!r} (a non-empty string)")
+        for key in ("workflow_id", "deduplication_id", "app_version"):
+            value = options.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise DbosNbError(f"{key} must be a non-empty string, got {value!r}")
         timeout = options.get("workflow_timeout")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-        ):
-            raise DbosNbError(f"workflow_timeout must be a positive number, got {timeout!r}")
+        if timeout is not None and not valid_timeout(timeout):
+            raise DbosNbError(
+                f"workflow_timeout must be a positive number of seconds (at most a century), "
+                f"got {timeout!r}"
+            )
         priority = options.get("priority")
         if priority is not None and (
-            isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
+            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**31
         ):
-            raise DbosNbError(f"priority must be a non-negative integer, got {priority!r}")
+            raise DbosNbError(f"priority must be an integer from 0 to 2**31-1, got {priority!r}")
         result: EnqueueOptions = options  # type: ignore[assignment]
         return result
 

@@ -203,11 +203,104 @@ def test_deduplication(launched: str) -> None:
         ({"limiter": {"limit": 5, "period": 1, "burst": 2}}, "unknown"),
         ({"limiter": [5, 1]}, "must be a dict"),
         ({"polling_interval_sec": 0}, "polling_interval_sec"),
+        ({"polling_interval_sec": float("nan")}, "polling_interval_sec"),
+        # Beyond what the database's columns hold (PostgreSQL would refuse it at launch).
+        ({"concurrency": 2**31}, "up to 2"),
+        ({"worker_concurrency": 2**40}, "up to 2"),
+        ({"limiter": {"limit": 2**31, "period": 1}}, "up to 2"),
+        ({"limiter": {"limit": 5, "period": float("inf")}}, "period"),
+        ({"limiter": {"limit": 5, "period": float("nan")}}, "period"),
+        ({"limiter": {"limit": 5, "period": 1e20}}, "century"),
     ],
 )
 def test_invalid_queue_settings(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidQueueSettingsError, match=message):
         Queue("bad", **kwargs)
+
+
+def test_a_queue_name_longer_than_the_database_holds_is_refused() -> None:
+    with pytest.raises(InvalidQueueSettingsError, match="at most 255 characters"):
+        Queue("q" * 256)
+    assert len(Queue("q" * 255).name) == 255
+
+
+def test_a_queue_the_database_refuses_is_not_declared(launched: str) -> None:
+    """A declaration the database refuses raises and leaves the earlier declaration in force,
+    so that nothing is enqueued onto a queue that no other process can see. (Here a rule added
+    to the table refuses a concurrency of 5 or more.)"""
+    from sqlalchemy import text
+
+    from dbos_nb.core.queue import QUEUES
+    from dbos_nb.storage.schema import PG_SCHEMA
+
+    Queue("refused", concurrency=2)
+    db = Database(launched)
+    try:
+        with db.write() as conn:
+            if db.is_postgres:
+                conn.execute(
+                    text(
+                        f"ALTER TABLE {PG_SCHEMA}.queues ADD CONSTRAINT dbos_nb_test_refusal "
+                        "CHECK (concurrency IS NULL OR concurrency < 5)"
+                    )
+                )
+            else:
+                for event in ("INSERT", "UPDATE"):
+                    conn.execute(
+                        text(
+                            f"CREATE TRIGGER refuse_{event.lower()} BEFORE {event} ON queues "
+                            "WHEN NEW.concurrency >= 5 "
+                            "BEGIN SELECT RAISE(ABORT, 'dbos_nb_test_refusal'); END"
+                        )
+                    )
+    finally:
+        db.dispose()
+    with pytest.raises(Exception, match="dbos_nb_test_refusal"):
+        Queue("refused", concurrency=5)
+    with pytest.raises(Exception, match="dbos_nb_test_refusal"):
+        Queue("never_stored", concurrency=7)
+    declared = QUEUES.get("refused")
+    assert declared is not None and declared.settings.concurrency == 2
+    assert QUEUES.get("never_stored") is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"workflow_timeout": float("nan")}, "workflow_timeout"),
+        ({"workflow_timeout": float("inf")}, "workflow_timeout"),
+        ({"workflow_timeout": 1e30}, "century"),
+        ({"priority": 2**40}, "priority"),
+        ({"workflow_id": 123}, "workflow_id"),
+        ({"deduplication_id": ""}, "deduplication_id"),
+    ],
+)
+def test_client_enqueue_options_out_of_range_are_refused(
+    launched: str, options: dict[str, Any], message: str
+) -> None:
+    Queue("client_checks")
+
+    @DBOS.workflow(name="client_checked")
+    def client_checked() -> int:
+        return 1
+
+    with DBOSClient(launched) as client:
+        with pytest.raises(DbosNbError, match=message):
+            client.enqueue(
+                {"queue_name": "client_checks", "workflow_name": "client_checked", **options}  # type: ignore[typeddict-item]
+            )
+        assert client.list_workflows(name="client_checked") == []
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), 1e30, 0, -1])
+def test_workflow_timeouts_out_of_range_are_refused(seconds: float) -> None:
+    with pytest.raises(DbosNbError, match="SetWorkflowTimeout"):
+        SetWorkflowTimeout(seconds)
+
+
+def test_token_estimates_beyond_the_column_are_refused() -> None:
+    with pytest.raises(DbosNbError, match="token_estimate"):
+        SetEnqueueOptions(token_estimate=2**31)
 
 
 def test_redeclaring_a_queue(launched: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -7,6 +7,7 @@ transaction in progress, and the options that `SetWorkflowID`, `SetWorkflowTimeo
 
 from __future__ import annotations
 
+import math
 import threading
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, fields
@@ -158,18 +159,28 @@ class SetWorkflowID(_ContextBlock):
         return {"next_workflow_id": self.workflow_id}
 
 
+MAX_TIMEOUT_SEC = 100 * 365 * 86400
+
+
+def valid_timeout(seconds: Any) -> bool:
+    """Whether `seconds` is a usable workflow timeout: a finite positive number, at most a
+    century (a deadline must fit in epoch milliseconds; NaN compares false with everything)."""
+    return (
+        not isinstance(seconds, bool)
+        and isinstance(seconds, int | float)
+        and math.isfinite(seconds)
+        and 0 < seconds <= MAX_TIMEOUT_SEC
+    )
+
+
 class SetWorkflowTimeout(_ContextBlock):
     """Workflows started in the block time out this many seconds after they start (None: never)."""
 
     def __init__(self, workflow_timeout_sec: float | None) -> None:
-        if workflow_timeout_sec is not None and (
-            isinstance(workflow_timeout_sec, bool)
-            or not isinstance(workflow_timeout_sec, int | float)
-            or workflow_timeout_sec <= 0
-        ):
+        if workflow_timeout_sec is not None and not valid_timeout(workflow_timeout_sec):
             raise DbosNbError(
-                f"SetWorkflowTimeout needs a positive number of seconds or None, "
-                f"got {workflow_timeout_sec!r}"
+                f"SetWorkflowTimeout needs a positive number of seconds (at most a century) or "
+                f"None, got {workflow_timeout_sec!r}"
             )
         self.timeout = workflow_timeout_sec
 
@@ -200,10 +211,11 @@ class SetEnqueueOptions(_ContextBlock):
         if token_estimate is not None and (
             isinstance(token_estimate, bool)
             or not isinstance(token_estimate, int)
-            or token_estimate < 0
+            or not 0 <= token_estimate < 2**31
         ):
             raise DbosNbError(
-                f"token_estimate must be a non-negative integer, got {token_estimate!r}"
+                "token_estimate must be a non-negative integer up to 2**31-1, "
+                f"got {token_estimate!r}"
             )
         self.deduplication_id = deduplication_id
         self.priority = priority

@@ -9,6 +9,7 @@ with a warning.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -25,16 +26,32 @@ logger = logging.getLogger(__name__)
 R = TypeVar("R")
 
 _LIMITER_KEYS = {"limit", "period"}
+# What the database's columns hold (PostgreSQL refuses more; SQLite would store anything): counts
+# are INTEGER, names VARCHAR(255). A limiter's period is capped at a century, in seconds.
+MAX_COUNT = 2**31 - 1
+MAX_NAME_LENGTH = 255
+MAX_PERIOD_SEC = 100 * 365 * 86400
 
 
 def _positive_int(name: str, value: Any, queue: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
         raise InvalidQueueSettingsError(
-            f"queue {queue!r}: {name} must be a positive integer or None, got {value!r}"
+            f"queue {queue!r}: {name} must be a positive integer up to 2**31-1 or None, "
+            f"got {value!r}"
         )
     return value
+
+
+def _seconds(value: Any, most: float) -> bool:
+    """Whether `value` is a finite number of seconds in (0, most]."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and 0 < value <= most
+    )
 
 
 def build_settings(
@@ -49,6 +66,11 @@ def build_settings(
     """Validate a queue declaration; raises InvalidQueueSettingsError naming the problem."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidQueueSettingsError(f"a queue name must be a non-empty string, got {name!r}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidQueueSettingsError(
+            f"a queue name can have at most {MAX_NAME_LENGTH} characters, got {len(name)}: "
+            f"{name[:40]!r}..."
+        )
     if name == INTERNAL_QUEUE:
         raise InvalidQueueSettingsError(f"the queue name {name!r} is reserved")
     conc = _positive_int("concurrency", concurrency, name)
@@ -63,13 +85,9 @@ def build_settings(
         raise InvalidQueueSettingsError(
             f"queue {name!r}: priority_enabled must be True or False, got {priority_enabled!r}"
         )
-    if (
-        isinstance(polling_interval_sec, bool)
-        or not isinstance(polling_interval_sec, int | float)
-        or polling_interval_sec <= 0
-    ):
+    if not _seconds(polling_interval_sec, MAX_PERIOD_SEC):
         raise InvalidQueueSettingsError(
-            f"queue {name!r}: polling_interval_sec must be a positive number, "
+            f"queue {name!r}: polling_interval_sec must be a positive, finite number, "
             f"got {polling_interval_sec!r}"
         )
     return QueueSettings(
@@ -104,9 +122,10 @@ def _limiter(queue: str, key: str, value: Any) -> tuple[int | None, int | None]:
         )
     limit = _positive_int(f"{key}['limit']", value["limit"], queue)
     period = value["period"]
-    if isinstance(period, bool) or not isinstance(period, int | float) or period <= 0:
+    if not _seconds(period, MAX_PERIOD_SEC):
         raise InvalidQueueSettingsError(
-            f"queue {queue!r}: {key}['period'] must be a positive number of seconds, got {period!r}"
+            f"queue {queue!r}: {key}['period'] must be a positive number of seconds, at most a "
+            f"century, got {period!r}"
         )
     return limit, max(1, round(period * 1000))
 
@@ -131,8 +150,19 @@ class QueueRegistry:
                 )
             self._queues[queue.name] = queue
             listeners = list(self._listeners)
-        for listener in listeners:
-            listener(queue.settings)
+        try:
+            for listener in listeners:
+                listener(queue.settings)
+        except BaseException:
+            # Not stored (the database refused it, or is unreachable): not declared either,
+            # so that nothing is enqueued onto a queue no other process can see.
+            with self._lock:
+                if self._queues.get(queue.name) is queue:
+                    if old is None:
+                        del self._queues[queue.name]
+                    else:
+                        self._queues[queue.name] = old
+            raise
 
     def get(self, name: str) -> Queue | None:
         with self._lock:
@@ -287,6 +317,8 @@ def token_estimates(
         return None
     values = [tokens(item) if callable(tokens) else tokens for item in items]
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise DbosNbError(f"token estimates must be non-negative integers, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+            raise DbosNbError(
+                f"token estimates must be non-negative integers up to 2**31-1, got {value!r}"
+            )
     return list(values)
