@@ -26,6 +26,7 @@ from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.engine import Engine, resolve_config
 from dbos_nb.errors import (
     DBOSConfigError,
+    DBOSConflictingWorkflowError,
     DbosNbError,
     DBOSNonExistentWorkflowError,
     UnknownQueueError,
@@ -362,7 +363,18 @@ class DBOS:
     ) -> WorkflowHandle[Any]:
         """Start a new workflow that reuses the steps of `workflow_id` before `start_step`."""
         rt = cls._rt()
-        new_id = current().next_workflow_id or new_workflow_id()
+        if isinstance(start_step, bool) or not isinstance(start_step, int):
+            raise DbosNbError(
+                f"start_step must be an operation number (an int), got {start_step!r}"
+            )
+        if queue_name is not None and rt.store.get_queue(queue_name) is None:
+            raise UnknownQueueError(queue_name)
+        ctx = current()
+        new_id, ctx.next_workflow_id = ctx.next_workflow_id or new_workflow_id(), None
+        if new_id == workflow_id or rt.store.get_workflow(new_id) is not None:
+            raise DBOSConflictingWorkflowError(
+                new_id, "a workflow with this id exists already; a fork needs a new id"
+            )
         if not rt.store.fork_workflow(
             workflow_id, new_id, start_step, rt.now_ms(), application_version, queue_name
         ):

@@ -24,6 +24,7 @@ from dbos_nb import (
     DBOSNotLaunchedError,
     DBOSUnexpectedStepError,
     SetWorkflowID,
+    UnknownQueueError,
     WorkflowStatusString,
 )
 
@@ -361,6 +362,23 @@ def test_fork_reuses_steps_before_start_step(launched: str) -> None:
     assert calls == [0, 1, 2, 3, 2, 3]
     with pytest.raises(DBOSNonExistentWorkflowError):
         DBOS.fork_workflow("missing", 1)
+    # Bad requests are refused before anything is written.
+    with pytest.raises(UnknownQueueError, match="no_such_queue"):
+        DBOS.fork_workflow("orig", 1, queue_name="no_such_queue")
+    for bad_step in (None, "1", 1.5, True):
+        with pytest.raises(DbosNbError, match="start_step"):
+            DBOS.fork_workflow("orig", bad_step)  # type: ignore[arg-type]
+    with pytest.raises(DBOSConflictingWorkflowError, match="orig"), SetWorkflowID("orig"):
+        DBOS.fork_workflow("orig", 1)
+    with pytest.raises(DBOSConflictingWorkflowError), SetWorkflowID(forked.workflow_id):
+        DBOS.fork_workflow("orig", 1)
+    assert len(DBOS.list_workflows()) == 2
+    # The id given by SetWorkflowID is used once, by the fork.
+    with SetWorkflowID("fork-2"):
+        assert DBOS.fork_workflow("orig", 3).workflow_id == "fork-2"
+        assert wf() == [0, 1, 2, 3]
+    assert {w.workflow_id for w in DBOS.list_workflows()} >= {"orig", "fork-2"}
+    assert len(DBOS.list_workflows()) == 4
 
 
 def test_nondeterministic_replay_is_detected(launched: str) -> None:
