@@ -25,6 +25,7 @@ from dbos_nb.core.registry import resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.core.workflows import enqueue_many, workflow_name_of
 from dbos_nb.errors import DbosNbError
+from dbos_nb.notebook.batch_names import default_batch_name
 from dbos_nb.storage import rate_ledger
 
 # How a batch's workflow statuses are grouped for people.
@@ -259,13 +260,42 @@ def _items_to_calls(
     return [((*bound, item), {}) for item in items]
 
 
-def default_batch_name(function_name: str, payloads: list[bytes]) -> str:
-    """A name derived from the function and the items, so re-running a cell finds its batch."""
+def legacy_batch_name(function_name: str, payloads: list[bytes]) -> str:
+    """The default name of earlier versions, from pickled items (not the same in every process:
+    see batch_names.py); still looked up so batches made by those versions are found again."""
     digest = hashlib.sha256(function_name.encode())
     for payload in payloads:
         digest.update(payload)
     short = function_name.rsplit(".", 1)[-1]
     return f"{short}-{digest.hexdigest()[:12]}"
+
+
+def _default_name(
+    rt: Runtime,
+    function_name: str,
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    bound: tuple[Any, ...],
+) -> str:
+    """The process-independent default name; a batch made under the old pickle-derived name (by
+    an earlier version) is attached to if none exists under the new one."""
+    try:
+        name: str | None = default_batch_name(function_name, calls, bound)
+        problem: DbosNbError | None = None
+    except DbosNbError as exc:
+        name, problem = None, exc
+    if name is not None and rt.store.get_batch(name) is not None:
+        return name
+    try:
+        payloads = [serialization.dump_inputs(function_name, a, k) for a, k in calls]
+        legacy = legacy_batch_name(function_name, payloads)
+    except Exception:
+        legacy = None
+    if legacy is not None and rt.store.get_batch(legacy) is not None:
+        return legacy
+    if name is None:
+        assert problem is not None
+        raise problem
+    return name
 
 
 class Queue(CoreQueue):
@@ -299,8 +329,7 @@ class Queue(CoreQueue):
             raise DbosNbError("map() got no items")
         rt = get_runtime()
         if batch is None:
-            payloads = [serialization.dump_inputs(reg.name, a, k) for a, k in calls]
-            batch = default_batch_name(reg.name, payloads)
+            batch = _default_name(rt, reg.name, calls, bound)
         if not isinstance(batch, str) or not batch or "/" in batch:
             raise DbosNbError(f"a batch name must be a non-empty string without '/', got {batch!r}")
         rows = items.to_dict("records") if hasattr(items, "to_dict") else list(items)

@@ -121,7 +121,12 @@ def compile_cell(name: str, source: str) -> CompiledCell:
             last,
         )
         ast.fix_missing_locations(tree)
-    code = compile(tree, f"<dbos_workflow {name}>", "exec")
+    try:
+        code = compile(tree, f"<dbos_workflow {name}>", "exec")
+    except SyntaxError as exc:
+        # ast.parse accepts some code that compile() refuses, e.g. a top-level `await`.
+        hint = " (top-level await cannot run in a durable cell)" if "await" in str(exc) else ""
+        raise DbosNbError(f"cell {name!r} cannot be compiled: {exc}{hint}") from exc
     defs = ast.Module(
         body=[
             s

@@ -50,6 +50,15 @@ def _error_of(row: dict[str, Any]) -> str | None:
     return None if error is None else f"{type(error).__name__}: {error}"
 
 
+def _objects(values: list[Any]) -> pd.Series:
+    """An object column: values stay exactly what `results()` returns (ints do not become floats
+    when an item has no output, None stays None)."""
+    column = pd.Series(index=range(len(values)), dtype=object)
+    for i, value in enumerate(values):
+        column.iat[i] = value  # one by one: list/dict outputs stay single values
+    return column
+
+
 def _times(df: pd.DataFrame, rows: list[dict[str, Any]]) -> None:
     started = [r.get("started_at_epoch_ms") for r in rows]
     finished = [r.get("completed_at") for r in rows]
@@ -71,7 +80,7 @@ def batch_frame(rows: list[dict[str, Any]], *, expand: bool = False) -> pd.DataF
             "workflow_id": [r["workflow_uuid"] for r in rows],
             "status": _status_column(rows),
             "input": [_input_of(r.get("inputs")) for r in rows],
-            "output": [_output_of(r) for r in rows],
+            "output": _objects([_output_of(r) for r in rows]),
             "error": [_error_of(r) for r in rows],
             "attempts": [int(r.get("recovery_attempts") or 0) for r in rows],
             "executor": [r.get("executor_id") for r in rows],
@@ -87,14 +96,27 @@ def batch_frame(rows: list[dict[str, Any]], *, expand: bool = False) -> pd.DataF
 
 
 def _expand_outputs(df: pd.DataFrame) -> pd.DataFrame:
-    dicts = [o if isinstance(o, dict) else {} for o in df["output"]]
+    """Dict outputs become columns; other outputs stay in an 'output' column (None where the
+    output was expanded), which is kept whenever some output is not a dict."""
+    outputs = list(df["output"])
+    if not any(isinstance(o, dict) for o in outputs):
+        return df
+    dicts = [o if isinstance(o, dict) else {} for o in outputs]
     expanded = pd.DataFrame(dicts, index=df.index)
-    clashes = set(expanded.columns) & set(df.columns)
+    rest = [None if isinstance(o, dict) else o for o in outputs]
+    keep_rest = any(o is not None for o in rest)
+    taken = set(df.columns) | ({"output"} if keep_rest else set())
+    clashes = set(expanded.columns) & taken
     expanded = expanded.rename(columns={c: f"output_{c}" for c in clashes})
     position = list(df.columns).index("output")
     left = df.iloc[:, :position]
     right = df.iloc[:, position + 1 :]
-    return pd.concat([left, expanded, right], axis=1)
+    parts = [left]
+    if keep_rest:
+        rest_column = _objects(rest)
+        rest_column.index = df.index
+        parts.append(rest_column.to_frame("output"))
+    return pd.concat([*parts, expanded, right], axis=1)
 
 
 def workflows_frame(**filters: Any) -> pd.DataFrame:
@@ -106,7 +128,7 @@ def workflows_frame(**filters: Any) -> pd.DataFrame:
             "name": [r["name"] for r in rows],
             "status": _status_column(rows),
             "queue": [r.get("queue_name") for r in rows],
-            "output": [_output_of(r) if "output" in r else None for r in rows],
+            "output": _objects([_output_of(r) if "output" in r else None for r in rows]),
             "error": [_error_of(r) if "error" in r else None for r in rows],
             "attempts": [int(r.get("recovery_attempts") or 0) for r in rows],
             "executor": [r.get("executor_id") for r in rows],

@@ -13,6 +13,7 @@ answer with a UsageError that says what is wrong.
 
 from __future__ import annotations
 
+import keyword
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from sqlalchemy.exc import SQLAlchemyError
 
 from dbos_nb import serialization
 from dbos_nb.core.context import SetWorkflowID, SetWorkflowTimeout
@@ -32,25 +34,38 @@ from dbos_nb.core.workflows import execute
 from dbos_nb.dbos import DBOS
 from dbos_nb.errors import DbosNbError
 from dbos_nb.ids import new_token
+from dbos_nb.models import INTERNAL_QUEUE
 from dbos_nb.notebook import cells, views
 from dbos_nb.notebook.batch import Queue
 from dbos_nb.storage.database import normalize_url
 
 _LIMIT = re.compile(
-    r"^\s*(?P<limit>\d+)\s*/\s*(?P<period>\d*\.?\d*)\s*(?P<unit>ms|s|sec|m|min|h)?\s*$"
+    r"^\s*(?P<limit>\d+)\s*/\s*(?P<period>\d+(?:\.\d*)?|\.\d+)?\s*(?P<unit>ms|s|sec|m|min|h)?\s*$"
 )
 _UNITS = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
 
 
-def parse_limit(text: str) -> dict[str, float]:
-    """'50/30s' -> {"limit": 50, "period": 30}; also '500/1m', '10/s', '50/30'."""
+def parse_limit(text: str, flag: str = "--limit") -> dict[str, float]:
+    """'50/30s' -> {"limit": 50, "period": 30}; also '500/1m', '10/s', '50/30'.
+
+    `flag` names the option in error messages (--limit, --tokens)."""
     match = _LIMIT.match(text)
     if not match:
-        raise UsageError(f"--limit {text!r}: write LIMIT/PERIOD, e.g. 50/30s, 500/1m or 10/s")
+        raise UsageError(f"{flag} {text!r}: write LIMIT/PERIOD, e.g. 50/30s, 500/1m or 10/s")
     period = float(match["period"] or 1) * _UNITS[match["unit"]]
     if int(match["limit"]) < 1 or period <= 0:
-        raise UsageError(f"--limit {text!r}: the limit and the period must be positive")
+        raise UsageError(f"{flag} {text!r}: the limit and the period must be positive")
     return {"limit": int(match["limit"]), "period": period}
+
+
+def shown_url(url: str) -> str:
+    """The URL with its password hidden (it is printed in cell outputs, saved in the notebook)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def notebook_name(namespace: dict[str, Any]) -> str:
@@ -111,21 +126,30 @@ class DbosMagics(Magics):
         rt = peek_runtime()
         if rt is not None:
             if rt.db.url == normalize_url(url) and rt.executor_id == executor:
-                print(f"dbos_nb is already running on {url} (executor {executor})")
+                print(f"dbos_nb is already running on {shown_url(url)} (executor {executor})")
                 return
             raise UsageError(
-                f"DBOS is already launched on {rt.db.url} as {rt.executor_id}; call "
+                f"DBOS is already launched on {shown_url(rt.db.url)} as {rt.executor_id}; call "
                 "DBOS.destroy() first to launch it on another database"
             )
         try:
             DBOS(config=config)
             DBOS.launch()
-        except DbosNbError as exc:
+        except BaseException as exc:
+            # Whatever failed, leave nothing half-created: a corrected %dbos_launch must work.
             DBOS.destroy()
-            raise UsageError(str(exc)) from exc
+            if isinstance(exc, DbosNbError):
+                raise UsageError(str(exc)) from exc
+            if isinstance(exc, SQLAlchemyError | OSError):
+                cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+                raise UsageError(
+                    f"cannot launch dbos_nb on {shown_url(url)}: {type(exc).__name__}: "
+                    + (cause[0] if cause else "")
+                ) from exc
+            raise
         waiting = len(DBOS.list_queued_workflows())
         print(
-            f"dbos_nb launched: database {url}, executor {executor}"
+            f"dbos_nb launched: database {shown_url(url)}, executor {executor}"
             + (f"; {waiting} queued or unfinished workflow(s)" if waiting else "")
         )
 
@@ -144,16 +168,16 @@ class DbosMagics(Magics):
         """Declare a queue (stored in the database) and bind it to a variable."""
         args = parse_argstring(self.dbos_queue, line)
         var = args.var or args.name
-        if not var.isidentifier():
+        if not var.isidentifier() or keyword.iskeyword(var):
             raise UsageError(f"{var!r} is not a valid variable name; pass --as VAR")
         try:
             queue = Queue(
                 args.name,
                 concurrency=args.concurrency,
                 worker_concurrency=args.worker_concurrency,
-                limiter=parse_limit(args.limit) if args.limit else None,
+                limiter=parse_limit(args.limit, "--limit") if args.limit else None,
                 priority_enabled=args.priority,
-                token_limiter=parse_limit(args.tokens) if args.tokens else None,
+                token_limiter=parse_limit(args.tokens, "--tokens") if args.tokens else None,
             )
         except DbosNbError as exc:
             raise UsageError(str(exc)) from exc
@@ -183,6 +207,15 @@ class DbosMagics(Magics):
             raise UsageError("--timeout must be a positive number of seconds")
         if args.queue and not rt.store.get_queue(args.queue):
             raise UsageError(f"queue {args.queue!r} is not declared; use %dbos_queue first")
+        if args.queue and args.queue not in _served_queues():
+            # Only this kernel can run its cells (a worker process has not got the cell's code),
+            # so a queued cell that this kernel does not claim from would wait forever.
+            raise UsageError(
+                f"this kernel runs no work from queue {args.queue!r} (launched with --no-worker, "
+                "or the queue is not declared in this kernel), and worker processes cannot run "
+                "notebook cells: run the cell without --queue, or declare the queue here with "
+                "%dbos_queue in a kernel launched without --no-worker"
+            )
         try:
             compiled = cells.compile_cell(args.name, cell)
         except DbosNbError as exc:
@@ -194,13 +227,15 @@ class DbosMagics(Magics):
         reg = Registration(name=reg_name, kind="workflow", func=body, wrapper=body)
         body.__dbos_nb_registration__ = reg  # type: ignore[attr-defined]
         status = rt.store.get_workflow(wid)
-        if status is not None and args.rerun:
-            rt.store.delete_workflow(wid)
-            status = None
+        # The name check comes first: --rerun must never delete another workflow's record.
         if status is not None and status["name"] != reg_name:
             raise UsageError(
                 f"workflow id {wid!r} belongs to {status['name']!r}; pass another --id"
             )
+        if status is not None and args.rerun:
+            _refuse_active_rerun(rt, status)
+            rt.store.delete_workflow(wid)
+            status = None
         if status is None:
             REGISTRY.register(reg)
             return self._start(rt, args, wid, body, compiled, namespace)
@@ -364,6 +399,43 @@ class DbosMagics(Magics):
             return DBOS.resume_workflow(args.workflow_id)
         except DbosNbError as exc:
             raise UsageError(str(exc)) from exc
+
+
+def _served_queues() -> list[str]:
+    """The queues this kernel claims work from (none but the internal one with --no-worker)."""
+    engine = DBOS._engine
+    if engine is None:
+        return []
+    return list(engine._listened_queues())
+
+
+def _refuse_active_rerun(rt: Runtime, row: dict[str, Any]) -> None:
+    """Refuse `--rerun` of a run that is still going: deleting it under its executor hangs the
+    rerun (it would wait on the old execution) or loses the old run's result.
+
+    Refused: a run executing in this process; a run waiting in a user queue (a worker or this
+    kernel will claim it); a PENDING run of another executor whose registration is still live
+    (its row disappears when it is declared dead or stops). Allowed: finished runs, and runs left
+    PENDING (or requeued to the internal queue at launch) by a dead kernel with this notebook's
+    executor id, which nothing runs any more: restarting them afresh is what --rerun is for.
+    """
+    wid = row["workflow_uuid"]
+    status = row["status"]
+    active = rt.is_running(wid)
+    if status == "ENQUEUED" and row.get("queue_name") not in (None, INTERNAL_QUEUE):
+        active = True
+    executor = row.get("executor_id")
+    if status == "PENDING" and executor and executor != rt.executor_id:
+        record = rt.store.get_executor(executor)
+        engine = DBOS._engine
+        lease_ms = 1000 * (engine.config.executor_lease_sec if engine is not None else 30.0)
+        if record is not None and rt.now_ms() - int(record["heartbeat_at"]) < lease_ms:
+            active = True
+    if active:
+        raise UsageError(
+            f"workflow {wid!r} is still running ({status}); wait for it to finish, or cancel it "
+            f"first with %dbos_cancel {wid}, then run the cell with --rerun"
+        )
 
 
 def body_call(body: Any, source_hash: str) -> dict[str, Any]:

@@ -44,9 +44,7 @@ class QueueRecords(StoreBase):
             if conn.execute(insert).first() is not None:
                 return None
             previous = (
-                conn.execute(
-                    select(queues).where(queues.c.name == settings.name).with_for_update()
-                )
+                conn.execute(select(queues).where(queues.c.name == settings.name).with_for_update())
                 .mappings()
                 .one()
             )

@@ -1,0 +1,368 @@
+"""Edge cases of the notebook layer: --rerun guards, exact DataFrame outputs, launch errors and
+hidden passwords, typed errors for bad magic arguments, queued cells without a worker, and
+default batch names that are the same in every process."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections import namedtuple
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy.exc
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from sqlalchemy.engine import make_url
+
+import dbos_nb
+from conftest import create_pg_database, drop_pg_database, wait_until
+from dbos_nb import DBOS
+from dbos_nb.core.registry import resolve
+from dbos_nb.errors import DbosNbError
+from dbos_nb.notebook.batch import legacy_batch_name
+from dbos_nb.notebook.batch_names import default_batch_name
+from dbos_nb.notebook.magics import parse_limit
+
+STEPS = """
+from dbos_nb import DBOS
+@DBOS.step()
+def fetch(i):
+    if i < 0:
+        raise ValueError('negative')
+    return 2**60 + i
+"""
+
+
+def run(sh: InteractiveShell, code: str) -> Any:
+    result = sh.run_cell(code, store_history=False)
+    if result.error_before_exec is not None:
+        raise result.error_before_exec
+    if result.error_in_exec is not None:
+        raise result.error_in_exec
+    return result.result
+
+
+def new_shell() -> InteractiveShell:
+    sh = InteractiveShell.instance()
+    sh.reset(new_session=True)
+    sh.run_line_magic("load_ext", "dbos_nb")
+    return sh
+
+
+@pytest.fixture
+def shell(db_url: str) -> Iterator[InteractiveShell]:
+    sh = new_shell()
+    run(sh, f"%dbos_launch --db {db_url} --name nbedges")
+    yield sh
+    DBOS.destroy()
+
+
+# -- 1, 2: --rerun ------------------------------------------------------------------------------
+
+
+def test_rerun_never_deletes_another_workflows_id(shell: InteractiveShell) -> None:
+    run(shell, STEPS)
+    run(shell, "%dbos_queue q")
+    batch = run(shell, "q.map(fetch, [1, 2, 3], batch='paid')")
+    batch.wait(timeout=20, show=False)
+    for flags in ("", " --rerun"):
+        with pytest.raises(UsageError, match="belongs to"):
+            run(shell, f"%%dbos_workflow scratch --id paid/0{flags}\nz = 1\n")
+    assert batch.results() == [2**60 + 1, 2**60 + 2, 2**60 + 3]
+    assert batch.counts()["done"] == 3
+
+
+def test_rerun_of_a_cell_still_running_is_refused(shell: InteractiveShell) -> None:
+    gate = threading.Event()
+    shell.user_ns["gate"] = gate
+    shell.user_ns["RUNS"] = []
+    run(
+        shell,
+        "from dbos_nb import DBOS\n"
+        "@DBOS.step()\n"
+        "def held(i):\n"
+        "    RUNS.append(i)\n"
+        "    gate.wait(20)\n"
+        "    return i\n",
+    )
+    cell = "%%dbos_workflow job --background\ntotal = held(1) + held(2)\ntotal\n"
+    handle = run(shell, cell)
+    wait_until(lambda: shell.user_ns["RUNS"] == [1])
+    outcome: list[BaseException | None] = []
+
+    def rerun() -> None:
+        try:
+            run(shell, cell.replace("--background", "--rerun"))
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=rerun, daemon=True)
+    thread.start()
+    thread.join(15)
+    gate.set()  # frees a rerun that waits (the bug) as well as the background run
+    assert outcome and isinstance(outcome[0], UsageError), outcome
+    assert "still running" in str(outcome[0]) and "%dbos_cancel job" in str(outcome[0])
+    assert handle.get_result(timeout_sec=20)["result"] == 3
+    # Once it finished, --rerun runs the cell afresh.
+    assert run(shell, cell.replace("--background", "--rerun")) == 3
+    assert shell.user_ns["RUNS"] == [1, 2, 1, 2]
+
+
+# -- 3, 4: DataFrames ---------------------------------------------------------------------------
+
+
+def test_frame_outputs_are_exactly_the_results(shell: InteractiveShell) -> None:
+    run(shell, STEPS)
+    run(shell, "%dbos_queue q")
+    batch = run(shell, "q.map(fetch, [1, 2, -1], batch='ints')")
+    batch.wait(timeout=20, show=False)
+    expected = [2**60 + 1, 2**60 + 2, None]
+    assert batch.results() == expected
+    frame = batch.to_pandas()
+    assert frame["output"].dtype == object
+    assert frame["output"].tolist() == expected
+    assert [type(v) for v in frame["output"]] == [int, int, type(None)]
+    flows = dbos_nb.workflows_frame(queue_name="q")
+    assert sorted(flows["output"].tolist(), key=str) == sorted(expected, key=str)
+    status = run(shell, "%dbos_status q")
+    assert None in status["output"].tolist()
+    assert all(v is None or isinstance(v, int) for v in status["output"])
+
+
+def test_expand_keeps_outputs_that_are_not_dicts(shell: InteractiveShell) -> None:
+    run(
+        shell,
+        "from dbos_nb import DBOS\n"
+        "@DBOS.step()\n"
+        "def parse(x):\n"
+        "    return {'label': x, 'score': 0.5} if x != 'raw' else 'unparsed text'\n"
+        "@DBOS.step()\n"
+        "def plain(x):\n"
+        "    return x * 10\n",
+    )
+    run(shell, "%dbos_queue q")
+    mixed = run(shell, "q.map(parse, ['a', 'raw', 'c'], batch='mixed')")
+    plain = run(shell, "q.map(plain, [1, 2], batch='plain')")
+    mixed.wait(timeout=20, show=False)
+    plain.wait(timeout=20, show=False)
+    wide = mixed.to_pandas(expand=True)
+    assert wide["output"].tolist() == [None, "unparsed text", None]
+    assert wide["label"].tolist()[::2] == ["a", "c"]
+    cols = list(wide.columns)
+    assert cols.index("input") < cols.index("output") < cols.index("label")
+    flat = plain.to_pandas(expand=True)
+    assert flat["output"].tolist() == [10, 20]
+
+
+# -- 5, 6: %dbos_launch -------------------------------------------------------------------------
+
+
+def _with_password(url: str, password: str) -> str:
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
+
+
+def test_launch_never_prints_the_password(pg_server_url: str, capsys: Any) -> None:
+    url = create_pg_database(pg_server_url)
+    try:
+        secret = "s3cr3t-" + uuid.uuid4().hex[:6]
+        sh = new_shell()
+        with_pw = _with_password(url, secret)
+        run(sh, f"%dbos_launch --db {with_pw} --name pw")
+        run(sh, f"%dbos_launch --db {with_pw} --name pw")
+        with pytest.raises(UsageError) as refused:
+            run(sh, "%dbos_launch --name other")
+        out = capsys.readouterr().out
+        assert "launched" in out and "already running" in out and "***" in out
+        assert secret not in out and secret not in str(refused.value)
+    finally:
+        DBOS.destroy()
+        drop_pg_database(pg_server_url, url)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_failed_launch_can_be_corrected(pg_server_url: str) -> None:
+    url = create_pg_database(pg_server_url)
+    try:
+        sh = new_shell()
+        bad = make_url(_with_password(url, "pw-secret")).set(host="127.0.0.1", port=_free_port())
+        bad_url = bad.render_as_string(hide_password=False)
+        with pytest.raises(UsageError, match="cannot launch") as failed:
+            run(sh, f"%dbos_launch --db {bad_url} --name retry")
+        assert isinstance(failed.value.__cause__, sqlalchemy.exc.SQLAlchemyError)
+        assert str(bad.port) in str(failed.value) and "pw-secret" not in str(failed.value)
+        run(sh, f"%dbos_launch --db {url} --name retry")
+        assert DBOS.list_workflows() == []
+    finally:
+        DBOS.destroy()
+        drop_pg_database(pg_server_url, url)
+
+
+# -- 7: typed errors from magic arguments -------------------------------------------------------
+
+
+def test_bad_magic_arguments_raise_usage_errors(shell: InteractiveShell) -> None:
+    for text in ("10/.", "10/..", "5/1.5.2s"):
+        with pytest.raises(UsageError, match="LIMIT/PERIOD"):
+            parse_limit(text)
+    assert parse_limit("10/.5s") == {"limit": 10, "period": 0.5}
+    assert parse_limit("10/2.s") == {"limit": 10, "period": 2.0}
+    with pytest.raises(UsageError, match="LIMIT/PERIOD"):
+        run(shell, "%dbos_queue q --limit 10/.")
+    with pytest.raises(UsageError, match="--tokens 'lots'"):
+        run(shell, "%dbos_queue q2 --tokens lots")
+    with pytest.raises(UsageError, match=r"cell 'aw'.*await"):
+        run(shell, "%%dbos_workflow aw\nimport asyncio\nawait asyncio.sleep(0)\n")
+    with pytest.raises(UsageError, match="valid variable"):
+        run(shell, "%dbos_queue def")
+    assert "def" not in shell.user_ns
+    assert run(shell, "%dbos_queue def --as dq").name == "def"
+
+
+# -- 8: queued cells need a kernel that runs queued work ----------------------------------------
+
+
+def test_queued_cell_refused_without_a_worker(db_url: str) -> None:
+    sh = new_shell()
+    run(sh, f"%dbos_launch --db {db_url} --name noworker --no-worker")
+    run(sh, "%dbos_queue q")
+    with pytest.raises(UsageError, match="runs no work from queue 'q'"):
+        run(sh, "%%dbos_workflow qcell --queue q\nv = 7\nv\n")
+    assert DBOS.get_workflow_status("qcell") is None
+    assert run(sh, "%%dbos_workflow qcell\nv = 7\nv\n") == 7
+
+
+# -- 9: default batch names ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Doc:
+    id: int
+    tags: set[str]
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+Pair = namedtuple("Pair", "a b")
+
+
+def _name(items: list[Any]) -> str:
+    return default_batch_name("mod.fn", [((item,), {}) for item in items])
+
+
+def test_default_names_depend_only_on_values() -> None:
+    assert _name([1, 2]) == _name([1, 2]) and _name([1, 2]).startswith("fn-")
+    distinct = [
+        [1, 2],
+        [2, 1],
+        [1],
+        [1.0],
+        [True],
+        ["1"],
+        [b"1"],
+        [(1, 2)],
+        [[1, 2]],
+        [Pair(1, 2)],
+        [Color.RED],
+        [Doc(1, {"a"})],
+        [Doc(2, {"a"})],
+        [{"a": 1}],
+        [{"a": 2}],
+        [{1, 2}],
+        [frozenset({1, 2})],
+        [np.int64(1)],
+        [np.float32(1)],
+        [np.arange(3)],
+        [np.arange(3).reshape(3, 1)],
+        [float("nan")],
+        [1 + 2j],
+        [None],
+    ]
+    names = [_name(items) for items in distinct]
+    assert len(set(names)) == len(names)
+    assert _name([{"a": 1, "b": 2}]) == _name([{"b": 2, "a": 1}])
+    assert _name([{"x", "y", "z"}]) == _name([{"z", "y", "x"}])
+    assert _name([np.array([1, None], dtype=object)]) == _name([np.array([1, None], dtype=object)])
+    kw = default_batch_name("mod.fn", [((), {"a": 1, "b": 2})])
+    assert kw == default_batch_name("mod.fn", [((), {"b": 2, "a": 1})])
+    assert kw != default_batch_name("other.fn", [((), {"a": 1, "b": 2})])
+    with pytest.raises(DbosNbError, match=r"item 1 .*'object'.*batch='\.\.\.'"):
+        _name([1, object()])
+    with pytest.raises(DbosNbError, match="item 0"):
+        _name([[1, {"k": threading.Lock()}]])
+
+
+SCRIPT = """
+import sys
+from dataclasses import dataclass
+from dbos_nb import DBOS, Queue
+
+@dataclass
+class Doc:
+    id: int
+    tags: set
+
+@DBOS.step()
+def summarize(doc):
+    return doc.id
+
+DBOS(config={"name": "names", "system_database_url": sys.argv[1], "listen_queues": []})
+DBOS.launch()
+queue = Queue("names_q")
+batch = queue.map(summarize, [Doc(i, {"alpha", "beta", "gamma", f"x{i}"}) for i in range(4)])
+print(batch.id, len(DBOS.list_workflows()))
+DBOS.destroy()
+"""
+
+
+def test_default_name_is_the_same_in_another_process(db_url: str, tmp_path: Path) -> None:
+    script = tmp_path / "nb.py"
+    script.write_text(SCRIPT)
+    outputs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, str(script), db_url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.split())
+    assert outputs[0] == outputs[1]  # the same batch, not enqueued twice
+    assert outputs[0][0].startswith("summarize-") and outputs[0][1] == "4"
+
+
+def test_batches_named_by_earlier_versions_are_found(shell: InteractiveShell) -> None:
+    run(shell, STEPS)
+    run(shell, "%dbos_queue q")
+    reg, _ = resolve(shell.user_ns["fetch"], ())
+    from dbos_nb import serialization
+
+    items = [3, 4]
+    old = legacy_batch_name(
+        reg.name, [serialization.dump_inputs(reg.name, (i,), {}) for i in items]
+    )
+    first = run(shell, f"q.map(fetch, {items}, batch={old!r})")
+    assert run(shell, f"q.map(fetch, {items})").id == first.id == old
+    assert run(shell, "q.map(fetch, [5, 6])").id != old
+    with pytest.raises(DbosNbError, match="batch="):
+        run(shell, "q.map(fetch, [object()])")
