@@ -485,6 +485,29 @@ def test_timeout_cancels_workflow_and_children(launched: str) -> None:
         DBOS.retrieve_workflow("to-parent-0").get_result()
 
 
+@pytest.mark.parametrize("how", ["direct", "enqueued"])
+def test_a_workflow_that_times_out_between_steps_raises_the_timeout_error(
+    launched: str, how: str
+) -> None:
+    """Its steps outlast the deadline: the caller learns it timed out, whichever saw it first
+    (the workflow at its next step, or the sweep, after which the row reads CANCELLED)."""
+
+    @DBOS.step(name="outlasting_step")
+    def outlasting() -> None:
+        time.sleep(0.3)
+
+    @DBOS.workflow(name="outlasting_wf")
+    def outlasting_wf() -> None:
+        for _ in range(5):
+            outlasting()
+
+    with SetWorkflowTimeout(0.2), pytest.raises(DBOSWorkflowTimedOutError):
+        if how == "direct":
+            outlasting_wf()
+        else:
+            Queue("outlasting").enqueue(outlasting_wf).get_result(timeout_sec=20)
+
+
 def test_timeout_starts_at_dequeue(launched: str) -> None:
     q = Queue("busy", concurrency=1)
     gate = threading.Event()

@@ -128,7 +128,10 @@ class Runtime:
         with self._running_lock:
             targets = [self._running[w] for w in workflow_ids if w in self._running]
         for running in targets:
-            running.preempt_reason = reason
+            # The first reason stands: a timed-out workflow is also seen CANCELLED by the
+            # sweep a moment later, and its caller must learn that it timed out.
+            if running.preempt_reason is None:
+                running.preempt_reason = reason
             running.interrupt.set()
 
     def preempt_all(self, reason: str) -> None:

@@ -47,15 +47,17 @@ def check_live(rt: Runtime, wf: RunningWorkflow, pre: StepPreflight | None = Non
         raise WorkflowPreempted(wf.workflow_id, "shutdown")
     if wf.preempt_reason is not None:
         raise WorkflowPreempted(wf.workflow_id, wf.preempt_reason)
+    # Past its deadline before anything else: the sweep that cancels it may have been first,
+    # and then it reads CANCELLED, but it timed out.
+    deadline = wf.deadline_ms
+    if deadline is not None and rt.now_ms() >= deadline:
+        cancel_overdue(rt)
+        raise WorkflowPreempted(wf.workflow_id, "timed out")
     if pre is not None and pre.status is not None and pre.status != S.PENDING.value:
         reason = "cancelled" if pre.status == S.CANCELLED.value else f"now {pre.status}"
         raise WorkflowPreempted(wf.workflow_id, reason)
     if pre is not None and pre.owner_xid is not None and pre.owner_xid != wf.owner_xid:
         raise WorkflowPreempted(wf.workflow_id, "taken over by another execution")
-    deadline = wf.deadline_ms
-    if deadline is not None and rt.now_ms() >= deadline:
-        cancel_overdue(rt)
-        raise WorkflowPreempted(wf.workflow_id, "timed out")
 
 
 def cancel_overdue(rt: Runtime) -> None:
