@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
@@ -201,8 +202,17 @@ class DBOS:
         """
         if not isinstance(max_attempts, int) or max_attempts < 1:
             raise DbosNbError(f"max_attempts must be a positive integer, got {max_attempts!r}")
-        if interval_seconds < 0 or backoff_rate < 1:
-            raise DbosNbError("interval_seconds must be >= 0 and backoff_rate >= 1")
+        for key, value, least in (
+            ("interval_seconds", interval_seconds, 0.0),
+            ("backoff_rate", backoff_rate, 1.0),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < least
+            ):
+                raise DbosNbError(f"{key} must be a finite number >= {least:g}, got {value!r}")
         if not isinstance(max_rate_limit_retries, int) or max_rate_limit_retries < 0:
             raise DbosNbError(
                 "max_rate_limit_retries must be a non-negative integer, "

@@ -632,3 +632,39 @@ def test_a_queue_declared_by_two_processes_at_once_is_stored_once(launched: str)
     assert outcome[0].concurrency == 3
     stored = rt.store.get_queue("raced")
     assert stored is not None and stored.concurrency == 3
+
+
+def test_management_and_batch_arguments_of_the_wrong_kind_are_refused(launched: str) -> None:
+    """Clear errors instead of the database's (or a string read as a list of characters)."""
+
+    @DBOS.workflow(name="arg_checked")
+    def arg_checked(x: int) -> int:
+        return x
+
+    arg_checked(1)
+    for filters, message in (
+        ({"limit": -1}, "limit"),
+        ({"offset": -1}, "offset"),
+        ({"name": ["arg_checked"]}, "name"),
+        ({"workflow_ids": "abc"}, "workflow_ids"),
+        ({"status": [1]}, "status"),
+    ):
+        with pytest.raises(DbosNbError, match=message):
+            DBOS.list_workflows(**filters)
+    assert len(DBOS.list_workflows(name="arg_checked", limit=1)) == 1
+    q = Queue("arg_checks")
+    with pytest.raises(DbosNbError, match="batch_id"):
+        q.enqueue_many(arg_checked, [1, 2], batch_id=5)  # type: ignore[arg-type]
+    with (
+        pytest.raises(DbosNbError, match="deduplication_id"),
+        SetEnqueueOptions(deduplication_id="once"),
+    ):
+        q.enqueue_many(arg_checked, [1, 2])
+    assert len(DBOS.list_workflows(name="arg_checked")) == 1  # nothing was enqueued
+    for options, message in (
+        ({"interval_seconds": float("nan")}, "interval_seconds"),
+        ({"interval_seconds": "1"}, "interval_seconds"),
+        ({"backoff_rate": 0.5}, "backoff_rate"),
+    ):
+        with pytest.raises(DbosNbError, match=message):
+            DBOS.step(**options)  # type: ignore[arg-type]

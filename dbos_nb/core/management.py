@@ -53,6 +53,17 @@ def workflow_rows(
     """Rows of the workflows matching every given filter, in enqueue order (newest first if
     `sort_desc`); inputs and outputs are left out unless `load_input` or `load_output`."""
     statuses = [status] if isinstance(status, str) else status
+    _check_filters(
+        workflow_ids,
+        statuses,
+        limit,
+        offset,
+        name=name,
+        queue_name=queue_name,
+        workflow_id_prefix=workflow_id_prefix,
+        app_version=app_version,
+        executor_id=executor_id,
+    )
     return store.list_workflows(
         workflow_ids=workflow_ids,
         status=[str(s) for s in statuses] if statuses is not None else None,
@@ -68,6 +79,24 @@ def workflow_rows(
         sort_desc=sort_desc,
         load_payloads=load_input or load_output,
     )
+
+
+def _check_filters(workflow_ids: Any, statuses: Any, limit: Any, offset: Any, **texts: Any) -> None:
+    """Refuse filters of the wrong kind with a clear error (rather than the database's, or a
+    string read as a list of one-character ids)."""
+    for key, value in (("workflow_ids", workflow_ids), ("status", statuses)):
+        if value is not None and (
+            isinstance(value, str | bytes) or not all(isinstance(v, str) for v in value)
+        ):
+            raise DbosNbError(f"{key} must be a list of strings, got {value!r}")
+    for key, value in (("limit", limit), ("offset", offset)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            raise DbosNbError(f"{key} must be a non-negative integer, got {value!r}")
+    for key, value in texts.items():
+        if value is not None and not isinstance(value, str):
+            raise DbosNbError(f"{key} must be a string, got {value!r}")
 
 
 def list_workflows(store: SystemStore, **filters: Any) -> list[WorkflowStatus]:

@@ -28,6 +28,7 @@ from dbos_nb.core.waiters import outcome_of, wait_for_result
 from dbos_nb.errors import (
     DBOSAwaitedWorkflowCancelledError,
     DBOSConflictingWorkflowError,
+    DbosNbError,
     DBOSNonSerializableError,
     DBOSWorkflowTimedOutError,
     WorkflowPreempted,
@@ -293,10 +294,19 @@ def _enqueue_many(
     batch_id: str | None,
     token_estimates: list[int | None] | None,
 ) -> list[str]:
+    if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
+        raise DbosNbError(f"batch_id must be a non-empty string, got {batch_id!r}")
+    ctx = current()
+    if ctx.deduplication_id is not None:
+        # One id cannot cover many workflows, and dropping it silently would let the batch
+        # run twice: a batch id is how a whole batch is enqueued only once.
+        raise DbosNbError(
+            "SetEnqueueOptions(deduplication_id=...) does not apply to a batch; "
+            "pass batch_id=... (map: batch=...) to enqueue it only once"
+        )
     name = workflow_name_of(reg)
     inputs = serialization.dump_many_inputs(reg.name, calls)
     explicit = batch_id
-    ctx = current()
     plan: StartPlan | None = None
     if ctx.workflow is not None and ctx.step is None:
         plan = plan_start(rt, name)
