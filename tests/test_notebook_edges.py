@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
+import warnings
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
@@ -366,3 +367,37 @@ def test_batches_named_by_earlier_versions_are_found(shell: InteractiveShell) ->
     assert run(shell, "q.map(fetch, [5, 6])").id != old
     with pytest.raises(DbosNbError, match="batch="):
         run(shell, "q.map(fetch, [object()])")
+
+
+# -- waiting on a batch that nothing can run ------------------------------------------------------
+
+
+def test_waiting_on_a_batch_that_nothing_runs_warns(db_url: str) -> None:
+    """After a restart (here: a kernel that runs no queued work) a batch's items wait for a
+    process that serves its queue: wait() says so at once instead of only hanging."""
+    from dbos_nb import Queue
+    from dbos_nb.core.runtime import get_runtime
+
+    DBOS(config={"name": "nbwait", "system_database_url": db_url, "listen_queues": []})
+    DBOS.launch()
+    try:
+
+        @DBOS.step(name="nbwait_step")
+        def nbwait_step(x: int) -> int:
+            return x
+
+        batch = Queue("nbwait_q").map(nbwait_step, [1, 2], batch="nbwait")
+        with (
+            pytest.warns(RuntimeWarning, match="'nbwait_q' is not served here"),
+            pytest.raises(TimeoutError),
+        ):
+            batch.wait(timeout=0.2, show=False)
+        # A live worker process may run it: no warning then.
+        rt = get_runtime()
+        rt.store.register_executor("nbwait-worker", "host", 1, "token", rt.now_ms())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(TimeoutError):
+                batch.wait(timeout=0.2, show=False)
+    finally:
+        DBOS.destroy()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from dbos_nb import serialization
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import Queue as CoreQueue
 from dbos_nb.core.queue import token_estimates
-from dbos_nb.core.registry import resolve
+from dbos_nb.core.registry import REGISTRY, STEP_WORKFLOW_PREFIX, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.core.workflows import enqueue_many, workflow_name_of
 from dbos_nb.errors import DbosNbError
@@ -177,6 +178,11 @@ class Batch:
         """
         from dbos_nb.notebook import views
 
+        counts = self.counts()
+        if counts["done"] + counts["failed"] + counts["cancelled"] < self.size:
+            idle = self._why_nothing_runs()
+            if idle is not None:
+                warnings.warn(idle, RuntimeWarning, stacklevel=2)
         showing = show and views.in_ipython()
         view = views.show_live(self) if showing and views.widgets_available() else None
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -196,6 +202,35 @@ class Batch:
         if showing:
             views.show_summary(self)
         return self
+
+    def _why_nothing_runs(self) -> str | None:
+        """Why no process may run this batch's unfinished work, if none can be seen to: after a
+        kernel restart its items wait until this kernel declares the queue and defines the
+        function again, or a worker process that can runs; a wait would only hang."""
+        from dbos_nb.dbos import DBOS  # the facade sits above this module
+
+        rt = self._rt
+        engine = DBOS._engine
+        function = self.function_name.removeprefix(STEP_WORKFLOW_PREFIX)
+        missing = []
+        if engine is None or self.queue_name not in engine._listened_queues():
+            missing.append(f"its queue {self.queue_name!r} is not served here")
+        if REGISTRY.get(function) is None:
+            missing.append(f"{function!r} is not defined here")
+        if not missing:
+            return None
+        lease_ms = 1000 * (engine.config.executor_lease_sec if engine is not None else 30.0)
+        for executor in rt.store.list_executors():
+            alive = rt.now_ms() - int(executor["heartbeat_at"]) < lease_ms
+            if alive and executor["executor_id"] != rt.executor_id:
+                return None  # another process (a worker) may run it
+        return (
+            f"nothing runs the unfinished items of batch {self.id!r}: "
+            + " and ".join(missing)
+            + " (this kernel was restarted, or launched with --no-worker), and no worker process "
+            "is alive. Run the cells that declare the queue and define the function again, or "
+            "start workers (%dbos_workers)."
+        )
 
     def results(self) -> list[Any]:
         """Outputs in input order (None for items that did not succeed)."""
