@@ -165,3 +165,13 @@ def launched(db_url: str) -> Iterator[str]:
     DBOS.launch()
     yield db_url
     DBOS.destroy()
+
+
+def run_cell(sh: Any, code: str) -> Any:
+    """Run a cell in an IPython shell as a notebook would; raise what it raised; its result."""
+    result = sh.run_cell(code, store_history=False)
+    if result.error_before_exec is not None:
+        raise result.error_before_exec
+    if result.error_in_exec is not None:
+        raise result.error_in_exec
+    return result.result

@@ -14,6 +14,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import dbos_nb
+from conftest import run_cell as run
 from dbos_nb import DBOS, Batch, UnknownBatchError
 from dbos_nb.notebook.magics import parse_limit
 from dbos_nb.notebook.views import Snapshot, progress_html, progress_text, widgets_available
@@ -32,15 +33,6 @@ def shell(db_url: str) -> Iterator[InteractiveShell]:
     run(sh, f"%dbos_launch --db {db_url} --name nbtest")
     yield sh
     DBOS.destroy()
-
-
-def run(sh: InteractiveShell, code: str) -> Any:
-    result = sh.run_cell(code, store_history=False)
-    if result.error_before_exec is not None:
-        raise result.error_before_exec
-    if result.error_in_exec is not None:
-        raise result.error_in_exec
-    return result.result
 
 
 STEPS = """

@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 
 import dbos_nb
 from conftest import create_pg_database, drop_pg_database, wait_until
+from conftest import run_cell as run
 from dbos_nb import DBOS
 from dbos_nb.core.registry import resolve
 from dbos_nb.errors import DbosNbError
@@ -42,15 +43,6 @@ def fetch(i):
         raise ValueError('negative')
     return 2**60 + i
 """
-
-
-def run(sh: InteractiveShell, code: str) -> Any:
-    result = sh.run_cell(code, store_history=False)
-    if result.error_before_exec is not None:
-        raise result.error_before_exec
-    if result.error_in_exec is not None:
-        raise result.error_in_exec
-    return result.result
 
 
 def new_shell() -> InteractiveShell:
