@@ -12,7 +12,7 @@ from typing import Any, Required, TypedDict
 from dbos_nb import serialization
 from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import management
-from dbos_nb.core.context import valid_timeout
+from dbos_nb.core.context import valid_seconds
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX
 from dbos_nb.core.waiters import Waiters, outcome_of, wait_for_result
@@ -127,7 +127,7 @@ class DBOSClient:
             if value is not None and (not isinstance(value, str) or not value):
                 raise DbosNbError(f"{key} must be a non-empty string, got {value!r}")
         timeout = options.get("workflow_timeout")
-        if timeout is not None and not valid_timeout(timeout):
+        if timeout is not None and not valid_seconds(timeout):
             raise DbosNbError(
                 f"workflow_timeout must be a positive number of seconds (at most a century), "
                 f"got {timeout!r}"

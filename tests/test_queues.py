@@ -508,6 +508,29 @@ def test_a_workflow_that_times_out_between_steps_raises_the_timeout_error(
             Queue("outlasting").enqueue(outlasting_wf).get_result(timeout_sec=20)
 
 
+def test_a_workflow_stopped_past_its_deadline_reports_a_timeout(launched: str) -> None:
+    """Another process's sweep may cancel an overdue workflow before this one's: this process
+    then hears of a cancellation, but the caller must still learn that it timed out."""
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.core.workflows import Execution, on_failure
+    from dbos_nb.errors import WorkflowPreempted
+
+    @DBOS.workflow(name="overdue_wf")
+    def overdue_wf() -> None:
+        return None
+
+    rt = get_runtime()
+    reg = overdue_wf.__dbos_nb_registration__  # type: ignore[attr-defined]
+    past, future = rt.now_ms() - 1, rt.now_ms() + 60_000
+    heard = WorkflowPreempted("w", "cancelled")
+    shown = on_failure(rt, Execution(reg, "w", "o", (), {}, past), heard)
+    assert isinstance(shown, DBOSWorkflowTimedOutError)
+    shown = on_failure(rt, Execution(reg, "w", "o", (), {}, future), heard)
+    assert type(shown) is DBOSAwaitedWorkflowCancelledError  # a real cancel stays one
+    shutdown = WorkflowPreempted("w", "shutdown")
+    assert on_failure(rt, Execution(reg, "w", "o", (), {}, past), shutdown) is shutdown
+
+
 def test_timeout_starts_at_dequeue(launched: str) -> None:
     q = Queue("busy", concurrency=1)
     gate = threading.Event()
@@ -652,6 +675,10 @@ def test_management_and_batch_arguments_of_the_wrong_kind_are_refused(launched: 
         with pytest.raises(DbosNbError, match=message):
             DBOS.list_workflows(**filters)
     assert len(DBOS.list_workflows(name="arg_checked", limit=1)) == 1
+    wid = DBOS.list_workflows(name="arg_checked")[0].workflow_id
+    # Any iterable of strings will do, a generator too (read once).
+    assert len(DBOS.list_workflows(workflow_ids=(w for w in [wid]))) == 1
+    assert len(DBOS.list_workflows(status=(s for s in ["SUCCESS"]), name="arg_checked")) == 1
     q = Queue("arg_checks")
     with pytest.raises(DbosNbError, match="batch_id"):
         q.enqueue_many(arg_checked, [1, 2], batch_id=5)  # type: ignore[arg-type]

@@ -314,6 +314,43 @@ def test_a_workflow_resumed_while_its_old_execution_still_runs_here_completes(
     assert ran == [0, 0, 1, 2]
 
 
+def test_a_stale_execution_arriving_late_does_not_stop_the_current_one(launched: str) -> None:
+    """An execution whose claim was superseded before it began (the row names another owner)
+    waits for the workflow's result: it never stops the execution that owns the row."""
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.core.workflows import execute
+
+    started = threading.Event()
+    release = threading.Event()
+
+    @DBOS.step(name="owned_step")
+    def owned_step() -> str:
+        started.set()
+        release.wait(10)
+        return "done"
+
+    @DBOS.workflow(name="owned_wf")
+    def owned_wf() -> str:
+        return owned_step()
+
+    handle = DBOS.start_workflow(owned_wf)
+    assert started.wait(10)
+    rt = get_runtime()
+    reg = owned_wf.__dbos_nb_registration__  # type: ignore[attr-defined]
+    late: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: late.append(
+            execute(rt, reg, handle.workflow_id, "superseded-owner", (), {}, None)
+        )
+    )
+    thread.start()
+    thread.join(0.3)
+    release.set()
+    assert handle.get_result(timeout_sec=20) == "done"
+    thread.join(20)
+    assert late == ["done"]  # the late one waited and got the owner's result
+
+
 def test_cancel_children_and_unknown_ids(launched: str) -> None:
     gate = threading.Event()
 

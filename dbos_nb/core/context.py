@@ -159,17 +159,18 @@ class SetWorkflowID(_ContextBlock):
         return {"next_workflow_id": self.workflow_id}
 
 
-MAX_TIMEOUT_SEC = 100 * 365 * 86400
+MAX_SECONDS = 100 * 365 * 86400
 
 
-def valid_timeout(seconds: Any) -> bool:
-    """Whether `seconds` is a usable workflow timeout: a finite positive number, at most a
-    century (a deadline must fit in epoch milliseconds; NaN compares false with everything)."""
+def valid_seconds(seconds: Any) -> bool:
+    """Whether `seconds` is a usable duration (a timeout, a limiter's period, a polling
+    interval): a finite positive number, at most a century (it must fit in epoch milliseconds;
+    NaN compares false with everything, so `<= 0` alone lets it through)."""
     return (
         not isinstance(seconds, bool)
         and isinstance(seconds, int | float)
         and math.isfinite(seconds)
-        and 0 < seconds <= MAX_TIMEOUT_SEC
+        and 0 < seconds <= MAX_SECONDS
     )
 
 
@@ -177,7 +178,7 @@ class SetWorkflowTimeout(_ContextBlock):
     """Workflows started in the block time out this many seconds after they start (None: never)."""
 
     def __init__(self, workflow_timeout_sec: float | None) -> None:
-        if workflow_timeout_sec is not None and not valid_timeout(workflow_timeout_sec):
+        if workflow_timeout_sec is not None and not valid_seconds(workflow_timeout_sec):
             raise DbosNbError(
                 f"SetWorkflowTimeout needs a positive number of seconds (at most a century) or "
                 f"None, got {workflow_timeout_sec!r}"

@@ -53,6 +53,11 @@ def workflow_rows(
     """Rows of the workflows matching every given filter, in enqueue order (newest first if
     `sort_desc`); inputs and outputs are left out unless `load_input` or `load_output`."""
     statuses = [status] if isinstance(status, str) else status
+    # Read once: a generator would be used up by the check.
+    if workflow_ids is not None and not isinstance(workflow_ids, str | bytes):
+        workflow_ids = list(workflow_ids)
+    if statuses is not None:
+        statuses = list(statuses)
     _check_filters(
         workflow_ids,
         statuses,

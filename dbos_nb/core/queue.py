@@ -9,11 +9,11 @@ with a warning.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from dbos_nb.core.context import valid_seconds
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.registry import resolve
 from dbos_nb.core.runtime import get_runtime
@@ -27,10 +27,9 @@ R = TypeVar("R")
 
 _LIMITER_KEYS = {"limit", "period"}
 # What the database's columns hold (PostgreSQL refuses more; SQLite would store anything): counts
-# are INTEGER, names VARCHAR(255). A limiter's period is capped at a century, in seconds.
+# are INTEGER, names VARCHAR(255). (Durations: see `valid_seconds`.)
 MAX_COUNT = 2**31 - 1
 MAX_NAME_LENGTH = 255
-MAX_PERIOD_SEC = 100 * 365 * 86400
 
 
 def _positive_int(name: str, value: Any, queue: str) -> int | None:
@@ -42,16 +41,6 @@ def _positive_int(name: str, value: Any, queue: str) -> int | None:
             f"got {value!r}"
         )
     return value
-
-
-def _seconds(value: Any, most: float) -> bool:
-    """Whether `value` is a finite number of seconds in (0, most]."""
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-        and 0 < value <= most
-    )
 
 
 def build_settings(
@@ -85,7 +74,7 @@ def build_settings(
         raise InvalidQueueSettingsError(
             f"queue {name!r}: priority_enabled must be True or False, got {priority_enabled!r}"
         )
-    if not _seconds(polling_interval_sec, MAX_PERIOD_SEC):
+    if not valid_seconds(polling_interval_sec):
         raise InvalidQueueSettingsError(
             f"queue {name!r}: polling_interval_sec must be a positive, finite number, "
             f"got {polling_interval_sec!r}"
@@ -122,7 +111,7 @@ def _limiter(queue: str, key: str, value: Any) -> tuple[int | None, int | None]:
         )
     limit = _positive_int(f"{key}['limit']", value["limit"], queue)
     period = value["period"]
-    if not _seconds(period, MAX_PERIOD_SEC):
+    if not valid_seconds(period):
         raise InvalidQueueSettingsError(
             f"queue {queue!r}: {key}['period'] must be a positive number of seconds, at most a "
             f"century, got {period!r}"

@@ -380,7 +380,9 @@ def begin(rt: Runtime, ex: Execution) -> RunningWorkflow | None:
 
 def register(rt: Runtime, ex: Execution) -> tuple[RunningWorkflow | None, RunningWorkflow | None]:
     """Register the execution: (it, None). (None, None) if this process runs this very
-    execution already (e.g. recovered while a handle waits). (None, the other) if another
+    execution already (e.g. recovered while a handle waits), or if this execution is itself
+    stale (a claim that arrived late: the row names another owner): the caller then waits for
+    the workflow's result. (None, the other) if another
     execution of the workflow still runs here, with an owner the row no longer names (the
     workflow was cancelled and resumed, or recovered, and claimed again meanwhile): that one is
     told to stop at its next operation (its writes are refused anyway), and the caller must
@@ -400,7 +402,13 @@ def register(rt: Runtime, ex: Execution) -> tuple[RunningWorkflow | None, Runnin
         return running, None
     if other.owner_xid == running.owner_xid:
         return None, None
-    rt.preempt([ex.workflow_id], "taken over by another execution")
+    row = rt.store.get_workflow(ex.workflow_id)  # a rare path: the whole row will do
+    if row is None or row["owner_xid"] != ex.owner:
+        # This one is the stale one (a claim that arrived late): the running one goes on.
+        return None, None
+    if other.preempt_reason is None:
+        other.preempt_reason = "taken over by another execution"
+    other.interrupt.set()
     # What the stale execution recorded before it noticed is read again at the next attempt.
     ex.last_recorded_fid = None
     return None, other
@@ -412,7 +420,11 @@ def on_failure(rt: Runtime, ex: Execution, exc: BaseException) -> BaseException:
     if isinstance(exc, WorkflowPreempted):
         if exc.workflow_id != wid or exc.reason == "shutdown":
             return exc
-        if exc.reason == "timed out":
+        if exc.reason == "timed out" or (
+            ex.deadline_ms is not None and rt.now_ms() >= ex.deadline_ms
+        ):
+            # Past its deadline: timed out, even if another process's sweep cancelled it first
+            # and this one heard of it as a cancellation.
             return DBOSWorkflowTimedOutError(wid)
         return DBOSAwaitedWorkflowCancelledError(wid, f"was stopped ({exc.reason})")
     if not isinstance(exc, Exception):

@@ -78,10 +78,25 @@ def _numpy_encoding(value: Any, depth: int) -> bytes | None:
     return None
 
 
+def _plain(value: tuple[Any, ...] | list[Any] | dict[Any, Any]) -> Any:
+    """A container subclass's contents as the plain container."""
+    if isinstance(value, tuple):
+        return tuple(value)
+    if isinstance(value, list):
+        return list(value)
+    return dict(value)
+
+
 def encode(value: Any, depth: int = 0) -> bytes:
     """The canonical bytes of a plain-data value (raises _Unsupported for anything else)."""
     if depth > _MAX_DEPTH:
         raise _Unsupported(value)
+    # The common items first, by exact type (a map of 100,000 strings or ints).
+    kind = type(value)
+    if kind is str:
+        return _chunk(b"s", _text(value))
+    if kind is int:
+        return _chunk(b"i", _text(format(value, "x")))  # hex: no digit limit, unlike str()
     if value is None:
         return b"N"
     numpy_bytes = _numpy_encoding(value, depth)  # before int/float: numpy scalars subclass them
@@ -92,22 +107,23 @@ def encode(value: Any, depth: int = 0) -> bytes:
     if isinstance(value, bool):
         return b"T" if value else b"F"
     if isinstance(value, int):
-        return _chunk(b"i", _text(str(int(value))))
+        return _chunk(b"i", _text(format(int(value), "x")))
     if isinstance(value, float):
         return _chunk(b"f", _text(float(value).hex()))
     if isinstance(value, complex):
         return _chunk(b"c", _text(f"{value.real.hex()},{value.imag.hex()}"))
     if isinstance(value, str):
-        return _chunk(b"s", _text(str(value)))
+        return _chunk(b"s", _text(value))
     if isinstance(value, bytes):
         return _chunk(b"b", bytes(value))
     if isinstance(value, bytearray):
         return _chunk(b"y", bytes(value))
+    if isinstance(value, tuple | list | dict) and kind not in (tuple, list, dict):
+        # A subclass (a namedtuple, OrderedDict, Counter, ...): its class is part of the value.
+        inner = encode(_plain(value), depth + 1)
+        return _chunk(b"n", _chunk(b"k", _text(_class_name(value))) + inner)
     if isinstance(value, tuple):
-        parts = b"".join(encode(v, depth + 1) for v in value)
-        if hasattr(type(value), "_fields"):  # a namedtuple: its class is part of the value
-            return _chunk(b"n", _chunk(b"k", _text(_class_name(value))) + parts)
-        return _chunk(b"t", parts)
+        return _chunk(b"t", b"".join(encode(v, depth + 1) for v in value))
     if isinstance(value, list):
         return _chunk(b"l", b"".join(encode(v, depth + 1) for v in value))
     if isinstance(value, dict):

@@ -53,10 +53,7 @@ def _error_of(row: dict[str, Any]) -> str | None:
 def _objects(values: list[Any]) -> pd.Series:
     """An object column: values stay exactly what `results()` returns (ints do not become floats
     when an item has no output, None stays None)."""
-    column = pd.Series(index=range(len(values)), dtype=object)
-    for i, value in enumerate(values):
-        column.iat[i] = value  # one by one: list/dict outputs stay single values
-    return column
+    return pd.Series(values, dtype=object)
 
 
 def _times(df: pd.DataFrame, rows: list[dict[str, Any]]) -> None:
