@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dbos_nb.clock import Clock
@@ -385,9 +386,15 @@ class DBOS:
             raise DBOSConflictingWorkflowError(
                 new_id, "a workflow with this id exists already; a fork needs a new id"
             )
-        if not rt.store.fork_workflow(
-            workflow_id, new_id, start_step, rt.now_ms(), application_version, queue_name
-        ):
+        try:
+            forked = rt.store.fork_workflow(
+                workflow_id, new_id, start_step, rt.now_ms(), application_version, queue_name
+            )
+        except IntegrityError as exc:  # another fork took the id meanwhile
+            raise DBOSConflictingWorkflowError(
+                new_id, "a workflow with this id exists already; a fork needs a new id"
+            ) from exc
+        if not forked:
             raise DBOSNonExistentWorkflowError(workflow_id)
         rt.wake_scheduler()
         return WorkflowHandle(rt, new_id)

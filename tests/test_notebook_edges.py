@@ -393,3 +393,21 @@ def test_waiting_on_a_batch_that_nothing_runs_warns(db_url: str) -> None:
                 batch.wait(timeout=0.2, show=False)
     finally:
         DBOS.destroy()
+
+
+def test_a_batch_still_shows_after_dbos_is_destroyed(db_url: str) -> None:
+    from dbos_nb import Queue
+
+    DBOS(config={"name": "nbrepr", "system_database_url": db_url})
+    DBOS.launch()
+
+    @DBOS.step(name="nbrepr_step")
+    def nbrepr_step(x: int) -> int:
+        return x
+
+    batch = Queue("nbrepr_q").map(nbrepr_step, [1, 2], batch="nbrepr")
+    batch.wait(timeout=20, show=False)
+    assert "2 done" in repr(batch)
+    DBOS.destroy()
+    assert repr(batch) == "<Batch 'nbrepr': 2 items (DBOS is not launched)>"
+    assert "not launched" in batch._repr_html_()

@@ -418,6 +418,52 @@ def test_fork_reuses_steps_before_start_step(launched: str) -> None:
     assert len(DBOS.list_workflows()) == 4
 
 
+def test_a_fork_onto_an_id_taken_meanwhile_is_a_conflict(launched: str) -> None:
+    """Another process takes the new id between the fork's check and its insert (here: an
+    uncommitted insert on another connection): DBOSConflictingWorkflowError, not the
+    database's integrity error."""
+    from sqlalchemy import insert
+
+    from dbos_nb.storage.database import Database
+    from dbos_nb.storage.schema import workflow_status
+
+    @DBOS.workflow(name="fork_source")
+    def fork_source() -> int:
+        return 1
+
+    with SetWorkflowID("fork-src"):
+        fork_source()
+    outcome: list[BaseException | None] = []
+
+    def fork() -> None:
+        try:
+            with SetWorkflowID("fork-taken"):
+                DBOS.fork_workflow("fork-src", 0)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    other = Database(launched)
+    try:
+        with other.write() as conn:
+            conn.execute(
+                insert(workflow_status).values(
+                    workflow_uuid="fork-taken",
+                    status="SUCCESS",
+                    name="x",
+                    created_at=1,
+                    updated_at=1,
+                )
+            )
+            thread = threading.Thread(target=fork)
+            thread.start()
+            thread.join(0.5)
+        thread.join(20)
+    finally:
+        other.dispose()
+    assert len(outcome) == 1 and isinstance(outcome[0], DBOSConflictingWorkflowError), outcome
+
+
 def test_nondeterministic_replay_is_detected(launched: str) -> None:
     @DBOS.step()
     def s1() -> int:

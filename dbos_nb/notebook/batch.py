@@ -12,6 +12,7 @@ only when a batch is displayed (in views.py).
 from __future__ import annotations
 
 import hashlib
+import html
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -23,7 +24,7 @@ from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import Queue as CoreQueue
 from dbos_nb.core.queue import token_estimates
 from dbos_nb.core.registry import REGISTRY, STEP_WORKFLOW_PREFIX, resolve
-from dbos_nb.core.runtime import Runtime, get_runtime
+from dbos_nb.core.runtime import Runtime, get_runtime, peek_runtime
 from dbos_nb.core.workflows import enqueue_many, workflow_name_of
 from dbos_nb.errors import DbosNbError
 from dbos_nb.notebook.batch_names import default_batch_name
@@ -269,16 +270,23 @@ class Batch:
     # -- display --------------------------------------------------------------------------------
 
     def __repr__(self) -> str:
+        if peek_runtime() is None:  # a repr must not raise: DBOS was destroyed meanwhile
+            return f"<Batch {self.id!r}: {self.size} items (DBOS is not launched)>"
         return f"<Batch {self.progress(errors=0).summary()}>"
 
     def _repr_html_(self) -> str:
         from dbos_nb.notebook.views import progress_html
 
+        if peek_runtime() is None:
+            return html.escape(repr(self))
         return progress_html(self.progress())
 
     def _ipython_display_(self) -> None:
         from dbos_nb.notebook.views import show_live
 
+        if peek_runtime() is None:
+            print(repr(self))
+            return
         show_live(self)
 
 
