@@ -242,6 +242,14 @@ class Engine:
         rt.direct = self._scheduler
         return rt
 
+    def serves(self, queue_name: str) -> bool:
+        """Whether this process claims work from `queue_name`."""
+        return queue_name in self._listened_queues()
+
+    def executor_alive(self, row: dict[str, Any], now_ms: int) -> bool:
+        """Whether an executor's registration row has renewed its heartbeat within the lease."""
+        return now_ms - int(row["heartbeat_at"]) < self.config.executor_lease_sec * 1000
+
     def _listened_queues(self) -> list[str]:
         listen = self.config.listen_queues
         if listen is None:
@@ -276,7 +284,7 @@ class Engine:
         row = store.get_executor(cfg.executor_id)
         host = socket.gethostname()
         if row is not None and row["token"] != self._token:
-            fresh = now - int(row["heartbeat_at"]) < cfg.executor_lease_sec * 1000
+            fresh = self.executor_alive(row, now)
             same_host = row["hostname"] == host
             other_live_pid = same_host and row["pid"] != os.getpid() and pid_alive(int(row["pid"]))
             if fresh and (other_live_pid or not same_host):

@@ -379,15 +379,18 @@ def begin(rt: Runtime, ex: Execution) -> RunningWorkflow | None:
 
 
 def register(rt: Runtime, ex: Execution) -> tuple[RunningWorkflow | None, RunningWorkflow | None]:
-    """Register the execution: (it, None). (None, None) if this process runs this very
-    execution already (e.g. recovered while a handle waits), or if this execution is itself
-    stale (a claim that arrived late: the row names another owner): the caller then waits for
-    the workflow's result. (None, the other) if another
-    execution of the workflow still runs here, with an owner the row no longer names (the
-    workflow was cancelled and resumed, or recovered, and claimed again meanwhile): that one is
-    told to stop at its next operation (its writes are refused anyway), and the caller must
-    wait until it has ended and register again. Left alone, the two would wait for each other:
-    the new one for the old one's result, the old one refused at every write."""
+    """Register the execution: (it, None).
+
+    (None, None) if this process runs this very execution already (e.g. recovered while a
+    handle waits), or if this execution is itself stale (a claim that arrived late: the row
+    names another owner): the caller then waits for the workflow's result.
+
+    (None, the other) if another execution of the workflow still runs here, with an owner the
+    row no longer names (the workflow was cancelled and resumed, or recovered, and claimed
+    again meanwhile): that one is told to stop at its next operation (its writes are refused
+    anyway), and the caller must wait until it has ended and register again. Left alone, the
+    two would wait for each other: the new one for the old one's result, the old one refused
+    at every write."""
     running = RunningWorkflow(ex.workflow_id, ex.owner, workflow_name_of(ex.reg), ex.deadline_ms)
     running.ledger_entry = ex.ledger_entry
     running.queue_name = ex.queue_name

@@ -214,15 +214,15 @@ class Batch:
         engine = DBOS._engine
         function = self.function_name.removeprefix(STEP_WORKFLOW_PREFIX)
         missing = []
-        if engine is None or self.queue_name not in engine._listened_queues():
+        if engine is None or not engine.serves(self.queue_name):
             missing.append(f"its queue {self.queue_name!r} is not served here")
         if REGISTRY.get(function) is None:
             missing.append(f"{function!r} is not defined here")
         if not missing:
             return None
-        lease_ms = 1000 * (engine.config.executor_lease_sec if engine is not None else 30.0)
+        now = rt.now_ms()
         for executor in rt.store.list_executors():
-            alive = rt.now_ms() - int(executor["heartbeat_at"]) < lease_ms
+            alive = engine is not None and engine.executor_alive(executor, now)
             if alive and executor["executor_id"] != rt.executor_id:
                 return None  # another process (a worker) may run it
         return (

@@ -207,7 +207,8 @@ class DbosMagics(Magics):
             raise UsageError("--timeout must be a positive number of seconds")
         if args.queue and not rt.store.get_queue(args.queue):
             raise UsageError(f"queue {args.queue!r} is not declared; use %dbos_queue first")
-        if args.queue and args.queue not in _served_queues():
+        engine = DBOS._engine
+        if args.queue and (engine is None or not engine.serves(args.queue)):
             # Only this kernel can run its cells (a worker process has not got the cell's code),
             # so a queued cell that this kernel does not claim from would wait forever.
             raise UsageError(
@@ -401,14 +402,6 @@ class DbosMagics(Magics):
             raise UsageError(str(exc)) from exc
 
 
-def _served_queues() -> list[str]:
-    """The queues this kernel claims work from (none but the internal one with --no-worker)."""
-    engine = DBOS._engine
-    if engine is None:
-        return []
-    return list(engine._listened_queues())
-
-
 def _refuse_active_rerun(rt: Runtime, row: dict[str, Any]) -> None:
     """Refuse `--rerun` of a run that is still going: deleting it under its executor hangs the
     rerun (it would wait on the old execution) or loses the old run's result.
@@ -428,8 +421,7 @@ def _refuse_active_rerun(rt: Runtime, row: dict[str, Any]) -> None:
     if status == "PENDING" and executor and executor != rt.executor_id:
         record = rt.store.get_executor(executor)
         engine = DBOS._engine
-        lease_ms = 1000 * (engine.config.executor_lease_sec if engine is not None else 30.0)
-        if record is not None and rt.now_ms() - int(record["heartbeat_at"]) < lease_ms:
+        if record is not None and engine is not None and engine.executor_alive(record, rt.now_ms()):
             active = True
     if active:
         raise UsageError(
