@@ -161,6 +161,11 @@ class BatchConflictError(DbosNbError):
     """A batch name is already used by a batch of another function, queue or size."""
 
 
+class BatchItemsConflictError(BatchConflictError):
+    """A batch name is already used by a batch of the same size but other items (as far as
+    their serialized bytes tell: the notebook's `map()` then compares the values)."""
+
+
 class InvalidQueueSettingsError(DbosNbError, ValueError):
     """A queue was declared with invalid concurrency or limiter settings."""
 

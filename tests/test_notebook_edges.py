@@ -319,8 +319,11 @@ def summarize(doc):
 DBOS(config={"name": "names", "system_database_url": sys.argv[1], "listen_queues": []})
 DBOS.launch()
 queue = Queue("names_q")
-batch = queue.map(summarize, [Doc(i, {"alpha", "beta", "gamma", f"x{i}"}) for i in range(4)])
-print(batch.id, len(DBOS.list_workflows()))
+docs = [Doc(i, {"alpha", "beta", "gamma", f"x{i}"}) for i in range(4)]
+batch = queue.map(summarize, docs)
+# Under a name, the items' digest must match too: another seed, the same digest.
+named = queue.map(summarize, docs, batch="named-docs")
+print(batch.id, len(DBOS.list_workflows()), named.id)
 DBOS.destroy()
 """
 
@@ -341,7 +344,54 @@ def test_default_name_is_the_same_in_another_process(db_url: str, tmp_path: Path
         assert done.returncode == 0, done.stderr
         outputs.append(done.stdout.split())
     assert outputs[0] == outputs[1]  # the same batch, not enqueued twice
-    assert outputs[0][0].startswith("summarize-") and outputs[0][1] == "4"
+    assert outputs[0][0].startswith("summarize-") and outputs[0][1] == "8"  # 4 + 4 named
+    assert outputs[0][2] == "named-docs"
+
+
+class Opaque:
+    """Not plain data: its batch has no items digest."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.lock = threading.Lock()
+
+    def __reduce__(self) -> Any:
+        return (Opaque, (self.n,))
+
+
+def test_map_under_an_existing_name_with_other_items_is_refused(
+    shell: InteractiveShell,
+) -> None:
+    """A re-run cell whose list changed, under the same batch name, would otherwise attach to
+    the old items and never run the new ones."""
+    run(shell, STEPS)
+    run(shell, "%dbos_queue q --limit 1/3600s")  # nothing starts: the rows stay as enqueued
+    first = run(shell, "q.map(fetch, [1, 2, 3], batch='b')")
+    assert run(shell, "q.map(fetch, [1, 2, 3], batch='b')").id == first.id == "b"
+    with pytest.raises(dbos_nb.BatchConflictError, match=r"'b' already exists with other items"):
+        run(shell, "q.map(fetch, [1, 2, 4], batch='b')")
+    with pytest.raises(dbos_nb.BatchConflictError, match="other items"):
+        run(shell, "q.map(fetch, [{'a': 1}, 2, 3], batch='b')")
+    assert len(DBOS.list_workflows(queue_name="q")) == 3
+    assert sorted(DBOS.retrieve_workflow(f"b/{i}").get_status().input for i in range(3)) == [
+        ((1,), {}),
+        ((2,), {}),
+        ((3,), {}),
+    ]
+    # The same values pickled otherwise (a set's order follows its insertion history, as it
+    # follows the hash seed in another kernel) are the same items.
+    assert [0, 8] != list({8, 0})  # the premise: equal sets, another order
+    first_set = run(shell, "q.map(fetch, [{0, 8}, 1], batch='sets')")
+    assert run(shell, "q.map(fetch, [{8, 0}, 1], batch='sets')").id == first_set.id
+    with pytest.raises(dbos_nb.BatchConflictError, match="other items"):
+        run(shell, "q.map(fetch, [{8, 1}, 1], batch='sets')")
+    # Items that are not plain data cannot be compared by value: the name decides, as before.
+    shell.user_ns["Opaque"] = Opaque
+    run(shell, "q.map(fetch, [Opaque(1), Opaque(2)], batch='opaque')")
+    assert run(shell, "q.map(fetch, [Opaque(5), Opaque(6)], batch='opaque')").id == "opaque"
+    # Default names come from the items: other items are another batch, never a conflict.
+    assert run(shell, "q.map(fetch, [7, 8])").id != run(shell, "q.map(fetch, [7, 9])").id
+    assert len(DBOS.list_workflows(queue_name="q")) == 3 + 2 + 2 + 2 + 2
 
 
 def test_batches_named_by_earlier_versions_are_found(shell: InteractiveShell) -> None:

@@ -102,6 +102,54 @@ def test_a_version_1_database_gains_the_fifo_index(db_url: str) -> None:
     assert "ix_ws_queue_fifo" in names
 
 
+def test_a_version_3_database_gains_the_batch_items_digest(db_url: str) -> None:
+    """Version 4 adds batches.items_digest; a batch recorded by version 3 keeps its row (NULL
+    digest), takes the digest of the next items mapped under its name, and then refuses
+    others."""
+    from dbos_nb.errors import BatchConflictError
+    from dbos_nb.storage.migrations import migrate
+    from dbos_nb.storage.rows import NewWorkflow
+    from dbos_nb.storage.store import SystemStore
+
+    db = Database(db_url)
+    migrate(db)
+    prefix = "dbos_nb." if db.is_postgres else ""
+    with db.write() as conn:  # the schema as version 3 left it
+        conn.execute(sa.text(f"DROP TABLE {prefix}batches"))
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {prefix}batches (batch_id VARCHAR(255) PRIMARY KEY, "
+                "queue_name VARCHAR(255) NOT NULL, function_name VARCHAR(512) NOT NULL, "
+                "size INTEGER NOT NULL, created_at BIGINT NOT NULL)"
+            )
+        )
+        conn.execute(sa.text(f"INSERT INTO {prefix}batches VALUES ('old', 'q', 'fn', 2, 1)"))
+        conn.execute(sa.delete(schema_migrations))
+        conn.execute(schema_migrations.insert().values(version=3, applied_at=1))
+    migrate(db)
+    migrate(db)  # a second launch finds the column in place
+    store = SystemStore(db)
+    template = NewWorkflow(
+        workflow_id="old",
+        name="fn",
+        inputs=b"",
+        status="ENQUEUED",
+        created_at=2,
+        queue_name="q",
+        batch_id="old",
+    )
+    items = [("old/0", b"a", None), ("old/1", b"b", None)]
+    store.insert_enqueued_batch(template, items, "d1")
+    with pytest.raises(BatchConflictError, match="other items"):
+        store.insert_enqueued_batch(template, items, "d2")
+    store.insert_enqueued_batch(template, items, None)  # no digest to compare: attaches
+    with db.read() as conn:
+        versions = list(conn.execute(sa.select(schema_migrations.c.version)).scalars())
+        digest = conn.execute(sa.text(f"SELECT items_digest FROM {prefix}batches")).scalar()
+    db.dispose()
+    assert sorted(versions) == list(range(3, SCHEMA_VERSION + 1)) and digest == "d1"
+
+
 def test_a_version_2_database_gets_the_active_deadline_index(db_url: str) -> None:
     """Version 3 replaces the index of every row that ever had a deadline with one of active
     rows only; a version 2 database gets it at the next launch, its rows kept, and its overdue

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import gc
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -276,14 +277,18 @@ def enqueue_many(
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
     batch_id: str | None,
     token_estimates: list[int | None] | None = None,
+    *,
+    check_items: bool = False,
 ) -> list[str]:
     """Enqueue many calls in one transaction with ids `<batch>/<index>`; returns every id.
 
     Ids that already exist are not written again, so enqueueing the same batch id twice is
     harmless. Inside a workflow the whole batch is one operation of the parent.
+    `check_items` (with a batch id): keep a digest of the serialized calls with the batch,
+    and raise BatchItemsConflictError, writing nothing, when the batch exists with another.
     """
     with cycle_collector_paused():
-        return _enqueue_many(rt, queue_name, reg, calls, batch_id, token_estimates)
+        return _enqueue_many(rt, queue_name, reg, calls, batch_id, token_estimates, check_items)
 
 
 def _enqueue_many(
@@ -293,6 +298,7 @@ def _enqueue_many(
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
     batch_id: str | None,
     token_estimates: list[int | None] | None,
+    check_items: bool,
 ) -> list[str]:
     if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
         raise DbosNbError(f"batch_id must be a non-empty string, got {batch_id!r}")
@@ -322,7 +328,9 @@ def _enqueue_many(
     template.batch_id = explicit
     ids = [f"{base}/{index}" for index in range(len(inputs))]
     estimates = token_estimates or [template.token_estimate] * len(ids)
-    rt.store.insert_enqueued_batch(template, list(zip(ids, inputs, estimates, strict=True)))
+    digest = _digest(inputs) if check_items and explicit else None
+    rows = list(zip(ids, inputs, estimates, strict=True))
+    rt.store.insert_enqueued_batch(template, rows, digest)
     if plan.parent is not None and plan.parent_function_id is not None:
         now = rt.now_ms()
         rt.store.record_step(
@@ -338,6 +346,15 @@ def _enqueue_many(
         )
     rt.wake_scheduler(queue_name, WAKE_ENQUEUED)
     return ids
+
+
+def _digest(payloads: list[bytes]) -> str:
+    """sha256 (hex) of serialized calls, each length-prefixed so that no two lists collide."""
+    digest = hashlib.sha256()
+    for payload in payloads:
+        digest.update(len(payload).to_bytes(8, "big"))
+        digest.update(payload)
+    return digest.hexdigest()
 
 
 def _await_existing(rt: Runtime, wid: str, existing: dict[str, Any]) -> Any:

@@ -26,8 +26,8 @@ from dbos_nb.core.queue import token_estimates
 from dbos_nb.core.registry import REGISTRY, STEP_WORKFLOW_PREFIX, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime, peek_runtime
 from dbos_nb.core.workflows import enqueue_many, workflow_name_of
-from dbos_nb.errors import DbosNbError
-from dbos_nb.notebook.batch_names import default_batch_name
+from dbos_nb.errors import BatchItemsConflictError, DbosNbError
+from dbos_nb.notebook.batch_names import default_batch_name, equal_items
 from dbos_nb.storage import rate_ledger
 
 # How a batch's workflow statuses are grouped for people.
@@ -341,6 +341,21 @@ def _default_name(
     return name
 
 
+def _same_items(
+    rt: Runtime, batch: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], skip: int
+) -> bool:
+    """Whether the batch's stored items are `calls`' items, when their serialized bytes differ:
+    the same values pickle differently in another kernel (a set's order follows the string
+    hash seed; cloudpickle pickles a class defined in the notebook by value). Compared by
+    value, as default batch names are; items that cannot be compared so (not plain data, or
+    not loadable here) count as the same, the name deciding, as before items were checked."""
+    try:
+        stored = [serialization.load_inputs(data) for data in rt.store.batch_inputs(batch)]
+    except Exception:
+        return True
+    return equal_items(stored, calls, skip) is not False
+
+
 class Queue(CoreQueue):
     """A queue with `map()`: the `Queue` that `dbos_nb` exports."""
 
@@ -357,6 +372,8 @@ class Queue(CoreQueue):
         Items are passed as the single argument; a DataFrame's rows are passed as keyword
         arguments. Without `batch`, the name is derived from the function and the items, so
         running the same cell again attaches to the same batch instead of enqueueing twice.
+        Under an existing name, other items (compared by value where they are plain data), or
+        another function, queue or size, raise BatchConflictError: nothing is enqueued.
         `tokens`: each item's token estimate for the queue's `token_limiter` (a number, or a
         function of the item; a DataFrame's rows are passed as dicts).
         """
@@ -376,7 +393,13 @@ class Queue(CoreQueue):
         if not isinstance(batch, str) or not batch or "/" in batch:
             raise DbosNbError(f"a batch name must be a non-empty string without '/', got {batch!r}")
         rows = items.to_dict("records") if hasattr(items, "to_dict") else list(items)
-        enqueue_many(rt, self.name, reg, calls, batch, token_estimates(tokens, rows))
+        estimates = token_estimates(tokens, rows)
+        try:
+            enqueue_many(rt, self.name, reg, calls, batch, estimates, check_items=True)
+        except BatchItemsConflictError:
+            # The bytes differ; the values may not (see `_same_items`).
+            if not _same_items(rt, batch, calls, len(bound)):
+                raise
         record = {
             "size": len(calls),
             "queue_name": self.name,

@@ -189,6 +189,28 @@ def default_batch_name(
     return f"{short}-{digest.hexdigest()[:12]}"
 
 
+def equal_items(
+    left: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    right: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    skip: int = 0,
+) -> bool | None:
+    """Whether two lists of calls hold the same plain-data items (arguments after the first
+    `skip`, and keywords), by their encodings: the same values however they were pickled (a
+    set in another hash order, a notebook's dataclass pickled by value in another kernel).
+    None when that cannot be told: an item that is not plain data."""
+    if len(left) != len(right):
+        return False
+    try:
+        for (a_args, a_kwargs), (b_args, b_kwargs) in zip(left, right, strict=True):
+            if encode(tuple(a_args[skip:])) != encode(tuple(b_args[skip:])):
+                return False
+            if encode(dict(a_kwargs)) != encode(dict(b_kwargs)):
+                return False
+    except _Unsupported:
+        return None
+    return True
+
+
 def _unnameable(value: Any, where: str) -> DbosNbError:
     return DbosNbError(
         "map() can only name a batch after plain-data items (numbers, strings, lists, dicts, "

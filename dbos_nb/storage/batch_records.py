@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, select, update
 
-from dbos_nb.errors import BatchConflictError
+from dbos_nb.errors import BatchConflictError, BatchItemsConflictError
 from dbos_nb.storage.rows import (
     NewWorkflow,
     StoreBase,
@@ -27,15 +27,18 @@ class BatchRecords(StoreBase):
     """Enqueue, retry and report on batches of workflows."""
 
     def insert_enqueued_batch(
-        self, template: NewWorkflow, items: Sequence[tuple[str, bytes, int | None]]
+        self,
+        template: NewWorkflow,
+        items: Sequence[tuple[str, bytes, int | None]],
+        items_digest: str | None = None,
     ) -> None:
         """Enqueue many workflows that share everything but id and inputs, in one transaction.
 
         `items` are (workflow id, serialized inputs, token estimate), written in order (so they
         start in that order). Ids that already exist are skipped: enqueueing the same batch
         again writes nothing twice. With `template.batch_id` set, the batch is recorded too; a
-        batch id already used for another function, queue or size raises BatchConflictError.
-        All or nothing.
+        batch id already used for another function, queue or size, or for other items (when
+        both calls give an `items_digest`), raises BatchConflictError. All or nothing.
         """
         if not items:
             return
@@ -47,7 +50,7 @@ class BatchRecords(StoreBase):
         estimates = any(e is not None for _, _, e in items)
         with self.db.write() as conn:
             if template.batch_id is not None:
-                self._record_batch(conn, template, len(items))
+                self._record_batch(conn, template, len(items), items_digest)
             if estimates:
                 self.db.bulk_insert(
                     conn,
@@ -69,13 +72,16 @@ class BatchRecords(StoreBase):
             if template.queue_name:
                 self.db.notify(conn, f"q:{template.queue_name}")
 
-    def _record_batch(self, conn: Connection, template: NewWorkflow, size: int) -> None:
+    def _record_batch(
+        self, conn: Connection, template: NewWorkflow, size: int, items_digest: str | None
+    ) -> None:
         values = {
             "batch_id": template.batch_id,
             "queue_name": template.queue_name,
             "function_name": template.name,
             "size": size,
             "created_at": template.created_at,
+            "items_digest": items_digest,
         }
         conn.execute(self.db.insert(batches).values(**values).on_conflict_do_nothing())
         row = (
@@ -90,6 +96,22 @@ class BatchRecords(StoreBase):
                 f"{row['function_name']!r} on queue {row['queue_name']!r}; this call has "
                 f"{size} items of {template.name!r} on {template.queue_name!r}. Use another "
                 "batch name (or the same items and function to attach to it)"
+            )
+        stored = row["items_digest"]
+        if stored is not None and items_digest is not None and stored != items_digest:
+            raise BatchItemsConflictError(
+                f"batch {template.batch_id!r} already exists with other items (the same "
+                f"number, {size}, of {template.name!r}); running it again under this name "
+                "would only attach to the old items. Use another batch name for these items, "
+                f"or Batch.attach({template.batch_id!r}) to follow the existing batch"
+            )
+        if stored is None and items_digest is not None:
+            # A batch recorded before digests were kept (or from items that were not plain
+            # data): these items become the ones it is compared with from now on.
+            conn.execute(
+                update(batches)
+                .where(batches.c.batch_id == template.batch_id)
+                .values(items_digest=items_digest)
             )
 
     def retry_failed_in_batch(self, batch_id: str, now_ms: int) -> list[str]:
@@ -172,6 +194,14 @@ class BatchRecords(StoreBase):
                 select(*columns).where(ws.c.batch_id == batch_id).order_by(ws.c.id)
             ).mappings()
             return [dict(r) for r in rows]
+
+    def batch_inputs(self, batch_id: str) -> list[bytes | None]:
+        """The batch's serialized inputs, in input (enqueue) order."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(ws.c.inputs).where(ws.c.batch_id == batch_id).order_by(ws.c.id)
+            )
+            return [r[0] for r in rows]
 
     def batch_recent_errors(self, batch_id: str, limit: int) -> list[tuple[str, bytes | None]]:
         """(workflow id, serialized error) of the batch's latest failures."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from sqlalchemy import Connection, MetaData, func, select, text
+from sqlalchemy import Connection, MetaData, func, inspect, select, text
 
 from dbos_nb.clock import SystemClock
 from dbos_nb.errors import DBOSConfigError
@@ -57,6 +57,18 @@ def _active_deadline_index(conn: Connection) -> None:
 
 
 UPGRADES[3] = _active_deadline_index
+
+
+def _batch_items_digest(conn: Connection) -> None:
+    """Version 4: batches keep a digest of their items (NULL for batches made before)."""
+    schema = PG_SCHEMA if conn.dialect.name == "postgresql" else None
+    columns = {c["name"] for c in inspect(conn).get_columns("batches", schema=schema)}
+    if "items_digest" not in columns:
+        prefix = f"{PG_SCHEMA}." if schema else ""
+        conn.execute(text(f"ALTER TABLE {prefix}batches ADD COLUMN items_digest VARCHAR(64)"))
+
+
+UPGRADES[4] = _batch_items_digest
 
 
 def migrate(db: Database) -> None:

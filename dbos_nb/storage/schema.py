@@ -29,7 +29,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from dbos_nb.models import ACTIVE_STATUSES
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PG_SCHEMA = "dbos_nb"
 # The active statuses as the SQL list that `status_is(column, *ACTIVE_STATUSES)` writes.
 _ACTIVE = ", ".join(f"'{status}'" for status in ACTIVE_STATUSES)
@@ -140,6 +140,9 @@ batches = Table(
     Column("function_name", String(512), nullable=False),
     Column("size", Integer, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    # sha256 (hex) of the items' canonical encoding, when they are plain data (notebook map()):
+    # the same name with other items is refused rather than attached to the old batch.
+    Column("items_digest", String(64)),
 )
 
 operation_outputs = Table(
