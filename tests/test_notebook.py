@@ -112,6 +112,31 @@ def test_replayed_cell_brings_back_its_definitions(shell: InteractiveShell) -> N
     assert shell.user_ns["math"].sqrt(4) == 2
 
 
+def test_replay_restores_guarded_imports_and_names_what_it_cannot(
+    shell: InteractiveShell, capsys: Any
+) -> None:
+    """A `try` of imports only runs again on replay; a def inside an `if` does not (running
+    the condition again is running the cell again): the replay says which names it lacks."""
+    cell = (
+        "%%dbos_workflow guarded_defs\n"
+        "try:\n    import no_such_module_here as fastjson\n"
+        "except ImportError:\n    import json as fastjson\n"
+        "if True:\n    def nested(x):\n        return x * 3\n"
+        "lock = __import__('threading').Lock()\n"
+        "value = nested(2)\n"
+    )
+    run(shell, cell)
+    capsys.readouterr()
+    for name in ("fastjson", "nested", "lock", "value"):
+        del shell.user_ns[name]
+    run(shell, cell)
+    assert shell.user_ns["value"] == 6
+    assert shell.user_ns["fastjson"].dumps([1]) == "[1]"
+    out = capsys.readouterr().out
+    assert "not restored" in out and "nested, lock" in out and "fastjson" not in out
+    assert "nested" not in shell.user_ns
+
+
 class KernelDied(BaseException):
     """Stands in for the kernel dying in the middle of a cell."""
 

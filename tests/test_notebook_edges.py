@@ -380,7 +380,7 @@ def test_map_under_an_existing_name_with_other_items_is_refused(
     ]
     # The same values pickled otherwise (a set's order follows its insertion history, as it
     # follows the hash seed in another kernel) are the same items.
-    assert [0, 8] != list({8, 0})  # the premise: equal sets, another order
+    assert list({8, 0}) != [0, 8]  # the premise: equal sets, another order
     first_set = run(shell, "q.map(fetch, [{0, 8}, 1], batch='sets')")
     assert run(shell, "q.map(fetch, [{8, 0}, 1], batch='sets')").id == first_set.id
     with pytest.raises(dbos_nb.BatchConflictError, match="other items"):

@@ -157,6 +157,15 @@ def test_notebook_defined_functions_run_in_a_worker(
     assert (tag_old, value_old) == ("v1", 10)  # the old work ran the old code
     assert (tag_new, value_new) == ("v2", 200)  # the new work the new code
     assert pid_old == pid_new == pool.procs["w-nb"].pid != os.getpid()
+    # A workflow the worker loaded from the database enqueues a step the worker never
+    # registered: a worker claims every stored function, so that is allowed there.
+    _run(
+        shell,
+        "@DBOS.workflow()\n"
+        "def nb_fanout(n):\n"
+        "    return [h.get_result()[1] for h in [remote.enqueue(nb_scale, i) for i in range(n)]]\n",
+    )
+    assert _run(shell, "remote.enqueue(nb_fanout, 3)").get_result(timeout_sec=60) == [0, 100, 200]
 
 
 def test_a_version_a_worker_cannot_load_stays_queued(

@@ -23,8 +23,10 @@ from dbos_nb import (
     DBOSNonSerializableError,
     DBOSNotLaunchedError,
     DBOSUnexpectedStepError,
+    Queue,
     SetWorkflowID,
     UnknownQueueError,
+    UnknownWorkflowNameError,
     WorkflowStatusString,
 )
 
@@ -638,6 +640,33 @@ def test_recreate_dbos_many_times(db_url: str) -> None:
     DBOS(config=config(db_url))
     DBOS.launch()
     assert len(DBOS.list_workflows()) == 20
+
+
+def test_enqueueing_a_function_the_registry_lost_is_refused(db_url: str) -> None:
+    """After DBOS.destroy(destroy_registry=True), this process claims none of the old
+    functions: enqueueing one would leave it queued, unseen. Refused, with nothing written,
+    until its decorator runs again."""
+
+    def body(x: int) -> int:
+        return x * 2
+
+    DBOS(config=config(db_url))
+    wf = DBOS.workflow(name="lost_wf")(body)
+    queue = Queue("lost_q")
+    DBOS.launch()
+    assert queue.enqueue(wf, 1).get_result(timeout_sec=10) == 2
+    DBOS.destroy(destroy_registry=True)
+    DBOS(config=config(db_url))
+    queue = Queue("lost_q")
+    DBOS.launch()
+    with pytest.raises(UnknownWorkflowNameError, match=r"'lost_wf'.*destroy_registry"):
+        queue.enqueue(wf, 2)
+    with pytest.raises(UnknownWorkflowNameError, match="lost_wf"):
+        queue.enqueue_many(wf, [(3,), (4,)], batch_id="lost")
+    assert len(DBOS.list_workflows(name="lost_wf")) == 1
+    assert wf(5) == 10  # a direct call runs here, in this thread
+    DBOS.workflow(name="lost_wf")(body)  # the definition cell is run again
+    assert queue.enqueue(wf, 6).get_result(timeout_sec=10) == 12
 
 
 def test_workflow_registered_after_launch_is_recovered(db_url: str) -> None:

@@ -112,6 +112,11 @@ class FunctionResolver:
                         name if kind == "workflow" else STEP_WORKFLOW_PREFIX + name
                     )
 
+    @property
+    def runs_stored(self) -> bool:
+        """Whether this process claims any stored function (a worker), not only its own."""
+        return self._run_stored
+
     def claimable_names(self) -> set[str]:
         """Workflow names this process claims."""
         names = self._registry.runnable_names()

@@ -32,6 +32,7 @@ from dbos_nb.errors import (
     DbosNbError,
     DBOSNonSerializableError,
     DBOSWorkflowTimedOutError,
+    UnknownWorkflowNameError,
     WorkflowPreempted,
 )
 from dbos_nb.ids import new_token, new_workflow_id
@@ -200,6 +201,7 @@ def enqueue_workflow(
     rt: Runtime, queue_name: str, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str:
     """Write an ENQUEUED row on the queue and wake the local scheduler; returns the id."""
+    _check_registered(rt, reg)
     name = workflow_name_of(reg)
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
     plan = plan_start(rt, name)
@@ -212,6 +214,20 @@ def enqueue_workflow(
     else:
         rt.wake_scheduler(queue_name, WAKE_ENQUEUED)
     return plan.workflow_id
+
+
+def _check_registered(rt: Runtime, reg: Registration) -> None:
+    """Refuse to enqueue a function whose name nothing in this process registers: the process
+    claims only what it defines, so the work would wait, unseen, for another process. (Its
+    decorator ran before `DBOS.destroy(destroy_registry=True)` cleared the registry.) A name
+    registered again by another definition is fine: the version enqueued is stored and runs.
+    A worker claims every stored function, and the code it loaded enqueues unregistered ones."""
+    if not rt.resolver.runs_stored and rt.registry.get(reg.name) is None:
+        raise UnknownWorkflowNameError(
+            reg.name,
+            " in this process (DBOS.destroy(destroy_registry=True) removed its registration); "
+            "run its decorator (its cell) again before enqueueing it",
+        )
 
 
 def _start_directly(
@@ -302,6 +318,7 @@ def _enqueue_many(
 ) -> list[str]:
     if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
         raise DbosNbError(f"batch_id must be a non-empty string, got {batch_id!r}")
+    _check_registered(rt, reg)
     ctx = current()
     if ctx.deduplication_id is not None:
         # One id cannot cover many workflows, and dropping it silently would let the batch

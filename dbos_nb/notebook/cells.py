@@ -127,25 +127,41 @@ def compile_cell(name: str, source: str) -> CompiledCell:
         # ast.parse accepts some code that compile() refuses, e.g. a top-level `await`.
         hint = " (top-level await cannot run in a durable cell)" if "await" in str(exc) else ""
         raise DbosNbError(f"cell {name!r} cannot be compiled: {exc}{hint}") from exc
-    defs = ast.Module(
-        body=[
-            s
-            for s in tree.body
-            if isinstance(
-                s,
-                ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Import | ast.ImportFrom,
-            )
-        ],
-        type_ignores=[],
-    )
+    defs = ast.Module(body=[s for s in tree.body if _defines_only(s)], type_ignores=[])
     definitions = compile(defs, f"<dbos_workflow {name} definitions>", "exec")
     return CompiledCell(name, source, source_hash(source), assigned, has_result, code, definitions)
 
 
+_DEFINITION = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Import | ast.ImportFrom
+
+
+def _defines_only(stmt: ast.stmt) -> bool:
+    """A def, class or import; or a `try` made of nothing else (`try: import orjson as json`
+    / `except ImportError: import json`), which runs again as safely as a lone import."""
+    if isinstance(stmt, _DEFINITION):
+        return True
+    if isinstance(stmt, ast.Try):
+        parts = [*stmt.body, *stmt.orelse, *stmt.finalbody]
+        parts += [s for handler in stmt.handlers for s in handler.body]
+        return all(isinstance(s, ast.Pass) or _defines_only(s) for s in parts)
+    return False
+
+
 def restore(cell: CompiledCell, recorded: dict[str, Any], namespace: dict[str, Any]) -> Any:
-    """Put a finished run's recorded names back in the namespace; returns its last value."""
+    """Put a finished run's recorded names back in the namespace; returns its last value.
+
+    Names that were not recorded (functions, modules, values that cannot be serialized) come
+    back only from the cell's top-level definitions; the others are named in a note, since
+    running the rest of the cell again to get them is what replay must not do."""
     namespace.update(recorded.get("names", {}))
     exec(cell.definitions, namespace)
+    missing = [name for name in recorded.get("skipped", []) if name not in namespace]
+    if missing:
+        print(
+            f"note: not restored (not recorded, and not defined at the cell's top level): "
+            f"{', '.join(missing)}. Define them in an ordinary cell, or run this one with "
+            "--rerun."
+        )
     return recorded.get("result")
 
 
