@@ -206,6 +206,34 @@ def test_failed_launch_can_be_corrected(pg_server_url: str) -> None:
         drop_pg_database(pg_server_url, url)
 
 
+TWIN = (
+    "import socket, sys, time\n"
+    "from dbos_nb import DBOS\n"
+    "DBOS(config={'name': 'twin', 'system_database_url': sys.argv[1],"
+    " 'executor_id': f'nb:twin@{socket.gethostname()}', 'heartbeat_interval_sec': 0.2})\n"
+    "DBOS.launch()\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_a_second_kernel_of_the_same_notebook_is_told_what_to_do(db_url: str) -> None:
+    """Two kernels of one notebook (or two that cannot tell their notebook's name) would share
+    an executor id; the second is refused with the way out."""
+    twin = subprocess.Popen([sys.executable, "-c", TWIN, db_url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert twin.stdout is not None and twin.stdout.readline().strip() == "ready"
+        sh = new_shell()
+        with pytest.raises(UsageError, match=r"Another kernel of notebook 'twin'.*--name OTHER"):
+            run(sh, f"%dbos_launch --db {db_url} --name twin")
+        run(sh, f"%dbos_launch --db {db_url} --name twin --executor-id twin-2")
+        assert DBOS.list_workflows() == []
+    finally:
+        DBOS.destroy()
+        twin.kill()
+        twin.wait(30)
+
+
 # -- 7: typed errors from magic arguments -------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ from dbos_nb.core.registry import REGISTRY, Registration
 from dbos_nb.core.runtime import Runtime, peek_runtime
 from dbos_nb.core.workflows import execute
 from dbos_nb.dbos import DBOS
-from dbos_nb.errors import DbosNbError
+from dbos_nb.errors import DBOSExecutorIdInUseError, DbosNbError
 from dbos_nb.ids import new_token
 from dbos_nb.models import INTERNAL_QUEUE
 from dbos_nb.notebook import cells, views
@@ -138,6 +138,13 @@ class DbosMagics(Magics):
         except BaseException as exc:
             # Whatever failed, leave nothing half-created: a corrected %dbos_launch must work.
             DBOS.destroy()
+            if isinstance(exc, DBOSExecutorIdInUseError) and not args.executor_id:
+                raise UsageError(
+                    f"{exc}. Another kernel of notebook {name!r} is running on this machine "
+                    "(a kernel that cannot tell its notebook's name calls it 'notebook'): "
+                    "launch this one with its own name, %dbos_launch --name OTHER (its own "
+                    "database and executor), or --executor-id ID to share the database"
+                ) from exc
             if isinstance(exc, DbosNbError):
                 raise UsageError(str(exc)) from exc
             if isinstance(exc, SQLAlchemyError | OSError):
