@@ -106,8 +106,8 @@ class BatchRecords(StoreBase):
                 f"or Batch.attach({template.batch_id!r}) to follow the existing batch"
             )
         if stored is None and items_digest is not None:
-            # A batch recorded before digests were kept (or from items that were not plain
-            # data): these items become the ones it is compared with from now on.
+            # A batch recorded without a digest (before digests were kept, or by an
+            # enqueue_many that asked for no check): these items are compared with from now on.
             conn.execute(
                 update(batches)
                 .where(batches.c.batch_id == template.batch_id)

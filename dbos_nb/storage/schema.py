@@ -140,8 +140,8 @@ batches = Table(
     Column("function_name", String(512), nullable=False),
     Column("size", Integer, nullable=False),
     Column("created_at", BigInteger, nullable=False),
-    # sha256 (hex) of the items' canonical encoding, when they are plain data (notebook map()):
-    # the same name with other items is refused rather than attached to the old batch.
+    # sha256 (hex) of the batch's serialized calls, kept by the notebook's map(): the same
+    # name with other items is refused rather than attached to the old batch.
     Column("items_digest", String(64)),
 )
 
