@@ -106,10 +106,73 @@ def test_rerun_of_a_cell_still_running_is_refused(shell: InteractiveShell) -> No
     gate.set()  # frees a rerun that waits (the bug) as well as the background run
     assert outcome and isinstance(outcome[0], UsageError), outcome
     assert "still running" in str(outcome[0]) and "%dbos_cancel job" in str(outcome[0])
-    assert handle.get_result(timeout_sec=20)["result"] == 3
+    assert handle.get_result(timeout_sec=20) == 3  # the cell's value, not the record
     # Once it finished, --rerun runs the cell afresh.
     assert run(shell, cell.replace("--background", "--rerun")) == 3
     assert shell.user_ns["RUNS"] == [1, 2, 1, 2]
+
+
+class KernelDied(BaseException):
+    """Stands in for the kernel dying in the middle of a cell."""
+
+
+def test_a_background_cell_run_again_unfinished_returns_its_handle(
+    shell: InteractiveShell, db_url: str
+) -> None:
+    """--background (and --queue) return a handle at once, also when the cell's run already
+    exists unfinished: running here in the background, or left by a kernel that died."""
+    gate = threading.Event()
+    shell.user_ns.update(gate=gate, RUNS=[], KernelDied=KernelDied, die=[False])
+    steps = (
+        "from dbos_nb import DBOS\n"
+        "@DBOS.step()\n"
+        "def held(i):\n"
+        "    RUNS.append(i)\n"
+        "    gate.wait(20)\n"
+        "    return i\n"
+    )
+    run(shell, steps)
+    cell = "%%dbos_workflow bg --background\ntotal = held(1) + held(2)\nif die[0]:\n"
+    cell += "    raise KernelDied()\ntotal * 10\n"
+    first = run(shell, cell)
+    wait_until(lambda: shell.user_ns["RUNS"] == [1])
+    returned: list[Any] = []
+    again = threading.Thread(target=lambda: returned.append(run(shell, cell)), daemon=True)
+    again.start()
+    again.join(15)
+    gate.set()  # frees a re-run that waits (the bug) as well as the background run
+    assert returned and returned[0].workflow_id == "bg", "the re-run blocked"
+    assert first.get_result(timeout_sec=20) == returned[0].get_result(timeout_sec=20) == 30
+    # A run left unfinished by a dead kernel resumes in the background, without re-running
+    # its completed steps.
+    shell.user_ns.update(RUNS=[], die=[True])
+    dying = cell.replace("bg --background", "dies").replace("held(2)", "held(2) + held(3)")
+    with pytest.raises(KernelDied):
+        run(shell, dying)
+    DBOS.destroy(destroy_registry=True)
+    run(shell, f"%dbos_launch --db {db_url} --name nbedges")
+    run(shell, steps)
+    shell.user_ns["die"] = [False]
+    resumed = run(shell, dying.replace("dies", "dies --background"))
+    assert resumed.get_result(timeout_sec=20) == 60
+    assert shell.user_ns["RUNS"] == [1, 2, 3]  # each step ran once
+
+
+def test_names_bound_by_match_and_except_star_are_recorded(shell: InteractiveShell) -> None:
+    cell = (
+        "%%dbos_workflow matched\n"
+        "config = {'mode': 'fast', 'size': 3}\n"
+        "match config:\n"
+        "    case {'mode': 'fast', 'size': n, **rest}:\n"
+        "        speed = n * 10\n"
+        "try:\n    raise ExceptionGroup('g', [ValueError('v')])\n"
+        "except* ValueError as group:\n    handled = len(group.exceptions)\n"
+    )
+    run(shell, cell)
+    for name in ("n", "rest", "speed", "handled"):
+        del shell.user_ns[name]
+    run(shell, cell)
+    assert [shell.user_ns.get(k) for k in ("n", "rest", "speed", "handled")] == [3, {}, 30, 1]
 
 
 # -- 3, 4: DataFrames ---------------------------------------------------------------------------

@@ -157,6 +157,24 @@ def test_notebook_defined_functions_run_in_a_worker(
     assert (tag_old, value_old) == ("v1", 10)  # the old work ran the old code
     assert (tag_new, value_new) == ("v2", 200)  # the new work the new code
     assert pid_old == pid_new == pool.procs["w-nb"].pid != os.getpid()
+    # The version follows what the function is pickled with: a notebook value reassigned, a
+    # helper redefined, a step edited inside a durable cell. Work runs what it was enqueued
+    # with; a worker never keeps a stale copy.
+    _run(shell, "TEMPLATE = 'v1 {}'\ndef helper(x):\n    return x + 1\n")
+    step = "@DBOS.step()\ndef templated(x):\n    return TEMPLATE.format(helper(x))\n"
+    _run(shell, step)
+    first = _run(shell, "remote.enqueue(templated, 1)")
+    _run(shell, "TEMPLATE = 'v2 {}'")
+    second = _run(shell, "remote.enqueue(templated, 1)")
+    _run(shell, "def helper(x):\n    return x + 10\n")
+    third = _run(shell, "remote.enqueue(templated, 1)")
+    results = [h.get_result(timeout_sec=60) for h in (first, second, third)]
+    assert results == ["v1 2", "v2 2", "v2 11"]
+    cell = "%%dbos_workflow cell_step{rerun}\n@DBOS.step()\ndef in_cell(x):\n    return x * {k}\n"
+    _run(shell, cell.format(rerun="", k=2))
+    assert _run(shell, "remote.enqueue(in_cell, 5)").get_result(timeout_sec=60) == 10
+    _run(shell, cell.format(rerun=" --rerun", k=3))
+    assert _run(shell, "remote.enqueue(in_cell, 5)").get_result(timeout_sec=60) == 15
     # A workflow the worker loaded from the database enqueues a step the worker never
     # registered: a worker claims every stored function, so that is allowed there.
     _run(

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import cloudpickle
 
+from dbos_nb.core import versions
 from dbos_nb.errors import DBOSConflictingRegistrationError, DbosNbError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class Registration:
     # Whether workers may run it: a durable notebook cell needs its kernel's namespace.
     portable: bool = True
     _version: str | None = field(default=None, repr=False)
+    # (state, version, payload) as last pickled; see `versions`.
+    _state: tuple[versions.State, str, bytes | None] | None = field(default=None, repr=False)
 
     @functools.cached_property
     def is_async(self) -> bool:
@@ -61,26 +64,57 @@ class Registration:
         return inspect.iscoroutinefunction(self.func)
 
     @property
-    def version(self) -> str:
-        """A hash of the function's code: two definitions with the same source are one version."""
+    def source_hash(self) -> str:
+        """A hash of the function's source (of its compiled code where it has none)."""
         if self._version is None:
-            try:
-                source = inspect.getsource(self.func)
-            except (OSError, TypeError):
-                code = getattr(self.func, "__code__", None)
-                source = repr(code.co_code) if code is not None else self.name
-            digest = hashlib.sha256(f"{self.kind}:{self.name}:{source}".encode())
-            self._version = digest.hexdigest()[:16]
+            self._version = versions.source_digest(self.kind, self.name, self.func)
         return self._version
 
-    @property
-    def source_hash(self) -> str:
-        return self.version
+    @functools.cached_property
+    def by_value(self) -> bool:
+        """Whether the function is stored by value (see `versions`), so that its version
+        follows the notebook values and helpers it refers to."""
+        return self.portable and versions.pickled_by_value(self.func)
 
-    def payload(self) -> bytes | None:
-        """The decorated function, cloudpickled for other processes (None if it cannot be)."""
+    @property
+    def version(self) -> str:
+        """The version work is recorded with, and runs with wherever it runs: the source hash,
+        and for a function stored by value, its state as it would be pickled now."""
+        if not self.by_value:
+            return self.source_hash
+        return self._snapshot()[0]
+
+    def payload(self) -> tuple[str, bytes | None]:
+        """The current version and the decorated function cloudpickled for other processes
+        (None if it cannot be), taken together: a payload is stored under its own version."""
         if not self.portable:
-            return None
+            return self.version, None
+        if self.by_value:
+            return self._snapshot()
+        return self.source_hash, self._pickle()
+
+    def _snapshot(self) -> tuple[str, bytes | None]:
+        known = self._state
+        if known is not None and known[0].current():
+            return known[1], known[2]
+        state = versions.state_of(self.func)
+        payload = self._pickle()
+        version = self.source_hash
+        if payload is not None:
+            digest = hashlib.sha256(version.encode() + payload)
+            version = digest.hexdigest()[:16]
+        # One assignment: a thread reading meanwhile sees the old snapshot or the new one.
+        self._state = (state, version, payload)
+        return version, payload
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A payload pickles its function's registration: not the last snapshot (it would hold
+        # the previous payload, and the objects the state refers to).
+        state = dict(self.__dict__)
+        state["_state"] = None
+        return state
+
+    def _pickle(self) -> bytes | None:
         try:
             return bytes(cloudpickle.dumps(self.wrapper))
         except Exception as exc:

@@ -139,18 +139,19 @@ class Runtime:
 
     # -- function versions ----------------------------------------------------------------------
 
-    def ensure_stored(self, reg: Registration) -> None:
+    def ensure_stored(self, reg: Registration) -> str:
         """Store this version of a function before the first workflow that runs it is written,
-        so that any process can run exactly that version later."""
+        so that any process can run exactly that version later; returns the version."""
         version = reg.version
         if version in self._stored_versions:
-            return
-        payload = reg.payload()
+            return version
+        version, payload = reg.payload()
         if payload is not None:
             self.store.record_function_versions(
                 [(reg.name, version, reg.kind, reg.module, payload)], self.now_ms()
             )
         self._stored_versions.add(version)
+        return version
 
     # -- the handle backend ---------------------------------------------------------------------
 

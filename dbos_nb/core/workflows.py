@@ -107,7 +107,7 @@ def _new_row(
     queue_name: str | None = None,
     owner: str | None = None,
 ) -> NewWorkflow:
-    rt.ensure_stored(reg)
+    version = rt.ensure_stored(reg)
     now = rt.now_ms()
     deadline = plan.inherited_deadline_ms
     started: int | None = None
@@ -135,7 +135,7 @@ def _new_row(
         parent_function_id=plan.parent_function_id,
         started_at_epoch_ms=started,
         recovery_attempts=1 if status == _PENDING else 0,
-        function_hash=reg.version,
+        function_hash=version,
         token_estimate=ctx.token_estimate if queue_name else None,
     )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import linecache
 import logging
 import pickle
 from collections.abc import Callable
@@ -86,7 +87,15 @@ def assigned_names(tree: ast.Module) -> list[str]:
             elif isinstance(stmt, ast.If | ast.While):
                 visit(stmt.body)
                 visit(stmt.orelse)
-            elif isinstance(stmt, ast.Try):
+            elif isinstance(stmt, ast.Match):
+                for case in stmt.cases:
+                    for sub in ast.walk(case.pattern):
+                        if isinstance(sub, ast.MatchAs | ast.MatchStar) and sub.name:
+                            found.append(sub.name)
+                        elif isinstance(sub, ast.MatchMapping) and sub.rest:
+                            found.append(sub.rest)
+                    visit(case.body)
+            elif isinstance(stmt, ast.Try | ast.TryStar):
                 visit(stmt.body)
                 for handler in stmt.handlers:
                     if handler.name:
@@ -121,8 +130,12 @@ def compile_cell(name: str, source: str) -> CompiledCell:
             last,
         )
         ast.fix_missing_locations(tree)
+    filename = f"<dbos_workflow {name}>"
+    # As IPython does for its cells: the source of what the cell defines can then be read
+    # (`inspect.getsource`), which is what a function's version is a hash of.
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     try:
-        code = compile(tree, f"<dbos_workflow {name}>", "exec")
+        code = compile(tree, filename, "exec")
     except SyntaxError as exc:
         # ast.parse accepts some code that compile() refuses, e.g. a top-level `await`.
         hint = " (top-level await cannot run in a durable cell)" if "await" in str(exc) else ""
@@ -140,7 +153,7 @@ def _defines_only(stmt: ast.stmt) -> bool:
     / `except ImportError: import json`), which runs again as safely as a lone import."""
     if isinstance(stmt, _DEFINITION):
         return True
-    if isinstance(stmt, ast.Try):
+    if isinstance(stmt, ast.Try | ast.TryStar):
         parts = [*stmt.body, *stmt.orelse, *stmt.finalbody]
         parts += [s for handler in stmt.handlers for s in handler.body]
         return all(isinstance(s, ast.Pass) or _defines_only(s) for s in parts)

@@ -30,7 +30,7 @@ from dbos_nb.core.context import SetWorkflowID, SetWorkflowTimeout
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.registry import REGISTRY, Registration
 from dbos_nb.core.runtime import Runtime, peek_runtime
-from dbos_nb.core.workflows import execute
+from dbos_nb.core.workflows import Execution, dispatch, run_execution
 from dbos_nb.dbos import DBOS
 from dbos_nb.errors import DBOSExecutorIdInUseError, DbosNbError
 from dbos_nb.ids import new_token
@@ -85,6 +85,23 @@ def _rt() -> Runtime:
     if rt is None:
         raise UsageError("DBOS is not launched in this kernel: run %dbos_launch first")
     return rt
+
+
+class CellHandle(WorkflowHandle[Any]):
+    """The handle of a durable cell run with --queue or --background: its result is the cell's
+    last value (the workflow records the cell's names beside it)."""
+
+    def get_result(
+        self, polling_interval_sec: float = 1.0, *, timeout_sec: float | None = None
+    ) -> Any:
+        out = super().get_result(polling_interval_sec, timeout_sec=timeout_sec)
+        return out.get("result") if isinstance(out, dict) else out
+
+    async def get_result_async(
+        self, polling_interval_sec: float = 1.0, *, timeout_sec: float | None = None
+    ) -> Any:
+        out = await super().get_result_async(polling_interval_sec, timeout_sec=timeout_sec)
+        return out.get("result") if isinstance(out, dict) else out
 
 
 @magics_class
@@ -232,7 +249,8 @@ class DbosMagics(Magics):
         namespace = self._ns
         body = cells.make_body(compiled, namespace)
         reg_name = f"{cells.CELL_PREFIX}{args.name}"
-        reg = Registration(name=reg_name, kind="workflow", func=body, wrapper=body)
+        # Not portable: the cell runs in this kernel's namespace, never in a worker.
+        reg = Registration(name=reg_name, kind="workflow", func=body, wrapper=body, portable=False)
         body.__dbos_nb_registration__ = reg  # type: ignore[attr-defined]
         status = rt.store.get_workflow(wid)
         # The name check comes first: --rerun must never delete another workflow's record.
@@ -247,7 +265,8 @@ class DbosMagics(Magics):
         if status is None:
             REGISTRY.register(reg)
             return self._start(rt, args, wid, body, compiled, namespace)
-        return self._existing(rt, reg, status, compiled, namespace)
+        detached = bool(args.queue or args.background)
+        return self._existing(rt, reg, status, compiled, namespace, detached)
 
     def _start(
         self,
@@ -263,9 +282,10 @@ class DbosMagics(Magics):
                 handle: WorkflowHandle[Any] = DBOS.enqueue_workflow(
                     args.queue, body, compiled.source_hash
                 )
-                return handle
+                return CellHandle(rt, handle.workflow_id)
             if args.background:
-                return DBOS.start_workflow(body, compiled.source_hash)
+                started = DBOS.start_workflow(body, compiled.source_hash)
+                return CellHandle(rt, started.workflow_id)
             out = body_call(body, compiled.source_hash)
         return self._finish(out)
 
@@ -276,7 +296,10 @@ class DbosMagics(Magics):
         row: dict[str, Any],
         compiled: cells.CompiledCell,
         namespace: dict[str, Any],
+        detached: bool,
     ) -> Any:
+        """A cell whose workflow exists. `detached` (--queue, --background): an unfinished run
+        goes on (or resumes) in the background, and its handle comes back at once."""
         wid = row["workflow_uuid"]
         status = row["status"]
         recorded_hash = _recorded_hash(row)
@@ -303,7 +326,12 @@ class DbosMagics(Magics):
                 f"the cell changed since its unfinished run {wid!r} started; resuming would mix "
                 "old and new code. Run it with --rerun to start afresh, or restore the old code."
             )
-        # Unfinished: resume in the foreground where we can, else wait for whoever runs it.
+        # Unfinished: resume in the foreground where we can, else wait for whoever runs it;
+        # detached, return its handle at once either way.
+        if detached and status == "ENQUEUED" and row["queue_name"] not in (None, INTERNAL_QUEUE):
+            REGISTRY.register(reg)
+            print(f"workflow {wid!r} waits in queue {row['queue_name']!r}")
+            return CellHandle(rt, wid)
         if status == "PENDING" and row["executor_id"] == rt.executor_id and not rt.is_running(wid):
             rt.store.requeue_workflow(wid, rt.now_ms())
         owner = new_token()
@@ -311,20 +339,20 @@ class DbosMagics(Magics):
         REGISTRY.register(reg)
         if claimed is None:
             where = "in the background" if rt.is_running(wid) else f"on {row['executor_id']}"
+            if detached:
+                print(f"workflow {wid!r} is running {where}")
+                return CellHandle(rt, wid)
             print(f"workflow {wid!r} is running {where}; waiting for it")
             out = WorkflowHandle(rt, wid).get_result()
             return cells.restore(compiled, out, namespace)
         print(f"resuming workflow {wid!r}: completed steps return their recorded results")
-        out = execute(
-            rt,
-            reg,
-            wid,
-            owner,
-            (compiled.source_hash,),
-            {},
-            claimed["workflow_deadline_epoch_ms"],
+        ex = Execution(
+            reg, wid, owner, (compiled.source_hash,), {}, claimed["workflow_deadline_epoch_ms"]
         )
-        return self._finish(out)
+        if detached:
+            dispatch(rt, ex)
+            return CellHandle(rt, wid)
+        return self._finish(run_execution(rt, ex))
 
     def _finish(self, out: dict[str, Any]) -> Any:
         if out.get("skipped"):
