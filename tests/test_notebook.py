@@ -194,9 +194,10 @@ def test_cell_on_a_queue_and_in_background(shell: InteractiveShell) -> None:
     run(shell, STEPS)
     run(shell, "%dbos_queue cellq")
     handle = run(shell, "%%dbos_workflow queued_cell --queue cellq\nq_out = fetch(7)\nq_out\n")
-    assert handle.get_result(timeout_sec=10)["result"] == 70
+    assert handle.get_result(timeout_sec=10) == 70  # the cell's last value
     bg = run(shell, "%%dbos_workflow bg_cell --background\nbg_out = fetch(8)\n")
-    assert bg.get_result(timeout_sec=10)["names"] == {"bg_out": 80}
+    assert bg.get_result(timeout_sec=10) is None  # no last expression
+    assert shell.user_ns["bg_out"] == 80  # the names it binds land in the namespace
     with pytest.raises(UsageError, match="not declared"):
         run(shell, "%%dbos_workflow nowhere --queue missing\n1\n")
 
