@@ -525,8 +525,27 @@ def test_waiting_on_a_batch_that_nothing_runs_warns(db_url: str) -> None:
             pytest.raises(TimeoutError),
         ):
             batch.wait(timeout=0.2, show=False)
-        # A live worker process may run it: no warning then.
         rt = get_runtime()
+        # A worker this notebook just started (%dbos_workers) may run it before it has
+        # registered: no warning then.
+        from dbos_nb.notebook import workers
+
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            workers._save(rt, [{"pid": sleeper.pid, "executor_id": "not-registered-yet"}])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with pytest.raises(TimeoutError):
+                    batch.wait(timeout=0.2, show=False)
+        finally:
+            sleeper.kill()
+            sleeper.wait(30)
+        with (  # it died
+            pytest.warns(RuntimeWarning, match="no worker process is alive"),
+            pytest.raises(TimeoutError),
+        ):
+            batch.wait(timeout=0.2, show=False)
+        # A live worker process may run it: no warning then.
         rt.store.register_executor("nbwait-worker", "host", 1, "token", rt.now_ms())
         with warnings.catch_warnings():
             warnings.simplefilter("error")

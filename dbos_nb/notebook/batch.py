@@ -28,6 +28,7 @@ from dbos_nb.core.runtime import Runtime, get_runtime, peek_runtime
 from dbos_nb.core.workflows import enqueue_many, workflow_name_of
 from dbos_nb.errors import BatchItemsConflictError, DbosNbError
 from dbos_nb.notebook.batch_names import default_batch_name, equal_items
+from dbos_nb.notebook.workers import live_workers
 from dbos_nb.storage import rate_ledger
 
 # How a batch's workflow statuses are grouped for people.
@@ -220,6 +221,8 @@ class Batch:
             missing.append(f"{function!r} is not defined here")
         if not missing:
             return None
+        if live_workers(rt):
+            return None  # this notebook's workers (one just started has not registered yet)
         now = rt.now_ms()
         for executor in rt.store.list_executors():
             alive = engine is not None and engine.executor_alive(executor, now)

@@ -44,6 +44,12 @@ def _load(rt: Runtime) -> list[dict[str, Any]]:
     return [w for w in data if isinstance(w, dict) and "pid" in w]
 
 
+def live_workers(rt: Runtime) -> list[dict[str, Any]]:
+    """The workers this notebook started whose process is alive (registered in the database
+    yet or not: one just started takes a moment to)."""
+    return [w for w in _load(rt) if pid_alive(int(w["pid"]))]
+
+
 def _save(rt: Runtime, workers: list[dict[str, Any]]) -> None:
     _state_file(rt).write_text(json.dumps(workers, indent=1))
 
@@ -52,7 +58,7 @@ def start_workers(
     rt: Runtime, count: int, queues: list[str], concurrency: int | None
 ) -> list[dict[str, Any]]:
     """Start `count` detached workers on this notebook's database."""
-    known = [w for w in _load(rt) if pid_alive(int(w["pid"]))]
+    known = live_workers(rt)
     started = []
     for _ in range(count):
         executor = f"{rt.executor_id}/worker-{uuid.uuid4().hex[:6]}"
