@@ -6,6 +6,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -146,6 +147,16 @@ def test_token_usage_in_batches_and_frames(launched: str) -> None:
     assert "60 tokens" in progress.summary()
     with pytest.raises(DbosNbError, match="non-negative"):
         q.map(summarize, ["x"], batch="bad-estimates", tokens=lambda t: -1)
+    for bad in (2.5, True, "10", np.int64(2**31)):
+        with pytest.raises(DbosNbError, match="non-negative integers"):
+            q.map(summarize, ["x"], batch="bad-estimates", tokens=bad)
+    # numpy integers (a DataFrame column's values) are integers.
+    counted = q.map(summarize, ["y", "z"], batch="np-estimates", tokens=lambda t: np.int64(7))
+    counted.wait(timeout=20, show=False)
+    from dbos_nb.core.runtime import get_runtime
+
+    row = get_runtime().store.get_workflow("np-estimates/0")
+    assert row is not None and row["token_estimate"] == 7
 
 
 def test_report_usage_outside_a_step_and_bad_limiters(launched: str) -> None:

@@ -297,6 +297,22 @@ def test_a_second_kernel_of_the_same_notebook_is_told_what_to_do(db_url: str) ->
         twin.wait(30)
 
 
+def test_launch_again_and_cancel_say_what_really_happened(
+    shell: InteractiveShell, db_url: str, capsys: Any
+) -> None:
+    run(shell, f"%dbos_launch --db {db_url} --name nbedges")  # the same: a no-op
+    assert "already running" in capsys.readouterr().out
+    with pytest.raises(UsageError, match=r"already running here as a worker.*DBOS\.destroy"):
+        run(shell, f"%dbos_launch --db {db_url} --name nbedges --no-worker")
+    with pytest.raises(UsageError, match="unsupported database URL 'not-a-url'"):
+        run(shell, "%dbos_launch --db not-a-url")
+    run(shell, "%%dbos_workflow finished\n41 + 1\n")
+    capsys.readouterr()
+    run(shell, "%dbos_cancel finished")
+    assert "already ended SUCCESS; nothing to cancel" in capsys.readouterr().out
+    assert DBOS.get_workflow_status("finished").status == "SUCCESS"  # type: ignore[union-attr]
+
+
 # -- 7: typed errors from magic arguments -------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ with a warning.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -305,9 +306,20 @@ def token_estimates(
     if tokens is None:
         return None
     values = [tokens(item) if callable(tokens) else tokens for item in items]
+    estimates: list[int | None] = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        # Any integer type (numpy's from a DataFrame column too), not a bool or a float.
+        number = None if isinstance(value, bool) else _as_int(value)
+        if number is None or not 0 <= number <= MAX_COUNT:
             raise DbosNbError(
                 f"token estimates must be non-negative integers up to 2**31-1, got {value!r}"
             )
-    return list(values)
+        estimates.append(number)
+    return estimates
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None

@@ -142,9 +142,21 @@ class DbosMagics(Magics):
             config["listen_queues"] = []
         rt = peek_runtime()
         if rt is not None:
-            if rt.db.url == normalize_url(url) and rt.executor_id == executor:
+            try:
+                same = rt.db.url == normalize_url(url) and rt.executor_id == executor
+            except DbosNbError as exc:
+                raise UsageError(str(exc)) from exc
+            engine = DBOS._engine
+            serving = engine is not None and engine.config.listen_queues != ()
+            if same and serving == (not args.no_worker):
                 print(f"dbos_nb is already running on {shown_url(url)} (executor {executor})")
                 return
+            if same:
+                now = "without running queued work (--no-worker)" if not serving else "as a worker"
+                raise UsageError(
+                    f"dbos_nb is already running here {now}; call DBOS.destroy() first to "
+                    "launch it the other way"
+                )
             raise UsageError(
                 f"DBOS is already launched on {shown_url(rt.db.url)} as {rt.executor_id}; call "
                 "DBOS.destroy() first to launch it on another database"
@@ -420,8 +432,13 @@ class DbosMagics(Magics):
         _rt()
         try:
             DBOS.cancel_workflow(args.workflow_id, cancel_children=True)
+            status = DBOS.get_workflow_status(args.workflow_id)
         except DbosNbError as exc:
             raise UsageError(str(exc)) from exc
+        if status is not None and status.status != "CANCELLED":
+            # A finished workflow keeps its outcome: nothing was cancelled.
+            print(f"{args.workflow_id} had already ended {status.status}; nothing to cancel")
+            return
         print(f"cancelled {args.workflow_id}")
 
     @magic_arguments()
