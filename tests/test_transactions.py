@@ -135,3 +135,39 @@ def test_transaction_enqueued_alone(app_url: str) -> None:
     handles = [q.enqueue(insert_named, f"n{i}") for i in range(5)]
     assert [h.get_result(timeout_sec=10) for h in handles] == [f"n{i}" for i in range(5)]
     assert _count(app_url) == 5
+
+
+def test_a_transaction_on_the_system_database_enqueues(launched: str) -> None:
+    """The default set-up: the application's transactions run in the system database. One that
+    enqueues a workflow must not wait on its own write lock (SQLite): the enqueue joins the
+    transaction there, and so commits only with it; on PostgreSQL it commits on its own."""
+    from dbos_nb import Queue
+
+    queue = Queue("txq")
+
+    @DBOS.workflow()
+    def child(x: int) -> int:
+        return x + 1
+
+    @DBOS.transaction()
+    def enqueue_in_txn(x: int, fail: bool) -> str:
+        DBOS.sql_session.execute(sa.text("SELECT 1"))
+        wid = queue.enqueue(child, x).workflow_id
+        if fail:
+            raise ValueError("rolled back")
+        return wid
+
+    @DBOS.workflow()
+    def parent(x: int, fail: bool) -> str:
+        return enqueue_in_txn(x, fail)
+
+    wid = DBOS.start_workflow(parent, 1, False).get_result(timeout_sec=20)
+    assert DBOS.retrieve_workflow(wid).get_result(timeout_sec=20) == 2
+    failed = DBOS.start_workflow(parent, 5, True)
+    with pytest.raises(ValueError, match="rolled back"):
+        failed.get_result(timeout_sec=20)
+    children = [s for s in DBOS.list_workflows(queue_name="txq") if s.workflow_id != wid]
+    if get_runtime().db.is_postgres:
+        assert [s.input for s in children] == [((5,), {})]
+    else:
+        assert children == []  # the enqueue was rolled back with the transaction

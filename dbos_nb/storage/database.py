@@ -226,15 +226,31 @@ class Database:
             return
         if self._checkpointer is not None:
             self._checkpointer.ensure_running()
-        with self._write_lock, self.engine.connect() as conn:
-            conn = conn.execution_options(**{WRITE_OPTION: True})
-            depth = getattr(self._in_write, "depth", 0)
-            self._in_write.depth = depth + 1
-            try:
-                with conn.begin():
-                    yield conn
-            finally:
-                self._in_write.depth = depth
+        with self._write_lock:
+            outer: Connection | None = getattr(self._in_write, "conn", None)
+            if outer is not None:
+                # This thread writes inside its own open transaction (an application
+                # transaction on the system database that enqueues, say): a second
+                # connection's BEGIN IMMEDIATE would wait for this one until its busy timeout.
+                # The write joins it, in a savepoint: it commits with it, or not at all.
+                with outer.begin_nested():
+                    yield outer
+                return
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(**{WRITE_OPTION: True})
+                self._in_write.depth = 1
+                self._in_write.conn = conn
+                try:
+                    with conn.begin():
+                        yield conn
+                finally:
+                    self._in_write.depth = 0
+                    self._in_write.conn = None
+
+    def in_write(self) -> bool:
+        """Whether this thread is inside a write transaction of this database (SQLite): what
+        it writes now commits only with that transaction."""
+        return bool(getattr(self._in_write, "depth", 0))
 
     @contextlib.contextmanager
     def user_transaction(self, isolation_level: str | None = None) -> Iterator[Connection]:
