@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -171,3 +172,53 @@ def test_a_transaction_on_the_system_database_enqueues(launched: str) -> None:
         assert [s.input for s in children] == [((5,), {})]
     else:
         assert children == []  # the enqueue was rolled back with the transaction
+
+
+def test_a_transaction_committed_by_a_racing_execution_is_replayed(
+    app_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two executions of one workflow (a take-over, a resume) both find no checkpoint and run
+    the transaction; the second to commit meets the first's checkpoint key. Its writes roll
+    back and it takes the first's outcome, instead of recording the key conflict as the
+    transaction's error. The interleaving is forced: the first commits right after the second
+    has looked."""
+    from dbos_nb.core import steps
+    from dbos_nb.serialization import dumps
+    from dbos_nb.storage.schema import transaction_outputs
+
+    runs: list[str] = []
+    looked = steps._app_checkpoint
+
+    def other_commits_after_the_check(rt: Any, workflow_id: str, fid: int) -> Any:
+        monkeypatch.setattr(steps, "_app_checkpoint", looked)
+        with rt.app_db.write() as conn:  # the other execution: its writes and its checkpoint
+            conn.execute(sa.text("INSERT INTO items (name) VALUES ('by-the-other')"))
+            conn.execute(
+                transaction_outputs.insert().values(
+                    workflow_uuid=workflow_id,
+                    function_id=fid,
+                    function_name="insert_once",
+                    output=dumps("committed by the other"),
+                    created_at=1,
+                )
+            )
+        return None  # what this execution saw a moment before
+
+    @DBOS.transaction(name="insert_once")
+    def insert_once() -> str:
+        runs.append("here")
+        DBOS.sql_session.execute(sa.text("INSERT INTO items (name) VALUES ('here')"))
+        return "committed here"
+
+    @DBOS.workflow()
+    def wf() -> str:
+        return insert_once()
+
+    monkeypatch.setattr(steps, "_app_checkpoint", other_commits_after_the_check)
+    assert wf() == "committed by the other"
+    assert runs == ["here"]  # it ran, and its writes rolled back
+    engine = _app_engine(app_url)
+    with engine.connect() as conn:
+        names = list(conn.execute(sa.text("SELECT name FROM items")).scalars())
+    engine.dispose()
+    assert names == ["by-the-other"]

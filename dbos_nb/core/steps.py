@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from dbos_nb import serialization
@@ -345,6 +345,13 @@ def call_transaction(
         try:
             value = _run_in_session(rt, reg, ctx, wf, fid, args, kwargs)
             output, error = serialization.dumps(value), None
+        except IntegrityError as exc:
+            # Another execution of this workflow (a take-over or a resume racing this one)
+            # committed this transaction after the check above: its checkpoint's key refused
+            # ours, and our writes rolled back with it. Its outcome is the transaction's.
+            # Otherwise the conflict was the application's own.
+            committed = _app_checkpoint(rt, wf.workflow_id, fid)
+            output, error = committed or (None, serialization.dump_error(exc))
         except Exception as exc:
             output, error = None, serialization.dump_error(exc)
     existing = rt.store.record_step(
