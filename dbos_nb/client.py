@@ -12,7 +12,7 @@ from typing import Any, Required, TypedDict
 from dbos_nb import serialization
 from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import management
-from dbos_nb.core.context import valid_seconds
+from dbos_nb.core.context import check_id_length, valid_seconds
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX
 from dbos_nb.core.waiters import Waiters, outcome_of, wait_for_result
@@ -126,6 +126,8 @@ class DBOSClient:
             value = options.get(key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise DbosNbError(f"{key} must be a non-empty string, got {value!r}")
+        if options.get("workflow_id") is not None:
+            check_id_length(options["workflow_id"], "a workflow id")
         timeout = options.get("workflow_timeout")
         if timeout is not None and not valid_seconds(timeout):
             raise DbosNbError(

@@ -15,6 +15,7 @@ from conftest import config, wait_until
 from dbos_nb import (
     DBOS,
     DBOSAwaitedWorkflowCancelledError,
+    DBOSConflictingWorkflowError,
     DbosNbError,
     DBOSQueueDeduplicatedError,
     DBOSWorkflowTimedOutError,
@@ -380,6 +381,38 @@ def test_enqueue_many_is_idempotent_and_ordered(launched: str) -> None:
     assert [h.get_result() for h in mixed] == [3, 10]
     with pytest.raises(DbosNbError, match="tuple or a dict"):
         q.enqueue_many(add, [7], unpack=True)
+
+
+@pytest.mark.parametrize("batch_id", ["taken", None])
+def test_enqueue_many_never_adopts_another_functions_workflow(
+    launched: str, batch_id: str | None
+) -> None:
+    """An item id `<batch>/<i>` already held by another function's workflow would answer for
+    that item with the other's result: refused, like a single enqueue, and nothing written."""
+    q = Queue("adopt")
+
+    @DBOS.workflow(name="adopt_f")
+    def f(x: int) -> tuple[str, int]:
+        return ("f", x)
+
+    @DBOS.workflow(name="adopt_g")
+    def g(x: int) -> tuple[str, int]:
+        return ("g", x)
+
+    with SetWorkflowID("taken/1"):
+        assert q.enqueue(g, 99).get_result(timeout_sec=10) == ("g", 99)
+    with pytest.raises(DBOSConflictingWorkflowError, match=r"'taken/1'.*adopt_g"):
+        if batch_id is None:  # the base id given by SetWorkflowID instead
+            with SetWorkflowID("taken"):
+                q.enqueue_many(f, [7, 8, 9])
+        else:
+            q.enqueue_many(f, [7, 8, 9], batch_id=batch_id)
+    assert [s.workflow_id for s in DBOS.list_workflows(queue_name="adopt")] == ["taken/1"]
+    # Its own ids, enqueued again, are its own: no conflict.
+    handles = q.enqueue_many(f, [1, 2], batch_id="mine")
+    again = q.enqueue_many(f, [1, 2], batch_id="mine")
+    assert [h.get_result(timeout_sec=10) for h in again] == [("f", 1), ("f", 2)]
+    assert [h.workflow_id for h in handles] == ["mine/0", "mine/1"]
 
 
 @pytest.mark.parametrize("with_tokens", [False, True])

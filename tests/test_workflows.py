@@ -743,3 +743,42 @@ def test_recovery_dead_letters_after_max_attempts(db_url: str) -> None:
         DBOS.retrieve_workflow("crashy").get_result(timeout_sec=10)
     status = DBOS.get_workflow_status("crashy")
     assert status is not None and status.status == "MAX_RECOVERY_ATTEMPTS_EXCEEDED"
+
+
+def test_ids_too_long_for_the_database_are_refused_with_a_typed_error(launched: str) -> None:
+    """PostgreSQL's id columns hold 255 characters: a longer id (given, or derived for a child
+    or a batch item) is refused by name before it reaches the database, on both backends."""
+    from dbos_nb import DBOSClient, EnqueueOptions
+
+    @DBOS.workflow(name="long_child")
+    def long_child() -> int:
+        return 1
+
+    @DBOS.workflow(name="long_parent")
+    def long_parent() -> int:
+        return long_child() + 1
+
+    queue = Queue("long_q")
+    with pytest.raises(DbosNbError, match="a workflow id can have at most 255 characters, got 256"):
+        SetWorkflowID("w" * 256)
+    with (
+        SetWorkflowID("p" * 255),
+        pytest.raises(DbosNbError, match=r"a child workflow's id .* at most 255"),
+    ):
+        long_parent()
+    with SetWorkflowID("p" * 250):
+        assert long_parent() == 2  # its child's id, `<parent>-1`, fits
+    with pytest.raises(DbosNbError, match=r"a batch item's id .* at most 255"):
+        queue.enqueue_many(long_child, [()] * 10, batch_id="b" * 254)
+    client = DBOSClient(launched)
+    try:
+        options: EnqueueOptions = {
+            "queue_name": "long_q",
+            "workflow_name": "long_child",
+            "workflow_id": "c" * 300,
+        }
+        with pytest.raises(DbosNbError, match="at most 255 characters, got 300"):
+            client.enqueue(options)
+    finally:
+        client.destroy()
+    assert not [s for s in DBOS.list_workflows() if len(s.workflow_id) > 255]

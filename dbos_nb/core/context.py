@@ -153,10 +153,27 @@ class SetWorkflowID(_ContextBlock):
     def __init__(self, workflow_id: str) -> None:
         if not isinstance(workflow_id, str) or not workflow_id:
             raise DbosNbError(f"SetWorkflowID needs a non-empty string, got {workflow_id!r}")
-        self.workflow_id = workflow_id
+        self.workflow_id = check_id_length(workflow_id, "a workflow id")
 
     def _changes(self) -> dict[str, Any]:
         return {"next_workflow_id": self.workflow_id}
+
+
+# What the databases hold (PostgreSQL's columns are VARCHAR(255); SQLite would take more, but
+# a database must be movable from one to the other, and the limit the same on both).
+MAX_ID_LENGTH = 255
+
+
+def check_id_length(value: str, what: str) -> str:
+    """`value`, if it fits in an id column; else a DbosNbError naming `what` and the lengths.
+    Ids derived from others (a child's `<parent>-<n>`, a batch item's `<batch>/<i>`) are
+    checked where they are made."""
+    if len(value) > MAX_ID_LENGTH:
+        raise DbosNbError(
+            f"{what} can have at most {MAX_ID_LENGTH} characters, got {len(value)}: "
+            f"{value[:40]!r}..."
+        )
+    return value
 
 
 MAX_SECONDS = 100 * 365 * 86400

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dbos_nb import serialization
-from dbos_nb.core.context import Context, RunningWorkflow, current, using
+from dbos_nb.core.context import Context, RunningWorkflow, check_id_length, current, using
 from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX, Registration
 from dbos_nb.core.runtime import WAKE_ENQUEUED, WAKE_FREED, Runtime
 from dbos_nb.core.steps import begin_operation, cancel_overdue
@@ -75,7 +75,9 @@ def plan_start(rt: Runtime, workflow_name: str) -> StartPlan:
     elif explicit is not None:
         wid = explicit
     elif parent is not None and fid is not None:
-        wid = f"{parent.workflow_id}-{fid}"
+        wid = check_id_length(
+            f"{parent.workflow_id}-{fid}", "a child workflow's id (its parent's id and '-<n>')"
+        )
     else:
         wid = new_workflow_id()
     timeout_ms: int | None = None
@@ -346,6 +348,7 @@ def _enqueue_many(
     template.parent_function_id = None
     template.deduplication_id = None
     template.batch_id = explicit
+    check_id_length(f"{base}/{len(inputs) - 1}", "a batch item's id (the batch id and '/<index>')")
     ids = [f"{base}/{index}" for index in range(len(inputs))]
     estimates = token_estimates or [template.token_estimate] * len(ids)
     digest = _digest(inputs) if check_items and explicit else None

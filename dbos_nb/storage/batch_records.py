@@ -9,7 +9,11 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, select, update
 
-from dbos_nb.errors import BatchConflictError, BatchItemsConflictError
+from dbos_nb.errors import (
+    BatchConflictError,
+    BatchItemsConflictError,
+    DBOSConflictingWorkflowError,
+)
 from dbos_nb.storage.rows import (
     NewWorkflow,
     StoreBase,
@@ -49,10 +53,11 @@ class BatchRecords(StoreBase):
         constants = {c: v for c, v in base.items() if c not in per_item and v is not None}
         estimates = any(e is not None for _, _, e in items)
         with self.db.write() as conn:
+            recorded = False
             if template.batch_id is not None:
-                self._record_batch(conn, template, len(items), items_digest)
+                recorded = self._record_batch(conn, template, len(items), items_digest)
             if estimates:
-                self.db.bulk_insert(
+                inserted = self.db.bulk_insert(
                     conn,
                     ws,
                     ["workflow_uuid", "inputs", "token_estimate"],
@@ -61,7 +66,7 @@ class BatchRecords(StoreBase):
                     skip_conflicts_on="workflow_uuid",
                 )
             else:
-                self.db.bulk_insert(
+                inserted = self.db.bulk_insert(
                     conn,
                     ws,
                     ["workflow_uuid", "inputs"],
@@ -69,12 +74,33 @@ class BatchRecords(StoreBase):
                     constants=constants,
                     skip_conflicts_on="workflow_uuid",
                 )
+            if inserted < len(items) and not recorded:
+                # Ids were taken, and not by this batch's earlier run (its record was there
+                # already then): by another function's workflow, they would answer for it.
+                self._refuse_foreign(conn, [wid for wid, _, _ in items], template.name)
             if template.queue_name:
                 self.db.notify(conn, f"q:{template.queue_name}")
 
+    def _refuse_foreign(self, conn: Connection, ids: list[str], name: str) -> None:
+        """Raise DBOSConflictingWorkflowError if one of `ids` belongs to another function."""
+        for chunk in _chunks(ids, 500):
+            row = conn.execute(
+                select(ws.c.workflow_uuid, ws.c.name)
+                .where(ws.c.workflow_uuid.in_(chunk), ws.c.name != name)
+                .limit(1)
+            ).first()
+            if row is not None:
+                raise DBOSConflictingWorkflowError(
+                    str(row[0]),
+                    f"it belongs to workflow {row[1]!r}, not {name!r}; enqueue the batch under "
+                    "another batch id",
+                )
+
     def _record_batch(
         self, conn: Connection, template: NewWorkflow, size: int, items_digest: str | None
-    ) -> None:
+    ) -> bool:
+        """Record the batch, or check the record already there against this call; whether
+        the record was there already."""
         values = {
             "batch_id": template.batch_id,
             "queue_name": template.queue_name,
@@ -83,7 +109,14 @@ class BatchRecords(StoreBase):
             "created_at": template.created_at,
             "items_digest": items_digest,
         }
-        conn.execute(self.db.insert(batches).values(**values).on_conflict_do_nothing())
+        created = conn.execute(
+            self.db.insert(batches)
+            .values(**values)
+            .on_conflict_do_nothing()
+            .returning(batches.c.batch_id)
+        ).first()
+        if created is not None:
+            return False
         row = (
             conn.execute(select(batches).where(batches.c.batch_id == template.batch_id))
             .mappings()
@@ -113,6 +146,7 @@ class BatchRecords(StoreBase):
                 .where(batches.c.batch_id == template.batch_id)
                 .values(items_digest=items_digest)
             )
+        return True
 
     def retry_failed_in_batch(self, batch_id: str, now_ms: int) -> list[str]:
         """Put the batch's failed workflows back in their queue, in one transaction.
