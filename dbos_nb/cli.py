@@ -11,9 +11,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from dbos_nb import __version__
 from dbos_nb.errors import DbosNbError
@@ -23,7 +27,13 @@ from dbos_nb.storage.store import SystemStore
 
 
 def _open(url: str) -> tuple[Database, SystemStore]:
+    """The database of an existing dbos_nb application: a typo in a SQLite path must not
+    create an empty database and report that nothing is there."""
     db = Database(url, pool_size=1, max_overflow=2)
+    path = make_url(db.url).database
+    if not db.is_postgres and path and not os.path.exists(path):
+        db.dispose()
+        raise DbosNbError(f"no database at {os.path.abspath(path)}")
     migrate(db)
     return db, SystemStore(db)
 
@@ -185,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shown(url: str | None) -> str:
+    """The URL as it may be printed: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True) if url else "the database"
+    except Exception:
+        return "the database"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -192,6 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except DbosNbError as exc:
         print(f"dbos-nb: {exc}", file=sys.stderr)
+        return 2
+    except (SQLAlchemyError, OSError) as exc:
+        # An unreachable server, a refused password: one line, not the driver's traceback.
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        shown = _shown(getattr(args, "db", None))
+        print(
+            f"dbos-nb: cannot use {shown}: {type(exc).__name__}: {cause[0] if cause else ''}",
+            file=sys.stderr,
+        )
         return 2
 
 

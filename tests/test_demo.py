@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 
 def _demo(db: str, items: int) -> subprocess.Popen[str]:
@@ -47,3 +50,32 @@ def test_interrupted_demo_resumes_without_calling_twice(tmp_path: Path) -> None:
     first_calls, second_calls = _calls(first), _calls(second)
     assert 0 < first_calls < 600
     assert first_calls + second_calls == 600  # no prompt was sent twice
+
+
+def test_status_reads_an_existing_database_and_says_what_is_wrong_otherwise(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dbos_nb import DBOS, Queue
+    from dbos_nb.cli import main
+
+    DBOS(config={"name": "clistatus", "system_database_url": db_url})
+    Queue("cli_q", concurrency=3)
+    DBOS.launch()
+    DBOS.destroy()
+    assert main(["status", "--db", db_url]) == 0
+    assert re.search(r"cli_q\s+concurrency=3", capsys.readouterr().out)
+    # A typo in a SQLite path: no new empty database, a one-line error.
+    typo = tmp_path / "typo.sqlite"
+    assert main(["status", "--db", f"sqlite:///{typo}"]) == 2
+    assert f"no database at {typo}" in capsys.readouterr().err and not typo.exists()
+    # An unreachable server: one line, the password hidden.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["status", "--db", f"postgresql://u:secret-pw@127.0.0.1:{port}/x"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("dbos-nb: cannot use postgresql://u:***@127.0.0.1")
+        and "OperationalError" in err
+    )
+    assert "secret-pw" not in err and len(err.strip().splitlines()) == 1
