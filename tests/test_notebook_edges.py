@@ -501,6 +501,22 @@ def test_map_under_an_existing_name_with_other_items_is_refused(
     assert len(DBOS.list_workflows(queue_name="q")) == 3 + 2 + 2 + 2 + 2
 
 
+def test_attaching_to_a_batch_of_another_version_warns(shell: InteractiveShell) -> None:
+    """Editing a step and mapping the same items again attaches to the batch already paid
+    for; its results come from the old code, which is said."""
+    run(shell, STEPS)
+    run(shell, "%dbos_queue q --limit 1/3600s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = run(shell, "q.map(fetch, [1, 2])")
+        run(shell, "q.map(fetch, [1, 2], batch='named')")
+        assert run(shell, "q.map(fetch, [1, 2])").id == first.id  # the same version: silent
+    run(shell, STEPS.replace("2**60 + i", "2**61 + i"))  # the step is edited
+    for code in ("q.map(fetch, [1, 2])", "q.map(fetch, [1, 2], batch='named')"):
+        with pytest.warns(UserWarning, match=r"another version of .*fetch.*new batch name"):
+            run(shell, code)
+
+
 def test_batches_named_by_earlier_versions_are_found(shell: InteractiveShell) -> None:
     run(shell, STEPS)
     run(shell, "%dbos_queue q")

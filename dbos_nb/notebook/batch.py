@@ -23,7 +23,7 @@ from dbos_nb import serialization
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import Queue as CoreQueue
 from dbos_nb.core.queue import token_estimates
-from dbos_nb.core.registry import REGISTRY, STEP_WORKFLOW_PREFIX, resolve
+from dbos_nb.core.registry import REGISTRY, STEP_WORKFLOW_PREFIX, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime, peek_runtime
 from dbos_nb.core.workflows import enqueue_many, workflow_name_of
 from dbos_nb.errors import BatchItemsConflictError, DbosNbError
@@ -344,6 +344,22 @@ def _default_name(
     return name
 
 
+def _note_other_version(rt: Runtime, batch: str, reg: Registration) -> None:
+    """Warn when the batch was enqueued (earlier) with another version of the function than
+    this kernel's now: attaching to it is right (its items are paid for), but its results
+    come from that version, which the user may not expect after editing the function."""
+    first = rt.store.get_workflow(f"{batch}/0")
+    enqueued_with = first.get("function_hash") if first is not None else None
+    if enqueued_with is not None and enqueued_with != reg.version:
+        warnings.warn(
+            f"batch {batch!r} was enqueued with another version of {reg.name!r} (its code, or "
+            "the notebook values it uses, changed since): its items run, and ran, that "
+            "version. Map under a new batch name to run this one.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _same_items(
     rt: Runtime, batch: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], skip: int
 ) -> bool:
@@ -410,4 +426,5 @@ class Queue(CoreQueue):
             "created_at": rt.now_ms(),
         }
         stored = rt.store.get_batch(batch)
+        _note_other_version(rt, batch, reg)
         return Batch(batch, _record=stored or record)
