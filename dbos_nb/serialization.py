@@ -33,17 +33,38 @@ def _fast_dumps(value: Any) -> bytes | None:
     return None if b"__main__" in data else data
 
 
+# Outputs up to this size are loaded back once when recorded (see `dumps`).
+_CHECKED_BYTES = 1 << 20
+
+
 def dumps(value: Any) -> bytes:
-    """Serialize a value; raises `DBOSNonSerializableError` when it cannot be."""
-    fast = _fast_dumps(value)
-    if fast is not None:
-        return fast
-    try:
-        return bytes(cloudpickle.dumps(value, protocol=_PROTOCOL))
-    except Exception as exc:
-        raise DBOSNonSerializableError(
-            f"value of type {type(value).__name__} cannot be serialized: {exc}"
-        ) from exc
+    """Serialize a value (a step's or workflow's output); raises `DBOSNonSerializableError`
+    when it cannot be, or when it could not be loaded back.
+
+    A recorded output is read back on replay (recovery, resume, fork), often in another process:
+    one that pickles but does not load (an exception class with its own `__init__`, returned as
+    a value) would make every replay fail long after the step ran. So an output is loaded back
+    once here, where that costs a microsecond or two; past `_CHECKED_BYTES` (a large array or
+    frame, whose loading costs as much as its pickling and which such classes hardly are) it
+    is not."""
+    data = _fast_dumps(value)
+    if data is None:
+        try:
+            data = bytes(cloudpickle.dumps(value, protocol=_PROTOCOL))
+        except Exception as exc:
+            raise DBOSNonSerializableError(
+                f"value of type {type(value).__name__} cannot be serialized: {exc}"
+            ) from exc
+    if len(data) <= _CHECKED_BYTES:
+        try:
+            pickle.loads(data)
+        except Exception as exc:
+            raise DBOSNonSerializableError(
+                f"value of type {type(value).__name__} is serialized but cannot be loaded back "
+                f"({type(exc).__name__}: {exc}); a replay could not read it. Return plain data "
+                "instead (an exception's message, say), or give the class a __reduce__"
+            ) from exc
+    return data
 
 
 def loads(data: bytes | None) -> Any:

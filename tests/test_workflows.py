@@ -782,3 +782,32 @@ def test_ids_too_long_for_the_database_are_refused_with_a_typed_error(launched: 
     finally:
         client.destroy()
     assert not [s for s in DBOS.list_workflows() if len(s.workflow_id) > 255]
+
+
+class _Pair(Exception):
+    """An exception class whose __init__ takes two arguments: it pickles, but does not load."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")
+        self.a, self.b = a, b
+
+
+def test_an_output_that_cannot_be_loaded_back_fails_when_recorded(launched: str) -> None:
+    """Not later, when a replay (recovery, resume, fork) reads it: the step fails at once with
+    a typed error that says what to do, and a replay of the workflow says the same."""
+
+    @DBOS.step(name="make_pair")
+    def make_pair() -> _Pair:
+        return _Pair(1, 2)  # returned as a value, not raised
+
+    @DBOS.workflow(name="pair_wf")
+    def pair_wf() -> str:
+        try:
+            return repr(make_pair())
+        except DBOSNonSerializableError as exc:
+            return f"refused: {exc}"
+
+    handle = DBOS.start_workflow(pair_wf)
+    first = handle.get_result(timeout_sec=10)
+    assert first.startswith("refused: value of type _Pair is serialized but cannot be loaded back")
+    assert DBOS.fork_workflow(handle.workflow_id, 1).get_result(timeout_sec=10) == first
