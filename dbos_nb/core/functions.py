@@ -1,10 +1,13 @@
 """Which code runs a workflow: the exact version it was enqueued with, wherever it runs.
 
-Every registered function is stored in the database under its name and content hash (see
-`Registration.payload`). A workflow row records the hash it was started with. To run it, a process
-uses its own registration when the hashes match, and otherwise loads that version from the
-database (cached by hash). So after a notebook redefines a function, work enqueued before still
-runs the old code, and a worker that never saw the notebook runs notebook-defined functions.
+Every registered function is stored in the database under its name and version (see
+`Registration.payload` and `versions`). A workflow row records the version it was started with.
+To run it, a process uses its own registration when it has the same code (the same source: a
+recovering kernel or script runs its own definitions, with its own values, as DBOS does), and
+otherwise loads that version from the database (cached by version). So after a notebook
+redefines a function, work enqueued before still runs the old code, and a worker that never saw
+the notebook runs notebook-defined functions with the values they had when the work was
+enqueued.
 
 A version this process cannot load (a module missing on this machine, say) is logged once and
 excluded from this process's claims, so the work stays queued for a process that can run it.
@@ -17,6 +20,7 @@ import pickle
 import threading
 import time
 
+from dbos_nb.core import versions
 from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX, Registration, Registry, registration_of
 from dbos_nb.storage.store import SystemStore
 
@@ -44,7 +48,7 @@ class FunctionResolver:
         """The registration to run a workflow row with, or None if this process cannot."""
         base, is_step = _split(workflow_name)
         local = self._registry.get(base)
-        if local is not None and (version is None or local.version == version):
+        if local is not None and (version is None or versions.same_code(version, local)):
             return local if is_step or local.kind == "workflow" else None
         if version is None:
             return None

@@ -78,8 +78,8 @@ class Registration:
 
     @property
     def version(self) -> str:
-        """The version work is recorded with, and runs with wherever it runs: the source hash,
-        and for a function stored by value, its state as it would be pickled now."""
+        """The version work is recorded with: the source hash, and for a function stored by
+        value, `.` and a hash of its state as it would be pickled now (see `versions`)."""
         if not self.by_value:
             return self.source_hash
         return self._snapshot()[0]
@@ -101,8 +101,7 @@ class Registration:
         payload = self._pickle()
         version = self.source_hash
         if payload is not None:
-            digest = hashlib.sha256(version.encode() + payload)
-            version = digest.hexdigest()[:16]
+            version += "." + hashlib.sha256(payload).hexdigest()[:16]
         # One assignment: a thread reading meanwhile sees the old snapshot or the new one.
         self._state = (state, version, payload)
         return version, payload

@@ -4,9 +4,12 @@ enqueued with, wherever it runs.
 A function importable from a module is stored by reference: its version is a hash of its source,
 and a worker imports the module. A function defined in a notebook (or a script run as
 `__main__`) is stored by value: cloudpickle copies its code together with the notebook values
-and helper functions it refers to. For those, the version must change when any of that changes,
-or a worker would keep running the first copy it was given: a prompt template reassigned in a
-later cell, a helper redefined, a step edited inside a durable cell. Pickling the function at
+and helper functions it refers to. For those, the version is `<source>.<state>`, the state part
+changing when any of that changes, or a worker would keep running the first copy it was given:
+a prompt template reassigned in a later cell, a helper redefined. A process that has the same
+source registered runs its own definition (`same_code`): a recovering kernel or script uses its
+own values (a mode or a key read from its environment), as DBOS would; a worker, which has no
+definition of its own, runs the copy made when the work was enqueued. Pickling the function at
 every enqueue to find out would cost more than the enqueue, so its state is recorded by
 identity (`State`): the code objects, and the objects its global names, closure cells and
 defaults refer to (following helpers defined in the notebook, a few levels deep). Reassigning
@@ -28,6 +31,13 @@ from typing import Any
 
 # How far the state follows notebook functions that call notebook functions.
 _MAX_DEPTH = 4
+
+
+def same_code(version: str, reg: Any) -> bool:
+    """Whether a recorded version has the code of registration `reg` (the source part of a
+    by-value version, `<source>.<state>`, or the whole of a by-reference one)."""
+    source: str = reg.source_hash
+    return version.split(".", 1)[0] == source
 
 
 def source_digest(kind: str, name: str, func: Any) -> str:
