@@ -82,7 +82,7 @@ class Registration:
         value, `.` and a hash of its state as it would be pickled now (see `versions`)."""
         if not self.by_value:
             return self.source_hash
-        return self._snapshot()[0]
+        return self._snapshot(need_payload=False)[0]
 
     def payload(self) -> tuple[str, bytes | None]:
         """The current version and the decorated function cloudpickled for other processes
@@ -90,18 +90,24 @@ class Registration:
         if not self.portable:
             return self.version, None
         if self.by_value:
-            return self._snapshot()
+            version, payload = self._snapshot(need_payload=True)
+            # Stored now: the bytes (which hold the notebook values the function uses, a
+            # large frame perhaps) need not stay in memory; pickled again if asked again.
+            self._state = None if self._state is None else (*self._state[:2], None)
+            return version, payload
         return self.source_hash, self._pickle()
 
-    def _snapshot(self) -> tuple[str, bytes | None]:
+    def _snapshot(self, need_payload: bool) -> tuple[str, bytes | None]:
         known = self._state
-        if known is not None and known[0].current():
+        if known is not None and known[0].current() and (known[2] is not None or not need_payload):
             return known[1], known[2]
         state = versions.state_of(self.func)
         payload = self._pickle()
         version = self.source_hash
         if payload is not None:
             version += "." + hashlib.sha256(payload).hexdigest()[:16]
+        if known is not None and known[0].current() and known[1] != version:
+            version = known[1]  # the same state pickled again: the version it was given
         # One assignment: a thread reading meanwhile sees the old snapshot or the new one.
         self._state = (state, version, payload)
         return version, payload
