@@ -565,10 +565,7 @@ def test_waiting_on_a_batch_that_nothing_runs_warns(db_url: str) -> None:
         sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         try:
             workers._save(rt, [{"pid": sleeper.pid, "executor_id": "not-registered-yet"}])
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                with pytest.raises(TimeoutError):
-                    batch.wait(timeout=0.2, show=False)
+            _waits_without_warning(batch)
         finally:
             sleeper.kill()
             sleeper.wait(30)
@@ -579,12 +576,16 @@ def test_waiting_on_a_batch_that_nothing_runs_warns(db_url: str) -> None:
             batch.wait(timeout=0.2, show=False)
         # A live worker process may run it: no warning then.
         rt.store.register_executor("nbwait-worker", "host", 1, "token", rt.now_ms())
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            with pytest.raises(TimeoutError):
-                batch.wait(timeout=0.2, show=False)
+        _waits_without_warning(batch)
     finally:
         DBOS.destroy()
+
+
+def _waits_without_warning(batch: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TimeoutError):
+            batch.wait(timeout=0.2, show=False)
 
 
 def test_a_batch_still_shows_after_dbos_is_destroyed(db_url: str) -> None:
