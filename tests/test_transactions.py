@@ -168,10 +168,39 @@ def test_a_transaction_on_the_system_database_enqueues(launched: str) -> None:
     with pytest.raises(ValueError, match="rolled back"):
         failed.get_result(timeout_sec=20)
     children = [s for s in DBOS.list_workflows(queue_name="txq") if s.workflow_id != wid]
-    if get_runtime().db.is_postgres:
+    rt = get_runtime()
+    if rt.db.is_postgres:
         assert [s.input for s in children] == [((5,), {})]
     else:
         assert children == []  # the enqueue was rolled back with the transaction
+    # Started (not enqueued) inside the transaction: it runs once committed, and never for a
+    # row rolled back; a function version stored in a rolled-back transaction is stored again.
+    ran: list[int] = []
+
+    @DBOS.workflow(name="tx_started")
+    def started(x: int) -> int:
+        ran.append(x)
+        return x * 3
+
+    @DBOS.transaction()
+    def start_in_txn(x: int, fail: bool) -> str:
+        DBOS.sql_session.execute(sa.text("SELECT 1"))
+        wid = DBOS.start_workflow(started, x).workflow_id
+        if fail:
+            raise ValueError("rolled back")
+        return wid
+
+    @DBOS.workflow()
+    def starter(x: int, fail: bool) -> str:
+        return start_in_txn(x, fail)
+
+    with pytest.raises(ValueError, match="rolled back"):
+        DBOS.start_workflow(starter, 7, True).get_result(timeout_sec=20)
+    ok = DBOS.start_workflow(starter, 8, False).get_result(timeout_sec=20)
+    assert DBOS.retrieve_workflow(ok).get_result(timeout_sec=20) == 24
+    assert ran == [8] if not rt.db.is_postgres else sorted(ran) == [7, 8]
+    stored = {name for name, _, _ in rt.store.list_function_versions()}
+    assert "tx_started" in stored  # its first start's record rolled back: stored by the second
 
 
 def test_a_transaction_committed_by_a_racing_execution_is_replayed(

@@ -89,3 +89,22 @@ def test_code_without_source_is_hashed_with_its_constants() -> None:
     assert versions.source_digest("step", "f", compiled("x * 2")) == versions.source_digest(
         "step", "f", compiled("x * 2")
     )
+
+
+def test_a_replaced_large_value_is_not_kept_alive() -> None:
+    import gc
+    import weakref
+
+    class Frame:  # stands for a DataFrame or a model: an object that can be weakly held
+        def __init__(self, rows: int) -> None:
+            self.rows = rows
+
+    ns: dict[str, Any] = {"big": Frame(1)}
+    step = _notebook_function("def step():\n    return big\n", "step", ns)
+    reg = _registration(step)
+    first = reg.version
+    old = weakref.ref(ns["big"])
+    ns["big"] = Frame(2)
+    gc.collect()
+    assert old() is None  # the state held it weakly: freed with the name's rebinding
+    assert reg.version != first  # and the change is seen

@@ -150,7 +150,9 @@ class Runtime:
             self.store.record_function_versions(
                 [(reg.name, version, reg.kind, reg.module, payload)], self.now_ms()
             )
-        self._stored_versions.add(version)
+        if not self.db.in_write():
+            # Inside an open transaction the row commits only with it: it may roll back.
+            self._stored_versions.add(version)
         return version
 
     # -- the handle backend ---------------------------------------------------------------------

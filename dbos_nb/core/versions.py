@@ -14,9 +14,9 @@ every enqueue to find out would cost more than the enqueue, so its state is reco
 identity (`State`): the code objects, and the objects its global names, closure cells and
 defaults refer to (following helpers defined in the notebook, a few levels deep). Reassigning
 or redefining anything changes an identity; only then is the function pickled again and a new
-version made. The state holds the objects themselves, not their `id()`s: a freed object's
-address can be reused at once by the value that replaced it. A value mutated in place keeps
-its identity and is not noticed (documented).
+version made. The state holds the objects (weakly where it can), not their `id()`s: a freed
+object's address can be reused at once by the value that replaced it. A value mutated in place
+keeps its identity and is not noticed (documented).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import sys
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,11 +113,14 @@ class State:
 
     def current(self) -> bool:
         """Whether every name, cell and function still holds the same object."""
-        for namespace, name, value in self.names:
-            if namespace.get(name, _MISSING) is not value:
+        weak = _Weak
+        for namespace, name, held in self.names:
+            value = namespace.get(name, _MISSING)
+            # Inline (this runs at every enqueue): a strong hold, or a weak one.
+            if held is not value and (type(held) is not weak or held.ref() is not value):
                 return False
-        for cell, value in self.cells:
-            if _contents(cell) is not value:
+        for cell, held in self.cells:
+            if not _same(held, _contents(cell)):
                 return False
         for f, code, defaults, kwdefaults in self.functions:
             if (
@@ -143,11 +147,11 @@ def state_of(func: Any) -> State:
         namespace = f.__globals__
         for name in _global_names(f.__code__):
             value = namespace.get(name, _MISSING)
-            names.append((namespace, name, value))
+            names.append((namespace, name, _hold(value)))
             follow(value, depth)
         for cell in f.__closure__ or ():
             contents = _contents(cell)
-            cells.append((cell, contents))
+            cells.append((cell, _hold(contents)))
             follow(contents, depth)
 
     def follow(value: Any, depth: int) -> None:
@@ -165,6 +169,32 @@ def state_of(func: Any) -> State:
     if type(func) is types.FunctionType:
         visit(func, 0)
     return State(tuple(names), tuple(cells), tuple(functions))
+
+
+class _Weak:
+    """A value held weakly: a large frame or model replaced in the notebook is freed at once,
+    not kept until the function's state is next checked. A dead reference means the name
+    holds something else now (the object it held is gone), which is a change."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: weakref.ref[Any]) -> None:
+        self.ref = ref
+
+
+def _hold(value: Any) -> Any:
+    """`value` as the state keeps it: weakly where it can be (most objects), else itself
+    (ints, strings, tuples, lists, dicts: objects of builtin types, which cannot be)."""
+    try:
+        return _Weak(weakref.ref(value))
+    except TypeError:
+        return value
+
+
+def _same(held: Any, value: Any) -> bool:
+    if type(held) is _Weak:
+        return held.ref() is value
+    return held is value
 
 
 def _contents(cell: Any) -> Any:

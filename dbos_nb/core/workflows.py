@@ -36,7 +36,7 @@ from dbos_nb.errors import (
     WorkflowPreempted,
 )
 from dbos_nb.ids import new_token, new_workflow_id
-from dbos_nb.models import ClaimedWorkflow
+from dbos_nb.models import INTERNAL_QUEUE, ClaimedWorkflow
 from dbos_nb.models import WorkflowStatusString as S
 from dbos_nb.storage.store import NewWorkflow
 
@@ -193,6 +193,11 @@ def start_workflow(
     rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str:
     """Write the workflow's row, then run it in the background; returns its id at once."""
+    if rt.db.in_write():
+        # Inside an open transaction (SQLite: an application transaction that starts a
+        # workflow) the row commits only with it: run it once committed, from the internal
+        # queue, never for a row rolled back.
+        return enqueue_workflow(rt, INTERNAL_QUEUE, reg, args, kwargs)
     ex, existing = write_started(rt, reg, args, kwargs)
     if existing is None:
         dispatch(rt, ex)

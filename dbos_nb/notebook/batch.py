@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbos_nb import serialization
+from dbos_nb.core import versions
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import Queue as CoreQueue
 from dbos_nb.core.queue import token_estimates
@@ -350,11 +351,13 @@ def _note_other_version(rt: Runtime, batch: str, reg: Registration) -> None:
     come from that version, which the user may not expect after editing the function."""
     first = rt.store.get_workflow(f"{batch}/0")
     enqueued_with = first.get("function_hash") if first is not None else None
-    if enqueued_with is not None and enqueued_with != reg.version:
+    # The code only: the state part of a notebook function's version (see `versions`)
+    # differs in every kernel, a restart is no news.
+    if enqueued_with is not None and not versions.same_code(enqueued_with, reg):
         warnings.warn(
-            f"batch {batch!r} was enqueued with another version of {reg.name!r} (its code, or "
-            "the notebook values it uses, changed since): its items run, and ran, that "
-            "version. Map under a new batch name to run this one.",
+            f"batch {batch!r} was enqueued with another version of {reg.name!r} (its code "
+            "changed since): its items run, and ran, that version. Map under a new batch name "
+            "to run this one.",
             UserWarning,
             stacklevel=3,
         )
