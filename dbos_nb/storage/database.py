@@ -238,19 +238,17 @@ class Database:
                 return
             with self.engine.connect() as conn:
                 conn = conn.execution_options(**{WRITE_OPTION: True})
-                self._in_write.depth = 1
                 self._in_write.conn = conn
                 try:
                     with conn.begin():
                         yield conn
                 finally:
-                    self._in_write.depth = 0
                     self._in_write.conn = None
 
     def in_write(self) -> bool:
         """Whether this thread is inside a write transaction of this database (SQLite): what
         it writes now commits only with that transaction."""
-        return bool(getattr(self._in_write, "depth", 0))
+        return getattr(self._in_write, "conn", None) is not None
 
     @contextlib.contextmanager
     def user_transaction(self, isolation_level: str | None = None) -> Iterator[Connection]:
@@ -305,7 +303,7 @@ class Database:
         """
         if guard is not None and self.is_postgres:
             raise ValueError("a guard needs a transaction: write one statement on PostgreSQL")
-        if getattr(self._in_write, "depth", 0):
+        if self.in_write():
             # SQLite: this thread holds the write lock in a transaction of its own; a batch it
             # led, or the hot connection's BEGIN IMMEDIATE, would wait for it.
             with self.single() as conn:
