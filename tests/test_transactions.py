@@ -138,6 +138,27 @@ def test_transaction_enqueued_alone(app_url: str) -> None:
     assert _count(app_url) == 5
 
 
+def _launching_in_a_transaction(
+    name: str, launch: Callable[[int], Any]
+) -> Callable[[int, bool], str]:
+    """A workflow whose transaction launches a workflow (`launch(x)`, returning its handle),
+    then fails if asked to, after the launch; the workflow returns the launched id."""
+
+    @DBOS.transaction(name=f"{name}_txn")
+    def txn(x: int, fail: bool) -> str:
+        DBOS.sql_session.execute(sa.text("SELECT 1"))
+        wid: str = launch(x).workflow_id
+        if fail:
+            raise ValueError("rolled back")
+        return wid
+
+    @DBOS.workflow(name=f"{name}_wf")
+    def wf(x: int, fail: bool) -> str:
+        return txn(x, fail)
+
+    return wf
+
+
 def test_a_transaction_on_the_system_database_enqueues(launched: str) -> None:
     """The default set-up: the application's transactions run in the system database. One that
     enqueues a workflow must not wait on its own write lock (SQLite): the enqueue joins the
@@ -150,18 +171,7 @@ def test_a_transaction_on_the_system_database_enqueues(launched: str) -> None:
     def child(x: int) -> int:
         return x + 1
 
-    @DBOS.transaction()
-    def enqueue_in_txn(x: int, fail: bool) -> str:
-        DBOS.sql_session.execute(sa.text("SELECT 1"))
-        wid = queue.enqueue(child, x).workflow_id
-        if fail:
-            raise ValueError("rolled back")
-        return wid
-
-    @DBOS.workflow()
-    def parent(x: int, fail: bool) -> str:
-        return enqueue_in_txn(x, fail)
-
+    parent = _launching_in_a_transaction("tx_enqueue", lambda x: queue.enqueue(child, x))
     wid = DBOS.start_workflow(parent, 1, False).get_result(timeout_sec=20)
     assert DBOS.retrieve_workflow(wid).get_result(timeout_sec=20) == 2
     failed = DBOS.start_workflow(parent, 5, True)
@@ -182,18 +192,7 @@ def test_a_transaction_on_the_system_database_enqueues(launched: str) -> None:
         ran.append(x)
         return x * 3
 
-    @DBOS.transaction()
-    def start_in_txn(x: int, fail: bool) -> str:
-        DBOS.sql_session.execute(sa.text("SELECT 1"))
-        wid = DBOS.start_workflow(started, x).workflow_id
-        if fail:
-            raise ValueError("rolled back")
-        return wid
-
-    @DBOS.workflow()
-    def starter(x: int, fail: bool) -> str:
-        return start_in_txn(x, fail)
-
+    starter = _launching_in_a_transaction("tx_start", lambda x: DBOS.start_workflow(started, x))
     with pytest.raises(ValueError, match="rolled back"):
         DBOS.start_workflow(starter, 7, True).get_result(timeout_sec=20)
     ok = DBOS.start_workflow(starter, 8, False).get_result(timeout_sec=20)
