@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dbos_nb import __version__
 from dbos_nb.errors import DbosNbError
-from dbos_nb.storage.database import Database
+from dbos_nb.storage.database import Database, shown_url
 from dbos_nb.storage.migrations import migrate
 from dbos_nb.storage.store import SystemStore
 
@@ -195,14 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _shown(url: str | None) -> str:
-    """The URL as it may be printed: its password hidden."""
-    try:
-        return make_url(url).render_as_string(hide_password=True) if url else "the database"
-    except Exception:
-        return "the database"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -214,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SQLAlchemyError, OSError) as exc:
         # An unreachable server, a refused password: one line, not the driver's traceback.
         cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        shown = _shown(getattr(args, "db", None))
+        where = getattr(args, "db", None)
+        shown = shown_url(where) if where else "the database"
         print(
             f"dbos-nb: cannot use {shown}: {type(exc).__name__}: {cause[0] if cause else ''}",
             file=sys.stderr,

@@ -37,7 +37,7 @@ from dbos_nb.ids import new_token
 from dbos_nb.models import INTERNAL_QUEUE
 from dbos_nb.notebook import cells, views
 from dbos_nb.notebook.batch import Queue
-from dbos_nb.storage.database import normalize_url
+from dbos_nb.storage.database import normalize_url, shown_url
 
 _LIMIT = re.compile(
     r"^\s*(?P<limit>\d+)\s*/\s*(?P<period>\d+(?:\.\d*)?|\.\d+)?\s*(?P<unit>ms|s|sec|m|min|h)?\s*$"
@@ -56,16 +56,6 @@ def parse_limit(text: str, flag: str = "--limit") -> dict[str, float]:
     if int(match["limit"]) < 1 or period <= 0:
         raise UsageError(f"{flag} {text!r}: the limit and the period must be positive")
     return {"limit": int(match["limit"]), "period": period}
-
-
-def shown_url(url: str) -> str:
-    """The URL with its password hidden (it is printed in cell outputs, saved in the notebook)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def notebook_name(namespace: dict[str, Any]) -> str:

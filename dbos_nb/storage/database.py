@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 import threading
 import uuid
@@ -77,6 +78,15 @@ _LOCK_QUEUE_ROW = _READ_QUEUE_ROW.with_for_update()
 # Bound parameters per multi-row INSERT of `bulk_insert`: under the 999 of SQLite builds older
 # than 3.32, and past the point where larger statements stop paying off.
 _BULK_PARAMS = 900
+
+
+def shown_url(url: str) -> str:
+    """The URL with its password hidden, for what is printed (a notebook's saved cell output,
+    a terminal)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def normalize_url(url: str) -> str:
