@@ -164,12 +164,12 @@ class SetWorkflowID(_ContextBlock):
 MAX_ID_LENGTH = 255
 
 
-def check_id_length(value: str, what: str) -> str:
-    """`value`, if it fits in an id column; else a DbosNbError naming `what` and the lengths.
-    Ids derived from others (a child's `<parent>-<n>`, a batch item's `<batch>/<i>`) are
-    checked where they are made."""
+def check_id_length(value: str, what: str, error: type[DbosNbError] = DbosNbError) -> str:
+    """`value`, if it fits in an id or name column; else `error` naming `what` and the
+    lengths. Ids derived from others (a child's `<parent>-<n>`, a batch item's `<batch>/<i>`)
+    are checked where they are made."""
     if len(value) > MAX_ID_LENGTH:
-        raise DbosNbError(
+        raise error(
             f"{what} can have at most {MAX_ID_LENGTH} characters, got {len(value)}: "
             f"{value[:40]!r}..."
         )

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from dbos_nb.core.context import valid_seconds
+from dbos_nb.core.context import check_id_length, valid_seconds
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.registry import resolve
 from dbos_nb.core.runtime import get_runtime
@@ -28,9 +28,8 @@ R = TypeVar("R")
 
 _LIMITER_KEYS = {"limit", "period"}
 # What the database's columns hold (PostgreSQL refuses more; SQLite would store anything): counts
-# are INTEGER, names VARCHAR(255). (Durations: see `valid_seconds`.)
+# are INTEGER. (Names: see `check_id_length`; durations: `valid_seconds`.)
 MAX_COUNT = 2**31 - 1
-MAX_NAME_LENGTH = 255
 
 
 def _positive_int(name: str, value: Any, queue: str) -> int | None:
@@ -56,11 +55,7 @@ def build_settings(
     """Validate a queue declaration; raises InvalidQueueSettingsError naming the problem."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidQueueSettingsError(f"a queue name must be a non-empty string, got {name!r}")
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidQueueSettingsError(
-            f"a queue name can have at most {MAX_NAME_LENGTH} characters, got {len(name)}: "
-            f"{name[:40]!r}..."
-        )
+    check_id_length(name, "a queue name", InvalidQueueSettingsError)
     if name == INTERNAL_QUEUE:
         raise InvalidQueueSettingsError(f"the queue name {name!r} is reserved")
     conc = _positive_int("concurrency", concurrency, name)
