@@ -10,7 +10,7 @@ from dbos_nb.core.context import (
     SetWorkflowID,
     SetWorkflowTimeout,
 )
-from dbos_nb.core.handles import WorkflowHandle
+from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
 from dbos_nb.dbos import DBOS
 from dbos_nb.errors import (
     BatchConflictError,
@@ -89,6 +89,7 @@ __all__ = [
     "UnknownQueueError",
     "UnknownWorkflowNameError",
     "WorkflowHandle",
+    "WorkflowHandleAsync",
     "WorkflowNotFoundError",
     "WorkflowPreempted",
     "WorkflowStatus",

@@ -82,11 +82,12 @@ def cmd_workflows(args: argparse.Namespace) -> int:
     try:
         rows = store.list_workflows(
             status=[args.status] if args.status else None,
-            queue_name=args.queue,
-            name=args.name,
+            queue_name=[args.queue] if args.queue else None,
+            name=[args.name] if args.name else None,
             limit=args.limit,
             sort_desc=True,
-            load_payloads=False,
+            load_input=False,
+            load_output=False,
         )
         print(f"{'workflow id':<40} {'status':<10} {'queue':<20} {'name':<30} created")
         for r in rows:

@@ -7,13 +7,14 @@ the database (their settings and names are stored there), unless `allow_unregist
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Required, TypedDict
 
 from dbos_nb import serialization
 from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import management
 from dbos_nb.core.context import check_id_length, valid_seconds
-from dbos_nb.core.handles import WorkflowHandle
+from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
 from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX
 from dbos_nb.core.waiters import Waiters, outcome_of, wait_for_result
 from dbos_nb.errors import (
@@ -113,6 +114,13 @@ class DBOSClient:
             )
         return WorkflowHandle(self, wid)
 
+    async def enqueue_async(
+        self, options: EnqueueOptions, *args: Any, **kwargs: Any
+    ) -> WorkflowHandleAsync[Any]:
+        """`enqueue` for async callers (the write runs in a thread); the handle is awaited."""
+        handle = await asyncio.to_thread(self.enqueue, options, *args, **kwargs)
+        return WorkflowHandleAsync(self, handle.workflow_id)
+
     def _validate(self, options: Any) -> EnqueueOptions:
         if not isinstance(options, dict):
             raise DbosNbError(f"enqueue options must be a dict (EnqueueOptions), got {options!r}")
@@ -162,6 +170,13 @@ class DBOSClient:
             management.require_workflow(self._store, workflow_id)
         return WorkflowHandle(self, workflow_id)
 
+    async def retrieve_workflow_async(
+        self, workflow_id: str, existing_workflow: bool = True
+    ) -> WorkflowHandleAsync[Any]:
+        """`retrieve_workflow` for async callers: a handle whose methods are awaited."""
+        handle = await asyncio.to_thread(self.retrieve_workflow, workflow_id, existing_workflow)
+        return WorkflowHandleAsync(self, handle.workflow_id)
+
     def get_result(self, workflow_id: str) -> Any:
         return self.retrieve_workflow(workflow_id).get_result()
 
@@ -181,10 +196,7 @@ class DBOSClient:
     def list_queued_workflows(
         self, *, queue_name: str | None = None, **filters: Any
     ) -> list[WorkflowStatus]:
-        wfs = management.list_workflows(
-            self._store, status=["ENQUEUED", "PENDING"], queue_name=queue_name, **filters
-        )
-        return [w for w in wfs if w.queue_name is not None]
+        return management.list_queued(self._store, queue_name=queue_name, **filters)
 
     def list_workflow_steps(self, workflow_id: str) -> list[StepInfo]:
         return management.list_steps(self._store, workflow_id)

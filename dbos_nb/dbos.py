@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from dbos_nb.clock import Clock
 from dbos_nb.core import aio, management, steps, workflows
 from dbos_nb.core.context import current
-from dbos_nb.core.handles import WorkflowHandle
+from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
 from dbos_nb.core.queue import QUEUES, Queue
 from dbos_nb.core.registry import REGISTRY, Kind, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
@@ -327,17 +327,19 @@ class DBOS:
     @classmethod
     def list_workflows(cls, **filters: Any) -> list[WorkflowStatus]:
         """Workflows matching every given filter (workflow_ids, status, name, queue_name,
-        start_time, end_time, workflow_id_prefix, app_version, executor_id, limit, offset,
-        sort_desc, load_input, load_output), oldest first unless `sort_desc`."""
+        start_time, end_time, workflow_id_prefix, app_version, executor_id,
+        parent_workflow_id, limit, offset, sort_desc, load_input, load_output), oldest first
+        unless `sort_desc`; status, name, queue_name, app_version, executor_id and
+        parent_workflow_id take one value or a list."""
         return management.list_workflows(cls._rt().store, **filters)
 
     @classmethod
     def list_queued_workflows(
         cls, *, queue_name: str | None = None, **kwargs: Any
     ) -> list[WorkflowStatus]:
-        """Workflows still waiting in a queue or running from one."""
-        wfs = cls.list_workflows(status=["ENQUEUED", "PENDING"], queue_name=queue_name, **kwargs)
-        return [w for w in wfs if w.queue_name is not None]
+        """Workflows still waiting in a queue or running from one (or, with `status=`, of a
+        queue and in that status); the other filters of `list_workflows`."""
+        return management.list_queued(cls._rt().store, queue_name=queue_name, **kwargs)
 
     @classmethod
     def list_workflow_steps(cls, workflow_id: str) -> list[StepInfo]:
@@ -425,9 +427,19 @@ class DBOS:
     @classmethod
     async def start_workflow_async(
         cls, func: Callable[..., T], *args: Any, **kwargs: Any
-    ) -> WorkflowHandle[T]:
-        """`start_workflow` for async callers (the workflow may be sync or async)."""
-        return cls.start_workflow(func, *args, **kwargs)
+    ) -> WorkflowHandleAsync[T]:
+        """`start_workflow` for async callers (the workflow may be sync or async); the handle's
+        `get_result()` and `get_status()` are awaited."""
+        handle = cls.start_workflow(func, *args, **kwargs)
+        return WorkflowHandleAsync(cls._rt(), handle.workflow_id)
+
+    @classmethod
+    async def retrieve_workflow_async(
+        cls, workflow_id: str, existing_workflow: bool = True
+    ) -> WorkflowHandleAsync[Any]:
+        """`retrieve_workflow` for async callers: a handle whose methods are awaited."""
+        handle = cls.retrieve_workflow(workflow_id, existing_workflow)
+        return WorkflowHandleAsync(cls._rt(), handle.workflow_id)
 
     @classmethod
     async def get_result_async(cls, workflow_id: str) -> Any:
@@ -455,7 +467,10 @@ class DBOS:
         frame = current().step
         if frame is None:
             return None
-        return StepStatus(frame.step_id, frame.attempt, frame.max_attempts)
+        if frame.max_attempts is None or frame.attempt is None:
+            return StepStatus(frame.step_id, None, None)  # a step without retries, as in DBOS
+        # As in DBOS: the attempt counts from 0.
+        return StepStatus(frame.step_id, frame.attempt - 1, frame.max_attempts)
 
     @classproperty
     def sql_session(cls) -> Session:

@@ -7,7 +7,8 @@ hands them to users.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from typing import Any, TypedDict
 
 
@@ -43,12 +44,15 @@ class WorkflowStatus:
     name: str
     class_name: str | None = None
     config_name: str | None = None
+    # {"args": (...), "kwargs": {...}}, as DBOS gives it (None when not loaded).
     input: Any = None
     output: Any = None
     error: BaseException | None = None
     created_at: int | None = None
     updated_at: int | None = None
     dequeued_at: int | None = None
+    # When it ended (SUCCESS, ERROR, CANCELLED); None while it has not.
+    completed_at: int | None = None
     queue_name: str | None = None
     priority: int = 0
     deduplication_id: str | None = None
@@ -66,7 +70,10 @@ class WorkflowStatus:
 
 @dataclass
 class StepInfo:
-    """One recorded operation of a workflow (step, transaction, child workflow, sleep)."""
+    """One recorded operation of a workflow (step, transaction, child workflow, sleep).
+
+    Read its fields as attributes or, as DBOS's `StepInfo` (a TypedDict) is read, by key:
+    `step["function_name"]`, `step.get("output")`, `dict(step)`."""
 
     function_id: int
     function_name: str
@@ -75,6 +82,26 @@ class StepInfo:
     child_workflow_id: str | None = None
     started_at_epoch_ms: int | None = None
     completed_at_epoch_ms: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _STEP_KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in _STEP_KEYS else default
+
+    def keys(self) -> tuple[str, ...]:
+        return _STEP_KEYS
+
+    def __contains__(self, key: object) -> bool:
+        return key in _STEP_KEYS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_STEP_KEYS)
+
+
+_STEP_KEYS = tuple(f.name for f in fields(StepInfo))
 
 
 @dataclass

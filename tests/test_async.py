@@ -9,7 +9,17 @@ from typing import Any
 
 import pytest
 
-from dbos_nb import DBOS, Queue, RateLimited, SetWorkflowID
+from conftest import config, wait_until
+from dbos_nb import (
+    DBOS,
+    DBOSClient,
+    DBOSNonExistentWorkflowError,
+    EnqueueOptions,
+    Queue,
+    RateLimited,
+    SetWorkflowID,
+    WorkflowHandleAsync,
+)
 
 
 def test_async_workflow_with_async_steps_replays(launched: str) -> None:
@@ -112,3 +122,266 @@ def test_async_workflow_started_and_awaited_from_sync_code(launched: str) -> Non
         asyncio.run(waiting.get_result_async(timeout_sec=0.05))
     DBOS.cancel_workflow(waiting.workflow_id)
     assert waiting.get_status().status == "CANCELLED"
+
+
+# -- cancelling the caller of a directly-called async workflow ----------------------------------
+
+
+async def _wait_for_event(event: threading.Event, limit: float = 20.0) -> None:
+    """Await a thread-safe event without blocking the running loop (bounded)."""
+    deadline = time.monotonic() + limit
+    while not event.is_set():
+        assert time.monotonic() < deadline, "event never set"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("way", ["wait_for", "task_group", "task_cancel", "child_wait_for"])
+def test_cancelling_the_caller_does_not_cancel_the_workflow(launched: str, way: str) -> None:
+    """The caller's cancellation (wait_for's timeout, a failing sibling in a TaskGroup,
+    task.cancel(), a parent workflow giving up on a child) stops only its waiting: the
+    workflow runs on dbos_nb's loop, finishes in this process and records its result."""
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+    ran_as: list[str | None] = []
+
+    @DBOS.step()
+    async def before() -> str:
+        calls.append("before")
+        return "b"
+
+    @DBOS.step()
+    async def gate() -> str:
+        calls.append("gate")
+        started.set()
+        await _wait_for_event(release)
+        return "g"
+
+    @DBOS.step()
+    async def after() -> str:
+        calls.append("after")
+        return "a"
+
+    @DBOS.workflow()
+    async def guarded(tag: str) -> str:
+        ran_as.append(DBOS.workflow_id)
+        return tag + (await before()) + (await gate()) + (await after())
+
+    @DBOS.workflow()
+    async def impatient_parent() -> str:
+        try:
+            await asyncio.wait_for(guarded("x"), 0.05)
+        except TimeoutError:
+            return "gave up"
+        return "waited"
+
+    async def sibling_fails() -> None:
+        await _wait_for_event(started)
+        raise ValueError("sibling failed")
+
+    async def cancel_the_caller() -> None:
+        if way == "wait_for":
+            with SetWorkflowID("cancel-caller"), pytest.raises(TimeoutError):
+                await asyncio.wait_for(guarded("x"), 0.05)
+        elif way == "task_group":
+            with pytest.raises(ExceptionGroup) as caught:
+                async with asyncio.TaskGroup() as tg:
+                    with SetWorkflowID("cancel-caller"):
+                        tg.create_task(guarded("x"))
+                    tg.create_task(sibling_fails())
+            assert caught.group_contains(ValueError)
+        elif way == "task_cancel":
+            with SetWorkflowID("cancel-caller"):
+                task = asyncio.ensure_future(guarded("x"))
+            await _wait_for_event(started)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with SetWorkflowID("cancel-parent"):
+                assert await impatient_parent() == "gave up"
+
+    asyncio.run(cancel_the_caller())
+    release.set()
+    wait_until(lambda: len(ran_as) == 1 and started.is_set())
+    wid = ran_as[0]
+    assert wid is not None
+    if way != "child_wait_for":
+        assert wid == "cancel-caller"
+    # It finishes in this process: its result is recorded and every step ran once.
+    assert DBOS.retrieve_workflow(wid).get_result(timeout_sec=20) == "xbga"
+    assert DBOS.get_workflow_status(wid).status == "SUCCESS"  # type: ignore[union-attr]
+    assert calls == ["before", "gate", "after"]
+    assert [s.output for s in DBOS.list_workflow_steps(wid)] == ["b", "g", "a"]
+
+    async def call_again() -> str:
+        with SetWorkflowID(wid):
+            return await guarded("x")
+
+    assert asyncio.run(call_again()) == "xbga"
+    assert calls == ["before", "gate", "after"]
+    assert len(ran_as) == 1
+
+
+def test_destroy_stops_a_directly_called_async_workflow_and_relaunch_resumes_it(
+    launched: str,
+) -> None:
+    """DBOS.destroy() still stops an async workflow that a caller awaits (the caller gets
+    CancelledError, the row stays PENDING); the next launch resumes it from its last step."""
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+    outcome: list[BaseException | str] = []
+
+    @DBOS.step(name="destroyed_first")
+    async def first() -> str:
+        calls.append("first")
+        return "1"
+
+    @DBOS.step(name="destroyed_gate")
+    async def gate() -> str:
+        calls.append("gate")
+        started.set()
+        await _wait_for_event(release)
+        return "2"
+
+    @DBOS.workflow(name="destroyed_wf")
+    async def stopped() -> str:
+        return (await first()) + (await gate())
+
+    async def caller() -> str:
+        with SetWorkflowID("destroyed-1"):
+            return await stopped()
+
+    def run_caller() -> None:
+        try:
+            outcome.append(asyncio.run(caller()))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run_caller)
+    thread.start()
+    assert started.wait(20)
+    DBOS.destroy()
+    thread.join(20)
+    assert len(outcome) == 1 and isinstance(outcome[0], asyncio.CancelledError)
+    release.set()
+    DBOS(config=config(launched))
+    DBOS.launch()
+    assert DBOS.retrieve_workflow("destroyed-1").get_result(timeout_sec=20) == "12"
+    assert calls == ["first", "gate", "gate"]  # the interrupted step runs again, not the first
+
+
+# -- awaitable handles of the async API -----------------------------------------------------------
+
+
+def test_start_workflow_async_and_retrieve_workflow_async_give_awaitable_handles(
+    launched: str,
+) -> None:
+    release = threading.Event()
+
+    @DBOS.workflow()
+    async def held(x: int) -> int:
+        await _wait_for_event(release)
+        return 2 * x
+
+    @DBOS.workflow()
+    def fails(x: int) -> int:
+        raise ValueError(f"bad {x}")
+
+    async def releaser() -> None:
+        await asyncio.sleep(0.01)  # runs only if the awaited get_result leaves the loop free
+        release.set()
+
+    async def caller() -> None:
+        handle = await DBOS.start_workflow_async(held, 21)
+        assert isinstance(handle, WorkflowHandleAsync)
+        assert handle.get_workflow_id() == handle.workflow_id
+        with pytest.raises(TimeoutError):
+            await handle.get_result(timeout_sec=0.05)
+        result, _ = await asyncio.gather(handle.get_result(polling_interval_sec=0.05), releaser())
+        assert result == 42
+        status = await handle.get_status()
+        assert (status.workflow_id, status.status) == (handle.workflow_id, "SUCCESS")
+
+        again = await DBOS.retrieve_workflow_async(handle.workflow_id)
+        assert isinstance(again, WorkflowHandleAsync)
+        assert await again.get_result() == 42
+        assert await again.get_result_async() == 42  # the former spelling still works
+        assert (await again.get_status_async()).status == "SUCCESS"
+
+        failed = await DBOS.start_workflow_async(fails, 7)
+        with pytest.raises(ValueError, match="bad 7"):
+            await failed.get_result()
+        assert (await failed.get_status()).status == "ERROR"
+
+        with pytest.raises(DBOSNonExistentWorkflowError):
+            await DBOS.retrieve_workflow_async("no-such-workflow")
+        absent = await DBOS.retrieve_workflow_async("no-such-workflow", existing_workflow=False)
+        with pytest.raises(DBOSNonExistentWorkflowError):
+            await absent.get_status()
+        with pytest.raises(DBOSNonExistentWorkflowError):
+            await absent.get_result()
+
+    asyncio.run(caller())
+
+
+def test_enqueue_async_gives_awaitable_handles(launched: str) -> None:
+    q = Queue("async_handles")
+    release = threading.Event()
+
+    @DBOS.workflow()
+    async def held(x: int) -> int:
+        await _wait_for_event(release)
+        if x < 0:
+            raise ValueError(f"negative {x}")
+        return x + 1
+
+    async def caller() -> None:
+        handle = await q.enqueue_async(held, 1)
+        failing = await q.enqueue_async(held, -1)
+        assert isinstance(handle, WorkflowHandleAsync)
+        with pytest.raises(TimeoutError):
+            await handle.get_result(timeout_sec=0.05)
+        release.set()
+        assert await handle.get_result(polling_interval_sec=0.05) == 2
+        with pytest.raises(ValueError, match="negative -1"):
+            await failing.get_result(polling_interval_sec=0.05)
+        status = await failing.get_status()
+        assert (status.status, status.queue_name) == ("ERROR", "async_handles")
+
+    asyncio.run(caller())
+
+
+def test_client_enqueue_async_and_retrieve_workflow_async(launched: str) -> None:
+    Queue("client_async_q")
+    release = threading.Event()
+
+    @DBOS.workflow(name="client_async_wf")
+    async def held(x: int) -> int:
+        await _wait_for_event(release)
+        if x < 0:
+            raise ValueError(f"negative {x}")
+        return 10 * x
+
+    async def caller(client: DBOSClient) -> None:
+        options: EnqueueOptions = {
+            "queue_name": "client_async_q",
+            "workflow_name": "client_async_wf",
+        }
+        handle = await client.enqueue_async(options, 4)
+        failing = await client.enqueue_async({**options, "workflow_id": "client-async-bad"}, -4)
+        assert isinstance(handle, WorkflowHandleAsync)
+        with pytest.raises(TimeoutError):
+            await handle.get_result(timeout_sec=0.05)
+        release.set()
+        assert await handle.get_result(polling_interval_sec=0.05) == 40
+        assert (await handle.get_status()).status == "SUCCESS"
+        found = await client.retrieve_workflow_async("client-async-bad")
+        assert isinstance(found, WorkflowHandleAsync)
+        with pytest.raises(ValueError, match="negative -4"):
+            await found.get_result(polling_interval_sec=0.05)
+        assert (await failing.get_status()).status == "ERROR"
+        with pytest.raises(DBOSNonExistentWorkflowError):
+            await client.retrieve_workflow_async("no-such-workflow")
+
+    with DBOSClient(launched) as client:
+        asyncio.run(caller(client))

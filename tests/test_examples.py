@@ -208,7 +208,7 @@ def test_in_order_events_with_testclient(
     assert app.processed == events
     assert app.max_running == 1
     done = sorted(client.list_workflows(queue_name="in_order_queue"), key=lambda w: w.created_at)
-    assert [w.input for w in done] == [((e,), {}) for e in events]
+    assert [w.input for w in done] == [{"args": (e,), "kwargs": {}} for e in events]
     assert all(w.status == "SUCCESS" for w in done)
     for before, after in itertools.pairwise(done):  # one at a time, in order
         assert before.updated_at is not None and after.dequeued_at is not None
@@ -229,7 +229,7 @@ def test_client_enqueue(db_url: str, client: DBOSClient) -> None:
     assert wf is not None and wf.status == "SUCCESS"
     # The tutorial's swapped names, declared so by the application.
     assert (wf.queue_name, wf.name) == ("process_task", "example_queue")
-    assert wf.input == ((7,), {})
+    assert wf.input == {"args": (7,), "kwargs": {}}
 
     # Names that no process declared are refused at once rather than enqueued for nobody.
     with pytest.raises(UnknownQueueError):  # the names the tutorial meant, unswapped

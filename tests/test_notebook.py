@@ -284,7 +284,7 @@ def test_progress_views_and_status_magics(shell: InteractiveShell) -> None:
     assert isinstance(frame, pd.DataFrame) and len(frame) == 3
     frame_all = dbos_nb.workflows_frame(queue_name="viewq")
     assert list(frame_all["status"]) == ["SUCCESS"] * 3
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(UsageError, match="no workflow 'nope'"):
         run(shell, "%dbos_cancel nope")
 
 

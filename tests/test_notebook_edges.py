@@ -480,10 +480,10 @@ def test_map_under_an_existing_name_with_other_items_is_refused(
     with pytest.raises(dbos_nb.BatchConflictError, match="other items"):
         run(shell, "q.map(fetch, [{'a': 1}, 2, 3], batch='b')")
     assert len(DBOS.list_workflows(queue_name="q")) == 3
-    assert sorted(DBOS.retrieve_workflow(f"b/{i}").get_status().input for i in range(3)) == [
-        ((1,), {}),
-        ((2,), {}),
-        ((3,), {}),
+    assert [DBOS.retrieve_workflow(f"b/{i}").get_status().input for i in range(3)] == [
+        {"args": (1,), "kwargs": {}},
+        {"args": (2,), "kwargs": {}},
+        {"args": (3,), "kwargs": {}},
     ]
     # The same values pickled otherwise (a set's order follows its insertion history, as it
     # follows the hash seed in another kernel) are the same items.

@@ -701,13 +701,15 @@ def test_management_and_batch_arguments_of_the_wrong_kind_are_refused(launched: 
     for filters, message in (
         ({"limit": -1}, "limit"),
         ({"offset": -1}, "offset"),
-        ({"name": ["arg_checked"]}, "name"),
+        ({"name": 3}, "name"),
+        ({"queue_name": [b"q"]}, "queue_name"),
         ({"workflow_ids": "abc"}, "workflow_ids"),
         ({"status": [1]}, "status"),
     ):
         with pytest.raises(DbosNbError, match=message):
             DBOS.list_workflows(**filters)
     assert len(DBOS.list_workflows(name="arg_checked", limit=1)) == 1
+    assert len(DBOS.list_workflows(name=["arg_checked", "other"])) == 1  # a list, as in DBOS
     wid = DBOS.list_workflows(name="arg_checked")[0].workflow_id
     # Any iterable of strings will do, a generator too (read once).
     assert len(DBOS.list_workflows(workflow_ids=(w for w in [wid]))) == 1

@@ -180,7 +180,7 @@ def test_a_transaction_on_the_system_database_enqueues(launched: str) -> None:
     children = [s for s in DBOS.list_workflows(queue_name="txq") if s.workflow_id != wid]
     rt = get_runtime()
     if rt.db.is_postgres:
-        assert [s.input for s in children] == [((5,), {})]
+        assert [s.input for s in children] == [{"args": (5,), "kwargs": {}}]
     else:
         assert children == []  # the enqueue was rolled back with the transaction
     # Started (not enqueued) inside the transaction: it runs once committed, and never for a

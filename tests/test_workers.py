@@ -340,7 +340,7 @@ def test_a_frozen_worker_that_comes_back_is_refused(db_url: str, pool: WorkerPoo
             assert (status.status, status.executor_id, status.output) == (
                 "SUCCESS",
                 "heir",
-                2 * h.get_status().input[0][0],
+                2 * h.get_status().input["args"][0],
             )
             steps = client.list_workflow_steps(h.workflow_id)
             assert [s.function_name for s in steps] == ["wt_first", "wt_second"]

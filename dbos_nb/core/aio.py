@@ -23,6 +23,7 @@ from dbos_nb.core.steps import (
     record_step_error,
     record_step_value,
     replay,
+    require_workflow_for_sleep,
     sleep_until,
 )
 from dbos_nb.core.waiters import outcome_of
@@ -69,11 +70,17 @@ def start_on_loop(rt: Runtime, ex: Execution) -> concurrent.futures.Future[Any]:
 async def call_workflow_async(
     rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """Await an async workflow called directly: it runs on dbos_nb's loop, not the caller's."""
+    """Await an async workflow called directly: it runs on dbos_nb's loop, not the caller's.
+
+    Cancelling the caller (a `wait_for` that times out, a failing sibling in a `TaskGroup`,
+    `task.cancel()`) stops only the waiting: the workflow keeps running and records its outcome,
+    and the caller gets its CancelledError. Only dbos_nb stops the workflow's own task (at
+    `DBOS.destroy()`, leaving it PENDING to resume at the next launch).
+    """
     ex, existing = write_started(rt, reg, args, kwargs)
     if existing is not None:
         return await wait_result_async(rt, ex.workflow_id, rt.polling_interval_sec)
-    return await asyncio.wrap_future(start_on_loop(rt, ex))
+    return await asyncio.shield(asyncio.wrap_future(start_on_loop(rt, ex)))
 
 
 async def call_step_async(
@@ -125,10 +132,10 @@ async def sleep_checked(rt: Runtime, ctx: Context, seconds: float) -> None:
 async def durable_sleep_async(rt: Runtime, seconds: float) -> None:
     """The async twin of `DBOS.sleep`: the wake-up time is recorded."""
     ctx = current()
-    wf = ctx.workflow
-    if wf is None or ctx.step is not None:
+    if ctx.step is not None:
         await asyncio.sleep(seconds)
         return
+    wf = require_workflow_for_sleep(ctx.workflow)
     wake_at = sleep_until(rt, wf, seconds)
     await sleep_checked(rt, ctx, max((wake_at - rt.now_ms()) / 1000, 0.0))
 

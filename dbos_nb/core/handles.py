@@ -73,13 +73,17 @@ class WorkflowHandle(Generic[R]):
         return f"WorkflowHandle({self.workflow_id!r})"
 
 
-def status_from_row(row: dict[str, Any], *, load_payloads: bool = True) -> WorkflowStatus:
-    """Build a WorkflowStatus from a `workflow_status` row."""
+def status_from_row(
+    row: dict[str, Any], *, load_input: bool = True, load_output: bool = True
+) -> WorkflowStatus:
+    """Build a WorkflowStatus from a `workflow_status` row; its input as DBOS gives it,
+    `{"args": (...), "kwargs": {...}}`."""
     inputs: Any = None
     output: Any = None
     error: BaseException | None = None
-    if load_payloads:
-        inputs = _safe(lambda: serialization.load_inputs(row.get("inputs")))
+    if load_input:
+        inputs = _safe(lambda: _input_of(row.get("inputs")))
+    if load_output:
         output = _safe(lambda: serialization.loads(row.get("output")))
         error = serialization.load_error(row.get("error"))
     roles = row.get("authenticated_roles")
@@ -95,6 +99,7 @@ def status_from_row(row: dict[str, Any], *, load_payloads: bool = True) -> Workf
         created_at=row.get("created_at"),
         updated_at=row.get("updated_at"),
         dequeued_at=row.get("started_at_epoch_ms"),
+        completed_at=row.get("completed_at"),
         queue_name=row.get("queue_name"),
         priority=int(row.get("priority") or 0),
         deduplication_id=row.get("deduplication_id"),
@@ -108,6 +113,13 @@ def status_from_row(row: dict[str, Any], *, load_payloads: bool = True) -> Workf
         assumed_role=row.get("assumed_role"),
         authenticated_roles=json.loads(roles) if roles else None,
     )
+
+
+def _input_of(blob: bytes | None) -> dict[str, Any] | None:
+    if blob is None:
+        return None
+    args, kwargs = serialization.load_inputs(blob)
+    return {"args": args, "kwargs": kwargs}
 
 
 def step_from_row(row: dict[str, Any]) -> StepInfo:
@@ -129,3 +141,33 @@ def _safe(load: Any) -> Any:
         return load()
     except Exception as exc:
         return f"<cannot load: {exc}>"
+
+
+class WorkflowHandleAsync(Generic[R]):
+    """The handle of the async API (`await DBOS.start_workflow_async(...)`, `enqueue_async`,
+    `retrieve_workflow_async`): the same reference as `WorkflowHandle`, whose waiting is awaited
+    instead of blocking the event loop."""
+
+    def __init__(self, backend: HandleBackend, workflow_id: str) -> None:
+        self._handle: WorkflowHandle[R] = WorkflowHandle(backend, workflow_id)
+        self.workflow_id = workflow_id
+
+    def get_workflow_id(self) -> str:
+        return self.workflow_id
+
+    async def get_result(
+        self, polling_interval_sec: float = 1.0, *, timeout_sec: float | None = None
+    ) -> R:
+        """Await the workflow's end; return its result or raise its error. TimeoutError if
+        `timeout_sec` passes first (the workflow keeps running)."""
+        return await self._handle.get_result_async(polling_interval_sec, timeout_sec=timeout_sec)
+
+    async def get_status(self) -> WorkflowStatus:
+        return self._handle.get_status()
+
+    # The names the async entry points' handles answered to before they returned this class.
+    get_result_async = get_result
+    get_status_async = get_status
+
+    def __repr__(self) -> str:
+        return f"WorkflowHandleAsync({self.workflow_id!r})"

@@ -37,13 +37,14 @@ def workflow_rows(
     *,
     workflow_ids: list[str] | None = None,
     status: str | list[str] | None = None,
-    name: str | None = None,
-    queue_name: str | None = None,
+    name: str | list[str] | None = None,
+    queue_name: str | list[str] | None = None,
     start_time: Any = None,
     end_time: Any = None,
     workflow_id_prefix: str | None = None,
-    app_version: str | None = None,
-    executor_id: str | None = None,
+    app_version: str | list[str] | None = None,
+    executor_id: str | list[str] | None = None,
+    parent_workflow_id: str | list[str] | None = None,
     limit: int | None = None,
     offset: int | None = None,
     sort_desc: bool = False,
@@ -51,63 +52,78 @@ def workflow_rows(
     load_output: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows of the workflows matching every given filter, in enqueue order (newest first if
-    `sort_desc`); inputs and outputs are left out unless `load_input` or `load_output`."""
-    statuses = [status] if isinstance(status, str) else status
+    `sort_desc`); inputs are left out unless `load_input`, outputs and errors unless
+    `load_output`. Like DBOS, `status`, `name`, `queue_name`, `app_version`, `executor_id`
+    and `parent_workflow_id` take one value or a list of them (any of which matches)."""
     # Read once: a generator would be used up by the check.
     if workflow_ids is not None and not isinstance(workflow_ids, str | bytes):
         workflow_ids = list(workflow_ids)
-    if statuses is not None:
-        statuses = list(statuses)
-    _check_filters(
-        workflow_ids,
-        statuses,
-        limit,
-        offset,
-        name=name,
-        queue_name=queue_name,
-        workflow_id_prefix=workflow_id_prefix,
-        app_version=app_version,
-        executor_id=executor_id,
-    )
+    _check_filters(workflow_ids, limit, offset, workflow_id_prefix)
     return store.list_workflows(
         workflow_ids=workflow_ids,
-        status=[str(s) for s in statuses] if statuses is not None else None,
-        name=name,
-        queue_name=queue_name,
+        status=_one_or_many("status", status),
+        name=_one_or_many("name", name),
+        queue_name=_one_or_many("queue_name", queue_name),
         start_time=to_epoch_ms(start_time, "start_time"),
         end_time=to_epoch_ms(end_time, "end_time"),
         workflow_id_prefix=workflow_id_prefix,
-        app_version=app_version,
-        executor_id=executor_id,
+        app_version=_one_or_many("app_version", app_version),
+        executor_id=_one_or_many("executor_id", executor_id),
+        parent_workflow_id=_one_or_many("parent_workflow_id", parent_workflow_id),
         limit=limit,
         offset=offset,
         sort_desc=sort_desc,
-        load_payloads=load_input or load_output,
+        load_input=load_input,
+        load_output=load_output,
     )
 
 
-def _check_filters(workflow_ids: Any, statuses: Any, limit: Any, offset: Any, **texts: Any) -> None:
+def _one_or_many(key: str, value: Any) -> list[str] | None:
+    """A filter given as one string or a list of strings, as a list (None: no filter)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, bytes) or not hasattr(value, "__iter__"):
+        raise DbosNbError(f"{key} must be a string or a list of strings, got {value!r}")
+    values = list(value)
+    if not all(isinstance(v, str) for v in values):
+        raise DbosNbError(f"{key} must be a string or a list of strings, got {value!r}")
+    return [str(v) for v in values]  # a StrEnum member (WorkflowStatusString) as its value
+
+
+def _check_filters(workflow_ids: Any, limit: Any, offset: Any, prefix: Any) -> None:
     """Refuse filters of the wrong kind with a clear error (rather than the database's, or a
     string read as a list of one-character ids)."""
-    for key, value in (("workflow_ids", workflow_ids), ("status", statuses)):
-        if value is not None and (
-            isinstance(value, str | bytes) or not all(isinstance(v, str) for v in value)
-        ):
-            raise DbosNbError(f"{key} must be a list of strings, got {value!r}")
+    if workflow_ids is not None and (
+        isinstance(workflow_ids, str | bytes) or not all(isinstance(v, str) for v in workflow_ids)
+    ):
+        raise DbosNbError(f"workflow_ids must be a list of strings, got {workflow_ids!r}")
     for key, value in (("limit", limit), ("offset", offset)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 0
         ):
             raise DbosNbError(f"{key} must be a non-negative integer, got {value!r}")
-    for key, value in texts.items():
-        if value is not None and not isinstance(value, str):
-            raise DbosNbError(f"{key} must be a string, got {value!r}")
+    if prefix is not None and not isinstance(prefix, str):
+        raise DbosNbError(f"workflow_id_prefix must be a string, got {prefix!r}")
 
 
 def list_workflows(store: SystemStore, **filters: Any) -> list[WorkflowStatus]:
     """Workflows matching the filters of `workflow_rows`, as WorkflowStatus objects."""
-    load = filters.get("load_input", True) or filters.get("load_output", True)
-    return [status_from_row(r, load_payloads=load) for r in workflow_rows(store, **filters)]
+    load_input = filters.get("load_input", True)
+    load_output = filters.get("load_output", True)
+    return [
+        status_from_row(r, load_input=load_input, load_output=load_output)
+        for r in workflow_rows(store, **filters)
+    ]
+
+
+def list_queued(store: SystemStore, **filters: Any) -> list[WorkflowStatus]:
+    """Workflows of a queue still waiting or running (or, with `status`, in that status),
+    with the other filters of `workflow_rows`."""
+    if filters.get("status") is None:
+        filters["status"] = ["ENQUEUED", "PENDING"]
+    return [w for w in list_workflows(store, **filters) if w.queue_name is not None]
 
 
 def get_status(store: SystemStore, workflow_id: str) -> WorkflowStatus | None:
@@ -125,8 +141,9 @@ def require_workflow(store: SystemStore, workflow_id: str) -> None:
 
 
 def cancel(store: SystemStore, workflow_id: str, now_ms: int, cancel_children: bool) -> list[str]:
-    """Cancel a workflow (and its descendants); returns the ids that changed."""
-    require_workflow(store, workflow_id)
+    """Cancel a workflow (and its descendants); returns the ids that changed. An unknown id
+    changes nothing and is not an error, as in DBOS (a script cancelling ids that may be gone
+    keeps going)."""
     return store.cancel_workflows([workflow_id], now_ms, cancel_children=cancel_children)
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import operator
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from dbos_nb.core.context import check_id_length, valid_seconds
-from dbos_nb.core.handles import WorkflowHandle
+from dbos_nb.core.context import check_id_length, current, valid_seconds
+from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
 from dbos_nb.core.registry import resolve
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.core.workflows import cycle_collector_paused, enqueue_many, enqueue_workflow
@@ -203,6 +204,7 @@ class Queue:
             token_limiter,
         )
         self.name = name
+        self.priority_noted = False  # told once that a priority here orders nothing
         QUEUES.declare(self)
 
     @property
@@ -233,6 +235,7 @@ class Queue:
 
     def enqueue(self, func: Callable[..., R], *args: Any, **kwargs: Any) -> WorkflowHandle[R]:
         """Enqueue a workflow, step or transaction; returns its handle at once."""
+        _note_ignored_priority(self)
         reg, call_args = resolve(func, args)
         rt = get_runtime()
         wid = enqueue_workflow(rt, self.name, reg, call_args, kwargs)
@@ -240,9 +243,11 @@ class Queue:
 
     async def enqueue_async(
         self, func: Callable[..., R], *args: Any, **kwargs: Any
-    ) -> WorkflowHandle[R]:
-        """`enqueue` for async callers (one short database write)."""
-        return self.enqueue(func, *args, **kwargs)
+    ) -> WorkflowHandleAsync[R]:
+        """`enqueue` for async callers (one short database write); the handle's `get_result()`
+        and `get_status()` are awaited."""
+        handle = self.enqueue(func, *args, **kwargs)
+        return WorkflowHandleAsync(get_runtime(), handle.workflow_id)
 
     def enqueue_many(
         self,
@@ -261,6 +266,7 @@ class Queue:
         `tokens` is each item's token estimate for a `token_limiter`: a number, or a function
         of the item.
         """
+        _note_ignored_priority(self)
         reg, bound = resolve(func, ())
         rt = get_runtime()
         with cycle_collector_paused():
@@ -279,6 +285,22 @@ class Queue:
         return (
             f"Queue({s.name!r}, concurrency={s.concurrency}, worker_concurrency="
             f"{s.worker_concurrency}, limiter={self.limiter}, token_limiter={self.token_limiter})"
+        )
+
+
+def _note_ignored_priority(queue: Queue) -> None:
+    """A priority given for a queue without `priority_enabled` is stored but does not order
+    anything (as in DBOS): say so, once per declaration, rather than let it pass unnoticed."""
+    settings = queue.settings
+    if settings.priority_enabled or current().priority is None:
+        return
+    if not queue.priority_noted:
+        queue.priority_noted = True
+        warnings.warn(
+            f"queue {settings.name!r} does not have priority_enabled=True: the priority given "
+            "is stored but its work starts in enqueue order",
+            UserWarning,
+            stacklevel=3,
         )
 
 

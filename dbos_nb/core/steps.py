@@ -187,7 +187,8 @@ class Retrier:
             step_id=fid if fid is not None else -1,
             name=self.reg.name,
             attempt=self.attempt + 1,
-            max_attempts=self.attempts,
+            # None: the step has no retries (DBOS reports no attempt numbers then).
+            max_attempts=self.attempts if self.reg.retries_allowed else None,
         )
 
     def on_error(self, exc: Exception) -> float:
@@ -430,6 +431,17 @@ def current_session() -> Session:
 # -- durable sleep ------------------------------------------------------------------------------
 
 
+def require_workflow_for_sleep(wf: RunningWorkflow | None) -> RunningWorkflow:
+    """The running workflow a durable sleep records its wake-up time in; outside one, an
+    error (as in DBOS) rather than a sleep that nothing records."""
+    if wf is None:
+        raise DbosNbError(
+            "DBOS.sleep() must be called inside a workflow (it records its wake-up time "
+            "there); outside one, use time.sleep() or asyncio.sleep()"
+        )
+    return wf
+
+
 def sleep_until(rt: Runtime, wf: RunningWorkflow, seconds: float) -> int:
     """The durable sleep's wake-up time: recorded by the first run, read back on replay."""
     fid, pre = begin_operation(rt, wf, "DBOS.sleep")
@@ -454,9 +466,10 @@ def durable_sleep(rt: Runtime, seconds: float) -> None:
     """Sleep; inside a workflow the wake-up time is recorded so a resumed sleep does not restart."""
     ctx = current()
     wf = ctx.workflow
-    if wf is None or ctx.step is not None:
+    if ctx.step is not None:
         time.sleep(seconds)
         return
+    wf = require_workflow_for_sleep(wf)
     wake_at = sleep_until(rt, wf, seconds)
     while True:
         remaining = (wake_at - rt.now_ms()) / 1000

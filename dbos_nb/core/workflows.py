@@ -165,6 +165,7 @@ def write_started(
     Returns the execution to run, and the existing row instead when the id was taken (then
     nothing was written and nothing must run).
     """
+    refuse_enqueue_options(current())
     name = workflow_name_of(reg)
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
     plan = plan_start(rt, name)
@@ -177,6 +178,26 @@ def write_started(
         reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms, fresh=True
     )
     return ex, existing
+
+
+def refuse_enqueue_options(ctx: Context) -> None:
+    """Options of `SetEnqueueOptions` around a workflow that is not enqueued (a direct call,
+    `start_workflow`) would be dropped or mean nothing: refused, as DBOS does."""
+    given = [
+        name
+        for name, value in (
+            ("deduplication_id", ctx.deduplication_id),
+            ("priority", ctx.priority),
+            ("token_estimate", ctx.token_estimate),
+        )
+        if value is not None
+    ]
+    if given:
+        raise DbosNbError(
+            f"SetEnqueueOptions({', '.join(given)}) applies to workflows enqueued on a queue, "
+            "not to one called directly or started with start_workflow: enqueue it, or move "
+            "the call out of the block"
+        )
 
 
 def call_workflow(
@@ -193,6 +214,7 @@ def start_workflow(
     rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str:
     """Write the workflow's row, then run it in the background; returns its id at once."""
+    refuse_enqueue_options(current())
     if rt.db.in_write():
         # Inside an open transaction (SQLite: an application transaction that starts a
         # workflow) the row commits only with it: run it once committed, from the internal

@@ -425,7 +425,9 @@ class DbosMagics(Magics):
             status = DBOS.get_workflow_status(args.workflow_id)
         except DbosNbError as exc:
             raise UsageError(str(exc)) from exc
-        if status is not None and status.status != "CANCELLED":
+        if status is None:
+            raise UsageError(f"no workflow {args.workflow_id!r} in this database")
+        if status.status != "CANCELLED":
             # A finished workflow keeps its outcome: nothing was cancelled.
             print(f"{args.workflow_id} had already ended {status.status}; nothing to cancel")
             return

@@ -274,46 +274,44 @@ class WorkflowRows(StoreBase):
         *,
         workflow_ids: Sequence[str] | None = None,
         status: Sequence[str] | None = None,
-        name: str | None = None,
-        queue_name: str | None = None,
+        name: Sequence[str] | None = None,
+        queue_name: Sequence[str] | None = None,
         start_time: int | None = None,
         end_time: int | None = None,
         workflow_id_prefix: str | None = None,
-        app_version: str | None = None,
-        executor_id: str | None = None,
-        parent_workflow_id: str | None = None,
+        app_version: Sequence[str] | None = None,
+        executor_id: Sequence[str] | None = None,
+        parent_workflow_id: Sequence[str] | None = None,
         limit: int | None = None,
         offset: int | None = None,
         sort_desc: bool = False,
-        load_payloads: bool = True,
+        load_input: bool = True,
+        load_output: bool = True,
     ) -> list[dict[str, Any]]:
-        """Workflow rows matching every given filter, ordered by creation (enqueue order)."""
-        columns = (
-            list(ws.c)
-            if load_payloads
-            else [c for c in ws.c if c.name not in ("inputs", "output", "error")]
-        )
-        stmt = select(*columns)
-        if workflow_ids is not None:
-            stmt = stmt.where(ws.c.workflow_uuid.in_(list(workflow_ids)))
-        if status is not None:
-            stmt = stmt.where(ws.c.status.in_(list(status)))
-        if name is not None:
-            stmt = stmt.where(ws.c.name == name)
-        if queue_name is not None:
-            stmt = stmt.where(ws.c.queue_name == queue_name)
+        """Workflow rows matching every given filter (a list: any of its values), ordered by
+        creation (enqueue order); without `load_input` no inputs, without `load_output` no
+        outputs or errors."""
+        left_out = set() if load_input else {"inputs"}
+        if not load_output:
+            left_out |= {"output", "error"}
+        stmt = select(*[c for c in ws.c if c.name not in left_out])
+        for column, values in (
+            (ws.c.workflow_uuid, workflow_ids),
+            (ws.c.status, status),
+            (ws.c.name, name),
+            (ws.c.queue_name, queue_name),
+            (ws.c.application_version, app_version),
+            (ws.c.executor_id, executor_id),
+            (ws.c.parent_workflow_id, parent_workflow_id),
+        ):
+            if values is not None:
+                stmt = stmt.where(column.in_(list(values)))
         if start_time is not None:
             stmt = stmt.where(ws.c.created_at >= start_time)
         if end_time is not None:
             stmt = stmt.where(ws.c.created_at <= end_time)
         if workflow_id_prefix is not None:
             stmt = stmt.where(ws.c.workflow_uuid.startswith(workflow_id_prefix, autoescape=True))
-        if app_version is not None:
-            stmt = stmt.where(ws.c.application_version == app_version)
-        if executor_id is not None:
-            stmt = stmt.where(ws.c.executor_id == executor_id)
-        if parent_workflow_id is not None:
-            stmt = stmt.where(ws.c.parent_workflow_id == parent_workflow_id)
         stmt = stmt.order_by(ws.c.id.desc() if sort_desc else ws.c.id)
         if limit is not None:
             stmt = stmt.limit(limit)

@@ -1,0 +1,201 @@
+"""Where DBOS's API gives a shape or an answer, dbos_nb gives the same one (both backends).
+
+Each case here was once different: a program written for DBOS broke on it (a status input read
+by key, a list of names as a filter, a step listing read as dicts), or an option passed
+silently where DBOS refuses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from typing import Any
+
+import pytest
+
+from dbos_nb import (
+    DBOS,
+    DBOSClient,
+    DbosNbError,
+    Queue,
+    SetEnqueueOptions,
+    SetWorkflowID,
+)
+
+
+def _two_named_workflows() -> tuple[Any, Any]:
+    @DBOS.step()
+    def parity_step(x: int) -> int:
+        return x + 1
+
+    @DBOS.workflow()
+    def parity_a(x: int, *, scale: int = 1) -> int:
+        return parity_step(x) * scale
+
+    @DBOS.workflow()
+    def parity_b(x: int) -> int:
+        return x
+
+    return parity_a, parity_b
+
+
+def test_status_input_completed_at_and_load_flags(launched: str) -> None:
+    parity_a, _ = _two_named_workflows()
+    with SetWorkflowID("in-1"):
+        assert parity_a(3, scale=2) == 8
+    status = DBOS.get_workflow_status("in-1")
+    assert status is not None
+    assert status.input == {"args": (3,), "kwargs": {"scale": 2}}
+    assert status.completed_at is not None and status.created_at is not None
+    assert status.completed_at >= status.created_at
+
+    (only_output,) = DBOS.list_workflows(workflow_ids=["in-1"], load_input=False)
+    assert only_output.input is None and only_output.output == 8
+    (only_input,) = DBOS.list_workflows(workflow_ids=["in-1"], load_output=False)
+    assert only_input.input == {"args": (3,), "kwargs": {"scale": 2}}
+    assert only_input.output is None
+
+
+def test_list_filters_take_lists_and_parent(launched: str) -> None:
+    parity_a, parity_b = _two_named_workflows()
+    q1, q2 = Queue("parity_q1"), Queue("parity_q2")
+
+    @DBOS.workflow()
+    def parity_parent() -> int:
+        return parity_b(5)
+
+    handles = [q1.enqueue(parity_a, 1), q2.enqueue(parity_b, 2), q1.enqueue(parity_b, 3)]
+    for h in handles:
+        h.get_result()
+    with SetWorkflowID("par-1"):
+        parity_parent()
+
+    a_name, b_name = handles[0].get_status().name, handles[1].get_status().name
+    assert len(DBOS.list_workflows(name=[a_name, b_name])) == 4  # 3 queued + 1 child
+    assert len(DBOS.list_workflows(name=b_name)) == 3
+    assert len(DBOS.list_workflows(queue_name=["parity_q1", "parity_q2"])) == 3
+    assert len(DBOS.list_workflows(queue_name="parity_q2")) == 1
+    children = DBOS.list_workflows(parent_workflow_id="par-1")
+    assert [(w.name, w.parent_workflow_id) for w in children] == [(b_name, "par-1")]
+    with pytest.raises(DbosNbError, match="name must be a string or a list of strings"):
+        DBOS.list_workflows(name=[a_name, 3])
+
+
+def test_list_queued_workflows_by_status(launched: str) -> None:
+    _, parity_b = _two_named_workflows()
+    # Paused by its limiter: both stay ENQUEUED (the first start spends the whole budget).
+    slow = Queue("parity_slow", limiter={"limit": 1, "period": 3600})
+    gate = Queue("parity_gate", concurrency=1)
+    first = slow.enqueue(parity_b, 1)
+    first.get_result()
+    waiting = [slow.enqueue(parity_b, i) for i in (2, 3)]
+    gate.enqueue(parity_b, 4).get_result()
+
+    enqueued = DBOS.list_queued_workflows(status="ENQUEUED")
+    assert {w.workflow_id for w in enqueued} == {h.workflow_id for h in waiting}
+    assert DBOS.list_queued_workflows(queue_name="parity_slow", status=["SUCCESS"])[0].input == {
+        "args": (1,),
+        "kwargs": {},
+    }
+    assert {w.workflow_id for w in DBOS.list_queued_workflows()} == {h.workflow_id for h in waiting}
+
+
+def test_step_listing_reads_as_dicts(launched: str) -> None:
+    parity_a, _ = _two_named_workflows()
+    with SetWorkflowID("steps-1"):
+        parity_a(1)
+    (step,) = DBOS.list_workflow_steps("steps-1")
+    assert step["function_name"] == step.function_name
+    assert step["output"] == 2 and step.get("error") is None and step.get("nope", 7) == 7
+    assert dict(step)["function_id"] == step.function_id
+    assert "child_workflow_id" in step and "nope" not in step
+    with pytest.raises(KeyError):
+        step["nope"]
+
+
+def test_step_status_counts_attempts_from_zero(launched: str) -> None:
+    seen: list[tuple[Any, Any]] = []
+
+    @DBOS.step()
+    def plain() -> None:
+        status = DBOS.step_status
+        assert status is not None
+        seen.append((status.current_attempt, status.max_attempts))
+
+    @DBOS.step(retries_allowed=True, max_attempts=2, interval_seconds=0.01)
+    def flaky() -> None:
+        status = DBOS.step_status
+        assert status is not None
+        seen.append((status.current_attempt, status.max_attempts))
+        if len(seen) < 3:
+            raise RuntimeError("once")
+
+    @DBOS.workflow()
+    def parity_attempts() -> None:
+        plain()
+        flaky()
+
+    parity_attempts()
+    assert seen == [(None, None), (0, 2), (1, 2)]
+
+
+def test_cancelling_an_unknown_workflow_is_not_an_error(launched: str) -> None:
+    DBOS.cancel_workflow("parity-no-such-workflow")
+    with DBOSClient(launched) as client:
+        client.cancel_workflow("parity-no-such-workflow")
+    assert DBOS.get_workflow_status("parity-no-such-workflow") is None
+
+
+def test_enqueue_options_refused_where_nothing_is_enqueued(launched: str) -> None:
+    _, parity_b = _two_named_workflows()
+    for options in (
+        SetEnqueueOptions(deduplication_id="d"),
+        SetEnqueueOptions(priority=3),
+        SetEnqueueOptions(token_estimate=10),
+    ):
+        with options, pytest.raises(DbosNbError, match="applies to workflows enqueued"):
+            parity_b(1)
+        with options, pytest.raises(DbosNbError, match="applies to workflows enqueued"):
+            DBOS.start_workflow(parity_b, 1)
+    with SetEnqueueOptions(priority=3):  # where it belongs, it is taken
+        handle = Queue("parity_prio", priority_enabled=True).enqueue(parity_b, 2)
+    assert handle.get_result() == 2 and handle.get_status().priority == 3
+    # The refused calls wrote nothing: the enqueued one is the function's only workflow.
+    assert [w.workflow_id for w in DBOS.list_workflows(name=handle.get_status().name)] == [
+        handle.workflow_id
+    ]
+
+
+def test_durable_sleep_outside_a_workflow_is_refused(launched: str) -> None:
+    with pytest.raises(DbosNbError, match="inside a workflow"):
+        DBOS.sleep(0.01)
+    with pytest.raises(DbosNbError, match="inside a workflow"):
+        asyncio.run(DBOS.sleep_async(0.01))
+
+    @DBOS.step()
+    def naps() -> str:
+        DBOS.sleep(0.01)  # in a step: a plain sleep, nothing to record
+        return "rested"
+
+    @DBOS.workflow()
+    def parity_sleeper() -> str:
+        DBOS.sleep(0.01)
+        return naps()
+
+    with SetWorkflowID("sleeper"):
+        assert parity_sleeper() == "rested"
+    first, second = DBOS.list_workflow_steps("sleeper")
+    assert first.function_name == "DBOS.sleep" and second.function_name.endswith("naps")
+
+
+def test_priority_on_a_queue_without_priority_warns_once(launched: str) -> None:
+    _, parity_b = _two_named_workflows()
+    plain = Queue("parity_plain")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with SetEnqueueOptions(priority=5):
+            plain.enqueue(parity_b, 1).get_result()
+            plain.enqueue(parity_b, 2).get_result()
+        plain.enqueue(parity_b, 3).get_result()  # no priority given: nothing to say
+    notes = [str(w.message) for w in caught if "priority_enabled" in str(w.message)]
+    assert len(notes) == 1 and "parity_plain" in notes[0]
