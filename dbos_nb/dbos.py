@@ -467,10 +467,7 @@ class DBOS:
         frame = current().step
         if frame is None:
             return None
-        if frame.max_attempts is None or frame.attempt is None:
-            return StepStatus(frame.step_id, None, None)  # a step without retries, as in DBOS
-        # As in DBOS: the attempt counts from 0.
-        return StepStatus(frame.step_id, frame.attempt - 1, frame.max_attempts)
+        return StepStatus(frame.step_id, frame.attempt, frame.max_attempts)
 
     @classproperty
     def sql_session(cls) -> Session:

@@ -113,32 +113,6 @@ def test_step_listing_reads_as_dicts(launched: str) -> None:
         step["nope"]
 
 
-def test_step_status_counts_attempts_from_zero(launched: str) -> None:
-    seen: list[tuple[Any, Any]] = []
-
-    @DBOS.step()
-    def plain() -> None:
-        status = DBOS.step_status
-        assert status is not None
-        seen.append((status.current_attempt, status.max_attempts))
-
-    @DBOS.step(retries_allowed=True, max_attempts=2, interval_seconds=0.01)
-    def flaky() -> None:
-        status = DBOS.step_status
-        assert status is not None
-        seen.append((status.current_attempt, status.max_attempts))
-        if len(seen) < 3:
-            raise RuntimeError("once")
-
-    @DBOS.workflow()
-    def parity_attempts() -> None:
-        plain()
-        flaky()
-
-    parity_attempts()
-    assert seen == [(None, None), (0, 2), (1, 2)]
-
-
 def test_cancelling_an_unknown_workflow_is_not_an_error(launched: str) -> None:
     DBOS.cancel_workflow("parity-no-such-workflow")
     with DBOSClient(launched) as client:

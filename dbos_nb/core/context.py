@@ -58,6 +58,7 @@ class StepFrame:
 
     step_id: int
     name: str
+    # As `DBOS.step_status` reports them: counted from 0; None for a step without retries.
     attempt: int | None = None
     max_attempts: int | None = None
     session: Session | None = None

@@ -186,8 +186,9 @@ class Retrier:
         return StepFrame(
             step_id=fid if fid is not None else -1,
             name=self.reg.name,
-            attempt=self.attempt + 1,
-            # None: the step has no retries (DBOS reports no attempt numbers then).
+            # What DBOS.step_status reports, as DBOS does: the attempt counted from 0, and
+            # neither number for a step without retries.
+            attempt=self.attempt if self.reg.retries_allowed else None,
             max_attempts=self.attempts if self.reg.retries_allowed else None,
         )
 
@@ -465,11 +466,10 @@ def sleep_until(rt: Runtime, wf: RunningWorkflow, seconds: float) -> int:
 def durable_sleep(rt: Runtime, seconds: float) -> None:
     """Sleep; inside a workflow the wake-up time is recorded so a resumed sleep does not restart."""
     ctx = current()
-    wf = ctx.workflow
     if ctx.step is not None:
         time.sleep(seconds)
         return
-    wf = require_workflow_for_sleep(wf)
+    wf = require_workflow_for_sleep(ctx.workflow)
     wake_at = sleep_until(rt, wf, seconds)
     while True:
         remaining = (wake_at - rt.now_ms()) / 1000

@@ -214,11 +214,11 @@ def start_workflow(
     rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str:
     """Write the workflow's row, then run it in the background; returns its id at once."""
-    refuse_enqueue_options(current())
     if rt.db.in_write():
         # Inside an open transaction (SQLite: an application transaction that starts a
         # workflow) the row commits only with it: run it once committed, from the internal
-        # queue, never for a row rolled back.
+        # queue, never for a row rolled back. (`write_started` checks the other way.)
+        refuse_enqueue_options(current())
         return enqueue_workflow(rt, INTERNAL_QUEUE, reg, args, kwargs)
     ex, existing = write_started(rt, reg, args, kwargs)
     if existing is None:
