@@ -36,6 +36,7 @@ from dbos_nb.errors import (
     RateLimited,
     UnknownQueueError,
     UnknownWorkflowNameError,
+    WorkflowActiveError,
     WorkflowNotFoundError,
     WorkflowPreempted,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "UnknownBatchError",
     "UnknownQueueError",
     "UnknownWorkflowNameError",
+    "WorkflowActiveError",
     "WorkflowHandle",
     "WorkflowHandleAsync",
     "WorkflowNotFoundError",

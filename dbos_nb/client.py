@@ -210,6 +210,77 @@ class DBOSClient:
         management.resume(self._store, workflow_id, self._clock.now_ms(), queue_name)
         return WorkflowHandle(self, workflow_id)
 
+    def fork_workflow(
+        self,
+        workflow_id: str,
+        start_step: int,
+        *,
+        application_version: str | None = None,
+        queue_name: str | None = None,
+    ) -> WorkflowHandle[Any]:
+        """Enqueue a new workflow that reuses the recorded operations of `workflow_id` before
+        `start_step` and runs the rest (by a process that serves its queue)."""
+        new_id = management.fork(
+            self._store,
+            workflow_id,
+            start_step,
+            self._clock.now_ms(),
+            application_version,
+            queue_name,
+        )
+        return WorkflowHandle(self, new_id)
+
+    def delete_workflow(self, workflow_id: str, *, delete_children: bool = False) -> None:
+        """Delete a finished workflow and its records (see `DBOS.delete_workflow`)."""
+        management.delete(self._store, workflow_id, delete_children)
+
+    # -- the same for async callers: each call runs its short database exchange in a thread --
+
+    async def get_workflow_status_async(self, workflow_id: str) -> WorkflowStatus | None:
+        return await asyncio.to_thread(self.get_workflow_status, workflow_id)
+
+    async def list_workflows_async(self, **filters: Any) -> list[WorkflowStatus]:
+        return await asyncio.to_thread(self.list_workflows, **filters)
+
+    async def list_queued_workflows_async(self, **filters: Any) -> list[WorkflowStatus]:
+        return await asyncio.to_thread(self.list_queued_workflows, **filters)
+
+    async def list_workflow_steps_async(self, workflow_id: str) -> list[StepInfo]:
+        return await asyncio.to_thread(self.list_workflow_steps, workflow_id)
+
+    async def cancel_workflow_async(
+        self, workflow_id: str, *, cancel_children: bool = False
+    ) -> None:
+        await asyncio.to_thread(self.cancel_workflow, workflow_id, cancel_children=cancel_children)
+
+    async def resume_workflow_async(
+        self, workflow_id: str, *, queue_name: str | None = None
+    ) -> WorkflowHandleAsync[Any]:
+        await asyncio.to_thread(self.resume_workflow, workflow_id, queue_name=queue_name)
+        return WorkflowHandleAsync(self, workflow_id)
+
+    async def fork_workflow_async(
+        self,
+        workflow_id: str,
+        start_step: int,
+        *,
+        application_version: str | None = None,
+        queue_name: str | None = None,
+    ) -> WorkflowHandleAsync[Any]:
+        handle = await asyncio.to_thread(
+            self.fork_workflow,
+            workflow_id,
+            start_step,
+            application_version=application_version,
+            queue_name=queue_name,
+        )
+        return WorkflowHandleAsync(self, handle.workflow_id)
+
+    async def delete_workflow_async(
+        self, workflow_id: str, *, delete_children: bool = False
+    ) -> None:
+        await asyncio.to_thread(self.delete_workflow, workflow_id, delete_children=delete_children)
+
     def destroy(self) -> None:
         """Close the client's connections."""
         self._db.dispose()

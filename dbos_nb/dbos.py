@@ -7,6 +7,7 @@ calls are class methods that act on it. The work is done by `engine.py` (lifecyc
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -15,7 +16,6 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dbos_nb.clock import Clock
@@ -28,12 +28,10 @@ from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.engine import Engine, resolve_config
 from dbos_nb.errors import (
     DBOSConfigError,
-    DBOSConflictingWorkflowError,
     DbosNbError,
     DBOSNonExistentWorkflowError,
     UnknownQueueError,
 )
-from dbos_nb.ids import new_workflow_id
 from dbos_nb.models import StepInfo, StepStatus, WorkflowStatus
 
 T = TypeVar("T")
@@ -376,30 +374,18 @@ class DBOS:
     ) -> WorkflowHandle[Any]:
         """Start a new workflow that reuses the steps of `workflow_id` before `start_step`."""
         rt = cls._rt()
-        if isinstance(start_step, bool) or not isinstance(start_step, int):
-            raise DbosNbError(
-                f"start_step must be an operation number (an int), got {start_step!r}"
-            )
-        if queue_name is not None and rt.store.get_queue(queue_name) is None:
-            raise UnknownQueueError(queue_name)
-        ctx = current()
-        new_id, ctx.next_workflow_id = ctx.next_workflow_id or new_workflow_id(), None
-        if new_id == workflow_id or rt.store.get_workflow(new_id) is not None:
-            raise DBOSConflictingWorkflowError(
-                new_id, "a workflow with this id exists already; a fork needs a new id"
-            )
-        try:
-            forked = rt.store.fork_workflow(
-                workflow_id, new_id, start_step, rt.now_ms(), application_version, queue_name
-            )
-        except IntegrityError as exc:  # another fork took the id meanwhile
-            raise DBOSConflictingWorkflowError(
-                new_id, "a workflow with this id exists already; a fork needs a new id"
-            ) from exc
-        if not forked:
-            raise DBOSNonExistentWorkflowError(workflow_id)
+        new_id = management.fork(
+            rt.store, workflow_id, start_step, rt.now_ms(), application_version, queue_name
+        )
         rt.wake_scheduler()
         return WorkflowHandle(rt, new_id)
+
+    @classmethod
+    def delete_workflow(cls, workflow_id: str, *, delete_children: bool = False) -> None:
+        """Delete a finished workflow and everything recorded of it (with its descendants if
+        `delete_children`). An unknown id is not an error; a workflow still queued or running
+        raises `WorkflowActiveError` (cancel it first) and nothing is deleted."""
+        management.delete(cls._rt().store, workflow_id, delete_children)
 
     @classmethod
     def recover_pending_workflows(
@@ -440,6 +426,62 @@ class DBOS:
         """`retrieve_workflow` for async callers: a handle whose methods are awaited."""
         handle = cls.retrieve_workflow(workflow_id, existing_workflow)
         return WorkflowHandleAsync(cls._rt(), handle.workflow_id)
+
+    # The management calls for async callers: each is one short database exchange, run in a
+    # thread so that the event loop goes on meanwhile.
+
+    @classmethod
+    async def get_workflow_status_async(cls, workflow_id: str) -> WorkflowStatus | None:
+        return await asyncio.to_thread(cls.get_workflow_status, workflow_id)
+
+    @classmethod
+    async def list_workflows_async(cls, **filters: Any) -> list[WorkflowStatus]:
+        return await asyncio.to_thread(cls.list_workflows, **filters)
+
+    @classmethod
+    async def list_queued_workflows_async(cls, **filters: Any) -> list[WorkflowStatus]:
+        return await asyncio.to_thread(cls.list_queued_workflows, **filters)
+
+    @classmethod
+    async def list_workflow_steps_async(cls, workflow_id: str) -> list[StepInfo]:
+        return await asyncio.to_thread(cls.list_workflow_steps, workflow_id)
+
+    @classmethod
+    async def cancel_workflow_async(
+        cls, workflow_id: str, *, cancel_children: bool = False
+    ) -> None:
+        await asyncio.to_thread(cls.cancel_workflow, workflow_id, cancel_children=cancel_children)
+
+    @classmethod
+    async def resume_workflow_async(
+        cls, workflow_id: str, *, queue_name: str | None = None
+    ) -> WorkflowHandleAsync[Any]:
+        await asyncio.to_thread(cls.resume_workflow, workflow_id, queue_name=queue_name)
+        return WorkflowHandleAsync(cls._rt(), workflow_id)
+
+    @classmethod
+    async def fork_workflow_async(
+        cls,
+        workflow_id: str,
+        start_step: int,
+        *,
+        application_version: str | None = None,
+        queue_name: str | None = None,
+    ) -> WorkflowHandleAsync[Any]:
+        handle = await asyncio.to_thread(
+            cls.fork_workflow,
+            workflow_id,
+            start_step,
+            application_version=application_version,
+            queue_name=queue_name,
+        )
+        return WorkflowHandleAsync(cls._rt(), handle.workflow_id)
+
+    @classmethod
+    async def delete_workflow_async(
+        cls, workflow_id: str, *, delete_children: bool = False
+    ) -> None:
+        await asyncio.to_thread(cls.delete_workflow, workflow_id, delete_children=delete_children)
 
     @classmethod
     async def get_result_async(cls, workflow_id: str) -> Any:

@@ -46,6 +46,17 @@ class DBOSConflictingWorkflowError(DbosNbError):
         self.workflow_id = workflow_id
 
 
+class WorkflowActiveError(DbosNbError):
+    """An operation that needs a finished workflow was asked of one still queued or running."""
+
+    def __init__(self, workflow_id: str, status: str, action: str) -> None:
+        super().__init__(
+            f"workflow {workflow_id!r} is {status}: cancel it (cancel_workflow) before {action}"
+        )
+        self.workflow_id = workflow_id
+        self.status = status
+
+
 class DBOSConflictingRegistrationError(DbosNbError):
     """Two different functions were registered under one name."""
 

@@ -66,6 +66,9 @@ class WorkflowStatus:
     assumed_role: str | None = None
     authenticated_roles: list[str] | None = None
     app_id: str | None = None
+    # The workflow this one is a fork of (`fork_workflow`), and whether it has been forked.
+    forked_from: str | None = None
+    was_forked_from: bool = False
 
 
 @dataclass

@@ -17,9 +17,11 @@ from dbos_nb import (
     DBOS,
     DBOSClient,
     DbosNbError,
+    DBOSNonExistentWorkflowError,
     Queue,
     SetEnqueueOptions,
     SetWorkflowID,
+    WorkflowActiveError,
 )
 
 
@@ -173,3 +175,85 @@ def test_priority_on_a_queue_without_priority_warns_once(launched: str) -> None:
         plain.enqueue(parity_b, 3).get_result()  # no priority given: nothing to say
     notes = [str(w.message) for w in caught if "priority_enabled" in str(w.message)]
     assert len(notes) == 1 and "parity_plain" in notes[0]
+
+
+def test_delete_workflow_refuses_active_work_and_spares_other_rows(launched: str) -> None:
+    parity_a, parity_b = _two_named_workflows()
+
+    @DBOS.workflow()
+    def parity_parent() -> int:
+        return parity_b(7)
+
+    with SetWorkflowID("del-parent"):
+        assert parity_parent() == 7
+    with SetWorkflowID("del-keep"):
+        assert parity_a(1) == 2
+    (child,) = DBOS.list_workflows(parent_workflow_id="del-parent")
+    gate = Queue("parity_gate", limiter={"limit": 1, "period": 3600})
+    gate.enqueue(parity_b, 1).get_result()  # takes the hour's only start
+    waiting = gate.enqueue(parity_b, 2)
+    with pytest.raises(WorkflowActiveError, match="ENQUEUED: cancel it"):
+        DBOS.delete_workflow(waiting.workflow_id)
+    assert waiting.get_status().status == "ENQUEUED"  # refused: nothing deleted
+
+    DBOS.delete_workflow("del-parent")  # without its child
+    assert DBOS.get_workflow_status("del-parent") is None
+    assert DBOS.list_workflow_steps("del-parent") == []
+    assert DBOS.get_workflow_status(child.workflow_id) is not None
+    with DBOSClient(launched) as client:
+        client.delete_workflow("del-no-such-workflow")  # unknown: not an error
+        with SetWorkflowID("del-parent-2"):
+            assert parity_parent() == 7
+        client.delete_workflow("del-parent-2", delete_children=True)
+    assert DBOS.list_workflows(parent_workflow_id="del-parent-2") == []
+    assert DBOS.get_workflow_status("del-parent-2") is None
+    kept = DBOS.get_workflow_status("del-keep")
+    assert kept is not None and kept.output == 2
+    assert len(DBOS.list_workflow_steps("del-keep")) == 1
+
+
+def test_client_fork_and_the_async_management_calls(launched: str) -> None:
+    parity_a, _ = _two_named_workflows()
+    with SetWorkflowID("afork-src"):
+        assert parity_a(1, scale=3) == 6
+
+    async def with_dbos() -> tuple[Any, ...]:
+        status = await DBOS.get_workflow_status_async("afork-src")
+        listed = await DBOS.list_workflows_async(workflow_ids=["afork-src"])
+        steps = await DBOS.list_workflow_steps_async("afork-src")
+        with SetWorkflowID("afork-1"):
+            forked = await DBOS.fork_workflow_async("afork-src", 1)
+        result = await forked.get_result()
+        queued = await DBOS.list_queued_workflows_async()
+        return status, listed, steps, forked.workflow_id, result, queued
+
+    status, listed, steps, fork_id, result, queued = asyncio.run(with_dbos())
+    assert status is not None and status.output == 6
+    assert [w.workflow_id for w in listed] == ["afork-src"]
+    assert [s.function_id for s in steps] == [0]
+    assert (fork_id, result) == ("afork-1", 6)
+    assert queued == []
+
+    with DBOSClient(launched) as client:
+        handle = client.fork_workflow("afork-src", 0)
+        assert handle.get_result() == 6
+        fork = client.get_workflow_status(handle.workflow_id)
+        assert fork is not None and fork.forked_from == "afork-src"
+        with pytest.raises(DBOSNonExistentWorkflowError):
+            client.fork_workflow("afork-no-such-workflow", 0)
+
+        async def with_client() -> tuple[Any, ...]:
+            steps = await client.list_workflow_steps_async(handle.workflow_id)
+            again = await client.fork_workflow_async("afork-src", 1)
+            result = await again.get_result()
+            forks = await client.list_workflows_async(forked_from="afork-src")
+            await client.delete_workflow_async(again.workflow_id)
+            gone = await client.get_workflow_status_async(again.workflow_id)
+            return steps, result, forks, gone
+
+        steps, result, forks, gone = asyncio.run(with_client())
+    assert result == 6
+    # The fork from step 0 ran its step again: a step of its own, recorded.
+    assert [s.function_id for s in steps] == [0]
+    assert {w.workflow_id for w in forks} >= {"afork-1", handle.workflow_id}
+    assert gone is None

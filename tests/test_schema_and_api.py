@@ -192,6 +192,46 @@ def test_a_version_2_database_gets_the_active_deadline_index(db_url: str) -> Non
     assert statuses == {"done": "SUCCESS", "late": "CANCELLED"}
 
 
+def test_a_version_4_database_gains_fork_lineage(db_url: str) -> None:
+    """Version 5 adds workflow_status.forked_from and was_forked_from; rows made before keep
+    their values (no lineage known), and a fork made after records its lineage."""
+    from dbos_nb.core import management
+    from dbos_nb.storage.migrations import migrate
+    from dbos_nb.storage.store import SystemStore
+
+    db = Database(db_url)
+    migrate(db)
+    table = ("dbos_nb." if db.is_postgres else "") + "workflow_status"
+    with db.write() as conn:  # the table as version 4 left it
+        for column in ("forked_from", "was_forked_from"):
+            conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        _stamp_only(conn, 4)
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {table} (workflow_uuid, status, name, created_at, updated_at) "
+                "VALUES ('old', 'SUCCESS', 'wf', 1, 1)"
+            )
+        )
+    migrate(db)
+    migrate(db)  # a second launch finds the columns in place
+    store = SystemStore(db)
+    (old,) = management.list_workflows(store)
+    assert (old.workflow_id, old.status, old.forked_from, old.was_forked_from) == (
+        "old",
+        "SUCCESS",
+        None,
+        False,
+    )
+    new_id = management.fork(store, "old", 0, 2, None, None)
+    lineage = {
+        w.workflow_id: (w.forked_from, w.was_forked_from) for w in management.list_workflows(store)
+    }
+    versions, _ = _versions_and_index_names(db)
+    db.dispose()
+    assert lineage == {"old": (None, True), new_id: ("old", False)}
+    assert sorted(versions) == list(range(4, SCHEMA_VERSION + 1))
+
+
 def test_the_deadline_sweep_reads_active_workflows_only(launched: str) -> None:
     """The scheduler's sweep for overdue workflows runs ten times a second while work runs; it
     must not read again every finished workflow that once had a timeout (the index it reads

@@ -426,6 +426,18 @@ def test_fork_reuses_steps_before_start_step(launched: str) -> None:
         assert wf() == [0, 1, 2, 3]
     assert {w.workflow_id for w in DBOS.list_workflows()} >= {"orig", "fork-2"}
     assert len(DBOS.list_workflows()) == 4
+    # The lineage is recorded, as DBOS records it, and can be filtered on.
+    orig = DBOS.get_workflow_status("orig")
+    fork = DBOS.get_workflow_status("fork-2")
+    assert orig is not None and fork is not None
+    assert (orig.forked_from, orig.was_forked_from) == (None, True)
+    assert (fork.forked_from, fork.was_forked_from) == ("orig", False)
+    forks = DBOS.list_workflows(forked_from="orig")
+    assert {w.workflow_id for w in forks} == {forked.workflow_id, "fork-2"}
+    assert [w.workflow_id for w in DBOS.list_workflows(was_forked_from=True)] == ["orig"]
+    assert len(DBOS.list_workflows(was_forked_from=False)) == 3
+    with pytest.raises(DbosNbError, match="was_forked_from"):
+        DBOS.list_workflows(was_forked_from="yes")
 
 
 def test_a_fork_onto_an_id_taken_meanwhile_is_a_conflict(launched: str) -> None:

@@ -112,6 +112,8 @@ def status_from_row(
         authenticated_user=row.get("authenticated_user"),
         assumed_role=row.get("assumed_role"),
         authenticated_roles=json.loads(roles) if roles else None,
+        forked_from=row.get("forked_from"),
+        was_forked_from=bool(row.get("was_forked_from")),
     )
 
 

@@ -10,8 +10,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
+from dbos_nb.core.context import current
 from dbos_nb.core.handles import status_from_row, step_from_row
-from dbos_nb.errors import DbosNbError, DBOSNonExistentWorkflowError, UnknownQueueError
+from dbos_nb.errors import (
+    DBOSConflictingWorkflowError,
+    DbosNbError,
+    DBOSNonExistentWorkflowError,
+    UnknownQueueError,
+)
+from dbos_nb.ids import new_workflow_id
 from dbos_nb.models import StepInfo, WorkflowStatus
 from dbos_nb.storage.store import SystemStore
 
@@ -45,6 +54,8 @@ def workflow_rows(
     app_version: str | list[str] | None = None,
     executor_id: str | list[str] | None = None,
     parent_workflow_id: str | list[str] | None = None,
+    forked_from: str | list[str] | None = None,
+    was_forked_from: bool | None = None,
     limit: int | None = None,
     offset: int | None = None,
     sort_desc: bool = False,
@@ -53,12 +64,16 @@ def workflow_rows(
 ) -> list[dict[str, Any]]:
     """Rows of the workflows matching every given filter, in enqueue order (newest first if
     `sort_desc`); inputs are left out unless `load_input`, outputs and errors unless
-    `load_output`. Like DBOS, `status`, `name`, `queue_name`, `app_version`, `executor_id`
-    and `parent_workflow_id` take one value or a list of them (any of which matches)."""
+    `load_output`. Like DBOS, `status`, `name`, `queue_name`, `app_version`, `executor_id`,
+    `parent_workflow_id` and `forked_from` take one value or a list of them (any of which
+    matches); `was_forked_from` (a bool) keeps the workflows that have (or have not) been
+    forked."""
     # Read once: a generator would be used up by the check.
     if workflow_ids is not None and not isinstance(workflow_ids, str | bytes):
         workflow_ids = list(workflow_ids)
     _check_filters(workflow_ids, limit, offset, workflow_id_prefix)
+    if was_forked_from is not None and not isinstance(was_forked_from, bool):
+        raise DbosNbError(f"was_forked_from must be True, False or None, got {was_forked_from!r}")
     return store.list_workflows(
         workflow_ids=workflow_ids,
         status=_one_or_many("status", status),
@@ -70,6 +85,8 @@ def workflow_rows(
         app_version=_one_or_many("app_version", app_version),
         executor_id=_one_or_many("executor_id", executor_id),
         parent_workflow_id=_one_or_many("parent_workflow_id", parent_workflow_id),
+        forked_from=_one_or_many("forked_from", forked_from),
+        was_forked_from=was_forked_from,
         limit=limit,
         offset=offset,
         sort_desc=sort_desc,
@@ -153,3 +170,40 @@ def resume(store: SystemStore, workflow_id: str, now_ms: int, queue_name: str | 
     if queue_name is not None and store.get_queue(queue_name) is None:
         raise UnknownQueueError(queue_name)
     store.resume_workflow(workflow_id, now_ms, queue_name)
+
+
+def fork(
+    store: SystemStore,
+    workflow_id: str,
+    start_step: int,
+    now_ms: int,
+    application_version: str | None,
+    queue_name: str | None,
+) -> str:
+    """Enqueue a new workflow (the id `SetWorkflowID` gives, or a new one) that reuses the
+    recorded operations of `workflow_id` before `start_step` and runs the rest; returns its id."""
+    if isinstance(start_step, bool) or not isinstance(start_step, int):
+        raise DbosNbError(f"start_step must be an operation number (an int), got {start_step!r}")
+    if queue_name is not None and store.get_queue(queue_name) is None:
+        raise UnknownQueueError(queue_name)
+    ctx = current()
+    new_id, ctx.next_workflow_id = ctx.next_workflow_id or new_workflow_id(), None
+    taken = "a workflow with this id exists already; a fork needs a new id"
+    if new_id == workflow_id or store.get_workflow(new_id) is not None:
+        raise DBOSConflictingWorkflowError(new_id, taken)
+    try:
+        forked = store.fork_workflow(
+            workflow_id, new_id, start_step, now_ms, application_version, queue_name
+        )
+    except IntegrityError as exc:  # another fork took the id meanwhile
+        raise DBOSConflictingWorkflowError(new_id, taken) from exc
+    if not forked:
+        raise DBOSNonExistentWorkflowError(workflow_id)
+    return new_id
+
+
+def delete(store: SystemStore, workflow_id: str, delete_children: bool) -> list[str]:
+    """Delete a finished workflow (and, if asked, its descendants) with everything recorded
+    of it; returns the ids deleted. An unknown id deletes nothing, as in DBOS; an active
+    workflow raises `WorkflowActiveError` and nothing is deleted."""
+    return store.delete_workflow(workflow_id, with_children=delete_children)

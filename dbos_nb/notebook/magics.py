@@ -262,7 +262,8 @@ class DbosMagics(Magics):
             )
         if status is not None and args.rerun:
             _refuse_active_rerun(rt, status)
-            rt.store.delete_workflow(wid)
+            # What the check let through is finished or abandoned by a dead kernel.
+            rt.store.delete_workflow(wid, refuse_active=False)
             status = None
         if status is None:
             REGISTRY.register(reg)

@@ -59,16 +59,31 @@ def _active_deadline_index(conn: Connection) -> None:
 UPGRADES[3] = _active_deadline_index
 
 
+def _add_column(conn: Connection, table: str, column: str, sql_type: str) -> None:
+    """Add a column to a table of an old database, unless a crashed upgrade's retry finds it."""
+    schema = PG_SCHEMA if conn.dialect.name == "postgresql" else None
+    columns = {c["name"] for c in inspect(conn).get_columns(table, schema=schema)}
+    if column not in columns:
+        prefix = f"{PG_SCHEMA}." if schema else ""
+        conn.execute(text(f"ALTER TABLE {prefix}{table} ADD COLUMN {column} {sql_type}"))
+
+
 def _batch_items_digest(conn: Connection) -> None:
     """Version 4: batches keep a digest of their items (NULL for batches made before)."""
-    schema = PG_SCHEMA if conn.dialect.name == "postgresql" else None
-    columns = {c["name"] for c in inspect(conn).get_columns("batches", schema=schema)}
-    if "items_digest" not in columns:
-        prefix = f"{PG_SCHEMA}." if schema else ""
-        conn.execute(text(f"ALTER TABLE {prefix}batches ADD COLUMN items_digest VARCHAR(64)"))
+    _add_column(conn, "batches", "items_digest", "VARCHAR(64)")
 
 
 UPGRADES[4] = _batch_items_digest
+
+
+def _fork_lineage(conn: Connection) -> None:
+    """Version 5: a workflow records the workflow it was forked from, and whether it was forked
+    (unknown for forks made before: NULL and false)."""
+    _add_column(conn, "workflow_status", "forked_from", "VARCHAR(255)")
+    _add_column(conn, "workflow_status", "was_forked_from", "BOOLEAN NOT NULL DEFAULT false")
+
+
+UPGRADES[5] = _fork_lineage
 
 
 def migrate(db: Database) -> None:

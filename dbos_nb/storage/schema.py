@@ -29,7 +29,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from dbos_nb.models import ACTIVE_STATUSES
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PG_SCHEMA = "dbos_nb"
 # The active statuses as the SQL list that `status_is(column, *ACTIVE_STATUSES)` writes.
 _ACTIVE = ", ".join(f"'{status}'" for status in ACTIVE_STATUSES)
@@ -100,6 +100,10 @@ workflow_status = Table(
     Column("token_estimate", Integer),
     Column("usage_tokens", BigInteger),
     Column("usage_cost", Float),
+    # Fork lineage, as DBOS keeps it: the workflow this one is a fork of, and whether any
+    # fork has been made of this one (version 5).
+    Column("forked_from", String(255)),
+    Column("was_forked_from", Boolean, nullable=False, server_default=text("false")),
     Index("ix_ws_queue_claim", "queue_name", "status", "priority", "id"),
     # A claim on a queue without priority takes the oldest waiting rows: this index gives them
     # in order, where the one above would make the database sort every waiting row of the

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import bindparam, delete, literal_column, select, update
 
+from dbos_nb.errors import WorkflowActiveError
 from dbos_nb.models import ACTIVE_STATUSES, INTERNAL_QUEUE, WorkflowStatusString
 from dbos_nb.storage.rows import CANCELLED, ENQUEUED, StoreBase, _chunks, requeued_afresh
 from dbos_nb.storage.schema import operation_outputs, status_is, workflow_status
@@ -137,7 +138,11 @@ class WorkflowControl(StoreBase):
                     authenticated_user=src["authenticated_user"],
                     assumed_role=src["assumed_role"],
                     authenticated_roles=src["authenticated_roles"],
+                    forked_from=source_id,
                 )
+            )
+            conn.execute(
+                update(ws).where(ws.c.workflow_uuid == source_id).values(was_forked_from=True)
             )
             steps = conn.execute(
                 select(oo).where(oo.c.workflow_uuid == source_id, oo.c.function_id < start_step)
@@ -148,19 +153,41 @@ class WorkflowControl(StoreBase):
             self.db.notify(conn, f"q:{target}")
             return True
 
-    def delete_workflow(self, workflow_id: str) -> list[str]:
-        """Delete a workflow, its descendants and all their records; returns the ids deleted."""
+    def delete_workflow(
+        self, workflow_id: str, *, with_children: bool = True, refuse_active: bool = True
+    ) -> list[str]:
+        """Delete a workflow (with its descendants, unless told not to) and their recorded
+        operations; returns the ids deleted, none for an unknown id. Refuses, deleting nothing,
+        when one of them is still ENQUEUED or PENDING (its execution would go on writing to
+        rows that are gone), unless the caller knows that nothing runs them any more."""
         with self.db.write() as conn:
             doomed: list[str] = []
             frontier = [workflow_id]
             while frontier:
                 doomed.extend(frontier)
+                if not with_children:
+                    break
                 frontier = list(
                     conn.execute(
                         select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(frontier))
                     ).scalars()
                 )
+            for chunk in _chunks(doomed, 500) if refuse_active else ():
+                active = conn.execute(
+                    select(ws.c.workflow_uuid, ws.c.status).where(
+                        ws.c.workflow_uuid.in_(chunk), status_is(ws.c.status, *ACTIVE_STATUSES)
+                    )
+                ).first()
+                if active is not None:
+                    raise WorkflowActiveError(active[0], active[1], "deleting it")
+            deleted: list[str] = []
             for chunk in _chunks(doomed, 500):
                 conn.execute(delete(oo).where(oo.c.workflow_uuid.in_(chunk)))
-                conn.execute(delete(ws).where(ws.c.workflow_uuid.in_(chunk)))
-            return doomed
+                deleted.extend(
+                    conn.execute(
+                        delete(ws)
+                        .where(ws.c.workflow_uuid.in_(chunk))
+                        .returning(ws.c.workflow_uuid)
+                    ).scalars()
+                )
+            return deleted

@@ -282,6 +282,8 @@ class WorkflowRows(StoreBase):
         app_version: Sequence[str] | None = None,
         executor_id: Sequence[str] | None = None,
         parent_workflow_id: Sequence[str] | None = None,
+        forked_from: Sequence[str] | None = None,
+        was_forked_from: bool | None = None,
         limit: int | None = None,
         offset: int | None = None,
         sort_desc: bool = False,
@@ -303,9 +305,12 @@ class WorkflowRows(StoreBase):
             (ws.c.application_version, app_version),
             (ws.c.executor_id, executor_id),
             (ws.c.parent_workflow_id, parent_workflow_id),
+            (ws.c.forked_from, forked_from),
         ):
             if values is not None:
                 stmt = stmt.where(column.in_(list(values)))
+        if was_forked_from is not None:
+            stmt = stmt.where(ws.c.was_forked_from == was_forked_from)
         if start_time is not None:
             stmt = stmt.where(ws.c.created_at >= start_time)
         if end_time is not None:
