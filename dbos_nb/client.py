@@ -8,7 +8,7 @@ the database (their settings and names are stored there), unless `allow_unregist
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Required, TypedDict
+from typing import TYPE_CHECKING, Any, Required, TypedDict
 
 from dbos_nb import serialization
 from dbos_nb.clock import Clock, SystemClock
@@ -16,7 +16,7 @@ from dbos_nb.core import management
 from dbos_nb.core.context import check_id_length, valid_seconds
 from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
 from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX
-from dbos_nb.core.waiters import Waiters, outcome_of, wait_for_result
+from dbos_nb.core.waiters import Waiters, wait_for_result, wait_for_result_async
 from dbos_nb.errors import (
     DBOSConflictingWorkflowError,
     DbosNbError,
@@ -28,6 +28,7 @@ from dbos_nb.models import StepInfo, WorkflowStatus, WorkflowStatusString
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate
 from dbos_nb.storage.store import NewWorkflow, SystemStore
+from dbos_nb.unsupported import refuse
 
 
 class EnqueueOptions(TypedDict, total=False):
@@ -160,6 +161,14 @@ class DBOSClient:
             self._store, self._waiters, self._clock, workflow_id, poll, timeout_sec
         )
 
+    async def wait_result_async(
+        self, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None
+    ) -> Any:
+        poll = min(polling_interval_sec, self._poll)
+        return await wait_for_result_async(
+            self._store, self._waiters, workflow_id, poll, timeout_sec
+        )
+
     def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None:
         return management.get_status(self._store, workflow_id)
 
@@ -179,14 +188,6 @@ class DBOSClient:
 
     def get_result(self, workflow_id: str) -> Any:
         return self.retrieve_workflow(workflow_id).get_result()
-
-    def peek(self, workflow_id: str) -> tuple[bool, Any]:
-        """(finished, value) without waiting; raises the workflow's error if it failed."""
-        row = self._store.get_status_and_result(workflow_id)
-        if row is None:
-            management.require_workflow(self._store, workflow_id)
-            return False, None
-        return outcome_of(workflow_id, row)
 
     # -- management -----------------------------------------------------------------------------
 
@@ -280,6 +281,15 @@ class DBOSClient:
         self, workflow_id: str, *, delete_children: bool = False
     ) -> None:
         await asyncio.to_thread(self.delete_workflow, workflow_id, delete_children=delete_children)
+
+    if not TYPE_CHECKING:  # hidden from type checkers, which still flag a misspelt name
+
+        def __getattr__(self, name: str) -> Any:
+            # Only for names the class lacks: DBOS's client API that dbos_nb leaves out.
+            error = refuse("DBOSClient", name, client=True)
+            if error is not None:
+                raise error
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def destroy(self) -> None:
         """Close the client's connections."""

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,7 @@ from dbos_nb.errors import (
     UnknownQueueError,
 )
 from dbos_nb.models import StepInfo, StepStatus, WorkflowStatus
+from dbos_nb.unsupported import refuse
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -102,7 +103,20 @@ def _fastapi_hook(app: Any) -> Callable[[str, Callable[[], None]], None]:
     )
 
 
-class DBOS:
+class _DBOSType(type):
+    """DBOS's metaclass: names a DBOS Transact API that dbos_nb leaves out (`DBOS.send`,
+    `DBOS.set_event`, ...) in a clear error. Consulted only when the ordinary lookup fails."""
+
+    if not TYPE_CHECKING:  # hidden from type checkers, which still flag a misspelt name
+
+        def __getattr__(cls, name: str) -> Any:
+            error = refuse(cls.__name__, name)
+            if error is not None:
+                raise error
+            raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}")
+
+
+class DBOS(metaclass=_DBOSType):
     """The process's DBOS instance and DBOS Transact's class-level API."""
 
     _engine: Engine | None = None

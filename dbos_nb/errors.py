@@ -46,6 +46,11 @@ class DBOSConflictingWorkflowError(DbosNbError):
         self.workflow_id = workflow_id
 
 
+class DBOSNotImplementedError(DbosNbError, AttributeError):
+    """A DBOS Transact API that dbos_nb does not implement (an AttributeError, so that
+    `hasattr` answers False)."""
+
+
 class WorkflowActiveError(DbosNbError):
     """An operation that needs a finished workflow was asked of one still queued or running."""
 
@@ -202,11 +207,18 @@ class WorkflowPreempted(BaseException):
 
     It derives from BaseException so that `except Exception` in user code does not stop it. The
     reason is one of "cancelled", "timed out" or "shutdown" (the process is destroying DBOS; the
-    workflow stays PENDING and is recovered later).
+    workflow goes back to its queue and resumes at the next launch).
     """
 
     def __init__(self, workflow_id: str, reason: str) -> None:
-        super().__init__(f"workflow {workflow_id!r} preempted: {reason}")
+        if reason == "shutdown":
+            message = (
+                f"workflow {workflow_id!r} stopped: DBOS was destroyed while it ran; it is "
+                "not lost: it resumes from its last completed step at the next launch"
+            )
+        else:
+            message = f"workflow {workflow_id!r} preempted: {reason}"
+        super().__init__(message)
         self.workflow_id = workflow_id
         self.reason = reason
 

@@ -19,6 +19,7 @@ from dbos_nb import (
     RateLimited,
     SetWorkflowID,
     WorkflowHandleAsync,
+    WorkflowPreempted,
 )
 
 
@@ -225,8 +226,9 @@ def test_cancelling_the_caller_does_not_cancel_the_workflow(launched: str, way: 
 def test_destroy_stops_a_directly_called_async_workflow_and_relaunch_resumes_it(
     launched: str,
 ) -> None:
-    """DBOS.destroy() still stops an async workflow that a caller awaits (the caller gets
-    CancelledError, the row stays PENDING); the next launch resumes it from its last step."""
+    """DBOS.destroy() still stops an async workflow that a caller awaits (the caller is told
+    that the shutdown stopped it, not a bare CancelledError); the next launch resumes it from
+    its last step."""
     started, release = threading.Event(), threading.Event()
     calls: list[str] = []
     outcome: list[BaseException | str] = []
@@ -262,7 +264,8 @@ def test_destroy_stops_a_directly_called_async_workflow_and_relaunch_resumes_it(
     assert started.wait(20)
     DBOS.destroy()
     thread.join(20)
-    assert len(outcome) == 1 and isinstance(outcome[0], asyncio.CancelledError)
+    assert len(outcome) == 1 and isinstance(outcome[0], WorkflowPreempted)
+    assert outcome[0].reason == "shutdown" and "resumes" in str(outcome[0])
     release.set()
     DBOS(config=config(launched))
     DBOS.launch()
@@ -385,3 +388,28 @@ def test_client_enqueue_async_and_retrieve_workflow_async(launched: str) -> None
 
     with DBOSClient(launched) as client:
         asyncio.run(caller(client))
+
+
+def test_an_awaited_handle_is_woken_by_the_completion(
+    launched: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`await handle.get_result()` is woken by the workflow's completion, as a blocked thread
+    is: with the polling fallback made an hour long, the result still arrives."""
+    from dbos_nb.core import waiters
+
+    release = threading.Event()
+
+    @DBOS.workflow()
+    def held(x: int) -> int:
+        release.wait(30)
+        return x * 2
+
+    monkeypatch.setattr(waiters._Poll, "next_wait", lambda _self: 3600.0)
+
+    async def wait_for_it() -> list[int]:
+        handles = [await Queue("async_woken").enqueue_async(held, i) for i in (1, 2)]
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, release.set)
+        return list(await asyncio.wait_for(asyncio.gather(*(h.get_result() for h in handles)), 30))
+
+    assert asyncio.run(wait_for_it()) == [2, 4]

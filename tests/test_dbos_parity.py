@@ -18,6 +18,7 @@ from dbos_nb import (
     DBOSClient,
     DbosNbError,
     DBOSNonExistentWorkflowError,
+    DBOSNotImplementedError,
     Queue,
     SetEnqueueOptions,
     SetWorkflowID,
@@ -257,3 +258,28 @@ def test_client_fork_and_the_async_management_calls(launched: str) -> None:
     assert [s.function_id for s in steps] == [0]
     assert {w.workflow_id for w in forks} >= {"afork-1", handle.workflow_id}
     assert gone is None
+
+
+def test_dbos_api_left_out_is_named_in_a_clear_error(launched: str) -> None:
+    """DBOS Transact API that dbos_nb does not implement raises a typed error naming the
+    feature (an AttributeError: `hasattr` answers False); a misspelt name stays a plain
+    AttributeError, and what dbos_nb implements is unaffected."""
+    with pytest.raises(DBOSNotImplementedError, match=r"DBOS\.set_event .*messages and events"):
+        DBOS.set_event("progress", 1)
+    with pytest.raises(DBOSNotImplementedError, match="streams"):
+        DBOS.write_stream("k", 1)
+    with pytest.raises(DBOSNotImplementedError, match="cancel_workflow for each id"):
+        DBOS.cancel_workflows(["a"])
+    assert not hasattr(DBOS, "recv") and hasattr(DBOS, "cancel_workflow")
+    with pytest.raises(AttributeError) as misspelt:
+        DBOS.cancel_workflw  # noqa: B018
+    assert not isinstance(misspelt.value, DBOSNotImplementedError)
+    with DBOSClient(launched) as client:
+        with pytest.raises(DBOSNotImplementedError, match=r"DBOSClient\.send "):
+            client.send("wid", "message")
+        with pytest.raises(DBOSNotImplementedError, match="get_event"):
+            client.get_event("wid", "key")
+        assert not hasattr(client, "get_event") and hasattr(client, "enqueue")
+        with pytest.raises(AttributeError) as misspelt:
+            client.enqueu  # noqa: B018
+        assert not isinstance(misspelt.value, DBOSNotImplementedError)

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from conftest import config
+from conftest import config, wait_until
 from dbos_nb import (
     DBOS,
     DBOSAwaitedWorkflowCancelledError,
+    DBOSClient,
     DBOSConflictingRegistrationError,
     DBOSConflictingWorkflowError,
     DBOSException,
@@ -27,6 +28,7 @@ from dbos_nb import (
     SetWorkflowID,
     UnknownQueueError,
     UnknownWorkflowNameError,
+    WorkflowPreempted,
     WorkflowStatusString,
 )
 
@@ -660,6 +662,60 @@ def test_recreate_dbos_many_times(db_url: str) -> None:
     DBOS(config=config(db_url))
     DBOS.launch()
     assert len(DBOS.list_workflows()) == 20
+
+
+def test_destroy_during_a_direct_call_says_shutdown_and_relaunch_resumes(launched: str) -> None:
+    """DBOS.destroy() while a thread runs a workflow called directly: that caller learns that
+    the shutdown stopped it (it is not cancelled) and the next launch finishes it, without
+    running its completed step again."""
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+    outcome: list[BaseException | str] = []
+
+    @DBOS.step(name="shut_first")
+    def first() -> str:
+        calls.append("first")
+        return "1"
+
+    @DBOS.step(name="shut_gate")
+    def gate() -> str:
+        calls.append("gate")
+        started.set()
+        release.wait(20)
+        return "2"
+
+    @DBOS.workflow(name="shut_wf")
+    def stopped() -> str:
+        return first() + gate() + first()
+
+    def run_caller() -> None:
+        try:
+            with SetWorkflowID("shut-1"):
+                outcome.append(stopped())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run_caller)
+    thread.start()
+    assert started.wait(20)
+    closer = threading.Thread(target=DBOS.destroy)
+    closer.start()
+    with DBOSClient(launched) as client:  # destroy hands the workflow back before the step ends
+
+        def handed_back() -> bool:
+            status = client.get_workflow_status("shut-1")
+            return status is not None and status.status == "ENQUEUED"
+
+        wait_until(handed_back)
+    release.set()
+    closer.join(20)
+    thread.join(20)
+    assert len(outcome) == 1 and isinstance(outcome[0], WorkflowPreempted), outcome
+    assert outcome[0].reason == "shutdown" and "resumes" in str(outcome[0])
+    DBOS(config=config(launched))
+    DBOS.launch()
+    assert DBOS.retrieve_workflow("shut-1").get_result(timeout_sec=20) == "121"
+    assert calls.count("first") == 2 and calls[0] == "first"
 
 
 def test_enqueueing_a_function_the_registry_lost_is_refused(db_url: str) -> None:

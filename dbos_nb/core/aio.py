@@ -26,7 +26,6 @@ from dbos_nb.core.steps import (
     require_workflow_for_sleep,
     sleep_until,
 )
-from dbos_nb.core.waiters import outcome_of
 from dbos_nb.core.workflows import (
     Execution,
     _body_of,
@@ -36,7 +35,7 @@ from dbos_nb.core.workflows import (
     register,
     write_started,
 )
-from dbos_nb.errors import DBOSNonExistentWorkflowError, WorkflowPreempted
+from dbos_nb.errors import WorkflowPreempted
 
 
 async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
@@ -47,7 +46,7 @@ async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
             await asyncio.sleep(0.01)
         running, stale = register(rt, ex)
     if running is None:
-        return await wait_result_async(rt, ex.workflow_id, rt.polling_interval_sec)
+        return await rt.wait_result_async(ex.workflow_id, rt.polling_interval_sec, None)
     try:
         with using(Context(workflow=running)):
             try:
@@ -79,8 +78,15 @@ async def call_workflow_async(
     """
     ex, existing = write_started(rt, reg, args, kwargs)
     if existing is not None:
-        return await wait_result_async(rt, ex.workflow_id, rt.polling_interval_sec)
-    return await asyncio.shield(asyncio.wrap_future(start_on_loop(rt, ex)))
+        return await rt.wait_result_async(ex.workflow_id, rt.polling_interval_sec, None)
+    outcome = start_on_loop(rt, ex)
+    try:
+        return await asyncio.shield(asyncio.wrap_future(outcome))
+    except asyncio.CancelledError:
+        if outcome.cancelled() and rt.stopping.is_set():
+            # Not the caller's cancellation: DBOS.destroy() stopped dbos_nb's loop.
+            raise WorkflowPreempted(ex.workflow_id, "shutdown") from None
+        raise
 
 
 async def call_step_async(
@@ -140,30 +146,10 @@ async def durable_sleep_async(rt: Runtime, seconds: float) -> None:
     await sleep_checked(rt, ctx, max((wake_at - rt.now_ms()) / 1000, 0.0))
 
 
-async def wait_result_async(
-    rt: Any, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None = None
-) -> Any:
-    """Await a workflow's outcome without holding a thread (polls with back-off)."""
-    delay, waited = 0.002, 0.0
-    while True:
-        row = rt.store.get_status_and_result(workflow_id)
-        if row is None:
-            raise DBOSNonExistentWorkflowError(workflow_id)
-        finished, value = outcome_of(workflow_id, row)
-        if finished:
-            return value
-        if timeout_sec is not None and waited >= timeout_sec:
-            raise TimeoutError(f"workflow {workflow_id!r} did not finish within {timeout_sec} s")
-        await asyncio.sleep(delay)
-        waited += delay
-        delay = min(delay * 2, max(polling_interval_sec, 0.002))
-
-
 __all__ = [
     "call_step_async",
     "call_workflow_async",
     "durable_sleep_async",
     "run_execution_async",
     "start_on_loop",
-    "wait_result_async",
 ]

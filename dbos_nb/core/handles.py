@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -20,9 +19,11 @@ class HandleBackend(Protocol):
         self, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None
     ) -> Any: ...
 
-    def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None: ...
+    async def wait_result_async(
+        self, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None
+    ) -> Any: ...
 
-    def peek(self, workflow_id: str) -> tuple[bool, Any]: ...
+    def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None: ...
 
 
 class WorkflowHandle(Generic[R]):
@@ -45,20 +46,12 @@ class WorkflowHandle(Generic[R]):
     async def get_result_async(
         self, polling_interval_sec: float = 1.0, *, timeout_sec: float | None = None
     ) -> R:
-        """Await the workflow's result without holding a thread (polls with back-off)."""
-        delay, waited = 0.002, 0.0
-        while True:
-            finished, value = self._backend.peek(self.workflow_id)
-            if finished:
-                result: R = value
-                return result
-            if timeout_sec is not None and waited >= timeout_sec:
-                raise TimeoutError(
-                    f"workflow {self.workflow_id!r} did not finish within {timeout_sec} s"
-                )
-            await asyncio.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, max(polling_interval_sec, 0.002))
+        """Await the workflow's result without holding a thread; woken by its completion as
+        `get_result` is."""
+        value: R = await self._backend.wait_result_async(
+            self.workflow_id, polling_interval_sec, timeout_sec
+        )
+        return value
 
     async def get_status_async(self) -> WorkflowStatus:
         return self.get_status()

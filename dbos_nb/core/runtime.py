@@ -21,8 +21,8 @@ from dbos_nb.core.handles import status_from_row
 from dbos_nb.core.loop import LoopThread
 from dbos_nb.core.pool import ElasticPool
 from dbos_nb.core.registry import Registration, Registry
-from dbos_nb.core.waiters import Waiters, outcome_of, wait_for_result
-from dbos_nb.errors import DBOSNonExistentWorkflowError, DBOSNotLaunchedError
+from dbos_nb.core.waiters import Waiters, wait_for_result, wait_for_result_async
+from dbos_nb.errors import DBOSNotLaunchedError
 from dbos_nb.models import ClaimedWorkflow, WorkflowStatus
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.store import SystemStore
@@ -163,12 +163,11 @@ class Runtime:
         poll = min(polling_interval_sec, self.polling_interval_sec)
         return wait_for_result(self.store, self.waiters, self.clock, workflow_id, poll, timeout_sec)
 
-    def peek(self, workflow_id: str) -> tuple[bool, Any]:
-        """(finished, value) now, without waiting; raises the workflow's error if it failed."""
-        row = self.store.get_status_and_result(workflow_id)
-        if row is None:
-            raise DBOSNonExistentWorkflowError(workflow_id)
-        return outcome_of(workflow_id, row)
+    async def wait_result_async(
+        self, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None
+    ) -> Any:
+        poll = min(polling_interval_sec, self.polling_interval_sec)
+        return await wait_for_result_async(self.store, self.waiters, workflow_id, poll, timeout_sec)
 
     def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None:
         row = self.store.get_workflow(workflow_id)

@@ -8,9 +8,10 @@ reaches (other processes on SQLite).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from dbos_nb import serialization
@@ -26,20 +27,45 @@ from dbos_nb.models import WorkflowStatusString as S
 from dbos_nb.storage.store import SystemStore
 
 
+class _LoopEvent:
+    """An asyncio.Event that other threads set (through its loop): what an awaiting handle
+    registers, so that a completion wakes it as it wakes a blocked thread."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    def set(self) -> None:
+        with suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self.event.set)
+
+
 class Waiters:
     """Per-workflow wake-up events."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._events: dict[str, list[threading.Event]] = {}
+        self._events: dict[str, list[threading.Event | _LoopEvent]] = {}
 
     @contextmanager
     def watch(self, workflow_id: str) -> Iterator[threading.Event]:
         event = threading.Event()
+        with self._registered(workflow_id, event):
+            yield event
+
+    @contextmanager
+    def watch_async(self, workflow_id: str) -> Iterator[asyncio.Event]:
+        """`watch` for a coroutine, inside a running event loop."""
+        waker = _LoopEvent()
+        with self._registered(workflow_id, waker):
+            yield waker.event
+
+    @contextmanager
+    def _registered(self, workflow_id: str, event: threading.Event | _LoopEvent) -> Iterator[None]:
         with self._lock:
             self._events.setdefault(workflow_id, []).append(event)
         try:
-            yield event
+            yield
         finally:
             with self._lock:
                 events = self._events.get(workflow_id)
@@ -93,23 +119,70 @@ def wait_for_result(
 
     Raises TimeoutError if `timeout_sec` passes first (the workflow keeps running).
     """
-    delay = 0.002
-    cap = max(polling_interval_sec, 0.002)
-    waited = 0.0
+    poll = _Poll(store, workflow_id, polling_interval_sec, timeout_sec)
     with waiters.watch(workflow_id) as event:
         while True:
-            row = store.get_status_and_result(workflow_id)
-            if row is None:
-                raise DBOSNonExistentWorkflowError(workflow_id)
-            finished, value = outcome_of(workflow_id, row)
+            finished, value = poll.check()
             if finished:
                 return value
-            if timeout_sec is not None and waited >= timeout_sec:
-                raise TimeoutError(
-                    f"workflow {workflow_id!r} did not finish within {timeout_sec} s"
-                )
-            step = delay if timeout_sec is None else min(delay, max(timeout_sec - waited, 0.0))
-            event.wait(step)
+            event.wait(poll.next_wait())
             event.clear()
-            waited += step
-            delay = min(delay * 2, cap)
+
+
+async def wait_for_result_async(
+    store: SystemStore,
+    waiters: Waiters,
+    workflow_id: str,
+    polling_interval_sec: float,
+    timeout_sec: float | None = None,
+) -> Any:
+    """`wait_for_result` for a coroutine: the same wake-ups, awaited instead of blocking."""
+    poll = _Poll(store, workflow_id, polling_interval_sec, timeout_sec)
+    with waiters.watch_async(workflow_id) as event:
+        while True:
+            finished, value = poll.check()
+            if finished:
+                return value
+            with suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), poll.next_wait())
+            event.clear()
+
+
+class _Poll:
+    """One wait's reads of the workflow's row, and the back-off between them (a wake-up ends a
+    pause early; the pause doubles up to the polling interval, for what no wake-up reaches)."""
+
+    def __init__(
+        self,
+        store: SystemStore,
+        workflow_id: str,
+        polling_interval_sec: float,
+        timeout_sec: float | None,
+    ) -> None:
+        self._store = store
+        self._workflow_id = workflow_id
+        self._timeout = timeout_sec
+        self._delay = 0.002
+        self._cap = max(polling_interval_sec, 0.002)
+        self._waited = 0.0
+
+    def check(self) -> tuple[bool, Any]:
+        """(finished, value); raises the workflow's error, or TimeoutError once it is due."""
+        row = self._store.get_status_and_result(self._workflow_id)
+        if row is None:
+            raise DBOSNonExistentWorkflowError(self._workflow_id)
+        finished, value = outcome_of(self._workflow_id, row)
+        if not finished and self._timeout is not None and self._waited >= self._timeout:
+            raise TimeoutError(
+                f"workflow {self._workflow_id!r} did not finish within {self._timeout} s"
+            )
+        return finished, value
+
+    def next_wait(self) -> float:
+        """How long to wait before the next read."""
+        step = self._delay
+        if self._timeout is not None:
+            step = min(step, max(self._timeout - self._waited, 0.0))
+        self._waited += step
+        self._delay = min(self._delay * 2, self._cap)
+        return step

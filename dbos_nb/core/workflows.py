@@ -29,6 +29,7 @@ from dbos_nb.core.waiters import outcome_of, wait_for_result
 from dbos_nb.errors import (
     DBOSAwaitedWorkflowCancelledError,
     DBOSConflictingWorkflowError,
+    DBOSMaxRecoveryAttemptsExceededError,
     DbosNbError,
     DBOSNonSerializableError,
     DBOSWorkflowTimedOutError,
@@ -490,6 +491,10 @@ def on_failure(rt: Runtime, ex: Execution, exc: BaseException) -> BaseException:
     if isinstance(exc, WorkflowPreempted):
         if exc.workflow_id != wid or exc.reason == "shutdown":
             return exc
+        if rt.stopping.is_set() and exc.reason not in ("cancelled", "timed out"):
+            # DBOS.destroy() handed the workflow back to its queue before the body noticed
+            # the shutdown: it was not cancelled, it resumes at the next launch.
+            return WorkflowPreempted(wid, "shutdown")
         if exc.reason == "timed out" or (
             ex.deadline_ms is not None and rt.now_ms() >= ex.deadline_ms
         ):
@@ -636,9 +641,12 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> concurrent.futures.Fut
             claimed.recovery_attempts - 1,
             reg.max_recovery_attempts,
         )
-        rt.store.set_status(
-            claimed.workflow_id, S.MAX_RECOVERY_ATTEMPTS_EXCEEDED.value, rt.now_ms()
+        given_up = DBOSMaxRecoveryAttemptsExceededError(
+            f"workflow {claimed.workflow_id!r} was started {claimed.recovery_attempts - 1} "
+            f"times without finishing (its process died or stopped each time); "
+            f"max_recovery_attempts={reg.max_recovery_attempts}"
         )
+        rt.store.dead_letter(claimed.workflow_id, rt.now_ms(), serialization.dump_error(given_up))
         rt.waiters.notify(claimed.workflow_id)
         rt.wake_scheduler()
         return None

@@ -117,6 +117,8 @@ class Batch:
         self.queue_name = str(record["queue_name"])
         self.function_name = str(record["function_name"])
         self.created_at_ms = int(record["created_at"])
+        # The cell in which `wait()` left a summary, so that the cell does not show it twice.
+        self._shown_in_cell: int | None = None
 
     @classmethod
     def attach(cls, name: str) -> Batch:
@@ -201,9 +203,13 @@ class Batch:
                 delay = min(delay * 2, poll_interval)
         finally:
             if view is not None:
-                view.stop()
+                view.settle()
         if showing:
-            views.show_summary(self)
+            if view is None:
+                views.show_summary(self)
+            # `batch.wait()` as a cell's last line returns the batch: the summary just shown
+            # stands for it, rather than a second view below.
+            self._shown_in_cell = views.current_cell()
         return self
 
     def _why_nothing_runs(self) -> str | None:
@@ -286,8 +292,11 @@ class Batch:
         return progress_html(self.progress())
 
     def _ipython_display_(self) -> None:
-        from dbos_nb.notebook.views import show_live
+        from dbos_nb.notebook.views import current_cell, show_live
 
+        shown, self._shown_in_cell = self._shown_in_cell, None
+        if shown is not None and shown == current_cell():
+            return  # `wait()` has just left its summary in this cell
         if peek_runtime() is None:
             print(repr(self))
             return

@@ -7,7 +7,8 @@ process and works the same after a kernel restart.
 
 Where widgets cannot render (terminal IPython, plain nbconvert, no ipywidgets, or
 DBOS_NB_PROGRESS=text), a static HTML/text snapshot is shown instead; a finished `wait()` always
-leaves a static summary in the cell so a saved notebook shows the result.
+leaves a static summary in the cell (in the live view's place) so a saved notebook shows the
+result.
 """
 
 from __future__ import annotations
@@ -41,12 +42,19 @@ def _ipython() -> Any:
     return get_ipython()
 
 
-def display(obj: Any) -> None:
-    """IPython's display (untyped upstream), imported only when something is shown."""
+def display(obj: Any, *, replaceable: bool = False) -> Any:
+    """IPython's display (untyped upstream), imported only when something is shown; with
+    `replaceable`, returns the handle that can replace the output in place."""
     from IPython import display as ipython_display
 
     show: Any = ipython_display.display
-    show(obj)
+    return show(obj, display_id=True) if replaceable else show(obj)
+
+
+def current_cell() -> int | None:
+    """The number of the cell being run (None outside IPython)."""
+    ip = _ipython()
+    return None if ip is None else int(ip.execution_count)
 
 
 def in_ipython() -> bool:
@@ -153,6 +161,7 @@ class LiveView:
         self.box = w.VBox([self.title, self.bar, self.counts, self.extras, self.errors])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dbos_nb-progress", daemon=True)
+        self.handle: Any = None  # the output the widget is shown in
 
     def start(self) -> None:
         self._apply(self.batch.progress())
@@ -166,6 +175,16 @@ class LiveView:
                 self._apply(self.batch.progress())
             except Exception as exc:
                 logger.debug("final progress update failed: %s", exc)
+
+    def settle(self) -> None:
+        """Stop refreshing and put the static summary in the widget's place: the cell then
+        holds one view of the batch, and a saved notebook shows it (widgets are not saved)."""
+        self._stop.set()
+        self._thread.join(timeout=2 * UPDATE_INTERVAL_SEC)
+        if self.handle is not None:
+            self.handle.update(Snapshot(self.batch.progress()))
+        else:
+            self.stop()
 
     def _apply(self, p: Progress) -> None:
         with self.box.hold_sync():
@@ -197,7 +216,7 @@ def show_live(batch: Batch) -> LiveView | None:
     """Display a batch: a live widget where one can render, else a static snapshot."""
     if widgets_available():
         view = LiveView(batch)
-        display(view.box)
+        view.handle = display(view.box, replaceable=True)
         view.start()
         return view
     display(Snapshot(batch.progress()))

@@ -14,7 +14,9 @@ from dbos_nb.errors import (
     BatchItemsConflictError,
     DBOSConflictingWorkflowError,
 )
+from dbos_nb.models import INTERNAL_QUEUE
 from dbos_nb.storage.rows import (
+    FAILED,
     NewWorkflow,
     StoreBase,
     _chunks,
@@ -149,39 +151,57 @@ class BatchRecords(StoreBase):
         return True
 
     def retry_failed_in_batch(self, batch_id: str, now_ms: int) -> list[str]:
-        """Put the batch's failed workflows back in their queue, in one transaction.
+        """Put the batch's failed workflows (ERROR, or given up after too many recoveries)
+        back in their queue, in one transaction; returns their ids.
 
         Their failed operations' records are removed so those run again; their completed
-        operations stay recorded and are not run again (no call is paid for twice).
+        operations stay recorded and are not run again (no call is paid for twice). Their
+        failed descendants go back too (to their queue, or the internal one): an item replaying
+        a child workflow's recorded failure would only fail again.
         """
         with self.db.write() as conn:
             ids = list(
                 conn.execute(
                     select(ws.c.workflow_uuid).where(
-                        ws.c.batch_id == batch_id, status_is(ws.c.status, "ERROR")
+                        ws.c.batch_id == batch_id, status_is(ws.c.status, *FAILED)
                     )
                 ).scalars()
             )
-            for chunk in _chunks(ids, 500):
+            retried = list(ids)
+            frontier = ids
+            while frontier:
+                frontier = [
+                    wid
+                    for chunk in _chunks(frontier, 500)
+                    for wid in conn.execute(
+                        select(ws.c.workflow_uuid).where(
+                            ws.c.parent_workflow_id.in_(chunk), status_is(ws.c.status, *FAILED)
+                        )
+                    ).scalars()
+                ]
+                retried.extend(frontier)
+            queues: set[str] = set()
+            for chunk in _chunks(retried, 500):
                 conn.execute(
                     delete(oo).where(oo.c.workflow_uuid.in_(chunk), oo.c.error.is_not(None))
                 )
-                conn.execute(
-                    update(ws)
-                    .where(ws.c.workflow_uuid.in_(chunk), status_is(ws.c.status, "ERROR"))
-                    .values(
-                        {
-                            **requeued_afresh(now_ms),
-                            "error": None,
-                            "output": None,
-                            "completed_at": None,
-                        }
-                    )
+                queues.update(
+                    conn.execute(
+                        update(ws)
+                        .where(ws.c.workflow_uuid.in_(chunk), status_is(ws.c.status, *FAILED))
+                        .values(
+                            {
+                                **requeued_afresh(now_ms),
+                                "queue_name": func.coalesce(ws.c.queue_name, INTERNAL_QUEUE),
+                                "error": None,
+                                "output": None,
+                                "completed_at": None,
+                            }
+                        )
+                        .returning(ws.c.queue_name)
+                    ).scalars()
                 )
-            queue = conn.execute(
-                select(batches.c.queue_name).where(batches.c.batch_id == batch_id)
-            ).scalar()
-            if ids and queue:
+            for queue in sorted(queues):
                 self.db.notify(conn, f"q:{queue}")
             return ids
 
@@ -242,8 +262,8 @@ class BatchRecords(StoreBase):
         with self.db.read() as conn:
             rows = conn.execute(
                 select(ws.c.workflow_uuid, ws.c.error)
-                .where(ws.c.batch_id == batch_id, status_is(ws.c.status, "ERROR"))
-                .order_by(ws.c.completed_at.desc())
+                .where(ws.c.batch_id == batch_id, status_is(ws.c.status, *FAILED))
+                .order_by(ws.c.updated_at.desc())
                 .limit(limit)
             ).all()
             return [(str(r[0]), r[1]) for r in rows]

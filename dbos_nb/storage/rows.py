@@ -19,6 +19,9 @@ ws = workflow_status
 PENDING = WorkflowStatusString.PENDING.value
 ENQUEUED = WorkflowStatusString.ENQUEUED.value
 CANCELLED = WorkflowStatusString.CANCELLED.value
+MAX_RECOVERY_ATTEMPTS_EXCEEDED = WorkflowStatusString.MAX_RECOVERY_ATTEMPTS_EXCEEDED.value
+# What a batch counts as failed, and retries.
+FAILED = (WorkflowStatusString.ERROR.value, MAX_RECOVERY_ATTEMPTS_EXCEEDED)
 
 
 @dataclass

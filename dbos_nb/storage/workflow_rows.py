@@ -13,7 +13,14 @@ from sqlalchemy.exc import IntegrityError
 from dbos_nb.errors import DBOSQueueDeduplicatedError
 from dbos_nb.storage import merged
 from dbos_nb.storage.database import NOTIFY_CHANNEL, Database
-from dbos_nb.storage.rows import ENQUEUED, PENDING, NewWorkflow, StoreBase, _row_values
+from dbos_nb.storage.rows import (
+    ENQUEUED,
+    MAX_RECOVERY_ATTEMPTS_EXCEEDED,
+    PENDING,
+    NewWorkflow,
+    StoreBase,
+    _row_values,
+)
 from dbos_nb.storage.schema import operation_outputs, queues, status_is, workflow_status
 
 ws = workflow_status
@@ -259,13 +266,19 @@ class WorkflowRows(StoreBase):
         row = self.db.grouped(stmt, params, self._finish_merged)
         return (row is not None, row[1] if row is not None else None)
 
-    def set_status(self, workflow_id: str, status: str, now_ms: int) -> None:
-        """Set a status unconditionally (used to dead-letter a workflow)."""
+    def dead_letter(self, workflow_id: str, now_ms: int, error: bytes) -> None:
+        """Give up on a workflow started too often (MAX_RECOVERY_ATTEMPTS_EXCEEDED), with the
+        error that says so: listings, batch frames and widgets then show why it failed."""
         with self.db.write() as conn:
             conn.execute(
                 update(ws)
                 .where(ws.c.workflow_uuid == workflow_id)
-                .values(status=status, updated_at=now_ms, deduplication_id=None)
+                .values(
+                    status=MAX_RECOVERY_ATTEMPTS_EXCEEDED,
+                    error=error,
+                    updated_at=now_ms,
+                    deduplication_id=None,
+                )
             )
             self.db.notify(conn, f"done:{workflow_id}")
 

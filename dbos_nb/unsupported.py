@@ -1,0 +1,86 @@
+"""The parts of DBOS Transact's API that dbos_nb does not implement, named in a clear error.
+
+Code written for DBOS that reaches one of them gets `DBOSNotImplementedError` (an AttributeError,
+so `hasattr` still answers False) naming the feature, rather than a bare AttributeError that
+reads like a typo in the program.
+"""
+
+from __future__ import annotations
+
+from dbos_nb.errors import DBOSNotImplementedError
+
+_MESSAGES = "workflow messages and events (send/recv, set_event/get_event)"
+_STREAMS = "workflow streams"
+_SCHEDULES = "scheduled workflows"
+
+# DBOS attribute name -> the feature it belongs to.
+_DBOS_FEATURES: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "send",
+            "send_async",
+            "recv",
+            "recv_async",
+            "set_event",
+            "set_event_async",
+            "get_event",
+            "get_event_async",
+            "get_all_events",
+            "get_all_events_async",
+        ),
+        _MESSAGES,
+    ),
+    **dict.fromkeys(
+        (
+            "write_stream",
+            "write_stream_async",
+            "read_stream",
+            "read_stream_async",
+            "close_stream",
+            "close_stream_async",
+        ),
+        _STREAMS,
+    ),
+    **dict.fromkeys(
+        (
+            "scheduled",
+            "create_schedule",
+            "list_schedules",
+            "get_schedule",
+            "delete_schedule",
+            "pause_schedule",
+            "resume_schedule",
+            "trigger_schedule",
+            "apply_schedules",
+            "backfill_schedule",
+        ),
+        _SCHEDULES,
+    ),
+    "kafka_consumer": "Kafka consumers",
+    "required_roles": "role-based access checks",
+    "default_required_roles": "role-based access checks",
+    "patch": "workflow patching",
+    "deprecate_patch": "workflow patching",
+    "cancel_workflows": "bulk management calls (call cancel_workflow for each id)",
+    "resume_workflows": "bulk management calls (call resume_workflow for each id)",
+    "delete_workflows": "bulk management calls (call delete_workflow for each id)",
+}
+
+# DBOSClient's share of the same features.
+_CLIENT_FEATURES: dict[str, str] = {
+    name: feature
+    for name, feature in _DBOS_FEATURES.items()
+    if feature in (_MESSAGES, _STREAMS, _SCHEDULES) or feature.startswith("bulk")
+}
+
+
+def refuse(owner: str, name: str, client: bool = False) -> DBOSNotImplementedError | None:
+    """The error for `owner.name` if it is a DBOS API that dbos_nb leaves out, else None."""
+    feature = (_CLIENT_FEATURES if client else _DBOS_FEATURES).get(name)
+    if feature is None:
+        return None
+    return DBOSNotImplementedError(
+        f"{owner}.{name} belongs to a part of DBOS Transact that dbos_nb does not implement: "
+        f"{feature}. dbos_nb implements workflows, steps, transactions, queues and their "
+        "management (README: 'Not in dbos_nb')"
+    )
