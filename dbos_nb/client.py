@@ -15,7 +15,6 @@ from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import management
 from dbos_nb.core.context import check_id_length, valid_seconds
 from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
-from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX
 from dbos_nb.core.waiters import Waiters, wait_for_result, wait_for_result_async
 from dbos_nb.errors import (
     DBOSConflictingWorkflowError,
@@ -24,7 +23,7 @@ from dbos_nb.errors import (
     UnknownWorkflowNameError,
 )
 from dbos_nb.ids import new_workflow_id
-from dbos_nb.models import StepInfo, WorkflowStatus, WorkflowStatusString
+from dbos_nb.models import STEP_WORKFLOW_PREFIX, StepInfo, WorkflowStatus, WorkflowStatusString
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate
 from dbos_nb.storage.store import NewWorkflow, SystemStore

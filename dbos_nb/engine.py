@@ -262,7 +262,10 @@ class Engine:
         previous = rt.store.upsert_queue(settings, rt.now_ms())
         if previous is not None and previous != settings:
             logger.warning(
-                "queue %r: stored settings %s replaced by %s", settings.name, previous, settings
+                "queue %r declared again with new settings %s (was %s); the new ones apply",
+                settings.name,
+                settings,
+                previous,
             )
 
     def _on_register(self, reg: Registration) -> None:

@@ -34,6 +34,14 @@ TERMINAL_STATUSES = (
 # Queue that carries resumed, forked and recovered non-queue workflows (DBOS's name).
 INTERNAL_QUEUE = "_dbos_internal_queue"
 
+# A step or transaction enqueued on its own runs as a one-operation workflow of this name.
+STEP_WORKFLOW_PREFIX = "__dbos_nb_step__:"
+
+
+def shown_function_name(workflow_name: str) -> str:
+    """A stored workflow name as people know it: a step enqueued alone by its own name."""
+    return workflow_name.removeprefix(STEP_WORKFLOW_PREFIX)
+
 
 @dataclass
 class WorkflowStatus:

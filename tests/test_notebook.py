@@ -137,6 +137,58 @@ def test_replay_restores_guarded_imports_and_names_what_it_cannot(
     assert "nested" not in shell.user_ns
 
 
+NOTEBOOK_DATA = """
+import random, types
+import pandas as pd
+df = pd.DataFrame({"text": ["a", "bb"]})
+config = {"model": "x"}
+seen = []
+items = [1, 2, 3, 4, 5, 6]
+untouched = {"k": 1}
+scratch = types.ModuleType("scratch")
+"""
+
+
+def test_replay_brings_back_changes_in_place(
+    shell: InteractiveShell, db_url: str, capsys: Any
+) -> None:
+    """A cell that changes objects made by earlier cells: after a restart, with the earlier
+    cells run again, the replay brings back those objects as the cell left them."""
+    run(shell, STEPS)
+    run(shell, NOTEBOOK_DATA)
+    cell = (
+        "%%dbos_workflow enrich\n"
+        "df['summary'] = [fetch(len(t)) for t in df.text]\n"
+        "df.loc[0, 'summary'] += 1\n"
+        "config['done'] = True\n"
+        "del config['model']\n"
+        "seen.append(fetch(5))\n"  # changed by a method call
+        "random.Random(0).shuffle(items)\n"  # changed by a function it is passed to
+        "size = len(untouched)\n"  # only read
+        "scratch.flag = True\n"  # a module: not recorded, and said so
+        "df.shape\n"
+    )
+    assert run(shell, cell) == (2, 2)
+    assert "scratch" in capsys.readouterr().out
+    shuffled = list(shell.user_ns["items"])
+    assert shuffled != [1, 2, 3, 4, 5, 6]
+    # A new kernel: the earlier cells run again, then the finished cell replays.
+    DBOS.destroy(destroy_registry=True)
+    run(shell, f"%dbos_launch --db {db_url} --name nbtest")
+    run(shell, STEPS)
+    run(shell, NOTEBOOK_DATA)
+    untouched = shell.user_ns["untouched"]
+    assert run(shell, cell) == (2, 2)
+    assert CALLS == [("fetch", 1), ("fetch", 2), ("fetch", 5)]  # nothing ran again
+    ns = shell.user_ns
+    assert ns["df"]["summary"].tolist() == [11, 20]
+    assert ns["config"] == {"done": True}
+    assert ns["seen"] == [50] and ns["items"] == shuffled
+    assert ns["untouched"] is untouched  # read, not changed: the kernel's object stays
+    assert not hasattr(ns["scratch"], "flag")
+    assert "changes this cell made in place to scratch are not restored" in capsys.readouterr().out
+
+
 class KernelDied(BaseException):
     """Stands in for the kernel dying in the middle of a cell."""
 

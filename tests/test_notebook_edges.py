@@ -30,10 +30,11 @@ from conftest import create_pg_database, drop_pg_database, wait_until
 from conftest import run_cell as run
 from dbos_nb import DBOS
 from dbos_nb.core.registry import resolve
+from dbos_nb.core.runtime import get_runtime
 from dbos_nb.errors import DbosNbError
 from dbos_nb.notebook.batch import legacy_batch_name
 from dbos_nb.notebook.batch_names import default_batch_name
-from dbos_nb.notebook.magics import parse_limit
+from dbos_nb.notebook.magics import DbosMagics, _args, parse_limit
 
 STEPS = """
 from dbos_nb import DBOS
@@ -311,6 +312,77 @@ def test_launch_again_and_cancel_say_what_really_happened(
     run(shell, "%dbos_cancel finished")
     assert "already ended SUCCESS; nothing to cancel" in capsys.readouterr().out
     assert DBOS.get_workflow_status("finished").status == "SUCCESS"  # type: ignore[union-attr]
+
+
+def test_resume_says_what_it_did_and_a_cells_handle_gives_its_value(
+    shell: InteractiveShell, capsys: Any
+) -> None:
+    run(shell, "%%dbos_workflow finished\n41 + 1\n")
+    shell.user_ns["fail"] = True
+    with pytest.raises(ValueError):
+        run(shell, "%%dbos_workflow failed\nif fail:\n    raise ValueError('no')\n")
+    capsys.readouterr()
+    for wid, status in (("finished", "SUCCESS"), ("failed", "ERROR")):
+        assert run(shell, f"%dbos_resume {wid}") is None
+        assert f"already ended {status}; nothing to resume" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="no workflow 'nope'"):
+        run(shell, "%dbos_resume nope")
+    # A cancelled cell, resumed: its handle gives the cell's value, not the recorded names.
+    gate = threading.Event()
+    shell.user_ns.update(gate=gate, RUNS=[])
+    run(
+        shell,
+        "from dbos_nb import DBOS\n"
+        "@DBOS.step()\n"
+        "def held(i):\n"
+        "    RUNS.append(i)\n"
+        "    gate.wait(20)\n"
+        "    return i\n",
+    )
+    run(shell, "%%dbos_workflow paused --background\ntotal = held(1) + held(2)\ntotal * 10\n")
+    wait_until(lambda: shell.user_ns["RUNS"] == [1])
+    run(shell, "%dbos_cancel paused")
+    gate.set()
+    rt = get_runtime()
+    wait_until(lambda: not rt.is_running("paused"))
+    handle = run(shell, "%dbos_resume paused")
+    assert "resumed paused" in capsys.readouterr().out
+    assert handle.get_result(timeout_sec=20) == 30
+    assert shell.user_ns["total"] == 3
+
+
+def test_quoted_magic_arguments_are_unquoted(
+    shell: InteractiveShell, db_url: str, capsys: Any
+) -> None:
+    run(shell, f"%dbos_launch --db \"{db_url}\" --name 'nbedges'")
+    assert "already running" in capsys.readouterr().out
+    fast = run(shell, "%dbos_queue \"llm-fast\" --as 'fast' --limit '10 / 30 s'")
+    assert fast.name == "llm-fast" and fast.limiter == {"limit": 10, "period": 30.0}
+    assert shell.user_ns["fast"] is fast
+    handle = run(shell, "%%dbos_workflow 'quoted cell' --id \"q-1\" --queue 'llm-fast'\n7\n")
+    assert handle.workflow_id == "q-1" and handle.get_result(timeout_sec=20) == 7
+    status = DBOS.get_workflow_status("q-1")
+    assert status is not None and (status.name, status.queue_name) == (
+        "cell:quoted cell",
+        "llm-fast",
+    )
+    assert len(run(shell, "%dbos_status 'llm-fast'")) == 1
+    run(shell, "%dbos_cancel 'q-1'")
+    run(shell, '%dbos_resume "q-1"')
+    out = capsys.readouterr().out
+    assert "q-1 had already ended SUCCESS; nothing to cancel" in out
+    assert "q-1 had already ended SUCCESS; nothing to resume" in out
+    workers = _args(DbosMagics.dbos_workers, "2 --queue \"a b\" --queue 'c' --queue d")
+    assert (workers.action, workers.queue) == ("2", ["a b", "c", "d"])
+    with pytest.raises(UsageError, match="cannot read the arguments"):
+        run(shell, '%dbos_queue "unclosed')
+
+
+def test_status_of_an_unknown_queue_is_refused(shell: InteractiveShell) -> None:
+    run(shell, "%dbos_queue known")
+    assert len(run(shell, "%dbos_status known")) == 0
+    with pytest.raises(UsageError, match="queue 'unknown' is not declared"):
+        run(shell, "%dbos_status unknown")
 
 
 # -- 7: typed errors from magic arguments -------------------------------------------------------

@@ -21,7 +21,8 @@ import threading
 import time
 
 from dbos_nb.core import versions
-from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX, Registration, Registry, registration_of
+from dbos_nb.core.registry import Registration, Registry, registration_of
+from dbos_nb.models import STEP_WORKFLOW_PREFIX
 from dbos_nb.storage.store import SystemStore
 
 logger = logging.getLogger(__name__)

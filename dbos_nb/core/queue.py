@@ -127,7 +127,10 @@ class QueueRegistry:
     def declare(self, queue: Queue) -> None:
         with self._lock:
             old = self._queues.get(queue.name)
-            if old is not None and old.settings != queue.settings:
+            listeners = list(self._listeners)
+            # A launched process stores the settings, and says there what they replaced (also
+            # when another process had declared them): one warning, not two.
+            if old is not None and old.settings != queue.settings and not listeners:
                 logger.warning(
                     "queue %r declared again with new settings %s (was %s); the new ones apply",
                     queue.name,
@@ -135,7 +138,6 @@ class QueueRegistry:
                     old.settings,
                 )
             self._queues[queue.name] = queue
-            listeners = list(self._listeners)
         try:
             for listener in listeners:
                 listener(queue.settings)

@@ -21,13 +21,11 @@ import cloudpickle
 
 from dbos_nb.core import versions
 from dbos_nb.errors import DBOSConflictingRegistrationError, DbosNbError
+from dbos_nb.models import STEP_WORKFLOW_PREFIX
 
 logger = logging.getLogger(__name__)
 
 Kind = Literal["workflow", "step", "transaction"]
-
-# A step or transaction enqueued on its own runs as a one-operation workflow of this name.
-STEP_WORKFLOW_PREFIX = "__dbos_nb_step__:"
 
 
 @dataclass

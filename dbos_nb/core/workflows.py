@@ -22,7 +22,7 @@ from typing import Any
 
 from dbos_nb import serialization
 from dbos_nb.core.context import Context, RunningWorkflow, check_id_length, current, using
-from dbos_nb.core.registry import STEP_WORKFLOW_PREFIX, Registration
+from dbos_nb.core.registry import Registration
 from dbos_nb.core.runtime import WAKE_ENQUEUED, WAKE_FREED, Runtime
 from dbos_nb.core.steps import begin_operation, cancel_overdue
 from dbos_nb.core.waiters import outcome_of, wait_for_result
@@ -37,7 +37,7 @@ from dbos_nb.errors import (
     WorkflowPreempted,
 )
 from dbos_nb.ids import new_token, new_workflow_id
-from dbos_nb.models import INTERNAL_QUEUE, ClaimedWorkflow
+from dbos_nb.models import INTERNAL_QUEUE, STEP_WORKFLOW_PREFIX, ClaimedWorkflow
 from dbos_nb.models import WorkflowStatusString as S
 from dbos_nb.storage.store import NewWorkflow
 

@@ -24,10 +24,11 @@ from dbos_nb.core import versions
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import Queue as CoreQueue
 from dbos_nb.core.queue import token_estimates
-from dbos_nb.core.registry import REGISTRY, STEP_WORKFLOW_PREFIX, Registration, resolve
+from dbos_nb.core.registry import REGISTRY, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime, peek_runtime
 from dbos_nb.core.workflows import enqueue_many, workflow_name_of
 from dbos_nb.errors import BatchItemsConflictError, DbosNbError
+from dbos_nb.models import shown_function_name
 from dbos_nb.notebook.batch_names import default_batch_name, equal_items
 from dbos_nb.notebook.workers import live_workers
 from dbos_nb.storage import rate_ledger
@@ -220,7 +221,7 @@ class Batch:
 
         rt = self._rt
         engine = DBOS._engine
-        function = self.function_name.removeprefix(STEP_WORKFLOW_PREFIX)
+        function = shown_function_name(self.function_name)
         missing = []
         if engine is None or not engine.serves(self.queue_name):
             missing.append(f"its queue {self.queue_name!r} is not served here")

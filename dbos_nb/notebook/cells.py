@@ -7,6 +7,14 @@ it assigns land in the namespace), while steps it calls are checkpointed by the 
 workflow returns the values of the names the cell assigns plus its last expression's value; that
 is what comes back, without running anything, when a finished cell is run again.
 
+Objects the cell changes in place come back too, as their state after the cell: those the AST
+shows changed (`df["x"] = ...`, `obj.attr = ...`, `del d[k]`, `df.loc[i] += 1`), and those
+that existed before the cell and were changed by a method call on them or by a function they
+were passed to at the cell's top level (`items.append(x)`, `df.drop(..., inplace=True)`,
+`random.shuffle(items)`), which is told by comparing a digest of their pickled state before and
+after the cell. Changes made out of the AST's sight (inside a function, to a name the cell does
+not mention, or through another name) are not recorded.
+
 The workflow takes the hash of the cell's source as its argument, so a re-run can tell whether
 the code changed since an unfinished run started.
 """
@@ -18,8 +26,9 @@ import hashlib
 import linecache
 import logging
 import pickle
+import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dbos_nb.errors import DbosNbError
@@ -43,25 +52,65 @@ class CompiledCell:
     # Only the cell's def, class and import statements: re-run when a finished cell is replayed,
     # since functions, classes and modules are not recorded.
     definitions: Any
+    # Names whose objects the cell changes in place where the AST sees it (`df["x"] = ...`).
+    changed: list[str] = field(default_factory=list)
+    # Names the cell calls a method of or passes to a function: recorded when the call changed
+    # an object that existed before the cell.
+    watched: list[str] = field(default_factory=list)
 
 
 def source_hash(source: str) -> str:
     return hashlib.sha256(source.strip().encode()).hexdigest()[:16]
 
 
-def _targets(node: ast.AST) -> list[str]:
+def _base_name(node: ast.expr) -> str | None:
+    """`df` of `df["x"]`, `df.loc[i, "x"]` or `a.b[c].d`: the name whose object is reached
+    (None when the chain starts elsewhere, as in `f().x`)."""
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _targets(node: ast.AST, changed: list[str] | None = None) -> list[str]:
+    """The plain names an assignment target binds; the base names of its subscript and
+    attribute parts (`df["x"]`, `obj.attr`), whose objects it changes in place, go to
+    `changed`."""
     names: list[str] = []
     for sub in ast.walk(node):
         if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
             names.append(sub.id)
         elif isinstance(sub, ast.Starred) and isinstance(sub.value, ast.Name):
             names.append(sub.value.id)
+        elif (
+            changed is not None
+            and isinstance(sub, ast.Attribute | ast.Subscript)
+            and isinstance(sub.ctx, ast.Store | ast.Del)
+        ):
+            base = _base_name(sub)
+            if base is not None:
+                changed.append(base)
     return names
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
 
 
 def assigned_names(tree: ast.Module) -> list[str]:
     """Names the cell binds at its top level (not inside functions, classes or lambdas)."""
+    return _bindings(tree)[0]
+
+
+def changed_names(tree: ast.Module) -> list[str]:
+    """Base names of the subscripts and attributes the cell assigns, augments or deletes at its
+    top level (`df["x"] = ...`, `df.loc[i] += 1`, `obj.attr = ...`, `del d[k]`): their objects
+    change in place."""
+    return _bindings(tree)[1]
+
+
+def _bindings(tree: ast.Module) -> tuple[list[str], list[str]]:
     found: list[str] = []
+    changed: list[str] = []
 
     def visit(stmts: list[ast.stmt]) -> None:
         for stmt in stmts:
@@ -72,17 +121,21 @@ def assigned_names(tree: ast.Module) -> list[str]:
                     found.append(alias.asname or alias.name.split(".")[0])
             elif isinstance(stmt, ast.Assign):
                 for target in stmt.targets:
-                    found.extend(_targets(target))
+                    found.extend(_targets(target, changed))
             elif isinstance(stmt, ast.AugAssign | ast.AnnAssign):
-                found.extend(_targets(stmt.target))
+                found.extend(_targets(stmt.target, changed))
+            elif isinstance(stmt, ast.Delete):
+                # `del x` unbinds (nothing to record); `del df["x"]` changes df.
+                for target in stmt.targets:
+                    _targets(target, changed)
             elif isinstance(stmt, ast.For | ast.AsyncFor):
-                found.extend(_targets(stmt.target))
+                found.extend(_targets(stmt.target, changed))
                 visit(stmt.body)
                 visit(stmt.orelse)
             elif isinstance(stmt, ast.With | ast.AsyncWith):
                 for item in stmt.items:
                     if item.optional_vars is not None:
-                        found.extend(_targets(item.optional_vars))
+                        found.extend(_targets(item.optional_vars, changed))
                 visit(stmt.body)
             elif isinstance(stmt, ast.If | ast.While):
                 visit(stmt.body)
@@ -110,8 +163,38 @@ def assigned_names(tree: ast.Module) -> list[str]:
         return None
 
     visit(tree.body)
-    seen: set[str] = set()
-    return [n for n in found if not (n in seen or seen.add(n))]  # type: ignore[func-returns-value]
+    return _unique(found), _unique(changed)
+
+
+_SCOPES = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda
+
+
+def watched_names(tree: ast.Module) -> list[str]:
+    """Names whose objects a top-level call may change out of the AST's sight: the base of a
+    method call (`items.append(x)`, `df.drop(..., inplace=True)`, `d["k"].add(1)`) and the plain
+    names passed to a call (`random.shuffle(items)`). Bodies of functions, classes and lambdas
+    are left out: they run, if at all, when called, and what they touch is not visible here."""
+    found: list[str] = []
+
+    def walk(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, _SCOPES):
+                continue
+            if isinstance(child, ast.Call):
+                if isinstance(child.func, ast.Attribute):
+                    base = _base_name(child.func)
+                    if base is not None:
+                        found.append(base)
+                args = [*child.args, *(kw.value for kw in child.keywords)]
+                for arg in args:
+                    if isinstance(arg, ast.Starred):
+                        arg = arg.value
+                    if isinstance(arg, ast.Name):
+                        found.append(arg.id)
+            walk(child)
+
+    walk(tree)
+    return _unique(found)
 
 
 def compile_cell(name: str, source: str) -> CompiledCell:
@@ -120,7 +203,9 @@ def compile_cell(name: str, source: str) -> CompiledCell:
         tree = ast.parse(source)
     except SyntaxError as exc:
         raise DbosNbError(f"cell {name!r} has a syntax error: {exc}") from exc
-    assigned = assigned_names(tree)
+    assigned, changed = _bindings(tree)
+    assigned_set = set(assigned)
+    watched = [n for n in watched_names(tree) if n not in assigned_set and n not in changed]
     has_result = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
     if has_result:
         last = tree.body[-1]
@@ -142,7 +227,17 @@ def compile_cell(name: str, source: str) -> CompiledCell:
         raise DbosNbError(f"cell {name!r} cannot be compiled: {exc}{hint}") from exc
     defs = ast.Module(body=[s for s in tree.body if _defines_only(s)], type_ignores=[])
     definitions = compile(defs, f"<dbos_workflow {name} definitions>", "exec")
-    return CompiledCell(name, source, source_hash(source), assigned, has_result, code, definitions)
+    return CompiledCell(
+        name,
+        source,
+        source_hash(source),
+        assigned,
+        has_result,
+        code,
+        definitions,
+        changed=[n for n in changed if n not in assigned_set],
+        watched=watched,
+    )
 
 
 _DEFINITION = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Import | ast.ImportFrom
@@ -165,7 +260,8 @@ def restore(cell: CompiledCell, recorded: dict[str, Any], namespace: dict[str, A
 
     Names that were not recorded (functions, modules, values that cannot be serialized) come
     back only from the cell's top-level definitions; the others are named in a note, since
-    running the rest of the cell again to get them is what replay must not do."""
+    running the rest of the cell again to get them is what replay must not do. So are objects
+    the cell changed in place whose new state could not be recorded."""
     namespace.update(recorded.get("names", {}))
     exec(cell.definitions, namespace)
     missing = [name for name in recorded.get("skipped", []) if name not in namespace]
@@ -175,6 +271,13 @@ def restore(cell: CompiledCell, recorded: dict[str, Any], namespace: dict[str, A
             f"{', '.join(missing)}. Define them in an ordinary cell, or run this one with "
             "--rerun."
         )
+    unrecorded = recorded.get("unrecorded_changes", [])
+    if unrecorded:
+        print(
+            f"note: the changes this cell made in place to {', '.join(unrecorded)} are not "
+            "restored (modules, functions and values that cannot be serialized are not "
+            "recorded); run the cell with --rerun to make them again."
+        )
     return recorded.get("result")
 
 
@@ -183,10 +286,14 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
 
     def cell_body(source_hash: str) -> dict[str, Any]:
         namespace.pop(RESULT_NAME, None)
+        # Only objects that exist before the cell can be changed by it in place; the digest of
+        # their state tells afterwards whether a call did change them.
+        before = {var: _fingerprint(namespace[var]) for var in cell.watched if var in namespace}
         exec(cell.code, namespace)
         result = namespace.pop(RESULT_NAME, None)
         names: dict[str, Any] = {}
         skipped: list[str] = []
+        unrecorded: list[str] = []
         for var in cell.assigned:
             if var not in namespace:
                 continue
@@ -195,10 +302,26 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
                 names[var] = value
             else:
                 skipped.append(var)
+        for var in cell.changed:
+            if var not in namespace:
+                continue
+            value = namespace[var]
+            if _storable(value):
+                names[var] = value
+            else:
+                unrecorded.append(var)
+        for var, digest in before.items():
+            # An object that was read, not changed, is left alone: recording it would cost a
+            # copy in the database and, on replay, replace the kernel's object for nothing.
+            if digest is not None and var in namespace:
+                value = namespace[var]
+                if _fingerprint(value) not in (None, digest):
+                    names[var] = value
         return {
             "names": names,
             "result": result if _storable(result) else None,
             "skipped": skipped,
+            "unrecorded_changes": unrecorded,
             "source_hash": source_hash,
         }
 
@@ -208,7 +331,7 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
 
 def _storable(value: Any) -> bool:
     # Modules, functions and other values that cannot be pickled stay in the kernel only.
-    if callable(value) or type(value).__name__ == "module":
+    if callable(value) or isinstance(value, types.ModuleType):
         return False
     try:
         pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -220,3 +343,38 @@ def _storable(value: Any) -> bool:
         except Exception:
             return False
     return True
+
+
+class _HashSink:
+    """A file that only hashes what is written to it: a pickle's digest without its bytes."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return len(data)
+
+
+def _fingerprint(value: Any) -> bytes | None:
+    """A digest of an object's pickled state, or None for what is not recorded: modules,
+    functions, dbos_nb's own objects (queues, batches, handles: views of the database), and
+    values that cannot be pickled. Streamed into a hash, so a large frame is not copied."""
+    if (
+        callable(value)
+        or isinstance(value, types.ModuleType)
+        or type(value).__module__.split(".")[0] == "dbos_nb"
+    ):
+        return None
+    sink = _HashSink()
+    try:
+        pickle.Pickler(sink, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    except Exception:
+        try:
+            import cloudpickle
+
+            sink = _HashSink()
+            cloudpickle.Pickler(sink).dump(value)
+        except Exception:
+            return None
+    return sink.hash.digest()

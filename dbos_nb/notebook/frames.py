@@ -78,7 +78,7 @@ def batch_frame(rows: list[dict[str, Any]], *, expand: bool = False) -> pd.DataF
             "status": _status_column(rows),
             "input": [_input_of(r.get("inputs")) for r in rows],
             "output": _objects([_output_of(r) for r in rows]),
-            "error": [_error_of(r) for r in rows],
+            "error": _objects([_error_of(r) for r in rows]),
             "attempts": [int(r.get("recovery_attempts") or 0) for r in rows],
             "executor": [r.get("executor_id") for r in rows],
             "tokens": pd.array([r.get("usage_tokens") for r in rows], dtype="Int64"),
@@ -92,6 +92,27 @@ def batch_frame(rows: list[dict[str, Any]], *, expand: bool = False) -> pd.DataF
     return df
 
 
+_MISSING = object()
+
+
+def _expanded_column(values: list[Any], index: pd.Index) -> pd.Series:
+    """One key of the dict outputs, as a column: the values as they are, with a missing value
+    (an item that failed, or whose output lacks the key) as NA of the column's own type, so
+    that integers stay integers (nullable Int64) rather than turning into floats, and booleans
+    stay booleans."""
+    present = [v for v in values if v is not _MISSING and v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        kind: str | None = "boolean"
+    elif present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        kind = "Int64"
+    elif present and all(isinstance(v, float) for v in present):
+        kind = "Float64"
+    else:
+        kind = None
+    filled = [None if v is _MISSING else v for v in values]
+    return pd.Series(filled, dtype=kind, index=index)  # other values: pandas' own inference
+
+
 def _expand_outputs(df: pd.DataFrame) -> pd.DataFrame:
     """Dict outputs become columns; other outputs stay in an 'output' column (None where the
     output was expanded), which is kept whenever some output is not a dict."""
@@ -99,7 +120,11 @@ def _expand_outputs(df: pd.DataFrame) -> pd.DataFrame:
     if not any(isinstance(o, dict) for o in outputs):
         return df
     dicts = [o if isinstance(o, dict) else {} for o in outputs]
-    expanded = pd.DataFrame(dicts, index=df.index)
+    keys = list(dict.fromkeys(k for d in dicts for k in d))
+    expanded = pd.DataFrame(
+        {k: _expanded_column([d.get(k, _MISSING) for d in dicts], df.index) for k in keys},
+        index=df.index,
+    )
     rest = [None if isinstance(o, dict) else o for o in outputs]
     keep_rest = any(o is not None for o in rest)
     taken = set(df.columns) | ({"output"} if keep_rest else set())
@@ -126,7 +151,7 @@ def workflows_frame(**filters: Any) -> pd.DataFrame:
             "status": _status_column(rows),
             "queue": [r.get("queue_name") for r in rows],
             "output": _objects([_output_of(r) if "output" in r else None for r in rows]),
-            "error": [_error_of(r) if "error" in r else None for r in rows],
+            "error": _objects([_error_of(r) if "error" in r else None for r in rows]),
             "attempts": [int(r.get("recovery_attempts") or 0) for r in rows],
             "executor": [r.get("executor_id") for r in rows],
             "created": pd.to_datetime(

@@ -8,11 +8,13 @@
     %dbos_cancel ID / %dbos_resume ID
 
 Arguments are parsed with IPython's magic_arguments (so `%dbos_queue?` shows help) and bad ones
-answer with a UsageError that says what is wrong.
+answer with a UsageError that says what is wrong. Quoted arguments (`%dbos_queue "llm-fast"`,
+`--limit '10 / 30 s'`) are unquoted, as a shell would.
 """
 
 from __future__ import annotations
 
+import argparse
 import keyword
 import os
 import re
@@ -70,6 +72,30 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "notebook"
 
 
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def _args(magic: Any, line: str) -> argparse.Namespace:
+    """Parse a magic's arguments, with quotes removed from quoted values.
+
+    IPython splits the line without removing quotes (so Windows paths keep their backslashes):
+    `"llm-fast"` would otherwise arrive with its quote characters. Options typed as numbers
+    still have to be written unquoted."""
+    try:
+        args: argparse.Namespace = parse_argstring(magic, line)
+    except ValueError as exc:  # an unclosed quote
+        raise UsageError(f"cannot read the arguments {line.strip()!r}: {exc}") from exc
+    for key, value in list(vars(args).items()):
+        if isinstance(value, str):
+            setattr(args, key, _unquote(value))
+        elif isinstance(value, list):
+            setattr(args, key, [_unquote(v) if isinstance(v, str) else v for v in value])
+    return args
+
+
 def _rt() -> Runtime:
     rt = peek_runtime()
     if rt is None:
@@ -122,7 +148,7 @@ class DbosMagics(Magics):
     @line_magic
     def dbos_launch(self, line: str) -> None:
         """Create and launch DBOS for this notebook; recovers its unfinished work."""
-        args = parse_argstring(self.dbos_launch, line)
+        args = _args(self.dbos_launch, line)
         name = _safe(args.name or notebook_name(self._ns))
         folder = Path(os.environ.get("DBOS_NB_DIR") or ".dbos_nb").resolve()
         url = args.db or f"sqlite:///{folder / (name + '.sqlite')}"
@@ -192,7 +218,7 @@ class DbosMagics(Magics):
     @line_magic
     def dbos_queue(self, line: str) -> Queue:
         """Declare a queue (stored in the database) and bind it to a variable."""
-        args = parse_argstring(self.dbos_queue, line)
+        args = _args(self.dbos_queue, line)
         var = args.var or args.name
         if not var.isidentifier() or keyword.iskeyword(var):
             raise UsageError(f"{var!r} is not a valid variable name; pass --as VAR")
@@ -227,7 +253,7 @@ class DbosMagics(Magics):
         kernel died): it resumes, completed steps are not run again. Failed or cancelled: the
         recorded error is shown; --rerun starts a fresh run.
         """
-        args = parse_argstring(self.dbos_workflow, line)
+        args = _args(self.dbos_workflow, line)
         rt = _rt()
         if args.timeout is not None and args.timeout <= 0:
             raise UsageError("--timeout must be a positive number of seconds")
@@ -360,6 +386,12 @@ class DbosMagics(Magics):
     def _finish(self, out: dict[str, Any]) -> Any:
         if out.get("skipped"):
             print(f"note: not recorded (cannot be serialized): {', '.join(out['skipped'])}")
+        if out.get("unrecorded_changes"):
+            print(
+                "note: changes in place to "
+                f"{', '.join(out['unrecorded_changes'])} are not recorded (modules, functions "
+                "and values that cannot be serialized): a replay will not bring them back"
+            )
         return out.get("result")
 
     # -- %dbos_workers --------------------------------------------------------------------------
@@ -372,7 +404,7 @@ class DbosMagics(Magics):
     def dbos_workers(self, line: str) -> Any:
         """Start detached `dbos-nb worker` processes (they outlive the kernel), list the live
         executors, or stop the workers this notebook started."""
-        args = parse_argstring(self.dbos_workers, line)
+        args = _args(self.dbos_workers, line)
         rt = _rt()
         from dbos_nb.notebook import workers
 
@@ -406,8 +438,17 @@ class DbosMagics(Magics):
     @line_magic
     def dbos_status(self, line: str) -> Any:
         """Queues (limits, counts per status), executors, and the latest workflows."""
-        args = parse_argstring(self.dbos_status, line)
-        _rt()
+        args = _args(self.dbos_status, line)
+        rt = _rt()
+        if (
+            args.queue is not None
+            and args.queue != INTERNAL_QUEUE
+            and not rt.store.get_queue(args.queue)
+        ):
+            raise UsageError(
+                f"queue {args.queue!r} is not declared in this database; %dbos_status without "
+                "a name lists the declared queues"
+            )
         from dbos_nb.notebook.frames import executors_frame, queues_frame, workflows_frame
 
         views.display(queues_frame(args.queue))
@@ -419,7 +460,7 @@ class DbosMagics(Magics):
     @line_magic
     def dbos_cancel(self, line: str) -> None:
         """Cancel a workflow and its children."""
-        args = parse_argstring(self.dbos_cancel, line)
+        args = _args(self.dbos_cancel, line)
         _rt()
         try:
             DBOS.cancel_workflow(args.workflow_id, cancel_children=True)
@@ -437,14 +478,36 @@ class DbosMagics(Magics):
     @magic_arguments()
     @argument("workflow_id", help="the workflow to resume from its last completed step")
     @line_magic
-    def dbos_resume(self, line: str) -> WorkflowHandle[Any]:
-        """Resume a cancelled or failed-over workflow from its last completed step."""
-        args = parse_argstring(self.dbos_resume, line)
-        _rt()
+    def dbos_resume(self, line: str) -> WorkflowHandle[Any] | None:
+        """Resume a cancelled or failed-over workflow from its last completed step.
+
+        A finished workflow (SUCCESS or ERROR) keeps its outcome: nothing is resumed, it is
+        said, and None comes back. A durable cell's handle gives the cell's last value."""
+        args = _args(self.dbos_resume, line)
+        rt = _rt()
+        wid = args.workflow_id
+        row = rt.store.get_workflow(wid)
+        if row is None:
+            raise UsageError(f"no workflow {wid!r} in this database")
+        if row["status"] in ("SUCCESS", "ERROR"):
+            cell_hint = (
+                " (run the cell again for its recorded result, or with --rerun to run it afresh)"
+                if str(row["name"]).startswith(cells.CELL_PREFIX)
+                else ""
+            )
+            print(f"{wid} had already ended {row['status']}; nothing to resume{cell_hint}")
+            return None
         try:
-            return DBOS.resume_workflow(args.workflow_id)
+            handle = DBOS.resume_workflow(wid)
         except DbosNbError as exc:
             raise UsageError(str(exc)) from exc
+        print(f"resumed {wid} from its last completed step")
+        if not str(row["name"]).startswith(cells.CELL_PREFIX):
+            return handle
+        if REGISTRY.get(row["name"]) is None:
+            # A cell's code lives only in the notebook: the run waits for the cell.
+            print(f"it runs once the cell {row['name'][len(cells.CELL_PREFIX) :]!r} is run again")
+        return CellHandle(rt, wid)
 
 
 def _refuse_active_rerun(rt: Runtime, row: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from dbos_nb.errors import (
     BatchItemsConflictError,
     DBOSConflictingWorkflowError,
 )
-from dbos_nb.models import INTERNAL_QUEUE
+from dbos_nb.models import INTERNAL_QUEUE, shown_function_name
 from dbos_nb.storage.rows import (
     FAILED,
     NewWorkflow,
@@ -128,16 +128,18 @@ class BatchRecords(StoreBase):
         if mismatched:
             raise BatchConflictError(
                 f"batch {template.batch_id!r} already exists with {row['size']} items of "
-                f"{row['function_name']!r} on queue {row['queue_name']!r}; this call has "
-                f"{size} items of {template.name!r} on {template.queue_name!r}. Use another "
+                f"{shown_function_name(row['function_name'])!r} on queue "
+                f"{row['queue_name']!r}; this call has {size} items of "
+                f"{shown_function_name(template.name)!r} on {template.queue_name!r}. Use another "
                 "batch name (or the same items and function to attach to it)"
             )
         stored = row["items_digest"]
         if stored is not None and items_digest is not None and stored != items_digest:
             raise BatchItemsConflictError(
                 f"batch {template.batch_id!r} already exists with other items (the same "
-                f"number, {size}, of {template.name!r}); running it again under this name "
-                "would only attach to the old items. Use another batch name for these items, "
+                f"number, {size}, of {shown_function_name(template.name)!r}); running it again "
+                "under this name would only attach to the old items. Use another batch name "
+                "for these items, "
                 f"or Batch.attach({template.batch_id!r}) to follow the existing batch"
             )
         if stored is None and items_digest is not None:

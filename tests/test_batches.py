@@ -1,15 +1,16 @@
-"""`Batch.retry_failed()` re-runs every item the batch counts as failed, and only those: items
-whose failure came from a child workflow, and items given up after too many recoveries (both
-backends)."""
+"""Batches from Python (both backends): `retry_failed()` re-runs every item the batch counts as
+failed, and only those (also items whose failure came from a child workflow, and items given up
+after too many recoveries); a name conflict is told in the user's names."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import sqlalchemy as sa
 
 from conftest import config
-from dbos_nb import DBOS, Queue
+from dbos_nb import DBOS, BatchConflictError, Queue
 from dbos_nb.storage.database import Database
 
 
@@ -85,3 +86,42 @@ def test_retry_reruns_items_given_up_after_too_many_recoveries(db_url: str) -> N
     assert batch.retry_failed() == 1
     batch.wait(timeout=20, show=False)
     assert batch.results() == [2, 4] and sorted(runs) == [1, 2]
+
+
+def test_a_batch_name_conflict_names_steps_as_the_user_does(launched: str) -> None:
+    @DBOS.step(name="conflict_first")
+    def first(x: int) -> int:
+        return x
+
+    @DBOS.step(name="conflict_second")
+    def second(x: int) -> int:
+        return x
+
+    queue = Queue("conflicts")
+    queue.map(first, [1, 2], batch="conflict").wait(timeout=20, show=False)
+    with pytest.raises(BatchConflictError) as refused:
+        queue.map(second, [1, 2], batch="conflict")
+    message = str(refused.value)
+    assert "'conflict_first'" in message and "'conflict_second'" in message
+    assert "__dbos_nb" not in message
+
+
+def test_expanded_outputs_keep_their_types_when_items_fail(launched: str) -> None:
+    @DBOS.step(name="typed_outputs")
+    def measure(x: int) -> dict[str, object]:
+        if x == 2:
+            raise ValueError("no measure for 2")
+        return {"n": x * 10, "ok": x > 1, "label": f"x{x}"}
+
+    batch = Queue("typed").map(measure, [1, 2, 3], batch="typed")
+    batch.wait(timeout=20, show=False)
+    wide = batch.to_pandas(expand=True)
+    assert str(wide["n"].dtype) == "Int64" and str(wide["ok"].dtype) == "boolean"
+    assert wide["n"].tolist()[::2] == [10, 30] and wide["n"].isna().tolist() == [
+        False,
+        True,
+        False,
+    ]
+    assert wide["ok"].tolist()[::2] == [False, True]
+    assert wide["error"].tolist()[::2] == [None, None]
+    assert wide["error"].iloc[1].startswith("ValueError: no measure for 2")
