@@ -202,6 +202,10 @@ class DBOSRecordedError(DbosNbError):
         return (type(self), (self.type_name, self.message))
 
 
+# WorkflowPreempted's reason when a checkpoint could not reach the system database.
+DATABASE_LOST = "it lost its connection to the system database"
+
+
 class WorkflowPreempted(BaseException):
     """Raised inside a running workflow to stop it at its next durable operation.
 
@@ -215,6 +219,11 @@ class WorkflowPreempted(BaseException):
             message = (
                 f"workflow {workflow_id!r} stopped: DBOS was destroyed while it ran; it is "
                 "not lost: it resumes from its last completed step at the next launch"
+            )
+        elif reason == DATABASE_LOST:
+            message = (
+                f"workflow {workflow_id!r} stopped: {DATABASE_LOST}; it goes back to its queue "
+                "and resumes from its last completed step"
             )
         else:
             message = f"workflow {workflow_id!r} preempted: {reason}"

@@ -9,6 +9,7 @@ argument, and nothing is written to the database before every argument has been 
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from typing import Any
 
@@ -152,5 +153,21 @@ def load_error(data: bytes | None) -> BaseException | None:
     except Exception as exc:
         return DBOSRecordedError("UnreadableError", f"the recorded error cannot be loaded: {exc}")
     if isinstance(value, BaseException):
-        return value
+        return mark_recorded(value)
     return DBOSRecordedError(type(value).__name__, repr(value))
+
+
+_RECORDED = "_dbos_nb_recorded"
+
+
+def mark_recorded(error: BaseException) -> BaseException:
+    """Mark an error as a recorded outcome (a step's, a child workflow's): raised again in a
+    workflow, it is the workflow's own failure, even when it tells of a lost database
+    connection (the step's own database, say), never one of dbos_nb's checkpoints."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(error, _RECORDED, True)
+    return error
+
+
+def is_recorded(error: BaseException) -> bool:
+    return bool(getattr(error, _RECORDED, False))

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from conftest import config, wait_until
 from dbos_nb import (
@@ -279,8 +280,9 @@ def test_a_workflow_resumed_while_its_old_execution_still_runs_here_completes(
     launched: str, cancel_first: bool, is_async: bool
 ) -> None:
     """Resumed (or recovered) while a step of its first execution still runs in this process:
-    the new execution waits for the stale one to stop (its writes are refused) and finishes the
-    workflow from its last completed step, instead of both waiting for each other forever."""
+    the new execution waits for the stale one to stop (it stops at its step's record) and
+    finishes the workflow from its last completed step, instead of both waiting for each other
+    forever."""
     started = threading.Event()
     release = threading.Event()
     ran: list[int] = []
@@ -322,8 +324,9 @@ def test_a_workflow_resumed_while_its_old_execution_still_runs_here_completes(
     release.set()
     assert resumed.get_result(timeout_sec=20) == [0, 1, 2]
     assert handle.get_status().status == "SUCCESS"
-    # Step 0 had not completed when it was resumed: it ran again, then the rest once each.
-    assert ran == [0, 0, 1, 2]
+    # Step 0 completed in the old execution after the resume: its outcome is kept, and the
+    # new execution replays it instead of running it again; the rest run once each.
+    assert ran == [0, 1, 2]
 
 
 def test_a_stale_execution_arriving_late_does_not_stop_the_current_one(launched: str) -> None:
@@ -887,3 +890,47 @@ def test_an_output_that_cannot_be_loaded_back_fails_when_recorded(launched: str)
     first = handle.get_result(timeout_sec=10)
     assert first.startswith("refused: value of type _Pair is serialized but cannot be loaded back")
     assert DBOS.fork_workflow(handle.workflow_id, 1).get_result(timeout_sec=10) == first
+
+
+def test_an_execution_that_lost_its_workflow_stops_at_its_next_record(launched: str) -> None:
+    """A stale execution (its process froze while another took the workflow over and went on)
+    stops when it finds its step recorded by the other: it never runs the later steps."""
+    from dbos_nb import serialization
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.storage.database import Database
+
+    gate = threading.Event()
+    calls: list[str] = []
+
+    @DBOS.step(name="stale_work")
+    def work() -> int:
+        calls.append("work")
+        gate.wait(20)
+        return 1
+
+    @DBOS.step(name="stale_next")
+    def later() -> int:
+        calls.append("next")
+        return 2
+
+    @DBOS.workflow(name="stale_wf")
+    def flow() -> int:
+        return work() + later()
+
+    handle = Queue("stale_q").enqueue(flow)
+    wid = handle.workflow_id
+    wait_until(lambda: calls == ["work"])
+    # Meanwhile another execution took the workflow over and recorded the step.
+    db = Database(launched)
+    table = ("dbos_nb." if db.is_postgres else "") + "workflow_status"
+    with db.write() as conn:
+        conn.execute(
+            sa.text(f"UPDATE {table} SET owner_xid = 'other' WHERE workflow_uuid = :w"), {"w": wid}
+        )
+    db.dispose()
+    rt = get_runtime()
+    now = rt.now_ms()
+    rt.store.record_step(wid, "other", 0, "stale_work", serialization.dumps(1), None, now, now)
+    gate.set()
+    wait_until(lambda: wid not in rt.running_ids())
+    assert calls == ["work"]

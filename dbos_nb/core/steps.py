@@ -168,7 +168,7 @@ def record_step_error(
     )
     if existing is not None:
         return replay(existing)
-    raise exc
+    raise serialization.mark_recorded(exc)
 
 
 class Retrier:

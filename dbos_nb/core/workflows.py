@@ -27,6 +27,7 @@ from dbos_nb.core.runtime import WAKE_ENQUEUED, WAKE_FREED, Runtime
 from dbos_nb.core.steps import begin_operation, cancel_overdue
 from dbos_nb.core.waiters import outcome_of, wait_for_result
 from dbos_nb.errors import (
+    DATABASE_LOST,
     DBOSAwaitedWorkflowCancelledError,
     DBOSConflictingWorkflowError,
     DBOSMaxRecoveryAttemptsExceededError,
@@ -39,6 +40,7 @@ from dbos_nb.errors import (
 from dbos_nb.ids import new_token, new_workflow_id
 from dbos_nb.models import INTERNAL_QUEUE, STEP_WORKFLOW_PREFIX, ClaimedWorkflow
 from dbos_nb.models import WorkflowStatusString as S
+from dbos_nb.storage.reconnect import is_connection_error
 from dbos_nb.storage.store import NewWorkflow
 
 # Status strings as plain constants: an enum member's `.value` is a descriptor call.
@@ -504,12 +506,50 @@ def on_failure(rt: Runtime, ex: Execution, exc: BaseException) -> BaseException:
         return DBOSAwaitedWorkflowCancelledError(wid, f"was stopped ({exc.reason})")
     if not isinstance(exc, Exception):
         return exc  # KeyboardInterrupt and the like: the workflow stays PENDING, resumable
+    if is_connection_error(exc) and not serialization.is_recorded(exc):
+        # A checkpoint could not reach the database (for longer than `reconnect` rides out):
+        # the work itself did not fail, so that is not its outcome. It runs again from its
+        # last completed step.
+        _hand_back(rt, ex)
+        return WorkflowPreempted(wid, DATABASE_LOST)
     if ex.deadline_ms is not None and rt.now_ms() >= ex.deadline_ms:
         # Failed because it ran out of time (a timed-out child, say): a timeout.
         cancel_overdue(rt)
         return DBOSWorkflowTimedOutError(wid)
     _finish(rt, wid, ex.owner, S.ERROR.value, None, serialization.dump_error(exc))
     return exc
+
+
+def _hand_back(rt: Runtime, ex: Execution) -> None:
+    """Put a workflow this execution owns back in its queue (or the internal one) once the
+    database answers again, on a pool thread: left PENDING under a live executor, nothing
+    would ever run it."""
+    try:
+        rt.pool.submit(_hand_back_when_reachable, rt, ex)
+    except RuntimeError:  # the pool is shut down (DBOS.destroy): the next launch recovers it
+        logger.warning(
+            "workflow %s: %s; it resumes at the next launch", ex.workflow_id, DATABASE_LOST
+        )
+
+
+def _hand_back_when_reachable(rt: Runtime, ex: Execution) -> None:
+    pause = 0.05
+    while not rt.stopping.is_set():
+        try:
+            requeued = rt.store.requeue_lost(ex.workflow_id, ex.owner, rt.now_ms())
+        except Exception as exc:
+            if not is_connection_error(exc):
+                logger.error(
+                    "workflow %s could not be put back in its queue: %s", ex.workflow_id, exc
+                )
+                return
+            rt.stopping.wait(pause)  # the database is still out of reach
+            pause = min(pause * 2, 2.0)
+            continue
+        if requeued:
+            logger.warning("workflow %s: %s; it runs again", ex.workflow_id, DATABASE_LOST)
+            rt.wake_scheduler()
+        return
 
 
 def on_success(rt: Runtime, ex: Execution, value: Any) -> Any:
@@ -620,8 +660,13 @@ def _run_execution_quietly(rt: Runtime, ex: Execution) -> None:
         run_execution(rt, ex)
     except WorkflowPreempted as stop:
         logger.debug("workflow %s stopped: %s", ex.workflow_id, stop.reason)
-    except Exception:
-        logger.debug("workflow %s failed (recorded)", ex.workflow_id, exc_info=True)
+    except Exception as exc:
+        if is_connection_error(exc) and not serialization.is_recorded(exc):
+            # Its outcome could not be recorded (the database stayed out of reach): it runs
+            # again, to the same outcome, once the database answers.
+            _hand_back(rt, ex)
+        else:
+            logger.debug("workflow %s failed (recorded)", ex.workflow_id, exc_info=True)
 
 
 def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> concurrent.futures.Future[Any] | None:

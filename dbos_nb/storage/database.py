@@ -56,6 +56,7 @@ from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
 from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
 from dbos_nb.storage.process import current_pid
+from dbos_nb.storage.reconnect import retrying
 from dbos_nb.storage.schema import PG_SCHEMA, queues
 from dbos_nb.storage.sessions import (
     SERVER_SETTINGS,
@@ -323,10 +324,17 @@ class Database:
                 return None if row is None else tuple(row)
         main = self.prepared(stmt)
         prepared: Statement = main if guard is None else Guarded(self.prepared(guard), main)
-        if self.is_postgres and merged is None:
-            with self.driver_single() as raw:
-                return prepared.first(raw, params)
-        return self._committer.execute(prepared, params, merged)
+        if not self.is_postgres:
+            return self._committer.execute(prepared, params, merged)
+        # Every grouped statement is safe to run again (see `reconnect`): a session the server
+        # ended is ridden out on a new connection.
+        if merged is None:
+            return retrying(lambda: self._first_single(prepared, params))
+        return retrying(lambda: self._committer.execute(prepared, params, merged))
+
+    def _first_single(self, prepared: Statement, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        with self.driver_single() as raw:
+            return prepared.first(raw, params)
 
     def prepared(self, stmt: Executable) -> Prepared:
         """`stmt` compiled once for this database (statements are long-lived constants)."""
@@ -347,8 +355,7 @@ class Database:
         """Every row of a single-statement read, through the driver (see `read_row`)."""
         prepared = self.prepared(stmt)
         if self.is_postgres:
-            with self.driver_single() as raw:
-                return prepared.all(raw, params)
+            return retrying(lambda: self._all_single(prepared, params))
         # SQLite: a lone SELECT is a consistent snapshot by itself (the driver begins no
         # transaction for it).
         fairy = self.engine.raw_connection()
@@ -356,6 +363,10 @@ class Database:
             return prepared.all(fairy.driver_connection, params)
         finally:
             fairy.close()
+
+    def _all_single(self, prepared: Prepared, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        with self.driver_single() as raw:
+            return prepared.all(raw, params)
 
     @contextlib.contextmanager
     def driver_write(self) -> Iterator[Any]:
@@ -407,9 +418,11 @@ class Database:
             )
         if broken:
             fairy.invalidate(exc if isinstance(exc, Exception) else None)
+            if isinstance(exc, DBAPIError):
+                exc.connection_invalidated = True  # what `reconnect` asks of it
         fairy.close()
         if isinstance(exc, psycopg.Error):
-            raise translate(exc, self.engine.dialect) from exc
+            raise translate(exc, self.engine.dialect, connection_invalidated=broken) from exc
 
     # Between uses, `driver_single`'s connections stay checked out of SQLAlchemy's pool, in a
     # list of this process: a check-out and return through the pool (events, reset, its queue)

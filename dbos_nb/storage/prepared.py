@@ -158,10 +158,17 @@ class Guarded:
 
 
 def translate(
-    exc: Exception, dialect: Dialect, sql: str | None = None, args: Any = None
+    exc: Exception,
+    dialect: Dialect,
+    sql: str | None = None,
+    args: Any = None,
+    *,
+    connection_invalidated: bool = False,
 ) -> BaseException:
     """The SQLAlchemy exception (IntegrityError, OperationalError, ...) for a driver error."""
     error = dialect.loaded_dbapi.Error
     if not isinstance(exc, error):
         return exc
-    return DBAPIError.instance(sql, args, exc, error, dialect=dialect)
+    return DBAPIError.instance(
+        sql, args, exc, error, dialect=dialect, connection_invalidated=connection_invalidated
+    )

@@ -9,13 +9,16 @@ from typing import Any
 from sqlalchemy import String, and_, bindparam, func, select
 
 from dbos_nb.errors import WorkflowPreempted
+from dbos_nb.models import WorkflowStatusString
 from dbos_nb.storage import merged
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.rows import StepPreflight, StoreBase
-from dbos_nb.storage.schema import operation_outputs, workflow_status
+from dbos_nb.storage.schema import operation_outputs, status_is, workflow_status
 
 ws = workflow_status
 oo = operation_outputs
+SUCCESS = WorkflowStatusString.SUCCESS.value
+ERROR = WorkflowStatusString.ERROR.value
 
 
 _STEP_PREFLIGHT = (
@@ -73,6 +76,20 @@ class StepRecords(StoreBase):
             .returning(oo.c.function_id)
         )
         self._record_steps = merged.record_steps(db.prepared(self._record_owned_step))
+        # An execution that lost the workflow while its step ran (cancelled and resumed, taken
+        # over) still ran the step: its outcome is kept for the execution that goes on, unless
+        # that one recorded the step first or the workflow has ended.
+        resumable = select(*[bindparam(c, type_=oo.c[c].type) for c in _STEP_COLUMNS]).where(
+            select(ws.c.id)
+            .where(
+                ws.c.workflow_uuid == bindparam("b_wid", type_=String),
+                ~status_is(ws.c.status, SUCCESS, ERROR),
+            )
+            .exists()
+        )
+        self._record_orphan_step = (
+            db.insert(oo).from_select(_STEP_COLUMNS, resumable).on_conflict_do_nothing()
+        )
 
     def step_preflight(self, workflow_id: str, function_id: int) -> StepPreflight:
         """The workflow's status and deadline, and the step's recorded outcome if it has one."""
@@ -104,31 +121,34 @@ class StepRecords(StoreBase):
     ) -> StepPreflight | None:
         """Record an operation's outcome, if this execution still owns the workflow.
 
-        Idempotent: if the operation is already recorded, the first record wins, nothing is
-        written, and that record is returned (else None). Raises WorkflowPreempted, writing
-        nothing, when another execution owns the workflow now. One atomic statement.
+        Idempotent: if this execution's operation is already recorded, the first record wins,
+        nothing is written, and that record is returned (else None). When another execution
+        owns the workflow now, raises WorkflowPreempted: this one must not go on. What it just
+        ran is kept all the same if nobody recorded that operation yet and the workflow has
+        not ended, so that the execution that goes on replays it rather than running it again.
+        The common case is one atomic statement.
         """
-        inserted = self.db.grouped(
-            self._record_owned_step,
-            {
-                "workflow_uuid": workflow_id,
-                "function_id": function_id,
-                "function_name": function_name,
-                "output": output,
-                "error": error,
-                "child_workflow_id": child_workflow_id,
-                "started_at_epoch_ms": started_ms,
-                "completed_at_epoch_ms": completed_ms,
-                "b_wid": workflow_id,
-                "b_owner": owner_xid,
-            },
-            self._record_steps,
-        )
+        params = {
+            "workflow_uuid": workflow_id,
+            "function_id": function_id,
+            "function_name": function_name,
+            "output": output,
+            "error": error,
+            "child_workflow_id": child_workflow_id,
+            "started_at_epoch_ms": started_ms,
+            "completed_at_epoch_ms": completed_ms,
+            "b_wid": workflow_id,
+            "b_owner": owner_xid,
+        }
+        inserted = self.db.grouped(self._record_owned_step, params, self._record_steps)
         if inserted is not None:
             return None
         existing = self.step_preflight(workflow_id, function_id)
-        if existing.recorded:
+        if existing.recorded and existing.owner_xid == owner_xid:
             return existing
+        if not existing.recorded:
+            del params["b_owner"]
+            self.db.grouped(self._record_orphan_step, params)
         raise WorkflowPreempted(workflow_id, "taken over by another execution")
 
     def last_recorded_function_id(self, workflow_id: str) -> int:

@@ -11,6 +11,7 @@ from sqlalchemy import BigInteger, String, bindparam, case, func, literal, or_, 
 from sqlalchemy.exc import IntegrityError
 
 from dbos_nb.errors import DBOSQueueDeduplicatedError
+from dbos_nb.models import INTERNAL_QUEUE
 from dbos_nb.storage import merged
 from dbos_nb.storage.database import NOTIFY_CHANNEL, Database
 from dbos_nb.storage.rows import (
@@ -265,6 +266,33 @@ class WorkflowRows(StoreBase):
         stmt = _FINISH_AND_NOTIFY if self.db.notifications else _FINISH
         row = self.db.grouped(stmt, params, self._finish_merged)
         return (row is not None, row[1] if row is not None else None)
+
+    def requeue_lost(self, workflow_id: str, owner_xid: str, now_ms: int) -> bool:
+        """Put back in its queue (the internal one for a workflow started without a queue) a
+        workflow whose execution by `owner_xid` lost the database mid-run, to run again from
+        its last completed step; its start stays counted (its deadline too). Whether it was
+        still that execution's to give back."""
+        with self.db.write() as conn:
+            row = conn.execute(
+                update(ws)
+                .where(
+                    ws.c.workflow_uuid == workflow_id,
+                    ws.c.owner_xid == owner_xid,
+                    status_is(ws.c.status, PENDING),
+                )
+                .values(
+                    status=ENQUEUED,
+                    owner_xid=None,
+                    executor_id=None,
+                    started_at_epoch_ms=None,
+                    queue_name=func.coalesce(ws.c.queue_name, INTERNAL_QUEUE),
+                    updated_at=now_ms,
+                )
+                .returning(ws.c.queue_name)
+            ).first()
+            if row is not None:
+                self.db.notify(conn, f"q:{row[0]}")
+            return row is not None
 
     def dead_letter(self, workflow_id: str, now_ms: int, error: bytes) -> None:
         """Give up on a workflow started too often (MAX_RECOVERY_ATTEMPTS_EXCEEDED), with the

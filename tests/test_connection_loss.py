@@ -1,0 +1,185 @@
+"""Sessions lost to PostgreSQL (a server restart, a failover, `pg_terminate_backend`) while
+workflows run: checkpoints are retried on new connections, so no workflow records the lost
+connection as its outcome or is left PENDING, and clients read on (PostgreSQL only: a SQLite
+file has no sessions to lose)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from conftest import config, create_pg_database, drop_pg_database, libpq_dsn, wait_until
+from dbos_nb import DBOS, DBOSClient, Queue, SetWorkflowID, WorkflowPreempted
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str) -> Iterator[str]:
+    url = create_pg_database(pg_server_url)
+    try:
+        yield url
+    finally:
+        DBOS.destroy()
+        drop_pg_database(pg_server_url, url)
+
+
+def _admin(url: str) -> psycopg.Connection[Any]:
+    """A connection to the server's `postgres` database, beside the test's database."""
+    return psycopg.connect(libpq_dsn(url).rsplit("/", 1)[0] + "/postgres", autocommit=True)
+
+
+def _end_every_session(url: str) -> int:
+    """End every session of the database, as a server restart would."""
+    with _admin(url) as admin:
+        ended = admin.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s",
+            (make_url(url).database,),
+        ).fetchone()
+    return int(ended[0]) if ended else 0
+
+
+def test_workflows_ride_out_lost_sessions(pg_url: str) -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+
+    @DBOS.step(name="lost_work")
+    def work(x: int) -> int:
+        calls.append(x)
+        gate.wait(20)
+        return x * 2
+
+    @DBOS.step(name="lost_after")
+    def after(x: int) -> int:
+        return x + 1
+
+    @DBOS.workflow(name="lost_wf")
+    def flow(x: int) -> int:
+        return after(work(x))
+
+    DBOS(config=config(pg_url))
+    DBOS.launch()
+    handles = [Queue("lost_q").enqueue(flow, i) for i in range(4)]
+    wait_until(lambda: len(calls) == 4)
+    assert _end_every_session(pg_url) > 0  # the pool's, the listener's, the hot path's
+    gate.set()
+    assert [h.get_result(timeout_sec=30) for h in handles] == [1, 3, 5, 7]
+    assert sorted(calls) == [0, 1, 2, 3]  # no step ran again
+    statuses = {w.status for w in DBOS.list_workflows(name="lost_wf")}
+    assert statuses == {"SUCCESS"}
+
+    # A client whose idle connection the server ended reads on.
+    with DBOSClient(pg_url) as client:
+        assert client.retrieve_workflow(handles[0].workflow_id).get_result() == 1
+        _end_every_session(pg_url)
+        assert client.retrieve_workflow(handles[1].workflow_id).get_result() == 3
+        status = client.get_workflow_status(handles[2].workflow_id)
+        assert status is not None and status.output == 5
+
+
+def _allow_connections(url: str, allowed: bool) -> None:
+    with _admin(url) as admin:
+        admin.execute(
+            f'ALTER DATABASE "{make_url(url).database}" ALLOW_CONNECTIONS {str(allowed).lower()}'
+        )
+
+
+def test_an_outage_longer_than_the_retries_hands_the_workflow_back(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database refuses every connection for longer than checkpoints are retried: the lost
+    checkpoint is not the workflow's outcome. Once the database answers again, the workflow
+    goes back to its queue and runs again from its last completed step (only the step whose
+    record was lost runs again)."""
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.storage import reconnect
+
+    monkeypatch.setattr(reconnect, "RECONNECT_WINDOW_SEC", 0.2)
+    gate = threading.Event()
+    calls: list[str] = []
+
+    @DBOS.step(name="handed_first")
+    def first(x: int) -> int:
+        calls.append("first")
+        return x
+
+    @DBOS.step(name="handed_work")
+    def work(x: int) -> int:
+        calls.append("work")
+        gate.wait(20)
+        return x * 2
+
+    @DBOS.workflow(name="handed_wf")
+    def flow(x: int) -> int:
+        return work(first(x))
+
+    DBOS(config=config(pg_url))
+    DBOS.launch()
+    handle = Queue("handed_q").enqueue(flow, 5)
+    wait_until(lambda: "work" in calls)
+    _allow_connections(pg_url, False)
+    try:
+        _end_every_session(pg_url)
+        gate.set()
+        rt = get_runtime()
+        wait_until(lambda: handle.workflow_id not in rt.running_ids())  # gave up, unrecorded
+    finally:
+        _allow_connections(pg_url, True)
+    with DBOSClient(pg_url) as client:
+        assert client.retrieve_workflow(handle.workflow_id).get_result() == 10
+        status = client.get_workflow_status(handle.workflow_id)
+    assert calls == ["first", "work", "work"]
+    assert status is not None and status.status == "SUCCESS" and status.queue_name == "handed_q"
+
+
+def test_a_direct_caller_learns_that_the_outage_stopped_its_workflow(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Called directly, a workflow whose checkpoint cannot reach the database tells its caller
+    so (it is not failed), and runs to its end in the background once the database is back."""
+    from dbos_nb.storage import reconnect
+
+    monkeypatch.setattr(reconnect, "RECONNECT_WINDOW_SEC", 0.2)
+    gate = threading.Event()
+    calls: list[int] = []
+
+    @DBOS.step(name="direct_lost_step")
+    def work(x: int) -> int:
+        calls.append(x)
+        gate.wait(20)
+        return x * 3
+
+    @DBOS.workflow(name="direct_lost_wf")
+    def flow(x: int) -> int:
+        return work(x)
+
+    DBOS(config=config(pg_url))
+    DBOS.launch()
+    outcome: list[BaseException | int] = []
+
+    def call() -> None:
+        try:
+            with SetWorkflowID("direct-lost"):
+                outcome.append(flow(4))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    wait_until(lambda: calls == [4])
+    _allow_connections(pg_url, False)
+    try:
+        _end_every_session(pg_url)
+        gate.set()
+        caller.join(20)
+    finally:
+        _allow_connections(pg_url, True)
+    (stopped,) = outcome
+    assert isinstance(stopped, WorkflowPreempted) and "system database" in str(stopped)
+    with DBOSClient(pg_url) as client:
+        assert client.retrieve_workflow("direct-lost").get_result() == 12
+    assert calls == [4, 4]
