@@ -101,7 +101,18 @@ def cmd_workflows(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from dbos_nb.engine import lease_too_short, min_lease_sec
     from dbos_nb.worker import configure_logging, run_worker
+
+    # Refused before any module is imported or anything registered, in the flags' own words
+    # (the configuration would refuse it too, naming its keys). See engine.LEASE_HEARTBEATS.
+    if lease_too_short(args.lease, args.heartbeat):
+        raise DbosNbError(
+            f"--lease ({args.lease:g} s) must be at least twice --heartbeat ({args.heartbeat:g} "
+            f"s), that is {min_lease_sec(args.heartbeat):g} s: with a shorter lease, other "
+            "processes take over this worker's running workflows while it is alive (their "
+            "steps would run twice)"
+        )
 
     configure_logging(args.verbose)
     return run_worker(
@@ -171,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lease",
         type=_positive_float,
         default=30.0,
-        help="seconds without a heartbeat after which an executor's work is taken over",
+        help="seconds without a heartbeat after which this worker's work is taken over "
+        "(at least twice --heartbeat)",
     )
     worker.add_argument(
         "--heartbeat", type=_positive_float, default=5.0, help="seconds between heartbeats"

@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any, Required, TypedDict
 from dbos_nb import serialization
 from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import management
-from dbos_nb.core.context import check_id_length, valid_seconds
+from dbos_nb.core.context import (
+    MAX_DEDUPLICATION_ID_LENGTH,
+    MAX_NAME_LENGTH,
+    check_id_length,
+    valid_seconds,
+)
 from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
 from dbos_nb.core.waiters import Waiters, wait_for_result, wait_for_result_async
 from dbos_nb.errors import (
@@ -92,7 +97,14 @@ class DBOSClient:
             raise UnknownWorkflowNameError(
                 name, "; no process using this database has registered it"
             )
-        row_name = STEP_WORKFLOW_PREFIX + name if kind in ("step", "transaction") else name
+        row_name = name
+        if kind in ("step", "transaction"):
+            row_name = STEP_WORKFLOW_PREFIX + name
+            # Registrations leave room for the prefix; one stored by an older version of
+            # dbos_nb, which did not, may not fit with it.
+            check_id_length(
+                row_name, f"the workflow name of {kind} {name[:40]!r}", limit=MAX_NAME_LENGTH
+            )
         timeout = opts.get("workflow_timeout")
         wid = opts.get("workflow_id") or new_workflow_id()
         row = NewWorkflow(
@@ -134,8 +146,20 @@ class DBOSClient:
             value = options.get(key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise DbosNbError(f"{key} must be a non-empty string, got {value!r}")
+        # Every value checked against its column before anything is written: PostgreSQL
+        # would refuse an over-long one with a raw DataError, SQLite store it.
+        check_id_length(options["queue_name"], "a queue name")
+        check_id_length(options["workflow_name"], "a workflow name", limit=MAX_NAME_LENGTH)
         if options.get("workflow_id") is not None:
             check_id_length(options["workflow_id"], "a workflow id")
+        if options.get("deduplication_id") is not None:
+            check_id_length(
+                options["deduplication_id"],
+                "a deduplication_id",
+                limit=MAX_DEDUPLICATION_ID_LENGTH,
+            )
+        if options.get("app_version") is not None:
+            check_id_length(options["app_version"], "an app_version")
         timeout = options.get("workflow_timeout")
         if timeout is not None and not valid_seconds(timeout):
             raise DbosNbError(

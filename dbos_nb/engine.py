@@ -18,6 +18,7 @@ from typing import Any
 
 from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import aio
+from dbos_nb.core.context import check_id_length
 from dbos_nb.core.functions import FunctionResolver
 from dbos_nb.core.pool import ElasticPool
 from dbos_nb.core.queue import QUEUES
@@ -67,6 +68,29 @@ _KNOWN_KEYS = {
 }
 
 
+# How long an executor's lease must be, at least: twice its heartbeat interval. An executor
+# renews its heartbeat once per interval, when its scheduler's loop comes round; while it runs
+# workflows (the only time it has work to lose) the loop turns every 100 ms, so a renewal is due
+# at most a moment after one interval, and the write may then wait on the database. Two
+# intervals leave a whole interval of slack after the latest on-time renewal: one late renewal
+# (a busy database, a long claim, a GC pause) does not give a live executor's work to others,
+# who would run its in-flight steps a second time. A longer lease only delays the takeover of
+# a dead executor. (Idle, the loop may check the heartbeat up to a polling interval late; an
+# executor then has no running work to lose, and the polling interval is left out of the rule.)
+LEASE_HEARTBEATS = 2
+
+
+def min_lease_sec(heartbeat_interval_sec: float) -> float:
+    """The shortest lease accepted with this heartbeat interval (see above)."""
+    return LEASE_HEARTBEATS * heartbeat_interval_sec
+
+
+def lease_too_short(lease_sec: float, heartbeat_interval_sec: float) -> bool:
+    """Whether a lease is shorter than `min_lease_sec` (doubling a float is exact: a lease of
+    0.3 s passes with a heartbeat of 0.15 s)."""
+    return lease_sec < min_lease_sec(heartbeat_interval_sec)
+
+
 @dataclass(frozen=True)
 class ResolvedConfig:
     """A validated configuration with every default filled in."""
@@ -106,6 +130,12 @@ def resolve_config(config: dict[str, Any] | None) -> ResolvedConfig:
             raise DBOSConfigError(f"config {key!r} must be a URL string, got {config[key]!r}")
     executor_id = config.get("executor_id") or os.environ.get("DBOS__VMID") or "local"
     version = config.get("application_version") or os.environ.get("DBOS__APPVERSION")
+    if version is not None:
+        if not isinstance(version, str):
+            raise DBOSConfigError(f"config 'application_version' must be a string, got {version!r}")
+        # Checked here, not when the first workflow row refuses it (PostgreSQL) or keeps it
+        # whole (SQLite).
+        check_id_length(version, "config 'application_version'", DBOSConfigError)
     listen = config.get("listen_queues")
     if listen is not None and (
         isinstance(listen, str) or not all(isinstance(q, str) for q in listen)
@@ -118,16 +148,26 @@ def resolve_config(config: dict[str, Any] | None) -> ResolvedConfig:
         raise DBOSConfigError(
             f"config 'max_concurrent_workflows' must be a positive integer, got {cap!r}"
         )
+    polling = _positive(config, "polling_interval_sec", 1.0)
+    heartbeat = _positive(config, "heartbeat_interval_sec", 5.0)
+    lease = _positive(config, "executor_lease_sec", 30.0)
+    if lease_too_short(lease, heartbeat):
+        raise DBOSConfigError(
+            f"config 'executor_lease_sec' ({lease:g} s) must be at least twice "
+            f"'heartbeat_interval_sec' ({heartbeat:g} s), that is {min_lease_sec(heartbeat):g} "
+            "s: with a shorter lease, other processes take over this one's running workflows "
+            "while it is alive (their steps would run twice)"
+        )
     return ResolvedConfig(
         name=name,
         system_database_url=system_url,
         application_database_url=app_url,
         executor_id=str(executor_id),
         application_version=version,
-        polling_interval_sec=_positive(config, "polling_interval_sec", 1.0),
+        polling_interval_sec=polling,
         use_listen_notify=bool(config.get("use_listen_notify", True)),
-        heartbeat_interval_sec=_positive(config, "heartbeat_interval_sec", 5.0),
-        executor_lease_sec=_positive(config, "executor_lease_sec", 30.0),
+        heartbeat_interval_sec=heartbeat,
+        executor_lease_sec=lease,
         listen_queues=tuple(listen) if listen is not None else None,
         run_stored_functions=bool(config.get("run_stored_functions", False)),
         max_concurrent_workflows=cap,
@@ -247,8 +287,18 @@ class Engine:
         return queue_name in self._listened_queues()
 
     def executor_alive(self, row: dict[str, Any], now_ms: int) -> bool:
-        """Whether an executor's registration row has renewed its heartbeat within the lease."""
-        return now_ms - int(row["heartbeat_at"]) < self.config.executor_lease_sec * 1000
+        """Whether an executor's registration row has renewed its heartbeat within its own
+        lease (this process's lease for a row registered without one), as `take_over_expired`
+        judges it."""
+        lease_ms = row.get("lease_ms")
+        if lease_ms is None:
+            lease_ms = self._lease_ms
+        return now_ms - int(row["heartbeat_at"]) <= int(lease_ms)
+
+    @property
+    def _lease_ms(self) -> int:
+        """This executor's lease in milliseconds, as it registers it."""
+        return round(self.config.executor_lease_sec * 1000)
 
     def _listened_queues(self) -> list[str]:
         listen = self.config.listen_queues
@@ -296,7 +346,9 @@ class Engine:
                     f"{row['hostname']} (heartbeat {(now - int(row['heartbeat_at'])) / 1000:.1f} s "
                     "ago); give each process its own executor_id"
                 )
-        store.register_executor(cfg.executor_id, host, os.getpid(), self._token, now)
+        store.register_executor(
+            cfg.executor_id, host, os.getpid(), self._token, now, lease_ms=self._lease_ms
+        )
 
     def _heartbeat(self, rt: Runtime) -> None:
         """Renew this executor's lease, and take over the work of executors whose lease ran out."""
@@ -310,16 +362,24 @@ class Engine:
             rt.preempt_all("taken over by another executor")
             self._token = uuid.uuid4().hex
             rt.store.register_executor(
-                rt.executor_id, socket.gethostname(), os.getpid(), self._token, now
+                rt.executor_id,
+                socket.gethostname(),
+                os.getpid(),
+                self._token,
+                now,
+                lease_ms=self._lease_ms,
             )
-        lease_ms = round(self.config.executor_lease_sec * 1000)
-        taken = rt.store.take_over_expired(now, lease_ms, keep=rt.executor_id)
+            # Work claimed after the take-over (which requeued only what was PENDING then)
+            # would stay PENDING under this live executor, run by nobody: back to its queue.
+            if rt.store.requeue_pending(rt.executor_id, now):
+                rt.wake_scheduler()
+        # Each executor is judged by its own registered lease; ours only for old rows.
+        taken = rt.store.take_over_expired(now, self._lease_ms, keep=rt.executor_id)
         for executor_id, ids in taken.items():
             logger.warning(
-                "executor %r sent no heartbeat for %.0f s: %d unfinished workflow(s) returned to "
-                "their queues",
+                "executor %r sent no heartbeat within its lease: %d unfinished workflow(s) "
+                "returned to their queues",
                 executor_id,
-                self.config.executor_lease_sec,
                 len(ids),
             )
         if taken:

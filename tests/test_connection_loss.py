@@ -47,29 +47,29 @@ def test_workflows_ride_out_lost_sessions(pg_url: str) -> None:
     gate = threading.Event()
     calls: list[int] = []
 
-    @DBOS.step(name="lost_work")
+    @DBOS.step(name="rideout_work")
     def work(x: int) -> int:
         calls.append(x)
         gate.wait(20)
         return x * 2
 
-    @DBOS.step(name="lost_after")
+    @DBOS.step(name="rideout_after")
     def after(x: int) -> int:
         return x + 1
 
-    @DBOS.workflow(name="lost_wf")
+    @DBOS.workflow(name="rideout_wf")
     def flow(x: int) -> int:
         return after(work(x))
 
     DBOS(config=config(pg_url))
     DBOS.launch()
-    handles = [Queue("lost_q").enqueue(flow, i) for i in range(4)]
+    handles = [Queue("rideout_q").enqueue(flow, i) for i in range(4)]
     wait_until(lambda: len(calls) == 4)
     assert _end_every_session(pg_url) > 0  # the pool's, the listener's, the hot path's
     gate.set()
     assert [h.get_result(timeout_sec=30) for h in handles] == [1, 3, 5, 7]
     assert sorted(calls) == [0, 1, 2, 3]  # no step ran again
-    statuses = {w.status for w in DBOS.list_workflows(name="lost_wf")}
+    statuses = {w.status for w in DBOS.list_workflows(name="rideout_wf")}
     assert statuses == {"SUCCESS"}
 
     # A client whose idle connection the server ended reads on.

@@ -1,4 +1,5 @@
-"""Schema set-up between processes, executor ids, methods as workflows, and DBOS's names."""
+"""Schema set-up between processes, executor ids, methods as workflows, DBOS's names, and values
+too long for their columns."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -18,9 +19,13 @@ import dbos_nb
 from conftest import config, libpq_dsn
 from dbos_nb import (
     DBOS,
+    DBOSClient,
     DBOSConfigError,
     DBOSExecutorIdInUseError,
+    DbosNbError,
+    EnqueueOptions,
     Queue,
+    SetEnqueueOptions,
     SetWorkflowID,
     SetWorkflowTimeout,
     WorkflowStatus,
@@ -194,17 +199,21 @@ def test_a_version_2_database_gets_the_active_deadline_index(db_url: str) -> Non
 
 def test_a_version_4_database_gains_fork_lineage(db_url: str) -> None:
     """Version 5 adds workflow_status.forked_from and was_forked_from; rows made before keep
-    their values (no lineage known), and a fork made after records its lineage."""
+    their values (no lineage known), and a fork made after records its lineage. It also adds
+    executors.lease_ms: an executor registered before has none (and is judged by the judge's
+    lease), one registered after records its own."""
     from dbos_nb.core import management
     from dbos_nb.storage.migrations import migrate
     from dbos_nb.storage.store import SystemStore
 
     db = Database(db_url)
     migrate(db)
-    table = ("dbos_nb." if db.is_postgres else "") + "workflow_status"
-    with db.write() as conn:  # the table as version 4 left it
+    prefix = "dbos_nb." if db.is_postgres else ""
+    table = prefix + "workflow_status"
+    with db.write() as conn:  # the tables as version 4 left them
         for column in ("forked_from", "was_forked_from"):
             conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(sa.text(f"ALTER TABLE {prefix}executors DROP COLUMN lease_ms"))
         _stamp_only(conn, 4)
         conn.execute(
             sa.text(
@@ -212,9 +221,19 @@ def test_a_version_4_database_gains_fork_lineage(db_url: str) -> None:
                 "VALUES ('old', 'SUCCESS', 'wf', 1, 1)"
             )
         )
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {prefix}executors (executor_id, hostname, pid, token, started_at, "
+                "heartbeat_at) VALUES ('old-executor', 'h', 1, 't', 1000, 1000)"
+            )
+        )
     migrate(db)
     migrate(db)  # a second launch finds the columns in place
     store = SystemStore(db)
+    store.register_executor("new-executor", "h", 2, "t2", 1000, lease_ms=60_000)
+    leases = {e["executor_id"]: e["lease_ms"] for e in store.list_executors()}
+    assert leases == {"old-executor": None, "new-executor": 60_000}
+    assert store.take_over_expired(40_000, 30_000, keep="judge") == {"old-executor": []}
     (old,) = management.list_workflows(store)
     assert (old.workflow_id, old.status, old.forked_from, old.was_forked_from) == (
         "old",
@@ -676,3 +695,122 @@ def test_second_dbos_with_other_config_is_refused(tmp_path: Path) -> None:
     DBOS(config={"name": "a", "system_database_url": f"sqlite:///{tmp_path / 'a.sqlite'}"})
     with pytest.raises(DBOSConfigError, match="destroy"):
         DBOS(config={"name": "b", "system_database_url": f"sqlite:///{tmp_path / 'b.sqlite'}"})
+
+
+# -- values too long for their columns -----------------------------------------------------------
+# PostgreSQL's VARCHAR columns refuse an over-long value with a raw DataError carrying the SQL;
+# SQLite keeps it whole. Each is refused by name, with its limit, before anything is written, on
+# both backends; a value at the limit is stored whole on both.
+
+
+def _stored_rows(url: str) -> dict[str, dict[str, Any]]:
+    """Every workflow row, by id, as stored."""
+    from dbos_nb.storage.store import SystemStore
+
+    db = Database(url)
+    try:
+        return {r["workflow_uuid"]: r for r in SystemStore(db).list_workflows(load_input=False)}
+    finally:
+        db.dispose()
+
+
+def test_an_over_long_deduplication_id_is_refused(launched: str) -> None:
+    q = Queue("dedup_len_q")
+
+    @DBOS.workflow(name="dedup_len_wf")
+    def dedup_len_wf() -> int:
+        return 1
+
+    with (
+        pytest.raises(DbosNbError, match="a deduplication_id can have at most 512 characters"),
+        SetEnqueueOptions(deduplication_id="d" * 513),
+    ):
+        q.enqueue(dedup_len_wf)
+    assert _stored_rows(launched) == {}
+    with SetEnqueueOptions(deduplication_id="d" * 512):  # fits (PostgreSQL would refuse more)
+        handle = q.enqueue(dedup_len_wf)
+    assert handle.get_result(timeout_sec=30) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("queue_name", "q" * 256, "a queue name can have at most 255 characters, got 256"),
+        ("workflow_name", "w" * 513, "a workflow name can have at most 512 characters, got 513"),
+        ("deduplication_id", "d" * 513, "a deduplication_id can have at most 512 characters"),
+        ("app_version", "v" * 256, "an app_version can have at most 255 characters, got 256"),
+    ],
+)
+def test_over_long_client_enqueue_options_are_refused(
+    db_url: str, option: str, value: str, message: str
+) -> None:
+    with DBOSClient(db_url) as client:
+        options: dict[str, Any] = {
+            "queue_name": "client_len_q",
+            "workflow_name": "client_len_wf",
+            "allow_unregistered": True,
+        }
+        with pytest.raises(DbosNbError, match=message):
+            client.enqueue(cast(EnqueueOptions, {**options, option: value}))
+        assert _stored_rows(db_url) == {}
+        at_limit = {**options, option: value[:-1]}
+        workflow_id = client.enqueue(cast(EnqueueOptions, at_limit)).workflow_id
+    column = {"workflow_name": "name", "app_version": "application_version"}.get(option, option)
+    assert _stored_rows(db_url)[workflow_id][column] == value[:-1]
+
+
+def test_an_over_long_application_version_is_refused(db_url: str) -> None:
+    with pytest.raises(DBOSConfigError, match="'application_version' can have at most 255"):
+        DBOS(config=config(db_url, application_version="v" * 256))
+    DBOS(config=config(db_url, application_version="v" * 255))
+
+    @DBOS.workflow(name="versioned_len_wf")
+    def versioned_len_wf() -> int:
+        return 1
+
+    DBOS.launch()
+    handle = DBOS.start_workflow(versioned_len_wf)
+    assert handle.get_result() == 1
+    status = handle.get_status()
+    assert status is not None and status.app_version == "v" * 255
+    # A fork given a version checks it too, before writing anything (DBOS and the client).
+    with pytest.raises(DbosNbError, match="an application_version can have at most 255"):
+        DBOS.fork_workflow(handle.workflow_id, 0, application_version="v" * 256)
+    with DBOSClient(db_url) as client, pytest.raises(DbosNbError, match="at most 255"):
+        client.fork_workflow(handle.workflow_id, 0, application_version="v" * 256)
+    assert len(DBOS.list_workflows()) == 1
+
+
+def test_over_long_function_names_are_refused_at_registration(launched: str) -> None:
+    """A step's row, when it runs as a workflow of its own, is named with a 17-character
+    prefix: its name has 495 characters of the column's 512."""
+    with pytest.raises(DbosNbError, match="a workflow name can have at most 512 characters"):
+
+        @DBOS.workflow(name="w" * 513)
+        def too_long_wf() -> None:
+            pass
+
+    with pytest.raises(DbosNbError, match="a step name can have at most 495 characters"):
+
+        @DBOS.step(name="s" * 496)
+        def too_long_step() -> None:
+            pass
+
+    with pytest.raises(DbosNbError, match="a transaction name can have at most 495 characters"):
+
+        @DBOS.transaction(name="t" * 496)
+        def too_long_tx() -> None:
+            pass
+
+    @DBOS.workflow(name="w" * 512)
+    def longest_wf() -> int:
+        return longest_step() + 1
+
+    @DBOS.step(name="s" * 495)
+    def longest_step() -> int:
+        return 1
+
+    q = Queue("names_len_q")
+    assert q.enqueue(longest_step).get_result(timeout_sec=30) == 1
+    assert q.enqueue(longest_wf).get_result(timeout_sec=30) == 2
+    assert sorted(len(r["name"]) for r in _stored_rows(launched).values()) == [512, 512]

@@ -1,9 +1,11 @@
 """External `dbos-nb worker` processes: notebook-defined functions, versions, limits across
-workers, takeover of a SIGKILLed worker's work, and a graceful SIGTERM; on both backends."""
+workers, takeover of a SIGKILLed worker's work, and a graceful SIGTERM; leases (each executor
+judged by its own, and leases too short for the heartbeat refused); on both backends."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,10 +19,16 @@ import pytest
 import sqlalchemy as sa
 from IPython.core.interactiveshell import InteractiveShell
 
-from conftest import config, recorded_steps
-from dbos_nb import DBOS, DBOSClient, Queue
-from dbos_nb.storage.database import normalize_url
+from conftest import config, recorded_steps, wait_until
+from dbos_nb import DBOS, DBOSClient, DBOSConfigError, Queue
+from dbos_nb.cli import main
+from dbos_nb.clock import ManualClock
+from dbos_nb.core.runtime import get_runtime
+from dbos_nb.serialization import dump_inputs
+from dbos_nb.storage.database import Database, normalize_url
+from dbos_nb.storage.migrations import migrate
 from dbos_nb.storage.schema import PG_SCHEMA
+from dbos_nb.storage.store import NewWorkflow, SystemStore
 
 TESTS = Path(__file__).parent
 LEASE = 2.0
@@ -347,3 +355,152 @@ def test_a_frozen_worker_that_comes_back_is_refused(db_url: str, pool: WorkerPoo
     pool.stop_all()
     _, err = zombie.communicate(timeout=30)
     assert "missed its lease" in err.decode()
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+T0 = 1_700_000_000_000
+
+
+def _running_on(store: SystemStore, workflow_id: str, executor_id: str, now_ms: int) -> None:
+    """A workflow PENDING on `executor_id`, in a queue that no process of the test serves."""
+    store.insert_workflow(
+        NewWorkflow(
+            workflow_id=workflow_id,
+            name="elsewhere_wf",
+            inputs=dump_inputs("elsewhere_wf", (), {}),
+            status="PENDING",
+            created_at=now_ms,
+            executor_id=executor_id,
+            owner_xid=f"xid-{workflow_id}",
+            queue_name="elsewhere",
+        )
+    )
+
+
+def _owner(store: SystemStore, workflow_id: str) -> tuple[str, str | None]:
+    row = store.get_workflow(workflow_id)
+    assert row is not None
+    return row["status"], row["executor_id"]
+
+
+def test_each_executor_is_judged_by_its_own_lease(db_url: str) -> None:
+    """A judge with a short lease leaves a live executor with a longer lease alone between its
+    heartbeats, and takes its work once it is silent past its own lease; an executor
+    registered without a lease (before the column) is judged by the judge's."""
+    db = Database(db_url)
+    migrate(db)
+    store = SystemStore(db)
+    try:
+        store.register_executor("judge", "h", 1, "t-judge", T0, lease_ms=3_000)
+        store.register_executor("slow", "h", 2, "t-slow", T0, lease_ms=30_000)
+        store.register_executor("old", "h", 3, "t-old", T0)  # no lease recorded
+        _running_on(store, "paid", "slow", T0)
+        _running_on(store, "legacy", "old", T0)
+        # 10 s without a heartbeat: past the judge's lease, within the slow one's own.
+        assert store.take_over_expired(T0 + 10_000, 3_000, keep="judge") == {"old": ["legacy"]}
+        assert _owner(store, "paid") == ("PENDING", "slow")
+        assert store.take_over_expired(T0 + 30_000, 3_000, keep="judge") == {}  # not past it
+        assert store.take_over_expired(T0 + 30_001, 3_000, keep="judge") == {"slow": ["paid"]}
+        assert _owner(store, "paid") == ("ENQUEUED", None)
+        assert [e["executor_id"] for e in store.list_executors()] == ["judge"]
+    finally:
+        db.dispose()
+
+
+def test_a_short_lease_process_does_not_take_over_a_live_executor(db_url: str) -> None:
+    """The reproduction of the bug, through a launched engine on an injected clock: this process
+    (lease 1 s) judges another (registered as a worker with the defaults: lease 30 s) that last
+    beat 10 s ago, and leaves its running workflow alone until that one's own lease runs out.
+    The engine registers its own lease too, for the others to judge it by."""
+    clock = ManualClock(T0)
+    DBOS(
+        config=config(
+            db_url,
+            executor_lease_sec=1.0,
+            heartbeat_interval_sec=0.2,
+            listen_queues=[],
+        ),
+        clock=clock,
+    )
+    DBOS.launch()
+    rt = get_runtime()
+    store = rt.store
+    me = store.get_executor(rt.executor_id)
+    assert me is not None and me["lease_ms"] == 1_000
+    store.register_executor("worker-a", "h", 2, "t-a", T0, lease_ms=30_000)
+    _running_on(store, "paid", "worker-a", T0)
+
+    def judged_at(now_ms: int) -> None:
+        """Move the clock to `now_ms` and wait for this process to judge the others then (the
+        heartbeat after the one at `now_ms` comes after that one's takeover pass)."""
+        clock.advance((now_ms - clock.now_ms()) / 1000)
+        wait_until(lambda: _heartbeat_of(store, rt.executor_id) == now_ms)
+        clock.advance(0.2)
+        wait_until(lambda: _heartbeat_of(store, rt.executor_id) == now_ms + 200)
+
+    judged_at(T0 + 10_000)
+    assert _owner(store, "paid") == ("PENDING", "worker-a")
+    judged_at(T0 + 30_001)
+    assert _owner(store, "paid") == ("ENQUEUED", None)
+    assert store.get_executor("worker-a") is None
+
+
+def _heartbeat_of(store: SystemStore, executor_id: str) -> int | None:
+    row = store.get_executor(executor_id)
+    return None if row is None else int(row["heartbeat_at"])
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        # Identical short leases everywhere, the heartbeat left at its 5 s default.
+        ({"executor_lease_sec": 2, "heartbeat_interval_sec": 5}, r"\(2 s\) must be at least"),
+        ({"executor_lease_sec": 0.99, "heartbeat_interval_sec": 0.5}, r"that is 1 s"),
+        ({"heartbeat_interval_sec": 20}, r"twice 'heartbeat_interval_sec' \(20 s\)"),
+    ],
+)
+def test_a_lease_too_short_for_the_heartbeat_is_refused(
+    db_url: str, cfg: dict[str, Any], message: str
+) -> None:
+    """`config` sets a 0.5 s heartbeat (and the lease is 30 s by default)."""
+    with pytest.raises(DBOSConfigError, match=message):
+        DBOS(config=config(db_url, **cfg))
+    # At the bound, it is accepted.
+    DBOS(config=config(db_url, executor_lease_sec=0.3, heartbeat_interval_sec=0.15))
+    DBOS.launch()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lease", "2"], r"--lease \(2 s\) must be at least twice --heartbeat \(5 s\)"),
+        (["--lease", "1.5", "--heartbeat", "1"], r"--heartbeat \(1 s\), that is 2 s"),
+    ],
+)
+def test_the_worker_refuses_a_lease_too_short_for_its_heartbeat(
+    db_url: str, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before anything happens: the module to import does not exist, and a worker that
+    got past the check would fail on it (or run until stopped)."""
+    argv = ["worker", "--db", db_url, "--import", "no_such_module_here", *flags]
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_work_claimed_after_a_take_over_goes_back_when_the_executor_rejoins(db_url: str) -> None:
+    """An executor whose row another process removed (its lease had run out) and that claimed
+    work before its next heartbeat: when that heartbeat finds the row gone and the executor
+    joins again, the work goes back to its queue instead of staying PENDING under it."""
+    clock = ManualClock(T0)
+    DBOS(config=config(db_url, heartbeat_interval_sec=0.2, listen_queues=[]), clock=clock)
+    DBOS.launch()
+    rt = get_runtime()
+    store = rt.store
+    wait_until(lambda: _heartbeat_of(store, rt.executor_id) == T0)
+    store.take_over_expired(T0 + 60_000, 30_000, keep="judge")  # another process's verdict
+    assert store.get_executor(rt.executor_id) is None
+    _running_on(store, "late", rt.executor_id, T0)  # claimed by it just after
+    clock.advance(0.2)
+    wait_until(lambda: _heartbeat_of(store, rt.executor_id) == T0 + 200)
+    wait_until(lambda: _owner(store, "late") == ("ENQUEUED", None))

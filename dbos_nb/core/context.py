@@ -160,19 +160,29 @@ class SetWorkflowID(_ContextBlock):
         return {"next_workflow_id": self.workflow_id}
 
 
-# What the databases hold (PostgreSQL's columns are VARCHAR(255); SQLite would take more, but
-# a database must be movable from one to the other, and the limit the same on both).
+# What the databases hold (PostgreSQL's columns are VARCHAR(n) and refuse a longer value with
+# a raw DataError; SQLite would store it, but a database must be movable from one to the other,
+# and the limits the same on both). The lengths of the columns in `storage/schema.py`:
+# ids, queue names and application versions (workflow_uuid, queue_name, application_version).
 MAX_ID_LENGTH = 255
+# Function names (workflow_status.name, functions.name, operation_outputs.function_name).
+MAX_NAME_LENGTH = 512
+# workflow_status.deduplication_id.
+MAX_DEDUPLICATION_ID_LENGTH = 512
 
 
-def check_id_length(value: str, what: str, error: type[DbosNbError] = DbosNbError) -> str:
-    """`value`, if it fits in an id or name column; else `error` naming `what` and the
-    lengths. Ids derived from others (a child's `<parent>-<n>`, a batch item's `<batch>/<i>`)
-    are checked where they are made."""
-    if len(value) > MAX_ID_LENGTH:
+def check_id_length(
+    value: str,
+    what: str,
+    error: type[DbosNbError] = DbosNbError,
+    limit: int = MAX_ID_LENGTH,
+) -> str:
+    """`value`, if it fits in its column (`limit` characters: an id's by default); else
+    `error` naming `what` and the lengths, before anything is written. Ids derived from others
+    (a child's `<parent>-<n>`, a batch item's `<batch>/<i>`) are checked where they are made."""
+    if len(value) > limit:
         raise error(
-            f"{what} can have at most {MAX_ID_LENGTH} characters, got {len(value)}: "
-            f"{value[:40]!r}..."
+            f"{what} can have at most {limit} characters, got {len(value)}: {value[:40]!r}..."
         )
     return value
 
@@ -225,8 +235,12 @@ class SetEnqueueOptions(_ContextBlock):
             isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**31
         ):
             raise DbosNbError(f"priority must be an integer from 0 to 2**31-1, got {priority!r}")
-        if deduplication_id is not None and not isinstance(deduplication_id, str):
-            raise DbosNbError(f"deduplication_id must be a string, got {deduplication_id!r}")
+        if deduplication_id is not None:
+            if not isinstance(deduplication_id, str):
+                raise DbosNbError(f"deduplication_id must be a string, got {deduplication_id!r}")
+            check_id_length(
+                deduplication_id, "a deduplication_id", limit=MAX_DEDUPLICATION_ID_LENGTH
+            )
         if token_estimate is not None and (
             isinstance(token_estimate, bool)
             or not isinstance(token_estimate, int)

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from dbos_nb.core.context import current
+from dbos_nb.core.context import check_id_length, current
 from dbos_nb.core.handles import status_from_row, step_from_row
 from dbos_nb.errors import (
     DBOSConflictingWorkflowError,
@@ -186,6 +186,8 @@ def fork(
         raise DbosNbError(f"start_step must be an operation number (an int), got {start_step!r}")
     if queue_name is not None and store.get_queue(queue_name) is None:
         raise UnknownQueueError(queue_name)
+    if application_version is not None:
+        check_id_length(application_version, "an application_version")
     ctx = current()
     new_id, ctx.next_workflow_id = ctx.next_workflow_id or new_workflow_id(), None
     taken = "a workflow with this id exists already; a fork needs a new id"

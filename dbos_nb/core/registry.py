@@ -20,6 +20,7 @@ from typing import Any, Literal
 import cloudpickle
 
 from dbos_nb.core import versions
+from dbos_nb.core.context import MAX_NAME_LENGTH, check_id_length
 from dbos_nb.errors import DBOSConflictingRegistrationError, DbosNbError
 from dbos_nb.models import STEP_WORKFLOW_PREFIX
 
@@ -134,6 +135,9 @@ class Registry:
         self._listeners: list[Callable[[Registration], None]] = []
 
     def register(self, reg: Registration) -> None:
+        """Register (or re-register) a function under its name; refuses a name that is taken
+        by another module's function, or that the database's name columns cannot hold."""
+        check_name_length(reg.kind, reg.name)
         with self._lock:
             old = self._by_name.get(reg.name)
             if old is not None and old.func is not reg.func:
@@ -177,6 +181,15 @@ class Registry:
     def clear(self) -> None:
         with self._lock:
             self._by_name.clear()
+
+
+def check_name_length(kind: str, name: str) -> None:
+    """Refuse, at decoration time, a name that the name columns cannot hold (PostgreSQL would
+    refuse the first row with a raw DataError, SQLite store it). A step or transaction started
+    or enqueued on its own is recorded as a workflow named STEP_WORKFLOW_PREFIX + its name, so
+    its name has that much less room."""
+    limit = MAX_NAME_LENGTH if kind == "workflow" else MAX_NAME_LENGTH - len(STEP_WORKFLOW_PREFIX)
+    check_id_length(name, f"a {kind} name", limit=limit)
 
 
 def _file_of(func: Callable[..., Any]) -> str | None:

@@ -18,9 +18,19 @@ class ExecutorRegistry(StoreBase):
         return self._read_one(select(executors).where(executors.c.executor_id == executor_id))
 
     def register_executor(
-        self, executor_id: str, hostname: str, pid: int, token: str, now_ms: int
+        self,
+        executor_id: str,
+        hostname: str,
+        pid: int,
+        token: str,
+        now_ms: int,
+        lease_ms: int | None = None,
     ) -> None:
-        """Claim an executor id for this process (replacing a dead holder's row)."""
+        """Claim an executor id for this process (replacing a dead holder's row).
+
+        `lease_ms` is how long it may stay silent before others take its work over: its own
+        lease, which is what they judge its heartbeat by (None: by their own lease).
+        """
         with self.db.write() as conn:
             conn.execute(delete(executors).where(executors.c.executor_id == executor_id))
             conn.execute(
@@ -31,6 +41,7 @@ class ExecutorRegistry(StoreBase):
                     token=token,
                     started_at=now_ms,
                     heartbeat_at=now_ms,
+                    lease_ms=lease_ms,
                 )
             )
 

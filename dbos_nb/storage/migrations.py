@@ -76,14 +76,16 @@ def _batch_items_digest(conn: Connection) -> None:
 UPGRADES[4] = _batch_items_digest
 
 
-def _fork_lineage(conn: Connection) -> None:
+def _fork_lineage_and_executor_leases(conn: Connection) -> None:
     """Version 5: a workflow records the workflow it was forked from, and whether it was forked
-    (unknown for forks made before: NULL and false)."""
+    (unknown for forks made before: NULL and false); an executor records its own lease (NULL
+    for executors registered before: judged by the judge's lease)."""
     _add_column(conn, "workflow_status", "forked_from", "VARCHAR(255)")
     _add_column(conn, "workflow_status", "was_forked_from", "BOOLEAN NOT NULL DEFAULT false")
+    _add_column(conn, "executors", "lease_ms", "BIGINT")
 
 
-UPGRADES[5] = _fork_lineage
+UPGRADES[5] = _fork_lineage_and_executor_leases
 
 
 def migrate(db: Database) -> None:

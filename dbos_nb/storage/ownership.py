@@ -125,19 +125,25 @@ class WorkflowOwnership(StoreBase):
         return ids
 
     def take_over_expired(self, now_ms: int, lease_ms: int, keep: str) -> dict[str, list[str]]:
-        """Declare dead every executor (but `keep`) whose heartbeat is older than the lease, and
-        put its PENDING workflows back in their queues, in one transaction. Returns the
-        executors taken over and their requeued workflow ids.
+        """Declare dead every executor (but `keep`) whose heartbeat is older than its own
+        lease, and put its PENDING workflows back in their queues, in one transaction. Returns
+        the executors taken over and their requeued workflow ids.
+
+        Each executor is judged by the lease it registered with, never by the judge's: a judge
+        started with a short lease must not take the work of a live executor that renews less
+        often than that (its in-flight steps would run twice). `lease_ms`, the judge's own, only
+        serves rows registered without one (before schema version 5 had the column).
 
         A dead executor that comes back finds its row gone and its workflows owned by others:
         its writes fail the owner checks, so it never overwrites the new owner's work.
         """
         taken: dict[str, list[str]] = {}
         with self.db.write() as conn:
+            lease = func.coalesce(executors.c.lease_ms, lease_ms)
             expired = list(
                 conn.execute(
                     select(executors.c.executor_id).where(
-                        executors.c.heartbeat_at < now_ms - lease_ms,
+                        executors.c.heartbeat_at + lease < now_ms,
                         executors.c.executor_id != keep,
                     )
                 ).scalars()

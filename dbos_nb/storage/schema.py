@@ -203,6 +203,11 @@ executors = Table(
     Column("token", String(64), nullable=False),
     Column("started_at", BigInteger, nullable=False),
     Column("heartbeat_at", BigInteger, nullable=False),
+    # The executor's own lease (version 5): others judge its heartbeat against this, not
+    # against theirs, so that a process started with a shorter lease never takes the work of
+    # a live one that renews less often. NULL for rows registered before (judged by the
+    # judge's lease, as then).
+    Column("lease_ms", BigInteger),
 )
 
 # The functions some process has registered, so that a client can refuse unknown workflow names.
