@@ -183,3 +183,32 @@ def test_a_direct_caller_learns_that_the_outage_stopped_its_workflow(
     with DBOSClient(pg_url) as client:
         assert client.retrieve_workflow("direct-lost").get_result() == 12
     assert calls == [4, 4]
+
+
+def test_a_direct_start_run_again_after_its_commit_is_recognised(pg_url: str) -> None:
+    """An enqueue that starts its workflow at once, retried after a lost reply although its
+    first attempt had committed, finds its own row (the owner token it drew) and runs it; a
+    row of another owner under the same id is left alone."""
+    from dataclasses import replace
+
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.storage.rows import NewWorkflow
+
+    DBOS(config=config(pg_url))
+    DBOS.launch()
+    Queue("direct_again_q")
+    store = get_runtime().store
+    row = NewWorkflow(
+        workflow_id="direct-again",
+        name="direct_again_wf",
+        inputs=b"",
+        status="PENDING",
+        created_at=1,
+        owner_xid="token-1",
+        queue_name="direct_again_q",
+    )
+    assert store.insert_started_if_unlimited(row, 1)
+    assert store.insert_started_if_unlimited(row, 1)  # the same write, run again
+    assert not store.insert_started_if_unlimited(replace(row, owner_xid="token-2"), 1)
+    written = store.get_workflow("direct-again")
+    assert written is not None and written["owner_xid"] == "token-1"

@@ -186,7 +186,38 @@ def test_replay_brings_back_changes_in_place(
     assert ns["seen"] == [50] and ns["items"] == shuffled
     assert ns["untouched"] is untouched  # read, not changed: the kernel's object stays
     assert not hasattr(ns["scratch"], "flag")
-    assert "changes this cell made in place to scratch are not restored" in capsys.readouterr().out
+    assert "changes this cell made in place to scratch, if any, are not restored" in (
+        capsys.readouterr().out
+    )
+
+
+def test_replay_brings_back_large_frames_changed_by_a_call(
+    shell: InteractiveShell, db_url: str
+) -> None:
+    """A frame and an array of a few megabytes, changed in place by calls (`insert`,
+    `shuffle`): pickled with out-of-band buffers, they are still told changed, and come back
+    as the cell left them."""
+    data = (
+        "import numpy as np, pandas as pd\n"
+        "big = pd.DataFrame({'a': np.arange(200_000), 'b': np.arange(200_000) * 2})\n"
+        "arr = np.arange(500_000)\n"
+    )
+    run(shell, data)
+    cell = (
+        "%%dbos_workflow reshape\n"
+        "big.insert(0, 'c', 1)\n"
+        "np.random.default_rng(0).shuffle(arr)\n"
+        "list(big.columns)\n"
+    )
+    assert run(shell, cell) == ["c", "a", "b"]
+    shuffled = shell.user_ns["arr"].copy()
+    DBOS.destroy(destroy_registry=True)
+    run(shell, f"%dbos_launch --db {db_url} --name nbtest")
+    run(shell, data)
+    assert run(shell, cell) == ["c", "a", "b"]
+    assert list(shell.user_ns["big"].columns) == ["c", "a", "b"]
+    restored = shell.user_ns["arr"]
+    assert (restored == shuffled).all() and (restored != sorted(shuffled)).any()
 
 
 class KernelDied(BaseException):

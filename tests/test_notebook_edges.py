@@ -61,6 +61,17 @@ def shell(db_url: str) -> Iterator[InteractiveShell]:
     DBOS.destroy()
 
 
+# A step that records its call and holds until the test's `gate` opens.
+HELD_STEP = """
+from dbos_nb import DBOS
+@DBOS.step()
+def held(i):
+    RUNS.append(i)
+    gate.wait(20)
+    return i
+"""
+
+
 # -- 1, 2: --rerun ------------------------------------------------------------------------------
 
 
@@ -80,15 +91,7 @@ def test_rerun_of_a_cell_still_running_is_refused(shell: InteractiveShell) -> No
     gate = threading.Event()
     shell.user_ns["gate"] = gate
     shell.user_ns["RUNS"] = []
-    run(
-        shell,
-        "from dbos_nb import DBOS\n"
-        "@DBOS.step()\n"
-        "def held(i):\n"
-        "    RUNS.append(i)\n"
-        "    gate.wait(20)\n"
-        "    return i\n",
-    )
+    run(shell, HELD_STEP)
     cell = "%%dbos_workflow job --background\ntotal = held(1) + held(2)\ntotal\n"
     handle = run(shell, cell)
     wait_until(lambda: shell.user_ns["RUNS"] == [1])
@@ -330,15 +333,7 @@ def test_resume_says_what_it_did_and_a_cells_handle_gives_its_value(
     # A cancelled cell, resumed: its handle gives the cell's value, not the recorded names.
     gate = threading.Event()
     shell.user_ns.update(gate=gate, RUNS=[])
-    run(
-        shell,
-        "from dbos_nb import DBOS\n"
-        "@DBOS.step()\n"
-        "def held(i):\n"
-        "    RUNS.append(i)\n"
-        "    gate.wait(20)\n"
-        "    return i\n",
-    )
+    run(shell, HELD_STEP)
     run(shell, "%%dbos_workflow paused --background\ntotal = held(1) + held(2)\ntotal * 10\n")
     wait_until(lambda: shell.user_ns["RUNS"] == [1])
     run(shell, "%dbos_cancel paused")

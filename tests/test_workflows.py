@@ -934,3 +934,131 @@ def test_an_execution_that_lost_its_workflow_stops_at_its_next_record(launched: 
     gate.set()
     wait_until(lambda: wid not in rt.running_ids())
     assert calls == ["work"]
+
+
+def test_a_stale_step_never_lands_in_a_new_workflow_under_the_same_id(launched: str) -> None:
+    """A workflow cancelled and deleted while its step ran, then started afresh under the same
+    id: the old step's outcome, arriving late, is not kept for the new workflow, which runs
+    its own step."""
+    gate = threading.Event()
+    calls: list[str] = []
+
+    @DBOS.step(name="reuse_step")
+    def step(tag: str) -> str:
+        calls.append(tag)
+        if tag == "old":
+            gate.wait(20)
+        return f"from {tag}"
+
+    @DBOS.workflow(name="reuse_wf")
+    def job(tag: str) -> str:
+        return step(tag)
+
+    with SetWorkflowID("reused"):
+        DBOS.start_workflow(job, "old")
+    wait_until(lambda: calls == ["old"])
+    DBOS.cancel_workflow("reused")
+    DBOS.delete_workflow("reused")
+    with SetWorkflowID("reused"):
+        fresh = DBOS.start_workflow(job, "new")  # waits here for the old execution to stop
+    gate.set()
+    assert fresh.get_result(timeout_sec=20) == "from new"
+    assert calls == ["old", "new"]
+
+
+def test_an_applications_own_database_error_is_the_workflows_outcome(launched: str) -> None:
+    """A workflow body that meets its own database's error (a lost connection to the
+    application's database, a cancelled query) fails with it: only dbos_nb's own checkpoints
+    losing the system database make a workflow go back to its queue."""
+    import psycopg
+
+    raised: list[Exception] = [
+        psycopg.OperationalError("connection failed: the application's database is down"),
+        psycopg.errors.QueryCanceled("canceling statement due to statement timeout"),
+    ]
+    runs: list[int] = []
+
+    @DBOS.workflow(name="own_db_error_wf")
+    def reads_its_own_database(i: int) -> None:
+        runs.append(i)
+        raise raised[i]
+
+    for i, error in enumerate(raised):
+        with SetWorkflowID(f"own-db-{i}"), pytest.raises(type(error)):
+            reads_its_own_database(i)
+        status = DBOS.get_workflow_status(f"own-db-{i}")
+        assert status is not None and status.status == "ERROR"
+    assert runs == [0, 1]  # each ran once: nothing was handed back to run again
+
+
+def test_a_start_whose_write_was_run_twice_runs_its_own_row(
+    launched: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct start whose row was written by an attempt whose reply got lost, then written
+    again (as `reconnect` does after a lost connection), finds its own row and runs it rather
+    than waiting on it for ever."""
+    from dbos_nb.core.runtime import get_runtime
+
+    store = get_runtime().store
+    write_once = store.insert_workflow
+
+    def write_twice(row: Any) -> Any:
+        write_once(row)  # committed; its reply lost
+        return write_once(row)  # run again: the id is taken, by this very write
+
+    monkeypatch.setattr(store, "insert_workflow", write_twice)
+
+    @DBOS.workflow(name="written_twice_wf")
+    def written_twice(x: int) -> int:
+        return x + 1
+
+    called: list[int] = []
+
+    def call() -> None:
+        with SetWorkflowID("written-twice"):
+            called.append(written_twice(1))
+
+    caller = threading.Thread(target=call, daemon=True)  # a hang fails the test, not the run
+    caller.start()
+    caller.join(20)
+    assert called == [2]
+    with SetWorkflowID("started-twice"):
+        assert DBOS.start_workflow(written_twice, 2).get_result(timeout_sec=20) == 3
+
+
+def test_an_outcome_that_cannot_be_recorded_hands_the_workflow_back(
+    launched: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recording a finished workflow's outcome meets a lost system database (once): the
+    direct caller is told so, and the workflow runs again from its recorded steps to record
+    its outcome."""
+    import psycopg
+
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.storage.reconnect import mark_lost
+
+    store = get_runtime().store
+    finish = store.finish_workflow
+    failures = [mark_lost(psycopg.OperationalError("server closed the connection"))]
+
+    def finish_once_lost(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(store, "finish_workflow", finish_once_lost)
+    calls: list[int] = []
+
+    @DBOS.step(name="unrecorded_step")
+    def double(x: int) -> int:
+        calls.append(x)
+        return 2 * x
+
+    @DBOS.workflow(name="unrecorded_wf")
+    def unrecorded(x: int) -> int:
+        return double(x)
+
+    with SetWorkflowID("unrecorded"), pytest.raises(WorkflowPreempted, match="system database"):
+        unrecorded(4)
+    assert DBOS.retrieve_workflow("unrecorded").get_result(timeout_sec=20) == 8
+    assert calls == [4]  # the step's record stood: only the outcome was written again

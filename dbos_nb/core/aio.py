@@ -30,6 +30,8 @@ from dbos_nb.core.workflows import (
     Execution,
     _body_of,
     end,
+    handed_back,
+    lost_database,
     on_failure,
     on_success,
     register,
@@ -57,6 +59,10 @@ async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
                     raise
                 raise shown from (None if isinstance(exc, WorkflowPreempted) else exc)
         return on_success(rt, ex, value)
+    except Exception as exc:
+        if lost_database(exc):  # recording the outcome itself could not reach the database
+            raise handed_back(rt, ex) from exc
+        raise
     finally:
         end(rt, ex)
 

@@ -140,7 +140,9 @@ async def wait_for_result_async(
     poll = _Poll(store, workflow_id, polling_interval_sec, timeout_sec)
     with waiters.watch_async(workflow_id) as event:
         while True:
-            finished, value = poll.check()
+            # In a thread: while the database is out of reach, a read is retried for a while
+            # (see `reconnect`), which must not stop the event loop.
+            finished, value = await asyncio.to_thread(poll.check)
             if finished:
                 return value
             with suppress(TimeoutError):

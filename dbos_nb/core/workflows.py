@@ -16,6 +16,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ from dbos_nb.errors import (
 from dbos_nb.ids import new_token, new_workflow_id
 from dbos_nb.models import INTERNAL_QUEUE, STEP_WORKFLOW_PREFIX, ClaimedWorkflow
 from dbos_nb.models import WorkflowStatusString as S
-from dbos_nb.storage.reconnect import is_connection_error
+from dbos_nb.storage.reconnect import is_lost, retrying
 from dbos_nb.storage.store import NewWorkflow
 
 # Status strings as plain constants: an enum member's `.value` is a descriptor call.
@@ -175,6 +176,10 @@ def write_started(
     owner = new_token()
     row = _new_row(rt, reg, plan, inputs, name, status=_PENDING, owner=owner)
     existing = rt.store.insert_workflow(row)
+    if existing is not None and existing.get("owner_xid") == owner:
+        # This very write, committed by an attempt whose reply a lost connection swallowed
+        # (`reconnect` ran it again): it is ours to run, not another's to wait for.
+        existing = None
     if existing is not None:
         _check_same_function(plan.workflow_id, existing, name)
     ex = Execution(
@@ -506,12 +511,11 @@ def on_failure(rt: Runtime, ex: Execution, exc: BaseException) -> BaseException:
         return DBOSAwaitedWorkflowCancelledError(wid, f"was stopped ({exc.reason})")
     if not isinstance(exc, Exception):
         return exc  # KeyboardInterrupt and the like: the workflow stays PENDING, resumable
-    if is_connection_error(exc) and not serialization.is_recorded(exc):
+    if lost_database(exc):
         # A checkpoint could not reach the database (for longer than `reconnect` rides out):
         # the work itself did not fail, so that is not its outcome. It runs again from its
         # last completed step.
-        _hand_back(rt, ex)
-        return WorkflowPreempted(wid, DATABASE_LOST)
+        return handed_back(rt, ex)
     if ex.deadline_ms is not None and rt.now_ms() >= ex.deadline_ms:
         # Failed because it ran out of time (a timed-out child, say): a timeout.
         cancel_overdue(rt)
@@ -520,36 +524,35 @@ def on_failure(rt: Runtime, ex: Execution, exc: BaseException) -> BaseException:
     return exc
 
 
-def _hand_back(rt: Runtime, ex: Execution) -> None:
-    """Put a workflow this execution owns back in its queue (or the internal one) once the
-    database answers again, on a pool thread: left PENDING under a live executor, nothing
-    would ever run it."""
-    try:
+def lost_database(exc: BaseException) -> bool:
+    """Whether `exc` is dbos_nb's own loss of the system database (tagged where it happened,
+    see `reconnect`), and not an outcome recorded for a step or a child workflow."""
+    return is_lost(exc) and not serialization.is_recorded(exc)
+
+
+def handed_back(rt: Runtime, ex: Execution) -> WorkflowPreempted:
+    """Give a workflow whose checkpoint could not reach the database back to its queue (or the
+    internal one), as soon as the database answers, on a pool thread; returns what its caller
+    is told. Left PENDING under a live executor, nothing would ever run it."""
+    # A shut-down pool (DBOS.destroy) refuses it: the next launch recovers the workflow.
+    with contextlib.suppress(RuntimeError):
         rt.pool.submit(_hand_back_when_reachable, rt, ex)
-    except RuntimeError:  # the pool is shut down (DBOS.destroy): the next launch recovers it
-        logger.warning(
-            "workflow %s: %s; it resumes at the next launch", ex.workflow_id, DATABASE_LOST
-        )
+    return WorkflowPreempted(ex.workflow_id, DATABASE_LOST)
 
 
 def _hand_back_when_reachable(rt: Runtime, ex: Execution) -> None:
-    pause = 0.05
-    while not rt.stopping.is_set():
-        try:
-            requeued = rt.store.requeue_lost(ex.workflow_id, ex.owner, rt.now_ms())
-        except Exception as exc:
-            if not is_connection_error(exc):
-                logger.error(
-                    "workflow %s could not be put back in its queue: %s", ex.workflow_id, exc
-                )
-                return
-            rt.stopping.wait(pause)  # the database is still out of reach
-            pause = min(pause * 2, 2.0)
-            continue
-        if requeued:
-            logger.warning("workflow %s: %s; it runs again", ex.workflow_id, DATABASE_LOST)
-            rt.wake_scheduler()
+    try:
+        requeued = retrying(
+            lambda: rt.store.requeue_workflow(ex.workflow_id, rt.now_ms(), ex.owner),
+            math.inf,
+            stop=rt.stopping,
+        )
+    except Exception as exc:  # DBOS.destroy() meanwhile: the next launch recovers it
+        logger.warning("workflow %s was not put back in its queue: %s", ex.workflow_id, exc)
         return
+    if requeued:
+        logger.warning("workflow %s: %s; it runs again", ex.workflow_id, DATABASE_LOST)
+        rt.wake_scheduler()
 
 
 def on_success(rt: Runtime, ex: Execution, value: Any) -> Any:
@@ -594,6 +597,10 @@ def run_execution(rt: Runtime, ex: Execution) -> Any:
                     raise
                 raise shown from (None if isinstance(exc, WorkflowPreempted) else exc)
         return on_success(rt, ex, value)
+    except Exception as exc:
+        if lost_database(exc):  # recording the outcome itself could not reach the database
+            raise handed_back(rt, ex) from exc
+        raise
     finally:
         end(rt, ex)
 
@@ -660,13 +667,8 @@ def _run_execution_quietly(rt: Runtime, ex: Execution) -> None:
         run_execution(rt, ex)
     except WorkflowPreempted as stop:
         logger.debug("workflow %s stopped: %s", ex.workflow_id, stop.reason)
-    except Exception as exc:
-        if is_connection_error(exc) and not serialization.is_recorded(exc):
-            # Its outcome could not be recorded (the database stayed out of reach): it runs
-            # again, to the same outcome, once the database answers.
-            _hand_back(rt, ex)
-        else:
-            logger.debug("workflow %s failed (recorded)", ex.workflow_id, exc_info=True)
+    except Exception:
+        logger.debug("workflow %s failed (recorded)", ex.workflow_id, exc_info=True)
 
 
 def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> concurrent.futures.Future[Any] | None:

@@ -10,7 +10,7 @@ is what comes back, without running anything, when a finished cell is run again.
 Objects the cell changes in place come back too, as their state after the cell: those the AST
 shows changed (`df["x"] = ...`, `obj.attr = ...`, `del d[k]`, `df.loc[i] += 1`), and those
 that existed before the cell and were changed by a method call on them or by a function they
-were passed to at the cell's top level (`items.append(x)`, `df.drop(..., inplace=True)`,
+were passed to at the cell's top level (`items.append(x)`, `df.insert(0, "id", ids)`,
 `random.shuffle(items)`), which is told by comparing a digest of their pickled state before and
 after the cell. Changes made out of the AST's sight (inside a function, to a name the cell does
 not mention, or through another name) are not recorded.
@@ -170,31 +170,38 @@ _SCOPES = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda
 
 
 def watched_names(tree: ast.Module) -> list[str]:
-    """Names whose objects a top-level call may change out of the AST's sight: the base of a
-    method call (`items.append(x)`, `df.drop(..., inplace=True)`, `d["k"].add(1)`) and the plain
-    names passed to a call (`random.shuffle(items)`). Bodies of functions, classes and lambdas
-    are left out: they run, if at all, when called, and what they touch is not visible here."""
+    """Names whose objects a call made for its effect may change out of the AST's sight: in a
+    call that is a statement of its own (its value unused: `items.append(x)`,
+    `df.insert(0, "id", ids)`, `model.fit(X, y)`, `random.shuffle(items)`), the base of the
+    method called and the plain names passed. A call whose value is used (`n = len(df)`,
+    `y = model.predict(X)`) is taken to read, which spares pickling every object it is given.
+    Bodies of functions, classes and lambdas are left out: they run, if at all, when called."""
     found: list[str] = []
 
-    def walk(node: ast.AST) -> None:
+    def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, _SCOPES):
                 continue
-            if isinstance(child, ast.Call):
-                if isinstance(child.func, ast.Attribute):
-                    base = _base_name(child.func)
-                    if base is not None:
-                        found.append(base)
-                args = [*child.args, *(kw.value for kw in child.keywords)]
-                for arg in args:
-                    if isinstance(arg, ast.Starred):
-                        arg = arg.value
-                    if isinstance(arg, ast.Name):
-                        found.append(arg.id)
-            walk(child)
+            if isinstance(child, ast.Expr):
+                call = child.value.value if isinstance(child.value, ast.Await) else child.value
+                if isinstance(call, ast.Call):
+                    _watch_call(call, found)
+            visit(child)
 
-    walk(tree)
+    visit(tree)
     return _unique(found)
+
+
+def _watch_call(call: ast.Call, found: list[str]) -> None:
+    if isinstance(call.func, ast.Attribute):
+        base = _base_name(call.func)
+        if base is not None:
+            found.append(base)
+    for arg in [*call.args, *(kw.value for kw in call.keywords)]:
+        if isinstance(arg, ast.Starred):
+            arg = arg.value
+        if isinstance(arg, ast.Name):
+            found.append(arg.id)
 
 
 def compile_cell(name: str, source: str) -> CompiledCell:
@@ -274,7 +281,7 @@ def restore(cell: CompiledCell, recorded: dict[str, Any], namespace: dict[str, A
     unrecorded = recorded.get("unrecorded_changes", [])
     if unrecorded:
         print(
-            f"note: the changes this cell made in place to {', '.join(unrecorded)} are not "
+            f"note: changes this cell made in place to {', '.join(unrecorded)}, if any, are not "
             "restored (modules, functions and values that cannot be serialized are not "
             "recorded); run the cell with --rerun to make them again."
         )
@@ -289,27 +296,28 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
         # Only objects that exist before the cell can be changed by it in place; the digest of
         # their state tells afterwards whether a call did change them.
         before = {var: _fingerprint(namespace[var]) for var in cell.watched if var in namespace}
+        # Data whose state cannot be followed (a connection, a model that is also callable):
+        # if the cell changed it, the change does not come back, and the note says so.
+        unfollowed = [
+            var
+            for var, digest in before.items()
+            if digest is None and not _not_data(namespace[var])
+        ]
         exec(cell.code, namespace)
         result = namespace.pop(RESULT_NAME, None)
         names: dict[str, Any] = {}
         skipped: list[str] = []
-        unrecorded: list[str] = []
-        for var in cell.assigned:
-            if var not in namespace:
-                continue
-            value = namespace[var]
-            if _storable(value):
-                names[var] = value
-            else:
-                skipped.append(var)
-        for var in cell.changed:
-            if var not in namespace:
-                continue
-            value = namespace[var]
-            if _storable(value):
-                names[var] = value
-            else:
-                unrecorded.append(var)
+        unrecorded: list[str] = list(unfollowed)
+        # What the cell bound, then what it changed in place; what cannot be stored is noted.
+        for wanted, left_out in ((cell.assigned, skipped), (cell.changed, unrecorded)):
+            for var in wanted:
+                if var not in namespace:
+                    continue
+                value = namespace[var]
+                if _storable(value):
+                    names[var] = value
+                else:
+                    left_out.append(var)
         for var, digest in before.items():
             # An object that was read, not changed, is left alone: recording it would cost a
             # copy in the database and, on replay, replace the kernel's object for nothing.
@@ -333,16 +341,7 @@ def _storable(value: Any) -> bool:
     # Modules, functions and other values that cannot be pickled stay in the kernel only.
     if callable(value) or isinstance(value, types.ModuleType):
         return False
-    try:
-        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        try:
-            import cloudpickle
-
-            cloudpickle.dumps(value)
-        except Exception:
-            return False
-    return True
+    return _digest(value) is not None
 
 
 class _HashSink:
@@ -351,30 +350,44 @@ class _HashSink:
     def __init__(self) -> None:
         self.hash = hashlib.sha256()
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: Any) -> int:
+        # Protocol 5 hands large buffers (a frame's or an array's data) over as PickleBuffers.
         self.hash.update(data)
-        return len(data)
+        return memoryview(data).nbytes
+
+
+def _digest(value: Any) -> bytes | None:
+    """A digest of an object's pickled state (pickle, else cloudpickle), None if it cannot be
+    pickled. Streamed into a hash, so a large frame is not copied."""
+    for pickler in (pickle.Pickler, _cloudpickler()):
+        sink = _HashSink()
+        try:
+            pickler(sink, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+        except Exception:
+            continue
+        return sink.hash.digest()
+    return None
+
+
+def _cloudpickler() -> Any:
+    import cloudpickle
+
+    return cloudpickle.Pickler
+
+
+def _not_data(value: Any) -> bool:
+    """Code and dbos_nb's own objects (queues, batches, handles: views of the database), which
+    a cell's replay does not bring back, and need not: it defines them again or reads them."""
+    code = types.ModuleType | type | types.FunctionType | types.BuiltinFunctionType
+    return (
+        isinstance(value, code | types.MethodType)
+        or type(value).__module__.split(".")[0] == "dbos_nb"
+    )
 
 
 def _fingerprint(value: Any) -> bytes | None:
-    """A digest of an object's pickled state, or None for what is not recorded: modules,
-    functions, dbos_nb's own objects (queues, batches, handles: views of the database), and
-    values that cannot be pickled. Streamed into a hash, so a large frame is not copied."""
-    if (
-        callable(value)
-        or isinstance(value, types.ModuleType)
-        or type(value).__module__.split(".")[0] == "dbos_nb"
-    ):
+    """The digest of a watched object's state, or None for what is not recorded: code,
+    dbos_nb's objects, other callables, and values that cannot be pickled."""
+    if _not_data(value) or callable(value):
         return None
-    sink = _HashSink()
-    try:
-        pickle.Pickler(sink, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
-    except Exception:
-        try:
-            import cloudpickle
-
-            sink = _HashSink()
-            cloudpickle.Pickler(sink).dump(value)
-        except Exception:
-            return None
-    return sink.hash.digest()
+    return _digest(value)

@@ -362,7 +362,7 @@ class DbosMagics(Magics):
             print(f"workflow {wid!r} waits in queue {row['queue_name']!r}")
             return CellHandle(rt, wid)
         if status == "PENDING" and row["executor_id"] == rt.executor_id and not rt.is_running(wid):
-            rt.store.requeue_workflow(wid, rt.now_ms())
+            rt.store.requeue_workflow(wid, rt.now_ms(), wake_others=False)
         owner = new_token()
         claimed = rt.store.claim_workflow(wid, rt.executor_id, owner, rt.now_ms())
         REGISTRY.register(reg)

@@ -56,7 +56,7 @@ from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
 from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
 from dbos_nb.storage.process import current_pid
-from dbos_nb.storage.reconnect import retrying
+from dbos_nb.storage.reconnect import is_connection_error, mark_lost, retrying
 from dbos_nb.storage.schema import PG_SCHEMA, queues
 from dbos_nb.storage.sessions import (
     SERVER_SETTINGS,
@@ -222,18 +222,27 @@ class Database:
 
     # -- transactions ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def write(self, isolation_level: str | None = None) -> Iterator[Connection]:
-        """A read-write transaction, committed when the block exits without an exception.
+    def write(self, isolation_level: str | None = None) -> AbstractContextManager[Connection]:
+        """A read-write transaction of dbos_nb's own, committed when the block exits without an
+        exception (a lost connection is tagged as the system database's, see `reconnect`).
 
         `isolation_level` applies on PostgreSQL; SQLite's BEGIN IMMEDIATE is serializable anyway.
         """
+        return self._transaction(isolation_level, system=True)
+
+    @contextlib.contextmanager
+    def _transaction(self, isolation_level: str | None, *, system: bool) -> Iterator[Connection]:
         if self._write_lock is None:
-            with self.engine.connect() as conn:
-                if isolation_level is not None:
-                    conn = conn.execution_options(isolation_level=isolation_level)
-                with conn.begin():
-                    yield conn
+            try:
+                with self.engine.connect() as conn:
+                    if isolation_level is not None:
+                        conn = conn.execution_options(isolation_level=isolation_level)
+                    with conn.begin():
+                        yield conn
+            except Exception as exc:
+                if system and is_connection_error(exc):
+                    mark_lost(exc)
+                raise
             return
         if self._checkpointer is not None:
             self._checkpointer.ensure_running()
@@ -264,8 +273,9 @@ class Database:
     @contextlib.contextmanager
     def user_transaction(self, isolation_level: str | None = None) -> Iterator[Connection]:
         """A `write()` for application code (`@DBOS.transaction`), which may compute for as long
-        as it likes between its statements: the stalled-transaction limit does not apply."""
-        with self.write(isolation_level) as conn:
+        as it likes between its statements: the stalled-transaction limit does not apply, and
+        its errors are the application's (never tagged as the system database's)."""
+        with self._transaction(isolation_level, system=False) as conn:
             if self.is_postgres and self._session:
                 server = conn.connection.info.get(SERVER_SETTINGS)
                 if server:
@@ -276,8 +286,13 @@ class Database:
     def read(self) -> Iterator[Connection]:
         """A read-only transaction (on PostgreSQL: autocommit, for single-statement reads)."""
         if self.is_postgres:
-            with self._single_engine.connect() as conn:
-                yield conn
+            try:
+                with self._single_engine.connect() as conn:
+                    yield conn
+            except Exception as exc:
+                if is_connection_error(exc):
+                    mark_lost(exc)
+                raise
             return
         with self.engine.connect() as conn, conn.begin():
             yield conn

@@ -45,21 +45,39 @@ class WorkflowOwnership(StoreBase):
             ).rowcount
             return self._get_row(conn, workflow_id) if done else None
 
-    def requeue_workflow(self, workflow_id: str, now_ms: int) -> bool:
-        """Put a PENDING workflow that nothing runs any more back in its queue."""
+    def requeue_workflow(
+        self,
+        workflow_id: str,
+        now_ms: int,
+        owner_xid: str | None = None,
+        *,
+        wake_others: bool = True,
+    ) -> bool:
+        """Put a PENDING workflow that nothing runs any more back in its queue (the internal
+        one if it has none), to run again from its last completed step; with `owner_xid`, only
+        if that execution still owns it (one whose checkpoint lost the database, say). Its
+        start stays counted, and its deadline stands. Whether it was put back. Other processes
+        are woken to claim it unless `wake_others` is false (the caller claims it at once)."""
+        pending = [ws.c.workflow_uuid == workflow_id, status_is(ws.c.status, PENDING)]
+        if owner_xid is not None:
+            pending.append(ws.c.owner_xid == owner_xid)
         with self.db.write() as conn:
-            conn.execute(
+            row = conn.execute(
                 update(ws)
-                .where(ws.c.workflow_uuid == workflow_id, ws.c.queue_name.is_(None))
-                .values(queue_name=INTERNAL_QUEUE)
-            )
-            return bool(
-                conn.execute(
-                    update(ws)
-                    .where(ws.c.workflow_uuid == workflow_id, status_is(ws.c.status, PENDING))
-                    .values(status=ENQUEUED, owner_xid=None, executor_id=None, updated_at=now_ms)
-                ).rowcount
-            )
+                .where(*pending)
+                .values(
+                    status=ENQUEUED,
+                    owner_xid=None,
+                    executor_id=None,
+                    started_at_epoch_ms=None,
+                    queue_name=func.coalesce(ws.c.queue_name, INTERNAL_QUEUE),
+                    updated_at=now_ms,
+                )
+                .returning(ws.c.queue_name)
+            ).first()
+            if row is not None and wake_others:
+                self.db.notify(conn, f"q:{row[0]}")
+            return row is not None
 
     def release_claim(self, workflow_id: str, owner_xid: str, now_ms: int) -> bool:
         """Give back a claimed workflow this process cannot run: ENQUEUED again, its attempt and

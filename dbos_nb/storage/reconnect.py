@@ -11,7 +11,9 @@ the window is an outage, not a blip: it is raised to the caller.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -29,18 +31,51 @@ _FIRST_PAUSE_SEC = 0.01
 _LONGEST_PAUSE_SEC = 1.0
 
 
+# Server errors that end a session rather than a statement: the administrator ended it, the
+# server crashed or is starting or stopping (SQLSTATE class 08 is the connection exceptions).
+_SESSION_ENDED = ("57P01", "57P02", "57P03")
+_LOST = "_dbos_nb_system_database_lost"
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """Whether `exc` says the connection to the database failed or was lost (the server
-    closed it, could not be reached, ended the session), not that the statement was wrong."""
+    closed it, could not be reached, ended the session), not that a statement failed (a
+    timeout, a deadlock, a full disk are the statement's own errors)."""
     if isinstance(exc, DBAPIError):
-        return bool(exc.connection_invalidated) or isinstance(exc.orig, psycopg.OperationalError)
-    return isinstance(exc, psycopg.OperationalError)
+        if exc.connection_invalidated:
+            return True
+        orig: BaseException | None = exc.orig
+    else:
+        orig = exc
+    if not isinstance(orig, psycopg.OperationalError):
+        return False
+    sqlstate = orig.sqlstate
+    # No SQLSTATE: the client's own report (could not connect, the server closed the socket).
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _SESSION_ENDED
 
 
-def retrying(run: Callable[[], T], window_sec: float | None = None) -> T:
+def mark_lost(exc: BaseException) -> BaseException:
+    """Tag a connection error of dbos_nb's own system-database work: a workflow that meets it
+    did not fail, its checkpoint did (an application's own database errors are never tagged)."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, _LOST, True)
+    return exc
+
+
+def is_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a tagged loss of the system database (see `mark_lost`)."""
+    return bool(getattr(exc, _LOST, False))
+
+
+def retrying(
+    run: Callable[[], T],
+    window_sec: float | None = None,
+    stop: threading.Event | None = None,
+) -> T:
     """`run()`, run again on connection errors (with growing pauses) for up to `window_sec`
-    seconds (default RECONNECT_WINDOW_SEC); `run` must be safe to repeat, since a lost
-    connection may have lost the reply to a statement that did commit."""
+    seconds (default RECONNECT_WINDOW_SEC; `math.inf`: until it works), or until `stop` is
+    set; `run` must be safe to repeat, since a lost connection may have lost the reply to a
+    statement that did commit. The error that ends the retries is tagged (`mark_lost`)."""
     window = RECONNECT_WINDOW_SEC if window_sec is None else window_sec
     deadline: float | None = None
     pause = _FIRST_PAUSE_SEC
@@ -56,7 +91,11 @@ def retrying(run: Callable[[], T], window_sec: float | None = None) -> T:
                 logger.warning(
                     "lost the database connection (%s); retrying", exc.__class__.__name__
                 )
-            if now >= deadline:
+            if now >= deadline or (stop is not None and stop.is_set()):
+                mark_lost(exc)
                 raise
-        time.sleep(pause)
+        if stop is not None:
+            stop.wait(pause)
+        else:
+            time.sleep(pause)
         pause = min(pause * 2, _LONGEST_PAUSE_SEC)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, func, select
+from sqlalchemy import BigInteger, Select, String, and_, bindparam, func, select
+from sqlalchemy.sql.elements import ColumnElement
 
 from dbos_nb.errors import WorkflowPreempted
 from dbos_nb.models import WorkflowStatusString
@@ -61,14 +62,15 @@ class StepRecords(StoreBase):
 
     def _build_step_statements(self, db: Database) -> None:
         """Prepare the dialect-specific write of a step record (called once, by __init__)."""
-        owned = select(*[bindparam(c, type_=oo.c[c].type) for c in _STEP_COLUMNS]).where(
-            select(ws.c.id)
-            .where(
-                ws.c.workflow_uuid == bindparam("b_wid", type_=String),
-                ws.c.owner_xid == bindparam("b_owner", type_=String),
-            )
-            .exists()
-        )
+
+        def step_row_where(*conditions: ColumnElement[bool]) -> Select[Any]:
+            """The step's record as a row of bind parameters, selected only if its workflow's
+            row meets the conditions."""
+            row = [bindparam(c, type_=oo.c[c].type) for c in _STEP_COLUMNS]
+            workflow = ws.c.workflow_uuid == bindparam("b_wid", type_=String)
+            return select(*row).where(select(ws.c.id).where(workflow, *conditions).exists())
+
+        owned = step_row_where(ws.c.owner_xid == bindparam("b_owner", type_=String))
         self._record_owned_step = (
             db.insert(oo)
             .from_select(_STEP_COLUMNS, owned)
@@ -78,14 +80,12 @@ class StepRecords(StoreBase):
         self._record_steps = merged.record_steps(db.prepared(self._record_owned_step))
         # An execution that lost the workflow while its step ran (cancelled and resumed, taken
         # over) still ran the step: its outcome is kept for the execution that goes on, unless
-        # that one recorded the step first or the workflow has ended.
-        resumable = select(*[bindparam(c, type_=oo.c[c].type) for c in _STEP_COLUMNS]).where(
-            select(ws.c.id)
-            .where(
-                ws.c.workflow_uuid == bindparam("b_wid", type_=String),
-                ~status_is(ws.c.status, SUCCESS, ERROR),
-            )
-            .exists()
+        # that one recorded the step first or the workflow has ended. Only in the row the step
+        # ran for: one created after the step began (the id deleted and used again) is another
+        # workflow, which must not replay it.
+        resumable = step_row_where(
+            ~status_is(ws.c.status, SUCCESS, ERROR),
+            ws.c.created_at <= bindparam("started_at_epoch_ms", type_=BigInteger),
         )
         self._record_orphan_step = (
             db.insert(oo).from_select(_STEP_COLUMNS, resumable).on_conflict_do_nothing()

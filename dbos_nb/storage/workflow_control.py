@@ -172,22 +172,25 @@ class WorkflowControl(StoreBase):
                         select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(frontier))
                     ).scalars()
                 )
-            for chunk in _chunks(doomed, 500) if refuse_active else ():
+            deleted: list[str] = []
+            for chunk in _chunks(doomed, 500):
+                rows = delete(ws).where(ws.c.workflow_uuid.in_(chunk))
+                if refuse_active:
+                    # Checked in the DELETE itself: a row resumed and claimed a moment ago is
+                    # not deleted (on PostgreSQL the condition is checked again on the row's
+                    # newest version), and then refused below.
+                    rows = rows.where(~status_is(ws.c.status, *ACTIVE_STATUSES))
+                deleted.extend(conn.execute(rows.returning(ws.c.workflow_uuid)).scalars())
+            gone = set(deleted)
+            spared = [w for w in doomed if w not in gone]
+            for chunk in _chunks(spared, 500) if refuse_active else ():
                 active = conn.execute(
                     select(ws.c.workflow_uuid, ws.c.status).where(
                         ws.c.workflow_uuid.in_(chunk), status_is(ws.c.status, *ACTIVE_STATUSES)
                     )
                 ).first()
-                if active is not None:
+                if active is not None:  # the transaction rolls back: nothing is deleted
                     raise WorkflowActiveError(active[0], active[1], "deleting it")
-            deleted: list[str] = []
-            for chunk in _chunks(doomed, 500):
+            for chunk in _chunks(deleted, 500):
                 conn.execute(delete(oo).where(oo.c.workflow_uuid.in_(chunk)))
-                deleted.extend(
-                    conn.execute(
-                        delete(ws)
-                        .where(ws.c.workflow_uuid.in_(chunk))
-                        .returning(ws.c.workflow_uuid)
-                    ).scalars()
-                )
             return deleted

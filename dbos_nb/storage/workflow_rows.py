@@ -11,7 +11,6 @@ from sqlalchemy import BigInteger, String, bindparam, case, func, literal, or_, 
 from sqlalchemy.exc import IntegrityError
 
 from dbos_nb.errors import DBOSQueueDeduplicatedError
-from dbos_nb.models import INTERNAL_QUEUE
 from dbos_nb.storage import merged
 from dbos_nb.storage.database import NOTIFY_CHANNEL, Database
 from dbos_nb.storage.rows import (
@@ -151,17 +150,20 @@ class WorkflowRows(StoreBase):
         # workflow_status, SQLite first copies the selected row to a temporary table, which
         # made the enqueue's insert cost about 40 microseconds more.
         self._start_guard = select(literal(1)).where(unlimited, nothing_waiting)
-        self._insert_started = (
-            db.insert(ws)
-            .from_select(
-                _WF_COLUMNS,
-                select(*[bindparam(c, type_=ws.c[c].type) for c in _WF_COLUMNS]).where(
-                    unlimited, nothing_waiting
-                ),
-            )
-            .on_conflict_do_nothing(index_elements=["workflow_uuid"])
-            .returning(ws.c.id)
+        self._insert_started = db.insert(ws).from_select(
+            _WF_COLUMNS,
+            select(*[bindparam(c, type_=ws.c[c].type) for c in _WF_COLUMNS]).where(
+                unlimited, nothing_waiting
+            ),
         )
+        # An existing row is left alone, unless it is this very write, committed by an attempt
+        # whose reply the connection lost (`reconnect` runs it again): the row then names the
+        # owner token just drawn for it, and the enqueuer must run it, not wait for it.
+        self._insert_started = self._insert_started.on_conflict_do_update(
+            index_elements=["workflow_uuid"],
+            set_={"owner_xid": self._insert_started.excluded.owner_xid},
+            where=ws.c.owner_xid == self._insert_started.excluded.owner_xid,
+        ).returning(ws.c.id)
         inserted = self._insert_wf.cte("inserted")
         self._insert_wf_and_notify = select(
             inserted.c.id,
@@ -266,33 +268,6 @@ class WorkflowRows(StoreBase):
         stmt = _FINISH_AND_NOTIFY if self.db.notifications else _FINISH
         row = self.db.grouped(stmt, params, self._finish_merged)
         return (row is not None, row[1] if row is not None else None)
-
-    def requeue_lost(self, workflow_id: str, owner_xid: str, now_ms: int) -> bool:
-        """Put back in its queue (the internal one for a workflow started without a queue) a
-        workflow whose execution by `owner_xid` lost the database mid-run, to run again from
-        its last completed step; its start stays counted (its deadline too). Whether it was
-        still that execution's to give back."""
-        with self.db.write() as conn:
-            row = conn.execute(
-                update(ws)
-                .where(
-                    ws.c.workflow_uuid == workflow_id,
-                    ws.c.owner_xid == owner_xid,
-                    status_is(ws.c.status, PENDING),
-                )
-                .values(
-                    status=ENQUEUED,
-                    owner_xid=None,
-                    executor_id=None,
-                    started_at_epoch_ms=None,
-                    queue_name=func.coalesce(ws.c.queue_name, INTERNAL_QUEUE),
-                    updated_at=now_ms,
-                )
-                .returning(ws.c.queue_name)
-            ).first()
-            if row is not None:
-                self.db.notify(conn, f"q:{row[0]}")
-            return row is not None
 
     def dead_letter(self, workflow_id: str, now_ms: int, error: bytes) -> None:
         """Give up on a workflow started too often (MAX_RECOVERY_ATTEMPTS_EXCEEDED), with the
