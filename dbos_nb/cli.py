@@ -11,19 +11,35 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from dbos_nb import __version__
+from dbos_nb.clock import SystemClock
 from dbos_nb.errors import DbosNbError
+from dbos_nb.models import (
+    STEP_WORKFLOW_PREFIX,
+    QueueSettings,
+    WorkflowStatusString,
+    shown_function_name,
+)
 from dbos_nb.storage.database import Database, shown_url
 from dbos_nb.storage.migrations import migrate
+from dbos_nb.storage.schema import queues as queues_table
 from dbos_nb.storage.store import SystemStore
+
+# Exit status of a command whose stdout was closed early (`dbos-nb workflows | head -1`): what a
+# shell reports for a process killed by SIGPIPE (128 + 13), as for other Unix tools in a pipe.
+EXIT_BROKEN_PIPE = 141
+
+STATUSES = tuple(s.value for s in WorkflowStatusString)
 
 
 def _open(url: str) -> tuple[Database, SystemStore]:
@@ -42,28 +58,55 @@ def _fmt_time(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
 
 
+def _limits(q: QueueSettings) -> str:
+    """A queue's limits in one cell of the status table; `-` when it has none."""
+    limits = []
+    if q.concurrency is not None:
+        limits.append(f"concurrency={q.concurrency}")
+    if q.worker_concurrency is not None:
+        limits.append(f"worker={q.worker_concurrency}")
+    if q.limit is not None and q.period_ms is not None:
+        limits.append(f"{q.limit}/{q.period_ms / 1000:g}s")
+    if q.token_limit is not None and q.token_period_ms is not None:
+        limits.append(f"tokens={q.token_limit}/{q.token_period_ms / 1000:g}s")
+    return ", ".join(limits) or "-"
+
+
+def _active_pauses(db: Database, now_ms: int) -> dict[str, int]:
+    """Queues under a back-off that has not yet run out (after a 429), with its end.
+
+    `QueueSettings` holds only what processes declare, not this shared back-off state, so it is
+    read from the queues table here."""
+    stmt = select(queues_table.c.name, queues_table.c.paused_until_ms).where(
+        queues_table.c.paused_until_ms > now_ms
+    )
+    with db.read() as conn:
+        return {str(name): int(until) for name, until in conn.execute(stmt)}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     db, store = _open(args.db)
     try:
         queues = store.list_queues()
+        paused = _active_pauses(db, SystemClock().now_ms())
         print(
             f"{'queue':<28} {'limits':<34} {'ENQUEUED':>9} {'PENDING':>8} {'SUCCESS':>8} "
             f"{'ERROR':>6} {'CANCELLED':>9}"
         )
         for q in queues:
             counts = store.count_by_status(q.name)
-            limits = []
-            if q.concurrency is not None:
-                limits.append(f"concurrency={q.concurrency}")
-            if q.worker_concurrency is not None:
-                limits.append(f"worker={q.worker_concurrency}")
-            if q.limit is not None and q.period_ms is not None:
-                limits.append(f"{q.limit}/{q.period_ms / 1000:g}s")
             print(
-                f"{q.name:<28} {', '.join(limits) or '-':<34} {counts.get('ENQUEUED', 0):>9} "
+                f"{q.name:<28} {_limits(q):<34} {counts.get('ENQUEUED', 0):>9} "
                 f"{counts.get('PENDING', 0):>8} {counts.get('SUCCESS', 0):>8} "
                 f"{counts.get('ERROR', 0):>6} {counts.get('CANCELLED', 0):>9}"
             )
+            if q.name in paused:
+                # On a line of its own: it explains why ENQUEUED work is not starting, and
+                # would not fit the limits column.
+                print(
+                    f"  paused until {_fmt_time(paused[q.name])} (the provider answered 429): "
+                    "no process starts its work before then"
+                )
         executors = store.list_executors()
         if executors:
             print("\nexecutors:")
@@ -83,21 +126,30 @@ def cmd_workflows(args: argparse.Namespace) -> int:
         rows = store.list_workflows(
             status=[args.status] if args.status else None,
             queue_name=[args.queue] if args.queue else None,
-            name=[args.name] if args.name else None,
+            name=_stored_names(args.name) if args.name else None,
             limit=args.limit,
             sort_desc=True,
             load_input=False,
             load_output=False,
         )
-        print(f"{'workflow id':<40} {'status':<10} {'queue':<20} {'name':<30} created")
+        # The name comes last and whole: names are often long qualified names, and a name cut
+        # short cannot be given back to --name.
+        print(f"{'workflow id':<40} {'status':<10} {'queue':<20} {'created':<19} name")
         for r in rows:
             print(
                 f"{r['workflow_uuid']:<40} {r['status']:<10} {r['queue_name'] or '-':<20} "
-                f"{r['name'][:30]:<30} {_fmt_time(r['created_at'])}"
+                f"{_fmt_time(r['created_at']):<19} {shown_function_name(r['name'])}"
             )
         return 0
     finally:
         db.dispose()
+
+
+def _stored_names(name: str) -> list[str]:
+    """The stored workflow names that `--name NAME` means: a step or transaction enqueued on
+    its own is stored under an internal prefix, but is shown (and known) by its own name."""
+    bare = shown_function_name(name)
+    return [bare, STEP_WORKFLOW_PREFIX + bare]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -135,16 +187,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    """argparse type: an integer >= 1 (a count or a limit; 0 or less would mean nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
+    """argparse type: a finite number of seconds > 0 (`nan` and `inf` parse as floats but
+    would make every comparison with them meaningless)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _status(text: str) -> str:
+    """argparse type: a workflow status in any case; an unknown one is refused with the list
+    (a typo would otherwise match no row and look like an empty result)."""
+    value = text.upper()
+    if value not in STATUSES:
+        raise argparse.ArgumentTypeError(
+            f"unknown status {text!r}; valid: {', '.join(STATUSES)} (any case)"
+        )
     return value
 
 
@@ -157,10 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
     wfs = sub.add_parser("workflows", help="recent workflows, newest first")
     wfs.add_argument("--db", required=True, help="system database URL")
-    wfs.add_argument("--status", help="only this status (ENQUEUED, PENDING, SUCCESS, ...)")
+    wfs.add_argument(
+        "--status", type=_status, help=f"only this status, in any case ({', '.join(STATUSES)})"
+    )
     wfs.add_argument("--queue", help="only this queue")
-    wfs.add_argument("--name", help="only this workflow name")
-    wfs.add_argument("--limit", type=int, default=20)
+    wfs.add_argument("--name", help="only this workflow (or step) name, as shown")
+    wfs.add_argument(
+        "--limit", type=_positive_int, default=20, help="at most N workflows (default 20)"
+    )
     wfs.set_defaults(func=cmd_workflows)
     worker = sub.add_parser(
         "worker", help="run queued work (of notebooks and other processes) until stopped"
@@ -208,11 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of what is still
+    buffered does not fail again on the closed pipe (and print "Exception ignored")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for errors, as argparse does)."""
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        # Flushed here, not at exit: a reader that has gone away (`| head -1`) must be seen
+        # while the BrokenPipeError below can still end the command quietly.
+        sys.stdout.flush()
         return code
+    except BrokenPipeError:
+        # The reader of stdout stopped reading: nothing is wrong, so no message (the usual
+        # handling of SIGPIPE in a Python command; see the `signal` module's documentation).
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except DbosNbError as exc:
         print(f"dbos-nb: {exc}", file=sys.stderr)
         return 2

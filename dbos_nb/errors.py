@@ -166,6 +166,17 @@ class RateLimited(DbosNbError):
     """
 
     def __init__(self, message: str = "rate limited", retry_after: float | None = None) -> None:
+        if retry_after is not None and (
+            isinstance(retry_after, bool)
+            or not isinstance(retry_after, int | float)
+            or not 0 <= retry_after <= 3600
+        ):
+            # A NaN, a negative or an endless wait would fail the step, or pause its queue
+            # for nothing or for ever.
+            raise ValueError(
+                f"RateLimited(retry_after=...) must be a number of seconds from 0 to 3600 "
+                f"(or None for dbos_nb's back-off), got {retry_after!r}"
+            )
         super().__init__(message)
         self.retry_after = retry_after
 

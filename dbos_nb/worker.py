@@ -24,6 +24,7 @@ from types import FrameType
 
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.dbos import DBOS
+from dbos_nb.storage.store import SystemStore
 
 logger = logging.getLogger("dbos_nb.worker")
 
@@ -77,6 +78,7 @@ def run_worker(
         concurrency if concurrency else "any number",
     )
     rt = get_runtime()
+    _warn_undeclared(rt.store, queues)
     last = ""
     while not stop.wait(PROGRESS_INTERVAL_SEC if last else 0.5):
         counts = rt.store.count_by_executor(executor)
@@ -95,6 +97,21 @@ def run_worker(
     DBOS.destroy(workflow_completion_timeout_sec=grace_sec)
     logger.info("worker %s stopped", executor)
     return 0
+
+
+def _warn_undeclared(store: SystemStore, queues: Sequence[str]) -> None:
+    """Warn about each `--queue` that no process has declared (checked after launch, so the
+    queues of `--import`ed modules count). The worker keeps running: a notebook may declare the
+    queue later, and work enqueued on it then is served. But a typo would otherwise leave the
+    worker silently idle."""
+    for name in queues:
+        if store.get_queue(name) is None:
+            logger.warning(
+                "no process has declared the queue %r in this database: this worker waits "
+                "for work on it all the same (a notebook may declare it later); if that is a "
+                "typo, `dbos-nb status` lists the declared queues",
+                name,
+            )
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:

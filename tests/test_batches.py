@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from conftest import config
 from dbos_nb import DBOS, BatchConflictError, Queue
+from dbos_nb.errors import BatchItemsConflictError
 from dbos_nb.storage.database import Database
 
 
@@ -125,3 +126,20 @@ def test_expanded_outputs_keep_their_types_when_items_fail(launched: str) -> Non
     assert wide["ok"].tolist()[::2] == [False, True]
     assert wide["error"].tolist()[::2] == [None, None]
     assert wide["error"].iloc[1].startswith("ValueError: no measure for 2")
+
+
+def test_map_refuses_other_items_under_a_name_enqueue_many_recorded(launched: str) -> None:
+    """A batch made by `enqueue_many` keeps no digest of its items: mapping other items under
+    its name is refused (compared by value), the same items attach to it."""
+
+    @DBOS.step(name="undigested_times_ten")
+    def times_ten(x: int) -> int:
+        return x * 10
+
+    queue = Queue("undigested")
+    queue.enqueue_many(times_ten, [7, 8], batch_id="undigested")
+    with pytest.raises(BatchItemsConflictError, match="other items"):
+        queue.map(times_ten, [7, 9], batch="undigested")
+    attached = queue.map(times_ten, [7, 8], batch="undigested")
+    attached.wait(timeout=20, show=False)
+    assert attached.results() == [70, 80]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import signal
 import socket
@@ -79,3 +80,27 @@ def test_status_reads_an_existing_database_and_says_what_is_wrong_otherwise(
         and "OperationalError" in err
     )
     assert "secret-pw" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_demo_that_fails_leaves_no_executor_behind(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only Ctrl-C: any exception (here a bug in the progress display) destroys DBOS, so
+    that the run's executor row does not stay behind as a live executor."""
+    from dbos_nb.llm import demo
+    from dbos_nb.storage.database import Database
+    from dbos_nb.storage.store import SystemStore
+
+    def broken_watch(batch: object, out: object) -> None:
+        raise RuntimeError("the display broke")
+
+    monkeypatch.setattr(demo, "_watch", broken_watch)
+    # The demo takes over SIGINT and SIGTERM in the main thread; the test process keeps its own.
+    monkeypatch.setattr(demo.signal, "signal", lambda *args: None)
+    with pytest.raises(RuntimeError, match="the display broke"):
+        demo.run_demo(db_url, 5, out=io.StringIO())
+    db = Database(db_url)
+    try:
+        assert SystemStore(db).list_executors() == []
+    finally:
+        db.dispose()

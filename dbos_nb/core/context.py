@@ -7,7 +7,10 @@ transaction in progress, and the options that `SetWorkflowID`, `SetWorkflowTimeo
 
 from __future__ import annotations
 
+import decimal
 import math
+import numbers
+import operator
 import threading
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, fields
@@ -187,6 +190,27 @@ def check_id_length(
     return value
 
 
+def whole_number(value: Any, below: int) -> int | None:
+    """`value` as an int if it is a whole number from 0 to `below` - 1 (a numpy integer
+    counts; a bool, a float or a string does not), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = operator.index(value)
+    except TypeError:
+        return None
+    return number if 0 <= number < below else None
+
+
+def amount(value: Any) -> float | None:
+    """`value` as a float if it is a finite, non-negative number (an int, a float, a numpy
+    number, a Decimal; not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and number >= 0 else None
+
+
 MAX_SECONDS = 100 * 365 * 86400
 
 
@@ -241,18 +265,15 @@ class SetEnqueueOptions(_ContextBlock):
             check_id_length(
                 deduplication_id, "a deduplication_id", limit=MAX_DEDUPLICATION_ID_LENGTH
             )
-        if token_estimate is not None and (
-            isinstance(token_estimate, bool)
-            or not isinstance(token_estimate, int)
-            or not 0 <= token_estimate < 2**31
-        ):
+        estimate = None if token_estimate is None else whole_number(token_estimate, 2**31)
+        if token_estimate is not None and estimate is None:
             raise DbosNbError(
                 "token_estimate must be a non-negative integer up to 2**31-1, "
                 f"got {token_estimate!r}"
             )
         self.deduplication_id = deduplication_id
         self.priority = priority
-        self.token_estimate = token_estimate
+        self.token_estimate = estimate
 
     def _changes(self) -> dict[str, Any]:
         return {

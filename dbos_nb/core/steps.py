@@ -12,7 +12,9 @@ transaction, so its writes and its checkpoint commit together, exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -21,7 +23,16 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from dbos_nb import serialization
-from dbos_nb.core.context import Context, RunningWorkflow, StepFrame, current, derive, using
+from dbos_nb.core.context import (
+    Context,
+    RunningWorkflow,
+    StepFrame,
+    amount,
+    current,
+    derive,
+    using,
+    whole_number,
+)
 from dbos_nb.core.registry import Registration
 from dbos_nb.core.runtime import Runtime
 from dbos_nb.errors import (
@@ -267,17 +278,43 @@ def rate_limit_delay(exc: BaseException) -> float | None:
         return float(exc.retry_after or 0.0)
     response = getattr(exc, "response", None)
     status = getattr(exc, "status_code", None) or getattr(response, "status_code", None)
-    if status != 429:
+    if status != 429 or _out_of_credit(exc, response):
         return None
     headers: Any = getattr(response, "headers", None) or {}
     for key, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(key) or headers.get(key.title())
         if value is not None:
             try:
-                return max(float(value) * scale, 0.0)
+                seconds = float(value) * scale
             except ValueError:
                 continue
+            if math.isfinite(seconds):
+                return min(max(seconds, 0.0), MAX_RETRY_AFTER_SEC)
     return 0.0
+
+
+# A provider's Retry-After beyond this is taken as this: the queue pauses for at most an hour at
+# a time, then tries again.
+MAX_RETRY_AFTER_SEC = 3600.0
+
+
+def _out_of_credit(exc: BaseException, response: Any) -> bool:
+    """Whether a 429 says the account is out of credit (OpenAI's `insufficient_quota`) rather
+    than "too many requests": waiting does not help, so it is an ordinary error, not a pause
+    of the whole queue."""
+    bodies: list[Any] = [getattr(exc, "body", None)]
+    if getattr(exc, "code", None) == "insufficient_quota":
+        return True
+    with contextlib.suppress(Exception):  # no response, or not JSON
+        bodies.append(response.json())
+    for body in bodies:
+        error = body.get("error", body) if isinstance(body, dict) else None
+        if isinstance(error, dict) and "insufficient_quota" in (
+            error.get("code"),
+            error.get("type"),
+        ):
+            return True
+    return False
 
 
 def report_usage(rt: Runtime, tokens: int | None, cost: float | None) -> None:
@@ -289,20 +326,15 @@ def report_usage(rt: Runtime, tokens: int | None, cost: float | None) -> None:
             "DBOS.report_usage() records what a step consumed: call it inside a @DBOS.step "
             "(a report outside a step would be counted again when the workflow replays)"
         )
-    if tokens is not None and (
-        isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0
-    ):
-        raise DbosNbError(f"tokens must be a non-negative integer, got {tokens!r}")
-    if cost is not None and (
-        isinstance(cost, bool) or not isinstance(cost, int | float) or cost < 0
-    ):
-        raise DbosNbError(f"cost must be a non-negative number, got {cost!r}")
-    rt.store.report_usage(
-        wf.workflow_id,
-        tokens,
-        float(cost) if cost is not None else None,
-        replace_estimate=not wf.usage_reported,
-    )
+    # Numbers as a provider's client or numpy gives them (np.int64, Decimal) are taken: the
+    # paid call has been made, and a refusal here would make the step's retry pay it again.
+    used = None if tokens is None else whole_number(tokens, 2**63)
+    if tokens is not None and used is None:
+        raise DbosNbError(f"tokens must be a non-negative integer below 2**63, got {tokens!r}")
+    spent = None if cost is None else amount(cost)
+    if cost is not None and spent is None:
+        raise DbosNbError(f"cost must be a finite, non-negative number, got {cost!r}")
+    rt.store.report_usage(wf.workflow_id, used, spent, replace_estimate=not wf.usage_reported)
     wf.usage_reported = True
     if wf.queue_name is not None:
         # A report below the estimate frees token budget: the queue's next claim may succeed.

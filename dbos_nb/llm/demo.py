@@ -57,29 +57,36 @@ def run_demo(db: str, items: int, out: Any = sys.stdout) -> int:
     with FakeLLMServer(latency=0.05, request_limit=SERVER_LIMIT, period=1.0) as server:
         _base_url = server.url
         DBOS(config={"name": "dbos_nb_demo", "system_database_url": db})
-        queue = Queue("demo_llm", concurrency=32, limiter={"limit": QUEUE_LIMIT, "period": 1.0})
-        DBOS.launch()
-        started = time.monotonic()
+        # Whatever ends the run (Ctrl-C, a closed stdout, a failed launch, a bug), DBOS is
+        # destroyed: otherwise its executor row stays behind and other processes see a live
+        # executor until its lease runs out.
         try:
-            batch = queue.map(summarize, prompts(items), batch=f"demo-{items}")
-            print(
-                f"dbos_nb demo: {items} prompts to a local fake LLM limited to {SERVER_LIMIT} "
-                f"requests/s; the queue allows {QUEUE_LIMIT}/s. Database: {db}",
-                file=out,
-            )
-            _watch(batch, out)
-        except KeyboardInterrupt:
-            # Running calls get a moment to finish and be recorded; the rest go back to the queue.
-            DBOS.destroy(workflow_completion_timeout_sec=5)
-            print(
-                f"\ninterrupted: the server answered {server.stats()['answered']} calls in this "
-                "run. Run `dbos-nb demo` again to resume: answered prompts are not sent again.",
-                file=out,
-            )
-            return 130
-        elapsed = time.monotonic() - started
-        _summary(batch, server, elapsed, out)
-        DBOS.destroy()
+            queue = Queue("demo_llm", concurrency=32, limiter={"limit": QUEUE_LIMIT, "period": 1.0})
+            DBOS.launch()
+            started = time.monotonic()
+            try:
+                batch = queue.map(summarize, prompts(items), batch=f"demo-{items}")
+                print(
+                    f"dbos_nb demo: {items} prompts to a local fake LLM limited to "
+                    f"{SERVER_LIMIT} requests/s; the queue allows {QUEUE_LIMIT}/s. Database: {db}",
+                    file=out,
+                )
+                _watch(batch, out)
+            except KeyboardInterrupt:
+                # Running calls get a moment to finish and be recorded; the rest go back to
+                # the queue. Destroyed before the count, so that it includes those calls.
+                DBOS.destroy(workflow_completion_timeout_sec=5)
+                print(
+                    f"\ninterrupted: the server answered {server.stats()['answered']} calls in "
+                    "this run. Run `dbos-nb demo` again to resume: answered prompts are not sent "
+                    "again.",
+                    file=out,
+                )
+                return 130
+            elapsed = time.monotonic() - started
+            _summary(batch, server, elapsed, out)
+        finally:
+            DBOS.destroy()  # a no-op after the destroy of an interruption
     return 0
 
 

@@ -388,6 +388,25 @@ def _same_items(
     return equal_items(stored, calls, skip) is not False
 
 
+def _refuse_other_undigested_items(
+    rt: Runtime, batch: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], skip: int
+) -> None:
+    """A batch recorded without a digest of its items (by `enqueue_many`, or before digests
+    were kept) takes this call's digest when it is attached to, with nothing to compare: its
+    stored items are compared by value first, so that other items are refused rather than
+    given the old items' results."""
+    record = rt.store.get_batch(batch)
+    if record is None or record.get("items_digest") is not None or record["size"] != len(calls):
+        return  # new, checked by its digest, or refused for its size
+    if not _same_items(rt, batch, calls, skip):
+        raise BatchItemsConflictError(
+            f"batch {batch!r} already exists with other items (the same number, "
+            f"{len(calls)}); mapping them under this name would only attach to the old items. "
+            f"Use another batch name for these items, or Batch.attach({batch!r}) to follow "
+            "the existing batch"
+        )
+
+
 class Queue(CoreQueue):
     """A queue with `map()`: the `Queue` that `dbos_nb` exports."""
 
@@ -426,6 +445,7 @@ class Queue(CoreQueue):
             raise DbosNbError(f"a batch name must be a non-empty string without '/', got {batch!r}")
         rows = items.to_dict("records") if hasattr(items, "to_dict") else list(items)
         estimates = token_estimates(tokens, rows)
+        _refuse_other_undigested_items(rt, batch, calls, len(bound))
         try:
             enqueue_many(rt, self.name, reg, calls, batch, estimates, check_items=True)
         except BatchItemsConflictError:

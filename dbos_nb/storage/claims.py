@@ -219,8 +219,10 @@ def claim(
         tokens_left = windows.tokens_left
         if budget <= 0 or (tokens_left is not None and tokens_left <= 0):
             result.next_rate_slot_ms = _earliest(
-                windows.next_slot(0, now_ms) if budget <= 0 else None,
-                windows.token_slot() if tokens_left is not None else None,
+                windows.next_slot() if budget <= 0 else None,
+                # No candidate was read, so wait for room for the least one can need (1 token);
+                # a token window with room left is not what stopped this claim (None).
+                windows.token_slot(),
             )
             if slots is not None and slots <= 0:
                 result.blocked = BLOCKED_CONCURRENCY
@@ -242,7 +244,7 @@ def claim(
         rows = rows[:admitted]
         if not rows:
             if token_blocked:
-                result.next_rate_slot_ms = windows.token_slot()
+                result.next_rate_slot_ms = windows.token_slot(estimates[0])
                 result.blocked = BLOCKED_RATE if result.next_rate_slot_ms is not None else None
             return result
 
@@ -254,9 +256,12 @@ def claim(
             rate_ledger.record_starts(
                 conn, queue_name, now_ms, [(r[0], n) for r, n in zip(rows, estimates, strict=False)]
             )
+            # The windows as this claim leaves them: the starts it just recorded decide when the
+            # next slot opens as much as those it read (a window found empty has only those).
+            windows.add(now_ms, estimates[:admitted])
             result.next_rate_slot_ms = _earliest(
-                windows.next_slot(len(ids), now_ms),
-                windows.token_slot() if token_blocked else None,
+                windows.next_slot(),
+                windows.token_slot(estimates[admitted]) if token_blocked else None,
             )
         if slots is not None and len(ids) >= slots:
             result.blocked = BLOCKED_CONCURRENCY

@@ -53,10 +53,33 @@ def _window_open(now_ms: int, period_ms: int) -> int:
     return now_ms - period_ms - limiter_guard_ms(period_ms)
 
 
+def _next_opening(
+    entries: list[tuple[int, int]], limit: int, period_ms: int, need: int
+) -> int | None:
+    """When a sliding window holding these (start, weight) entries first admits `need` more
+    under `limit`: just after the last entry that has to leave it is out (None: it admits them
+    now). The one computation behind both limiters (a request weighs 1).
+
+    An empty window admits anything (a task larger than the whole token budget starts alone),
+    so the newest entry's departure always opens it.
+    """
+    total = sum(n for _, n in entries)
+    if total + need <= limit:
+        return None
+    # Oldest first; a start moved to its real beginning (`record_real_start`) may be a little
+    # later than the claim's own clock reading.
+    ordered = sorted(entries)
+    for i, (started, weight) in enumerate(ordered):
+        total -= weight
+        if total + need <= limit or i == len(ordered) - 1:
+            return started + period_ms + limiter_guard_ms(period_ms) + 1
+    return None  # unreachable: the loop returns at the last entry
+
+
 @dataclass
 class Windows:
-    """A queue's windows as a claim found them: the starts in the request window, and the
-    (start, tokens) entries in the token window."""
+    """A queue's windows as a claim found them (and, after `add`, as it leaves them): the starts
+    in the request window, and the (start, tokens) entries in the token window."""
 
     queue: QueueSettings
     starts: list[int] = field(default_factory=list)
@@ -76,23 +99,31 @@ class Windows:
             return None
         return self.queue.token_limit - sum(n for _, n in self.token_entries)
 
-    def next_slot(self, added: int, now_ms: int) -> int | None:
-        """When the request window next has room after `added` more starts now, if it is
-        (then) full."""
-        limit, period_ms = self.queue.limit, self.queue.period_ms
-        if limit is None or period_ms is None or len(self.starts) + added < limit:
-            return None
-        starts = self.starts + [now_ms] * added
-        # The window holds `limit` or more starts; the oldest that must expire for a slot to open:
-        oldest_needed = starts[len(starts) - limit]
-        return oldest_needed + period_ms + limiter_guard_ms(period_ms) + 1
+    def add(self, now_ms: int, estimates: list[int]) -> None:
+        """Count starts the claim just made (with these token estimates) as the ledger now does.
 
-    def token_slot(self) -> int | None:
-        """When the oldest start in the token window leaves it (tokens free up then)."""
-        period_ms = self.queue.token_period_ms
-        if not self.token_entries or period_ms is None:
+        The slots below are computed from these lists alone: a claim that admitted work into a
+        window it found empty must still know when that work leaves it, or nothing would wake
+        the scheduler before its fallback poll (the ledger is not read again: no round trip).
+        """
+        self.starts.extend([now_ms] * len(estimates))
+        self.token_entries.extend((now_ms, n) for n in estimates)
+
+    def next_slot(self) -> int | None:
+        """When the request window next has room for one more start, if it is full now."""
+        limit, period_ms = self.queue.limit, self.queue.period_ms
+        if limit is None or period_ms is None or len(self.starts) < limit:
+            return None  # the common case, answered without building the entries
+        return _next_opening([(t, 1) for t in self.starts], limit, period_ms, 1)
+
+    def token_slot(self, need: int = 1) -> int | None:
+        """When the token window next has room for `need` more tokens (None: room now, or no
+        token limit). `need` is the next candidate's estimate; 1, the least that can pass, when
+        the claim did not read it."""
+        limit, period_ms = self.queue.token_limit, self.queue.token_period_ms
+        if limit is None or period_ms is None:
             return None
-        return self.token_entries[0][0] + period_ms + limiter_guard_ms(period_ms) + 1
+        return _next_opening(self.token_entries, limit, period_ms, need)
 
     def fit_tokens(self, estimates: list[int]) -> tuple[int, bool]:
         """How many candidates, in order, with these token estimates the token window admits
