@@ -4,12 +4,13 @@ after too many recoveries); a name conflict is told in the user's names."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import config
+from conftest import config, wait_until
 from dbos_nb import DBOS, BatchConflictError, Queue
 from dbos_nb.errors import BatchItemsConflictError
 from dbos_nb.storage.database import Database
@@ -143,3 +144,53 @@ def test_map_refuses_other_items_under_a_name_enqueue_many_recorded(launched: st
     attached = queue.map(times_ten, [7, 8], batch="undigested")
     attached.wait(timeout=20, show=False)
     assert attached.results() == [70, 80]
+
+
+def test_cancelled_items_resume_in_the_batchs_queue(launched: str) -> None:
+    """After `batch.cancel()`, `resume_cancelled()` puts the cancelled items back in the
+    batch's own queue (under its limits), and they go on from their last completed step."""
+    gate = threading.Event()
+    calls: list[tuple[str, int]] = []
+
+    @DBOS.step(name="rc_first")
+    def first(i: int) -> int:
+        calls.append(("first", i))
+        return i
+
+    @DBOS.step(name="rc_held")
+    def held(i: int) -> int:
+        calls.append(("held", i))
+        gate.wait(20)
+        return i * 10
+
+    @DBOS.workflow(name="rc_item")
+    def item(i: int) -> int:
+        return held(first(i))
+
+    batch = Queue("rc_q", concurrency=1).map(item, [1, 2, 3], batch="rc")
+    wait_until(lambda: ("held", 1) in calls)
+    assert batch.cancel() == 3
+    assert batch.counts()["cancelled"] == 3
+    gate.set()
+    assert batch.resume_cancelled() == 3
+    batch.wait(timeout=20, show=False)
+    assert batch.results() == [10, 20, 30]
+    assert calls.count(("first", 1)) == 1 and calls.count(("held", 1)) == 1  # nothing paid twice
+    assert {w.queue_name for w in DBOS.list_workflows(workflow_id_prefix="rc/")} == {"rc_q"}
+
+
+def test_a_start_after_a_stopped_execution_reads_the_records_again(launched: str) -> None:
+    """The mechanism behind the test above, without its race: an execution told to stop that
+    ends here marks its workflow, once, so that the next execution (whose claim may have read
+    the workflow's last operation before the stopped one recorded more) reads it again."""
+    from dbos_nb.core.context import RunningWorkflow
+    from dbos_nb.core.runtime import get_runtime
+
+    rt = get_runtime()
+    for reason in (None, "cancelled"):
+        running = RunningWorkflow("marked", "owner", "wf", None)
+        running.preempt_reason = reason
+        assert rt.add_running(running) is None
+        rt.remove_running("marked")
+        assert rt.ended_after_stop("marked") is (reason is not None)
+        assert not rt.ended_after_stop("marked")  # told once

@@ -48,6 +48,11 @@ class DirectStarter(Protocol):
         """Run a workflow written as already started, in the slot `reserve` took."""
 
 
+# How many workflows `Runtime._stopped_ends` remembers (a claim reads its workflow's last
+# operation a moment before it runs: only the latest stops can matter).
+_STOPPED_ENDS_KEPT = 10_000
+
+
 @dataclass
 class Runtime:
     """Everything a running workflow, step, queue or scheduler needs."""
@@ -66,6 +71,9 @@ class Runtime:
     stopping: threading.Event = field(default_factory=threading.Event)
     _running: dict[str, RunningWorkflow] = field(default_factory=dict)
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Workflows whose execution here ended after being told to stop (cancelled, taken over):
+    # it may have recorded an operation after a new execution's claim read the last one.
+    _stopped_ends: dict[str, None] = field(default_factory=dict)
     _wake: threading.Event = field(default_factory=threading.Event)
     _stored_versions: set[str] = field(default_factory=set)
     # Queues whose state changed since the scheduler last looked (all of them at first), with
@@ -99,8 +107,20 @@ class Runtime:
         """Unregister the workflow's execution, and tell whoever waits for it to end."""
         with self._running_lock:
             running = self._running.pop(workflow_id, None)
+            if running is not None and running.preempt_reason is not None:
+                self._stopped_ends[workflow_id] = None
+                if len(self._stopped_ends) > _STOPPED_ENDS_KEPT:  # the oldest go first
+                    del self._stopped_ends[next(iter(self._stopped_ends))]
         if running is not None:
             running.ended.set()
+
+    def ended_after_stop(self, workflow_id: str) -> bool:
+        """Whether an execution of the workflow ended here after being told to stop, since the
+        last time this was asked (see `_stopped_ends`)."""
+        if not self._stopped_ends:  # the common case, asked at every claimed start: no lock
+            return False
+        with self._running_lock:
+            return self._stopped_ends.pop(workflow_id, 0) is None
 
     def is_running(self, workflow_id: str) -> bool:
         with self._running_lock:

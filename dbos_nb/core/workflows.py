@@ -471,7 +471,7 @@ def register(rt: Runtime, ex: Execution) -> tuple[RunningWorkflow | None, Runnin
     running.queue_name = ex.queue_name
     if ex.fresh:
         running.last_recorded_fid = -1
-    elif ex.last_recorded_fid is not None:
+    elif ex.last_recorded_fid is not None and not rt.ended_after_stop(ex.workflow_id):
         running.last_recorded_fid = ex.last_recorded_fid
     else:
         running.last_recorded_fid = rt.store.last_recorded_function_id(ex.workflow_id)

@@ -32,6 +32,7 @@ from dbos_nb.models import shown_function_name
 from dbos_nb.notebook.batch_names import default_batch_name, equal_items
 from dbos_nb.notebook.workers import live_workers
 from dbos_nb.storage import rate_ledger
+from dbos_nb.storage.rows import FAILED
 
 # How a batch's workflow statuses are grouped for people.
 STATUS_GROUPS = {
@@ -253,8 +254,16 @@ class Batch:
 
     def retry_failed(self) -> int:
         """Run the failed items again (their completed steps are not re-run); returns how many."""
+        return self._run_again(FAILED)
+
+    def resume_cancelled(self) -> int:
+        """Put the cancelled items back in the batch's queue, under its limits, to go on from
+        their last completed step (after `cancel()`); returns how many."""
+        return self._run_again(("CANCELLED",))
+
+    def _run_again(self, statuses: tuple[str, ...]) -> int:
         rt = self._rt
-        ids = rt.store.retry_failed_in_batch(self.id, rt.now_ms())
+        ids = rt.store.run_again_in_batch(self.id, rt.now_ms(), statuses)
         rt.wake_scheduler()
         return len(ids)
 

@@ -152,20 +152,23 @@ class BatchRecords(StoreBase):
             )
         return True
 
-    def retry_failed_in_batch(self, batch_id: str, now_ms: int) -> list[str]:
-        """Put the batch's failed workflows (ERROR, or given up after too many recoveries)
-        back in their queue, in one transaction; returns their ids.
+    def run_again_in_batch(
+        self, batch_id: str, now_ms: int, statuses: Sequence[str] = FAILED
+    ) -> list[str]:
+        """Put the batch's workflows that ended in one of `statuses` (by default failed: ERROR,
+        or given up after too many recoveries; or CANCELLED) back in their queue, in one
+        transaction; returns their ids.
 
         Their failed operations' records are removed so those run again; their completed
         operations stay recorded and are not run again (no call is paid for twice). Their
-        failed descendants go back too (to their queue, or the internal one): an item replaying
-        a child workflow's recorded failure would only fail again.
+        descendants that ended so go back too (to their queue, or the internal one): an item
+        replaying a child workflow's recorded failure or cancellation would only end so again.
         """
         with self.db.write() as conn:
             ids = list(
                 conn.execute(
                     select(ws.c.workflow_uuid).where(
-                        ws.c.batch_id == batch_id, status_is(ws.c.status, *FAILED)
+                        ws.c.batch_id == batch_id, status_is(ws.c.status, *statuses)
                     )
                 ).scalars()
             )
@@ -177,7 +180,7 @@ class BatchRecords(StoreBase):
                     for chunk in _chunks(frontier, 500)
                     for wid in conn.execute(
                         select(ws.c.workflow_uuid).where(
-                            ws.c.parent_workflow_id.in_(chunk), status_is(ws.c.status, *FAILED)
+                            ws.c.parent_workflow_id.in_(chunk), status_is(ws.c.status, *statuses)
                         )
                     ).scalars()
                 ]
@@ -190,7 +193,7 @@ class BatchRecords(StoreBase):
                 queues.update(
                     conn.execute(
                         update(ws)
-                        .where(ws.c.workflow_uuid.in_(chunk), status_is(ws.c.status, *FAILED))
+                        .where(ws.c.workflow_uuid.in_(chunk), status_is(ws.c.status, *statuses))
                         .values(
                             {
                                 **requeued_afresh(now_ms),
