@@ -156,6 +156,11 @@ class UnknownQueueError(DbosNbError, LookupError):
         self.name = name
 
 
+# The longest wait a 429 is taken to ask for (RateLimited's `retry_after`, a Retry-After
+# header): the queue pauses for at most an hour at a time, then tries again.
+MAX_RETRY_AFTER_SEC = 3600.0
+
+
 class RateLimited(DbosNbError):
     """A provider said "too many requests" (HTTP 429); raise it from a step.
 
@@ -169,12 +174,13 @@ class RateLimited(DbosNbError):
         if retry_after is not None and (
             isinstance(retry_after, bool)
             or not isinstance(retry_after, int | float)
-            or not 0 <= retry_after <= 3600
+            or not 0 <= retry_after <= MAX_RETRY_AFTER_SEC
         ):
             # A NaN, a negative or an endless wait would fail the step, or pause its queue
             # for nothing or for ever.
             raise ValueError(
-                f"RateLimited(retry_after=...) must be a number of seconds from 0 to 3600 "
+                f"RateLimited(retry_after=...) must be a number of seconds from 0 to "
+                f"{MAX_RETRY_AFTER_SEC:g} "
                 f"(or None for dbos_nb's back-off), got {retry_after!r}"
             )
         super().__init__(message)

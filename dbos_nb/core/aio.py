@@ -60,7 +60,7 @@ async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
                 raise shown from (None if isinstance(exc, WorkflowPreempted) else exc)
         return on_success(rt, ex, value)
     except Exception as exc:
-        if lost_database(exc):  # recording the outcome itself could not reach the database
+        if lost_database(exc):  # a checkpoint, or the outcome itself, could not be written
             raise handed_back(rt, ex) from exc
         raise
     finally:

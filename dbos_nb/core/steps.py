@@ -36,6 +36,7 @@ from dbos_nb.core.context import (
 from dbos_nb.core.registry import Registration
 from dbos_nb.core.runtime import Runtime
 from dbos_nb.errors import (
+    MAX_RETRY_AFTER_SEC,
     DBOSMaxStepRetriesExceeded,
     DbosNbError,
     DBOSUnexpectedStepError,
@@ -291,11 +292,6 @@ def rate_limit_delay(exc: BaseException) -> float | None:
             if math.isfinite(seconds):
                 return min(max(seconds, 0.0), MAX_RETRY_AFTER_SEC)
     return 0.0
-
-
-# A provider's Retry-After beyond this is taken as this: the queue pauses for at most an hour at
-# a time, then tries again.
-MAX_RETRY_AFTER_SEC = 3600.0
 
 
 def _out_of_credit(exc: BaseException, response: Any) -> bool:

@@ -513,9 +513,9 @@ def on_failure(rt: Runtime, ex: Execution, exc: BaseException) -> BaseException:
         return exc  # KeyboardInterrupt and the like: the workflow stays PENDING, resumable
     if lost_database(exc):
         # A checkpoint could not reach the database (for longer than `reconnect` rides out):
-        # the work itself did not fail, so that is not its outcome. It runs again from its
-        # last completed step.
-        return handed_back(rt, ex)
+        # the work itself did not fail, so nothing is recorded; the caller hands it back
+        # (`handed_back`) to run again from its last completed step.
+        return exc
     if ex.deadline_ms is not None and rt.now_ms() >= ex.deadline_ms:
         # Failed because it ran out of time (a timed-out child, say): a timeout.
         cancel_overdue(rt)
@@ -598,7 +598,7 @@ def run_execution(rt: Runtime, ex: Execution) -> Any:
                 raise shown from (None if isinstance(exc, WorkflowPreempted) else exc)
         return on_success(rt, ex, value)
     except Exception as exc:
-        if lost_database(exc):  # recording the outcome itself could not reach the database
+        if lost_database(exc):  # a checkpoint, or the outcome itself, could not be written
             raise handed_back(rt, ex) from exc
         raise
     finally:

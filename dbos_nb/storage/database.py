@@ -56,7 +56,7 @@ from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
 from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
 from dbos_nb.storage.process import current_pid
-from dbos_nb.storage.reconnect import is_connection_error, mark_lost, retrying
+from dbos_nb.storage.reconnect import retrying, tagging_losses
 from dbos_nb.storage.schema import PG_SCHEMA, queues
 from dbos_nb.storage.sessions import (
     SERVER_SETTINGS,
@@ -233,16 +233,12 @@ class Database:
     @contextlib.contextmanager
     def _transaction(self, isolation_level: str | None, *, system: bool) -> Iterator[Connection]:
         if self._write_lock is None:
-            try:
-                with self.engine.connect() as conn:
-                    if isolation_level is not None:
-                        conn = conn.execution_options(isolation_level=isolation_level)
-                    with conn.begin():
-                        yield conn
-            except Exception as exc:
-                if system and is_connection_error(exc):
-                    mark_lost(exc)
-                raise
+            losses = tagging_losses() if system else contextlib.nullcontext()
+            with losses, self.engine.connect() as conn:
+                if isolation_level is not None:
+                    conn = conn.execution_options(isolation_level=isolation_level)
+                with conn.begin():
+                    yield conn
             return
         if self._checkpointer is not None:
             self._checkpointer.ensure_running()
@@ -286,13 +282,8 @@ class Database:
     def read(self) -> Iterator[Connection]:
         """A read-only transaction (on PostgreSQL: autocommit, for single-statement reads)."""
         if self.is_postgres:
-            try:
-                with self._single_engine.connect() as conn:
-                    yield conn
-            except Exception as exc:
-                if is_connection_error(exc):
-                    mark_lost(exc)
-                raise
+            with tagging_losses(), self._single_engine.connect() as conn:
+                yield conn
             return
         with self.engine.connect() as conn, conn.begin():
             yield conn

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import psycopg
@@ -60,6 +60,18 @@ def mark_lost(exc: BaseException) -> BaseException:
     with contextlib.suppress(AttributeError, TypeError):
         setattr(exc, _LOST, True)
     return exc
+
+
+@contextlib.contextmanager
+def tagging_losses() -> Iterator[None]:
+    """Around dbos_nb's own system-database work: a connection error raised in the block is
+    tagged (`mark_lost`) on its way out."""
+    try:
+        yield
+    except Exception as exc:
+        if is_connection_error(exc):
+            mark_lost(exc)
+        raise
 
 
 def is_lost(exc: BaseException) -> bool:
