@@ -3,6 +3,7 @@
 Everything a user needs is importable from here; see README.md for a tour.
 """
 
+from dbos_nb import _error as error  # DBOS's `from dbos import error`
 from dbos_nb.client import DBOSClient, EnqueueOptions
 from dbos_nb.core.context import (
     DBOSContextSetAuth,
@@ -19,6 +20,7 @@ from dbos_nb.errors import (
     DBOSConfigError,
     DBOSConflictingRegistrationError,
     DBOSConflictingWorkflowError,
+    DBOSErrorCode,
     DBOSException,
     DBOSExecutorIdInUseError,
     DBOSMaxRecoveryAttemptsExceededError,
@@ -32,6 +34,7 @@ from dbos_nb.errors import (
     DBOSRecordedError,
     DBOSUnexpectedStepError,
     DBOSWorkflowCancelledError,
+    DBOSWorkflowFunctionNotFoundError,
     DBOSWorkflowTimedOutError,
     InvalidQueueSettingsError,
     RateLimited,
@@ -65,6 +68,7 @@ __all__ = [
     "DBOSConflictingRegistrationError",
     "DBOSConflictingWorkflowError",
     "DBOSContextSetAuth",
+    "DBOSErrorCode",
     "DBOSException",
     "DBOSExecutorIdInUseError",
     "DBOSMaxRecoveryAttemptsExceededError",
@@ -77,6 +81,7 @@ __all__ = [
     "DBOSRecordedError",
     "DBOSUnexpectedStepError",
     "DBOSWorkflowCancelledError",
+    "DBOSWorkflowFunctionNotFoundError",
     "DBOSWorkflowTimedOutError",
     "DbosNbError",
     "EnqueueOptions",
@@ -99,6 +104,7 @@ __all__ = [
     "WorkflowStatus",
     "WorkflowStatusString",
     "__version__",
+    "error",
     "load_ipython_extension",
     "unload_ipython_extension",
     "workflows_frame",

@@ -340,7 +340,8 @@ class DBOS(metaclass=_DBOSType):
     def list_workflows(cls, **filters: Any) -> list[WorkflowStatus]:
         """Workflows matching every given filter (workflow_ids, status, name, queue_name,
         start_time, end_time, workflow_id_prefix, app_version, executor_id,
-        parent_workflow_id, limit, offset, sort_desc, load_input, load_output), oldest first
+        parent_workflow_id, forked_from, was_forked_from, queues_only, limit, offset,
+        sort_desc, load_input, load_output), oldest first
         unless `sort_desc`; status, name, queue_name, app_version, executor_id and
         parent_workflow_id take one value or a list."""
         return management.list_workflows(cls._rt().store, **filters)

@@ -11,9 +11,44 @@ workflow must not swallow a cancellation by accident.
 
 from __future__ import annotations
 
+from enum import Enum
+
+
+class DBOSErrorCode(Enum):
+    """DBOS Transact's error codes (`DBOSException.dbos_error_code` holds the number)."""
+
+    ConflictingIDError = 1
+    RecoveryError = 2
+    InitializationError = 3
+    WorkflowFunctionNotFound = 4
+    NonExistentWorkflowError = 5
+    MaxRecoveryAttemptsExceeded = 6
+    MaxStepRetriesExceeded = 7
+    NotAuthorized = 8
+    ConflictingWorkflowError = 9
+    WorkflowCancelled = 10
+    UnexpectedStep = 11
+    QueueDeduplicated = 12
+    AwaitedWorkflowCancelled = 13
+    AwaitedWorkflowMaxRecoveryAttemptsExceeded = 14
+
 
 class DbosNbError(Exception):
-    """Root of every error raised by dbos_nb."""
+    """Root of every error raised by dbos_nb. As DBOS's `DBOSException`, it has `message` and
+    `dbos_error_code` (DBOS's number for the errors both libraries share, else None)."""
+
+    dbos_error_code: int | None = None
+    _message: str | None = None
+
+    @property
+    def message(self) -> str:
+        if self._message is not None:
+            return self._message
+        return str(self.args[0]) if self.args else ""
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self._message = value
 
 
 DBOSException = DbosNbError
@@ -30,9 +65,16 @@ class DBOSConfigError(DbosNbError, ValueError):
 class DBOSNonExistentWorkflowError(DbosNbError, LookupError):
     """No workflow with the given id exists."""
 
+    dbos_error_code = DBOSErrorCode.NonExistentWorkflowError.value
+
     def __init__(self, workflow_id: str) -> None:
         super().__init__(f"workflow {workflow_id!r} does not exist")
         self.workflow_id = workflow_id
+
+    @property
+    def destination_id(self) -> str:
+        """DBOS's name for `workflow_id`."""
+        return self.workflow_id
 
 
 WorkflowNotFoundError = DBOSNonExistentWorkflowError
@@ -40,6 +82,8 @@ WorkflowNotFoundError = DBOSNonExistentWorkflowError
 
 class DBOSConflictingWorkflowError(DbosNbError):
     """A workflow id is reused for a different function."""
+
+    dbos_error_code = DBOSErrorCode.ConflictingWorkflowError.value
 
     def __init__(self, workflow_id: str, message: str) -> None:
         super().__init__(f"conflicting workflow id {workflow_id!r}: {message}")
@@ -70,7 +114,13 @@ class DBOSNonSerializableError(DbosNbError, TypeError):
     """A workflow argument (or result) cannot be serialized; nothing was written."""
 
 
-class UnknownWorkflowNameError(DbosNbError, LookupError):
+class DBOSWorkflowFunctionNotFoundError(DbosNbError, LookupError):
+    """A function that is not a registered workflow, step or transaction was asked to run."""
+
+    dbos_error_code = DBOSErrorCode.WorkflowFunctionNotFound.value
+
+
+class UnknownWorkflowNameError(DBOSWorkflowFunctionNotFoundError):
     """No function is registered (or stored) under the given workflow name."""
 
     def __init__(self, name: str, hint: str = "") -> None:
@@ -81,9 +131,13 @@ class UnknownWorkflowNameError(DbosNbError, LookupError):
 class DBOSUnexpectedStepError(DbosNbError):
     """On replay a workflow called a different operation than the one recorded (non-determinism)."""
 
+    dbos_error_code = DBOSErrorCode.UnexpectedStep.value
+
 
 class DBOSMaxStepRetriesExceeded(DbosNbError):
     """A step with retries enabled failed on every allowed attempt."""
+
+    dbos_error_code = DBOSErrorCode.MaxStepRetriesExceeded.value
 
     def __init__(self, step_name: str, max_attempts: int, errors: list[BaseException]) -> None:
         last = f": {errors[-1]!r}" if errors else ""
@@ -92,12 +146,19 @@ class DBOSMaxStepRetriesExceeded(DbosNbError):
         self.max_attempts = max_attempts
         self.errors = errors
 
+    @property
+    def max_retries(self) -> int:
+        """DBOS's name for `max_attempts`."""
+        return self.max_attempts
+
     def __reduce__(self) -> tuple[type, tuple[str, int, list[BaseException]]]:
         return (type(self), (self.step_name, self.max_attempts, self.errors))
 
 
 class DBOSAwaitedWorkflowCancelledError(DbosNbError):
     """The workflow being awaited was cancelled."""
+
+    dbos_error_code = DBOSErrorCode.AwaitedWorkflowCancelled.value
 
     def __init__(self, workflow_id: str, reason: str = "was cancelled") -> None:
         super().__init__(f"workflow {workflow_id!r} {reason}")
@@ -118,9 +179,16 @@ class DBOSWorkflowTimedOutError(DBOSAwaitedWorkflowCancelledError):
 class DBOSMaxRecoveryAttemptsExceededError(DbosNbError):
     """A workflow was recovered more often than its `max_recovery_attempts` allows."""
 
+    dbos_error_code = DBOSErrorCode.MaxRecoveryAttemptsExceeded.value
+
+
+MaxRecoveryAttemptsExceededError = DBOSMaxRecoveryAttemptsExceededError
+
 
 class DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded(DbosNbError):
     """The workflow being awaited was dead-lettered after too many recovery attempts."""
+
+    dbos_error_code = DBOSErrorCode.AwaitedWorkflowMaxRecoveryAttemptsExceeded.value
 
     def __init__(self, workflow_id: str) -> None:
         super().__init__(
@@ -134,6 +202,8 @@ class DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded(DbosNbError):
 
 class DBOSQueueDeduplicatedError(DbosNbError):
     """An active workflow on the queue already holds this deduplication id."""
+
+    dbos_error_code = DBOSErrorCode.QueueDeduplicated.value
 
     def __init__(self, workflow_id: str, queue_name: str, deduplication_id: str) -> None:
         super().__init__(

@@ -8,6 +8,7 @@ silently where DBOS refuses it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import warnings
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from dbos_nb import (
     DBOS,
     DBOSClient,
+    DBOSMaxStepRetriesExceeded,
     DbosNbError,
     DBOSNonExistentWorkflowError,
     DBOSNotImplementedError,
@@ -101,6 +103,31 @@ def test_list_queued_workflows_by_status(launched: str) -> None:
         "kwargs": {},
     }
     assert {w.workflow_id for w in DBOS.list_queued_workflows()} == {h.workflow_id for h in waiting}
+
+
+def test_queued_listings_count_limit_and_offset_among_queued_workflows(launched: str) -> None:
+    _, parity_b = _two_named_workflows()
+    direct = []
+    for i in range(4):  # run directly, never through a queue, and listed first
+        with SetWorkflowID(f"plq-direct-{i}"):
+            direct.append(parity_b(i))
+    queued = [Queue("parity_lq").enqueue(parity_b, i) for i in range(3)]
+    for h in queued:
+        h.get_result()
+    ids = [h.workflow_id for h in queued]
+    listed = DBOS.list_queued_workflows(status="SUCCESS", limit=2)
+    assert [w.workflow_id for w in listed] == ids[:2]
+    listed = DBOS.list_queued_workflows(status="SUCCESS", limit=2, offset=2)
+    assert [w.workflow_id for w in listed] == ids[2:]
+    mixed = DBOS.list_workflows(workflow_id_prefix="plq-direct-") + [h.get_status() for h in queued]
+    assert len(mixed) == 7
+    only = DBOS.list_workflows(status="SUCCESS", queues_only=True, name=queued[0].get_status().name)
+    assert [w.workflow_id for w in only] == ids
+    assert [w.workflow_id for w in DBOS.list_queued_workflows(status="SUCCESS", queues_only=True)][
+        -3:
+    ] == ids
+    with pytest.raises(DbosNbError, match="queues_only must be True or False"):
+        DBOS.list_workflows(queues_only="yes")
 
 
 def test_step_listing_reads_as_dicts(launched: str) -> None:
@@ -283,3 +310,56 @@ def test_dbos_api_left_out_is_named_in_a_clear_error(launched: str) -> None:
         with pytest.raises(AttributeError) as misspelt:
             client.enqueu  # noqa: B018
         assert not isinstance(misspelt.value, DBOSNotImplementedError)
+
+
+def test_a_step_outside_a_workflow_or_inside_a_step_is_a_plain_call(launched: str) -> None:
+    tries: list[str] = []
+
+    @DBOS.step(retries_allowed=True, max_attempts=3, interval_seconds=0.0)
+    def parity_flaky(tag: str) -> None:
+        tries.append(tag)
+        raise ValueError(f"boom {tag}")
+
+    @DBOS.step()
+    def parity_outer() -> Any:
+        with contextlib.suppress(ValueError):
+            parity_flaky("nested")
+        return DBOS.step_id
+
+    @DBOS.workflow()
+    def parity_wraps() -> Any:
+        return parity_outer()
+
+    # As in DBOS: the function's own error, raised once (no retries, no step of its own).
+    with pytest.raises(ValueError, match="boom outside"):
+        parity_flaky("outside")
+    assert tries == ["outside"]
+    with SetWorkflowID("plain-nested"):
+        assert parity_wraps() == 0  # the inner call is part of the outer step
+    assert tries == ["outside", "nested"]
+    assert len(DBOS.list_workflow_steps("plain-nested")) == 1
+    with pytest.raises(DBOSMaxStepRetriesExceeded) as inside:
+
+        @DBOS.workflow()
+        def parity_retries() -> None:
+            parity_flaky("inside")
+
+        parity_retries()
+    assert tries[2:] == ["inside"] * 3
+    assert inside.value.max_retries == inside.value.max_attempts == 3
+
+
+def test_dbos_error_module_names_codes_and_attributes() -> None:
+    import dbos_nb
+    from dbos_nb import error
+    from dbos_nb._error import DBOSErrorCode, MaxRecoveryAttemptsExceededError
+
+    assert error.DBOSQueueDeduplicatedError is dbos_nb.DBOSQueueDeduplicatedError
+    assert MaxRecoveryAttemptsExceededError is dbos_nb.DBOSMaxRecoveryAttemptsExceededError
+    missing = DBOSNonExistentWorkflowError("wf-9")
+    assert missing.destination_id == "wf-9" and missing.message == str(missing)
+    assert missing.dbos_error_code == DBOSErrorCode.NonExistentWorkflowError.value == 5
+    assert DbosNbError("plain").dbos_error_code is None
+    assert dbos_nb.DBOSRecordedError("T", "said").message == "said"
+    with pytest.raises(error.DBOSWorkflowFunctionNotFoundError, match="not a DBOS workflow"):
+        Queue("parity_undecorated").enqueue(print, 1)

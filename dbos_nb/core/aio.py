@@ -102,7 +102,7 @@ async def call_step_async(
     ctx = current()
     wf = ctx.workflow
     if wf is None or ctx.step is not None:
-        return await _attempts_async(rt, reg, ctx, None, args, kwargs)
+        return await reg.func(*args, **kwargs)
     fid, pre = begin_operation(rt, wf, reg.name)
     if pre.recorded:
         return replay(pre)
@@ -118,7 +118,7 @@ async def _attempts_async(
     rt: Runtime,
     reg: Registration,
     ctx: Context,
-    fid: int | None,
+    fid: int,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:

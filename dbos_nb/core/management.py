@@ -56,6 +56,7 @@ def workflow_rows(
     parent_workflow_id: str | list[str] | None = None,
     forked_from: str | list[str] | None = None,
     was_forked_from: bool | None = None,
+    queues_only: bool = False,
     limit: int | None = None,
     offset: int | None = None,
     sort_desc: bool = False,
@@ -67,13 +68,15 @@ def workflow_rows(
     `load_output`. Like DBOS, `status`, `name`, `queue_name`, `app_version`, `executor_id`,
     `parent_workflow_id` and `forked_from` take one value or a list of them (any of which
     matches); `was_forked_from` (a bool) keeps the workflows that have (or have not) been
-    forked."""
+    forked; `queues_only` those run through a queue."""
     # Read once: a generator would be used up by the check.
     if workflow_ids is not None and not isinstance(workflow_ids, str | bytes):
         workflow_ids = list(workflow_ids)
     _check_filters(workflow_ids, limit, offset, workflow_id_prefix)
     if was_forked_from is not None and not isinstance(was_forked_from, bool):
         raise DbosNbError(f"was_forked_from must be True, False or None, got {was_forked_from!r}")
+    if not isinstance(queues_only, bool):
+        raise DbosNbError(f"queues_only must be True or False, got {queues_only!r}")
     return store.list_workflows(
         workflow_ids=workflow_ids,
         status=_one_or_many("status", status),
@@ -87,6 +90,7 @@ def workflow_rows(
         parent_workflow_id=_one_or_many("parent_workflow_id", parent_workflow_id),
         forked_from=_one_or_many("forked_from", forked_from),
         was_forked_from=was_forked_from,
+        queues_only=queues_only,
         limit=limit,
         offset=offset,
         sort_desc=sort_desc,
@@ -140,7 +144,7 @@ def list_queued(store: SystemStore, **filters: Any) -> list[WorkflowStatus]:
     with the other filters of `workflow_rows`."""
     if filters.get("status") is None:
         filters["status"] = ["ENQUEUED", "PENDING"]
-    return [w for w in list_workflows(store, **filters) if w.queue_name is not None]
+    return list_workflows(store, **{**filters, "queues_only": True})
 
 
 def get_status(store: SystemStore, workflow_id: str) -> WorkflowStatus | None:

@@ -21,7 +21,7 @@ import cloudpickle
 
 from dbos_nb.core import versions
 from dbos_nb.core.context import MAX_NAME_LENGTH, check_id_length
-from dbos_nb.errors import DBOSConflictingRegistrationError, DbosNbError
+from dbos_nb.errors import DBOSConflictingRegistrationError, DBOSWorkflowFunctionNotFoundError
 from dbos_nb.models import STEP_WORKFLOW_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -209,11 +209,12 @@ def resolve(func: Any, args: tuple[Any, ...]) -> tuple[Registration, tuple[Any, 
     """The registration of a decorated function or bound method, and the call's positional
     arguments (a bound method's instance or class becomes the first one).
 
-    Raises DbosNbError, naming the function, for anything that was not decorated.
+    Raises DBOSWorkflowFunctionNotFoundError, naming the function, for anything that was not
+    decorated.
     """
     reg = registration_of(func)
     if reg is None:
-        raise DbosNbError(
+        raise DBOSWorkflowFunctionNotFoundError(
             f"{getattr(func, '__qualname__', func)!r} is not a DBOS workflow, step or "
             "transaction; decorate it with @DBOS.workflow(), @DBOS.step() or "
             "@DBOS.transaction() first"

@@ -131,11 +131,13 @@ def replay(pre: StepPreflight) -> Any:
 
 
 def call_step(rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run a step: checkpointed inside a workflow, a plain call (with retries) outside one."""
+    """Run a step: checkpointed, with its retries, inside a workflow. Outside one, or inside
+    another step, it is a plain call of the function, as in DBOS: no retries (the enclosing
+    step's retries already cover it) and no step of its own for `DBOS.step_id`."""
     ctx = current()
     wf = ctx.workflow
     if wf is None or ctx.step is not None:
-        return _run_attempts(rt, reg, ctx, None, args, kwargs)
+        return reg.func(*args, **kwargs)
     fid, pre = begin_operation(rt, wf, reg.name)
     if pre.recorded:
         return replay(pre)
@@ -194,9 +196,9 @@ class Retrier:
         self.throttled = 0
         self.errors: list[BaseException] = []
 
-    def frame(self, fid: int | None) -> StepFrame:
+    def frame(self, fid: int) -> StepFrame:
         return StepFrame(
-            step_id=fid if fid is not None else -1,
+            step_id=fid,
             name=self.reg.name,
             # What DBOS.step_status reports, as DBOS does: the attempt counted from 0, and
             # neither number for a step without retries.
@@ -246,7 +248,7 @@ def _run_attempts(
     rt: Runtime,
     reg: Registration,
     ctx: Context,
-    fid: int | None,
+    fid: int,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:

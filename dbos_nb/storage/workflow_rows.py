@@ -300,6 +300,7 @@ class WorkflowRows(StoreBase):
         parent_workflow_id: Sequence[str] | None = None,
         forked_from: Sequence[str] | None = None,
         was_forked_from: bool | None = None,
+        queues_only: bool = False,
         limit: int | None = None,
         offset: int | None = None,
         sort_desc: bool = False,
@@ -307,8 +308,8 @@ class WorkflowRows(StoreBase):
         load_output: bool = True,
     ) -> list[dict[str, Any]]:
         """Workflow rows matching every given filter (a list: any of its values), ordered by
-        creation (enqueue order); without `load_input` no inputs, without `load_output` no
-        outputs or errors."""
+        creation (enqueue order); with `queues_only` only those run through a queue; without
+        `load_input` no inputs, without `load_output` no outputs or errors."""
         left_out = set() if load_input else {"inputs"}
         if not load_output:
             left_out |= {"output", "error"}
@@ -327,6 +328,8 @@ class WorkflowRows(StoreBase):
                 stmt = stmt.where(column.in_(list(values)))
         if was_forked_from is not None:
             stmt = stmt.where(ws.c.was_forked_from == was_forked_from)
+        if queues_only:  # in the query: `limit` and `offset` count only these rows
+            stmt = stmt.where(ws.c.queue_name.is_not(None))
         if start_time is not None:
             stmt = stmt.where(ws.c.created_at >= start_time)
         if end_time is not None:
