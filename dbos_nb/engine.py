@@ -201,6 +201,7 @@ class Engine:
         self.runtime: Runtime | None = None
         self._scheduler: Scheduler | None = None
         self._token = uuid.uuid4().hex
+        self._renewals = Renewals(config.heartbeat_interval_sec)
 
     @property
     def launched(self) -> bool:
@@ -349,6 +350,7 @@ class Engine:
         store.register_executor(
             cfg.executor_id, host, os.getpid(), self._token, now, lease_ms=self._lease_ms
         )
+        self._renewals.renewed(self.clock.now_ms())
 
     def _heartbeat(self, rt: Runtime) -> None:
         """Renew this executor's lease, and take over the work of executors whose lease ran out."""
@@ -373,8 +375,11 @@ class Engine:
             # would stay PENDING under this live executor, run by nobody: back to its queue.
             if rt.store.requeue_pending(rt.executor_id, now):
                 rt.wake_scheduler()
+        now = self._renewals.renewed(rt.now_ms())
         # Each executor is judged by its own registered lease; ours only for old rows.
-        taken = rt.store.take_over_expired(now, self._lease_ms, keep=rt.executor_id)
+        taken = rt.store.take_over_expired(
+            now, self._lease_ms, keep=rt.executor_id, silent_since=self._renewals.silent_since
+        )
         for executor_id, ids in taken.items():
             logger.warning(
                 "executor %r sent no heartbeat within its lease: %d unfinished workflow(s) "
@@ -427,6 +432,40 @@ def _record_functions(rt: Runtime, regs: list[Registration]) -> None:
     rt.store.record_functions(
         [(r.name, r.kind, r.module, r.source_hash) for r in regs], rt.now_ms()
     )
+
+
+class Renewals:
+    """When this executor last renewed its lease, and since when the others' silence counts.
+
+    If this executor's own renewals stopped for longer than two heartbeat intervals, so did
+    everyone's, most likely: a long transaction held SQLite's write lock (every process's
+    heartbeat waits for it), or the database did not answer. The others' rows then look stale
+    for that reason alone, and taking their work would run their in-flight steps a second time.
+    So after such a gap their silence counts only from its end (`silent_since`): each gets a
+    whole lease of its own to renew. A gap counts only if it shows on both the monotonic clock
+    (a real wait) and the engine's clock (an injected clock moved by a test is no wait).
+    """
+
+    def __init__(self, heartbeat_interval_sec: float) -> None:
+        self._limit_sec = LEASE_HEARTBEATS * heartbeat_interval_sec
+        self._last: tuple[float, int] | None = None  # (monotonic s, engine clock ms)
+        self.silent_since = 0
+
+    def renewed(self, now_ms: int) -> int:
+        """Note a renewal that ended at `now_ms`; returns `now_ms`."""
+        mono = time.monotonic()
+        if self._last is not None:
+            last_mono, last_ms = self._last
+            gap = min(mono - last_mono, (now_ms - last_ms) / 1000)
+            if gap > self._limit_sec:
+                logger.info(
+                    "this executor could not renew its lease for %.1f s; other executors get a "
+                    "whole lease from now before their work is taken over",
+                    gap,
+                )
+                self.silent_since = now_ms
+        self._last = (mono, now_ms)
+        return now_ms
 
 
 def pid_alive(pid: int) -> bool:

@@ -504,3 +504,49 @@ def test_work_claimed_after_a_take_over_goes_back_when_the_executor_rejoins(db_u
     clock.advance(0.2)
     wait_until(lambda: _heartbeat_of(store, rt.executor_id) == T0 + 200)
     wait_until(lambda: _owner(store, "late") == ("ENQUEUED", None))
+
+
+def test_a_long_transaction_on_sqlite_gives_no_live_workers_work_away(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite has one write lock for the whole file. A transaction that holds it longer than
+    the lease stops every process's heartbeat; when it ends, this process (the judge) must not
+    take the work of a worker that is alive and was only waiting for the lock: that worker's
+    finished steps would run again. (PostgreSQL locks rows: a long transaction blocks no
+    heartbeat there.)"""
+    url = f"sqlite:///{tmp_path / 'system.sqlite'}"
+    pool = WorkerPool(url, tmp_path / "events.log")
+    try:
+        DBOS(config=config(url, heartbeat_interval_sec=0.3, executor_lease_sec=LEASE))
+        Queue("holdq", worker_concurrency=2)
+
+        @DBOS.transaction()
+        def hold_the_lock(seconds: float) -> None:
+            DBOS.sql_session.execute(sa.text("CREATE TABLE IF NOT EXISTS held (x INTEGER)"))
+            time.sleep(seconds)
+
+        DBOS.launch()
+        worker = pool.start("busy", "--queue", "holdq", sleep=1.0)
+        pool.wait_registered(["busy"])
+        with DBOSClient(url) as client:
+            handles = [
+                client.enqueue(
+                    {"queue_name": "holdq", "workflow_name": "wt_work", "workflow_id": f"h{i}"},
+                    i,
+                )
+                for i in range(2)
+            ]
+            wait_until(lambda: all(h.get_status().executor_id == "busy" for h in handles))
+            with caplog.at_level("INFO", logger="dbos_nb"):
+                hold_the_lock(2 * LEASE)  # the worker's steps end meanwhile, unrecorded
+                assert [h.get_result(timeout_sec=60) for h in handles] == [0, 1]
+                time.sleep(LEASE + 0.5)  # this process judges the others a few times more
+        assert "sent no heartbeat within its lease" not in caplog.text
+        assert "could not renew its lease" in caplog.text
+        assert Counter((e[0], e[1]) for e in pool.events()) == {("only", 0): 1, ("only", 1): 1}
+        assert {e[4] for e in pool.events()} == {"busy"}
+    finally:
+        DBOS.destroy()
+        pool.stop_all()
+    _, err = worker.communicate(timeout=30)
+    assert "missed its lease" not in err.decode()

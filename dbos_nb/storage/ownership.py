@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, case, delete, func, literal, select, update
 
 from dbos_nb.models import INTERNAL_QUEUE
 from dbos_nb.storage.rows import CANCELLED, ENQUEUED, PENDING, StoreBase, _chunks
@@ -142,7 +142,9 @@ class WorkflowOwnership(StoreBase):
             self.db.notify(conn, "q:*")
         return ids
 
-    def take_over_expired(self, now_ms: int, lease_ms: int, keep: str) -> dict[str, list[str]]:
+    def take_over_expired(
+        self, now_ms: int, lease_ms: int, keep: str, silent_since: int = 0
+    ) -> dict[str, list[str]]:
         """Declare dead every executor (but `keep`) whose heartbeat is older than its own
         lease, and put its PENDING workflows back in their queues, in one transaction. Returns
         the executors taken over and their requeued workflow ids.
@@ -152,16 +154,23 @@ class WorkflowOwnership(StoreBase):
         often than that (its in-flight steps would run twice). `lease_ms`, the judge's own, only
         serves rows registered without one (before schema version 5 had the column).
 
+        Silence counts from `silent_since` at the earliest: the end of a time when the judge
+        itself could not write, nor, probably, could the others.
+
         A dead executor that comes back finds its row gone and its workflows owned by others:
         its writes fail the owner checks, so it never overwrites the new owner's work.
         """
         taken: dict[str, list[str]] = {}
         with self.db.write() as conn:
             lease = func.coalesce(executors.c.lease_ms, lease_ms)
+            heard = case(
+                (executors.c.heartbeat_at > silent_since, executors.c.heartbeat_at),
+                else_=literal(silent_since),
+            )
             expired = list(
                 conn.execute(
                     select(executors.c.executor_id).where(
-                        executors.c.heartbeat_at + lease < now_ms,
+                        heard + lease < now_ms,
                         executors.c.executor_id != keep,
                     )
                 ).scalars()
