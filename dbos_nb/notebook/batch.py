@@ -45,6 +45,9 @@ STATUS_GROUPS = {
 }
 GROUPS = ("queued", "running", "done", "failed", "cancelled")
 THROUGHPUT_WINDOW_MS = 30_000
+# How long `wait()` sees no progress before it checks, and says, that nothing can run the batch
+# (a worker started from a terminal is seen only once it has registered).
+IDLE_WARNING_AFTER_S = 10.0
 
 
 class UnknownBatchError(DbosNbError, LookupError):
@@ -185,21 +188,31 @@ class Batch:
         """
         from dbos_nb.notebook import views
 
-        counts = self.counts()
-        if counts["done"] + counts["failed"] + counts["cancelled"] < self.size:
-            idle = self._why_nothing_runs()
-            if idle is not None:
-                warnings.warn(idle, RuntimeWarning, stacklevel=2)
         showing = show and views.in_ipython()
         view = views.show_live(self) if showing and views.widgets_available() else None
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.01
+        # Whether anything can run the batch is asked only once it has made no progress for a
+        # while, and asked again while it makes none: a worker process that is still starting
+        # cannot be seen until it registers.
+        last_counts: dict[str, int] | None = None
+        check_at = 0.0
+        warned = False
         try:
             while True:
                 counts = self.counts()
                 if counts["done"] + counts["failed"] + counts["cancelled"] >= self.size:
                     break
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if counts != last_counts:
+                    last_counts, check_at = counts, now + IDLE_WARNING_AFTER_S
+                elif not warned and now >= check_at:
+                    idle = self._why_nothing_runs()
+                    if idle is not None:
+                        warnings.warn(idle, RuntimeWarning, stacklevel=2)
+                        warned = True
+                    check_at = now + IDLE_WARNING_AFTER_S
+                if deadline is not None and now >= deadline:
                     raise TimeoutError(f"batch {self.id!r} did not finish within {timeout} s")
                 time.sleep(delay)
                 delay = min(delay * 2, poll_interval)

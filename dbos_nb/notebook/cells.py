@@ -292,6 +292,14 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
     """The workflow function: run the cell in `namespace` and return what it produced."""
 
     def cell_body(source_hash: str) -> dict[str, Any]:
+        if source_hash != cell.source_hash:
+            # A run is resumed by whatever body is registered under the cell's name, which a
+            # later version of the cell (run under another --id, say) may have replaced: it
+            # must not finish the old run with new code.
+            raise DbosNbError(
+                f"the cell {cell.name!r} changed since this run started; resuming it would mix "
+                "old and new code. Run the cell with --rerun to start afresh."
+            )
         namespace.pop(RESULT_NAME, None)
         # Only objects that exist before the cell can be changed by it in place; the digest of
         # their state tells afterwards whether a call did change them.
@@ -334,7 +342,15 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
         }
 
     cell_body.__name__ = cell_body.__qualname__ = f"{CELL_PREFIX}{cell.name}"
+    # Which version of the cell this body runs: %dbos_resume compares it with a run's own.
+    cell_body.__dbos_nb_source_hash__ = cell.source_hash  # type: ignore[attr-defined]
     return cell_body
+
+
+def body_hash(body: Any) -> str | None:
+    """The source hash of the cell a registered body runs (None if it is not a cell's)."""
+    value = getattr(body, "__dbos_nb_source_hash__", None)
+    return value if isinstance(value, str) else None
 
 
 def _storable(value: Any) -> bool:

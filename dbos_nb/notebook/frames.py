@@ -13,6 +13,7 @@ import pandas as pd
 from dbos_nb import serialization
 from dbos_nb.core.management import workflow_rows
 from dbos_nb.core.runtime import get_runtime
+from dbos_nb.models import shown_function_name
 
 STATUS_ORDER = [
     "ENQUEUED",
@@ -142,16 +143,29 @@ def _expand_outputs(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def workflows_frame(**filters: Any) -> pd.DataFrame:
-    """A DataFrame of workflows matching the same filters as `DBOS.list_workflows`."""
-    rows = workflow_rows(get_runtime().store, **filters)
+    """A DataFrame of workflows matching the same filters as `DBOS.list_workflows`.
+
+    With `load_output=False` (as `%dbos_status` asks, since a durable cell's output holds every
+    value it recorded) there is no `output` column; errors are still read, for the failed rows
+    only."""
+    store = get_runtime().store
+    rows = workflow_rows(store, **filters)
+    columns: dict[str, Any] = {
+        "workflow_id": [r["workflow_uuid"] for r in rows],
+        # A step enqueued on its own is stored under an internal prefix: show its own name.
+        "name": [shown_function_name(r["name"]) for r in rows],
+        "status": _status_column(rows),
+        "queue": [r.get("queue_name") for r in rows],
+    }
+    if filters.get("load_output", True):
+        columns["output"] = _objects([_output_of(r) for r in rows])
+        errors = {r["workflow_uuid"]: _error_of(r) for r in rows}
+    else:
+        errors = _errors_of_failed(store, rows)
     df = pd.DataFrame(
         {
-            "workflow_id": [r["workflow_uuid"] for r in rows],
-            "name": [r["name"] for r in rows],
-            "status": _status_column(rows),
-            "queue": [r.get("queue_name") for r in rows],
-            "output": _objects([_output_of(r) if "output" in r else None for r in rows]),
-            "error": _objects([_error_of(r) if "error" in r else None for r in rows]),
+            **columns,
+            "error": _objects([errors.get(r["workflow_uuid"]) for r in rows]),
             "attempts": [int(r.get("recovery_attempts") or 0) for r in rows],
             "executor": [r.get("executor_id") for r in rows],
             "created": pd.to_datetime(
@@ -161,6 +175,19 @@ def workflows_frame(**filters: Any) -> pd.DataFrame:
     )
     _times(df, rows)
     return df
+
+
+# Statuses whose rows may hold an error.
+_WITH_ERROR = ("ERROR", "MAX_RECOVERY_ATTEMPTS_EXCEEDED", "CANCELLED")
+
+
+def _errors_of_failed(store: Any, rows: list[dict[str, Any]]) -> dict[str, str | None]:
+    """The errors of the rows that hold one, read apart: a failed row has no output to load."""
+    failed = [r["workflow_uuid"] for r in rows if r["status"] in _WITH_ERROR]
+    if not failed:
+        return {}
+    loaded = workflow_rows(store, workflow_ids=failed, load_input=False)
+    return {r["workflow_uuid"]: _error_of(r) for r in loaded}
 
 
 def queues_frame(queue_name: str | None = None) -> pd.DataFrame:
@@ -182,7 +209,20 @@ def queues_frame(queue_name: str | None = None) -> pd.DataFrame:
                 **{status.lower(): counts.get(status, 0) for status in STATUS_ORDER},
             }
         )
-    return pd.DataFrame.from_records(records)
+    df = pd.DataFrame.from_records(records, columns=list(_QUEUE_COLUMNS))
+    # Nullable integers: a queue without a limit would otherwise turn the column into floats.
+    for column in ("concurrency", "worker_concurrency"):
+        df[column] = pd.array(list(df[column]), dtype="Int64")
+    return df
+
+
+_QUEUE_COLUMNS = (
+    "queue",
+    "concurrency",
+    "worker_concurrency",
+    "rate_limit",
+    *(status.lower() for status in STATUS_ORDER),
+)
 
 
 def executors_frame() -> pd.DataFrame:

@@ -342,12 +342,17 @@ class DbosMagics(Magics):
                 )
             return cells.restore(compiled, out, namespace)
         if status in ("ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED"):
-            REGISTRY.register(reg)
+            changed = recorded_hash != compiled.source_hash
+            if not changed:
+                REGISTRY.register(reg)
+            # else: a cancelled run can still be resumed (%dbos_resume), and must go on with
+            # the code it started with, which registering the edited cell would replace.
             error = serialization.load_error(row["error"])
             reason = f"{type(error).__name__}: {error}" if error is not None else status.lower()
             print(
                 f"workflow {wid!r} ended {status}: {reason}\nRun the cell with --rerun to "
                 "start a fresh run (completed steps of the old run are discarded)."
+                + ("\nnote: the cell changed since that run started." if changed else "")
             )
             return None
         if recorded_hash != compiled.source_hash:
@@ -497,14 +502,24 @@ class DbosMagics(Magics):
             )
             print(f"{wid} had already ended {row['status']}; nothing to resume{cell_hint}")
             return None
+        is_cell = str(row["name"]).startswith(cells.CELL_PREFIX)
+        reg = REGISTRY.get(row["name"])
+        if is_cell and reg is not None and cells.body_hash(reg.func) != _recorded_hash(row):
+            # The kernel runs the cell's registered body, the latest version run under its name.
+            cell = row["name"][len(cells.CELL_PREFIX) :]
+            raise UsageError(
+                f"the cell {cell!r} changed since its run {wid!r} started; resuming would mix "
+                "old and new code. Run the cell with --rerun to start afresh, or run its old "
+                "code again first."
+            )
         try:
             handle = DBOS.resume_workflow(wid)
         except DbosNbError as exc:
             raise UsageError(str(exc)) from exc
         print(f"resumed {wid} from its last completed step")
-        if not str(row["name"]).startswith(cells.CELL_PREFIX):
+        if not is_cell:
             return handle
-        if REGISTRY.get(row["name"]) is None:
+        if reg is None:
             # A cell's code lives only in the notebook: the run waits for the cell.
             print(f"it runs once the cell {row['name'][len(cells.CELL_PREFIX) :]!r} is run again")
         return CellHandle(rt, wid)

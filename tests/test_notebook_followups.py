@@ -1,0 +1,175 @@
+"""Follow-ups from a new user's session: a cancelled durable cell resumes with its own code, the
+status frames show names and types as people expect, and `batch.wait()` does not warn about a
+worker that is still starting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+import dbos_nb
+from conftest import run_cell as run
+from conftest import wait_until
+from dbos_nb import DBOS
+from dbos_nb.core.runtime import get_runtime
+from dbos_nb.notebook.frames import queues_frame
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def shell(db_url: str) -> Iterator[InteractiveShell]:
+    sh = InteractiveShell.instance()
+    sh.reset(new_session=True)
+    sh.run_line_magic("load_ext", "dbos_nb")
+    run(sh, f"%dbos_launch --db {db_url} --name nbfollow")
+    yield sh
+    DBOS.destroy()
+
+
+# A step that records its call and holds until the test's `gate` opens.
+HELD_STEP = """
+from dbos_nb import DBOS
+@DBOS.step()
+def held(i):
+    RUNS.append(i)
+    gate.wait(20)
+    return i
+"""
+
+ORIGINAL = "total = held(1) + held(2)\ntotal * 10\n"
+
+
+def _cancelled_cell(shell: InteractiveShell, line: str) -> str:
+    """Run ORIGINAL as `%%dbos_workflow LINE --background`, cancel it after its first step, and
+    wait until nothing runs it any more; returns its workflow id."""
+    gate = threading.Event()
+    shell.user_ns.update(gate=gate, RUNS=[])
+    run(shell, HELD_STEP)
+    handle = run(shell, f"%%dbos_workflow {line} --background\n{ORIGINAL}")
+    wid: str = handle.workflow_id
+    wait_until(lambda: shell.user_ns["RUNS"] == [1])
+    run(shell, f"%dbos_cancel {wid}")
+    gate.set()
+    rt = get_runtime()
+    wait_until(lambda: not rt.is_running(wid))
+    return wid
+
+
+def test_an_edited_cell_does_not_replace_a_cancelled_runs_code(
+    shell: InteractiveShell, capsys: Any
+) -> None:
+    wid = _cancelled_cell(shell, "bg2")
+    capsys.readouterr()
+    assert run(shell, '%%dbos_workflow bg2\n"EDITED"\n') is None
+    out = capsys.readouterr().out
+    assert "ended CANCELLED" in out and "the cell changed" in out
+    handle = run(shell, f"%dbos_resume {wid}")
+    # The run goes on with the code it started with, from its last completed step.
+    assert handle.get_result(timeout_sec=20) == 30
+    assert shell.user_ns["RUNS"] == [1, 2]
+
+
+def test_resume_is_refused_when_the_cells_code_changed(
+    shell: InteractiveShell, capsys: Any
+) -> None:
+    wid = _cancelled_cell(shell, "report --id run1")
+    # The edited cell run under another id registers its code under the cell's name.
+    assert run(shell, '%%dbos_workflow report --id run2\n"EDITED"\n') == "EDITED"
+    with pytest.raises(UsageError, match=r"cell 'report' changed since its run 'run1'.*--rerun"):
+        run(shell, f"%dbos_resume {wid}")
+    assert DBOS.get_workflow_status(wid).status == "CANCELLED"  # type: ignore[union-attr]
+    # Run the old code again: the run resumes with it.
+    run(shell, f"%%dbos_workflow report --id run1\n{ORIGINAL}")
+    handle = run(shell, f"%dbos_resume {wid}")
+    assert handle.get_result(timeout_sec=20) == 30
+
+
+def test_a_cells_run_never_finishes_with_other_code(shell: InteractiveShell) -> None:
+    """Resumed by another way than %dbos_resume (here DBOS.resume_workflow), the run stops with
+    an error rather than go on with the edited cell's code."""
+    wid = _cancelled_cell(shell, "report --id run1")
+    run(shell, '%%dbos_workflow report --id run2\n"EDITED"\n')
+    handle = DBOS.resume_workflow(wid)
+    with pytest.raises(dbos_nb.DbosNbError, match="changed since this run started"):
+        handle.get_result(timeout_sec=20)
+    assert shell.user_ns["RUNS"] == [1]
+
+
+# -- frames --------------------------------------------------------------------------------------
+
+STEPS = """
+from dbos_nb import DBOS
+@DBOS.step()
+def process_task(i):
+    if i < 0:
+        raise ValueError('negative')
+    return i * 2
+"""
+
+
+def test_status_frames_show_names_errors_and_integer_limits(shell: InteractiveShell) -> None:
+    run(shell, STEPS)
+    run(shell, "%dbos_queue work --concurrency 8")
+    batch = run(shell, "work.map(process_task, [1, -1], batch='tasks')")
+    batch.wait(timeout=20, show=False)
+    frame = dbos_nb.workflows_frame(queue_name="work")
+    assert frame["name"].tolist() == ["process_task", "process_task"]  # not the internal name
+    assert frame["output"].tolist() == [2, None]
+    status = run(shell, "%dbos_status work")
+    assert set(status["name"]) == {"process_task"}
+    # %dbos_status does not load outputs: no column of Nones, but the error is shown.
+    assert "output" not in status.columns
+    errors = dict(zip(status["workflow_id"], status["error"], strict=True))
+    assert errors == {"tasks/0": None, "tasks/1": "ValueError: negative"}
+    queues = queues_frame().set_index("queue")
+    assert str(queues["concurrency"].dtype) == "Int64"
+    assert queues.loc["work", "concurrency"] == 8
+    assert queues["worker_concurrency"].isna().all()
+    assert str(queues_frame("work")["worker_concurrency"].dtype) == "Int64"
+
+
+# -- batch.wait() and a worker that is still starting --------------------------------------------
+
+
+def test_wait_does_not_warn_about_a_worker_that_is_starting(db_url: str) -> None:
+    """A kernel that runs no queued work waits on a batch that a `dbos-nb worker`, started just
+    before, runs once it is up: no warning that nothing runs it."""
+    import worker_tasks
+
+    DBOS(config={"name": "nbstarting", "system_database_url": db_url, "listen_queues": []})
+    DBOS.launch()
+    batch = dbos_nb.Queue("starting_q").map(worker_tasks.wt_work, [1, 2], batch="starting")
+    env = dict(os.environ, WORKER_TASKS_LOG=os.devnull)
+    cmd = [sys.executable, "-m", "dbos_nb.cli", "worker", "--db", db_url, "--queue"]
+    cmd += ["starting_q", "--import", "worker_tasks", "--heartbeat", "0.3", "--poll", "0.05"]
+    worker = subprocess.Popen(cmd, cwd=TESTS, env=env)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            batch.wait(timeout=120, show=False)
+        assert batch.results() == [1, 2]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        DBOS.destroy()
+
+
+def test_frames_keep_integer_types_with_no_queue_declared(launched: str) -> None:
+    frame = queues_frame("nothing-declared")
+    assert frame.empty and str(frame["concurrency"].dtype) == "Int64"
