@@ -1,11 +1,12 @@
-"""The `dbos-nb` command: inspect a dbos_nb database from a terminal.
+"""The `dbos-nb` command: inspect a dbos_nb database, run workers for its queues, try a demo.
 
     dbos-nb status    --db URL            queues, their limits and counts per status
     dbos-nb workflows --db URL [filters]  recent workflows
     dbos-nb worker    --db URL [options]  run queued work until stopped (see dbos_nb/worker.py)
     dbos-nb demo      [--items N]         a durable LLM batch against a local fake LLM
 
-`status` and `workflows` read through the store only and start no threads.
+`status` and `workflows` read through the store only and start no threads. They write nothing:
+the database is opened read-only, neither created nor upgraded (see `_open`).
 """
 
 from __future__ import annotations
@@ -18,20 +19,20 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from dbos_nb import __version__
 from dbos_nb.clock import SystemClock
-from dbos_nb.errors import DbosNbError
+from dbos_nb.errors import DbosNbError, UnknownQueueError
 from dbos_nb.models import (
+    INTERNAL_QUEUE,
     STEP_WORKFLOW_PREFIX,
     QueueSettings,
     WorkflowStatusString,
     shown_function_name,
 )
 from dbos_nb.storage.database import Database, shown_url
-from dbos_nb.storage.migrations import migrate
+from dbos_nb.storage.migrations import check_schema
 from dbos_nb.storage.schema import queues as queues_table
 from dbos_nb.storage.store import SystemStore
 
@@ -42,15 +43,30 @@ EXIT_BROKEN_PIPE = 141
 STATUSES = tuple(s.value for s in WorkflowStatusString)
 
 
+class UnknownQueueFilterError(UnknownQueueError):
+    """`workflows --queue Q` names a queue that is not declared and has no workflows (a typo
+    would otherwise print an empty table, as if the queue had none)."""
+
+    def __init__(self, name: str) -> None:
+        DbosNbError.__init__(
+            self,
+            f"queue {name!r} is not declared in this database; `dbos-nb status` lists the "
+            "declared queues",
+        )
+        self.name = name
+
+
 def _open(url: str) -> tuple[Database, SystemStore]:
-    """The database of an existing dbos_nb application: a typo in a SQLite path must not
-    create an empty database and report that nothing is there."""
-    db = Database(url, pool_size=1, max_overflow=2)
-    path = make_url(db.url).database
-    if not db.is_postgres and path and not os.path.exists(path):
+    """The database of an existing dbos_nb application, read-only: a typo in a SQLite path
+    must not create an empty database (nor its folders), looking must work on a file the user
+    may only read, and must not upgrade the schema behind the back of the installations that
+    use it (see `check_schema`)."""
+    db = Database(url, pool_size=1, max_overflow=2, read_only=True)
+    try:
+        check_schema(db)
+    except BaseException:
         db.dispose()
-        raise DbosNbError(f"no database at {os.path.abspath(path)}")
-    migrate(db)
+        raise
     return db, SystemStore(db)
 
 
@@ -132,6 +148,15 @@ def cmd_workflows(args: argparse.Namespace) -> int:
             load_input=False,
             load_output=False,
         )
+        if (
+            not rows
+            and args.queue
+            and args.queue != INTERNAL_QUEUE
+            and store.get_queue(args.queue) is None
+        ):
+            # Only when nothing matched: work enqueued on a queue nobody declared (a client's
+            # `allow_unregistered`) is still listed.
+            raise UnknownQueueFilterError(args.queue)
         # The name comes last and whole: names are often long qualified names, and a name cut
         # short cannot be given back to --name.
         print(f"{'workflow id':<40} {'status':<10} {'queue':<20} {'created':<19} name")
@@ -169,6 +194,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     return run_worker(
         args.db,
+        app_db=args.app_db,
         queues=args.queue or (),
         concurrency=args.concurrency,
         executor_id=args.executor_id,
@@ -221,30 +247,44 @@ def _status(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dbos-nb", description=__doc__.splitlines()[0])
+    # The module docstring's first line, as a sentence of its own.
+    what = __doc__.splitlines()[0].partition(": ")[2]
+    parser = argparse.ArgumentParser(prog="dbos-nb", description=what[:1].upper() + what[1:])
     parser.add_argument("--version", action="version", version=f"dbos-nb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="queues, limits and counts per status")
-    status.add_argument("--db", required=True, help="system database URL")
+    status.add_argument("--db", required=True, help="system database URL (opened read-only)")
     status.set_defaults(func=cmd_status)
     wfs = sub.add_parser("workflows", help="recent workflows, newest first")
-    wfs.add_argument("--db", required=True, help="system database URL")
+    wfs.add_argument("--db", required=True, help="system database URL (opened read-only)")
     wfs.add_argument(
         "--status", type=_status, help=f"only this status, in any case ({', '.join(STATUSES)})"
     )
     wfs.add_argument("--queue", help="only this queue")
     wfs.add_argument("--name", help="only this workflow (or step) name, as shown")
     wfs.add_argument(
-        "--limit", type=_positive_int, default=20, help="at most N workflows (default 20)"
+        "--limit",
+        type=_positive_int,
+        default=20,
+        help="at most N workflows (default: %(default)s)",
     )
     wfs.set_defaults(func=cmd_workflows)
     worker = sub.add_parser(
         "worker", help="run queued work (of notebooks and other processes) until stopped"
     )
     worker.add_argument("--db", required=True, help="system database URL")
+    worker.add_argument(
+        "--app-db",
+        metavar="URL",
+        help="application database URL, where @DBOS.transaction functions run: the "
+        "application's application_database_url (default: the system database, as for an "
+        "application without one)",
+    )
     worker.add_argument("--queue", action="append", help="a queue to run (repeat; default: all)")
     worker.add_argument(
-        "--concurrency", type=_positive_int, help="at most N workflows at once in this worker"
+        "--concurrency",
+        type=_positive_int,
+        help="at most N workflows at once in this worker (default: no limit)",
     )
     worker.add_argument("--executor-id", help="this worker's executor id (default: generated)")
     worker.add_argument(
@@ -259,27 +299,44 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=30.0,
         help="seconds without a heartbeat after which this worker's work is taken over "
-        "(at least twice --heartbeat)",
+        "(at least twice --heartbeat; default: %(default)g)",
     )
     worker.add_argument(
-        "--heartbeat", type=_positive_float, default=5.0, help="seconds between heartbeats"
+        "--heartbeat",
+        type=_positive_float,
+        default=5.0,
+        help="seconds between heartbeats (default: %(default)g)",
     )
     worker.add_argument(
-        "--poll", type=_positive_float, default=1.0, help="fallback polling interval"
+        "--poll",
+        type=_positive_float,
+        default=1.0,
+        help="fallback polling interval, in seconds (default: %(default)g)",
     )
     worker.add_argument(
         "--grace",
         type=_positive_float,
         default=10.0,
-        help="on SIGTERM/Ctrl-C, seconds running workflows get to finish",
+        help="on SIGTERM/Ctrl-C, seconds running workflows get to finish (default: %(default)g)",
     )
-    worker.add_argument("-v", "--verbose", action="store_true")
+    worker.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and the traceback of a failed --import",
+    )
     worker.set_defaults(func=cmd_worker)
     demo = sub.add_parser(
         "demo", help="a durable batch of LLM calls under a rate limit, against a local fake LLM"
     )
-    demo.add_argument("--db", default="sqlite:///dbos_nb_demo.sqlite", help="system database URL")
-    demo.add_argument("--items", type=_positive_int, default=500, help="how many prompts")
+    demo.add_argument(
+        "--db",
+        default="sqlite:///dbos_nb_demo.sqlite",
+        help="system database URL (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--items", type=_positive_int, default=500, help="how many prompts (default: %(default)s)"
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -3,7 +3,12 @@
 A worker launches DBOS with its own executor id, claims from the given queues (every queue when
 none is given), and runs any function stored in the database: notebook-defined functions come from
 there, cloudpickled at the version each workflow was enqueued with. Modules given with --import
-are imported first (their decorated functions and queues register as usual).
+are imported first (their decorated functions and queues register as usual); one that cannot be
+imported stops the worker with a one-line error naming it (the traceback with --verbose).
+
+`--app-db` is the application database (`application_database_url`), where `@DBOS.transaction`
+functions run: a worker must be given the same one as the application, or its transactions would
+run against the system database.
 
 SIGTERM or Ctrl-C: stop claiming, give running workflows a grace period to finish (after it, they
 stop at their next step), put what was claimed but not finished back in its queue, exit 0.
@@ -24,6 +29,8 @@ from types import FrameType
 
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.dbos import DBOS
+from dbos_nb.errors import DBOSConfigError
+from dbos_nb.storage.database import sqlite_file
 from dbos_nb.storage.store import SystemStore
 
 logger = logging.getLogger("dbos_nb.worker")
@@ -38,6 +45,7 @@ def default_executor_id() -> str:
 def run_worker(
     db: str,
     *,
+    app_db: str | None = None,
     queues: Sequence[str] = (),
     concurrency: int | None = None,
     executor_id: str | None = None,
@@ -48,18 +56,27 @@ def run_worker(
     grace_sec: float = 10.0,
     stop: threading.Event | None = None,
 ) -> int:
-    """Run until `stop` is set (or SIGTERM/SIGINT arrives); returns the exit code."""
+    """Run until `stop` is set (or SIGTERM/SIGINT arrives); returns the exit code.
+
+    `app_db`: the application database URL (None: the system database, as for an application
+    configured without one)."""
     stop = stop or threading.Event()
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for module in imports:
-        importlib.import_module(module)
+        _import(module)
         logger.info("imported %s", module)
     executor = executor_id or default_executor_id()
+    # SQLite files that do not exist yet: the launch creates them (a worker may be the first
+    # process on a database), which is said, since a typo'd path makes a new, empty database
+    # where the worker then waits for work that never comes.
+    urls = [db] if app_db is None else [db, app_db]
+    new_files = [p for p in map(sqlite_file, urls) if p is not None and not os.path.exists(p)]
     DBOS(
         config={
             "name": "dbos-nb-worker",
             "system_database_url": db,
+            "application_database_url": app_db,
             "executor_id": executor,
             "listen_queues": list(queues) or ["*"],
             "run_stored_functions": True,
@@ -70,12 +87,18 @@ def run_worker(
         }
     )
     DBOS.launch()
+    for path in dict.fromkeys(new_files):
+        logger.warning(
+            "created a new database at %s (there was none: check the path if you meant an "
+            "existing one)",
+            path,
+        )
     _install_signal_handlers(stop)
     logger.info(
-        "worker %s running %s (at most %s at once)",
+        "worker %s running %s (%s)",
         executor,
         ", ".join(queues) if queues else "every queue",
-        concurrency if concurrency else "any number",
+        f"at most {concurrency} at once" if concurrency else "no concurrency limit",
     )
     rt = get_runtime()
     _warn_undeclared(rt.store, queues)
@@ -97,6 +120,26 @@ def run_worker(
     DBOS.destroy(workflow_completion_timeout_sec=grace_sec)
     logger.info("worker %s stopped", executor)
     return 0
+
+
+def _import(module: str) -> None:
+    """Import an `--import` module; a failure is a DBOSConfigError in one line naming the
+    module (the traceback is logged at debug level: `--verbose` shows it)."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        logger.debug("importing %s failed", module, exc_info=True)
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if missing is not None and (module == missing or module.startswith(missing + ".")):
+            raise DBOSConfigError(
+                f"--import {module}: no module named {missing!r} (looked in the current folder "
+                "and on sys.path; set PYTHONPATH if it lives elsewhere)"
+            ) from exc
+        lines = str(exc).strip().splitlines()
+        raise DBOSConfigError(
+            f"--import {module}: importing it raised {type(exc).__name__}"
+            + (f": {lines[0]}" if lines else "")
+        ) from exc
 
 
 def _warn_undeclared(store: SystemStore, queues: Sequence[str]) -> None:

@@ -26,9 +26,10 @@ import os
 import re
 import sqlite3
 import threading
+import urllib.parse
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, cast
 
@@ -48,6 +49,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
 from dbos_nb.storage import pgwire
@@ -97,8 +99,10 @@ def normalize_url(url: str) -> str:
     for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
-    if url.startswith(("postgresql+psycopg://", "sqlite:///", "sqlite+pysqlite:///")):
+    if url.startswith("postgresql+psycopg://"):
         return url
+    if url.startswith(("sqlite:///", "sqlite+pysqlite:///")):
+        return _expand_home(url)
     if url in ("sqlite://", "sqlite:///:memory:") or url.startswith("sqlite://"):
         raise DBOSConfigError(
             f"{url!r}: in-memory or malformed SQLite URLs are not supported; durable work needs "
@@ -110,8 +114,52 @@ def normalize_url(url: str) -> str:
     )
 
 
+def _expand_home(url: str) -> str:
+    """A SQLite URL whose path starts with `~` made to name the home folder, as in a shell:
+    SQLite itself takes `~` for an ordinary name (and made a folder called `~` in the current
+    one)."""
+    parsed = make_url(url)
+    path = parsed.database
+    if not path or not path.startswith("~"):
+        return url
+    return parsed.set(database=os.path.expanduser(path)).render_as_string(hide_password=False)
+
+
+def sqlite_file(url: str) -> str | None:
+    """The absolute path of a SQLite URL's file (`~` expanded); None for PostgreSQL."""
+    parsed = make_url(normalize_url(url))
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    return os.path.abspath(parsed.database or "")
+
+
+# SQLite's answers that mean the file cannot serve as a database at all (as opposed to a busy
+# or failing moment): the user has to act on the file, its folder or the URL.
+_UNUSABLE_FILE_ERRORS = ("SQLITE_NOTADB", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")
+
+
+def _unusable_file_hint(name: str) -> str:
+    """What a SQLite error of `_UNUSABLE_FILE_ERRORS` means for the user, in their terms."""
+    if name == "SQLITE_NOTADB":
+        return "the file is not a SQLite database; nothing was written to it"
+    if name.startswith("SQLITE_READONLY"):
+        return (
+            "the file or its folder is read-only for this user, and a process that runs "
+            "workflows writes to both (SQLite keeps its -wal and -shm files beside the database)"
+        )
+    return (
+        "it cannot be opened or created: check that its folder exists and that this user may "
+        "write there"
+    )
+
+
 class Database:
-    """An engine plus the dialect-specific pieces the store needs."""
+    """An engine plus the dialect-specific pieces the store needs.
+
+    `read_only`: for processes that only look (`dbos-nb status`): nothing is created, neither
+    the file nor its folder (a missing SQLite file is refused), a SQLite file is opened read-only
+    (a file the user may not write can still be read), and PostgreSQL sessions refuse writes.
+    """
 
     def __init__(
         self,
@@ -122,11 +170,15 @@ class Database:
         notifications: bool = True,
         stalled_transaction_timeout_sec: float | None = None,
         system_tables: bool = False,
+        read_only: bool = False,
     ) -> None:
         self.url = normalize_url(url)
+        self.read_only = read_only
         parsed = make_url(self.url)
         self.is_postgres = parsed.get_backend_name() == "postgresql"
         self.dialect_name = "postgresql" if self.is_postgres else "sqlite"
+        # SQLite: the file's absolute path (as `sqlite_file` gives it), for messages.
+        self.path = ""
         self.notifications = notifications and self.is_postgres
         self.origin = uuid.uuid4().hex[:12]
         self.engine: Engine
@@ -168,6 +220,8 @@ class Database:
             # threshold, and a scan of a table without a usable index is costed far above it
             # once scans are weighed against) takes 20-90 ms.
             self._session.append(("jit", "off"))
+        if read_only and self.is_postgres:
+            self._session.append(("default_transaction_read_only", "on"))
         if self.is_postgres:
             translate: dict[str | None, str] = {None: PG_SCHEMA}
             engine = self._make_pg_engine(pool_size, max_overflow)
@@ -182,29 +236,119 @@ class Database:
             )
         else:
             path = parsed.database or ""
-            directory = os.path.dirname(os.path.abspath(path))
-            os.makedirs(directory, exist_ok=True)
-            engine = create_engine(
-                self.url,
-                pool_size=pool_size,
-                max_overflow=max_overflow,
-                pool_timeout=120,
-                connect_args={"check_same_thread": False, "timeout": 60},
-            )
+            self.path = os.path.abspath(path)
+            if read_only:
+                engine = self._make_read_only_sqlite_engine(pool_size, max_overflow)
+            else:
+                self._make_folder()
+                engine = create_engine(
+                    self.url,
+                    pool_size=pool_size,
+                    max_overflow=max_overflow,
+                    pool_timeout=120,
+                    connect_args={"check_same_thread": False, "timeout": 60},
+                )
+                install_sqlite_hooks(engine)
             self._engines.append(engine)
-            install_sqlite_hooks(engine)
             # Writers of this process take turns on a Python lock before BEGIN IMMEDIATE: SQLite's
             # busy handler waits by sleeping (1, 2, 5 ... 100 ms), so threads that collide on
             # the file lock would idle for milliseconds; the lock hands over at once. Other
             # processes still meet at the file lock and its busy timeout.
             self._write_lock = threading.RLock()
-            if path and path != ":memory:":
+            if path and path != ":memory:" and not read_only:
                 self._checkpointer = Checkpointer(path)  # it resolves the path itself
                 # A database dropped without `dispose()` (a forgotten client) ends its thread.
                 weakref.finalize(self, self._checkpointer.stop, 0)
             self.engine = engine
             self._single_engine = engine
             self._committer = GroupCommitter(self.driver_write, self.driver_write)
+
+    def _make_folder(self) -> None:
+        """Create the SQLite file's folder (a new project's first launch), or say in the
+        configuration's terms why it cannot be."""
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            # makedirs says "File exists" when a file stands where a folder should be.
+            blocker = directory
+            while blocker and not os.path.exists(blocker):
+                blocker = os.path.dirname(blocker)
+            reason = (
+                f"{blocker} is a file, not a folder"
+                if blocker and not os.path.isdir(blocker)
+                else exc.strerror or str(exc)
+            )
+            raise DBOSConfigError(
+                f"cannot create the folder of the SQLite database {self.path}: {reason}"
+            ) from exc
+
+    def _make_read_only_sqlite_engine(self, pool_size: int, max_overflow: int) -> Engine:
+        """An engine that reads the SQLite file without writing anything, to it or beside it."""
+        if not os.path.isfile(self.path):
+            # Checked before anything is opened: SQLite would create the file (and a typo'd
+            # path would look like an empty database).
+            raise DBOSConfigError(f"no database at {self.path}")
+        engine = create_engine(
+            self.url,
+            creator=self._connect_read_only,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=120,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+            # As `install_sqlite_hooks`, SQLAlchemy rather than the sqlite3 module begins
+            # transactions; but no WAL switch nor any other pragma that writes.
+            dbapi_connection.isolation_level = None
+            dbapi_connection.execute("PRAGMA busy_timeout=60000")
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+        return engine
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A read-only connection (`mode=ro`). Reading a WAL database needs its -shm file,
+        which SQLite creates beside the database: in a folder this user cannot write, with no
+        -shm there (no process has the database open) that fails. Then, if no write-ahead log
+        holds anything either, the file alone is the whole database and is read as immutable
+        (a process that starts writing during this short read could make it see a torn page:
+        the command then fails, it never writes)."""
+        uri = f"file:{urllib.parse.quote(self.path)}"
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, timeout=60)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()  # reads the header: opens the WAL
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if not str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_READONLY"):
+                raise
+            wal = self.path + "-wal"
+            if os.path.exists(self.path + "-shm") or (
+                os.path.exists(wal) and os.path.getsize(wal) > 0
+            ):
+                raise
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
+
+    @contextlib.contextmanager
+    def opening(self) -> Iterator[None]:
+        """Around a process's first use of the database (its schema check or migration): a
+        SQLite file that cannot serve (not a database, read-only, cannot be created) is refused
+        as a DBOSConfigError naming the file and the cause, not as the driver's error."""
+        try:
+            yield
+        except DBAPIError as exc:
+            orig = exc.orig
+            name = str(getattr(orig, "sqlite_errorname", ""))
+            if self.is_postgres or not name.startswith(_UNUSABLE_FILE_ERRORS):
+                raise
+            raise DBOSConfigError(
+                f"cannot use the SQLite database {self.path}: {_unusable_file_hint(name)} "
+                f"(SQLite: {orig})"
+            ) from exc
 
     def _make_pg_engine(self, pool_size: int, max_overflow: int, **kwargs: Any) -> Engine:
         engine = create_engine(
@@ -553,6 +697,15 @@ class Database:
         if self.notifications:
             conn.execute(
                 text("SELECT pg_notify(:c, :p)"), {"c": NOTIFY_CHANNEL, "p": self.payload(message)}
+            )
+
+    def notify_many(self, conn: Connection, messages: Sequence[str]) -> None:
+        """`notify` for many messages, in one statement (a cancel of a big batch sent one
+        round trip per workflow)."""
+        if self.notifications and messages:
+            conn.execute(
+                text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p"),
+                {"c": NOTIFY_CHANNEL, "ps": [self.payload(m) for m in messages]},
             )
 
     def listen(self, on_payload: Callable[[str], None], stop: threading.Event) -> None:

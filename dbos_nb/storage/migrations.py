@@ -15,7 +15,7 @@ from sqlalchemy import Connection, MetaData, func, inspect, select, text
 
 from dbos_nb.clock import SystemClock
 from dbos_nb.errors import DBOSConfigError
-from dbos_nb.storage.database import Database
+from dbos_nb.storage.database import Database, shown_url
 from dbos_nb.storage.schema import (
     PG_SCHEMA,
     SCHEMA_VERSION,
@@ -90,7 +90,7 @@ UPGRADES[5] = _fork_lineage_and_executor_leases
 
 def migrate(db: Database) -> None:
     """Bring the system database's schema to SCHEMA_VERSION (idempotent, concurrency-safe)."""
-    with db.write() as conn:
+    with db.opening(), db.write() as conn:
         db.advisory_lock(conn, _SYSTEM_LOCK_KEY)
         _ensure_pg_schema(db, conn)
         system_metadata.create_all(conn, checkfirst=True)
@@ -100,14 +100,49 @@ def migrate(db: Database) -> None:
             logger.info("created dbos_nb schema version %d", SCHEMA_VERSION)
             return
         if current > SCHEMA_VERSION:
-            raise DBOSConfigError(
-                f"the database has dbos_nb schema version {current}, newer than this "
-                f"installation's {SCHEMA_VERSION}; upgrade dbos_nb"
-            )
+            raise _newer(current)
         for version in range(current + 1, SCHEMA_VERSION + 1):
             UPGRADES[version](conn)
             _stamp(conn, version)
             logger.info("upgraded dbos_nb schema to version %d", version)
+
+
+def check_schema(db: Database) -> None:
+    """For a process that only reads (`dbos-nb status`, `workflows`): check that the database
+    holds this installation's schema, writing nothing.
+
+    An older schema is refused rather than upgraded or read: upgrading is a write a reader has
+    no business making (and installations of the older version refuse the database after it),
+    and the reader's queries name columns the older schema lacks. A process that runs work
+    (the application, a `dbos-nb worker`) upgrades it at launch.
+    """
+    shown = db.path or shown_url(db.url)
+    schema = PG_SCHEMA if db.is_postgres else None
+    with db.opening(), db.read() as conn:
+        if not inspect(conn).has_table(schema_migrations.name, schema=schema):
+            raise DBOSConfigError(
+                f"{shown} holds no dbos_nb database (no application or worker has launched "
+                "on it): check the URL"
+            )
+        current = conn.execute(select(func.max(schema_migrations.c.version))).scalar()
+    if current is None:
+        raise DBOSConfigError(f"{shown} holds a dbos_nb database that was never set up")
+    if current > SCHEMA_VERSION:
+        raise _newer(current)
+    if current < SCHEMA_VERSION:
+        raise DBOSConfigError(
+            f"the database {shown} has dbos_nb schema version {current}, older than this "
+            f"installation's {SCHEMA_VERSION}: it needs an upgrade, which the application's "
+            "launch or a `dbos-nb worker` on it makes (after which older installations of "
+            "dbos_nb refuse it); inspection commands only read, so they do not upgrade it"
+        )
+
+
+def _newer(current: int) -> DBOSConfigError:
+    return DBOSConfigError(
+        f"the database has dbos_nb schema version {current}, newer than this "
+        f"installation's {SCHEMA_VERSION}; upgrade dbos_nb"
+    )
 
 
 def migrate_app(db: Database) -> None:
@@ -116,7 +151,7 @@ def migrate_app(db: Database) -> None:
 
 
 def _create_all(db: Database, metadata: MetaData, lock_key: int) -> None:
-    with db.write() as conn:
+    with db.opening(), db.write() as conn:
         db.advisory_lock(conn, lock_key)
         _ensure_pg_schema(db, conn)
         metadata.create_all(conn, checkfirst=True)
