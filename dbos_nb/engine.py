@@ -356,12 +356,17 @@ class Engine:
         """Renew this executor's lease, and take over the work of executors whose lease ran out."""
         now = rt.now_ms()
         if not rt.store.heartbeat(rt.executor_id, self._token, now):
+            owners = rt.running_owners()
+            rt.preempt_all("taken over by another executor")
+            holder = rt.store.get_executor(rt.executor_id)
+            if holder is not None and holder["token"] != self._token:
+                self._rejoin_as_new_executor(rt, holder, owners, now)
+                return
             logger.error(
                 "executor %r missed its lease and its work was given to others; stopping its "
                 "current workflows (their results would be refused) and joining again",
                 rt.executor_id,
             )
-            rt.preempt_all("taken over by another executor")
             self._token = uuid.uuid4().hex
             rt.store.register_executor(
                 rt.executor_id,
@@ -388,6 +393,36 @@ class Engine:
                 len(ids),
             )
         if taken:
+            rt.wake_scheduler()
+
+    def _rejoin_as_new_executor(
+        self, rt: Runtime, holder: dict[str, Any], owners: dict[str, str], now: int
+    ) -> None:
+        """Another process registered this executor id while this one could not renew it (it
+        took the id over as a dead one's). Joining again under the same id would delete that
+        process's registration and put its running work back in the queues, and it would do
+        the same in turn, for ever: this process goes on under a new id instead, and puts back
+        only the work its own executions held."""
+        old = rt.executor_id
+        new = f"{old}-{uuid.uuid4().hex[:8]}"
+        logger.error(
+            "executor id %r was taken by process %s on %s while this process could not renew "
+            "its lease; stopping this process's current workflows and going on as %r (give "
+            "each live process its own executor_id)",
+            old,
+            holder["pid"],
+            holder["hostname"],
+            new,
+        )
+        self._token = uuid.uuid4().hex
+        rt.store.register_executor(
+            new, socket.gethostname(), os.getpid(), self._token, now, lease_ms=self._lease_ms
+        )
+        rt.executor_id = new
+        # Only rows that executions of this process still own: what the other process runs
+        # under the old id is its own.
+        requeued = [w for w, owner in owners.items() if rt.store.requeue_workflow(w, now, owner)]
+        if requeued:
             rt.wake_scheduler()
 
     def destroy(self, workflow_completion_timeout_sec: float = 0.0) -> None:

@@ -864,3 +864,50 @@ def test_a_postgres_claim_reads_no_finished_history_of_its_queue(pg_server_url: 
     finally:
         db.dispose()
         drop_pg_database(pg_server_url, url)
+
+
+def test_cancel_and_delete_reach_more_children_than_a_statement_takes_parameters(
+    pg_server_url: str,
+) -> None:
+    """A workflow that enqueued 66,000 children (PostgreSQL takes at most 65,535 parameters in
+    a statement): cancelling it with its children cancels them all, with one notification
+    each for their waiters, and deleting it deletes them all."""
+    import psycopg
+
+    from dbos_nb.storage.database import NOTIFY_CHANNEL
+    from dbos_nb.storage.migrations import migrate
+    from dbos_nb.storage.store import SystemStore
+
+    url = create_pg_database(pg_server_url)
+    db = Database(url, notifications=True)
+    try:
+        migrate(db)
+        store = SystemStore(db)
+        children = 66_000
+        with psycopg.connect(libpq_dsn(url), autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO dbos_nb.workflow_status (workflow_uuid, status, name, created_at,"
+                " updated_at) VALUES ('parent', 'PENDING', 'p', 0, 0)"
+            )
+            conn.execute(
+                "INSERT INTO dbos_nb.workflow_status (workflow_uuid, status, name, queue_name,"
+                " parent_workflow_id, created_at, updated_at) SELECT 'kid-' || i, 'ENQUEUED',"
+                f" 'k', 'kids', 'parent', i, i FROM generate_series(1, {children}) AS i"
+            )
+        with psycopg.connect(libpq_dsn(url), autocommit=True) as listener:
+            listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            changed = store.cancel_workflows(["parent"], 1, cancel_children=True)
+            assert len(changed) == children + 1
+            heard = sum(
+                "done:" in n.payload for n in listener.notifies(timeout=30, stop_after=children + 1)
+            )
+        assert heard == children + 1
+        with psycopg.connect(libpq_dsn(url), autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM dbos_nb.workflow_status WHERE status = 'CANCELLED'"
+            ).fetchone()
+        assert row == (children + 1,)
+        assert len(store.delete_workflow("parent", with_children=True)) == children + 1
+    finally:
+        db.dispose()
+        drop_pg_database(pg_server_url, url)

@@ -550,3 +550,38 @@ def test_a_long_transaction_on_sqlite_gives_no_live_workers_work_away(
         pool.stop_all()
     _, err = worker.communicate(timeout=30)
     assert "missed its lease" not in err.decode()
+
+
+def test_an_executor_whose_id_another_process_took_goes_on_under_a_new_one(db_url: str) -> None:
+    """A process that could not renew its lease comes back to find its executor id registered
+    by another live process (which took it over as a dead one's). It must not take the id back:
+    that would delete the other's registration and put the other's running work back in the
+    queues, and the other would do the same in turn, for ever. It goes on under a new id."""
+    clock = ManualClock(T0)
+    DBOS(
+        config=config(
+            db_url,
+            executor_id="nb",
+            heartbeat_interval_sec=0.2,
+            executor_lease_sec=1.0,
+            listen_queues=[],
+        ),
+        clock=clock,
+    )
+    DBOS.launch()
+    rt = get_runtime()
+    store = rt.store
+    wait_until(lambda: _heartbeat_of(store, "nb") == T0)
+    # The other process: it registered "nb" and runs a workflow of its own under it.
+    store.register_executor("nb", "other-host", 4242, "t-other", T0, lease_ms=30_000)
+    _running_on(store, "theirs", "nb", T0)
+    clock.advance(0.2)
+    wait_until(lambda: rt.executor_id != "nb")
+    assert rt.executor_id.startswith("nb-") and DBOS.executor_id == rt.executor_id
+    other = store.get_executor("nb")
+    assert other is not None and other["token"] == "t-other"
+    assert _owner(store, "theirs") == ("PENDING", "nb")
+    assert store.get_executor(rt.executor_id) is not None
+    clock.advance(0.2)  # and it keeps renewing under its new id
+    wait_until(lambda: _heartbeat_of(store, rt.executor_id) == T0 + 400)
+    assert _owner(store, "theirs") == ("PENDING", "nb")

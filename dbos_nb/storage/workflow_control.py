@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import bindparam, delete, literal_column, select, update
+from sqlalchemy import Connection, bindparam, delete, func, literal_column, select, update
 
 from dbos_nb.errors import WorkflowActiveError
 from dbos_nb.models import ACTIVE_STATUSES, INTERNAL_QUEUE, WorkflowStatusString
@@ -33,6 +33,26 @@ _OVERDUE = select(ws.c.workflow_uuid).where(
 _FIRST_OVERDUE = _OVERDUE.order_by(ws.c.workflow_deadline_epoch_ms).limit(literal_column("1"))
 
 
+# Whether a row is still ENQUEUED or PENDING, as an expression that no index serves: a cancel
+# names its rows by id, and the planner, seeing a status that its statistics call rare, would
+# otherwise read the whole index of a status (every waiting row of a big batch) for each chunk
+# of 500 ids (cancelling 60,000 waiting items took a minute on PostgreSQL).
+_still_active = func.coalesce(ws.c.status, "").in_(ACTIVE_STATUSES)
+
+
+def _children(conn: Connection, parents: Sequence[str]) -> list[str]:
+    """The ids of the workflows started by any of `parents`, read in chunks (a statement takes
+    at most 65,535 parameters on PostgreSQL)."""
+    found: list[str] = []
+    for chunk in _chunks(list(parents), 500):
+        found.extend(
+            conn.execute(
+                select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(chunk))
+            ).scalars()
+        )
+    return found
+
+
 class WorkflowControl(StoreBase):
     """Cancel, resume, fork and delete workflows."""
 
@@ -53,9 +73,7 @@ class WorkflowControl(StoreBase):
                 for chunk in _chunks(batch, 500):
                     ids = conn.execute(
                         update(ws)
-                        .where(
-                            ws.c.workflow_uuid.in_(chunk), status_is(ws.c.status, *ACTIVE_STATUSES)
-                        )
+                        .where(ws.c.workflow_uuid.in_(chunk), _still_active)
                         .values(
                             status=CANCELLED,
                             updated_at=now_ms,
@@ -67,13 +85,8 @@ class WorkflowControl(StoreBase):
                     changed.extend(ids)
                 if not cancel_children:
                     break
-                frontier = list(
-                    conn.execute(
-                        select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(batch))
-                    ).scalars()
-                )
-            for wid in changed:
-                self.db.notify(conn, f"done:{wid}")
+                frontier = _children(conn, batch)
+            self.db.notify_many(conn, [f"done:{wid}" for wid in changed])
         return changed
 
     def cancel_overdue(self, now_ms: int) -> list[str]:
@@ -167,11 +180,7 @@ class WorkflowControl(StoreBase):
                 doomed.extend(frontier)
                 if not with_children:
                     break
-                frontier = list(
-                    conn.execute(
-                        select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(frontier))
-                    ).scalars()
-                )
+                frontier = _children(conn, frontier)
             deleted: list[str] = []
             for chunk in _chunks(doomed, 500):
                 rows = delete(ws).where(ws.c.workflow_uuid.in_(chunk))
