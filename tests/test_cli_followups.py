@@ -259,7 +259,14 @@ def _as_a_reader(folder: Path, path: Path, argv: list[str]) -> list[str]:
     if setpriv is None:
         pytest.skip("running as root without setpriv: no user for whom the file is read-only")
     ids = [f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    return [setpriv, *ids, *argv]
+    as_nobody = [setpriv, *ids]
+    # Nobody must reach this interpreter and this checkout (not so under a private home folder).
+    probe = subprocess.run(
+        [*as_nobody, sys.executable, "-c", "import dbos_nb"], capture_output=True, cwd=folder
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot run {sys.executable} with dbos_nb from here")
+    return [*as_nobody, *argv]
 
 
 def test_inspection_reads_a_database_it_may_not_write(
