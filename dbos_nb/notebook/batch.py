@@ -260,9 +260,9 @@ class Batch:
 
     def results(self) -> list[Any]:
         """Outputs in input order (None for items that did not succeed)."""
-        rows = self._rt.store.batch_rows(self.id)
+        rows = self._rt.store.batch_outputs(self.id)
         return [
-            serialization.loads(r["output"]) if r["status"] == "SUCCESS" else None for r in rows
+            serialization.loads(output) if status == "SUCCESS" else None for status, output in rows
         ]
 
     def retry_failed(self) -> int:
@@ -381,8 +381,7 @@ def _note_other_version(rt: Runtime, batch: str, reg: Registration) -> None:
     """Warn when the batch was enqueued (earlier) with another version of the function than
     this kernel's now: attaching to it is right (its items are paid for), but its results
     come from that version, which the user may not expect after editing the function."""
-    first = rt.store.get_workflow(f"{batch}/0")
-    enqueued_with = first.get("function_hash") if first is not None else None
+    enqueued_with = rt.store.batch_function_version(batch)
     # The code only: the state part of a notebook function's version (see `versions`)
     # differs in every kernel, a restart is no news.
     if enqueued_with is not None and not versions.same_code(enqueued_with, reg):

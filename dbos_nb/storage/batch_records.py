@@ -254,6 +254,24 @@ class BatchRecords(StoreBase):
             ).mappings()
             return [dict(r) for r in rows]
 
+    def batch_outputs(self, batch_id: str) -> list[tuple[str, bytes | None]]:
+        """(status, serialized output) of the batch's items in input order: what `results()`
+        needs, without the inputs (large items made it read every payload twice)."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(ws.c.status, ws.c.output).where(ws.c.batch_id == batch_id).order_by(ws.c.id)
+            )
+            return [(str(r[0]), r[1]) for r in rows]
+
+    def batch_function_version(self, batch_id: str) -> str | None:
+        """The function version the batch's first item was enqueued with (None: no such item
+        or no version recorded)."""
+        with self.db.read() as conn:
+            value = conn.execute(
+                select(ws.c.function_hash).where(ws.c.workflow_uuid == f"{batch_id}/0")
+            ).scalar()
+        return None if value is None else str(value)
+
     def batch_inputs(self, batch_id: str) -> list[bytes | None]:
         """The batch's serialized inputs, in input (enqueue) order."""
         with self.db.read() as conn:
