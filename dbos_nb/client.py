@@ -17,6 +17,7 @@ from dbos_nb.core.context import (
     MAX_DEDUPLICATION_ID_LENGTH,
     MAX_NAME_LENGTH,
     check_id_length,
+    check_priority,
     valid_seconds,
 )
 from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
@@ -166,11 +167,7 @@ class DBOSClient:
                 f"workflow_timeout must be a positive number of seconds (at most a century), "
                 f"got {timeout!r}"
             )
-        priority = options.get("priority")
-        if priority is not None and (
-            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**31
-        ):
-            raise DbosNbError(f"priority must be an integer from 0 to 2**31-1, got {priority!r}")
+        check_priority(options.get("priority"))
         result: EnqueueOptions = options  # type: ignore[assignment]
         return result
 

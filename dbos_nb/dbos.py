@@ -51,6 +51,21 @@ class classproperty(Generic[T]):
         return self.fget(owner)
 
 
+# Positional-only: `list_workflows(name=...)` passes its own `name` through **kwargs.
+def _recorded(name: str, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """`func(*args, **kwargs)`, an operation named `name` of the calling workflow if workflow
+    code calls it (see `steps.call_as_operation`)."""
+    call = functools.partial(func, *args, **kwargs)
+    return steps.call_as_operation(get_runtime(), name, call)
+
+
+async def _recorded_async(name: str, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """`_recorded` for async callers: `func` runs in a thread, the operation number is taken
+    on the caller's loop (see `aio.call_as_operation_async`)."""
+    call = functools.partial(func, *args, **kwargs)
+    return await aio.call_as_operation_async(get_runtime(), name, lambda: asyncio.to_thread(call))
+
+
 def _decorate(kind: Kind, func: Callable[..., Any], name: str | None, **options: Any) -> Any:
     if not callable(func):
         raise DbosNbError(f"@DBOS.{kind}() decorates functions, got {func!r}")
@@ -318,23 +333,36 @@ class DBOS(metaclass=_DBOSType):
         return WorkflowHandle(rt, wid)
 
     # -- inspecting and managing ----------------------------------------------------------------
+    #
+    # Called by workflow code, these are operations of the workflow, recorded under DBOS's names
+    # for them (see `steps.call_as_operation`): a recovered workflow gets what its first run got
+    # and does not fork, cancel or resume a second time. Elsewhere they are plain calls.
 
     @classmethod
     def retrieve_workflow(
         cls, workflow_id: str, existing_workflow: bool = True
     ) -> WorkflowHandle[Any]:
         rt = cls._rt()
-        if existing_workflow and rt.store.get_workflow(workflow_id) is None:
-            raise DBOSNonExistentWorkflowError(workflow_id)
+        if existing_workflow:
+            # Workflow code checks through DBOS's recorded status read; other callers need only
+            # the row's presence, without loading the workflow's inputs and output.
+            if steps.workflow_code() is not None:
+                found: object = cls.get_workflow_status(workflow_id)
+            else:
+                found = rt.store.get_workflow(workflow_id)
+            if found is None:
+                raise DBOSNonExistentWorkflowError(workflow_id)
         return WorkflowHandle(rt, workflow_id)
 
     @classmethod
     def get_workflow_status(cls, workflow_id: str) -> WorkflowStatus | None:
-        return cls._rt().get_workflow_status(workflow_id)
+        return _recorded("DBOS.getStatus", cls._rt().get_workflow_status, workflow_id)
 
     @classmethod
     def get_result(cls, workflow_id: str, *, polling_interval_sec: float = 1.0) -> Any:
-        return cls.retrieve_workflow(workflow_id).get_result(polling_interval_sec)
+        # One recorded operation ("DBOS.getResult"), as in DBOS: no status read before it (an
+        # unknown id raises DBOSNonExistentWorkflowError from the wait).
+        return WorkflowHandle(cls._rt(), workflow_id).get_result(polling_interval_sec)
 
     @classmethod
     def list_workflows(cls, **filters: Any) -> list[WorkflowStatus]:
@@ -344,7 +372,7 @@ class DBOS(metaclass=_DBOSType):
         sort_desc, load_input, load_output), oldest first
         unless `sort_desc`; status, name, queue_name, app_version, executor_id and
         parent_workflow_id take one value or a list."""
-        return management.list_workflows(cls._rt().store, **filters)
+        return _recorded("DBOS.listWorkflows", cls._list_workflows, **filters)
 
     @classmethod
     def list_queued_workflows(
@@ -352,31 +380,26 @@ class DBOS(metaclass=_DBOSType):
     ) -> list[WorkflowStatus]:
         """Workflows still waiting in a queue or running from one (or, with `status=`, of a
         queue and in that status); the other filters of `list_workflows`."""
-        return management.list_queued(cls._rt().store, queue_name=queue_name, **kwargs)
+        return _recorded(
+            "DBOS.listQueuedWorkflows", cls._list_queued, queue_name=queue_name, **kwargs
+        )
 
     @classmethod
     def list_workflow_steps(cls, workflow_id: str) -> list[StepInfo]:
-        return management.list_steps(cls._rt().store, workflow_id)
+        return _recorded("DBOS.listWorkflowSteps", cls._list_steps, workflow_id)
 
     @classmethod
     def cancel_workflow(cls, workflow_id: str, *, cancel_children: bool = False) -> None:
         """Cancel a workflow: it stops at its next step and waiting on it raises."""
-        rt = cls._rt()
-        changed = management.cancel(rt.store, workflow_id, rt.now_ms(), cancel_children)
-        rt.preempt(changed, "cancelled")
-        for wid in changed:
-            rt.waiters.notify(wid)
-        rt.wake_scheduler()
+        _recorded("DBOS.cancelWorkflow", cls._cancel, workflow_id, cancel_children)
 
     @classmethod
     def resume_workflow(
         cls, workflow_id: str, *, queue_name: str | None = None
     ) -> WorkflowHandle[Any]:
         """Run a cancelled or dead-lettered workflow again from its last completed step."""
-        rt = cls._rt()
-        management.resume(rt.store, workflow_id, rt.now_ms(), queue_name)
-        rt.wake_scheduler()
-        return WorkflowHandle(rt, workflow_id)
+        _recorded("DBOS.resumeWorkflow", cls._resume, workflow_id, queue_name)
+        return WorkflowHandle(cls._rt(), workflow_id)
 
     @classmethod
     def fork_workflow(
@@ -388,18 +411,70 @@ class DBOS(metaclass=_DBOSType):
         queue_name: str | None = None,
     ) -> WorkflowHandle[Any]:
         """Start a new workflow that reuses the steps of `workflow_id` before `start_step`."""
-        rt = cls._rt()
-        new_id = management.fork(
-            rt.store, workflow_id, start_step, rt.now_ms(), application_version, queue_name
+        new_id = _recorded(
+            "DBOS.forkWorkflow",
+            cls._fork,
+            workflow_id,
+            start_step,
+            application_version,
+            queue_name,
         )
-        rt.wake_scheduler()
-        return WorkflowHandle(rt, new_id)
+        # As DBOS does: a handle through `retrieve_workflow` (in a workflow, a "DBOS.getStatus").
+        return cls.retrieve_workflow(new_id)
 
     @classmethod
     def delete_workflow(cls, workflow_id: str, *, delete_children: bool = False) -> None:
         """Delete a finished workflow and everything recorded of it (with its descendants if
         `delete_children`). An unknown id is not an error; a workflow still queued or running
         raises `WorkflowActiveError` (cancel it first) and nothing is deleted."""
+        _recorded("DBOS.deleteWorkflow", cls._delete, workflow_id, delete_children)
+
+    # What the management calls do, recorded or not (and, for the async twins, in a thread).
+
+    @classmethod
+    def _list_workflows(cls, **filters: Any) -> list[WorkflowStatus]:
+        return management.list_workflows(cls._rt().store, **filters)
+
+    @classmethod
+    def _list_queued(cls, **filters: Any) -> list[WorkflowStatus]:
+        return management.list_queued(cls._rt().store, **filters)
+
+    @classmethod
+    def _list_steps(cls, workflow_id: str) -> list[StepInfo]:
+        return management.list_steps(cls._rt().store, workflow_id)
+
+    @classmethod
+    def _cancel(cls, workflow_id: str, cancel_children: bool) -> None:
+        rt = cls._rt()
+        changed = management.cancel(rt.store, workflow_id, rt.now_ms(), cancel_children)
+        rt.preempt(changed, "cancelled")
+        for wid in changed:
+            rt.waiters.notify(wid)
+        rt.wake_scheduler()
+
+    @classmethod
+    def _resume(cls, workflow_id: str, queue_name: str | None) -> None:
+        rt = cls._rt()
+        management.resume(rt.store, workflow_id, rt.now_ms(), queue_name)
+        rt.wake_scheduler()
+
+    @classmethod
+    def _fork(
+        cls,
+        workflow_id: str,
+        start_step: int,
+        application_version: str | None,
+        queue_name: str | None,
+    ) -> str:
+        rt = cls._rt()
+        new_id = management.fork(
+            rt.store, workflow_id, start_step, rt.now_ms(), application_version, queue_name
+        )
+        rt.wake_scheduler()
+        return new_id
+
+    @classmethod
+    def _delete(cls, workflow_id: str, delete_children: bool) -> None:
         management.delete(cls._rt().store, workflow_id, delete_children)
 
     @classmethod
@@ -443,35 +518,35 @@ class DBOS(metaclass=_DBOSType):
         return WorkflowHandleAsync(cls._rt(), handle.workflow_id)
 
     # The management calls for async callers: each is one short database exchange, run in a
-    # thread so that the event loop goes on meanwhile.
+    # thread so that the event loop goes on meanwhile; recorded as the sync ones are.
 
     @classmethod
     async def get_workflow_status_async(cls, workflow_id: str) -> WorkflowStatus | None:
-        return await asyncio.to_thread(cls.get_workflow_status, workflow_id)
+        return await _recorded_async("DBOS.getStatus", cls._rt().get_workflow_status, workflow_id)
 
     @classmethod
     async def list_workflows_async(cls, **filters: Any) -> list[WorkflowStatus]:
-        return await asyncio.to_thread(cls.list_workflows, **filters)
+        return await _recorded_async("DBOS.listWorkflows", cls._list_workflows, **filters)
 
     @classmethod
     async def list_queued_workflows_async(cls, **filters: Any) -> list[WorkflowStatus]:
-        return await asyncio.to_thread(cls.list_queued_workflows, **filters)
+        return await _recorded_async("DBOS.listQueuedWorkflows", cls._list_queued, **filters)
 
     @classmethod
     async def list_workflow_steps_async(cls, workflow_id: str) -> list[StepInfo]:
-        return await asyncio.to_thread(cls.list_workflow_steps, workflow_id)
+        return await _recorded_async("DBOS.listWorkflowSteps", cls._list_steps, workflow_id)
 
     @classmethod
     async def cancel_workflow_async(
         cls, workflow_id: str, *, cancel_children: bool = False
     ) -> None:
-        await asyncio.to_thread(cls.cancel_workflow, workflow_id, cancel_children=cancel_children)
+        await _recorded_async("DBOS.cancelWorkflow", cls._cancel, workflow_id, cancel_children)
 
     @classmethod
     async def resume_workflow_async(
         cls, workflow_id: str, *, queue_name: str | None = None
     ) -> WorkflowHandleAsync[Any]:
-        await asyncio.to_thread(cls.resume_workflow, workflow_id, queue_name=queue_name)
+        await _recorded_async("DBOS.resumeWorkflow", cls._resume, workflow_id, queue_name)
         return WorkflowHandleAsync(cls._rt(), workflow_id)
 
     @classmethod
@@ -483,24 +558,25 @@ class DBOS(metaclass=_DBOSType):
         application_version: str | None = None,
         queue_name: str | None = None,
     ) -> WorkflowHandleAsync[Any]:
-        handle = await asyncio.to_thread(
-            cls.fork_workflow,
+        new_id = await _recorded_async(
+            "DBOS.forkWorkflow",
+            cls._fork,
             workflow_id,
             start_step,
-            application_version=application_version,
-            queue_name=queue_name,
+            application_version,
+            queue_name,
         )
-        return WorkflowHandleAsync(cls._rt(), handle.workflow_id)
+        return await cls.retrieve_workflow_async(new_id)
 
     @classmethod
     async def delete_workflow_async(
         cls, workflow_id: str, *, delete_children: bool = False
     ) -> None:
-        await asyncio.to_thread(cls.delete_workflow, workflow_id, delete_children=delete_children)
+        await _recorded_async("DBOS.deleteWorkflow", cls._delete, workflow_id, delete_children)
 
     @classmethod
     async def get_result_async(cls, workflow_id: str) -> Any:
-        return await cls.retrieve_workflow(workflow_id).get_result_async()
+        return await WorkflowHandle(cls._rt(), workflow_id).get_result_async()
 
     @classmethod
     def sleep(cls, seconds: float) -> None:

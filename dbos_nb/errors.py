@@ -71,6 +71,11 @@ class DBOSNonExistentWorkflowError(DbosNbError, LookupError):
         super().__init__(f"workflow {workflow_id!r} does not exist")
         self.workflow_id = workflow_id
 
+    # Errors are recorded as pickles (a workflow's, or a management call's inside one), and
+    # unpickling calls the class with `args`: each class with its own constructor says how.
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (self.workflow_id,))
+
     @property
     def destination_id(self) -> str:
         """DBOS's name for `workflow_id`."""
@@ -88,6 +93,10 @@ class DBOSConflictingWorkflowError(DbosNbError):
     def __init__(self, workflow_id: str, message: str) -> None:
         super().__init__(f"conflicting workflow id {workflow_id!r}: {message}")
         self.workflow_id = workflow_id
+        self.detail = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.workflow_id, self.detail))
 
 
 class DBOSNotImplementedError(DbosNbError, AttributeError):
@@ -104,6 +113,10 @@ class WorkflowActiveError(DbosNbError):
         )
         self.workflow_id = workflow_id
         self.status = status
+        self.action = action
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (type(self), (self.workflow_id, self.status, self.action))
 
 
 class DBOSConflictingRegistrationError(DbosNbError):
@@ -126,6 +139,10 @@ class UnknownWorkflowNameError(DBOSWorkflowFunctionNotFoundError):
     def __init__(self, name: str, hint: str = "") -> None:
         super().__init__(f"no workflow function is registered under the name {name!r}{hint}")
         self.name = name
+        self.hint = hint
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.name, self.hint))
 
 
 class DBOSUnexpectedStepError(DbosNbError):
@@ -214,6 +231,9 @@ class DBOSQueueDeduplicatedError(DbosNbError):
         self.queue_name = queue_name
         self.deduplication_id = deduplication_id
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (type(self), (self.workflow_id, self.queue_name, self.deduplication_id))
+
 
 class UnknownQueueError(DbosNbError, LookupError):
     """No queue with that name has been declared."""
@@ -224,6 +244,9 @@ class UnknownQueueError(DbosNbError, LookupError):
             "in a process that uses this database"
         )
         self.name = name
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (self.name,))
 
 
 # The longest wait a 429 is taken to ask for (RateLimited's `retry_after`, a Retry-After
@@ -317,6 +340,9 @@ class WorkflowPreempted(BaseException):
         super().__init__(message)
         self.workflow_id = workflow_id
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.workflow_id, self.reason))
 
 
 DBOSWorkflowCancelledError = WorkflowPreempted

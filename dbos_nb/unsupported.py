@@ -12,6 +12,12 @@ from dbos_nb.errors import DBOSNotImplementedError
 _MESSAGES = "workflow messages and events (send/recv, set_event/get_event)"
 _STREAMS = "workflow streams"
 _SCHEDULES = "scheduled workflows"
+_WAIT_FIRST = "waiting for the first of several workflows (wait on each handle)"
+_RUN_STEP = "ad-hoc steps (decorate the function with @DBOS.step)"
+_QUEUE_CALLS = (
+    "these queue management calls (declare a queue with Queue(...) or DBOS.register_queue; "
+    "`dbos-nb status` lists them)"
+)
 
 # DBOS attribute name -> the feature it belongs to.
 _DBOS_FEATURES: dict[str, str] = {
@@ -27,6 +33,8 @@ _DBOS_FEATURES: dict[str, str] = {
             "get_event_async",
             "get_all_events",
             "get_all_events_async",
+            "send_bulk",
+            "send_bulk_async",
         ),
         _MESSAGES,
     ),
@@ -55,6 +63,35 @@ _DBOS_FEATURES: dict[str, str] = {
             "backfill_schedule",
         ),
         _SCHEDULES,
+    ),
+    **dict.fromkeys(("wait_first", "wait_first_async"), _WAIT_FIRST),
+    **dict.fromkeys(("run_step", "run_step_async"), _RUN_STEP),
+    **dict.fromkeys(
+        (
+            "retrieve_queue",
+            "retrieve_queue_async",
+            "list_queues",
+            "list_queues_async",
+            "delete_queue",
+            "delete_queue_async",
+            "register_queue_async",
+        ),
+        _QUEUE_CALLS,
+    ),
+    "listen_queues": "choosing the queues to serve by a call (set the config key 'listen_queues')",
+    **dict.fromkeys(
+        (
+            "enqueue_workflow_async",
+            "enqueue_workflow_with_options",
+            "enqueue_workflow_with_options_async",
+        ),
+        "these enqueue calls (use queue.enqueue, queue.enqueue_async or "
+        "DBOS.enqueue_workflow, with SetEnqueueOptions for options)",
+    ),
+    **dict.fromkeys(("set_workflow_delay", "set_workflow_delay_async"), "delayed workflows"),
+    **dict.fromkeys(
+        ("rewind_workflow", "rewind_workflow_async"),
+        "rewinding a workflow (fork_workflow from a step runs it again under a new id)",
     ),
     "kafka_consumer": "Kafka consumers",
     "required_roles": "role-based access checks",

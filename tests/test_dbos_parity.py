@@ -363,3 +363,100 @@ def test_dbos_error_module_names_codes_and_attributes() -> None:
     assert dbos_nb.DBOSRecordedError("T", "said").message == "said"
     with pytest.raises(error.DBOSWorkflowFunctionNotFoundError, match="not a DBOS workflow"):
         Queue("parity_undecorated").enqueue(print, 1)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "wait_first",
+        "wait_first_async",
+        "run_step",
+        "run_step_async",
+        "retrieve_queue",
+        "list_queues",
+        "delete_queue",
+        "register_queue_async",
+        "listen_queues",
+        "enqueue_workflow_async",
+        "enqueue_workflow_with_options",
+        "set_workflow_delay",
+        "rewind_workflow",
+        "send_bulk",
+    ],
+)
+def test_more_dbos_api_left_out_is_named(name: str) -> None:
+    """The DBOS 3.4 methods dbos_nb has no counterpart for raise the typed error that names
+    them (no launch needed: the lookup itself raises)."""
+    with pytest.raises(DBOSNotImplementedError, match=rf"DBOS\.{name} belongs to"):
+        getattr(DBOS, name)
+    assert not hasattr(DBOS, name)
+
+
+def test_priority_must_be_in_dbos_range(launched: str) -> None:
+    """As DBOS: a priority given on enqueue is 1 (first) to 2**31-1; 0 is refused, though a
+    workflow enqueued without one is stored with 0."""
+    _, parity_b = _two_named_workflows()
+    Queue("parity_prio_range", priority_enabled=True)
+    for bad in (0, -1, 2**31, 1.5, True):
+        with pytest.raises(DbosNbError, match=r"Invalid priority .*between 1~2147483647"):
+            SetEnqueueOptions(priority=bad)
+    with DBOSClient(launched) as client:
+        for bad in (0, 2**31):
+            with pytest.raises(DbosNbError, match=r"Invalid priority"):
+                client.enqueue(
+                    {
+                        "workflow_name": parity_b.__qualname__,
+                        "queue_name": "parity_prio_range",
+                        "priority": bad,
+                    },
+                    1,
+                )
+    for good in (1, 2**31 - 1):
+        with SetEnqueueOptions(priority=good):
+            handle = DBOS.enqueue_workflow("parity_prio_range", parity_b, good)
+        assert handle.get_result() == good and handle.get_status().priority == good
+    assert DBOS.enqueue_workflow("parity_prio_range", parity_b, 0).get_status().priority == 0
+
+
+def test_every_error_comes_back_whole_from_its_record() -> None:
+    """Errors are recorded as pickles (a workflow's outcome, or a management call's made by
+    workflow code) and raised again on replay: each must come back as the same class with the
+    same message and attributes, so that `except WorkflowActiveError:` still matches then."""
+    import inspect
+
+    from dbos_nb import errors, serialization
+
+    samples: list[BaseException] = [
+        errors.DbosNbError("plain"),
+        errors.DBOSNonExistentWorkflowError("wf-1"),
+        errors.DBOSConflictingWorkflowError("wf-2", "another function"),
+        errors.WorkflowActiveError("wf-3", "PENDING", "deleting it"),
+        errors.UnknownWorkflowNameError("name", " (a hint)"),
+        errors.DBOSWorkflowFunctionNotFoundError("print is not a DBOS workflow"),
+        errors.DBOSMaxStepRetriesExceeded("s", 3, [ValueError("v")]),
+        errors.DBOSAwaitedWorkflowCancelledError("wf-4"),
+        errors.DBOSWorkflowTimedOutError("wf-5"),
+        errors.DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded("wf-6"),
+        errors.DBOSQueueDeduplicatedError("wf-7", "q", "d-1"),
+        errors.UnknownQueueError("nowhere"),
+        errors.RateLimited("slow down", retry_after=2.0),
+        errors.DBOSRecordedError("Weird", "said"),
+        errors.WorkflowPreempted("wf-8", "cancelled"),
+    ]
+    custom = {
+        cls
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, BaseException)
+        and cls.__module__ == errors.__name__
+        and "__init__" in vars(cls)
+    }
+    assert custom <= {type(e) for e in samples}, custom - {type(e) for e in samples}
+    for original in samples:
+        copy = serialization.load_error(serialization.dump_error(original))
+        assert type(copy) is type(original), original
+        assert str(copy) == str(original)
+        # Attributes, but the mark of a recorded error and (not comparable) nested errors.
+        left_out = {"_dbos_nb_recorded", "errors"}
+        assert {k: v for k, v in vars(copy).items() if k not in left_out} == {
+            k: v for k, v in vars(original).items() if k not in left_out
+        }

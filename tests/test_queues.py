@@ -161,8 +161,8 @@ def test_priority_orders_waiting_work(launched: str) -> None:
 
     first = q.enqueue(blocker)
     wait_until(lambda: first.get_status().status == "PENDING")
-    for tag, priority in [("low", 10), ("high", 1), ("mid", 5), ("default", 0)]:
-        with SetEnqueueOptions(priority=priority):
+    for tag, priority in [("low", 10), ("high", 1), ("mid", 5), ("default", None)]:
+        with SetEnqueueOptions(priority=priority):  # None: no priority, stored as 0
             q.enqueue(record, tag)
     gate.set()
     wait_until(lambda: len(order) == 4)

@@ -517,7 +517,12 @@ def test_a_long_transaction_on_sqlite_gives_no_live_workers_work_away(
     url = f"sqlite:///{tmp_path / 'system.sqlite'}"
     pool = WorkerPool(url, tmp_path / "events.log")
     try:
-        DBOS(config=config(url, heartbeat_interval_sec=0.3, executor_lease_sec=LEASE))
+        # This process only judges: the worker alone runs the queue's work.
+        DBOS(
+            config=config(
+                url, heartbeat_interval_sec=0.3, executor_lease_sec=LEASE, listen_queues=[]
+            )
+        )
         Queue("holdq", worker_concurrency=2)
 
         @DBOS.transaction()

@@ -196,7 +196,9 @@ def test_child_workflows_get_deterministic_ids(launched: str) -> None:
     assert sorted(k.workflow_id for k in kids) == ["parent-1-0", "parent-1-1"]
     assert all(k.parent_workflow_id == "parent-1" for k in kids)
     steps = DBOS.list_workflow_steps("parent-1")
-    assert [s.child_workflow_id for s in steps] == ["parent-1-0", "parent-1-1"]
+    # The two starts, then the handle's wait (DBOS.getResult, naming the child it waited for).
+    assert [s.child_workflow_id for s in steps] == ["parent-1-0", "parent-1-1", "parent-1-1"]
+    assert steps[2].function_name == "DBOS.getResult"
 
 
 def test_start_workflow_runs_in_background(launched: str) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from dbos_nb.core.context import Context, current, derive, using
 from dbos_nb.core.registry import Registration
@@ -20,11 +21,13 @@ from dbos_nb.core.steps import (
     Retrier,
     begin_operation,
     check_live,
+    record_call_error,
     record_step_error,
     record_step_value,
     replay,
     require_workflow_for_sleep,
     sleep_until,
+    workflow_code,
 )
 from dbos_nb.core.workflows import (
     Execution,
@@ -38,6 +41,8 @@ from dbos_nb.core.workflows import (
     write_started,
 )
 from dbos_nb.errors import WorkflowPreempted
+
+T = TypeVar("T")
 
 
 async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
@@ -114,6 +119,29 @@ async def call_step_async(
     return record_step_value(rt, wf, fid, reg.name, started, value)
 
 
+async def call_as_operation_async(
+    rt: Runtime,
+    name: str,
+    call: Callable[[], Awaitable[T]],
+    child_workflow_id: str | None = None,
+) -> T:
+    """The async twin of `steps.call_as_operation`. The operation number is taken here, on the
+    workflow's loop, before `call` is awaited (a call made in a thread would take it there), so
+    that calls gathered concurrently take their numbers in the same order at every replay."""
+    wf = workflow_code()
+    if wf is None:
+        return await call()
+    fid, pre = begin_operation(rt, wf, name)
+    if pre.recorded:
+        return cast(T, replay(pre))
+    started = rt.now_ms()
+    try:
+        value = await call()
+    except Exception as exc:
+        return cast(T, record_call_error(rt, wf, fid, name, started, exc, child_workflow_id))
+    return cast(T, record_step_value(rt, wf, fid, name, started, value, child_workflow_id))
+
+
 async def _attempts_async(
     rt: Runtime,
     reg: Registration,
@@ -153,6 +181,7 @@ async def durable_sleep_async(rt: Runtime, seconds: float) -> None:
 
 
 __all__ = [
+    "call_as_operation_async",
     "call_step_async",
     "call_workflow_async",
     "durable_sleep_async",

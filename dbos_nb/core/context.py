@@ -241,6 +241,25 @@ class SetWorkflowTimeout(_ContextBlock):
         return {"timeout_sec": self.timeout}
 
 
+# DBOS's range for a priority given on enqueue (1 runs first). A workflow enqueued without one
+# is stored with 0, and runs before every one given a priority, as in DBOS.
+MIN_PRIORITY = 1
+MAX_PRIORITY = 2**31 - 1
+
+
+def check_priority(priority: Any) -> None:
+    """Refuse a priority outside DBOS's range (None: no priority given), in DBOS's words."""
+    if priority is not None and (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not MIN_PRIORITY <= priority <= MAX_PRIORITY
+    ):
+        raise DbosNbError(
+            f"Invalid priority {priority!r}. Priority must be between "
+            f"{MIN_PRIORITY}~{MAX_PRIORITY}."
+        )
+
+
 class SetEnqueueOptions(_ContextBlock):
     """Deduplication id, priority and token estimate for workflows enqueued in the block.
 
@@ -255,10 +274,7 @@ class SetEnqueueOptions(_ContextBlock):
         priority: int | None = None,
         token_estimate: int | None = None,
     ) -> None:
-        if priority is not None and (
-            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**31
-        ):
-            raise DbosNbError(f"priority must be an integer from 0 to 2**31-1, got {priority!r}")
+        check_priority(priority)
         if deduplication_id is not None:
             if not isinstance(deduplication_id, str):
                 raise DbosNbError(f"deduplication_id must be a string, got {deduplication_id!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from dbos_nb import serialization
@@ -10,6 +11,7 @@ from dbos_nb.errors import DBOSNonExistentWorkflowError
 from dbos_nb.models import StepInfo, WorkflowStatus
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class HandleBackend(Protocol):
@@ -27,7 +29,12 @@ class HandleBackend(Protocol):
 
 
 class WorkflowHandle(Generic[R]):
-    """A reference to a workflow, valid in any process that reaches the same database."""
+    """A reference to a workflow, valid in any process that reaches the same database.
+
+    Used by workflow code, a handle of the launched process records its `get_result()` and
+    `get_status()` as operations of that workflow ("DBOS.getResult", "DBOS.getStatus"), as
+    DBOS does: a replay gets what the first run got, without waiting again. A client's handles
+    record nothing, as DBOS's do not."""
 
     def __init__(self, backend: HandleBackend, workflow_id: str) -> None:
         self._backend = backend
@@ -40,7 +47,13 @@ class WorkflowHandle(Generic[R]):
         self, polling_interval_sec: float = 1.0, *, timeout_sec: float | None = None
     ) -> R:
         """Wait for the workflow to finish; return its result or raise its error."""
-        value: R = self._backend.wait_result(self.workflow_id, polling_interval_sec, timeout_sec)
+        backend, wid = self._backend, self.workflow_id
+        value: R = _recorded(
+            backend,
+            "DBOS.getResult",
+            lambda: backend.wait_result(wid, polling_interval_sec, timeout_sec),
+            wid,
+        )
         return value
 
     async def get_result_async(
@@ -48,8 +61,12 @@ class WorkflowHandle(Generic[R]):
     ) -> R:
         """Await the workflow's result without holding a thread; woken by its completion as
         `get_result` is."""
-        value: R = await self._backend.wait_result_async(
-            self.workflow_id, polling_interval_sec, timeout_sec
+        backend, wid = self._backend, self.workflow_id
+        value: R = await _recorded_async(
+            backend,
+            "DBOS.getResult",
+            lambda: backend.wait_result_async(wid, polling_interval_sec, timeout_sec),
+            wid,
         )
         return value
 
@@ -57,13 +74,43 @@ class WorkflowHandle(Generic[R]):
         return self.get_status()
 
     def get_status(self) -> WorkflowStatus:
-        status = self._backend.get_workflow_status(self.workflow_id)
+        backend, wid = self._backend, self.workflow_id
+        status = _recorded(backend, "DBOS.getStatus", lambda: backend.get_workflow_status(wid))
         if status is None:
             raise DBOSNonExistentWorkflowError(self.workflow_id)
         return status
 
     def __repr__(self) -> str:
         return f"WorkflowHandle({self.workflow_id!r})"
+
+
+def _recorded(
+    backend: HandleBackend, name: str, call: Callable[[], T], awaited: str | None = None
+) -> T:
+    """`call()`, made an operation of the calling workflow if the backend is the launched
+    process's runtime (see `steps.call_as_operation`)."""
+    # Imported here: the runtime and the execution modules import this module.
+    from dbos_nb.core.runtime import Runtime
+    from dbos_nb.core.steps import call_as_operation
+
+    if not isinstance(backend, Runtime):
+        return call()
+    return call_as_operation(backend, name, call, awaited)
+
+
+async def _recorded_async(
+    backend: HandleBackend,
+    name: str,
+    call: Callable[[], Awaitable[T]],
+    awaited: str | None = None,
+) -> T:
+    """The async twin of `_recorded`."""
+    from dbos_nb.core.aio import call_as_operation_async
+    from dbos_nb.core.runtime import Runtime
+
+    if not isinstance(backend, Runtime):
+        return await call()
+    return await call_as_operation_async(backend, name, call, awaited)
 
 
 def status_from_row(

@@ -16,7 +16,8 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -49,6 +50,8 @@ from dbos_nb.storage.schema import transaction_outputs
 from dbos_nb.storage.store import StepPreflight
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_RETRY_WAIT_SEC = 3600.0
 
@@ -150,7 +153,13 @@ def call_step(rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dic
 
 
 def record_step_value(
-    rt: Runtime, wf: RunningWorkflow, fid: int, name: str, started: int, value: Any
+    rt: Runtime,
+    wf: RunningWorkflow,
+    fid: int,
+    name: str,
+    started: int,
+    value: Any,
+    child_workflow_id: str | None = None,
 ) -> Any:
     """Checkpoint a step's result; returns the recorded one (another execution's, if first)."""
     existing = rt.store.record_step(
@@ -162,12 +171,19 @@ def record_step_value(
         None,
         started,
         rt.now_ms(),
+        child_workflow_id=child_workflow_id,
     )
     return replay(existing) if existing is not None else value
 
 
 def record_step_error(
-    rt: Runtime, wf: RunningWorkflow, fid: int, name: str, started: int, exc: Exception
+    rt: Runtime,
+    wf: RunningWorkflow,
+    fid: int,
+    name: str,
+    started: int,
+    exc: Exception,
+    child_workflow_id: str | None = None,
 ) -> Any:
     """Checkpoint a step's failure and raise it (or return another execution's record)."""
     existing = rt.store.record_step(
@@ -179,10 +195,64 @@ def record_step_error(
         serialization.dump_error(exc),
         started,
         rt.now_ms(),
+        child_workflow_id=child_workflow_id,
     )
     if existing is not None:
         return replay(existing)
     raise serialization.mark_recorded(exc)
+
+
+# -- DBOS calls made by workflow code -----------------------------------------------------------
+
+
+def workflow_code() -> RunningWorkflow | None:
+    """The workflow whose own code is running here: None outside a workflow and inside a step
+    or transaction, where DBOS's calls are plain calls."""
+    ctx = current()
+    return ctx.workflow if ctx.step is None else None
+
+
+def call_as_operation(
+    rt: Runtime, name: str, call: Callable[[], T], child_workflow_id: str | None = None
+) -> T:
+    """Make a DBOS call (`DBOS.fork_workflow`, `handle.get_result`, ...) an operation of the
+    workflow whose code makes it, under DBOS's name for it ("DBOS.forkWorkflow"), as DBOS
+    does: a replay returns or raises what the first run got and acts no second time (a fork
+    would otherwise be made, and paid for, once per recovery). Elsewhere a plain call.
+    `child_workflow_id`: the workflow it waits for, shown in the step listing."""
+    wf = workflow_code()
+    if wf is None:
+        return call()
+    fid, pre = begin_operation(rt, wf, name)
+    if pre.recorded:
+        return cast(T, replay(pre))
+    started = rt.now_ms()
+    try:
+        value = call()
+    except Exception as exc:
+        return cast(T, record_call_error(rt, wf, fid, name, started, exc, child_workflow_id))
+    return cast(T, record_step_value(rt, wf, fid, name, started, value, child_workflow_id))
+
+
+def record_call_error(
+    rt: Runtime,
+    wf: RunningWorkflow,
+    fid: int,
+    name: str,
+    started: int,
+    exc: Exception,
+    child_workflow_id: str | None,
+) -> Any:
+    """Checkpoint the failure of a DBOS call made by workflow code (see `call_as_operation`),
+    unless it is no outcome of the call: the workflow was told to stop meanwhile (an awaited
+    child cancelled or timed out with its parent, a shutdown: the workflow stops, and the
+    execution that goes on makes the call again), or dbos_nb lost its own database."""
+    check_live(rt, wf)
+    from dbos_nb.core.workflows import lost_database  # workflows sits above this module
+
+    if lost_database(exc):
+        raise exc
+    return record_step_error(rt, wf, fid, name, started, exc, child_workflow_id)
 
 
 class Retrier:
