@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dbos_nb.clock import Clock, SystemClock
@@ -78,6 +78,10 @@ _KNOWN_KEYS = {
 # a dead executor. (Idle, the loop may check the heartbeat up to a polling interval late; an
 # executor then has no running work to lose, and the polling interval is left out of the rule.)
 LEASE_HEARTBEATS = 2
+
+# The part of the configured executor id kept in the id a process takes when another live
+# process took its id over (`-` and 8 hex digits follow; ids hold at most 255 characters).
+MAX_REJOIN_BASE = 246
 
 
 def min_lease_sec(heartbeat_interval_sec: float) -> float:
@@ -202,6 +206,8 @@ class Engine:
         self._scheduler: Scheduler | None = None
         self._token = uuid.uuid4().hex
         self._renewals = Renewals(config.heartbeat_interval_sec)
+        # The executor id as configured (a process whose id was taken over goes on under another).
+        self._configured_executor_id = config.executor_id
 
     @property
     def launched(self) -> bool:
@@ -404,7 +410,8 @@ class Engine:
         the same in turn, for ever: this process goes on under a new id instead, and puts back
         only the work its own executions held."""
         old = rt.executor_id
-        new = f"{old}-{uuid.uuid4().hex[:8]}"
+        # From the configured id, so that ids do not grow with each rejoin (255 at most).
+        new = f"{self._configured_executor_id[:MAX_REJOIN_BASE]}-{uuid.uuid4().hex[:8]}"
         logger.error(
             "executor id %r was taken by process %s on %s while this process could not renew "
             "its lease; stopping this process's current workflows and going on as %r (give "
@@ -419,6 +426,8 @@ class Engine:
             new, socket.gethostname(), os.getpid(), self._token, now, lease_ms=self._lease_ms
         )
         rt.executor_id = new
+        # What this process is now, for DBOS.launch() asked again and for destroy.
+        self.config = replace(self.config, executor_id=new)
         # Only rows that executions of this process still own: what the other process runs
         # under the old id is its own.
         requeued = [w for w, owner in owners.items() if rt.store.requeue_workflow(w, now, owner)]

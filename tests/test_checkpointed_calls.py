@@ -29,6 +29,7 @@ from conftest import wait_until
 from dbos_nb import (
     DBOS,
     DBOSAwaitedWorkflowCancelledError,
+    DBOSClient,
     DBOSNonExistentWorkflowError,
     SetWorkflowID,
 )
@@ -357,3 +358,40 @@ def test_calls_inside_a_step_or_outside_a_workflow_are_plain_calls(launched: str
 
 if __name__ == "__main__":
     _crash_app(*sys.argv[1:4])
+
+
+def test_a_cancel_from_another_process_is_not_recorded_as_the_waits_outcome(
+    launched: str,
+) -> None:
+    """The same, cancelled by another process (here a DBOSClient): this execution hears of it
+    only at its next sweep or notification, and the awaited child's cancellation can end its
+    wait first. That cancellation must not be recorded as the wait's outcome (a resumed parent
+    would replay it, though the child, resumed too, succeeds)."""
+    gate = threading.Event()
+
+    @DBOS.workflow(name="ck_x_child")
+    def x_child() -> str:
+        gate.wait(20)
+        DBOS.sleep(0.01)
+        return "child done"
+
+    @DBOS.workflow(name="ck_x_parent")
+    def x_parent() -> str:
+        return DBOS.start_workflow(x_child).get_result()
+
+    rt = get_runtime()
+    with DBOSClient(launched) as client:
+        for i in range(3):
+            gate.clear()
+            wid = f"ck-x-{i}"
+            with SetWorkflowID(wid):
+                DBOS.start_workflow(x_parent)
+            wait_until(lambda w=wid: rt.is_running(f"{w}-0"))  # type: ignore[misc]
+            client.cancel_workflow(wid, cancel_children=True)
+            wait_until(lambda w=wid: not rt.is_running(w))  # type: ignore[misc]
+            gate.set()
+            names = [s.function_name for s in DBOS.list_workflow_steps(wid)]
+            assert names == ["ck_x_child"], names
+            DBOS.resume_workflow(f"{wid}-0")
+            handle = DBOS.resume_workflow(wid)
+            assert handle.get_result() == "child done"

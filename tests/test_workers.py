@@ -590,3 +590,9 @@ def test_an_executor_whose_id_another_process_took_goes_on_under_a_new_one(db_ur
     clock.advance(0.2)  # and it keeps renewing under its new id
     wait_until(lambda: _heartbeat_of(store, rt.executor_id) == T0 + 400)
     assert _owner(store, "theirs") == ("PENDING", "nb")
+    # Taken over again: the next id comes from the configured one, not from the last.
+    first = rt.executor_id
+    store.register_executor(first, "other-host", 4243, "t-other-2", T0, lease_ms=30_000)
+    clock.advance(0.2)
+    wait_until(lambda: rt.executor_id != first)
+    assert rt.executor_id.startswith("nb-") and len(rt.executor_id) == len(first)

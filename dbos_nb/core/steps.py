@@ -252,6 +252,10 @@ def record_call_error(
 
     if lost_database(exc):
         raise exc
+    # A cancel from another process reaches this execution only at the next sweep or
+    # notification, after the awaited child's cancellation may already have ended the wait:
+    # the workflow's own row tells (one read, on failures only).
+    check_live(rt, wf, rt.store.step_preflight(wf.workflow_id, fid))
     return record_step_error(rt, wf, fid, name, started, exc, child_workflow_id)
 
 

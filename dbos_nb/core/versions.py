@@ -49,6 +49,12 @@ def source_digest(kind: str, name: str, func: Any) -> str:
     except (OSError, TypeError):
         code = getattr(func, "__code__", None)
         text = code_digest(code) if code is not None else name
+    # A durable notebook cell runs through one generic body: the cell's own source is its code.
+    # With it in the version, a run of an edited cell's earlier code is not "the same code" as
+    # the body registered now, and stays queued until that code is registered again.
+    cell_source = getattr(func, "__dbos_nb_source_hash__", None)
+    if isinstance(cell_source, str):
+        text += cell_source
     return hashlib.sha256(f"{kind}:{name}:{text}".encode()).hexdigest()[:16]
 
 
