@@ -96,6 +96,10 @@ def measure(side: Side, url: str, settings: Settings) -> dict[str, Any]:
     figures, error = run_measurement(cmd, env=side.env())
     if figures is None:
         raise SystemExit(f"{side.label}: the run failed: {error}")
+    # The measuring process itself says which package it ran (a probe alone did not catch a
+    # path that the measurement changed).
+    if not Path(figures["package"]).is_relative_to(side.root.resolve()):
+        raise SystemExit(f"{side.label}: measured {figures['package']}, not {side.root}")
     return figures
 
 

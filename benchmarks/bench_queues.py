@@ -179,7 +179,9 @@ def _import_library(library: str) -> tuple[Any, str]:
     from importlib import metadata
 
     if library == "dbos_nb":
-        sys.path.insert(0, str(REPO_ROOT))
+        # Last: a package put first on PYTHONPATH (bench_ab's other revision) must win. First,
+        # this checkout shadowed it, and bench_ab compared the checkout with itself.
+        sys.path.append(str(REPO_ROOT))
     module = importlib.import_module(library)
     try:
         version = metadata.version(library)
@@ -294,7 +296,9 @@ def run_round(library: str, url: str, settings: Settings) -> dict[str, Any]:
         measured = _throughput(unlimited, one_step, settings.throughput)
     finally:
         dbos.destroy()
-    return {f"tp_{key}": value for key, value in measured.items()}
+    figures: dict[str, Any] = {f"tp_{key}": value for key, value in measured.items()}
+    figures["package"] = str(Path(module.__file__ or "").resolve().parent)
+    return figures
 
 
 def run_worker(library: str, url: str, settings: Settings) -> dict[str, Any]:
@@ -651,8 +655,9 @@ def run_benchmarks(args: argparse.Namespace) -> int:
             figures = results.get((backend, library))
             if figures is None or len(done) != settings.throughput_rounds:
                 continue  # a failed round leaves the measurement out, not a median of the rest
-            for key in done[0]:
-                figures[key] = statistics.median(r[key] for r in done)
+            for key, value in done[0].items():
+                if isinstance(value, int | float):  # not the package's path
+                    figures[key] = statistics.median(r[key] for r in done)
             figures["tp_rounds"] = [round(r["tp_total"]) for r in done]
 
     for backend in backends:
