@@ -395,3 +395,48 @@ def test_a_cancel_from_another_process_is_not_recorded_as_the_waits_outcome(
             DBOS.resume_workflow(f"{wid}-0")
             handle = DBOS.resume_workflow(wid)
             assert handle.get_result() == "child done"
+
+
+def test_calls_gathered_at_once_replay_in_the_same_order(launched: str) -> None:
+    """Recorded calls started together (`asyncio.gather`) take their operation numbers in the
+    order they are made, not in the order their threads finish: a replay finds each record
+    where it looks, and returns what the first run saw (here, a workflow deleted since)."""
+    entered, release = threading.Event(), threading.Event()
+
+    @DBOS.workflow(name="gx_target")
+    def target() -> int:
+        return 7
+
+    @DBOS.step(name="gx_blocker")
+    async def blocker() -> None:
+        entered.set()
+        await asyncio.to_thread(release.wait, 20)
+
+    @DBOS.workflow(name="gx_calls")
+    async def gathered() -> list[Any]:
+        status, listed, steps = await asyncio.gather(
+            DBOS.get_workflow_status_async("gx-target"),
+            DBOS.list_workflows_async(workflow_ids=["gx-target"], load_input=False),
+            DBOS.list_workflow_steps_async("gx-target"),
+        )
+        await blocker()
+        return [status.status if status else None, len(listed), len(steps)]
+
+    with SetWorkflowID("gx-target"):
+        assert target() == 7
+    with SetWorkflowID("gx-calls"):
+        handle = DBOS.start_workflow(gathered)
+    _cancel_when_entered("gx-calls", entered)
+    release.set()
+    with pytest.raises(DBOSAwaitedWorkflowCancelledError):
+        handle.get_result()
+    DBOS.delete_workflow("gx-target")  # a fresh read would now find nothing
+    DBOS.resume_workflow("gx-calls")
+    assert handle.get_result() == ["SUCCESS", 1, 0]
+    names = [s.function_name for s in DBOS.list_workflow_steps("gx-calls")]
+    assert names == [
+        "DBOS.getStatus",
+        "DBOS.listWorkflows",
+        "DBOS.listWorkflowSteps",
+        "gx_blocker",
+    ]
