@@ -447,9 +447,7 @@ class DBOS(metaclass=_DBOSType):
     def _cancel(cls, workflow_id: str, cancel_children: bool) -> None:
         rt = cls._rt()
         changed = management.cancel(rt.store, workflow_id, rt.now_ms(), cancel_children)
-        rt.preempt(changed, "cancelled")
-        for wid in changed:
-            rt.waiters.notify(wid)
+        rt.ended_elsewhere(changed, "cancelled")
         rt.wake_scheduler()
 
     @classmethod

@@ -157,6 +157,13 @@ class Runtime:
     def preempt_all(self, reason: str) -> None:
         self.preempt(self.running_ids(), reason)
 
+    def ended_elsewhere(self, workflow_ids: list[str], reason: str) -> None:
+        """Workflows just cancelled (or timed out) in the store: stop their local executions at
+        their next operation, and wake whoever waits on them."""
+        self.preempt(workflow_ids, reason)
+        for wid in workflow_ids:
+            self.waiters.notify(wid)
+
     # -- function versions ----------------------------------------------------------------------
 
     def ensure_stored(self, reg: Registration) -> str:

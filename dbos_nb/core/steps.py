@@ -80,9 +80,7 @@ def cancel_overdue(rt: Runtime) -> None:
     deadline, so cancelling only the one that noticed would let the parent see the child's
     cancellation as an ordinary error."""
     cancelled = rt.store.cancel_overdue(rt.now_ms())
-    rt.preempt(cancelled, "timed out")
-    for wid in cancelled:
-        rt.waiters.notify(wid)
+    rt.ended_elsewhere(cancelled, "timed out")
 
 
 def preempt_lost(rt: Runtime) -> None:

@@ -289,9 +289,7 @@ class Batch:
             if r["status"] in ("ENQUEUED", "PENDING")
         ]
         changed = rt.store.cancel_workflows(active, rt.now_ms(), cancel_children=True)
-        rt.preempt(changed, "cancelled")
-        for wid in changed:
-            rt.waiters.notify(wid)
+        rt.ended_elsewhere(changed, "cancelled")
         return len(changed)
 
     def to_pandas(self, *, expand: bool = False) -> Any:
