@@ -167,6 +167,45 @@ def launched(db_url: str) -> Iterator[str]:
     DBOS.destroy()
 
 
+def new_shell() -> Any:
+    """A fresh IPython shell with the extension loaded (IPython's one instance, reset)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh = InteractiveShell.instance()
+    sh.reset(new_session=True)
+    sh.run_line_magic("load_ext", "dbos_nb")
+    return sh
+
+
+# A notebook step that records its call in RUNS and holds until the test's `gate` opens.
+HELD_STEP = """
+from dbos_nb import DBOS
+@DBOS.step()
+def held(i):
+    RUNS.append(i)
+    gate.wait(20)
+    return i
+"""
+
+
+def kill_when_ready(argv: list[str], workdir: Path) -> None:
+    """Start `argv`, wait until it creates WORKDIR/ready (its crash point), then SIGKILL it."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(argv)
+    try:
+        deadline = time.monotonic() + 60
+        while not (workdir / "ready").exists():
+            assert proc.poll() is None, "the crash child exited before reaching the crash point"
+            assert time.monotonic() < deadline, "the crash child never reached the crash point"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def run_cell(sh: Any, code: str) -> Any:
     """Run a cell in an IPython shell as a notebook would; raise what it raised; its result."""
     result = sh.run_cell(code, store_history=False)

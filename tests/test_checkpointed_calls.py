@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conftest import wait_until
+from conftest import kill_when_ready, wait_until
 from dbos_nb import (
     DBOS,
     DBOSAwaitedWorkflowCancelledError,
@@ -100,17 +99,7 @@ def _crash_app(mode: str, url: str, workdir: str) -> None:
 
 def test_calls_recorded_before_a_crash_are_not_made_again(db_url: str, tmp_path: Path) -> None:
     script = [sys.executable, __file__]
-    proc = subprocess.Popen([*script, "crash", db_url, str(tmp_path)])
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "ready").exists():
-            assert proc.poll() is None, "the crash child exited before reaching the crash point"
-            assert time.monotonic() < deadline, "the crash child never reached the crash point"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_ready([*script, "crash", db_url, str(tmp_path)], tmp_path)
     assert (tmp_path / "effects.log").read_text().split() == ["work7", "work7"]
     (tmp_path / "ready").unlink()
 

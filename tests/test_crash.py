@@ -8,31 +8,20 @@ sees how often each step really ran.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import sqlalchemy as sa
+
+from conftest import kill_when_ready
 
 HERE = Path(__file__).parent
 APP = HERE / "crash_app.py"
 
 
 def _run_until_ready_then_kill(workflow: str, url: str, workdir: Path) -> None:
-    proc = subprocess.Popen([sys.executable, str(APP), "crash", workflow, url, str(workdir)])
-    try:
-        deadline = time.monotonic() + 60
-        while not (workdir / "ready").exists():
-            assert proc.poll() is None, "the crash child exited before reaching the crash point"
-            assert time.monotonic() < deadline, "the crash child never reached the crash point"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_ready([sys.executable, str(APP), "crash", workflow, url, str(workdir)], workdir)
 
 
 def _recover(workflow: str, url: str, workdir: Path) -> object:

@@ -26,7 +26,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from sqlalchemy.engine import make_url
 
 import dbos_nb
-from conftest import create_pg_database, drop_pg_database, wait_until
+from conftest import HELD_STEP, create_pg_database, drop_pg_database, new_shell, wait_until
 from conftest import run_cell as run
 from dbos_nb import DBOS
 from dbos_nb.core.registry import resolve
@@ -46,30 +46,12 @@ def fetch(i):
 """
 
 
-def new_shell() -> InteractiveShell:
-    sh = InteractiveShell.instance()
-    sh.reset(new_session=True)
-    sh.run_line_magic("load_ext", "dbos_nb")
-    return sh
-
-
 @pytest.fixture
 def shell(db_url: str) -> Iterator[InteractiveShell]:
     sh = new_shell()
     run(sh, f"%dbos_launch --db {db_url} --name nbedges")
     yield sh
     DBOS.destroy()
-
-
-# A step that records its call and holds until the test's `gate` opens.
-HELD_STEP = """
-from dbos_nb import DBOS
-@DBOS.step()
-def held(i):
-    RUNS.append(i)
-    gate.wait(20)
-    return i
-"""
 
 
 # -- 1, 2: --rerun ------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import dbos_nb
+from conftest import HELD_STEP, new_shell, wait_until
 from conftest import run_cell as run
-from conftest import wait_until
 from dbos_nb import DBOS
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.notebook.frames import queues_frame
@@ -30,23 +30,11 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture
 def shell(db_url: str) -> Iterator[InteractiveShell]:
-    sh = InteractiveShell.instance()
-    sh.reset(new_session=True)
-    sh.run_line_magic("load_ext", "dbos_nb")
+    sh = new_shell()
     run(sh, f"%dbos_launch --db {db_url} --name nbfollow")
     yield sh
     DBOS.destroy()
 
-
-# A step that records its call and holds until the test's `gate` opens.
-HELD_STEP = """
-from dbos_nb import DBOS
-@DBOS.step()
-def held(i):
-    RUNS.append(i)
-    gate.wait(20)
-    return i
-"""
 
 ORIGINAL = "total = held(1) + held(2)\ntotal * 10\n"
 
