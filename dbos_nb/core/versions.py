@@ -52,10 +52,20 @@ def source_digest(kind: str, name: str, func: Any) -> str:
     # A durable notebook cell runs through one generic body: the cell's own source is its code.
     # With it in the version, a run of an edited cell's earlier code is not "the same code" as
     # the body registered now, and stays queued until that code is registered again.
-    cell_source = getattr(func, "__dbos_nb_source_hash__", None)
-    if isinstance(cell_source, str):
+    cell_source = cell_source_hash(func)
+    if cell_source is not None:
         text += cell_source
     return hashlib.sha256(f"{kind}:{name}:{text}".encode()).hexdigest()[:16]
+
+
+# Where a durable notebook cell's body carries the hash of the cell's source.
+CELL_SOURCE_ATTR = "__dbos_nb_source_hash__"
+
+
+def cell_source_hash(func: Any) -> str | None:
+    """The source hash of the notebook cell a function runs (None if it is not a cell's body)."""
+    value = getattr(func, CELL_SOURCE_ATTR, None)
+    return value if isinstance(value, str) else None
 
 
 @functools.lru_cache(maxsize=4096)

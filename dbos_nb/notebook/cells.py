@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dbos_nb.core import versions
 from dbos_nb.errors import DbosNbError
 
 logger = logging.getLogger(__name__)
@@ -342,15 +343,10 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
         }
 
     cell_body.__name__ = cell_body.__qualname__ = f"{CELL_PREFIX}{cell.name}"
-    # Which version of the cell this body runs: %dbos_resume compares it with a run's own.
-    cell_body.__dbos_nb_source_hash__ = cell.source_hash  # type: ignore[attr-defined]
+    # Which version of the cell this body runs: part of its version (`versions.source_digest`),
+    # and what %dbos_resume compares with a run's own.
+    setattr(cell_body, versions.CELL_SOURCE_ATTR, cell.source_hash)
     return cell_body
-
-
-def body_hash(body: Any) -> str | None:
-    """The source hash of the cell a registered body runs (None if it is not a cell's)."""
-    value = getattr(body, "__dbos_nb_source_hash__", None)
-    return value if isinstance(value, str) else None
 
 
 def _storable(value: Any) -> bool:

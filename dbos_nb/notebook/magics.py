@@ -28,6 +28,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from sqlalchemy.exc import SQLAlchemyError
 
 from dbos_nb import serialization
+from dbos_nb.core import versions
 from dbos_nb.core.context import SetWorkflowID, SetWorkflowTimeout
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.registry import REGISTRY, Registration
@@ -504,7 +505,8 @@ class DbosMagics(Magics):
             return None
         is_cell = str(row["name"]).startswith(cells.CELL_PREFIX)
         reg = REGISTRY.get(row["name"])
-        if is_cell and reg is not None and cells.body_hash(reg.func) != _recorded_hash(row):
+        registered = versions.cell_source_hash(reg.func) if reg is not None else None
+        if is_cell and reg is not None and registered != _recorded_hash(row):
             # The kernel runs the cell's registered body, the latest version run under its name.
             cell = row["name"][len(cells.CELL_PREFIX) :]
             raise UsageError(
