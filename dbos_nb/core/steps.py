@@ -160,17 +160,8 @@ def record_step_value(
     child_workflow_id: str | None = None,
 ) -> Any:
     """Checkpoint a step's result; returns the recorded one (another execution's, if first)."""
-    existing = rt.store.record_step(
-        wf.workflow_id,
-        wf.owner_xid,
-        fid,
-        name,
-        serialization.dumps(value),
-        None,
-        started,
-        rt.now_ms(),
-        child_workflow_id=child_workflow_id,
-    )
+    output = serialization.dumps(value)
+    existing = _record(rt, wf, fid, name, started, output, None, child_workflow_id)
     return replay(existing) if existing is not None else value
 
 
@@ -184,20 +175,35 @@ def record_step_error(
     child_workflow_id: str | None = None,
 ) -> Any:
     """Checkpoint a step's failure and raise it (or return another execution's record)."""
-    existing = rt.store.record_step(
+    error = serialization.dump_error(exc)
+    existing = _record(rt, wf, fid, name, started, None, error, child_workflow_id)
+    if existing is not None:
+        return replay(existing)
+    raise serialization.mark_recorded(exc)
+
+
+def _record(
+    rt: Runtime,
+    wf: RunningWorkflow,
+    fid: int,
+    name: str,
+    started: int,
+    output: bytes | None,
+    error: bytes | None,
+    child_workflow_id: str | None,
+) -> StepPreflight | None:
+    """Record an operation's outcome for this execution (see `store.record_step`)."""
+    return rt.store.record_step(
         wf.workflow_id,
         wf.owner_xid,
         fid,
         name,
-        None,
-        serialization.dump_error(exc),
+        output,
+        error,
         started,
         rt.now_ms(),
         child_workflow_id=child_workflow_id,
     )
-    if existing is not None:
-        return replay(existing)
-    raise serialization.mark_recorded(exc)
 
 
 # -- DBOS calls made by workflow code -----------------------------------------------------------
