@@ -353,10 +353,14 @@ class Engine:
                     f"{row['hostname']} (heartbeat {(now - int(row['heartbeat_at'])) / 1000:.1f} s "
                     "ago); give each process its own executor_id"
                 )
-        store.register_executor(
-            cfg.executor_id, host, os.getpid(), self._token, now, lease_ms=self._lease_ms
-        )
+        self._register(store, cfg.executor_id, now)
         self._renewals.renewed(self.clock.now_ms())
+
+    def _register(self, store: SystemStore, executor_id: str, now: int) -> None:
+        """Register this process (its host, pid, token and own lease) under `executor_id`."""
+        store.register_executor(
+            executor_id, socket.gethostname(), os.getpid(), self._token, now, self._lease_ms
+        )
 
     def _heartbeat(self, rt: Runtime) -> None:
         """Renew this executor's lease, and take over the work of executors whose lease ran out."""
@@ -374,14 +378,7 @@ class Engine:
                 rt.executor_id,
             )
             self._token = uuid.uuid4().hex
-            rt.store.register_executor(
-                rt.executor_id,
-                socket.gethostname(),
-                os.getpid(),
-                self._token,
-                now,
-                lease_ms=self._lease_ms,
-            )
+            self._register(rt.store, rt.executor_id, now)
             # Work claimed after the take-over (which requeued only what was PENDING then)
             # would stay PENDING under this live executor, run by nobody: back to its queue.
             if rt.store.requeue_pending(rt.executor_id, now):
@@ -422,9 +419,7 @@ class Engine:
             new,
         )
         self._token = uuid.uuid4().hex
-        rt.store.register_executor(
-            new, socket.gethostname(), os.getpid(), self._token, now, lease_ms=self._lease_ms
-        )
+        self._register(rt.store, new, now)
         rt.executor_id = new
         # What this process is now, for DBOS.launch() asked again and for destroy.
         self.config = replace(self.config, executor_id=new)
