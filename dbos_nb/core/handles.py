@@ -48,7 +48,7 @@ class WorkflowHandle(Generic[R]):
     ) -> R:
         """Wait for the workflow to finish; return its result or raise its error."""
         backend, wid = self._backend, self.workflow_id
-        value: R = _recorded(
+        value: R = _as_operation(
             backend,
             "DBOS.getResult",
             lambda: backend.wait_result(wid, polling_interval_sec, timeout_sec),
@@ -62,7 +62,7 @@ class WorkflowHandle(Generic[R]):
         """Await the workflow's result without holding a thread; woken by its completion as
         `get_result` is."""
         backend, wid = self._backend, self.workflow_id
-        value: R = await _recorded_async(
+        value: R = await _as_operation_async(
             backend,
             "DBOS.getResult",
             lambda: backend.wait_result_async(wid, polling_interval_sec, timeout_sec),
@@ -75,7 +75,7 @@ class WorkflowHandle(Generic[R]):
 
     def get_status(self) -> WorkflowStatus:
         backend, wid = self._backend, self.workflow_id
-        status = _recorded(backend, "DBOS.getStatus", lambda: backend.get_workflow_status(wid))
+        status = _as_operation(backend, "DBOS.getStatus", lambda: backend.get_workflow_status(wid))
         if status is None:
             raise DBOSNonExistentWorkflowError(self.workflow_id)
         return status
@@ -84,7 +84,7 @@ class WorkflowHandle(Generic[R]):
         return f"WorkflowHandle({self.workflow_id!r})"
 
 
-def _recorded(
+def _as_operation(
     backend: HandleBackend, name: str, call: Callable[[], T], awaited: str | None = None
 ) -> T:
     """`call()`, made an operation of the calling workflow if the backend is the launched
@@ -98,13 +98,13 @@ def _recorded(
     return call_as_operation(backend, name, call, awaited)
 
 
-async def _recorded_async(
+async def _as_operation_async(
     backend: HandleBackend,
     name: str,
     call: Callable[[], Awaitable[T]],
     awaited: str | None = None,
 ) -> T:
-    """The async twin of `_recorded`."""
+    """The async twin of `_as_operation`."""
     from dbos_nb.core.aio import call_as_operation_async
     from dbos_nb.core.runtime import Runtime
 
