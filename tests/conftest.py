@@ -206,6 +206,31 @@ def kill_when_ready(argv: list[str], workdir: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def cli_command(*argv: str) -> list[str]:
+    """`python -m dbos_nb.cli ARGV` in a subprocess: the command as a shell runs it."""
+    return [sys.executable, "-m", "dbos_nb.cli", *argv]
+
+
+def start_cli_worker(*argv: str, cwd: Path | None = None) -> tuple[Any, list[str]]:
+    """A `dbos-nb worker` subprocess (short heartbeat, lease and poll), read up to its first
+    progress line (it is running then); returns it with its log so far."""
+    import subprocess
+
+    proc = subprocess.Popen(
+        cli_command("worker", *argv, "--heartbeat", "0.3", "--lease", "2", "--poll", "0.05"),
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+    )
+    assert proc.stderr is not None
+    log: list[str] = []
+    for line in proc.stderr:
+        log.append(line)
+        if "running 0, done 0" in line:
+            break
+    return proc, log
+
+
 def run_cell(sh: Any, code: str) -> Any:
     """Run a cell in an IPython shell as a notebook would; raise what it raised; its result."""
     result = sh.run_cell(code, store_history=False)

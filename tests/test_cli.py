@@ -8,12 +8,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import config
+from conftest import cli_command, config, start_cli_worker
 from dbos_nb import DBOS, Queue
 from dbos_nb.cli import EXIT_BROKEN_PIPE, main
 from dbos_nb.clock import SystemClock
@@ -37,11 +36,6 @@ def cli_step(x: int) -> int:
 @DBOS.workflow()
 def cli_workflow(x: int) -> int:
     return cli_step(x)
-
-
-def _cli(*argv: str) -> list[str]:
-    """`python -m dbos_nb.cli ARGV` in a subprocess: the command as a shell runs it."""
-    return [sys.executable, "-m", "dbos_nb.cli", *argv]
 
 
 def _rows(out: str) -> list[list[str]]:
@@ -96,7 +90,7 @@ def test_a_closed_stdout_ends_the_command_quietly(db_url: str, command: str) -> 
     os.close(read_end)
     try:
         proc = subprocess.run(
-            _cli(command, "--db", db_url),
+            cli_command(command, "--db", db_url),
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,
@@ -177,20 +171,9 @@ def test_a_worker_warns_about_a_queue_nobody_declared_and_keeps_running(db_url: 
     Queue("cli_declared")
     DBOS.launch()
     DBOS.destroy()
-    argv = ["worker", "--db", db_url, "--queue", "nosuch", "--queue", "cli_declared"]
-    proc = subprocess.Popen(
-        _cli(*argv, "--heartbeat", "0.3", "--lease", "2", "--poll", "0.05"),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # Read up to its first progress line, logged after the warnings: it is running.
+    proc, log = start_cli_worker("--db", db_url, "--queue", "nosuch", "--queue", "cli_declared")
     try:
-        assert proc.stderr is not None
-        log: list[str] = []
-        # Up to its first progress line, logged after the warnings: it is running.
-        for line in proc.stderr:
-            log.append(line)
-            if "running 0, done 0" in line:
-                break
         assert proc.poll() is None, "".join(log)
         warnings = [line for line in log if " WARNING " in line]
         assert len(warnings) == 1, "".join(log)

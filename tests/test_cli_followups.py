@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from conftest import config, wait_until
+from conftest import cli_command, config, start_cli_worker, wait_until
 from dbos_nb import DBOS, DBOSClient, Queue
 from dbos_nb.cli import main
 from dbos_nb.errors import DBOSConfigError
@@ -32,11 +32,6 @@ from dbos_nb.storage.schema import SCHEMA_VERSION
 # The user that runs a command that must not be able to write, when the tests run as root (for
 # whom file permissions do not apply).
 NOBODY = 65534
-
-
-def _cli(*argv: str) -> list[str]:
-    """`python -m dbos_nb.cli ARGV`: the command as a shell runs it."""
-    return [sys.executable, "-m", "dbos_nb.cli", *argv]
 
 
 def _declare(url: str, *queues: str) -> None:
@@ -54,24 +49,6 @@ def _sqlite_url(path: Path | str) -> str:
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _start_worker(*argv: str, cwd: Path | None = None) -> tuple[subprocess.Popen[str], list[str]]:
-    """A `dbos-nb worker` subprocess, read up to its first progress line (it is running);
-    returns it with its log so far."""
-    proc = subprocess.Popen(
-        _cli("worker", *argv, "--heartbeat", "0.3", "--lease", "2", "--poll", "0.05"),
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=cwd,
-    )
-    assert proc.stderr is not None
-    log: list[str] = []
-    for line in proc.stderr:
-        log.append(line)
-        if "running 0, done 0" in line:
-            break
-    return proc, log
 
 
 def _stop_worker(proc: subprocess.Popen[str]) -> None:
@@ -129,7 +106,7 @@ def test_a_worker_runs_transactions_in_the_app_database(
             """
         )
     )
-    proc, log = _start_worker(
+    proc, log = start_cli_worker(
         "--db", db_url, "--app-db", app_url, "--import", module, "--queue", "fu_tx", cwd=tmp_path
     )
     try:
@@ -280,7 +257,7 @@ def test_inspection_reads_a_database_it_may_not_write(
     assert before[1] == ["system.sqlite"]
     for command in ("status", "workflows"):
         proc = subprocess.run(
-            _as_a_reader(shared_folder, path, _cli(command, "--db", _sqlite_url(path))),
+            _as_a_reader(shared_folder, path, cli_command(command, "--db", _sqlite_url(path))),
             capture_output=True,
             text=True,
             timeout=120,
@@ -320,7 +297,7 @@ def test_a_worker_says_it_created_a_new_database(tmp_path: Path) -> None:
     """A worker may be the first process on a database, so it creates it, but says so: a typo'd
     path would otherwise leave it waiting on an empty database."""
     path = tmp_path / "typo.sqlite"
-    proc, log = _start_worker("--db", _sqlite_url(path))
+    proc, log = start_cli_worker("--db", _sqlite_url(path))
     try:
         assert proc.poll() is None, "".join(log)
         notices = [line for line in log if "created a new database" in line]
@@ -331,7 +308,7 @@ def test_a_worker_says_it_created_a_new_database(tmp_path: Path) -> None:
         _stop_worker(proc)
     assert path.is_file()
     # The next worker finds it, and says nothing.
-    proc, log = _start_worker("--db", _sqlite_url(path))
+    proc, log = start_cli_worker("--db", _sqlite_url(path))
     try:
         assert proc.poll() is None, "".join(log)
         assert not [line for line in log if "created a new database" in line], "".join(log)
@@ -425,7 +402,7 @@ def test_a_failed_import_is_one_line(
     url = _sqlite_url(tmp_path / "system.sqlite")
     argv = ["--db", url, "--import", module]
     proc = subprocess.run(
-        _cli("worker", *argv), capture_output=True, text=True, timeout=120, cwd=tmp_path
+        cli_command("worker", *argv), capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"dbos-nb: --import {module}: {message}"), proc.stderr
@@ -433,7 +410,11 @@ def test_a_failed_import_is_one_line(
     assert not (tmp_path / "system.sqlite").exists()  # refused before the launch
     # --verbose adds the traceback.
     proc = subprocess.run(
-        _cli("worker", *argv, "-v"), capture_output=True, text=True, timeout=120, cwd=tmp_path
+        cli_command("worker", *argv, "-v"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert "Traceback (most recent call last)" in proc.stderr
