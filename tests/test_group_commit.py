@@ -22,8 +22,10 @@ from conftest import config, create_pg_database, drop_pg_database, wait_until
 from dbos_nb import DBOS, DBOSClient, Queue
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.errors import DBOSQueueDeduplicatedError, WorkflowPreempted
+from dbos_nb.models import QueueSettings
 from dbos_nb.storage import claims
 from dbos_nb.storage.database import Database
+from dbos_nb.storage.listener import Listener
 from dbos_nb.storage.merged import DONES_PER_NOTIFICATION, MERGE_FROM
 from dbos_nb.storage.schema import operation_outputs, workflow_status
 from dbos_nb.storage.store import NewWorkflow, SystemStore
@@ -165,25 +167,41 @@ def launched_pg(pg_server_url: str) -> Iterator[str]:
     drop_pg_database(pg_server_url, url)
 
 
-@pytest.mark.parametrize("n", [6, 2 * DONES_PER_NOTIFICATION + 3], ids=["few", "many"])
-def test_finishes_committed_together_are_announced_together(launched_pg: str, n: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "limits", "wakes"),
+    [
+        (6, {"concurrency": 1000}, 2),
+        (2 * DONES_PER_NOTIFICATION + 3, {"concurrency": 1000}, 2),
+        (6, {"worker_concurrency": 1000}, 0),
+        (2 * DONES_PER_NOTIFICATION + 3, {"worker_concurrency": 1000}, 0),
+    ],
+    ids=["few", "many", "few-local-limit", "many-local-limit"],
+)
+def test_finishes_committed_together_are_announced_together(
+    launched_pg: str, n: int, limits: dict[str, int], wakes: int
+) -> None:
     """Other processes learn of workflows that finished in one batch from a few notifications
     (JSON lists of ids, whatever characters the ids hold), not one each, and wake whoever
     waits on them; the one-row finish still announces its workflow alone. Here a second
     `Database` (its own origin, as another process) finishes the workflows; this process's
     worker and a third listener receive the notifications."""
     rt = get_runtime()
+    # Only a slot of a queue with a global concurrency limit is worth waking others for.
+    rt.store.upsert_queue(QueueSettings("gc-note-queue", **limits), 1)
     ids = _pending(rt.store, 'gc-note-,"\\ é ', n, queue_name="gc-note-queue")
     finisher = Database(launched_pg)
     store = SystemStore(finisher)
     payloads: list[str] = []
     stop = threading.Event()
     spy = Database(launched_pg)
-    listener = threading.Thread(target=spy.listen, args=(payloads.append, stop))
+    spying = Listener(spy, payloads.append)
+    listener = threading.Thread(target=spying.run, args=(stop,))
     listener.start()
     try:
         with ExitStack() as watching:
             woken = [watching.enter_context(rt.waiters.watch(wid)) for wid in ids]
+            # Waiting: this process's listener listens for finishes (see test_listener.py).
+            watching.enter_context(rt.waiters.waiting())
             time.sleep(0.5)  # listening
             with _held(finisher, None, ids[0]):
                 results, threads = _run_queued(
@@ -213,8 +231,9 @@ def test_finishes_committed_together_are_announced_together(launched_pg: str, n:
     assert [p for p in payloads if p.startswith("done:")] == [f"done:{ids[0]}"]
     lists = [p for p in payloads if p.startswith("dones:")]
     assert len(lists) == math.ceil((n - 1) / DONES_PER_NOTIFICATION)
-    # Their queue's schedulers are woken once per transaction: the lone finish, then the batch.
-    assert [p for p in payloads if p.startswith("q:")] == ["q:gc-note-queue"] * 2
+    # With a global limit, their queue's schedulers are woken once per transaction: the lone
+    # finish, then the batch (merged or one by one); otherwise not at all.
+    assert [p for p in payloads if p.startswith("q:")] == ["q:gc-note-queue"] * wakes
 
 
 @pytest.mark.parametrize(

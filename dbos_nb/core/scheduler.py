@@ -22,6 +22,7 @@ from dbos_nb.core.steps import cancel_overdue, preempt_lost
 from dbos_nb.core.workflows import run_claimed
 from dbos_nb.models import ClaimedWorkflow, ClaimResult
 from dbos_nb.storage import claims
+from dbos_nb.storage.listener import Listener
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +67,17 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dbos_nb-scheduler", daemon=True)
         self._listener: threading.Thread | None = None
+        self.listener: Listener | None = None
         if use_listen_notify and rt.db.is_postgres:
+            self.listener = listener = Listener(
+                rt.db,
+                self._on_notification,
+                wants_dones=rt.waiters.active,
+                on_dones_heard=rt.waiters.notify_all,
+            )
+            rt.waiters.on_first = listener.want_dones
             self._listener = threading.Thread(
-                target=rt.db.listen,
-                args=(self._on_notification, self._stop),
-                name="dbos_nb-listener",
-                daemon=True,
+                target=listener.run, args=(self._stop,), name="dbos_nb-listener", daemon=True
             )
 
     def start(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -46,6 +46,29 @@ class Waiters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._events: dict[str, list[threading.Event | _LoopEvent]] = {}
+        # Waits that found their workflow unfinished: only those need other processes' finish
+        # announcements (see `storage.listener`). `on_first` is called (outside the lock) when
+        # the first of them starts, so that the listener starts listening for them.
+        self._waiting = 0
+        self.on_first: Callable[[], None] | None = None
+
+    def active(self) -> bool:
+        """Whether a wait is under way (beyond its first look at the workflow)."""
+        return self._waiting > 0
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Mark a registered waiter as waiting for its workflow to finish (see `active`)."""
+        with self._lock:
+            self._waiting += 1
+            first = self._waiting == 1
+        if first and self.on_first is not None:
+            self.on_first()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     @contextmanager
     def watch(self, workflow_id: str) -> Iterator[threading.Event]:
@@ -121,12 +144,16 @@ def wait_for_result(
     """
     poll = _Poll(store, workflow_id, polling_interval_sec, timeout_sec)
     with waiters.watch(workflow_id) as event:
-        while True:
-            finished, value = poll.check()
-            if finished:
-                return value
-            event.wait(poll.next_wait())
-            event.clear()
+        finished, value = poll.check()
+        if finished:
+            return value
+        with waiters.waiting():
+            while True:
+                event.wait(poll.next_wait())
+                event.clear()
+                finished, value = poll.check()
+                if finished:
+                    return value
 
 
 async def wait_for_result_async(
@@ -139,15 +166,19 @@ async def wait_for_result_async(
     """`wait_for_result` for a coroutine: the same wake-ups, awaited instead of blocking."""
     poll = _Poll(store, workflow_id, polling_interval_sec, timeout_sec)
     with waiters.watch_async(workflow_id) as event:
-        while True:
-            # In a thread: while the database is out of reach, a read is retried for a while
-            # (see `reconnect`), which must not stop the event loop.
-            finished, value = await asyncio.to_thread(poll.check)
-            if finished:
-                return value
-            with suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), poll.next_wait())
-            event.clear()
+        # In a thread: while the database is out of reach, a read is retried for a while (see
+        # `reconnect`), which must not stop the event loop.
+        finished, value = await asyncio.to_thread(poll.check)
+        if finished:
+            return value
+        with waiters.waiting():
+            while True:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), poll.next_wait())
+                event.clear()
+                finished, value = await asyncio.to_thread(poll.check)
+                if finished:
+                    return value
 
 
 class _Poll:

@@ -29,7 +29,7 @@ import threading
 import urllib.parse
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, cast
 
@@ -52,7 +52,6 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
-from dbos_nb.storage import pgwire
 from dbos_nb.storage.checkpointer import Checkpointer
 from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
@@ -75,7 +74,10 @@ _PQ_IDLE = psycopg.pq.TransactionStatus.IDLE
 # collector, which would return them to the child's pool.
 _INHERITED: list[list[Any]] = []
 
+# What every serving process hears (see `listener`): work enqueued, slots freed, cancellations.
 NOTIFY_CHANNEL = "dbos_nb_events"
+# Workflows that finished: heard only by processes waiting on some (see `listener`).
+DONES_CHANNEL = "dbos_nb_dones"
 _READ_QUEUE_ROW = select(queues).where(queues.c.name == bindparam("q"))
 _LOCK_QUEUE_ROW = _READ_QUEUE_ROW.with_for_update()
 # Bound parameters per multi-row INSERT of `bulk_insert`: under the 999 of SQLite builds older
@@ -177,9 +179,11 @@ class Database:
         parsed = make_url(self.url)
         self.is_postgres = parsed.get_backend_name() == "postgresql"
         self.dialect_name = "postgresql" if self.is_postgres else "sqlite"
-        # SQLite: the file's absolute path (as `sqlite_file` gives it), for messages.
-        self.path = ""
         self.notifications = notifications and self.is_postgres
+        self.path = ""
+        self.notifications = (
+            notifications and self.is_postgres and not __import__("os").environ.get("DBOS_NB_PROTO")
+        )
         self.origin = uuid.uuid4().hex[:12]
         self.engine: Engine
         self._single_engine: Engine
@@ -707,37 +711,6 @@ class Database:
                 text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p"),
                 {"c": NOTIFY_CHANNEL, "ps": [self.payload(m) for m in messages]},
             )
-
-    def listen(self, on_payload: Callable[[str], None], stop: threading.Event) -> None:
-        """Block, calling `on_payload` for each notification, until `stop` is set (PostgreSQL).
-
-        Reconnects after connection errors; returns at once on SQLite.
-        """
-        if not self.is_postgres:
-            return
-        dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
-        # Most notifications a busy process receives are its own (every listener gets every
-        # one): they are read from libpq as bytes and dropped by their prefix, without
-        # psycopg's per-notification objects and decoding.
-        while not stop.is_set():
-            try:
-                with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    encoding = conn.info.encoding
-                    own = self.payload("").encode(encoding)
-                    pgconn = conn.pgconn
-                    while not stop.is_set():
-                        if not pgwire.wait_readable(pgconn.socket, 0.25):
-                            continue
-                        pgconn.consume_input()  # raises once the connection is lost
-                        while (note := pgconn.notifies()) is not None:
-                            if not note.extra.startswith(own):
-                                on_payload(note.extra.decode(encoding).partition("|")[2])
-            except psycopg.Error as exc:
-                if stop.is_set():
-                    return
-                logger.warning("notification listener lost its connection (%s); reconnecting", exc)
-                stop.wait(0.5)
 
     def dispose(self) -> None:
         """Close every pooled connection (and stop SQLite's checkpointing thread)."""

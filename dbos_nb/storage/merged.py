@@ -91,9 +91,10 @@ WITH v AS (
 _FINISH = _FINISH_BODY + "SELECT workflow_uuid, queue_name, owner_xid FROM finished"
 _FINISH_AND_WAKE = (
     _FINISH_BODY
-    + """
+    + f"""
 SELECT workflow_uuid, queue_name, owner_xid,
-       CASE WHEN queue_name IS NOT NULL
+       CASE WHEN EXISTS (SELECT 1 FROM {PG_SCHEMA}.queues q
+                         WHERE q.name = finished.queue_name AND q.concurrency IS NOT NULL)
             THEN pg_notify(%(channel)s, %(origin)s || 'q:' || queue_name) END
 FROM finished
 """
@@ -222,7 +223,7 @@ def _announce_statement(batch: Batch) -> Statement:
     wids = [p["b_wid"] for p in batch]
     origin = batch[0]["b_origin"]
     return _ANNOUNCE, {
-        "channel": batch[0]["b_channel"],
+        "channel": batch[0]["b_done_channel"],
         "dones": [f"{origin}dones:{chunk}" for chunk in _id_lists(wids)],
     }
 

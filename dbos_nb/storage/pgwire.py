@@ -339,9 +339,4 @@ def _wait(fileno: int, write: bool, timeout: float | None = None) -> bool:
     return bool(readable)
 
 
-def wait_readable(fileno: int, timeout: float) -> bool:
-    """Whether the socket has something to read (or was closed) within `timeout` seconds."""
-    return _wait(fileno, write=False, timeout=timeout)
-
-
 _HAS_POLL = hasattr(select, "poll")

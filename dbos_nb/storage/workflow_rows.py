@@ -7,12 +7,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, String, bindparam, case, func, literal, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    String,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from dbos_nb.errors import DBOSQueueDeduplicatedError
 from dbos_nb.storage import merged
-from dbos_nb.storage.database import NOTIFY_CHANNEL, Database
+from dbos_nb.storage.database import DONES_CHANNEL, NOTIFY_CHANNEL, Database
 from dbos_nb.storage.rows import (
     ENQUEUED,
     MAX_RECOVERY_ATTEMPTS_EXCEEDED,
@@ -45,12 +56,15 @@ _FINISH = (
     .returning(ws.c.workflow_uuid, ws.c.queue_name)
 )
 
-# PostgreSQL: the outcome and its notifications in one statement (one round trip, atomic). A
-# queued workflow's end also wakes the schedulers, since it frees a slot of its queue.
+# PostgreSQL: the outcome and its notifications in one statement (one round trip, atomic). The
+# end of a workflow of a queue with a global concurrency limit also wakes the schedulers of
+# every process, since it frees a slot that they may wait for; on any other queue nobody waits
+# for it (a process's own limit is its own: its scheduler is woken directly), and each process
+# was woken for nothing. Its end is announced on the dones channel (see `listener`).
 _finished = _FINISH.cte("finished")
 _wake = case(
     (
-        _finished.c.queue_name.is_not(None),
+        exists().where(queues.c.name == _finished.c.queue_name, queues.c.concurrency.is_not(None)),
         func.pg_notify(
             bindparam("b_channel"), bindparam("b_origin") + literal("q:") + _finished.c.queue_name
         ),
@@ -60,7 +74,8 @@ _FINISH_AND_NOTIFY = select(
     _finished.c.workflow_uuid,
     _finished.c.queue_name,
     func.pg_notify(
-        bindparam("b_channel"), bindparam("b_origin") + literal("done:") + _finished.c.workflow_uuid
+        bindparam("b_done_channel"),
+        bindparam("b_origin") + literal("done:") + _finished.c.workflow_uuid,
     ),
     _wake,
 )
@@ -263,6 +278,7 @@ class WorkflowRows(StoreBase):
             "b_error": error,
             "b_now": now_ms,
             "b_channel": NOTIFY_CHANNEL,
+            "b_done_channel": DONES_CHANNEL,
             "b_origin": self.db.payload(""),
         }
         stmt = _FINISH_AND_NOTIFY if self.db.notifications else _FINISH
