@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -1064,3 +1066,37 @@ def test_an_outcome_that_cannot_be_recorded_hands_the_workflow_back(
         unrecorded(4)
     assert DBOS.retrieve_workflow("unrecorded").get_result(timeout_sec=20) == 8
     assert calls == [4]  # the step's record stood: only the outcome was written again
+
+
+class _Bulky:
+    """Stands for a DataFrame passed to a workflow: picklable, and weakly referable."""
+
+    def __init__(self, size: int) -> None:
+        self.payload = b"x" * size
+
+
+def test_an_idle_worker_thread_keeps_no_workflow_inputs_alive(launched: str) -> None:
+    """A workflow's inputs (a frame of gigabytes) are freed once it has run: the pool thread
+    that ran it, idle now, holds neither its last task's arguments (the claim, with the
+    pickled inputs) until it exits, nor the unpickled inputs."""
+    from dbos_nb.models import ClaimedWorkflow
+
+    seen: list[weakref.ref[_Bulky]] = []
+
+    @DBOS.workflow(name="wf_keeps_no_inputs")
+    def measure(bulky: _Bulky) -> int:
+        seen.append(weakref.ref(bulky))
+        return len(bulky.payload)
+
+    queue = Queue("q_inputs_freed")
+    handles = [queue.enqueue(measure, _Bulky(1000)) for _ in range(5)]
+    assert [h.get_result() for h in handles] == [1000] * 5
+    ids = {h.workflow_id for h in handles}
+    assert len(seen) == 5
+
+    def freed() -> bool:
+        gc.collect()
+        claims = [o for o in gc.get_objects() if isinstance(o, ClaimedWorkflow)]
+        return not any(c.workflow_id in ids for c in claims) and all(r() is None for r in seen)
+
+    wait_until(freed)

@@ -68,6 +68,9 @@ class ElasticPool:
                     fn(*args)
                 except BaseException:  # a task's failure must not kill the pool thread
                     logger.exception("task on %s failed", me.name)
+                # An idle thread must not keep its last task's arguments alive (a workflow's
+                # inputs: a 50 MB DataFrame per idle thread, until the thread exits).
+                del item, fn, args
                 with self._lock:
                     if self._stopped:
                         return
