@@ -167,6 +167,17 @@ def launched(db_url: str) -> Iterator[str]:
     DBOS.destroy()
 
 
+@pytest.fixture
+def launched_pg(pg_server_url: str) -> Iterator[str]:
+    """DBOS launched on a fresh PostgreSQL database; yields its URL."""
+    url = create_pg_database(pg_server_url)
+    DBOS(config=config(url))
+    DBOS.launch()
+    yield url
+    DBOS.destroy()
+    drop_pg_database(pg_server_url, url)
+
+
 def new_shell() -> Any:
     """A fresh IPython shell with the extension loaded (IPython's one instance, reset)."""
     from IPython.core.interactiveshell import InteractiveShell

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import bindparam, insert, select, text
 
-from conftest import config, create_pg_database, drop_pg_database, wait_until
+from conftest import config, wait_until
 from dbos_nb import DBOS, DBOSClient, Queue
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.errors import DBOSQueueDeduplicatedError, WorkflowPreempted
@@ -154,17 +154,6 @@ def test_waiting_finishes_share_one_commit(launched: str, n: int) -> None:
         row = store.get_workflow(wid)
         assert row is not None
         assert row["status"] == ("PENDING" if i == 3 else "SUCCESS")
-
-
-@pytest.fixture
-def launched_pg(pg_server_url: str) -> Iterator[str]:
-    """DBOS launched on a fresh PostgreSQL database; yields its URL."""
-    url = create_pg_database(pg_server_url)
-    DBOS(config=config(url))
-    DBOS.launch()
-    yield url
-    DBOS.destroy()
-    drop_pg_database(pg_server_url, url)
 
 
 @pytest.mark.parametrize(

@@ -205,16 +205,3 @@ def test_a_waiting_handle_is_woken_by_another_process_finish(launched_pg: str) -
     finally:
         rt.waiters.notify = notify  # type: ignore[method-assign]
         other.db.dispose()
-
-
-@pytest.fixture
-def launched_pg(pg_server_url: str) -> Iterator[str]:
-    from conftest import config
-    from dbos_nb import DBOS
-
-    url = create_pg_database(pg_server_url)
-    DBOS(config=config(url))
-    DBOS.launch()
-    yield url
-    DBOS.destroy()
-    drop_pg_database(pg_server_url, url)

@@ -269,3 +269,81 @@ def test_database_drops_a_broken_connection_and_reuses_sound_ones(pg_server_url:
     finally:
         db.dispose()
         drop_pg_database(pg_server_url, url)
+
+
+def _invalidations(db: Database) -> list[int]:
+    """Counts connections the pools of `db` close for good (invalidate)."""
+    from sqlalchemy import event
+
+    count = [0]
+
+    def counted(*_args: Any) -> None:
+        count[0] += 1
+
+    for engine in db._engines:
+        event.listen(engine, "invalidate", counted)
+    return count
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["started-at-enqueue", "claimed"])
+def test_a_connection_that_carried_a_large_value_is_closed_not_kept(
+    launched_pg: str, limited: bool
+) -> None:
+    """libpq keeps a connection's buffers as large as the largest message it carried: once a
+    workflow's inputs or outputs pass LARGE_MESSAGE_BYTES, the connections that carried them
+    (enqueue, claim through SQLAlchemy, step record, outcome, the waiter's read) are closed when
+    given back, and small values close none."""
+    from dbos_nb import DBOS, Queue
+    from dbos_nb.core.runtime import get_runtime
+
+    rt = get_runtime()
+    closed = _invalidations(rt.db)
+
+    @DBOS.step(name="pgw_echo_step")
+    def echo(data: bytes) -> bytes:
+        return data
+
+    @DBOS.workflow(name="pgw_echo")
+    def wf(data: bytes) -> int:
+        return len(echo(data))
+
+    # With a limit, the queued row is claimed by the scheduler, through SQLAlchemy.
+    queue = Queue("pgw_big", concurrency=1 if limited else None)
+    assert queue.enqueue(wf, b"s" * 1000).get_result() == 1000
+    assert closed == [0]
+    big = pgwire.LARGE_MESSAGE_BYTES + 1
+    assert queue.enqueue(wf, b"b" * big).get_result() == big
+    # The enqueue's, or the claim's (then the enqueue's too: its row went to a waiting queue), and
+    # the writes' of the step and the outcome.
+    assert closed[0] >= (3 if limited else 2)
+    idle = rt.db._idle_single
+    assert not any(pgwire.needs_recycling(fairy.driver_connection) for fairy in idle)
+
+
+def test_large_values_leave_no_memory_behind(launched_pg: str) -> None:
+    """A 64 MB value through a workflow and its step: once done, the process holds about what
+    it held before (it held some 450 MB more while the pool kept the connections that carried
+    a 50 MB value)."""
+    from dbos_nb import DBOS, Queue
+
+    def rss_mb() -> int:
+        with open("/proc/self/status") as status:
+            return int(status.read().split("VmRSS:")[1].split()[0]) // 1024
+
+    @DBOS.step(name="pgw_mem_step")
+    def echo(data: bytes) -> bytes:
+        return data
+
+    @DBOS.workflow(name="pgw_mem")
+    def wf(data: bytes) -> int:
+        return len(echo(data))
+
+    queue = Queue("pgw_mem")
+    assert queue.enqueue(wf, b"w").get_result() == 1  # warm: threads and connections exist
+    gc.collect()
+    before = rss_mb()
+    data = b"m" * (64 * 1024 * 1024)
+    assert queue.enqueue(wf, data).get_result() == len(data)
+    del data
+    gc.collect()
+    assert rss_mb() - before < 64

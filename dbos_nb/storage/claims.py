@@ -38,7 +38,7 @@ from sqlalchemy import (
 
 from dbos_nb.ids import new_token
 from dbos_nb.models import ClaimedWorkflow, ClaimResult, QueueSettings, WorkflowStatusString
-from dbos_nb.storage import rate_ledger
+from dbos_nb.storage import pgwire, rate_ledger
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.queue_records import queue_settings_from_row
 from dbos_nb.storage.schema import (
@@ -253,6 +253,9 @@ def claim(
         if exclude_versions:
             params["excluded"] = list(exclude_versions)
         rows: list[Any] = list(conn.execute(candidates, params).all())
+        raw = conn.connection.driver_connection
+        if db.is_postgres and raw is not None:
+            pgwire.note_received(raw, [r[2] for r in rows])
         estimates = [int(r[7] or 0) for r in rows]
         admitted, token_blocked = windows.fit_tokens(estimates)
         rows = rows[:admitted]

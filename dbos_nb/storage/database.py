@@ -52,6 +52,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from dbos_nb.errors import DBOSConfigError
+from dbos_nb.storage import pgwire
 from dbos_nb.storage.checkpointer import Checkpointer
 from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
@@ -365,6 +366,14 @@ class Database:
         )
         if self._session:
             event.listen(engine, "connect", session_settings(self._session))
+
+        @event.listens_for(engine, "checkin")
+        def _recycle_bloated(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            # Closed rather than kept once it carried a large value (see `pgwire`): its
+            # driver's buffers stay that large for as long as it lives.
+            if dbapi_connection is not None and pgwire.needs_recycling(dbapi_connection):
+                record.invalidate()
+
         self._engines.append(engine)
         return engine
 
@@ -597,7 +606,10 @@ class Database:
         return self._single_engine.raw_connection()
 
     def _give_back_single(self, fairy: Any, conn: Any) -> None:
-        if not conn.closed and conn.pgconn.transaction_status == _PQ_IDLE:
+        if pgwire.needs_recycling(conn):
+            # Its driver's buffers grew to a large value it carried: closed, they are freed.
+            fairy.invalidate()
+        elif not conn.closed and conn.pgconn.transaction_status == _PQ_IDLE:
             with self._idle_single_lock:
                 if len(self._idle_single) < self._idle_single_max:
                     self._idle_single.append(fairy)

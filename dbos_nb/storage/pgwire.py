@@ -87,10 +87,11 @@ class _Session:
     Kept on the connection itself (the adapter refers to the connection, so a weak mapping
     from connections would keep every one alive)."""
 
-    __slots__ = ("counter", "names", "transformer")
+    __slots__ = ("bloated", "counter", "names", "transformer")
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.transformer = Transformer(conn)
+        self.bloated = False  # carried a large message (see `needs_recycling`)
         # (query, parameter types) -> statement name; psycopg's own are named `_pg3_<n>`.
         self.names: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
         self.counter = 0
@@ -153,9 +154,45 @@ def _run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list
     except BaseException:
         _abandon(conn)
         raise
+    if _largest_message(bound, results) >= LARGE_MESSAGE_BYTES:
+        session.bloated = True
     if error is not None:
         raise error
     return results
+
+
+# libpq grows a connection's buffers to the largest message it sent or received and keeps them
+# for the connection's life: a workflow that passed a 50 MB frame left each connection that
+# carried it (the enqueue's, the step record's, the outcome's, the waiter's) holding 64-128 MB,
+# 450 MB in all, for as long as the pool kept them. A connection that carried a message this
+# large is closed when it is given back (see `needs_recycling`), which frees them. Many small
+# messages in one pipeline do not count: libpq sends them as its buffer fills.
+LARGE_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def _largest_message(bound: list[_Bound], results: list[list[Row]]) -> int:
+    """About the size of the largest message of a run: a statement's parameters (sent in one
+    message) or a row's byte strings (received in one)."""
+    sent = max(sum(map(len, filter(None, statement.buffers))) for statement in bound)
+    received = max(
+        (sum(len(v) for v in row if type(v) is bytes) for rows in results for row in rows),
+        default=0,
+    )
+    return max(sent, received)
+
+
+def note_received(conn: psycopg.Connection[Any], values: Sequence[bytes | None]) -> None:
+    """Byte strings read on `conn` through a cursor: a large one means the connection's
+    buffers grew (see LARGE_MESSAGE_BYTES)."""
+    if any(v is not None and len(v) >= LARGE_MESSAGE_BYTES for v in values):
+        _session(conn).bloated = True
+
+
+def needs_recycling(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the connection carried a large message (see LARGE_MESSAGE_BYTES): close it
+    rather than keep it idle."""
+    session: _Session | None = getattr(conn, _SESSION, None)
+    return session is not None and session.bloated
 
 
 def _abandon(conn: psycopg.Connection[Any]) -> None:
