@@ -205,3 +205,48 @@ def test_a_waiting_handle_is_woken_by_another_process_finish(launched_pg: str) -
     finally:
         rt.waiters.notify = notify  # type: ignore[method-assign]
         other.db.dispose()
+
+
+def test_a_usage_report_wakes_other_schedulers(pg_url: str) -> None:
+    """Tokens reported below a workflow's estimate free budget in its queue's token window:
+    other processes' schedulers, stopped by that window, are woken to claim again (a finish
+    no longer wakes them for a queue without a global concurrency limit)."""
+    heard: list[str] = []
+    listener = Listener(Database(pg_url), heard.append)
+    other = _Other(pg_url)
+    other.store.upsert_queue(
+        QueueSettings("lst-tokens", token_limit=1000, token_period_ms=60_000), 1
+    )
+    try:
+        with _listening(listener):
+            other.marker(heard)
+            wid = other.pending("lst-tokens")
+            other.store.report_usage(wid, 10, None, replace_estimate=True)
+            other.marker(heard)
+            assert "q:lst-tokens" in heard
+    finally:
+        other.db.dispose()
+        listener._db.dispose()
+
+
+def test_a_failing_handler_does_not_end_the_listener(pg_url: str) -> None:
+    """The engine's handler reads the database for some notifications; if that read fails (the
+    database away), the listener goes on and hears the next ones."""
+    heard: list[str] = []
+
+    def handle(message: str) -> None:
+        if message.startswith("q:fail"):
+            raise RuntimeError("the database went away")
+        heard.append(message)
+
+    listener = Listener(Database(pg_url), handle)
+    other = _Other(pg_url)
+    try:
+        with _listening(listener):
+            other.marker(heard)
+            with other.db.write() as conn:
+                other.db.notify(conn, "q:fail-once")
+            other.marker(heard)  # heard after the failure
+    finally:
+        other.db.dispose()
+        listener._db.dispose()

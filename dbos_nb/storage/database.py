@@ -180,11 +180,9 @@ class Database:
         parsed = make_url(self.url)
         self.is_postgres = parsed.get_backend_name() == "postgresql"
         self.dialect_name = "postgresql" if self.is_postgres else "sqlite"
-        self.notifications = notifications and self.is_postgres
+        # SQLite: the file's absolute path (as `sqlite_file` gives it), for messages.
         self.path = ""
-        self.notifications = (
-            notifications and self.is_postgres and not __import__("os").environ.get("DBOS_NB_PROTO")
-        )
+        self.notifications = notifications and self.is_postgres
         self.origin = uuid.uuid4().hex[:12]
         self.engine: Engine
         self._single_engine: Engine

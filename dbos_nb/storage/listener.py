@@ -68,9 +68,8 @@ class Listener:
         self._closed = False
 
     def want_dones(self) -> None:
-        """Something started waiting: listen on the dones channel soon, if not already."""
-        if self.hears_dones:
-            return
+        """Something started waiting: listen on the dones channel soon, if not already. Wakes
+        the loop even if it listens now: it may be about to stop (its linger over)."""
         with self._lock:
             if self._closed:
                 return
@@ -115,7 +114,7 @@ class Listener:
         self.hears_dones = False
         last_wanted = time.monotonic()
         while not stop.is_set():
-            readable = self._wait(pgconn.socket)
+            # Before each wait, so that waiters present at a (re)connection are served at once.
             now = time.monotonic()
             if self._wants_dones():
                 last_wanted = now
@@ -126,11 +125,19 @@ class Listener:
             elif self.hears_dones and now - last_wanted >= self._linger_sec:
                 _command(pgconn, f"UNLISTEN {DONES_CHANNEL}", encoding)
                 self.hears_dones = False
-            if readable:
-                pgconn.consume_input()  # raises once the connection is lost
             while (note := pgconn.notifies()) is not None:
                 if not note.extra.startswith(own):
-                    self._on_payload(note.extra.decode(encoding).partition("|")[2])
+                    self._deliver(note.extra.decode(encoding).partition("|")[2])
+            if self._wait(pgconn.socket):
+                pgconn.consume_input()  # raises once the connection is lost
+
+    def _deliver(self, message: str) -> None:
+        # A handler's failure (a read it makes while the database is away) must not end the
+        # listener: the process would never hear of other processes' work again.
+        try:
+            self._on_payload(message)
+        except Exception:
+            logger.warning("handling notification %r failed", message, exc_info=True)
 
     def _wait(self, fileno: int) -> bool:
         """Wait for the connection's socket or a wake-up, at most _TICK_SEC; whether the socket

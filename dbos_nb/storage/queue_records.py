@@ -90,16 +90,21 @@ class QueueRecords(StoreBase):
         """Add a step's real usage to its workflow, and count its tokens in the queue's token
         window in place of the estimate (the first report replaces it, later ones add)."""
         with self.db.write() as conn:
-            conn.execute(
+            queue_name = conn.execute(
                 update(ws)
                 .where(ws.c.workflow_uuid == workflow_id)
                 .values(
                     usage_tokens=func.coalesce(ws.c.usage_tokens, 0) + (tokens or 0),
                     usage_cost=func.coalesce(ws.c.usage_cost, 0.0) + (cost or 0.0),
                 )
-            )
+                .returning(ws.c.queue_name)
+            ).scalar()
             if tokens is None:
                 return
+            if queue_name is not None:
+                # Real use below the estimate frees token budget that other processes' schedulers
+                # may wait for (this one's is woken directly).
+                self.db.notify(conn, f"q:{queue_name}")
             latest = (
                 select(func.max(queue_starts.c.id))
                 .where(queue_starts.c.workflow_uuid == workflow_id)
