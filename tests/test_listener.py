@@ -250,3 +250,22 @@ def test_a_failing_handler_does_not_end_the_listener(pg_url: str) -> None:
     finally:
         other.db.dispose()
         listener._db.dispose()
+
+
+def test_a_cancel_wakes_other_schedulers_of_its_queue(pg_url: str) -> None:
+    """Cancelling a running workflow frees a slot of its queue: other processes' schedulers,
+    which may wait for it, hear of the queue as well as of the workflow."""
+    heard: list[str] = []
+    listener = Listener(Database(pg_url), heard.append)
+    other = _Other(pg_url)
+    other.store.upsert_queue(QueueSettings("lst-cancel", concurrency=1), 1)
+    try:
+        with _listening(listener):
+            other.marker(heard)
+            wid = other.pending("lst-cancel")
+            assert other.store.cancel_workflows([wid], 5, cancel_children=False) == [wid]
+            other.marker(heard)
+            assert f"done:{wid}" in heard and "q:lst-cancel" in heard
+    finally:
+        other.db.dispose()
+        listener._db.dispose()

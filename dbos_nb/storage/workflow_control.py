@@ -62,6 +62,7 @@ class WorkflowControl(StoreBase):
         """Mark active workflows CANCELLED (with their descendants if asked); returns the ids
         changed. Finished workflows are left as they are. Idempotent."""
         changed: list[str] = []
+        queues: set[str] = set()
         with self.db.write() as conn:
             frontier = list(workflow_ids)
             seen: set[str] = set()
@@ -71,7 +72,7 @@ class WorkflowControl(StoreBase):
                 if not batch:
                     break
                 for chunk in _chunks(batch, 500):
-                    ids = conn.execute(
+                    rows = conn.execute(
                         update(ws)
                         .where(ws.c.workflow_uuid.in_(chunk), _still_active)
                         .values(
@@ -80,13 +81,17 @@ class WorkflowControl(StoreBase):
                             completed_at=now_ms,
                             deduplication_id=None,
                         )
-                        .returning(ws.c.workflow_uuid)
-                    ).scalars()
-                    changed.extend(ids)
+                        .returning(ws.c.workflow_uuid, ws.c.queue_name)
+                    ).all()
+                    changed.extend(row[0] for row in rows)
+                    queues.update(row[1] for row in rows if row[1] is not None)
                 if not cancel_children:
                     break
                 frontier = _children(conn, batch)
-            self.db.notify_many(conn, [f"done:{wid}" for wid in changed])
+            # A cancelled running workflow frees a slot of its queue: other processes'
+            # schedulers may wait for it (the caller wakes this process's own).
+            wakes = [f"q:{queue}" for queue in sorted(queues)]
+            self.db.notify_many(conn, [f"done:{wid}" for wid in changed] + wakes)
         return changed
 
     def cancel_overdue(self, now_ms: int) -> list[str]:
