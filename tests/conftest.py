@@ -167,6 +167,25 @@ def launched(db_url: str) -> Iterator[str]:
     DBOS.destroy()
 
 
+def insert_pending(store: Any, workflow_id: str, owner: str, queue_name: str | None = None) -> None:
+    """A PENDING workflow row owned by `owner`, written straight to a `SystemStore` (as if
+    some execution ran it), for tests of the storage layer."""
+    from dbos_nb.storage.store import NewWorkflow
+
+    store.insert_workflow(
+        NewWorkflow(
+            workflow_id=workflow_id,
+            name="wf",
+            inputs=b"",
+            status="PENDING",
+            created_at=1,
+            owner_xid=owner,
+            executor_id="test",
+            queue_name=queue_name,
+        )
+    )
+
+
 @pytest.fixture
 def launched_pg(pg_server_url: str) -> Iterator[str]:
     """DBOS launched on a fresh PostgreSQL database; yields its URL."""

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import bindparam, insert, select, text
 
-from conftest import config, wait_until
+from conftest import config, insert_pending, wait_until
 from dbos_nb import DBOS, DBOSClient, Queue
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.errors import DBOSQueueDeduplicatedError, WorkflowPreempted
@@ -34,18 +34,7 @@ from dbos_nb.storage.store import NewWorkflow, SystemStore
 def _pending(store: SystemStore, prefix: str, n: int, queue_name: str | None = None) -> list[str]:
     ids = [f"{prefix}{i}" for i in range(n)]
     for i, wid in enumerate(ids):
-        store.insert_workflow(
-            NewWorkflow(
-                workflow_id=wid,
-                name="wf",
-                inputs=b"",
-                status="PENDING",
-                created_at=1,
-                owner_xid=f"owner-{i}",
-                executor_id="test",
-                queue_name=queue_name,
-            )
-        )
+        insert_pending(store, wid, f"owner-{i}", queue_name)
     return ids
 
 

@@ -18,7 +18,7 @@ from typing import cast
 
 import pytest
 
-from conftest import create_pg_database, drop_pg_database, wait_until
+from conftest import create_pg_database, drop_pg_database, insert_pending, wait_until
 from dbos_nb import serialization
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.core.scheduler import Scheduler
@@ -26,7 +26,7 @@ from dbos_nb.models import QueueSettings
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.listener import Listener
 from dbos_nb.storage.migrations import migrate
-from dbos_nb.storage.store import NewWorkflow, SystemStore
+from dbos_nb.storage.store import SystemStore
 
 
 @pytest.fixture
@@ -60,18 +60,7 @@ class _Other:
 
     def pending(self, queue_name: str | None = None) -> str:
         wid = f"lst-{uuid.uuid4().hex[:12]}"
-        self.store.insert_workflow(
-            NewWorkflow(
-                workflow_id=wid,
-                name="wf",
-                inputs=b"",
-                status="PENDING",
-                created_at=1,
-                owner_xid="owner",
-                executor_id="other",
-                queue_name=queue_name,
-            )
-        )
+        insert_pending(self.store, wid, "owner", queue_name)
         return wid
 
     def finish(self, wid: str) -> None:
