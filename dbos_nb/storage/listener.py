@@ -1,8 +1,9 @@
 """The process's PostgreSQL notification listener: one LISTEN connection, two channels.
 
-- NOTIFY_CHANNEL: what a serving process must hear at once: work enqueued on a queue
-  (`q:<queue>`), a slot freed on a queue with a global concurrency limit, recovery (`q:*`), a
-  workflow cancelled or given up (`done:<id>`: its execution here stops at once).
+- NOTIFY_CHANNEL: what a serving process must hear at once: work enqueued on a queue, a slot
+  freed on a queue with a global concurrency limit (a finish, a cancel), token budget freed by
+  a usage report (all `q:<queue>`), recovery (`q:*`), a workflow cancelled or given up
+  (`done:<id>`: its execution here stops at once).
 - DONES_CHANNEL: workflows that finished (`done:<id>`, or `dones:<JSON list>` for a batch).
   Only a process waiting on a workflow needs them, and every finish of every process sends one
   to every listener: with 1,600 workflows a second, a listener woke about 1.2 times per
