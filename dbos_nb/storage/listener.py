@@ -59,7 +59,7 @@ class Listener:
         self._wants_dones = wants_dones
         self._on_dones_heard = on_dones_heard
         self._linger_sec = linger_sec
-        # Whether LISTEN on DONES_CHANNEL is in effect now (read by `want_dones`, set here).
+        # Whether LISTEN on DONES_CHANNEL is in effect now (set by the loop; for diagnostics).
         self.hears_dones = False
         # A pipe that ends the loop's wait at once when the waiters change.
         self._lock = threading.Lock()
