@@ -207,6 +207,15 @@ def new_shell() -> Any:
     return sh
 
 
+def launched_shell(db_url: str, name: str, *options: str) -> Iterator[Any]:
+    """A fresh shell that ran `%dbos_launch --db <db_url> --name <name> <options>`; destroys
+    DBOS when the test is done (the body of the notebook test files' `shell` fixtures)."""
+    sh = new_shell()
+    run_cell(sh, " ".join(["%dbos_launch", "--db", db_url, "--name", name, *options]))
+    yield sh
+    DBOS.destroy()
+
+
 # A notebook step that records its call in RUNS and holds until the test's `gate` opens.
 HELD_STEP = """
 from dbos_nb import DBOS

@@ -26,7 +26,14 @@ from IPython.core.interactiveshell import InteractiveShell
 from sqlalchemy.engine import make_url
 
 import dbos_nb
-from conftest import HELD_STEP, create_pg_database, drop_pg_database, new_shell, wait_until
+from conftest import (
+    HELD_STEP,
+    create_pg_database,
+    drop_pg_database,
+    launched_shell,
+    new_shell,
+    wait_until,
+)
 from conftest import run_cell as run
 from dbos_nb import DBOS
 from dbos_nb.core.registry import resolve
@@ -48,10 +55,7 @@ def fetch(i):
 
 @pytest.fixture
 def shell(db_url: str) -> Iterator[InteractiveShell]:
-    sh = new_shell()
-    run(sh, f"%dbos_launch --db {db_url} --name nbedges")
-    yield sh
-    DBOS.destroy()
+    yield from launched_shell(db_url, "nbedges")
 
 
 # -- 1, 2: --rerun ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import dbos_nb
-from conftest import HELD_STEP, new_shell, wait_until
+from conftest import HELD_STEP, launched_shell, wait_until
 from conftest import run_cell as run
 from dbos_nb import DBOS
 from dbos_nb.core.runtime import get_runtime
@@ -30,10 +30,7 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture
 def shell(db_url: str) -> Iterator[InteractiveShell]:
-    sh = new_shell()
-    run(sh, f"%dbos_launch --db {db_url} --name nbfollow")
-    yield sh
-    DBOS.destroy()
+    yield from launched_shell(db_url, "nbfollow")
 
 
 ORIGINAL = "total = held(1) + held(2)\ntotal * 10\n"

@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from IPython.core.interactiveshell import InteractiveShell
 
-from conftest import config, recorded_steps, wait_until
+from conftest import config, launched_shell, recorded_steps, wait_until
 from dbos_nb import DBOS, DBOSClient, DBOSConfigError, Queue
 from dbos_nb.cli import main
 from dbos_nb.clock import ManualClock
@@ -125,13 +125,7 @@ def _max_overlap(spans: list[tuple[float, float]]) -> int:
 
 @pytest.fixture
 def shell(db_url: str) -> Iterator[InteractiveShell]:
-    sh = InteractiveShell.instance()
-    sh.reset(new_session=True)
-    sh.run_line_magic("load_ext", "dbos_nb")
-    result = sh.run_cell(f"%dbos_launch --db {db_url} --name workers_nb --no-worker")
-    assert result.success
-    yield sh
-    DBOS.destroy()
+    yield from launched_shell(db_url, "workers_nb", "--no-worker")
 
 
 def _run(sh: InteractiveShell, code: str) -> Any:
