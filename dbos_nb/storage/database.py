@@ -604,14 +604,17 @@ class Database:
         return self._single_engine.raw_connection()
 
     def _give_back_single(self, fairy: Any, conn: Any) -> None:
-        if pgwire.needs_recycling(conn):
-            # Its driver's buffers grew to a large value it carried: closed, they are freed.
-            fairy.invalidate()
-        elif not conn.closed and conn.pgconn.transaction_status == _PQ_IDLE:
+        if (
+            not conn.closed
+            and conn.pgconn.transaction_status == _PQ_IDLE
+            and not pgwire.needs_recycling(conn)
+        ):
             with self._idle_single_lock:
                 if len(self._idle_single) < self._idle_single_max:
                     self._idle_single.append(fairy)
                     return
+        # Back to the pool, whose check-in closes one that carried a large value (see
+        # `_make_pg_engine`).
         fairy.close()
 
     @property
