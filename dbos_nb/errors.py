@@ -12,6 +12,7 @@ workflow must not swallow a cancellation by accident.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 
 class DBOSErrorCode(Enum):
@@ -252,6 +253,20 @@ class UnknownQueueError(DbosNbError, LookupError):
 # The longest wait a 429 is taken to ask for (RateLimited's `retry_after`, a Retry-After
 # header): the queue pauses for at most an hour at a time, then tries again.
 MAX_RETRY_AFTER_SEC = 3600.0
+
+
+def waiting_does_not_cure(error: Any) -> bool:
+    """Whether a provider's HTTP 429 error object (OpenAI's `{"code", "type", "message"}`) says
+    something that no wait fixes, so that it must fail as an ordinary error rather than pause
+    its queue and be retried, again and again: the account is out of credit (`insufficient_quota`),
+    or the request alone is larger than the rate limit allows ("Request too large for ... on
+    tokens per min (TPM): Limit 30000, Requested 36119"), which it will be at every retry."""
+    if not isinstance(error, dict):
+        return False
+    if "insufficient_quota" in (error.get("code"), error.get("type")):
+        return True
+    message = error.get("message")
+    return isinstance(message, str) and message.lstrip().lower().startswith("request too large")
 
 
 class RateLimited(DbosNbError):

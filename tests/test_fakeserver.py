@@ -459,6 +459,20 @@ def test_client_speaks_openai_protocol(stub: tuple[str, type[_Stub]]) -> None:
             {"Retry-After": "5"},
             _json({"error": {"message": "You exceeded your quota", "code": "insufficient_quota"}}),
         ),
+        (
+            429,
+            {"Retry-After": "60"},
+            _json(
+                {
+                    "error": {
+                        "message": "Request too large for gpt-4o-mini on tokens per min (TPM): "
+                        "Limit 200000, Requested 250000.",
+                        "type": "tokens",
+                        "code": "rate_limit_exceeded",
+                    }
+                }
+            ),
+        ),
         (500, {}, b"internal kaboom " + b"x" * 2000),
         (200, {}, b"not json"),
     ]
@@ -486,6 +500,9 @@ def test_client_speaks_openai_protocol(stub: tuple[str, type[_Stub]]) -> None:
     assert info.value.retry_after is None
     # Out of credit is a 429 that waiting does not cure: not RateLimited.
     with pytest.raises(RuntimeError, match=r"HTTP 429.*insufficient_quota"):
+        chat("x", base_url=base_url)
+    # So is a request larger than the whole limit: it would be refused at every retry.
+    with pytest.raises(RuntimeError, match=r"HTTP 429.*Request too large"):
         chat("x", base_url=base_url)
     with pytest.raises(RuntimeError, match=r"HTTP 500.*internal kaboom") as error:
         chat("x", base_url=base_url)

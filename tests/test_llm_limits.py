@@ -22,6 +22,8 @@ from dbos_nb import (
 from dbos_nb.clock import ManualClock
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.core.steps import rate_limit_delay
+from dbos_nb.llm.client import chat
+from dbos_nb.llm.fakeserver import FakeLLMServer
 from dbos_nb.storage.schema import queues
 
 
@@ -64,6 +66,35 @@ def test_a_429_pauses_the_whole_queue_and_is_retried(launched: str) -> None:
     assert later and min(later) >= t429 + 0.5  # nothing started while the queue was paused
     assert sorted(answered) == [0, 1, 2, 3, 4, 5]  # every call answered exactly once
     assert first.get_status().status == "SUCCESS"
+
+
+def test_a_request_larger_than_the_whole_limit_fails_without_pausing_the_queue(
+    launched: str,
+) -> None:
+    """The fake server refuses a request larger than its whole token budget with a 429, as
+    OpenAI does ("Request too large"). No wait lets it through: the step fails at once, with
+    the provider's message, and its queue goes on with the next call instead of pausing for
+    the Retry-After and trying again without end."""
+    server = FakeLLMServer(latency=0, token_limit=40, period=60).start()
+    try:
+        q = Queue("llm_too_large")
+        calls: list[str] = []
+
+        @DBOS.step(name="too_large_ask")
+        def ask(prompt: str) -> str:
+            calls.append(prompt)
+            return str(chat(prompt, base_url=server.url)["answer"])
+
+        huge = q.enqueue(ask, "word " * 100)
+        with pytest.raises(RuntimeError, match="Request too large"):
+            huge.get_result(timeout_sec=20)
+        assert huge.get_status().status == "ERROR"
+        assert calls == ["word " * 100]  # asked once, not retried
+        assert _paused_until_ms("llm_too_large") is None
+        assert q.enqueue(ask, "short").get_result(timeout_sec=20)
+        assert server.stats()["rejected_tokens"] == 1
+    finally:
+        server.stop()
 
 
 def test_rate_limit_retries_have_their_own_limit(launched: str) -> None:

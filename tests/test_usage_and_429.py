@@ -1,6 +1,7 @@
 """What a step says of its usage and of a provider's 429s: numbers as providers' clients and
 numpy give them are taken (a refusal after the paid call would make the retry pay it again),
-nonsense is refused by name, and an "out of credit" 429 is an ordinary error, not a pause."""
+nonsense is refused by name, and a 429 that no wait cures (out of credit, a request larger than
+the whole limit) is an ordinary error, not a pause."""
 
 from __future__ import annotations
 
@@ -75,11 +76,37 @@ def _http_429(body: object = None, retry_after: str | None = None) -> httpx.HTTP
     return httpx.HTTPStatusError("429", request=request, response=response)
 
 
-def test_an_out_of_credit_429_is_not_a_rate_limit() -> None:
+# OpenAI's answers when a window is full and when one request alone exceeds the whole limit:
+# both are 429s with the same code and type, told apart by their message only.
+_FULL = "Rate limit reached for gpt-4o on tokens per min (TPM): Limit 30000, Used 29000."
+_TOO_LARGE = (
+    "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 36119. "
+    "The input or output tokens must be reduced in order to run successfully."
+)
+
+
+class _OpenAIStyle429(Exception):
+    """The shape of `openai.RateLimitError`: the status code, and the body's `error` object."""
+
+    def __init__(self, error: dict[str, str]) -> None:
+        super().__init__(f"Error code: 429 - {error}")
+        self.status_code = 429
+        self.body = error
+        self.code = error.get("code")
+        self.response = None
+
+
+def test_a_429_that_no_wait_cures_is_not_a_rate_limit() -> None:
     assert rate_limit_delay(_http_429({"error": {"code": "rate_limit_exceeded"}})) == 0.0
     assert rate_limit_delay(_http_429(retry_after="3")) == 3.0
     assert rate_limit_delay(_http_429({"error": {"code": "insufficient_quota"}})) is None
     assert rate_limit_delay(_http_429({"error": {"type": "insufficient_quota"}})) is None
+    full = {"message": _FULL, "type": "tokens", "code": "rate_limit_exceeded"}
+    too_large = {**full, "message": _TOO_LARGE}
+    assert rate_limit_delay(_http_429({"error": full}, retry_after="2")) == 2.0
+    assert rate_limit_delay(_http_429({"error": too_large}, retry_after="2")) is None
+    assert rate_limit_delay(_OpenAIStyle429(full)) == 0.0
+    assert rate_limit_delay(_OpenAIStyle429(too_large)) is None
     # A header that means nothing falls back to dbos_nb's back-off; an endless one is capped.
     assert rate_limit_delay(_http_429(retry_after="nan")) == 0.0
     assert rate_limit_delay(_http_429(retry_after="1e9")) == 3600.0

@@ -43,6 +43,7 @@ from dbos_nb.errors import (
     DBOSUnexpectedStepError,
     RateLimited,
     WorkflowPreempted,
+    waiting_does_not_cure,
 )
 from dbos_nb.models import WorkflowStatusString as S
 from dbos_nb.storage import rate_ledger
@@ -359,7 +360,7 @@ def rate_limit_delay(exc: BaseException) -> float | None:
         return float(exc.retry_after or 0.0)
     response = getattr(exc, "response", None)
     status = getattr(exc, "status_code", None) or getattr(response, "status_code", None)
-    if status != 429 or _out_of_credit(exc, response):
+    if status != 429 or _waiting_does_not_cure(exc, response):
         return None
     headers: Any = getattr(response, "headers", None) or {}
     for key, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
@@ -374,23 +375,19 @@ def rate_limit_delay(exc: BaseException) -> float | None:
     return 0.0
 
 
-def _out_of_credit(exc: BaseException, response: Any) -> bool:
-    """Whether a 429 says the account is out of credit (OpenAI's `insufficient_quota`) rather
-    than "too many requests": waiting does not help, so it is an ordinary error, not a pause
-    of the whole queue."""
-    bodies: list[Any] = [getattr(exc, "body", None)]
+def _waiting_does_not_cure(exc: BaseException, response: Any) -> bool:
+    """Whether a 429 says something that no wait fixes (out of credit, or a request larger
+    than the whole limit: see `waiting_does_not_cure`) rather than "too many requests": it is
+    an ordinary error, not a pause of the whole queue."""
     if getattr(exc, "code", None) == "insufficient_quota":
         return True
+    bodies: list[Any] = [getattr(exc, "body", None)]
     with contextlib.suppress(Exception):  # no response, or not JSON
         bodies.append(response.json())
-    for body in bodies:
-        error = body.get("error", body) if isinstance(body, dict) else None
-        if isinstance(error, dict) and "insufficient_quota" in (
-            error.get("code"),
-            error.get("type"),
-        ):
-            return True
-    return False
+    return any(
+        waiting_does_not_cure(body.get("error", body) if isinstance(body, dict) else None)
+        for body in bodies
+    )
 
 
 def report_usage(rt: Runtime, tokens: int | None, cost: float | None) -> None:

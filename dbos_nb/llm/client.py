@@ -18,7 +18,7 @@ import urllib.request
 from email.message import Message
 from typing import Any
 
-from dbos_nb.errors import RateLimited
+from dbos_nb.errors import RateLimited, waiting_does_not_cure
 
 # How much of an error body goes into exception messages: enough to diagnose, not a page dump.
 _EXCERPT_CHARS = 500
@@ -50,18 +50,16 @@ def _retry_after_seconds(headers: Message) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _error_details(body: str) -> tuple[str, str | None]:
-    """(message, code) of an OpenAI-style error body, falling back to an excerpt of the text."""
+def _error_details(body: str) -> tuple[str, dict[str, Any] | None]:
+    """(message, error object) of an OpenAI-style error body; an excerpt of the text and None
+    for any other body."""
     try:
         payload = json.loads(body)
     except ValueError:
         payload = None
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-        error = payload["error"]
-        code = error.get("code")
-        return str(error.get("message") or body[:_EXCERPT_CHARS]), (
-            str(code) if code is not None else None
-        )
+        error: dict[str, Any] = payload["error"]
+        return str(error.get("message") or body[:_EXCERPT_CHARS]), error
     return body[:_EXCERPT_CHARS], None
 
 
@@ -78,7 +76,8 @@ def chat(
 
     Returns {"answer", "prompt_tokens", "completion_tokens", "total_tokens"}. Raises
     `RateLimited` on HTTP 429 (with `retry_after` from the response headers, or None) and
-    `RuntimeError` on any other HTTP error or an unreadable response. Network failures
+    `RuntimeError` on any other HTTP error, on a 429 that no wait cures (out of credit, or a
+    request larger than the whole rate limit) or on an unreadable response. Network failures
     (`urllib.error.URLError`, `TimeoutError`) propagate unchanged.
     """
     url = base_url.rstrip("/") + "/chat/completions"
@@ -96,10 +95,12 @@ def chat(
             raw = response.read()
     except urllib.error.HTTPError as e:
         text = e.read().decode("utf-8", errors="replace")
-        message, code = _error_details(text)
-        # OpenAI answers 429 also when the account is out of credit; waiting does not fix that,
-        # so it must not become RateLimited (which is retried without limit).
-        if e.code == 429 and code != "insufficient_quota":
+        message, error = _error_details(text)
+        # OpenAI answers 429 also when the account is out of credit, and for a request larger
+        # than the whole limit; waiting fixes neither, so they must not become RateLimited
+        # (which pauses the whole queue, and is retried up to the step's
+        # max_rate_limit_retries).
+        if e.code == 429 and not waiting_does_not_cure(error):
             raise RateLimited(
                 f"HTTP 429 from {url}: {message}", retry_after=_retry_after_seconds(e.headers)
             ) from None
