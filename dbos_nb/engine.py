@@ -18,6 +18,7 @@ from typing import Any
 
 from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import aio
+from dbos_nb.core.clock_skew import SkewWatch
 from dbos_nb.core.context import check_id_length
 from dbos_nb.core.functions import FunctionResolver
 from dbos_nb.core.pool import ElasticPool
@@ -206,6 +207,7 @@ class Engine:
         self._scheduler: Scheduler | None = None
         self._token = uuid.uuid4().hex
         self._renewals = Renewals(config.heartbeat_interval_sec)
+        self._skew = SkewWatch(self.clock)
         # The executor id as configured (a process whose id was taken over goes on under another).
         self._configured_executor_id = config.executor_id
 
@@ -266,6 +268,7 @@ class Engine:
             if app_db is not db:
                 app_db.dispose()
             raise
+        self._compare_clocks(store)
         recovered = store.requeue_pending(cfg.executor_id, rt.now_ms())
         if recovered:
             logger.info(
@@ -397,6 +400,15 @@ class Engine:
             )
         if taken:
             rt.wake_scheduler()
+        self._compare_clocks(rt.store)
+
+    def _compare_clocks(self, store: SystemStore) -> None:
+        """Warn if this machine's clock and the database server's disagree (see
+        `clock_skew`); a failed reading only waits for the next."""
+        try:
+            self._skew.check(store.database_time_ms)
+        except Exception as exc:  # the heartbeat and the launch go on without it
+            logger.debug("could not compare clocks with the database server: %r", exc)
 
     def _rejoin_as_new_executor(
         self, rt: Runtime, holder: dict[str, Any], owners: dict[str, str], now: int
