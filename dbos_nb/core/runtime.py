@@ -44,8 +44,9 @@ class DirectStarter(Protocol):
     def cancel_reservation(self, queue_name: str) -> None:
         """Give back a slot that `reserve` took and that was not used."""
 
-    def adopt(self, item: ClaimedWorkflow) -> None:
-        """Run a workflow written as already started, in the slot `reserve` took."""
+    def adopt(self, item: ClaimedWorkflow, is_async: bool) -> None:
+        """Run a workflow written as already started, in the slot `reserve` took (`is_async`:
+        its function is a coroutine function, as the enqueuer knows)."""
 
 
 # How many workflows `Runtime._stopped_ends` remembers (a claim reads its workflow's last

@@ -281,9 +281,11 @@ class Scheduler:
             total += len(result.claimed)
         return total
 
-    def _dispatch(self, item: ClaimedWorkflow) -> None:
-        reg = self._rt.resolver.resolve(item.name, item.function_hash)
-        if reg is not None and reg.is_async:
+    def _dispatch(self, item: ClaimedWorkflow, is_async: bool | None = None) -> None:
+        if is_async is None:
+            reg = self._rt.resolver.resolve(item.name, item.function_hash)
+            is_async = reg is not None and reg.is_async
+        if is_async:
             self._run(item)  # only hands it to the loop: no thread needed
         else:
             self._rt.pool.submit(self._run, item)
@@ -327,8 +329,8 @@ class Scheduler:
             self._inflight -= 1
             self._running_by_queue[queue_name] -= 1
 
-    def adopt(self, item: ClaimedWorkflow) -> None:
-        self._dispatch(item)
+    def adopt(self, item: ClaimedWorkflow, is_async: bool) -> None:
+        self._dispatch(item, is_async)
 
     @property
     def inflight(self) -> int:

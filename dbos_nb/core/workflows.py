@@ -302,7 +302,8 @@ def _start_directly(
             recovery_attempts=1,
             owner_xid=str(started.owner_xid),
             function_hash=started.function_hash,
-        )
+        ),
+        reg.is_async,
     )
     return True
 

@@ -36,6 +36,7 @@ _TUPLES = pq.ExecStatus.TUPLES_OK
 _SYNC = pq.ExecStatus.PIPELINE_SYNC
 _FATAL = pq.ExecStatus.FATAL_ERROR
 _IDLE = pq.TransactionStatus.IDLE
+_BYTEA = 17  # the type's OID
 # "prepared statement does not exist": the session lost what this module prepared on it.
 _LOST_PREPARED = "26000"
 
@@ -154,8 +155,8 @@ def _run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list
     except BaseException:
         _abandon(conn)
         raise
-    if _largest_message(bound, results) >= LARGE_MESSAGE_BYTES:
-        session.bloated = True
+    if any(sum(map(len, filter(None, b.buffers))) >= LARGE_MESSAGE_BYTES for b in bound):
+        session.bloated = True  # a statement's parameters went out in one message
     if error is not None:
         raise error
     return results
@@ -168,17 +169,6 @@ def _run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list
 # large is closed when it is given back (see `needs_recycling`), which frees them. Many small
 # messages in one pipeline do not count: libpq sends them as its buffer fills.
 LARGE_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
-def _largest_message(bound: list[_Bound], results: list[list[Row]]) -> int:
-    """About the size of the largest message of a run: a statement's parameters (sent in one
-    message) or a row's byte strings (received in one)."""
-    sent = max(sum(map(len, filter(None, statement.buffers))) for statement in bound)
-    received = max(
-        (sum(len(v) for v in row if type(v) is bytes) for rows in results for row in rows),
-        default=0,
-    )
-    return max(sent, received)
 
 
 def note_received(conn: psycopg.Connection[Any], values: Sequence[bytes | None]) -> None:
@@ -353,6 +343,12 @@ def _rows(session: _Session, result: Any) -> list[Row]:
     transformer = session.transformer
     transformer.set_pgresult(result)
     rows: list[Row] = transformer.load_rows(0, result.ntuples, tuple)
+    # Each row came in one message: a large one grew the connection's buffers. Only results
+    # with byte strings are looked at (the hot statements return ids and counts).
+    if rows and _BYTEA in [result.ftype(i) for i in range(result.nfields)]:
+        largest = max(sum(len(v) for v in row if type(v) is bytes) for row in rows)
+        if largest >= LARGE_MESSAGE_BYTES:
+            session.bloated = True
     return rows
 
 
