@@ -226,7 +226,9 @@ class DBOS(metaclass=_DBOSType):
 
         A step that raises `RateLimited` (or an HTTP 429 error of httpx, openai or requests) is
         retried after the delay the provider asked for, up to `max_rate_limit_retries` times,
-        without using up `max_attempts`; its queue starts no new work until then.
+        without using up `max_attempts`; its queue starts no new work until then. A 429 that
+        no wait cures (out of credit, or a request larger than the provider's whole limit) is
+        an ordinary error instead.
         """
         if not isinstance(max_attempts, int) or max_attempts < 1:
             raise DbosNbError(f"max_attempts must be a positive integer, got {max_attempts!r}")

@@ -268,7 +268,7 @@ class Engine:
             if app_db is not db:
                 app_db.dispose()
             raise
-        self._compare_clocks(store)
+        self._compare_clocks(db)
         recovered = store.requeue_pending(cfg.executor_id, rt.now_ms())
         if recovered:
             logger.info(
@@ -400,13 +400,13 @@ class Engine:
             )
         if taken:
             rt.wake_scheduler()
-        self._compare_clocks(rt.store)
+        self._compare_clocks(rt.db)
 
-    def _compare_clocks(self, store: SystemStore) -> None:
+    def _compare_clocks(self, db: Database) -> None:
         """Warn if this machine's clock and the database server's disagree (see
         `clock_skew`); a failed reading only waits for the next."""
         try:
-            self._skew.check(store.database_time_ms)
+            self._skew.check(db.server_time_ms)
         except Exception as exc:  # the heartbeat and the launch go on without it
             logger.debug("could not compare clocks with the database server: %r", exc)
 

@@ -261,12 +261,15 @@ def waiting_does_not_cure(error: Any) -> bool:
     its queue and be retried, again and again: the account is out of credit (`insufficient_quota`),
     or the request alone is larger than the rate limit allows ("Request too large for ... on
     tokens per min (TPM): Limit 30000, Requested 36119"), which it will be at every retry."""
+    if isinstance(error, str):  # a body of `{"error": "<message>"}`
+        error = {"message": error}
     if not isinstance(error, dict):
         return False
     if "insufficient_quota" in (error.get("code"), error.get("type")):
         return True
+    # Proxies and gateways prefix the provider's message ("litellm.RateLimitError: ...").
     message = error.get("message")
-    return isinstance(message, str) and message.lstrip().lower().startswith("request too large")
+    return isinstance(message, str) and "request too large" in message.lower()
 
 
 class RateLimited(DbosNbError):
@@ -275,7 +278,8 @@ class RateLimited(DbosNbError):
     The step is retried after `retry_after` seconds (or a back-off when the provider gave none),
     without counting against its retries, and the whole queue it runs on starts no new work until
     then, in every process. HTTP 429 errors of common clients (httpx, openai, requests) are
-    recognized without wrapping them.
+    recognized without wrapping them, except those that no wait cures (see
+    `waiting_does_not_cure`): they fail like any error.
     """
 
     def __init__(self, message: str = "rate limited", retry_after: float | None = None) -> None:

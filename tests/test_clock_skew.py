@@ -52,7 +52,7 @@ def test_a_skewed_clock_is_reported_once_and_its_recovery_too(
     monotonic = Monotonic()
     watch = SkewWatch(clock, monotonic)
     server = SystemClock()
-    caplog.set_level(logging.WARNING, logger=clock_skew.__name__)
+    caplog.set_level(logging.INFO, logger=clock_skew.__name__)
 
     offset = watch.check(server.now_ms)
     assert offset is not None and abs(offset) < SKEW_WARN_MS
@@ -81,7 +81,43 @@ def test_a_skewed_clock_is_reported_once_and_its_recovery_too(
     monotonic.now += CHECK_EVERY_SEC
     watch.check(server.now_ms)
     assert "agrees with the database server's again" in _warnings(caplog)[-1]
+    assert caplog.records[-1].levelno == logging.INFO
     assert not watch.skewed
+
+
+class ScriptedClock(SystemClock):
+    """A wall clock read at given times: the two readings around each server reading."""
+
+    def __init__(self, readings: list[int]) -> None:
+        self.readings = readings
+
+    def now_ms(self) -> int:
+        return self.readings.pop(0)
+
+
+def test_only_readings_that_tell_change_the_verdict(caplog: pytest.LogCaptureFixture) -> None:
+    """The server read its clock somewhere within the round trip: a skew is reported once it
+    is surely beyond SKEW_WARN_MS, cleared once the clocks surely agree, and a reading too
+    slow to tell either way changes nothing (a loaded machine must not flap between the two)."""
+    caplog.set_level(logging.INFO, logger=clock_skew.__name__)
+    skew = 3 * SKEW_WARN_MS  # the server is this far ahead of this clock
+    # (this clock before, after) the server's reading, which is at 1_000_000 + skew each time.
+    rounds = [
+        (1_000_000, 1_000_002),  # quick: the skew is sure
+        (1_000_000 - 2 * skew, 1_000_000),  # slow: cannot tell (a huge uncertainty)
+        (1_000_000 + skew - SKEW_WARN_MS, 1_000_000 + skew + SKEW_WARN_MS - 4),  # maybe in step
+        (1_000_000 + skew - 1, 1_000_000 + skew + 1),  # quick and in step: agreement is sure
+    ]
+    clock = ScriptedClock([t for pair in rounds for t in pair])
+    monotonic = Monotonic()
+    watch = SkewWatch(clock, monotonic)
+    verdicts = []
+    for _ in rounds:
+        watch.check(lambda: 1_000_000 + skew)
+        verdicts.append(watch.skewed)
+        monotonic.now += CHECK_EVERY_SEC
+    assert verdicts == [True, True, True, False]
+    assert len(_warnings(caplog)) == 2  # the skew, then the agreement: nothing in between
 
 
 def test_behind_is_told_apart_from_ahead(caplog: pytest.LogCaptureFixture) -> None:
@@ -119,7 +155,7 @@ def test_a_launched_process_compares_its_clock_with_the_servers(
     DBOS.launch()
     if backend == "sqlite":
         # One machine, one clock: nothing to compare with.
-        assert get_runtime().store.database_time_ms() is None
+        assert get_runtime().db.server_time_ms() is None
         assert _warnings(caplog) == []
         return
     (message,) = _warnings(caplog)
@@ -133,8 +169,7 @@ def test_a_launched_process_in_step_with_the_server_says_nothing(
     caplog.set_level(logging.WARNING, logger=clock_skew.__name__)
     DBOS(config=config(db_url))
     DBOS.launch()
-    store = get_runtime().store
-    server = store.database_time_ms()
+    server = get_runtime().db.server_time_ms()
     if server is not None:  # PostgreSQL: the same machine's clock
         assert abs(server - SystemClock().now_ms()) < SKEW_WARN_MS
     assert _warnings(caplog) == []

@@ -285,30 +285,28 @@ def _invalidations(db: Database) -> list[int]:
     return count
 
 
-def test_which_messages_mark_a_connection_for_closing(conn: psycopg.Connection[Any]) -> None:
+def test_which_messages_mark_a_connection_for_closing(dsn: str) -> None:
     """A large message either way marks the connection (its buffers grew): a statement's
-    parameters sent, or a row of byte strings received, alone or in a pipeline. Many small
-    rows, or small values, do not; only byte strings are measured on the way in."""
+    parameters sent, or a row of byte strings received, alone or in a pipeline. Messages that
+    are each small do not, however much they add up to: many rows, many statements."""
     big = pgwire.LARGE_MESSAGE_BYTES
-    echo = "SELECT %(v)s::bytea"
-    pgwire.run(conn, [(echo, {"v": b"x" * 1000})] * 3)
-    pgwire.run(conn, [("SELECT repeat('x', 10)::bytea FROM generate_series(1, 5000)", {})])
-    assert not pgwire.needs_recycling(conn)
-    # Received: a row of byte strings that the server made (its parameters were small).
+    half = [("SELECT length(%(v)s::bytea)", {"v": b"x" * (big // 2)})]
+    many_rows = "SELECT repeat('x', 8192)::bytea FROM generate_series(1, %(n)s)"
     made = "SELECT repeat('x', %(n)s)::bytea AS a, 'small'::bytea AS b"
-    assert len(pgwire.run(conn, [(made, {"n": big})])[0][0][0]) == big
-    assert pgwire.needs_recycling(conn)
-
-
-def test_large_parameters_mark_a_connection_alone_or_in_a_pipeline(dsn: str) -> None:
-    for statements in (1, 2):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert pgwire.run(conn, half * 3) == [[(big // 2,)]] * 3  # 6 MiB sent, in 3 messages
+        rows = pgwire.run(conn, [(many_rows, {"n": 1000})])[0]  # 8 MB received, in 1000 rows
+        assert len(rows) == 1000
+        assert not pgwire.needs_recycling(conn)
+    for statements in ([(made, {"n": big})], [(made, {"n": 10}), (made, {"n": big})]):
         with psycopg.connect(dsn, autocommit=True) as conn:
-            sent = [("SELECT length(%(v)s::bytea)", {"v": b"y" * pgwire.LARGE_MESSAGE_BYTES})]
-            assert pgwire.run(conn, sent * statements)[0] == [(pgwire.LARGE_MESSAGE_BYTES,)]
+            assert len(pgwire.run(conn, statements)[-1][0][0]) == big
             assert pgwire.needs_recycling(conn)
+    large = ("SELECT length(%(v)s::bytea)", {"v": b"y" * big})
+    for statements in ([large], [half[0], large]):
         with psycopg.connect(dsn, autocommit=True) as conn:
-            pgwire.run(conn, [("SELECT repeat('z', %(n)s)", {"n": 2 * pgwire.LARGE_MESSAGE_BYTES})])
-            assert not pgwire.needs_recycling(conn)  # text: not a value dbos_nb stores large
+            assert pgwire.run(conn, statements)[-1] == [(big,)]
+            assert pgwire.needs_recycling(conn)
 
 
 @pytest.mark.parametrize("limited", [False, True], ids=["started-at-enqueue", "claimed"])

@@ -107,6 +107,11 @@ def test_a_429_that_no_wait_cures_is_not_a_rate_limit() -> None:
     assert rate_limit_delay(_http_429({"error": too_large}, retry_after="2")) is None
     assert rate_limit_delay(_OpenAIStyle429(full)) == 0.0
     assert rate_limit_delay(_OpenAIStyle429(too_large)) is None
+    # As a proxy passes it on: prefixed, or as a bare string.
+    proxied = {**full, "message": f"litellm.RateLimitError: OpenAIException - {_TOO_LARGE}"}
+    assert rate_limit_delay(_http_429({"error": proxied})) is None
+    assert rate_limit_delay(_http_429({"error": _TOO_LARGE})) is None
+    assert rate_limit_delay(_http_429({"error": _FULL})) == 0.0
     # A header that means nothing falls back to dbos_nb's back-off; an endless one is capped.
     assert rate_limit_delay(_http_429(retry_after="nan")) == 0.0
     assert rate_limit_delay(_http_429(retry_after="1e9")) == 3600.0

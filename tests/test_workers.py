@@ -500,6 +500,21 @@ def test_work_claimed_after_a_take_over_goes_back_when_the_executor_rejoins(db_u
     wait_until(lambda: _owner(store, "late") == ("ENQUEUED", None))
 
 
+def test_a_clock_set_back_does_not_stop_the_heartbeat(db_url: str) -> None:
+    """NTP correcting a clock that ran a minute ahead sets it back: the heartbeat goes on at
+    once, stamped with the corrected time, rather than waiting a minute for the clock to come
+    back to its last beat (by then, with a 30 s lease, others would have taken its work)."""
+    clock = ManualClock(T0)
+    DBOS(config=config(db_url, heartbeat_interval_sec=0.2, listen_queues=[]), clock=clock)
+    DBOS.launch()
+    rt = get_runtime()
+    wait_until(lambda: _heartbeat_of(rt.store, rt.executor_id) == T0)
+    clock.advance(-60)
+    wait_until(lambda: _heartbeat_of(rt.store, rt.executor_id) == T0 - 60_000)
+    clock.advance(0.2)  # and the interval counts from the corrected time
+    wait_until(lambda: _heartbeat_of(rt.store, rt.executor_id) == T0 - 59_800)
+
+
 def test_a_long_transaction_on_sqlite_gives_no_live_workers_work_away(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,9 +9,13 @@ pass early or late, and windows hold more starts than the limit. NTP keeps clock
 milliseconds; a machine without it can drift by seconds a day.
 
 On PostgreSQL, where processes of several machines meet, each launched process compares its
-clock with the server's now and then (the server's clock is the one every process can read) and
-logs a warning when they differ by more than SKEW_WARN_MS beyond what the round trip leaves
-uncertain, and again when they agree once more. SQLite's processes all run on its machine.
+clock with the server's now and then (the one clock every process can read; dbos_nb itself never
+uses it) and logs a warning when they are surely more than SKEW_WARN_MS apart (beyond what the
+round trip leaves uncertain), and a note once they surely agree again. Two limits of a reference
+clock: two machines each just under the threshold, in opposite directions, are up to twice it
+apart unreported; and a server whose own clock is off (a container VM that drifted while a
+laptop slept) makes every process warn, though processes on one machine still agree with each
+other. SQLite's processes all run on its machine.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from dbos_nb.clock import Clock, SystemClock
 
 logger = logging.getLogger(__name__)
 
-# Twice the shortest margin a rate limiter's window keeps for jitter (`limiter_guard_ms`), far
-# above what NTP leaves (a few milliseconds), far below a lease.
-SKEW_WARN_MS = 100
+# The shortest margin a rate limiter's window keeps for jitter (`limiter_guard_ms`): a skew
+# beyond it can let a window hold more starts than its limit. Far above what NTP leaves (a few
+# milliseconds), far below a lease.
+SKEW_WARN_MS = 50
 # How often a launched process compares clocks (at launch, then with its heartbeat).
 CHECK_EVERY_SEC = 60.0
 
@@ -58,8 +63,9 @@ class SkewWatch:
         offset = server - (before + after) / 2
         # The server read its clock somewhere within the round trip.
         uncertain = (after - before) / 2 + 1
-        excess = abs(offset) - uncertain
-        if excess > SKEW_WARN_MS and not self.skewed:
+        if uncertain > SKEW_WARN_MS:
+            return None  # too slow a reading to tell either way: the next one may
+        if abs(offset) - uncertain > SKEW_WARN_MS and not self.skewed:
             self.skewed = True
             logger.warning(
                 "this machine's clock is %.3f s %s the database server's: processes on other "
@@ -69,10 +75,10 @@ class SkewWatch:
                 abs(offset) / 1000,
                 "behind" if offset > 0 else "ahead of",
             )
-        elif excess <= SKEW_WARN_MS / 2 and self.skewed:
+        elif abs(offset) + uncertain <= SKEW_WARN_MS / 2 and self.skewed:
             self.skewed = False
-            logger.warning(
+            logger.info(
                 "this machine's clock agrees with the database server's again (within %.3f s)",
-                abs(offset) / 1000,
+                (abs(offset) + uncertain) / 1000,
             )
         return offset

@@ -129,19 +129,19 @@ class Scheduler:
             now = rt.now_ms()
             poll_ms = round(rt.polling_interval_sec * 1000)
             try:
-                if now - last_sweep >= SWEEP_INTERVAL_MS:
+                if _due(now, last_sweep, SWEEP_INTERVAL_MS):
                     last_sweep = now
                     cancel_overdue(rt)
                     if not rt.db.notifications:
                         preempt_lost(rt)
-                if now - last_beat >= self._heartbeat_interval_ms:
+                if _due(now, last_beat, self._heartbeat_interval_ms):
                     last_beat = now
                     self._heartbeat()
-                if now - last_refresh >= REFRESH_INTERVAL_MS:
+                if _due(now, last_refresh, REFRESH_INTERVAL_MS):
                     last_refresh = now
                     rt.resolver.refresh()
                 everything, dirty = rt.take_dirty()
-                if now - last_full >= poll_ms:
+                if _due(now, last_full, poll_ms):
                     # The fallback poll: what no wake-up reached (other processes on SQLite).
                     everything, last_full = True, now
                 for queue_name, slot in rate_slots.items():
@@ -336,3 +336,11 @@ class Scheduler:
     def inflight(self) -> int:
         with self._inflight_lock:
             return self._inflight
+
+
+def _due(now_ms: int, last_ms: int, interval_ms: int) -> bool:
+    """Whether a periodic task last run at `last_ms` is due at `now_ms`. A clock set back
+    (NTP correcting a clock that ran ahead) makes it due at once, and its interval counts
+    again from there: waiting for the clock to come back to `last_ms` would stop the
+    heartbeat for as long as the clock was ahead, and a live executor would lose its work."""
+    return now_ms - last_ms >= interval_ms or now_ms < last_ms

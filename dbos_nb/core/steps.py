@@ -354,7 +354,8 @@ def rate_limit_delay(exc: BaseException) -> float | None:
     """None if `exc` is not a rate-limit answer; else the seconds to wait (0: not said).
 
     Recognizes RateLimited and HTTP 429 errors of httpx, requests and the openai client (their
-    exceptions carry the response with its Retry-After header).
+    exceptions carry the response with its Retry-After header), but not a 429 that no wait
+    cures (`waiting_does_not_cure`).
     """
     if isinstance(exc, RateLimited):
         return float(exc.retry_after or 0.0)

@@ -3,7 +3,9 @@
 `chat()` sends one prompt and returns the answer with its token usage. It works against the fake
 server (`dbos_nb.llm.fakeserver`) and the real OpenAI API (or any compatible one) alike, and it
 turns HTTP 429 into `dbos_nb.errors.RateLimited` carrying the provider's Retry-After, which is what
-a durable step should raise so that its queue backs off as a whole instead of burning retries.
+a durable step should raise so that its queue backs off as a whole instead of burning retries;
+a 429 that no wait cures (out of credit, a request larger than the whole limit) is an ordinary
+error.
 
 It deliberately does not retry: retrying is the job of the step and queue machinery around it.
 """

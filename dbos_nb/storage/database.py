@@ -69,6 +69,8 @@ from dbos_nb.storage.sessions import (
 )
 
 logger = logging.getLogger(__name__)
+# clock_timestamp(), not now(): the time of the reading, not of its transaction's start.
+_SERVER_NOW_MS = text("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
 
 _PQ_IDLE = psycopg.pq.TransactionStatus.IDLE
 # Idle connections a forked child inherited (see `Database._take_single`), kept from the garbage
@@ -724,6 +726,15 @@ class Database:
                 text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p"),
                 {"c": NOTIFY_CHANNEL, "ps": [self.payload(m) for m in messages]},
             )
+
+    def server_time_ms(self) -> int | None:
+        """The database server's clock in epoch milliseconds (PostgreSQL), to compare this
+        machine's with (see `core/clock_skew.py`); None on SQLite, whose processes all share
+        this machine's clock."""
+        if not self.is_postgres:
+            return None
+        with self.read() as conn:
+            return int(conn.execute(_SERVER_NOW_MS).scalar_one())
 
     def dispose(self) -> None:
         """Close every pooled connection (and stop SQLite's checkpointing thread)."""

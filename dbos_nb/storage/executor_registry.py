@@ -4,25 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, select, update
 
 from dbos_nb.storage.rows import StoreBase
 from dbos_nb.storage.schema import executors
 
-# clock_timestamp(), not now(): the time of the reading, not of the transaction's start.
-_SERVER_NOW_MS = text("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
-
 
 class ExecutorRegistry(StoreBase):
     """Register, renew and list executors."""
-
-    def database_time_ms(self) -> int | None:
-        """The database server's clock in epoch milliseconds (PostgreSQL); None on SQLite,
-        whose processes all share this machine's clock."""
-        if not self.db.is_postgres:
-            return None
-        with self.db.read() as conn:
-            return int(conn.execute(_SERVER_NOW_MS).scalar_one())
 
     def get_executor(self, executor_id: str) -> dict[str, Any] | None:
         """The executor's registration row."""
