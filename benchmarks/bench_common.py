@@ -79,6 +79,27 @@ def _admin_dsn(server_url: str) -> str:
     return make_url(server_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def commit_floor(url: str, n: int = 2000) -> float:
+    """Inserts per second when each is its own transaction, sent one after the other from
+    psycopg with nothing else running: the server's round trip and durable commit (WAL flush)
+    alone. An enqueue that returns only once its row is durable cannot go faster one at a time,
+    whatever the library around it, so this bounds the throughput of workflows enqueued one by
+    one (measurement 1 of bench_queues)."""
+    import time
+
+    import psycopg
+
+    with psycopg.connect(_admin_dsn(url), autocommit=True) as conn:
+        conn.execute("CREATE TABLE commit_floor (id bigserial PRIMARY KEY, v bytea)")
+        insert = "INSERT INTO commit_floor (v) VALUES (%s)"
+        for _ in range(50):  # warm: the statement is prepared from its fifth run
+            conn.execute(insert, (b"w",))
+        start = time.perf_counter()
+        for _ in range(n):
+            conn.execute(insert, (b"x" * 64,))
+        return n / (time.perf_counter() - start)
+
+
 class PostgresTarget:
     """A PostgreSQL server: the one in DBOS_NB_BENCH_PG_URL or a throwaway durable one."""
 

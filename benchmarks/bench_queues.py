@@ -60,6 +60,7 @@ from bench_common import (
     REPO_ROOT,
     RESULT_MARKER,
     PostgresTarget,
+    commit_floor,
     probe_dbos,
     run_measurement,
     sqlite_dir,
@@ -585,6 +586,19 @@ def _rounds(results: dict[tuple[str, str], dict[str, Any] | None]) -> list[str]:
     return lines
 
 
+def _floor_note(floor: float, figures: dict[str, Any] | None) -> str:
+    """What the server allows one enqueue at a time (see `commit_floor`), and how close to it
+    measurement 1 of dbos_nb came."""
+    note = (
+        f"PostgreSQL floor for one-by-one enqueues: one INSERT + commit at a time from psycopg, "
+        f"nothing else running: {floor:,.0f}/s ({1000 / floor:.2f} ms each)"
+    )
+    if figures and figures.get("tp_total"):
+        share = figures["tp_total"] / floor
+        note += f"; dbos_nb's measurement 1 (whole run) reached {share:.0%} of it"
+    return note + "."
+
+
 def run_benchmarks(args: argparse.Namespace) -> int:
     settings = Settings.for_mode(args.quick)
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
@@ -691,7 +705,9 @@ def run_benchmarks(args: argparse.Namespace) -> int:
             def fresh_database(library: str, turn: int, on: PostgresTarget = target) -> str:
                 return on.create_database(f"benchq_{library}_{turn}")
 
+            floor = commit_floor(target.create_database("benchq_floor"), settings.throughput)
             rounds(backend, fresh_database)
+            notes.append(_floor_note(floor, results.get((backend, "dbos_nb"))))
         finally:
             target.close()
 
