@@ -18,7 +18,7 @@ from typing import Any
 
 from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import aio
-from dbos_nb.core.clock_skew import CorrectedClock, SkewWatch
+from dbos_nb.core.clock_skew import SkewWatch
 from dbos_nb.core.context import check_id_length
 from dbos_nb.core.functions import FunctionResolver
 from dbos_nb.core.pool import ElasticPool
@@ -202,17 +202,12 @@ class Engine:
 
     def __init__(self, config: ResolvedConfig, clock: Clock | None = None) -> None:
         self.config = config
-        base = clock or SystemClock()
-        # The real clock keeps time by the database server's where it is found off (see
-        # `clock_skew`); a clock injected by a test is left as it is.
-        self._skew = SkewWatch(base)
-        self.clock: Clock = (
-            CorrectedClock(base, self._skew) if isinstance(base, SystemClock) else base
-        )
+        self.clock: Clock = clock or SystemClock()
         self.runtime: Runtime | None = None
         self._scheduler: Scheduler | None = None
         self._token = uuid.uuid4().hex
         self._renewals = Renewals(config.heartbeat_interval_sec)
+        self._skew = SkewWatch(self.clock)
         # The executor id as configured (a process whose id was taken over goes on under another).
         self._configured_executor_id = config.executor_id
 
@@ -244,8 +239,6 @@ class Engine:
         except BaseException:
             db.dispose()
             raise
-        # Before anything is stamped: on a machine found off, the first stamps are corrected.
-        self._compare_clocks(db)
         rt = Runtime(
             db=db,
             store=store,
@@ -275,6 +268,7 @@ class Engine:
             if app_db is not db:
                 app_db.dispose()
             raise
+        self._compare_clocks(db)
         recovered = store.requeue_pending(cfg.executor_id, rt.now_ms())
         if recovered:
             logger.info(
@@ -409,8 +403,8 @@ class Engine:
         self._compare_clocks(rt.db)
 
     def _compare_clocks(self, db: Database) -> None:
-        """Compare this machine's clock with the database server's, and correct it while they
-        disagree (see `clock_skew`); a failed reading only waits for the next."""
+        """Warn if this machine's clock and the database server's disagree (see
+        `clock_skew`); a failed reading only waits for the next."""
         try:
             self._skew.check(db.server_time_ms)
         except Exception as exc:  # the heartbeat and the launch go on without it

@@ -1,6 +1,5 @@
-"""A machine whose clock disagrees with the database server's is told so, and keeps time by the
-server's clock until they agree again (PostgreSQL): other machines' processes judge its leases,
-deadlines and rate-limit starts by their own clocks."""
+"""A machine whose clock disagrees with the database server's is told so (PostgreSQL): other
+machines' processes judge its leases, deadlines and rate-limit starts by their own clocks."""
 
 from __future__ import annotations
 
@@ -9,12 +8,12 @@ import re
 
 import pytest
 
-from conftest import config, create_pg_database, drop_pg_database, wait_until
+from conftest import config, wait_until
 from dbos_nb import DBOS
 from dbos_nb.clock import ManualClock, SystemClock
 from dbos_nb.core import clock_skew
 from dbos_nb.core.clock_skew import CHECK_EVERY_SEC, SKEW_WARN_MS, SkewWatch
-from dbos_nb.core.runtime import Runtime, get_runtime
+from dbos_nb.core.runtime import get_runtime
 
 
 class SkewedClock(SystemClock):
@@ -64,7 +63,6 @@ def test_a_skewed_clock_is_reported_once_and_its_recovery_too(
     monotonic.now += CHECK_EVERY_SEC
     offset = watch.check(server.now_ms)
     assert offset is not None and -5_100 < offset < -4_900
-    assert watch.offset_ms == round(offset)  # what the engine's clock now adds
     (message,) = _warnings(caplog)
     assert _seconds(message) == pytest.approx(5, abs=0.1)
     assert "ahead of the database server's" in message
@@ -75,16 +73,16 @@ def test_a_skewed_clock_is_reported_once_and_its_recovery_too(
     assert len(_warnings(caplog)) == 1  # said once, not at every comparison
 
     clock.offset_ms = -3_000  # and 3 s behind: still apart, nothing new to say
-    watch.check(server.now_ms)  # while a correction applies, every call compares
+    monotonic.now += CHECK_EVERY_SEC
+    watch.check(server.now_ms)
     assert len(_warnings(caplog)) == 1 and watch.skewed
-    assert 2_900 < watch.offset_ms < 3_100  # the correction follows
 
     clock.offset_ms = 0
     monotonic.now += CHECK_EVERY_SEC
     watch.check(server.now_ms)
     assert "agrees with the database server's again" in _warnings(caplog)[-1]
     assert caplog.records[-1].levelno == logging.INFO
-    assert not watch.skewed and watch.offset_ms == 0
+    assert not watch.skewed
 
 
 class ScriptedClock(SystemClock):
@@ -149,36 +147,20 @@ def test_what_cannot_be_compared_is_never_read(caplog: pytest.LogCaptureFixture)
     assert reads == [] and _warnings(caplog) == []
 
 
-def test_a_launched_process_keeps_time_by_the_servers_clock_when_its_own_is_off(
+def test_a_launched_process_compares_its_clock_with_the_servers(
     db_url: str, backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """This machine's clock runs 7 s ahead: on PostgreSQL the process says so at launch and
-    stamps its times by the server's clock (its registration included); on SQLite, one
-    machine, nothing is compared or corrected."""
     caplog.set_level(logging.WARNING, logger=clock_skew.__name__)
     DBOS(config=config(db_url), clock=SkewedClock(7_000))
     DBOS.launch()
-    rt = get_runtime()
     if backend == "sqlite":
-        assert rt.db.server_time_ms() is None
+        # One machine, one clock: nothing to compare with.
+        assert get_runtime().db.server_time_ms() is None
         assert _warnings(caplog) == []
-        assert rt.now_ms() - SystemClock().now_ms() == pytest.approx(7_000, abs=50)
         return
     (message,) = _warnings(caplog)
     assert _seconds(message) == pytest.approx(7, abs=0.1)
     assert "ahead of the database server's" in message
-    server = rt.db.server_time_ms()
-    assert server is not None and rt.now_ms() == pytest.approx(server, abs=SKEW_WARN_MS)
-    registered = rt.store.get_executor(rt.executor_id)
-    assert registered is not None
-    assert int(registered["started_at"]) == pytest.approx(server, abs=1_000)
-
-
-def test_an_injected_clock_is_left_as_it_is(db_url: str) -> None:
-    clock = ManualClock(1_000_000)
-    DBOS(config=config(db_url), clock=clock)
-    DBOS.launch()
-    assert get_runtime().clock is clock and get_runtime().now_ms() == 1_000_000
 
 
 def test_a_launched_process_in_step_with_the_server_says_nothing(
@@ -193,74 +175,19 @@ def test_a_launched_process_in_step_with_the_server_says_nothing(
     assert _warnings(caplog) == []
 
 
-def test_the_heartbeat_finds_a_clock_gone_wrong_and_set_right(
+def test_the_heartbeat_compares_again(
     launched_pg: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A clock that goes wrong while the process runs (a suspended VM, a manual change) is
-    found at a later heartbeat (here every heartbeat compares while the clocks agree); once
-    NTP sets it right, the next heartbeat drops the correction (while one applies, every
-    heartbeat compares), rather than correct a right clock for a minute."""
+    found at a later heartbeat; here every heartbeat compares."""
     DBOS.destroy()
     monkeypatch.setattr(clock_skew, "CHECK_EVERY_SEC", 0.0)
-    caplog.set_level(logging.INFO, logger=clock_skew.__name__)
+    caplog.set_level(logging.WARNING, logger=clock_skew.__name__)
     clock = SkewedClock(0)
     DBOS(config=config(launched_pg, heartbeat_interval_sec=0.1), clock=clock)
     DBOS.launch()
-    rt = get_runtime()
     assert _warnings(caplog) == []
     clock.offset_ms = -4_000
     wait_until(lambda: len(_warnings(caplog)) == 1)
     assert _seconds(_warnings(caplog)[0]) == pytest.approx(4, abs=0.1)
     assert "behind" in _warnings(caplog)[0]
-    assert rt.now_ms() == pytest.approx(SystemClock().now_ms(), abs=SKEW_WARN_MS)
-    monkeypatch.setattr(clock_skew, "CHECK_EVERY_SEC", 3600.0)
-    clock.offset_ms = 0
-    wait_until(lambda: len(_warnings(caplog)) == 2)
-    assert "agrees with the database server's again" in _warnings(caplog)[1]
-    assert rt.now_ms() == pytest.approx(SystemClock().now_ms(), abs=SKEW_WARN_MS)
-
-
-def test_a_process_whose_clock_runs_ahead_leaves_a_live_executor_alone(
-    pg_server_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The harm the correction prevents: this process's machine runs a minute ahead, another
-    executor (lease 30 s) renewed its heartbeat a moment ago by the right time. Judged by the
-    skewed clock, that heartbeat would be a minute old and its running workflow taken over
-    (its steps would run twice); judged by the server's time, it is fresh."""
-    from dbos_nb.storage.store import NewWorkflow
-
-    url = create_pg_database(pg_server_url)
-    try:
-        caplog.set_level(logging.WARNING, logger=clock_skew.__name__)
-        DBOS(config=config(url, heartbeat_interval_sec=0.1), clock=SkewedClock(60_000))
-        DBOS.launch()
-        rt = get_runtime()
-        now = SystemClock().now_ms()
-        rt.store.register_executor("worker-b", "other-host", 2, "t-b", now, lease_ms=30_000)
-        rt.store.insert_workflow(
-            NewWorkflow(
-                workflow_id="paid-call",
-                name="elsewhere_wf",
-                inputs=b"",
-                status="PENDING",
-                created_at=now,
-                executor_id="worker-b",
-                owner_xid="xid-b",
-                queue_name="elsewhere",
-            )
-        )
-        beat = _heartbeat_of(rt)
-        wait_until(lambda: _heartbeat_of(rt) > beat + 200)  # a few judgements later
-        row = rt.store.get_workflow("paid-call")
-        assert row is not None and (row["status"], row["executor_id"]) == ("PENDING", "worker-b")
-        assert rt.store.get_executor("worker-b") is not None
-        assert len(_warnings(caplog)) == 1
-    finally:
-        DBOS.destroy()
-        drop_pg_database(pg_server_url, url)
-
-
-def _heartbeat_of(rt: Runtime) -> int:
-    row = rt.store.get_executor(rt.executor_id)
-    assert row is not None
-    return int(row["heartbeat_at"])

@@ -9,17 +9,13 @@ pass early or late, and windows hold more starts than the limit. NTP keeps clock
 milliseconds; a machine without it can drift by seconds a day.
 
 On PostgreSQL, where processes of several machines meet, each launched process compares its
-clock with the server's (the one clock every process can read) at launch and now and then. When
-they are surely more than SKEW_WARN_MS apart (beyond what the round trip leaves uncertain), it
-logs a warning and from then on stamps and judges time by the server's clock: the engine's clock
-(`CorrectedClock`) adds the offset found, measured again at every heartbeat while it applies,
-until this machine's clock surely agrees again. Processes whose clocks agree with the server's
-are not corrected at all, so a correction only ever applies where times would otherwise be
-compared across a skew. Two limits of a reference clock: two machines each just under the
-threshold, in opposite directions, are up to twice it apart uncorrected; and when the server's
-own clock is the one that is off (a container VM that drifted while a laptop slept), every
-process corrects to it, which keeps them in agreement, and stored times follow the server's.
-SQLite's processes all run on its machine: nothing to compare.
+clock with the server's now and then (the one clock every process can read; dbos_nb itself never
+uses it) and logs a warning when they are surely more than SKEW_WARN_MS apart (beyond what the
+round trip leaves uncertain), and a note once they surely agree again. Two limits of a reference
+clock: two machines each just under the threshold, in opposite directions, are up to twice it
+apart unreported; and a server whose own clock is off (a container VM that drifted while a
+laptop slept) makes every process warn, though processes on one machine still agree with each
+other. SQLite's processes all run on its machine.
 """
 
 from __future__ import annotations
@@ -36,30 +32,26 @@ logger = logging.getLogger(__name__)
 # beyond it can let a window hold more starts than its limit. Far above what NTP leaves (a few
 # milliseconds), far below a lease.
 SKEW_WARN_MS = 50
-# How often a launched process compares clocks while they agree (at launch, then with its
-# heartbeat); while a correction applies, at every heartbeat, so that a clock that NTP sets
-# right is not corrected twice for long.
+# How often a launched process compares clocks (at launch, then with its heartbeat).
 CHECK_EVERY_SEC = 60.0
 
 
 class SkewWatch:
-    """Compares this machine's clock with the database's and keeps the correction to apply
-    (see the module docstring)."""
+    """Compares the engine's clock with the database's (see the module docstring)."""
 
     def __init__(self, clock: Clock, monotonic: Callable[[], float] = time.monotonic) -> None:
         # An injected clock (tests moving time by hand) is meant to differ from the server's.
         self._clock = clock if isinstance(clock, SystemClock) else None
         self._monotonic = monotonic
         self._next_check = float("-inf")
-        self.skewed = False  # the clocks were found apart, and not yet found in agreement
-        self.offset_ms = 0  # what `CorrectedClock` adds: the server's clock minus this one
+        self.skewed = False  # the last comparison found the clocks apart
 
     def check(self, database_time_ms: Callable[[], int | None]) -> float | None:
         """Compare the clocks if it is time to (the first call always is); returns the offset
         found (the server's clock minus this one, in milliseconds), or None if none was
         measured (an injected clock, SQLite, or not yet time)."""
         clock = self._clock
-        if clock is None or (not self.skewed and self._monotonic() < self._next_check):
+        if clock is None or self._monotonic() < self._next_check:
             return None
         self._next_check = self._monotonic() + CHECK_EVERY_SEC
         before = clock.now_ms()
@@ -73,36 +65,20 @@ class SkewWatch:
         uncertain = (after - before) / 2 + 1
         if uncertain > SKEW_WARN_MS:
             return None  # too slow a reading to tell either way: the next one may
-        if abs(offset) - uncertain > SKEW_WARN_MS:
-            if not self.skewed:
-                logger.warning(
-                    "this machine's clock is %.3f s %s the database server's: this process now "
-                    "keeps time by the server's clock, so that processes on other machines judge "
-                    "its leases, deadlines and rate-limit starts right; synchronize the "
-                    "machines' clocks (NTP)",
-                    abs(offset) / 1000,
-                    "behind" if offset > 0 else "ahead of",
-                )
+        if abs(offset) - uncertain > SKEW_WARN_MS and not self.skewed:
             self.skewed = True
-            self.offset_ms = round(offset)  # followed while it applies (a clock that drifts)
+            logger.warning(
+                "this machine's clock is %.3f s %s the database server's: processes on other "
+                "machines judge this one's leases, deadlines and rate-limit starts by their own "
+                "clocks, and may take over its running workflows, cancel them early or exceed "
+                "a rate limit; synchronize the machines' clocks (NTP)",
+                abs(offset) / 1000,
+                "behind" if offset > 0 else "ahead of",
+            )
         elif abs(offset) + uncertain <= SKEW_WARN_MS / 2 and self.skewed:
             self.skewed = False
-            self.offset_ms = 0
             logger.info(
-                "this machine's clock agrees with the database server's again (within %.3f s): "
-                "this process keeps time by its own clock again",
+                "this machine's clock agrees with the database server's again (within %.3f s)",
                 (abs(offset) + uncertain) / 1000,
             )
         return offset
-
-
-class CorrectedClock:
-    """This machine's clock plus the correction a `SkewWatch` keeps (0 while the clocks agree):
-    the engine's clock on PostgreSQL."""
-
-    def __init__(self, base: Clock, watch: SkewWatch) -> None:
-        self._base = base
-        self._watch = watch
-
-    def now_ms(self) -> int:
-        return self._base.now_ms() + self._watch.offset_ms
