@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -206,7 +207,9 @@ class Engine:
         self.runtime: Runtime | None = None
         self._scheduler: Scheduler | None = None
         self._token = uuid.uuid4().hex
-        self._renewals = Renewals(config.heartbeat_interval_sec)
+        self._renewals = Renewals(
+            config.heartbeat_interval_sec, real_clock=isinstance(self.clock, SystemClock)
+        )
         self._skew = SkewWatch(self.clock)
         # The executor id as configured (a process whose id was taken over goes on under another).
         self._configured_executor_id = config.executor_id
@@ -493,26 +496,49 @@ class Renewals:
     heartbeat waits for it), or the database did not answer. The others' rows then look stale
     for that reason alone, and taking their work would run their in-flight steps a second time.
     So after such a gap their silence counts only from its end (`silent_since`): each gets a
-    whole lease of its own to renew. A gap counts only if it shows on both the monotonic clock
-    (a real wait) and the engine's clock (an injected clock moved by a test is no wait).
+    whole lease of its own to renew. A gap counts if it shows on both the monotonic clock (a
+    real wait) and the engine's clock (an injected clock moved by a test is no wait).
+
+    With the real clock, so does a jump of the wall clock past the time this process ran: the
+    machine slept (a laptop's lid closed on a notebook and its workers: the monotonic clock
+    stops meanwhile, the wall clock does not) or the clock was set forward. Every process on
+    the machine slept alike, and the first to wake would otherwise find the others' heartbeats
+    as old as the sleep and take their running workflows.
     """
 
-    def __init__(self, heartbeat_interval_sec: float) -> None:
+    def __init__(
+        self,
+        heartbeat_interval_sec: float,
+        real_clock: bool = False,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._limit_sec = LEASE_HEARTBEATS * heartbeat_interval_sec
+        self._real_clock = real_clock
+        self._monotonic = monotonic
         self._last: tuple[float, int] | None = None  # (monotonic s, engine clock ms)
         self.silent_since = 0
 
     def renewed(self, now_ms: int) -> int:
         """Note a renewal that ended at `now_ms`; returns `now_ms`."""
-        mono = time.monotonic()
+        mono = self._monotonic()
         if self._last is not None:
             last_mono, last_ms = self._last
-            gap = min(mono - last_mono, (now_ms - last_ms) / 1000)
-            if gap > self._limit_sec:
+            waited = mono - last_mono
+            moved = (now_ms - last_ms) / 1000
+            if min(waited, moved) > self._limit_sec:
                 logger.info(
                     "this executor could not renew its lease for %.1f s; other executors get a "
                     "whole lease from now before their work is taken over",
-                    gap,
+                    min(waited, moved),
+                )
+                self.silent_since = now_ms
+            elif self._real_clock and moved - waited > self._limit_sec:
+                logger.info(
+                    "the clock moved %.1f s while this process ran %.1f s (the machine slept, or "
+                    "the clock was set forward); other executors get a whole lease from now "
+                    "before their work is taken over",
+                    moved,
+                    waited,
                 )
                 self.silent_since = now_ms
         self._last = (mono, now_ms)

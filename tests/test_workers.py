@@ -22,8 +22,9 @@ from IPython.core.interactiveshell import InteractiveShell
 from conftest import config, launched_shell, recorded_steps, wait_until
 from dbos_nb import DBOS, DBOSClient, DBOSConfigError, Queue
 from dbos_nb.cli import main
-from dbos_nb.clock import ManualClock
+from dbos_nb.clock import ManualClock, SystemClock
 from dbos_nb.core.runtime import get_runtime
+from dbos_nb.engine import Renewals
 from dbos_nb.serialization import dump_inputs
 from dbos_nb.storage.database import Database, normalize_url
 from dbos_nb.storage.migrations import migrate
@@ -513,6 +514,77 @@ def test_a_clock_set_back_does_not_stop_the_heartbeat(db_url: str) -> None:
     wait_until(lambda: _heartbeat_of(rt.store, rt.executor_id) == T0 - 60_000)
     clock.advance(0.2)  # and the interval counts from the corrected time
     wait_until(lambda: _heartbeat_of(rt.store, rt.executor_id) == T0 - 59_800)
+
+
+class _Monotonic:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_renewals_count_a_sleep_of_the_machine_as_everyones_silence() -> None:
+    """The monotonic clock stops while the machine sleeps, the wall clock does not: a jump of
+    the real clock past the time this process ran gives the others a whole lease; a clock
+    that a test moves by hand (no sleep) does not, nor does a clock set back."""
+    mono = _Monotonic()
+    real = Renewals(0.5, real_clock=True, monotonic=mono)
+    real.renewed(T0)
+    mono.now += 0.5
+    real.renewed(T0 + 500)
+    assert real.silent_since == 0  # an ordinary heartbeat
+    mono.now += 0.5
+    real.renewed(T0 + 600_000)  # ten minutes on the wall clock, half a second run
+    assert real.silent_since == T0 + 600_000
+    mono.now += 0.5
+    real.renewed(T0 + 540_000)  # set back a minute
+    assert real.silent_since == T0 + 600_000
+    mono.now += 5
+    real.renewed(T0 + 545_000)  # a real wait shows on both clocks
+    assert real.silent_since == T0 + 545_000
+
+    manual = Renewals(0.5, monotonic=mono)
+    manual.renewed(T0)
+    mono.now += 0.5
+    manual.renewed(T0 + 600_000)
+    assert manual.silent_since == 0
+
+
+class _JumpingClock(SystemClock):
+    """The real clock, plus a jump: a machine that slept, or a clock set forward."""
+
+    def __init__(self) -> None:
+        self.jump_ms = 0
+
+    def now_ms(self) -> int:
+        return super().now_ms() + self.jump_ms
+
+
+def test_after_the_machine_slept_the_first_to_wake_takes_no_ones_work(db_url: str) -> None:
+    """A laptop closed on a notebook and its workers: on waking, the others' heartbeats are as
+    old as the sleep. The first process to renew gives them a whole lease before judging them,
+    and takes the work only of one that stays silent past it."""
+    clock = _JumpingClock()
+    DBOS(
+        config=config(db_url, heartbeat_interval_sec=0.1, executor_lease_sec=2, listen_queues=[]),
+        clock=clock,
+    )
+    DBOS.launch()
+    rt = get_runtime()
+    store = rt.store
+    now = clock.now_ms()
+    store.register_executor("asleep", "h", 2, "t-asleep", now, lease_ms=1_000)
+    _running_on(store, "mid-call", "asleep", now)
+    beat = _heartbeat_of(store, rt.executor_id) or 0
+    wait_until(lambda: (_heartbeat_of(store, rt.executor_id) or 0) > beat)
+    clock.jump_ms = 600_000  # ten minutes asleep
+    woke = clock.now_ms()
+    wait_until(lambda: (_heartbeat_of(store, rt.executor_id) or 0) > woke + 300)
+    assert _owner(store, "mid-call") == ("PENDING", "asleep")  # judged after a whole lease only
+    # The other never renews: once its whole lease from the wake-up has passed, its work goes.
+    wait_until(lambda: _owner(store, "mid-call") == ("ENQUEUED", None), timeout=20)
+    assert clock.now_ms() - woke >= 1_000
 
 
 def test_a_long_transaction_on_sqlite_gives_no_live_workers_work_away(
