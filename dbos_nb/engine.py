@@ -525,11 +525,12 @@ class Renewals:
             last_mono, last_ms = self._last
             waited = mono - last_mono
             moved = (now_ms - last_ms) / 1000
-            if min(waited, moved) > self._limit_sec:
+            gap = min(waited, moved)
+            if gap > self._limit_sec:
                 logger.info(
                     "this executor could not renew its lease for %.1f s; other executors get a "
                     "whole lease from now before their work is taken over",
-                    min(waited, moved),
+                    gap,
                 )
                 self.silent_since = now_ms
             elif self._real_clock and moved - waited > self._limit_sec:

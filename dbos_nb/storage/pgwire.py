@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import select
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
@@ -155,8 +155,8 @@ def _run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list
     except BaseException:
         _abandon(conn)
         raise
-    if any(sum(map(len, filter(None, b.buffers))) >= LARGE_MESSAGE_BYTES for b in bound):
-        session.bloated = True  # a statement's parameters went out in one message
+    # Each statement's parameters went out in one message.
+    _note_sizes(session, (sum(map(len, filter(None, b.buffers))) for b in bound))
     if error is not None:
         raise error
     return results
@@ -171,11 +171,16 @@ def _run(conn: psycopg.Connection[Any], statements: Sequence[Statement]) -> list
 LARGE_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
-def note_received(conn: psycopg.Connection[Any], values: Sequence[bytes | None]) -> None:
-    """Byte strings read on `conn` through a cursor: a large one means the connection's
+def _note_sizes(session: _Session, sizes: Iterable[int]) -> None:
+    """Messages of these sizes went through the session's connection: a large one means its
     buffers grew (see LARGE_MESSAGE_BYTES)."""
-    if any(v is not None and len(v) >= LARGE_MESSAGE_BYTES for v in values):
-        _session(conn).bloated = True
+    if any(size >= LARGE_MESSAGE_BYTES for size in sizes):
+        session.bloated = True
+
+
+def note_received(conn: psycopg.Connection[Any], values: Sequence[bytes | None]) -> None:
+    """Byte strings read on `conn` through a cursor, each in a row of its own."""
+    _note_sizes(_session(conn), (len(v) for v in values if v is not None))
 
 
 def needs_recycling(conn: psycopg.Connection[Any]) -> bool:
@@ -346,9 +351,7 @@ def _rows(session: _Session, result: Any) -> list[Row]:
     # Each row came in one message: a large one grew the connection's buffers. Only results
     # with byte strings are looked at (the hot statements return ids and counts).
     if rows and _BYTEA in [result.ftype(i) for i in range(result.nfields)]:
-        largest = max(sum(len(v) for v in row if type(v) is bytes) for row in rows)
-        if largest >= LARGE_MESSAGE_BYTES:
-            session.bloated = True
+        _note_sizes(session, (sum(len(v) for v in row if type(v) is bytes) for row in rows))
     return rows
 
 
