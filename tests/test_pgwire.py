@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -309,6 +309,22 @@ def test_which_messages_mark_a_connection_for_closing(dsn: str) -> None:
             assert pgwire.needs_recycling(conn)
 
 
+def _echo_workflow(name: str) -> Callable[[bytes], int]:
+    """A workflow `name` that hands its bytes to a step returning them (the value goes to the
+    database as the workflow's input and as the step's output); returns their length."""
+    from dbos_nb import DBOS
+
+    @DBOS.step(name=f"{name}_step")
+    def echo(data: bytes) -> bytes:
+        return data
+
+    @DBOS.workflow(name=name)
+    def wf(data: bytes) -> int:
+        return len(echo(data))
+
+    return wf
+
+
 @pytest.mark.parametrize("limited", [False, True], ids=["started-at-enqueue", "claimed"])
 def test_a_connection_that_carried_a_large_value_is_closed_not_kept(
     launched_pg: str, limited: bool
@@ -317,19 +333,12 @@ def test_a_connection_that_carried_a_large_value_is_closed_not_kept(
     workflow's inputs or outputs pass LARGE_MESSAGE_BYTES, the connections that carried them
     (enqueue, claim through SQLAlchemy, step record, outcome, the waiter's read) are closed when
     given back, and small values close none."""
-    from dbos_nb import DBOS, Queue
+    from dbos_nb import Queue
     from dbos_nb.core.runtime import get_runtime
 
     rt = get_runtime()
     closed = _invalidations(rt.db)
-
-    @DBOS.step(name="pgw_echo_step")
-    def echo(data: bytes) -> bytes:
-        return data
-
-    @DBOS.workflow(name="pgw_echo")
-    def wf(data: bytes) -> int:
-        return len(echo(data))
+    wf = _echo_workflow("pgw_echo")
 
     # With a limit, the queued row is claimed by the scheduler, through SQLAlchemy.
     queue = Queue("pgw_big", concurrency=1 if limited else None)
@@ -348,20 +357,13 @@ def test_large_values_leave_no_memory_behind(launched_pg: str) -> None:
     """A 64 MB value through a workflow and its step: once done, the process holds about what
     it held before (it held some 450 MB more while the pool kept the connections that carried
     a 50 MB value)."""
-    from dbos_nb import DBOS, Queue
+    from dbos_nb import Queue
 
     def rss_mb() -> int:
         with open("/proc/self/status") as status:
             return int(status.read().split("VmRSS:")[1].split()[0]) // 1024
 
-    @DBOS.step(name="pgw_mem_step")
-    def echo(data: bytes) -> bytes:
-        return data
-
-    @DBOS.workflow(name="pgw_mem")
-    def wf(data: bytes) -> int:
-        return len(echo(data))
-
+    wf = _echo_workflow("pgw_mem")
     queue = Queue("pgw_mem")
     assert queue.enqueue(wf, b"w").get_result() == 1  # warm: threads and connections exist
     gc.collect()
