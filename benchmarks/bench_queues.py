@@ -7,7 +7,9 @@ Measures, per backend:
    start to the last completion), and the CPU time the process spent per workflow (all its
    threads; the database server's is not counted); the median of a few rounds, each in a new
    process on a fresh database, the libraries taking turns;
-2. the same through a queue with `worker_concurrency=8`;
+2. the same through a queue with `worker_concurrency=8`; and the DBOS tutorial's fan-out: a
+   workflow enqueues the same number of one-step workflows on a queue without limits, then
+   gathers their results (`handle.get_result()` one by one, each an operation of the parent);
 3. enqueue throughput, one `queue.enqueue` at a time (items/s), and dbos_nb's
    `queue.enqueue_many(fn, items, batch_id=...)` of 100,000 items (DBOS has no enqueue_many);
 4. enqueue-to-start latency on an idle queue (median and p95, ms): in one process (the step
@@ -224,6 +226,19 @@ def _throughput(queue: Any, workflow: Callable[[int], float], n: int) -> dict[st
     }
 
 
+def _fan_out(dbos: Any, fan_out: Callable[[int], list[float]], n: int) -> dict[str, float]:
+    """The tutorial's `process_tasks`: one workflow enqueues n one-step workflows, then waits
+    for each result; workflows/s of the whole (from the start of the parent to its result) and
+    of the parent's enqueue loop."""
+    TRACKER.reset()
+    start = time.time()
+    loop_start, loop_end = dbos.start_workflow(fan_out, n).get_result()
+    end = time.time()
+    if len(TRACKER.starts) != n:
+        raise RuntimeError(f"the fan-out ran {len(TRACKER.starts)} of {n} workflows")
+    return {"total": n / (end - start), "enqueue_phase": n / (loop_end - loop_start)}
+
+
 def _latency_in_process(
     queue: Any, workflow: Callable[[int], float], settings: Settings
 ) -> dict[str, float]:
@@ -260,9 +275,17 @@ def _rate_limit(queue: Any, workflow: Callable[[int], float], settings: Settings
     }
 
 
-def _workflows(dbos: Any) -> tuple[Callable[[int], float], Callable[[int], int]]:
-    """The benchmark's workflows: one step that reports its start, and one without steps.
-    Registered by calling the decorators: the library is only known at run time (Any)."""
+# The queue that the fan-out workflow enqueues on: queues are declared after the launch
+# (DBOS 3.4 requires it), workflows before.
+FAN_OUT_QUEUE: dict[str, Any] = {}
+
+
+def _workflows(
+    dbos: Any,
+) -> tuple[Callable[[int], float], Callable[[int], int], Callable[[int], list[float]]]:
+    """The benchmark's workflows: one step that reports its start, one without steps, and
+    the fan-out of one-step workflows. Registered by calling the decorators: the library is
+    only known at run time (Any)."""
 
     def stamp_body(_i: int) -> float:
         now = time.time()
@@ -281,7 +304,18 @@ def _workflows(dbos: Any) -> tuple[Callable[[int], float], Callable[[int], int]]
 
     one_step: Callable[[int], float] = dbos.workflow(name="bench_one_step")(one_step_body)
     park: Callable[[int], int] = dbos.workflow(name="bench_park")(park_body)
-    return one_step, park
+
+    def fan_out_body(n: int) -> list[float]:
+        queue = FAN_OUT_QUEUE["queue"]
+        loop_start = time.time()
+        handles = [queue.enqueue(one_step, i) for i in range(n)]
+        loop_end = time.time()
+        for handle in handles:
+            handle.get_result()
+        return [loop_start, loop_end]
+
+    fan_out: Callable[[int], list[float]] = dbos.workflow(name="bench_fan_out")(fan_out_body)
+    return one_step, park, fan_out
 
 
 def run_round(library: str, url: str, settings: Settings) -> dict[str, Any]:
@@ -289,7 +323,7 @@ def run_round(library: str, url: str, settings: Settings) -> dict[str, Any]:
     module, _version = _import_library(library)
     dbos: Any = module.DBOS
     _create_dbos(dbos, "bench_queues", url)
-    one_step, _park = _workflows(dbos)
+    one_step, _park, _fan_out_wf = _workflows(dbos)
     dbos.launch()
     try:
         unlimited = dbos.register_queue("bench_unlimited")
@@ -308,7 +342,7 @@ def run_worker(library: str, url: str, settings: Settings) -> dict[str, Any]:
     module, version = _import_library(library)
     dbos: Any = module.DBOS
     _create_dbos(dbos, "bench_queues", url)
-    one_step, park = _workflows(dbos)
+    one_step, park, fan_out = _workflows(dbos)
     dbos.launch()
     figures: dict[str, Any] = {"library": library, "version": version}
     try:
@@ -321,6 +355,10 @@ def run_worker(library: str, url: str, settings: Settings) -> dict[str, Any]:
         _throughput(idle, one_step, 50)  # warm-up (on a queue without limits: DBOS runs 8/s on wc8)
         for key, value in _throughput(wc8, one_step, settings.throughput).items():
             figures[f"wc8_{key}"] = value
+        FAN_OUT_QUEUE["queue"] = idle
+        _fan_out(dbos, fan_out, 50)  # warm-up
+        for key, value in _fan_out(dbos, fan_out, settings.throughput).items():
+            figures[f"fan_{key}"] = value
         for key, value in _latency_in_process(idle, one_step, settings).items():
             figures[f"lat_{key}"] = value
         for key, value in _rate_limit(rated, one_step, settings).items():
@@ -458,6 +496,8 @@ METRICS = (
     Metric("tp_cpu_us", "1 no limits: CPU per workflow", "us/wf", False),
     Metric("wc8_total", "2 worker_conc=8: whole run", "wf/s", True),
     Metric("wc8_processing", "2 worker_conc=8: processing", "wf/s", True),
+    Metric("fan_total", "2 fan-out in a workflow: whole", "wf/s", True),
+    Metric("fan_enqueue_phase", "2 fan-out: parent's enqueue loop", "wf/s", True),
     Metric("enqueue_one", "3 enqueue one by one", "items/s", True),
     Metric("enqueue_many", "3 enqueue_many", "items/s", True),
     Metric("lat_median", "4 latency 1 process: median", "ms", False, 1),
@@ -615,6 +655,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
             if settings.throughput_rounds > 1
             else "one round, in a new process on a fresh database."
         ),
+        f"2 fan-out: a workflow enqueues {settings.throughput} one-step workflows on a queue "
+        "without limits, then waits for each result (the DBOS tutorial's process_tasks).",
         f"3: {settings.enqueue} single enqueues and one enqueue_many of {settings.enqueue_many:,} "
         "items, on a queue kept idle by its limiter (1 start per hour).",
         f"4: {settings.latency_samples} samples after {settings.latency_warmup} warm-ups, a "

@@ -243,8 +243,9 @@ def enqueue_workflow(
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
     plan = plan_start(rt, name)
     # Inside an open transaction (SQLite: an application transaction that enqueues), the row
-    # commits only with it: a workflow started at once could run for a row rolled back.
-    direct = plan.parent is None and not rt.db.in_write()
+    # commits only with it: a workflow started at once could run for a row rolled back. A
+    # parent's replay finds its child written already: nothing to start.
+    direct = plan.recorded_child_id is None and not rt.db.in_write()
     if direct and _start_directly(rt, reg, plan, inputs, name, queue_name):
         return plan.workflow_id
     row = _new_row(rt, reg, plan, inputs, name, status=_ENQUEUED, queue_name=queue_name)

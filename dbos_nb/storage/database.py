@@ -56,7 +56,7 @@ from dbos_nb.storage import pgwire
 from dbos_nb.storage.checkpointer import Checkpointer
 from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
 from dbos_nb.storage.merged import run_merged
-from dbos_nb.storage.prepared import Guarded, Prepared, Statement, translate
+from dbos_nb.storage.prepared import Chained, Guarded, Prepared, Statement, translate
 from dbos_nb.storage.process import current_pid
 from dbos_nb.storage.reconnect import retrying, tagging_losses
 from dbos_nb.storage.schema import PG_SCHEMA, queues
@@ -463,6 +463,7 @@ class Database:
         merged: BatchKind | None = None,
         *,
         guard: Executable | None = None,
+        then: Executable | None = None,
     ) -> tuple[Any, ...] | None:
         """Run one self-contained writing statement durably, committed together with other
         threads' statements (see `committer`); returns its first row.
@@ -473,10 +474,14 @@ class Database:
         alone runs on the driver's connection, compiled once (`prepared.py`).
 
         `guard` (SQLite only: a transaction holds the two together): a query that must return a
-        row for `stmt` to run; otherwise nothing is written and None is returned.
+        row for `stmt` to run; otherwise nothing is written and None is returned. `then` (SQLite
+        only, likewise): a statement run with the same parameters, in the same transaction, when
+        `stmt` returned a row.
         """
-        if guard is not None and self.is_postgres:
-            raise ValueError("a guard needs a transaction: write one statement on PostgreSQL")
+        if (guard is not None or then is not None) and self.is_postgres:
+            raise ValueError(
+                "a guard or a follow-up needs a transaction: write one statement on PostgreSQL"
+            )
         if self.in_write():
             # SQLite: this thread holds the write lock in a transaction of its own; a batch it
             # led, or the hot connection's BEGIN IMMEDIATE, would wait for it.
@@ -484,9 +489,13 @@ class Database:
                 if guard is not None and conn.execute(guard, params).first() is None:
                     return None
                 row = conn.execute(stmt, params).first()
+                if row is not None and then is not None:
+                    conn.execute(then, params)
                 return None if row is None else tuple(row)
         main = self.prepared(stmt)
         prepared: Statement = main if guard is None else Guarded(self.prepared(guard), main)
+        if then is not None:
+            prepared = Chained(prepared, self.prepared(then))
         if not self.is_postgres:
             return self._committer.execute(prepared, params, merged)
         # Every grouped statement is safe to run again (see `reconnect`): a session the server

@@ -157,6 +157,24 @@ class Guarded:
         return self.statement.first(dbapi_connection, params)
 
 
+class Chained:
+    """A statement, then a second one with the same parameters when the first returned a row,
+    both on the caller's connection and so in its transaction (SQLite: a child workflow's row
+    and its parent's record of it); the first one's row."""
+
+    __slots__ = ("statement", "then")
+
+    def __init__(self, statement: Statement, then: Prepared) -> None:
+        self.statement = statement
+        self.then = then
+
+    def first(self, dbapi_connection: Any, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        row = self.statement.first(dbapi_connection, params)
+        if row is not None:
+            self.then.all(dbapi_connection, params)
+        return row
+
+
 def translate(
     exc: Exception,
     dialect: Dialect,
