@@ -21,6 +21,8 @@ from dbos_nb.errors import DbosNbError
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+    from dbos_nb.storage.step_records import StepRecord
+
 
 _UNSET: Any = object()
 
@@ -48,6 +50,11 @@ class RunningWorkflow:
     usage_reported: bool = False
     # Set once the execution has ended and left the process's register (see workflows.begin).
     ended: threading.Event = field(default_factory=threading.Event)
+    # Records of reads made by this execution (`handle.get_result()`, status reads) that wait
+    # to be written with its next write (see `steps.defer_read`); None: each record is
+    # written at once (an async execution, whose operations may overlap).
+    deferred: list[StepRecord] | None = None
+    deferred_bytes: int = 0
 
     def take_function_id(self) -> int:
         fid = self.next_function_id

@@ -25,7 +25,7 @@ from dbos_nb import serialization
 from dbos_nb.core.context import Context, RunningWorkflow, check_id_length, current, using
 from dbos_nb.core.registry import Registration
 from dbos_nb.core.runtime import WAKE_ENQUEUED, WAKE_FREED, Runtime
-from dbos_nb.core.steps import begin_operation, cancel_overdue
+from dbos_nb.core.steps import begin_operation, cancel_overdue, write_deferred
 from dbos_nb.core.waiters import outcome_of, wait_for_result
 from dbos_nb.errors import (
     DATABASE_LOST,
@@ -589,11 +589,14 @@ def run_execution(rt: Runtime, ex: Execution) -> Any:
         return wait_for_result(
             rt.store, rt.waiters, rt.clock, ex.workflow_id, rt.polling_interval_sec
         )
+    running.deferred = []  # one thread runs its operations: its reads' records may wait
     try:
         with using(Context(workflow=running)):
             try:
                 value = _body_of(ex.reg)(*ex.args, **ex.kwargs)
+                write_deferred(rt, running)  # the reads' records before the outcome
             except BaseException as exc:
+                _write_deferred_before_failure(rt, running, exc)
                 shown = on_failure(rt, ex, exc)
                 if shown is exc:
                     raise
@@ -605,6 +608,18 @@ def run_execution(rt: Runtime, ex: Execution) -> Any:
         raise
     finally:
         end(rt, ex)
+
+
+def _write_deferred_before_failure(rt: Runtime, wf: RunningWorkflow, exc: BaseException) -> None:
+    """A body that failed on its own still gets the records of its reads (a fork of it replays
+    them); one that was stopped, or lost the database, leaves them to the execution that goes
+    on, which reads again."""
+    if not wf.deferred or not isinstance(exc, Exception) or isinstance(exc, WorkflowPreempted):
+        return
+    try:
+        write_deferred(rt, wf)
+    except Exception as error:  # the failure itself is recorded next, and is what counts
+        logger.debug("records of %s's reads not written: %r", wf.workflow_id, error)
 
 
 def execute(

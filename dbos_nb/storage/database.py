@@ -55,8 +55,8 @@ from dbos_nb.errors import DBOSConfigError
 from dbos_nb.storage import pgwire
 from dbos_nb.storage.checkpointer import Checkpointer
 from dbos_nb.storage.committer import GATHER_SEC, BatchKind, GroupCommitter
-from dbos_nb.storage.merged import run_merged
-from dbos_nb.storage.prepared import Chained, Guarded, Prepared, Statement, translate
+from dbos_nb.storage.merged import MergedKind, run_merged
+from dbos_nb.storage.prepared import Chained, Each, Guarded, Prepared, Statement, translate
 from dbos_nb.storage.process import current_pid
 from dbos_nb.storage.reconnect import retrying, tagging_losses
 from dbos_nb.storage.schema import PG_SCHEMA, queues
@@ -503,6 +503,32 @@ class Database:
         if merged is None:
             return retrying(lambda: self._first_single(prepared, params))
         return retrying(lambda: self._committer.execute(prepared, params, merged))
+
+    def grouped_many(
+        self, stmt: Executable, merged: MergedKind, batch: list[dict[str, Any]]
+    ) -> list[tuple[Any, ...] | None]:
+        """Run `stmt` once for each parameter dict of `batch`, durably and all or nothing: on
+        PostgreSQL as `merged` (one round trip, one transaction, see `merged.py`), on SQLite in
+        one transaction shared with other threads' statements (see `grouped`); each one's
+        first row. Every statement must be safe to run again, like `grouped`'s."""
+        if not batch:
+            return []
+        if self.in_write():  # SQLite, inside this thread's own transaction
+            with self.single() as conn:
+                found = [conn.execute(stmt, params).first() for params in batch]
+                return [None if row is None else tuple(row) for row in found]
+        if not self.is_postgres:
+            each = Each(self.prepared(stmt))
+            rows = self._committer.execute(each, {"batch": batch})
+            assert rows is not None
+            return list(rows)
+        return retrying(lambda: self._merged_single(merged, batch))
+
+    def _merged_single(
+        self, merged: MergedKind, batch: list[dict[str, Any]]
+    ) -> list[tuple[Any, ...] | None]:
+        with self.driver_single() as raw:
+            return run_merged(raw, [(merged, batch)])[0]
 
     def _first_single(self, prepared: Statement, params: dict[str, Any]) -> tuple[Any, ...] | None:
         with self.driver_single() as raw:

@@ -175,6 +175,20 @@ class Chained:
         return row
 
 
+class Each:
+    """One statement run for each parameter dict in `params["batch"]`, on the caller's
+    connection and so in its transaction (SQLite: several records of one workflow written
+    together); a row of their first rows."""
+
+    __slots__ = ("statement",)
+
+    def __init__(self, statement: Prepared) -> None:
+        self.statement = statement
+
+    def first(self, dbapi_connection: Any, params: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(self.statement.first(dbapi_connection, p) for p in params["batch"])
+
+
 def translate(
     exc: Exception,
     dialect: Dialect,

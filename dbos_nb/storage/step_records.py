@@ -4,7 +4,7 @@ workflow's owner, first record wins), and reading a workflow's records.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import BigInteger, Select, String, and_, bindparam, func, select
 from sqlalchemy.sql.elements import ColumnElement
@@ -55,6 +55,33 @@ _STEP_COLUMNS = [
     "started_at_epoch_ms",
     "completed_at_epoch_ms",
 ]
+
+
+class StepRecord(NamedTuple):
+    """One operation's outcome, to be recorded (see `StepRecords.record_steps`)."""
+
+    function_id: int
+    function_name: str
+    output: bytes | None
+    error: bytes | None
+    started_ms: int
+    completed_ms: int
+    child_workflow_id: str | None = None
+
+
+def _params(workflow_id: str, owner_xid: str, record: StepRecord) -> dict[str, Any]:
+    return {
+        "workflow_uuid": workflow_id,
+        "function_id": record.function_id,
+        "function_name": record.function_name,
+        "output": record.output,
+        "error": record.error,
+        "child_workflow_id": record.child_workflow_id,
+        "started_at_epoch_ms": record.started_ms,
+        "completed_at_epoch_ms": record.completed_ms,
+        "b_wid": workflow_id,
+        "b_owner": owner_xid,
+    }
 
 
 class StepRecords(StoreBase):
@@ -128,27 +155,34 @@ class StepRecords(StoreBase):
         not ended, so that the execution that goes on replays it rather than running it again.
         The common case is one atomic statement.
         """
-        params = {
-            "workflow_uuid": workflow_id,
-            "function_id": function_id,
-            "function_name": function_name,
-            "output": output,
-            "error": error,
-            "child_workflow_id": child_workflow_id,
-            "started_at_epoch_ms": started_ms,
-            "completed_at_epoch_ms": completed_ms,
-            "b_wid": workflow_id,
-            "b_owner": owner_xid,
-        }
+        record = StepRecord(
+            function_id, function_name, output, error, started_ms, completed_ms, child_workflow_id
+        )
+        params = _params(workflow_id, owner_xid, record)
         inserted = self.db.grouped(self._record_owned_step, params, self._record_steps)
-        if inserted is not None:
-            return None
-        existing = self.step_preflight(workflow_id, function_id)
+        return None if inserted is not None else self._not_inserted(params)
+
+    def record_steps(self, workflow_id: str, owner_xid: str, records: list[StepRecord]) -> None:
+        """Record several operations of one execution together, all or nothing (reads whose
+        records waited, see `steps.defer_read`): one round trip on PostgreSQL. As
+        `record_step` for each, except that a record found made already is left as it is."""
+        batch = [_params(workflow_id, owner_xid, record) for record in records]
+        answers = self.db.grouped_many(self._record_owned_step, self._record_steps, batch)
+        for params, answer in zip(batch, answers, strict=True):
+            if answer is None:
+                self._not_inserted(params)
+
+    def _not_inserted(self, params: dict[str, Any]) -> StepPreflight:
+        """A record that was not written: this execution's own earlier record of the operation
+        (returned), or the workflow is no longer this execution's (WorkflowPreempted; what it
+        ran is kept for the execution that goes on, see `record_step`)."""
+        workflow_id, owner_xid = params["workflow_uuid"], params["b_owner"]
+        existing = self.step_preflight(workflow_id, params["function_id"])
         if existing.recorded and existing.owner_xid == owner_xid:
             return existing
         if not existing.recorded:
-            del params["b_owner"]
-            self.db.grouped(self._record_orphan_step, params)
+            orphan = {key: value for key, value in params.items() if key != "b_owner"}
+            self.db.grouped(self._record_orphan_step, orphan)
         raise WorkflowPreempted(workflow_id, "taken over by another execution")
 
     def last_recorded_function_id(self, workflow_id: str) -> int:

@@ -1,0 +1,242 @@
+"""The records of a workflow's reads (`handle.get_result()`, status reads) wait for its next
+write (both backends, see `steps.defer_read`).
+
+A read acts on nothing, so its record may be written with the workflow's next operation, or
+with its outcome, instead of with a commit of its own. These tests check that the records wait
+while only the workflow's own code runs, that any other operation (here a step) and the
+outcome write them first, that they wait no further than MAX_DEFERRED, that a failed read is
+recorded at once, and that after a SIGKILL with records waiting the recovery reads again and
+runs no child twice.
+
+Run as a script, this module is the application that the crash test starts and kills:
+
+    python test_deferred_reads.py crash|recover SYSTEM_URL WORKDIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import kill_when_ready
+from dbos_nb import DBOS, Queue, SetWorkflowID
+from dbos_nb.core import steps
+
+
+def _recorded(workflow_id: str) -> list[tuple[int, str]]:
+    return [(s.function_id, s.function_name) for s in DBOS.list_workflow_steps(workflow_id)]
+
+
+class Gatherer:
+    """A parent workflow that starts `children` children (and, with `failing`, one more, which
+    fails), waits for each result in turn (the failing one's last), then waits in its own
+    code, outside any operation, until `release` is set; `waiting` is set when it gets
+    there."""
+
+    def __init__(self, prefix: str, children: int, failing: bool = False) -> None:
+        self.parent, self.child, self.waiting, self.release = _declare(prefix, children, failing)
+
+
+def _declare(
+    prefix: str, children: int, failing: bool
+) -> tuple[Callable[[], int], Callable[[int], int], threading.Event, threading.Event]:
+    waiting, release = threading.Event(), threading.Event()
+
+    @DBOS.workflow(name=f"{prefix}_child")
+    def child(x: int) -> int:
+        if x < 0:
+            raise ValueError("a child's failure")
+        return x
+
+    @DBOS.workflow(name=f"{prefix}_parent")
+    def parent() -> int:
+        handles = [DBOS.start_workflow(child, x) for x in range(children)]
+        failed = DBOS.start_workflow(child, -1) if failing else None
+        total = sum(h.get_result() for h in handles)
+        if failed is not None:
+            try:
+                failed.get_result()
+            except ValueError:
+                total += 1000
+        waiting.set()
+        release.wait(20)
+        return total
+
+    return parent, child, waiting, release
+
+
+def test_reads_wait_for_the_next_write_and_a_step_writes_them_first(launched: str) -> None:
+    g = Gatherer("dr_wait", 3)
+    seen_by_step: list[list[str]] = []
+
+    @DBOS.step(name="dr_probe")
+    def probe(workflow_id: str) -> None:
+        seen_by_step.append([s.function_name for s in DBOS.list_workflow_steps(workflow_id)])
+
+    @DBOS.workflow(name="dr_then_step")
+    def then_step() -> int:
+        handle = DBOS.start_workflow(g.child, 5)
+        value = handle.get_result()
+        status = handle.get_status().status
+        probe("dr-then-step")
+        return value if status == "SUCCESS" else -1
+
+    with SetWorkflowID("dr-wait"):
+        handle = DBOS.start_workflow(g.parent)
+    assert g.waiting.wait(20)
+    # The three starts are recorded; the three reads wait.
+    assert _recorded("dr-wait") == [
+        (0, "dr_wait_child"),
+        (1, "dr_wait_child"),
+        (2, "dr_wait_child"),
+    ]
+    g.release.set()
+    assert handle.get_result() == 3
+    # Written before the outcome, in order.
+    assert _recorded("dr-wait")[3:] == [(n, "DBOS.getResult") for n in (3, 4, 5)]
+
+    with SetWorkflowID("dr-then-step"):
+        assert then_step() == 5
+    # The step ran after the two reads were written: it saw them.
+    assert seen_by_step == [["dr_wait_child", "DBOS.getResult", "DBOS.getStatus"]]
+
+
+def test_reads_wait_no_further_than_the_limit(
+    launched: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(steps, "MAX_DEFERRED", 2)
+    g = Gatherer("dr_limit", 5)
+    with SetWorkflowID("dr-limit"):
+        handle = DBOS.start_workflow(g.parent)
+    assert g.waiting.wait(20)
+    reads = [n for n, name in _recorded("dr-limit") if name == "DBOS.getResult"]
+    assert reads == [5, 6, 7, 8]  # two pairs written; the fifth read waits
+    g.release.set()
+    assert handle.get_result() == 10
+    assert [n for n, name in _recorded("dr-limit") if name == "DBOS.getResult"] == [5, 6, 7, 8, 9]
+
+
+def test_a_failed_read_is_recorded_at_once_after_those_before_it(launched: str) -> None:
+    g = Gatherer("dr_fail", 2, failing=True)
+    with SetWorkflowID("dr-fail"):
+        handle = DBOS.start_workflow(g.parent)
+    assert g.waiting.wait(20)
+    assert _recorded("dr-fail") == [
+        (0, "dr_fail_child"),
+        (1, "dr_fail_child"),
+        (2, "dr_fail_child"),
+        (3, "DBOS.getResult"),
+        (4, "DBOS.getResult"),
+        (5, "DBOS.getResult"),
+    ]
+    failed = DBOS.list_workflow_steps("dr-fail")[5]
+    assert isinstance(failed.error, ValueError) and failed.child_workflow_id == "dr-fail-2"
+    g.release.set()
+    assert handle.get_result() == 1001
+
+
+def test_many_reads_are_written_together_with_their_outputs(launched: str) -> None:
+    """More reads than one batch sends one by one (merged.MERGE_FROM): one statement over
+    arrays on PostgreSQL."""
+    queue = Queue("dr_many_queue")
+
+    @DBOS.workflow(name="dr_many_child")
+    def child(x: int) -> dict[str, int]:
+        return {"x": x}
+
+    @DBOS.workflow(name="dr_many_parent")
+    def parent(n: int) -> int:
+        handles = [queue.enqueue(child, x) for x in range(n)]
+        return sum(h.get_result()["x"] for h in handles)
+
+    with SetWorkflowID("dr-many"):
+        assert parent(40) == sum(range(40))
+    reads = DBOS.list_workflow_steps("dr-many")[40:]
+    assert [(s.function_id, s.function_name, s.child_workflow_id) for s in reads] == [
+        (40 + x, "DBOS.getResult", f"dr-many-{x}") for x in range(40)
+    ]
+    assert [s.output for s in reads] == [{"x": x} for x in range(40)]
+
+
+# -- the crash test: SIGKILL with reads waiting, recovery in a new process ----------------------
+
+
+def _effect(workdir: str, line: str) -> None:
+    with open(os.path.join(workdir, "effects.log"), "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _crash_app(mode: str, url: str, workdir: str) -> None:
+    """Phase "crash": a workflow runs three children, waits for their results, then stops in
+    its own code (after writing WORKDIR/ready) to be killed with the reads' records waiting.
+    Phase "recover": the next launch recovers it; prints its result and recorded operations."""
+
+    @DBOS.step(name="dr_crash_work")
+    def work(x: int) -> int:
+        _effect(workdir, f"work{x}")  # a paid call: how often it runs is what matters
+        return x * 10
+
+    @DBOS.workflow(name="dr_crash_child")
+    def child(x: int) -> int:
+        return work(x)
+
+    @DBOS.workflow(name="dr_crash_parent")
+    def parent() -> int:
+        handles = [DBOS.start_workflow(child, x) for x in (1, 2, 3)]
+        total = sum(h.get_result() for h in handles)
+        if mode == "crash":
+            Path(workdir, "ready").write_text(str(os.getpid()))
+            time.sleep(600)
+        return total
+
+    DBOS(
+        config={
+            "name": "deferred_app",
+            "system_database_url": url,
+            "executor_id": "deferred-exec",
+            "polling_interval_sec": 0.05,
+        }
+    )
+    DBOS.launch()
+    if mode == "crash":
+        with SetWorkflowID("dr-crash"):
+            parent()
+    else:
+        result = DBOS.retrieve_workflow("dr-crash").get_result(timeout_sec=60)
+        print(json.dumps({"result": result, "steps": _recorded("dr-crash")}))
+    DBOS.destroy()
+
+
+def test_a_crash_with_reads_waiting_reads_again_and_runs_no_child_twice(
+    db_url: str, tmp_path: Path
+) -> None:
+    script = [sys.executable, __file__]
+    kill_when_ready([*script, "crash", db_url, str(tmp_path)], tmp_path)
+    assert sorted((tmp_path / "effects.log").read_text().split()) == ["work1", "work2", "work3"]
+    (tmp_path / "ready").unlink()
+
+    out = subprocess.run(
+        [*script, "recover", db_url, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["result"] == 60
+    assert sorted((tmp_path / "effects.log").read_text().split()) == ["work1", "work2", "work3"]
+    # The starts were recorded before the crash; the reads, made again, by the recovery.
+    assert report["steps"] == [[n, "dr_crash_child"] for n in range(3)] + [
+        [n, "DBOS.getResult"] for n in range(3, 6)
+    ]
+
+
+if __name__ == "__main__":
+    _crash_app(*sys.argv[1:4])
