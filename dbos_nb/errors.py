@@ -333,6 +333,10 @@ class DBOSRecordedError(DbosNbError):
 
 # WorkflowPreempted's reason when a checkpoint could not reach the system database.
 DATABASE_LOST = "it lost its connection to the system database"
+# A read of this execution whose record waited (see `core/steps.defer_read`) was found recorded
+# by another execution of the workflow, with another answer: what this one did since rests on a
+# history that the database does not hold.
+READ_RECORDED_ELSEWHERE = "another execution recorded one of its reads with another answer"
 
 
 class WorkflowPreempted(BaseException):
@@ -349,7 +353,7 @@ class WorkflowPreempted(BaseException):
                 f"workflow {workflow_id!r} stopped: DBOS was destroyed while it ran; it is "
                 "not lost: it resumes from its last completed step at the next launch"
             )
-        elif reason == DATABASE_LOST:
+        elif reason in (DATABASE_LOST, READ_RECORDED_ELSEWHERE):
             message = (
                 f"workflow {workflow_id!r} stopped: {DATABASE_LOST}; it goes back to its queue "
                 "and resumes from its last completed step"

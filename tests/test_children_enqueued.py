@@ -14,6 +14,8 @@ import threading
 from collections import Counter
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from dbos_nb import DBOS, DBOSAwaitedWorkflowCancelledError, Queue, SetWorkflowID
 from dbos_nb.core.runtime import get_runtime
@@ -131,3 +133,63 @@ def test_a_child_started_at_once_is_recorded_with_its_row(launched: str) -> None
     row.owner_xid, row.parent_function_id = "ce-other-owner", 4
     assert not store.insert_started_if_unlimited(row, 5)
     assert len(store.list_steps("ce-row-parent")) == 1
+
+
+def test_a_child_row_whose_record_fails_is_not_written(launched: str) -> None:
+    """The row and the parent's record are one write: a record refused (here by a trigger)
+    leaves no row behind, on PostgreSQL (one statement) and SQLite (one transaction)."""
+    rt = get_runtime()
+    if rt.db.is_postgres:
+        ddl = [
+            "CREATE FUNCTION dbos_nb.ce_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN IF NEW.workflow_uuid = 'ce-refused-parent' THEN "
+            "RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER ce_refuse BEFORE INSERT ON dbos_nb.operation_outputs "
+            "FOR EACH ROW EXECUTE FUNCTION dbos_nb.ce_refuse()",
+        ]
+    else:
+        ddl = [
+            "CREATE TRIGGER ce_refuse BEFORE INSERT ON operation_outputs "
+            "WHEN NEW.workflow_uuid = 'ce-refused-parent' "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        ]
+    with rt.db.engine.begin() as conn:
+        for statement in ddl:
+            conn.execute(text(statement))
+    for status, queue_name in (("ENQUEUED", "ce_refused_queue"), ("PENDING", None)):
+        row = _child_row(f"ce-refused-{status}", status, queue_name)
+        row.parent_workflow_id = "ce-refused-parent"
+        with pytest.raises(DBAPIError, match="refused"):
+            rt.store.insert_workflow(row)
+        assert rt.store.get_workflow(f"ce-refused-{status}") is None
+    assert rt.store.insert_workflow(_child_row("ce-refused-ok", "ENQUEUED", "q")) is None
+
+
+def test_children_on_a_queue_without_limits_start_at_the_enqueue(
+    launched: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like a top-level enqueue, without a claim: handed straight to this process's worker."""
+    adopted: list[str] = []
+    direct = get_runtime().direct
+    assert direct is not None
+    adopt = direct.adopt
+    monkeypatch.setattr(
+        direct,
+        "adopt",
+        lambda item, is_async: (adopted.append(item.workflow_id), adopt(item, is_async)),
+    )
+    unlimited, limited = Queue("ce_at_once"), Queue("ce_claimed", concurrency=2)
+
+    @DBOS.workflow(name="ce_at_once_child")
+    def child(x: int) -> int:
+        return x
+
+    @DBOS.workflow(name="ce_at_once_parent")
+    def parent() -> int:
+        handles = [unlimited.enqueue(child, x) for x in (1, 2)]
+        handles.append(limited.enqueue(child, 3))
+        return sum(h.get_result() for h in handles)
+
+    with SetWorkflowID("ce-at-once"):
+        assert parent() == 6
+    assert adopted == ["ce-at-once-0", "ce-at-once-1"]  # the limited queue's child was claimed

@@ -15,6 +15,7 @@ Run as a script, this module is the application that the crash test starts and k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -26,9 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_when_ready
-from dbos_nb import DBOS, Queue, SetWorkflowID
+from conftest import insert_pending, kill_when_ready
+from dbos_nb import DBOS, DBOSAwaitedWorkflowCancelledError, Queue, SetWorkflowID, serialization
 from dbos_nb.core import steps
+from dbos_nb.core.runtime import get_runtime
+from dbos_nb.errors import READ_RECORDED_ELSEWHERE, WorkflowPreempted
+from dbos_nb.storage.step_records import StepRecord, StepRecords
 
 
 def _recorded(workflow_id: str) -> list[tuple[int, str]]:
@@ -164,6 +168,151 @@ def test_many_reads_are_written_together_with_their_outputs(launched: str) -> No
         (40 + x, "DBOS.getResult", f"dr-many-{x}") for x in range(40)
     ]
     assert [s.output for s in reads] == [{"x": x} for x in range(40)]
+
+
+def test_an_execution_told_to_stop_does_not_write_its_reads(launched: str) -> None:
+    """Cancelled while its reads wait: its next operation stops it before any write (the
+    execution that goes on, after a resume, reads again)."""
+    waiting, release = threading.Event(), threading.Event()
+
+    @DBOS.workflow(name="dr_stop_child")
+    def child(x: int) -> int:
+        return x
+
+    @DBOS.step(name="dr_stop_step")
+    def after() -> None:
+        return None
+
+    @DBOS.workflow(name="dr_stop")
+    def stopping() -> int:
+        handles = [DBOS.start_workflow(child, x) for x in range(2)]
+        total = sum(h.get_result() for h in handles)
+        waiting.set()
+        release.wait(20)
+        after()
+        return total
+
+    with SetWorkflowID("dr-stop"):
+        handle = DBOS.start_workflow(stopping)
+    assert waiting.wait(20)
+    DBOS.cancel_workflow("dr-stop")
+    release.set()
+    with pytest.raises(DBOSAwaitedWorkflowCancelledError):
+        handle.get_result()
+    assert _recorded("dr-stop") == [(0, "dr_stop_child"), (1, "dr_stop_child")]
+
+
+def test_reads_that_could_not_be_written_wait_on_and_leave_no_gap(
+    launched: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workflow code that catches the failed write and goes on: the next write tries the
+    reads' records again, before its own."""
+    failures = [RuntimeError("database is locked")]
+    real = StepRecords.record_steps
+
+    def failing_once(self: StepRecords, *args: object) -> None:
+        if failures:
+            raise failures.pop()
+        real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StepRecords, "record_steps", failing_once)
+
+    @DBOS.workflow(name="dr_gap_target")
+    def target() -> int:
+        return 7
+
+    @DBOS.step(name="dr_gap_step")
+    def step(x: int) -> int:
+        return x
+
+    @DBOS.workflow(name="dr_gap")
+    def gap() -> int:
+        value = DBOS.retrieve_workflow("dr-gap-target").get_result()  # two reads: 0 and 1
+        with contextlib.suppress(RuntimeError):
+            step(value)  # writing the reads fails: the step does not run
+        return step(value + 1)
+
+    with SetWorkflowID("dr-gap-target"):
+        target()
+    with SetWorkflowID("dr-gap"):
+        assert gap() == 8
+    assert failures == []
+    assert _recorded("dr-gap") == [(0, "DBOS.getStatus"), (1, "DBOS.getResult"), (2, "dr_gap_step")]
+
+
+def test_a_read_recorded_first_by_another_execution_sends_the_workflow_back(
+    launched: str,
+) -> None:
+    """A stale execution (taken over, or cancelled and resumed meanwhile) recorded the
+    operation of a read that waits here, with another answer. Nothing this execution did
+    since has reached the world: it stops, and the workflow runs again from its records, so
+    that what it does agrees with what they say."""
+    waiting, release = threading.Event(), threading.Event()
+    used: list[str] = []
+
+    @DBOS.workflow(name="dr_other_target")
+    def target() -> int:
+        return 1
+
+    @DBOS.step(name="dr_other_mark")
+    def mark(status: str) -> str:
+        return status
+
+    @DBOS.workflow(name="dr_other")
+    def reader() -> str:
+        status = DBOS.get_workflow_status("dr-other-target").status  # operation 0, waits
+        used.append(status)
+        waiting.set()
+        release.wait(20)
+        return mark(status)  # operation 1: writes operation 0 first
+
+    with SetWorkflowID("dr-other-target"):
+        target()
+    with SetWorkflowID("dr-other"):
+        handle = DBOS.start_workflow(reader)
+    assert waiting.wait(20)
+    # What a stale execution does when its record of operation 0 is refused: it keeps it
+    # for the execution that goes on (see `StepRecords.record_step`).
+    rt = get_runtime()
+    stale = DBOS.get_workflow_status("dr-other-target")
+    assert stale is not None
+    stale.status = "PENDING"
+    with pytest.raises(WorkflowPreempted):
+        rt.store.record_step(
+            "dr-other",
+            "a-stale-owner",
+            0,
+            "DBOS.getStatus",
+            serialization.dumps(stale),
+            None,
+            rt.now_ms(),
+            rt.now_ms(),
+        )
+    release.set()
+    assert handle.get_result() == "PENDING"
+    assert used == ["SUCCESS", "PENDING"]  # the second run replayed the record
+    recorded = DBOS.list_workflow_steps("dr-other")
+    assert [(s.function_name, s.output) for s in recorded[1:]] == [("dr_other_mark", "PENDING")]
+
+
+def test_writing_reads_again_finds_them_and_refuses_other_answers(launched: str) -> None:
+    """What `reconnect` does after a lost reply (the same records again), and what a
+    write that finds another execution's records does."""
+    store = get_runtime().store
+    insert_pending(store, "dr-again", "own")
+    records = [StepRecord(n, "DBOS.getResult", b"x", None, 1, 2, f"c{n}") for n in range(40)]
+    store.record_steps("dr-again", "own", records)
+    store.record_steps("dr-again", "own", records)  # every one found, as written
+    assert len(store.list_steps("dr-again")) == 40
+    with pytest.raises(WorkflowPreempted) as other_answer:
+        store.record_steps("dr-again", "own", [records[0]._replace(output=b"y")])
+    assert other_answer.value.reason == READ_RECORDED_ELSEWHERE
+    with pytest.raises(WorkflowPreempted) as taken:
+        store.record_steps(
+            "dr-again", "other", [StepRecord(40, "DBOS.getStatus", b"y", None, 1, 2)]
+        )
+    assert taken.value.reason == "taken over by another execution"
+    assert len(store.list_steps("dr-again")) == 40  # nothing kept for the execution that goes on
 
 
 # -- the crash test: SIGKILL with reads waiting, recovery in a new process ----------------------

@@ -55,6 +55,8 @@ class RunningWorkflow:
     # written at once (an async execution, whose operations may overlap).
     deferred: list[StepRecord] | None = None
     deferred_bytes: int = 0
+    # Guards `deferred`: workflow code may hand a read to another thread (its context copied).
+    deferred_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take_function_id(self) -> int:
         fid = self.next_function_id

@@ -103,6 +103,7 @@ def begin_operation(rt: Runtime, wf: RunningWorkflow, name: str) -> tuple[int, S
     """Take the next operation number and read what is recorded for it. Any operation but a
     read first writes the records of the reads before it (see `defer_read`)."""
     if wf.deferred and name not in DEFERRABLE:
+        check_live(rt, wf)  # an execution told to stop writes nothing more
         write_deferred(rt, wf)
     fid = wf.take_function_id()
     if fid > wf.last_recorded_fid:
@@ -271,28 +272,47 @@ def defer_read(
     gathers a thousand results paid a commit per result (half of its gather on PostgreSQL).
 
     Safe because a read acts on nothing: until the record is written, only the workflow's own
-    deterministic code runs. Every other operation (a step, a child, a sleep, a fork or a
-    cancel, ...), and the workflow's outcome, first writes the records waiting before it
-    (`begin_operation`, `_record`, `workflows.run_execution`). So nothing that the read's value
-    led to reaches the world before the read is recorded; a crash meanwhile only makes the
-    execution that goes on read again. A failed read is recorded at once (`record_call_error`).
+    code runs, which DBOS requires to be deterministic. Every other operation (a step, a
+    child, a sleep, a fork or a cancel, ...), and the workflow's outcome, first writes the
+    records waiting before it (`begin_operation`, `_record`, `workflows.run_execution`). So
+    nothing that the read's value led to through an operation happens before the read is
+    recorded; a crash meanwhile only makes the execution that goes on read again. (dbos_nb's
+    calls that are no operations, `Batch` methods, queue declarations, a `DBOSClient`, are no
+    more covered than any other code outside a step.) A failed read is recorded at once
+    (`record_call_error`). A record that cannot be written waits on (see `write_deferred`);
+    one that another execution made first, with another answer, sends the workflow back to
+    its queue to run again from its records (READ_RECORDED_ELSEWHERE).
     """
-    assert wf.deferred is not None
     output = serialization.dumps(value)  # now: the workflow's code may change the object
-    wf.deferred.append(StepRecord(fid, name, output, None, started, rt.now_ms(), child_workflow_id))
-    wf.deferred_bytes += len(output)
-    if len(wf.deferred) >= MAX_DEFERRED or wf.deferred_bytes >= MAX_DEFERRED_BYTES:
+    record = StepRecord(fid, name, output, None, started, rt.now_ms(), child_workflow_id)
+    with wf.deferred_lock:
+        assert wf.deferred is not None
+        wf.deferred.append(record)
+        wf.deferred_bytes += len(output)
+        full = len(wf.deferred) >= MAX_DEFERRED or wf.deferred_bytes >= MAX_DEFERRED_BYTES
+    if full:
         write_deferred(rt, wf)
     return value
 
 
 def write_deferred(rt: Runtime, wf: RunningWorkflow) -> None:
     """Write the records of the reads that wait (see `defer_read`), together."""
-    records = wf.deferred
-    if not records:
-        return
-    wf.deferred, wf.deferred_bytes = [], 0
-    rt.store.record_steps(wf.workflow_id, wf.owner_xid, records)
+    with wf.deferred_lock:
+        records = wf.deferred
+        if not records:
+            return
+        wf.deferred, wf.deferred_bytes = [], 0
+    try:
+        rt.store.record_steps(wf.workflow_id, wf.owner_xid, records)
+    except Exception:
+        # Not written (the database out of reach, say): they wait again, ahead of any read
+        # made since, and the next write tries them first. Workflow code may catch the error
+        # and go on; no later record may land while these are missing.
+        with wf.deferred_lock:
+            assert wf.deferred is not None
+            wf.deferred[:0] = records
+            wf.deferred_bytes += sum(len(r.output or b"") for r in records)
+        raise
 
 
 def record_call_error(

@@ -29,6 +29,7 @@ from dbos_nb.core.steps import begin_operation, cancel_overdue, write_deferred
 from dbos_nb.core.waiters import outcome_of, wait_for_result
 from dbos_nb.errors import (
     DATABASE_LOST,
+    READ_RECORDED_ELSEWHERE,
     DBOSAwaitedWorkflowCancelledError,
     DBOSConflictingWorkflowError,
     DBOSMaxRecoveryAttemptsExceededError,
@@ -532,17 +533,19 @@ def lost_database(exc: BaseException) -> bool:
     return is_lost(exc) and not serialization.is_recorded(exc)
 
 
-def handed_back(rt: Runtime, ex: Execution) -> WorkflowPreempted:
-    """Give a workflow whose checkpoint could not reach the database back to its queue (or the
-    internal one), as soon as the database answers, on a pool thread; returns what its caller
-    is told. Left PENDING under a live executor, nothing would ever run it."""
+def handed_back(rt: Runtime, ex: Execution, reason: str = DATABASE_LOST) -> WorkflowPreempted:
+    """Give a workflow back to its queue (or the internal one), as soon as the database answers,
+    on a pool thread, to run again from its records: its checkpoint could not reach the
+    database, or (READ_RECORDED_ELSEWHERE) its records hold another history than the one this
+    execution went on with. Returns what its caller is told. Left PENDING under a live
+    executor, nothing would ever run it."""
     # A shut-down pool (DBOS.destroy) refuses it: the next launch recovers the workflow.
     with contextlib.suppress(RuntimeError):
-        rt.pool.submit(_hand_back_when_reachable, rt, ex)
-    return WorkflowPreempted(ex.workflow_id, DATABASE_LOST)
+        rt.pool.submit(_hand_back_when_reachable, rt, ex, reason)
+    return WorkflowPreempted(ex.workflow_id, reason)
 
 
-def _hand_back_when_reachable(rt: Runtime, ex: Execution) -> None:
+def _hand_back_when_reachable(rt: Runtime, ex: Execution, reason: str) -> None:
     try:
         requeued = retrying(
             lambda: rt.store.requeue_workflow(ex.workflow_id, rt.now_ms(), ex.owner),
@@ -553,7 +556,7 @@ def _hand_back_when_reachable(rt: Runtime, ex: Execution) -> None:
         logger.warning("workflow %s was not put back in its queue: %s", ex.workflow_id, exc)
         return
     if requeued:
-        logger.warning("workflow %s: %s; it runs again", ex.workflow_id, DATABASE_LOST)
+        logger.warning("workflow %s: %s; it runs again", ex.workflow_id, reason)
         rt.wake_scheduler()
 
 
@@ -596,6 +599,8 @@ def run_execution(rt: Runtime, ex: Execution) -> Any:
                 value = _body_of(ex.reg)(*ex.args, **ex.kwargs)
                 write_deferred(rt, running)  # the reads' records before the outcome
             except BaseException as exc:
+                if _history_changed(ex, exc):
+                    raise handed_back(rt, ex, READ_RECORDED_ELSEWHERE) from exc
                 _write_deferred_before_failure(rt, running, exc)
                 shown = on_failure(rt, ex, exc)
                 if shown is exc:
@@ -608,6 +613,16 @@ def run_execution(rt: Runtime, ex: Execution) -> Any:
         raise
     finally:
         end(rt, ex)
+
+
+def _history_changed(ex: Execution, exc: BaseException) -> bool:
+    """Whether the execution stopped because another one recorded one of its reads with
+    another answer (see `steps.defer_read`): the workflow runs again from its records."""
+    return (
+        isinstance(exc, WorkflowPreempted)
+        and exc.workflow_id == ex.workflow_id
+        and exc.reason == READ_RECORDED_ELSEWHERE
+    )
 
 
 def _write_deferred_before_failure(rt: Runtime, wf: RunningWorkflow, exc: BaseException) -> None:

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import BigInteger, Select, String, and_, bindparam, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from dbos_nb.errors import WorkflowPreempted
+from dbos_nb.errors import READ_RECORDED_ELSEWHERE, WorkflowPreempted
 from dbos_nb.models import WorkflowStatusString
 from dbos_nb.storage import merged
 from dbos_nb.storage.database import Database
@@ -163,19 +163,32 @@ class StepRecords(StoreBase):
         return None if inserted is not None else self._not_inserted(params)
 
     def record_steps(self, workflow_id: str, owner_xid: str, records: list[StepRecord]) -> None:
-        """Record several operations of one execution together, all or nothing (reads whose
-        records waited, see `steps.defer_read`): one round trip on PostgreSQL. As
-        `record_step` for each, except that a record found made already is left as it is."""
+        """Record several reads of one execution together, all or nothing (reads whose
+        records waited, see `steps.defer_read`): one round trip on PostgreSQL.
+
+        A record already there is fine if it is this very one (a write run again after a lost
+        reply). Otherwise raises WorkflowPreempted: "taken over by another execution" when the
+        workflow is no longer this execution's (nothing is kept for the one that goes on: it
+        reads again), READ_RECORDED_ELSEWHERE when another execution recorded the operation
+        with another answer while this one still owns the workflow."""
         batch = [_params(workflow_id, owner_xid, record) for record in records]
         answers = self.db.grouped_many(self._record_owned_step, self._record_steps, batch)
-        for params, answer in zip(batch, answers, strict=True):
+        for record, answer in zip(records, answers, strict=True):
             if answer is None:
-                self._not_inserted(params)
+                self._check_read_recorded(workflow_id, owner_xid, record)
+
+    def _check_read_recorded(self, workflow_id: str, owner_xid: str, record: StepRecord) -> None:
+        found = self.step_preflight(workflow_id, record.function_id)
+        if not found.recorded or found.owner_xid != owner_xid:
+            raise WorkflowPreempted(workflow_id, "taken over by another execution")
+        recorded = (found.function_name, found.output, found.error)
+        if recorded != (record.function_name, record.output, record.error):
+            raise WorkflowPreempted(workflow_id, READ_RECORDED_ELSEWHERE)
 
     def _not_inserted(self, params: dict[str, Any]) -> StepPreflight:
-        """A record that was not written: this execution's own earlier record of the operation
-        (returned), or the workflow is no longer this execution's (WorkflowPreempted; what it
-        ran is kept for the execution that goes on, see `record_step`)."""
+        """A step's record that was not written: the operation's record (returned), or the
+        workflow is no longer this execution's (WorkflowPreempted; what it ran is kept for the
+        execution that goes on, see `record_step`)."""
         workflow_id, owner_xid = params["workflow_uuid"], params["b_owner"]
         existing = self.step_preflight(workflow_id, params["function_id"])
         if existing.recorded and existing.owner_xid == owner_xid:
