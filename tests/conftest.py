@@ -227,6 +227,15 @@ def held(i):
 """
 
 
+def append_effect(workdir: str, line: str) -> None:
+    """Append a line to WORKDIR/effects.log, durably: what a crash test's paid call leaves, so
+    that the test can count how often it ran across a SIGKILL."""
+    with open(os.path.join(workdir, "effects.log"), "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def kill_when_ready(argv: list[str], workdir: Path) -> None:
     """Start `argv`, wait until it creates WORKDIR/ready (its crash point), then SIGKILL it."""
     import signal

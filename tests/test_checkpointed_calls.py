@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conftest import kill_when_ready, wait_until
+from conftest import append_effect, kill_when_ready, wait_until
 from dbos_nb import (
     DBOS,
     DBOSAwaitedWorkflowCancelledError,
@@ -37,13 +37,6 @@ from dbos_nb.core.runtime import get_runtime
 # -- the crash test: SIGKILL after the calls, recovery in a new process -------------------------
 
 
-def _effect(workdir: str, line: str) -> None:
-    with open(os.path.join(workdir, "effects.log"), "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _crash_app(mode: str, url: str, workdir: str) -> None:
     """Phase "crash": a workflow reads a status, forks a workflow, waits for the fork and lists
     workflows, then blocks in a step (after writing WORKDIR/ready) to be killed there. Phase
@@ -51,7 +44,7 @@ def _crash_app(mode: str, url: str, workdir: str) -> None:
 
     @DBOS.step(name="ck_work")
     def work(x: int) -> int:
-        _effect(workdir, f"work{x}")  # a paid call: how often it runs is what matters
+        append_effect(workdir, f"work{x}")  # a paid call: how often it runs is what matters
         return x
 
     @DBOS.workflow(name="ck_target")

@@ -190,6 +190,10 @@ def test_children_on_a_queue_without_limits_start_at_the_enqueue(
         handles.append(limited.enqueue(child, 3))
         return sum(h.get_result() for h in handles)
 
+    # The worker learns that a queue has no limits from its first claim on it: until then an
+    # enqueue writes the row ENQUEUED (see Scheduler._claim).
+    assert unlimited.enqueue(child, 0).get_result() == 0
+    adopted.clear()
     with SetWorkflowID("ce-at-once"):
         assert parent() == 6
     assert adopted == ["ce-at-once-0", "ce-at-once-1"]  # the limited queue's child was claimed

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import insert_pending, kill_when_ready
+from conftest import append_effect, insert_pending, kill_when_ready
 from dbos_nb import DBOS, DBOSAwaitedWorkflowCancelledError, Queue, SetWorkflowID, serialization
 from dbos_nb.core import steps
 from dbos_nb.core.runtime import get_runtime
@@ -318,13 +318,6 @@ def test_writing_reads_again_finds_them_and_refuses_other_answers(launched: str)
 # -- the crash test: SIGKILL with reads waiting, recovery in a new process ----------------------
 
 
-def _effect(workdir: str, line: str) -> None:
-    with open(os.path.join(workdir, "effects.log"), "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _crash_app(mode: str, url: str, workdir: str) -> None:
     """Phase "crash": a workflow runs three children, waits for their results, then stops in
     its own code (after writing WORKDIR/ready) to be killed with the reads' records waiting.
@@ -332,7 +325,7 @@ def _crash_app(mode: str, url: str, workdir: str) -> None:
 
     @DBOS.step(name="dr_crash_work")
     def work(x: int) -> int:
-        _effect(workdir, f"work{x}")  # a paid call: how often it runs is what matters
+        append_effect(workdir, f"work{x}")  # a paid call: how often it runs is what matters
         return x * 10
 
     @DBOS.workflow(name="dr_crash_child")
