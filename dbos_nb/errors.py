@@ -333,9 +333,9 @@ class DBOSRecordedError(DbosNbError):
 
 # WorkflowPreempted's reason when a checkpoint could not reach the system database.
 DATABASE_LOST = "it lost its connection to the system database"
-# A read of this execution whose record waited (see `core/steps.defer_read`) was found recorded
-# by another execution of the workflow, with another answer: what this one did since rests on a
-# history that the database does not hold.
+# A read of this execution whose record waited (see `core/deferred_reads.defer_read`) was
+# found recorded by another execution of the workflow, with another answer: what this one did
+# since rests on a history that the database does not hold.
 READ_RECORDED_ELSEWHERE = "another execution recorded one of its reads with another answer"
 
 

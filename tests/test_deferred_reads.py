@@ -1,5 +1,5 @@
 """The records of a workflow's reads (`handle.get_result()`, status reads) wait for its next
-write (both backends, see `steps.defer_read`).
+write (both backends, see `deferred_reads.defer_read`).
 
 A read acts on nothing, so its record may be written with the workflow's next operation, or
 with its outcome, instead of with a commit of its own. These tests check that the records wait
@@ -29,7 +29,7 @@ import pytest
 
 from conftest import append_effect, insert_pending, kill_when_ready
 from dbos_nb import DBOS, DBOSAwaitedWorkflowCancelledError, Queue, SetWorkflowID, serialization
-from dbos_nb.core import steps
+from dbos_nb.core import deferred_reads
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.errors import READ_RECORDED_ELSEWHERE, WorkflowPreempted
 from dbos_nb.storage.step_records import StepRecord, StepRecords
@@ -116,7 +116,7 @@ def test_reads_wait_for_the_next_write_and_a_step_writes_them_first(launched: st
 def test_reads_wait_no_further_than_the_limit(
     launched: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(steps, "MAX_DEFERRED", 2)
+    monkeypatch.setattr(deferred_reads, "MAX_DEFERRED", 2)
     g = Gatherer("dr_limit", 5)
     with SetWorkflowID("dr-limit"):
         handle = DBOS.start_workflow(g.parent)

@@ -51,7 +51,7 @@ class RunningWorkflow:
     # Set once the execution has ended and left the process's register (see workflows.begin).
     ended: threading.Event = field(default_factory=threading.Event)
     # Records of reads made by this execution (`handle.get_result()`, status reads) that wait
-    # to be written with its next write (see `steps.defer_read`); None: each record is
+    # to be written with its next write (see `deferred_reads.defer_read`); None: each record is
     # written at once (an async execution, whose operations may overlap).
     deferred: list[StepRecord] | None = None
     deferred_bytes: int = 0

@@ -23,9 +23,10 @@ from typing import Any
 
 from dbos_nb import serialization
 from dbos_nb.core.context import Context, RunningWorkflow, check_id_length, current, using
+from dbos_nb.core.deferred_reads import write_deferred
 from dbos_nb.core.registry import Registration
 from dbos_nb.core.runtime import WAKE_ENQUEUED, WAKE_FREED, Runtime
-from dbos_nb.core.steps import begin_operation, cancel_overdue, write_deferred
+from dbos_nb.core.steps import begin_operation, cancel_overdue
 from dbos_nb.core.waiters import outcome_of, wait_for_result
 from dbos_nb.errors import (
     DATABASE_LOST,
@@ -617,7 +618,7 @@ def run_execution(rt: Runtime, ex: Execution) -> Any:
 
 def _history_changed(ex: Execution, exc: BaseException) -> bool:
     """Whether the execution stopped because another one recorded one of its reads with
-    another answer (see `steps.defer_read`): the workflow runs again from its records."""
+    another answer (see `deferred_reads.defer_read`): the workflow runs again from its records."""
     return (
         isinstance(exc, WorkflowPreempted)
         and exc.workflow_id == ex.workflow_id

@@ -164,7 +164,7 @@ class StepRecords(StoreBase):
 
     def record_steps(self, workflow_id: str, owner_xid: str, records: list[StepRecord]) -> None:
         """Record several reads of one execution together, all or nothing (reads whose
-        records waited, see `steps.defer_read`): one round trip on PostgreSQL.
+        records waited, see `deferred_reads.defer_read`): one round trip on PostgreSQL.
 
         A record already there is fine if it is this very one (a write run again after a lost
         reply). Otherwise raises WorkflowPreempted: "taken over by another execution" when the
