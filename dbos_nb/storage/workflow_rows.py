@@ -144,6 +144,16 @@ def _child_record_values() -> list[Any]:
     ]
 
 
+def _params_of(wf: NewWorkflow) -> tuple[dict[str, Any], bool]:
+    """The row's parameters, and whether it is a child workflow: then they also hold its
+    parent's operation number (`b_parent_fid`) for the parent's record of it."""
+    params = _row_values(wf)
+    is_child = wf.parent_workflow_id is not None and wf.parent_function_id is not None
+    if is_child:
+        params["b_parent_fid"] = wf.parent_function_id
+    return params, is_child
+
+
 def _recording_child(db: Database, write: Any, notify: bool = False) -> Executable:
     """PostgreSQL: `write` (an insert of a workflow row, returning its id) and, when it wrote
     the row, the parent's record of the child, as one statement: one round trip where a
@@ -245,11 +255,8 @@ class WorkflowRows(StoreBase):
         the wake-up notification. Idempotent by workflow id. Raises `DBOSQueueDeduplicatedError`
         when an active workflow of the queue holds the same deduplication id.
         """
-        params = _row_values(wf)
-        is_child = wf.parent_workflow_id is not None and wf.parent_function_id is not None
+        params, is_child = _params_of(wf)
         notify = wf.status == ENQUEUED and wf.queue_name is not None and self.db.notifications
-        if is_child:
-            params["b_parent_fid"] = wf.parent_function_id
         if notify:
             params["b_channel"] = NOTIFY_CHANNEL
             params["b_payload"] = self.db.payload(f"q:{wf.queue_name}")
@@ -278,11 +285,8 @@ class WorkflowRows(StoreBase):
         to the same; this does both in one statement. Writes nothing (False) when the queue has
         limits or when the id exists; the caller then enqueues the ordinary way.
         """
-        params = _row_values(wf)
+        params, is_child = _params_of(wf)
         params["b_now"] = now_ms
-        is_child = wf.parent_workflow_id is not None and wf.parent_function_id is not None
-        if is_child:
-            params["b_parent_fid"] = wf.parent_function_id
         try:
             if self.db.is_postgres:
                 stmt = self._insert_started_child if is_child else self._insert_started
