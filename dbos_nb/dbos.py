@@ -22,7 +22,7 @@ from dbos_nb.clock import Clock
 from dbos_nb.core import aio, management, steps, workflows
 from dbos_nb.core.context import current
 from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
-from dbos_nb.core.queue import QUEUES, Queue
+from dbos_nb.core.queue import QUEUES, UNSET, Queue
 from dbos_nb.core.registry import REGISTRY, Kind, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.engine import Engine, resolve_config
@@ -302,17 +302,19 @@ class DBOS(metaclass=_DBOSType):
         cls,
         name: str,
         *,
-        concurrency: int | None = None,
-        worker_concurrency: int | None = None,
-        limiter: dict[str, Any] | None = None,
-        priority_enabled: bool = False,
-        polling_interval_sec: float = 1.0,
-        global_concurrency: int | None = None,
+        concurrency: int | None = UNSET,
+        worker_concurrency: int | None = UNSET,
+        limiter: dict[str, Any] | None = UNSET,
+        priority_enabled: bool = UNSET,
+        polling_interval_sec: float = UNSET,
+        global_concurrency: int | None = UNSET,
     ) -> Queue:
         """Declare a queue (DBOS 3's spelling of `Queue(...)`)."""
+        if concurrency is UNSET or (concurrency is None and global_concurrency is not UNSET):
+            concurrency = global_concurrency
         return Queue(
             name,
-            concurrency if concurrency is not None else global_concurrency,
+            concurrency,
             limiter,
             worker_concurrency=worker_concurrency,
             priority_enabled=priority_enabled,

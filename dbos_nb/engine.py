@@ -23,7 +23,7 @@ from dbos_nb.core.clock_skew import SkewWatch
 from dbos_nb.core.context import check_id_length
 from dbos_nb.core.functions import FunctionResolver
 from dbos_nb.core.pool import ElasticPool
-from dbos_nb.core.queue import QUEUES
+from dbos_nb.core.queue import QUEUES, Queue
 from dbos_nb.core.registry import REGISTRY, Registration
 from dbos_nb.core.runtime import Runtime, set_runtime
 from dbos_nb.core.scheduler import Scheduler
@@ -260,8 +260,8 @@ class Engine:
         db.committer.expect_writers(rt.running_count)
         store.upsert_queue(QueueSettings(name=INTERNAL_QUEUE), rt.now_ms())
         _record_functions(rt, REGISTRY.all())
-        for settings in QUEUES.all_settings():
-            self._store_queue(rt, settings)
+        for queue in QUEUES.all():
+            self._store_queue(rt, queue)
         # Registered last: a live executor's functions and queues are already in the catalogue
         # (a client may check them as soon as it sees the worker).
         try:
@@ -321,7 +321,12 @@ class Engine:
             return [q.name for q in self.runtime.store.list_queues()]
         return [INTERNAL_QUEUE, *(q for q in listen if q != "*")]
 
-    def _store_queue(self, rt: Runtime, settings: QueueSettings) -> None:
+    def _store_queue(self, rt: Runtime, queue: Queue) -> None:
+        settings = queue.settings
+        if queue.adopts_stored:
+            # Only the name given: the stored settings apply (the defaults only for a new queue).
+            queue.settings = rt.store.adopt_queue(settings, rt.now_ms())
+            return
         previous = rt.store.upsert_queue(settings, rt.now_ms())
         if previous is not None and previous != settings:
             logger.warning(
@@ -338,11 +343,11 @@ class Engine:
             # A newly registered function can make queued or recovered work runnable here.
             rt.wake_scheduler()
 
-    def _on_queue(self, settings: QueueSettings) -> None:
+    def _on_queue(self, queue: Queue) -> None:
         rt = self.runtime
         if rt is not None:
-            self._store_queue(rt, settings)
-            rt.wake_scheduler(settings.name)
+            self._store_queue(rt, queue)
+            rt.wake_scheduler(queue.name)
 
     def _claim_executor_id(self, store: SystemStore) -> None:
         cfg = self.config

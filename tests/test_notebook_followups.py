@@ -175,3 +175,12 @@ def test_wait_does_not_warn_about_a_worker_that_is_starting(
 def test_frames_keep_integer_types_with_no_queue_declared(launched: str) -> None:
     frame = queues_frame("nothing-declared")
     assert frame.empty and str(frame["concurrency"].dtype) == "Int64"
+
+
+def test_a_queue_magic_with_only_a_name_keeps_the_stored_settings(shell: InteractiveShell) -> None:
+    run(shell, "%dbos_queue nb_kept --concurrency 4 --limit 10/2s")
+    queue = run(shell, "%dbos_queue nb_kept --as again")  # e.g. another notebook's cell
+    assert (queue.concurrency, queue.limiter) == (4, {"limit": 10, "period": 2.0})
+    stored = get_runtime().store.get_queue("nb_kept")
+    assert stored is not None and (stored.concurrency, stored.limit) == (4, 10)
+    assert run(shell, "%dbos_queue nb_kept --worker-concurrency 1").concurrency is None

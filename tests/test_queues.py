@@ -321,6 +321,53 @@ def test_redeclaring_a_queue(launched: str, caplog: pytest.LogCaptureFixture) ->
     client.destroy()
 
 
+# A second process (another notebook) that only names the queue, to enqueue onto it.
+_BARE_DECLARATION = """
+import sys
+from dbos_nb import DBOS, Queue
+DBOS(config={"name": "other", "system_database_url": sys.argv[1], "executor_id": "other"})
+early = Queue("kept_limits")  # before launch: adopted at launch
+DBOS.launch()
+late = Queue("kept_limits")  # after launch
+print(early.concurrency, early.limiter, late.worker_concurrency)
+DBOS.destroy()
+"""
+
+
+def test_a_queue_named_without_settings_keeps_the_stored_ones(launched: str) -> None:
+    import subprocess
+    import sys
+
+    Queue("kept_limits", concurrency=3, worker_concurrency=2, limiter={"limit": 5, "period": 2})
+    out = subprocess.run(
+        [sys.executable, "-c", _BARE_DECLARATION, launched],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["3", "{'limit':", "5,", "'period':", "2.0}", "2"]
+    with DBOSClient(launched) as client:
+        from dbos_nb.storage.store import SystemStore
+
+        stored = SystemStore(client._db).get_queue("kept_limits")
+    assert stored is not None
+    assert (stored.concurrency, stored.worker_concurrency, stored.limit) == (3, 2, 5)
+    # In this process too; and a setting given, even None, declares the whole set.
+    assert Queue("kept_limits").concurrency == 3
+    lifted = Queue("kept_limits", concurrency=None)
+    assert (lifted.concurrency, lifted.limiter) == (None, None)
+    assert DBOS.register_queue("kept_limits").concurrency is None
+    assert DBOS.register_queue("kept_limits", global_concurrency=7).concurrency == 7
+    # A new queue named alone gets the defaults, stored for every process.
+    fresh = Queue("named_alone")
+    assert (fresh.concurrency, fresh.limiter, fresh.priority_enabled) == (None, None, False)
+    with DBOSClient(launched) as client:
+        from dbos_nb.storage.store import SystemStore
+
+        assert SystemStore(client._db).get_queue("named_alone") is not None
+
+
 def test_enqueue_errors(launched: str) -> None:
     def plain() -> None:
         return None

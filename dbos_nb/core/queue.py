@@ -3,7 +3,9 @@
 Declaring a queue validates its settings and stores them in the database (at once if DBOS is
 launched, else at launch), so every process and every client sees the same limits. Declaring the
 same name again with the same settings is normal notebook use; new settings replace the old ones
-with a warning.
+with a warning. A declaration that gives only the name (`Queue("llm")`) takes the settings already
+stored for that queue, so that a notebook which only enqueues cannot lift the limits another
+process declared; giving any setting, even `concurrency=None`, declares the whole set.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ _LIMITER_KEYS = {"limit", "period"}
 # What the database's columns hold (PostgreSQL refuses more; SQLite would store anything): counts
 # are INTEGER. (Names: see `check_id_length`; durations: `valid_seconds`.)
 MAX_COUNT = 2**31 - 1
+
+
+class _Unset:
+    """The default of a `Queue` setting the caller did not give (told apart from an explicit
+    None, which removes a limit)."""
+
+    def __repr__(self) -> str:
+        return "<stored or default>"
+
+
+UNSET: Any = _Unset()
 
 
 def _positive_int(name: str, value: Any, queue: str) -> int | None:
@@ -122,12 +135,14 @@ class QueueRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queues: dict[str, Queue] = {}
-        self._listeners: list[Callable[[QueueSettings], None]] = []
+        self._listeners: list[Callable[[Queue], None]] = []
 
     def declare(self, queue: Queue) -> None:
         with self._lock:
             old = self._queues.get(queue.name)
             listeners = list(self._listeners)
+            if queue.adopts_stored and old is not None:
+                queue.settings = old.settings
             # A launched process stores the settings, and says there what they replaced (also
             # when another process had declared them): one warning, not two.
             if old is not None and old.settings != queue.settings and not listeners:
@@ -140,7 +155,7 @@ class QueueRegistry:
             self._queues[queue.name] = queue
         try:
             for listener in listeners:
-                listener(queue.settings)
+                listener(queue)
         except BaseException:
             # Not stored (the database refused it, or is unreachable): not declared either,
             # so that nothing is enqueued onto a queue no other process can see.
@@ -160,11 +175,11 @@ class QueueRegistry:
         with self._lock:
             return list(self._queues)
 
-    def all_settings(self) -> list[QueueSettings]:
+    def all(self) -> list[Queue]:
         with self._lock:
-            return [q.settings for q in self._queues.values()]
+            return list(self._queues.values())
 
-    def add_listener(self, listener: Callable[[QueueSettings], None]) -> None:
+    def add_listener(self, listener: Callable[[Queue], None]) -> None:
         with self._lock:
             self._listeners.append(listener)
 
@@ -173,7 +188,7 @@ class QueueRegistry:
         with self._lock:
             self._queues.clear()
 
-    def remove_listener(self, listener: Callable[[QueueSettings], None]) -> None:
+    def remove_listener(self, listener: Callable[[Queue], None]) -> None:
         with self._lock:
             if listener in self._listeners:
                 self._listeners.remove(listener)
@@ -183,27 +198,42 @@ QUEUES = QueueRegistry()
 
 
 class Queue:
-    """A queue of workflows, shared by every process using the database."""
+    """A queue of workflows, shared by every process using the database.
+
+    Settings not given default to no limit, no priority and a 1 s polling interval; with no
+    setting given at all, the queue takes the settings stored for its name, if any.
+    """
 
     def __init__(
         self,
         name: str,
-        concurrency: int | None = None,
-        limiter: dict[str, Any] | None = None,
+        concurrency: int | None = UNSET,
+        limiter: dict[str, Any] | None = UNSET,
         *,
-        worker_concurrency: int | None = None,
-        priority_enabled: bool = False,
-        polling_interval_sec: float = 1.0,
-        token_limiter: dict[str, Any] | None = None,
+        worker_concurrency: int | None = UNSET,
+        priority_enabled: bool = UNSET,
+        polling_interval_sec: float = UNSET,
+        token_limiter: dict[str, Any] | None = UNSET,
     ) -> None:
-        self.settings = build_settings(
-            name,
+        given = (
             concurrency,
-            worker_concurrency,
             limiter,
+            worker_concurrency,
             priority_enabled,
             polling_interval_sec,
             token_limiter,
+        )
+        # Whether the stored settings (or an earlier declaration's here) apply instead of the
+        # defaults: see the module's docstring.
+        self.adopts_stored = all(value is UNSET for value in given)
+        self.settings = build_settings(
+            name,
+            _or(concurrency, None),
+            _or(worker_concurrency, None),
+            _or(limiter, None),
+            _or(priority_enabled, False),
+            _or(polling_interval_sec, 1.0),
+            _or(token_limiter, None),
         )
         self.name = name
         self.priority_noted = False  # told once that a priority here orders nothing
@@ -288,6 +318,10 @@ class Queue:
             f"Queue({s.name!r}, concurrency={s.concurrency}, worker_concurrency="
             f"{s.worker_concurrency}, limiter={self.limiter}, token_limiter={self.token_limiter})"
         )
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is UNSET else value
 
 
 def _note_ignored_priority(queue: Queue) -> None:

@@ -224,14 +224,16 @@ class DbosMagics(Magics):
         if not var.isidentifier() or keyword.iskeyword(var):
             raise UsageError(f"{var!r} is not a valid variable name; pass --as VAR")
         try:
-            queue = Queue(
-                args.name,
-                concurrency=args.concurrency,
-                worker_concurrency=args.worker_concurrency,
-                limiter=parse_limit(args.limit, "--limit") if args.limit else None,
-                priority_enabled=args.priority,
-                token_limiter=parse_limit(args.tokens, "--tokens") if args.tokens else None,
-            )
+            settings = {
+                "concurrency": args.concurrency,
+                "worker_concurrency": args.worker_concurrency,
+                "limiter": parse_limit(args.limit, "--limit") if args.limit else None,
+                "priority_enabled": args.priority,
+                "token_limiter": parse_limit(args.tokens, "--tokens") if args.tokens else None,
+            }
+            # Only the name: the queue's stored settings apply (see `Queue`).
+            given = any(v is not None and v is not False for v in settings.values())
+            queue = Queue(args.name, **settings) if given else Queue(args.name)
         except DbosNbError as exc:
             raise UsageError(str(exc)) from exc
         self._ns[var] = queue

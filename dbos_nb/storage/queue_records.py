@@ -20,17 +20,7 @@ class QueueRecords(StoreBase):
 
     def upsert_queue(self, settings: QueueSettings, now_ms: int) -> QueueSettings | None:
         """Store a queue's settings; returns the settings it replaced (None if it is new)."""
-        values = {
-            "concurrency": settings.concurrency,
-            "worker_concurrency": settings.worker_concurrency,
-            "rate_limit": settings.limit,
-            "rate_period_ms": settings.period_ms,
-            "priority_enabled": settings.priority_enabled,
-            "polling_interval_ms": settings.polling_interval_ms,
-            "token_limit": settings.token_limit,
-            "token_period_ms": settings.token_period_ms,
-            "updated_at": now_ms,
-        }
+        values = {**_columns(settings), "updated_at": now_ms}
         # Insert first, doing nothing if the row exists: processes that launch at once all
         # declare the same queues, and a read-then-insert let two of them insert (PostgreSQL,
         # READ COMMITTED: a raw unique violation in the second one's launch).
@@ -52,6 +42,18 @@ class QueueRecords(StoreBase):
             if old_settings != settings:
                 conn.execute(update(queues).where(queues.c.name == settings.name).values(**values))
             return old_settings
+
+    def adopt_queue(self, settings: QueueSettings, now_ms: int) -> QueueSettings:
+        """The queue's stored settings; `settings` are stored first if the queue is new."""
+        insert = (
+            self.db.insert(queues)
+            .values(name=settings.name, updated_at=now_ms, **_columns(settings))
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+        with self.db.write() as conn:
+            conn.execute(insert)
+            row = conn.execute(select(queues).where(queues.c.name == settings.name)).mappings()
+            return queue_settings_from_row(dict(row.one()))
 
     def get_queue(self, name: str) -> QueueSettings | None:
         """A queue's stored settings, or None when no process declared it."""
@@ -129,3 +131,17 @@ def queue_settings_from_row(row: dict[str, Any]) -> QueueSettings:
         token_limit=row.get("token_limit"),
         token_period_ms=row.get("token_period_ms"),
     )
+
+
+def _columns(settings: QueueSettings) -> dict[str, Any]:
+    """The `queues` columns that hold a queue's settings."""
+    return {
+        "concurrency": settings.concurrency,
+        "worker_concurrency": settings.worker_concurrency,
+        "rate_limit": settings.limit,
+        "rate_period_ms": settings.period_ms,
+        "priority_enabled": settings.priority_enabled,
+        "polling_interval_ms": settings.polling_interval_ms,
+        "token_limit": settings.token_limit,
+        "token_period_ms": settings.token_period_ms,
+    }
