@@ -26,10 +26,11 @@ from dbos_nb.clock import SystemClock
 from dbos_nb.errors import DbosNbError, UnknownQueueError
 from dbos_nb.models import (
     INTERNAL_QUEUE,
-    STEP_WORKFLOW_PREFIX,
+    STATUSES,
     QueueSettings,
-    WorkflowStatusString,
     shown_function_name,
+    status_value,
+    stored_names,
 )
 from dbos_nb.storage.database import Database, shown_url
 from dbos_nb.storage.migrations import check_schema
@@ -39,8 +40,6 @@ from dbos_nb.storage.store import SystemStore
 # Exit status of a command whose stdout was closed early (`dbos-nb workflows | head -1`): what a
 # shell reports for a process killed by SIGPIPE (128 + 13), as for other Unix tools in a pipe.
 EXIT_BROKEN_PIPE = 141
-
-STATUSES = tuple(s.value for s in WorkflowStatusString)
 
 
 class UnknownQueueFilterError(UnknownQueueError):
@@ -142,7 +141,7 @@ def cmd_workflows(args: argparse.Namespace) -> int:
         rows = store.list_workflows(
             status=[args.status] if args.status else None,
             queue_name=[args.queue] if args.queue else None,
-            name=_stored_names(args.name) if args.name else None,
+            name=stored_names(args.name) if args.name else None,
             limit=args.limit,
             sort_desc=True,
             load_input=False,
@@ -168,13 +167,6 @@ def cmd_workflows(args: argparse.Namespace) -> int:
         return 0
     finally:
         db.dispose()
-
-
-def _stored_names(name: str) -> list[str]:
-    """The stored workflow names that `--name NAME` means: a step or transaction enqueued on
-    its own is stored under an internal prefix, but is shown (and known) by its own name."""
-    bare = shown_function_name(name)
-    return [bare, STEP_WORKFLOW_PREFIX + bare]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -238,8 +230,8 @@ def _positive_float(text: str) -> float:
 def _status(text: str) -> str:
     """argparse type: a workflow status in any case; an unknown one is refused with the list
     (a typo would otherwise match no row and look like an empty result)."""
-    value = text.upper()
-    if value not in STATUSES:
+    value = status_value(text)
+    if value is None:
         raise argparse.ArgumentTypeError(
             f"unknown status {text!r}; valid: {', '.join(STATUSES)} (any case)"
         )

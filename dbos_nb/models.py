@@ -23,6 +23,15 @@ class WorkflowStatusString(enum.StrEnum):
     MAX_RECOVERY_ATTEMPTS_EXCEEDED = "MAX_RECOVERY_ATTEMPTS_EXCEEDED"
 
 
+STATUSES = tuple(s.value for s in WorkflowStatusString)
+
+
+def status_value(text: str) -> str | None:
+    """A status as stored, from its name in any case; None if there is no such status."""
+    value = text.upper()
+    return value if value in STATUSES else None
+
+
 ACTIVE_STATUSES = (WorkflowStatusString.ENQUEUED.value, WorkflowStatusString.PENDING.value)
 TERMINAL_STATUSES = (
     WorkflowStatusString.SUCCESS.value,
@@ -41,6 +50,13 @@ STEP_WORKFLOW_PREFIX = "__dbos_nb_step__:"
 def shown_function_name(workflow_name: str) -> str:
     """A stored workflow name as people know it: a step enqueued alone by its own name."""
     return workflow_name.removeprefix(STEP_WORKFLOW_PREFIX)
+
+
+def stored_names(name: str) -> list[str]:
+    """The stored workflow names that a function's name stands for in a filter: a step or
+    transaction enqueued on its own is stored under the prefix but known by its own name."""
+    bare = shown_function_name(name)
+    return [bare, STEP_WORKFLOW_PREFIX + bare]
 
 
 @dataclass

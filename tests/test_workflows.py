@@ -548,6 +548,34 @@ def test_list_workflows_filters(launched: str) -> None:
     assert light[0].output is None and light[0].status == "SUCCESS"
 
 
+def test_list_filters_find_steps_enqueued_alone_and_check_statuses(launched: str) -> None:
+    @DBOS.step(name="alone_step")
+    def alone_step(i: int) -> int:
+        return i * 2
+
+    queue = Queue("alone_q")
+    handle = queue.enqueue(alone_step, 4)
+    assert handle.get_result() == 8
+    # Known by its own name, as the frames and the CLI show it (stored under a prefix).
+    found = DBOS.list_workflows(name="alone_step")
+    assert [w.workflow_id for w in found] == [handle.workflow_id]
+    assert [w.workflow_id for w in DBOS.list_workflows(name=["alone_step", "x"])] == [
+        handle.workflow_id
+    ]
+    assert [w.workflow_id for w in DBOS.list_workflows(status="success")] == [handle.workflow_id]
+    with DBOSClient(launched) as client:
+        assert [w.workflow_id for w in client.list_workflows(name="alone_step")] == [
+            handle.workflow_id
+        ]
+        with pytest.raises(DbosNbError, match=r"unknown status 'BOGUS'.*ENQUEUED"):
+            client.list_workflows(status="BOGUS")
+    for bad in ("error ", "done", ["SUCCESS", "nope"]):
+        with pytest.raises(DbosNbError, match="unknown status"):
+            DBOS.list_workflows(status=bad)
+        with pytest.raises(DbosNbError, match="unknown status"):
+            DBOS.list_queued_workflows(status=bad)
+
+
 def test_durable_sleep_records_wake_time(launched: str) -> None:
     @DBOS.workflow()
     def sleeper() -> str:

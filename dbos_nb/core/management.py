@@ -21,7 +21,7 @@ from dbos_nb.errors import (
     UnknownQueueError,
 )
 from dbos_nb.ids import new_workflow_id
-from dbos_nb.models import StepInfo, WorkflowStatus
+from dbos_nb.models import STATUSES, StepInfo, WorkflowStatus, status_value, stored_names
 from dbos_nb.storage.store import SystemStore
 
 
@@ -79,8 +79,8 @@ def workflow_rows(
         raise DbosNbError(f"queues_only must be True or False, got {queues_only!r}")
     return store.list_workflows(
         workflow_ids=workflow_ids,
-        status=_one_or_many("status", status),
-        name=_one_or_many("name", name),
+        status=_statuses(status),
+        name=_names(name),
         queue_name=_one_or_many("queue_name", queue_name),
         start_time=to_epoch_ms(start_time, "start_time"),
         end_time=to_epoch_ms(end_time, "end_time"),
@@ -111,6 +111,27 @@ def _one_or_many(key: str, value: Any) -> list[str] | None:
     if not all(isinstance(v, str) for v in values):
         raise DbosNbError(f"{key} must be a string or a list of strings, got {value!r}")
     return [str(v) for v in values]  # a StrEnum member (WorkflowStatusString) as its value
+
+
+def _statuses(value: Any) -> list[str] | None:
+    """The status filter in any case; an unknown status is refused with the list (a typo would
+    otherwise match no row and look like an empty result)."""
+    given = _one_or_many("status", value)
+    if given is None:
+        return None
+    statuses = []
+    for text in given:
+        status = status_value(text)
+        if status is None:
+            raise DbosNbError(f"unknown status {text!r}; valid: {', '.join(STATUSES)} (any case)")
+        statuses.append(status)
+    return statuses
+
+
+def _names(value: Any) -> list[str] | None:
+    """The name filter; a step's or transaction's name also finds it enqueued on its own."""
+    given = _one_or_many("name", value)
+    return None if given is None else [n for name in given for n in stored_names(name)]
 
 
 def _check_filters(workflow_ids: Any, limit: Any, offset: Any, prefix: Any) -> None:
