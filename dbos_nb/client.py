@@ -8,6 +8,7 @@ the database (their settings and names are stored there), unless `allow_unregist
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING, Any, Required, TypedDict
 
 from dbos_nb import serialization
@@ -23,6 +24,7 @@ from dbos_nb.core.context import (
 from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
 from dbos_nb.core.waiters import Waiters, wait_for_result, wait_for_result_async
 from dbos_nb.errors import (
+    DBOSConfigError,
     DBOSConflictingWorkflowError,
     DbosNbError,
     UnknownQueueError,
@@ -30,7 +32,7 @@ from dbos_nb.errors import (
 )
 from dbos_nb.ids import new_workflow_id
 from dbos_nb.models import STEP_WORKFLOW_PREFIX, StepInfo, WorkflowStatus, WorkflowStatusString
-from dbos_nb.storage.database import Database
+from dbos_nb.storage.database import Database, sqlite_file
 from dbos_nb.storage.migrations import migrate
 from dbos_nb.storage.store import NewWorkflow, SystemStore
 from dbos_nb.unsupported import refuse
@@ -66,10 +68,20 @@ class DBOSClient:
         database_url: str | None = None,
         polling_interval_sec: float = 0.5,
         clock: Clock | None = None,
+        create: bool = False,
     ) -> None:
+        """Connect to an application's system database. A SQLite file that does not exist is
+        refused (a mistyped path would otherwise give a new, empty database that no worker
+        reads) unless `create=True`, for a client that enqueues before any worker launched."""
         url = system_database_url or database_url
         if not url:
             raise DbosNbError("DBOSClient needs the system database URL")
+        path = sqlite_file(url)
+        if path is not None and not create and not os.path.isfile(path):
+            raise DBOSConfigError(
+                f"no database at {path}: check the path (the application creates it when it "
+                "launches), or pass create=True to start an empty one"
+            )
         self._db = Database(
             url,
             pool_size=2,

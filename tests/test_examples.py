@@ -46,7 +46,7 @@ def run_example(
 @pytest.fixture
 def client(db_url: str) -> Iterator[DBOSClient]:
     """A client on the example's database, to check what the example left there."""
-    with DBOSClient(db_url) as c:
+    with DBOSClient(db_url, create=True) as c:  # before the example's first launch
         yield c
 
 

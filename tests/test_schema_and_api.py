@@ -747,7 +747,7 @@ def test_an_over_long_deduplication_id_is_refused(launched: str) -> None:
 def test_over_long_client_enqueue_options_are_refused(
     db_url: str, option: str, value: str, message: str
 ) -> None:
-    with DBOSClient(db_url) as client:
+    with DBOSClient(db_url, create=True) as client:
         options: dict[str, Any] = {
             "queue_name": "client_len_q",
             "workflow_name": "client_len_wf",
@@ -760,6 +760,17 @@ def test_over_long_client_enqueue_options_are_refused(
         workflow_id = client.enqueue(cast(EnqueueOptions, at_limit)).workflow_id
     column = {"workflow_name": "name", "app_version": "application_version"}.get(option, option)
     assert _stored_rows(db_url)[workflow_id][column] == value[:-1]
+
+
+def test_a_client_refuses_a_sqlite_file_that_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "typo" / "system.sqlite"
+    with pytest.raises(DBOSConfigError, match=r"no database at .*typo.*create=True"):
+        DBOSClient(f"sqlite:///{missing}")
+    assert not (tmp_path / "typo").exists()  # nothing created on the way
+    with DBOSClient(f"sqlite:///{missing}", create=True) as client:
+        assert client.list_workflows() == []
+    with DBOSClient(f"sqlite:///{missing}") as client:  # now it exists
+        assert client.list_workflows() == []
 
 
 def test_an_over_long_application_version_is_refused(db_url: str) -> None:

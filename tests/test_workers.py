@@ -224,7 +224,7 @@ def test_a_version_a_worker_cannot_load_stays_queued(
 
 
 def test_limits_hold_across_three_workers(db_url: str, pool: WorkerPool) -> None:
-    with DBOSClient(db_url):
+    with DBOSClient(db_url, create=True):
         pass
     DBOS(config=config(db_url, listen_queues=[]))
     Queue("shared", concurrency=4, worker_concurrency=2, limiter={"limit": 30, "period": 1.0})
