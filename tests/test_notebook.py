@@ -268,8 +268,11 @@ def test_failed_cell_shows_error_and_rerun(shell: InteractiveShell, capsys: Any)
     with pytest.raises(ValueError, match="upstream 500"):
         run(shell, cell)
     shell.user_ns["fail"] = [False]
-    assert run(shell, cell) is None
-    assert "ValueError: upstream 500" in capsys.readouterr().out
+    capsys.readouterr()
+    # Raised again (Run All stops here, as the first time), without running the cell.
+    with pytest.raises(ValueError, match="upstream 500"):
+        run(shell, cell)
+    assert "'flaky' ended ERROR" in capsys.readouterr().out
     assert run(shell, cell.replace("flaky\n", "flaky --rerun\n", 1)) == "ok"
 
 

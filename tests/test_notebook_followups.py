@@ -21,7 +21,7 @@ from IPython.core.interactiveshell import InteractiveShell
 import dbos_nb
 from conftest import HELD_STEP, launched_shell, wait_until
 from conftest import run_cell as run
-from dbos_nb import DBOS
+from dbos_nb import DBOS, DBOSAwaitedWorkflowCancelledError
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.notebook.frames import queues_frame
 
@@ -57,7 +57,8 @@ def test_an_edited_cell_does_not_replace_a_cancelled_runs_code(
 ) -> None:
     wid = _cancelled_cell(shell, "bg2")
     capsys.readouterr()
-    assert run(shell, '%%dbos_workflow bg2\n"EDITED"\n') is None
+    with pytest.raises(DBOSAwaitedWorkflowCancelledError, match="'bg2' was cancelled"):
+        run(shell, '%%dbos_workflow bg2\n"EDITED"\n')
     out = capsys.readouterr().out
     assert "ended CANCELLED" in out and "the cell changed" in out
     handle = run(shell, f"%dbos_resume {wid}")

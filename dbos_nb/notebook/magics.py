@@ -254,7 +254,7 @@ class DbosMagics(Magics):
 
         Finished: the recorded variables and result come back and nothing runs. Unfinished (the
         kernel died): it resumes, completed steps are not run again. Failed or cancelled: the
-        recorded error is shown; --rerun starts a fresh run.
+        recorded error is raised again (as awaiting the run would); --rerun starts a fresh run.
         """
         args = _args(self.dbos_workflow, line)
         rt = _rt()
@@ -350,14 +350,16 @@ class DbosMagics(Magics):
                 REGISTRY.register(reg)
             # else: a cancelled run can still be resumed (%dbos_resume), and must go on with
             # the code it started with, which registering the edited cell would replace.
-            error = serialization.load_error(row["error"])
-            reason = f"{type(error).__name__}: {error}" if error is not None else status.lower()
             print(
-                f"workflow {wid!r} ended {status}: {reason}\nRun the cell with --rerun to "
-                "start a fresh run (completed steps of the old run are discarded)."
+                f"workflow {wid!r} ended {status}; its recorded outcome is raised again. Run the "
+                "cell with --rerun to start a fresh run (completed steps of the old run are "
+                "discarded)."
                 + ("\nnote: the cell changed since that run started." if changed else "")
             )
-            return None
+            # Raised, not only shown, so that "Run All" stops here as it did the first time;
+            # the same error as awaiting the run gives (its own error, or cancelled).
+            out = WorkflowHandle(rt, wid).get_result()
+            return cells.restore(compiled, out, namespace)  # resumed meanwhile, and finished
         if recorded_hash != compiled.source_hash:
             raise UsageError(
                 f"the cell changed since its unfinished run {wid!r} started; resuming would mix "
