@@ -45,7 +45,12 @@ def test_wait_as_the_last_line_leaves_one_summary(tmp_path: Path) -> None:
         # One output area: the widget, then updated in place to the summary; no second view.
         assert kinds.count("display_data") == 1 and "execute_result" not in kinds, kinds
         widget, *updates = shown
-        assert "application/vnd.jupyter.widget-view+json" in widget["content"]["data"]
+        data = widget["content"]["data"]
+        assert "application/vnd.jupyter.widget-view+json" in data
+        # Where widgets do not render (a saved notebook on GitHub, nbconvert): the batch's
+        # snapshot, not the widget's repr.
+        assert "batch b" in data["text/html"] and "/3 finished" in data["text/html"]
+        assert "VBox" not in data["text/plain"] and "/3 finished" in data["text/plain"]
         display_id = widget["content"]["transient"]["display_id"]
         final = updates[-1]["content"]
         assert final["transient"]["display_id"] == display_id

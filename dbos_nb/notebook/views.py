@@ -5,8 +5,9 @@ thread reads progress from the database a few times a second and only changes wi
 never prints or displays). Reading from the database means the view shows the work of every
 process and works the same after a kernel restart.
 
-Where widgets cannot render (terminal IPython, plain nbconvert, no ipywidgets, or
-DBOS_NB_PROGRESS=text), a static HTML/text snapshot is shown instead; a finished `wait()` always
+The widget is displayed with a static HTML/text snapshot beside it, which front-ends that do
+not render widgets show instead. Where widgets cannot render at all (terminal IPython, no
+ipywidgets, or DBOS_NB_PROGRESS=text), only the snapshot is shown; a finished `wait()` always
 leaves a static summary in the cell (in the live view's place) so a saved notebook shows the
 result.
 """
@@ -49,6 +50,24 @@ def display(obj: Any, *, replaceable: bool = False) -> Any:
 
     show: Any = ipython_display.display
     return show(obj, display_id=True) if replaceable else show(obj)
+
+
+def display_bundle(bundle: dict[str, Any]) -> Any:
+    """Display a MIME bundle as it is; returns the handle that can replace it in place."""
+    from IPython import display as ipython_display
+
+    show: Any = ipython_display.display
+    return show(bundle, raw=True, display_id=True)
+
+
+def live_bundle(widget: Any, p: Progress) -> dict[str, Any]:
+    """The live widget, with the batch's snapshot at display time as its text and HTML: what a
+    notebook saved before the batch ended shows where widgets do not render (GitHub, nbviewer,
+    a notebook executed by nbconvert), instead of the widget's repr."""
+    bundle: dict[str, Any] = dict(widget._repr_mimebundle_())
+    bundle["text/plain"] = progress_text(p)
+    bundle["text/html"] = progress_html(p)
+    return bundle
 
 
 def current_cell() -> int | None:
@@ -216,7 +235,7 @@ def show_live(batch: Batch) -> LiveView | None:
     """Display a batch: a live widget where one can render, else a static snapshot."""
     if widgets_available():
         view = LiveView(batch)
-        view.handle = display(view.box, replaceable=True)
+        view.handle = display_bundle(live_bundle(view.box, batch.progress()))
         view.start()
         return view
     display(Snapshot(batch.progress()))
