@@ -79,6 +79,7 @@ def _decorate(kind: Kind, func: Callable[..., Any], name: str | None, **options:
 
         @functools.wraps(func)
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
             return await async_runner(get_runtime(), reg, args, kwargs)
 
         wrapper: Callable[..., Any] = async_wrapper
@@ -91,6 +92,7 @@ def _decorate(kind: Kind, func: Callable[..., Any], name: str | None, **options:
 
         @functools.wraps(func)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
             return runner(get_runtime(), reg, args, kwargs)
 
         wrapper = sync_wrapper

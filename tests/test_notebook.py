@@ -267,6 +267,10 @@ def test_failed_cell_shows_error_and_rerun(shell: InteractiveShell, capsys: Any)
     cell = "%%dbos_workflow flaky\nif fail[0]:\n    raise ValueError('upstream 500')\n'ok'\n"
     with pytest.raises(ValueError, match="upstream 500"):
         run(shell, cell)
+    # The traceback goes from the magic's line to the cell's own line, without dbos_nb's frames.
+    shown = capsys.readouterr().out
+    assert "<dbos_workflow flaky>" in shown and "skipping hidden" in shown
+    assert "dbos_nb/core" not in shown and "dbos_nb/notebook" not in shown
     shell.user_ns["fail"] = [False]
     capsys.readouterr()
     # Raised again (Run All stops here, as the first time), without running the cell.

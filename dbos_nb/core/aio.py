@@ -47,6 +47,7 @@ T = TypeVar("T")
 
 async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
     """The async twin of `workflows.run_execution` (runs on the runtime's loop)."""
+    __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
     running, stale = register(rt, ex)
     while stale is not None:  # see `workflows.register`; the stale one may run on this loop
         while not stale.ended.is_set():
@@ -87,6 +88,7 @@ async def call_workflow_async(
     and the caller gets its CancelledError. Only dbos_nb stops the workflow's own task (at
     `DBOS.destroy()`, leaving it PENDING to resume at the next launch).
     """
+    __tracebackhide__ = True
     ex, existing = write_started(rt, reg, args, kwargs)
     if existing is not None:
         return await rt.wait_result_async(ex.workflow_id, rt.polling_interval_sec, None)
@@ -104,6 +106,7 @@ async def call_step_async(
     rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """The async twin of `steps.call_step`."""
+    __tracebackhide__ = True
     ctx = current()
     wf = ctx.workflow
     if wf is None or ctx.step is not None:
@@ -128,6 +131,7 @@ async def call_as_operation_async(
     """The async twin of `steps.call_as_operation`. The operation number is taken here, on the
     workflow's loop, before `call` is awaited (a call made in a thread would take it there), so
     that calls gathered concurrently take their numbers in the same order at every replay."""
+    __tracebackhide__ = True
     wf = workflow_code()
     if wf is None:
         return await call()
@@ -150,6 +154,7 @@ async def _attempts_async(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
+    __tracebackhide__ = True
     retrier = Retrier(rt, reg, ctx.workflow)
     while True:
         try:

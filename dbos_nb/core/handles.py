@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
@@ -47,11 +48,13 @@ class WorkflowHandle(Generic[R]):
         self, polling_interval_sec: float = 1.0, *, timeout_sec: float | None = None
     ) -> R:
         """Wait for the workflow to finish; return its result or raise its error."""
+        __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
         backend, wid = self._backend, self.workflow_id
         value: R = _as_operation(
             backend,
             "DBOS.getResult",
-            lambda: backend.wait_result(wid, polling_interval_sec, timeout_sec),
+            # A partial, not a lambda: no frame of its own in the error's traceback.
+            functools.partial(backend.wait_result, wid, polling_interval_sec, timeout_sec),
             wid,
         )
         return value
@@ -61,11 +64,12 @@ class WorkflowHandle(Generic[R]):
     ) -> R:
         """Await the workflow's result without holding a thread; woken by its completion as
         `get_result` is."""
+        __tracebackhide__ = True
         backend, wid = self._backend, self.workflow_id
         value: R = await _as_operation_async(
             backend,
             "DBOS.getResult",
-            lambda: backend.wait_result_async(wid, polling_interval_sec, timeout_sec),
+            functools.partial(backend.wait_result_async, wid, polling_interval_sec, timeout_sec),
             wid,
         )
         return value
@@ -89,6 +93,7 @@ def _as_operation(
 ) -> T:
     """`call()`, made an operation of the calling workflow if the backend is the launched
     process's runtime (see `steps.call_as_operation`)."""
+    __tracebackhide__ = True
     # Imported here: the runtime and the execution modules import this module.
     from dbos_nb.core.runtime import Runtime
     from dbos_nb.core.steps import call_as_operation
@@ -105,6 +110,7 @@ async def _as_operation_async(
     awaited: str | None = None,
 ) -> T:
     """The async twin of `_as_operation`."""
+    __tracebackhide__ = True
     from dbos_nb.core.aio import call_as_operation_async
     from dbos_nb.core.runtime import Runtime
 
@@ -202,6 +208,7 @@ class WorkflowHandleAsync(Generic[R]):
     ) -> R:
         """Await the workflow's end; return its result or raise its error. TimeoutError if
         `timeout_sec` passes first (the workflow keeps running)."""
+        __tracebackhide__ = True
         return await self._handle.get_result_async(polling_interval_sec, timeout_sec=timeout_sec)
 
     async def get_status(self) -> WorkflowStatus:

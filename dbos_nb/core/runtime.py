@@ -188,12 +188,14 @@ class Runtime:
     def wait_result(
         self, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None
     ) -> Any:
+        __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
         poll = min(polling_interval_sec, self.polling_interval_sec)
         return wait_for_result(self.store, self.waiters, self.clock, workflow_id, poll, timeout_sec)
 
     async def wait_result_async(
         self, workflow_id: str, polling_interval_sec: float, timeout_sec: float | None
     ) -> Any:
+        __tracebackhide__ = True
         poll = min(polling_interval_sec, self.polling_interval_sec)
         return await wait_for_result_async(self.store, self.waiters, workflow_id, poll, timeout_sec)
 

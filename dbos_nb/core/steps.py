@@ -141,6 +141,7 @@ def call_step(rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dic
     """Run a step: checkpointed, with its retries, inside a workflow. Outside one, or inside
     another step, it is a plain call of the function, as in DBOS: no retries (the enclosing
     step's retries already cover it) and no step of its own for `DBOS.step_id`."""
+    __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
     ctx = current()
     wf = ctx.workflow
     if wf is None or ctx.step is not None:
@@ -181,6 +182,7 @@ def record_step_error(
     child_workflow_id: str | None = None,
 ) -> Any:
     """Checkpoint a step's failure and raise it (or return another execution's record)."""
+    __tracebackhide__ = True
     error = serialization.dump_error(exc)
     existing = _record(rt, wf, fid, name, started, None, error, child_workflow_id)
     if existing is not None:
@@ -233,6 +235,7 @@ def call_as_operation(
     does: a replay returns or raises what the first run got and acts no second time (a fork
     would otherwise be made, and paid for, once per recovery). Elsewhere a plain call.
     `child_workflow_id`: the workflow it waits for, shown in the step listing."""
+    __tracebackhide__ = True
     wf = workflow_code()
     if wf is None:
         return call()
@@ -297,6 +300,7 @@ class Retrier:
 
     def on_error(self, exc: Exception) -> float:
         """Seconds to wait before the next try; raises when the step has failed for good."""
+        __tracebackhide__ = True
         reg, wf = self.reg, self.wf
         retry_after = rate_limit_delay(exc)
         if retry_after is not None and self.throttled < reg.max_rate_limit_retries:
@@ -341,6 +345,7 @@ def _run_attempts(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
+    __tracebackhide__ = True
     retrier = Retrier(rt, reg, ctx.workflow)
     while True:
         try:
@@ -447,6 +452,7 @@ def call_transaction(
     rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """Run a transaction; inside a workflow its checkpoint commits with its own writes."""
+    __tracebackhide__ = True
     ctx = current()
     wf = ctx.workflow
     if wf is None or ctx.step is not None:

@@ -142,6 +142,7 @@ def wait_for_result(
 
     Raises TimeoutError if `timeout_sec` passes first (the workflow keeps running).
     """
+    __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
     poll = _Poll(store, workflow_id, polling_interval_sec, timeout_sec)
     with waiters.watch(workflow_id) as event:
         finished, value = poll.check()
@@ -164,6 +165,7 @@ async def wait_for_result_async(
     timeout_sec: float | None = None,
 ) -> Any:
     """`wait_for_result` for a coroutine: the same wake-ups, awaited instead of blocking."""
+    __tracebackhide__ = True
     poll = _Poll(store, workflow_id, polling_interval_sec, timeout_sec)
     with waiters.watch_async(workflow_id) as event:
         # In a thread: while the database is out of reach, a read is retried for a while (see
@@ -201,6 +203,7 @@ class _Poll:
 
     def check(self) -> tuple[bool, Any]:
         """(finished, value); raises the workflow's error, or TimeoutError once it is due."""
+        __tracebackhide__ = True
         row = self._store.get_status_and_result(self._workflow_id)
         if row is None:
             raise DBOSNonExistentWorkflowError(self._workflow_id)

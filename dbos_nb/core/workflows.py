@@ -214,6 +214,7 @@ def call_workflow(
     rt: Runtime, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """Run a workflow in the calling thread and return its result (DBOS's direct call)."""
+    __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
     ex, existing = write_started(rt, reg, args, kwargs)
     if existing is not None:
         return _await_existing(rt, ex.workflow_id, existing)
@@ -420,6 +421,7 @@ def _digest(payloads: list[bytes]) -> str:
 
 
 def _await_existing(rt: Runtime, wid: str, existing: dict[str, Any]) -> Any:
+    __tracebackhide__ = True
     finished, value = outcome_of(wid, existing)
     if finished:
         return value
@@ -587,6 +589,7 @@ def end(rt: Runtime, ex: Execution) -> None:
 
 def run_execution(rt: Runtime, ex: Execution) -> Any:
     """Run a workflow body whose row is PENDING and owned by `ex.owner`; record its outcome."""
+    __tracebackhide__ = True
     running = begin(rt, ex)
     if running is None:
         # This process already runs it (e.g. recovered while a handle waits): wait instead.

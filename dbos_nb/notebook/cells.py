@@ -293,6 +293,7 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
     """The workflow function: run the cell in `namespace` and return what it produced."""
 
     def cell_body(source_hash: str) -> dict[str, Any]:
+        __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
         if source_hash != cell.source_hash:
             # A run is resumed by whatever body is registered under the cell's name, which a
             # later version of the cell (run under another --id, say) may have replaced: it

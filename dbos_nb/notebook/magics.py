@@ -256,6 +256,7 @@ class DbosMagics(Magics):
         kernel died): it resumes, completed steps are not run again. Failed or cancelled: the
         recorded error is raised again (as awaiting the run would); --rerun starts a fresh run.
         """
+        __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
         args = _args(self.dbos_workflow, line)
         rt = _rt()
         if args.timeout is not None and args.timeout <= 0:
@@ -309,6 +310,7 @@ class DbosMagics(Magics):
         compiled: cells.CompiledCell,
         namespace: dict[str, Any],
     ) -> Any:
+        __tracebackhide__ = True
         with SetWorkflowID(wid), SetWorkflowTimeout(args.timeout):
             if args.queue:
                 handle: WorkflowHandle[Any] = DBOS.enqueue_workflow(
@@ -332,6 +334,7 @@ class DbosMagics(Magics):
     ) -> Any:
         """A cell whose workflow exists. `detached` (--queue, --background): an unfinished run
         goes on (or resumes) in the background, and its handle comes back at once."""
+        __tracebackhide__ = True
         wid = row["workflow_uuid"]
         status = row["status"]
         recorded_hash = _recorded_hash(row)
@@ -561,6 +564,7 @@ def _refuse_active_rerun(rt: Runtime, row: dict[str, Any]) -> None:
 
 def body_call(body: Any, source_hash: str) -> dict[str, Any]:
     """Call a cell's registered workflow directly (the engine checkpoints it)."""
+    __tracebackhide__ = True
     from dbos_nb.core.runtime import get_runtime
     from dbos_nb.core.workflows import call_workflow
 
