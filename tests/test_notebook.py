@@ -124,9 +124,12 @@ def test_replay_restores_guarded_imports_and_names_what_it_cannot(
         "if True:\n    def nested(x):\n        return x * 3\n"
         "lock = __import__('threading').Lock()\n"
         "value = nested(2)\n"
+        "def top(x):\n    return x\n"
     )
     run(shell, cell)
-    capsys.readouterr()
+    # The first run names what a replay will lack: not what the definitions bring back.
+    first = capsys.readouterr().out
+    assert "not recorded (cannot be serialized): nested, lock\n" in first
     for name in ("fastjson", "nested", "lock", "value"):
         del shell.user_ns[name]
     run(shell, cell)
@@ -134,6 +137,7 @@ def test_replay_restores_guarded_imports_and_names_what_it_cannot(
     assert shell.user_ns["fastjson"].dumps([1]) == "[1]"
     out = capsys.readouterr().out
     assert "not restored" in out and "nested, lock" in out and "fastjson" not in out
+    assert "top level): nested, lock. Define" in out and shell.user_ns["top"](4) == 4
     assert "nested" not in shell.user_ns
 
 

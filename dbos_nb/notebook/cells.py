@@ -58,6 +58,9 @@ class CompiledCell:
     # Names the cell calls a method of or passes to a function: recorded when the call changed
     # an object that existed before the cell.
     watched: list[str] = field(default_factory=list)
+    # Names the definitions bind: brought back by running them again, so not "lost" when they
+    # cannot be recorded.
+    defined: frozenset[str] = frozenset()
 
 
 def source_hash(source: str) -> str:
@@ -235,6 +238,7 @@ def compile_cell(name: str, source: str) -> CompiledCell:
         raise DbosNbError(f"cell {name!r} cannot be compiled: {exc}{hint}") from exc
     defs = ast.Module(body=[s for s in tree.body if _defines_only(s)], type_ignores=[])
     definitions = compile(defs, f"<dbos_workflow {name} definitions>", "exec")
+    defined = frozenset(n for stmt in defs.body for n in _defined_names(stmt))
     return CompiledCell(
         name,
         source,
@@ -245,6 +249,7 @@ def compile_cell(name: str, source: str) -> CompiledCell:
         definitions,
         changed=[n for n in changed if n not in assigned_set],
         watched=watched,
+        defined=defined,
     )
 
 
@@ -261,6 +266,20 @@ def _defines_only(stmt: ast.stmt) -> bool:
         parts += [s for handler in stmt.handlers for s in handler.body]
         return all(isinstance(s, ast.Pass) or _defines_only(s) for s in parts)
     return False
+
+
+def _defined_names(stmt: ast.stmt) -> list[str]:
+    """The names a statement of `_defines_only` binds."""
+    if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return [stmt.name]
+    if isinstance(stmt, ast.Import | ast.ImportFrom):
+        # `import a.b` binds `a`; a star import binds what the module decides (not named here).
+        return [a.asname or a.name.split(".")[0] for a in stmt.names if a.name != "*"]
+    if isinstance(stmt, ast.Try | ast.TryStar):
+        parts = [*stmt.body, *stmt.orelse, *stmt.finalbody]
+        parts += [s for handler in stmt.handlers for s in handler.body]
+        return [n for part in parts for n in _defined_names(part)]
+    return []
 
 
 def restore(cell: CompiledCell, recorded: dict[str, Any], namespace: dict[str, Any]) -> Any:
@@ -326,8 +345,8 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
                 value = namespace[var]
                 if _storable(value):
                     names[var] = value
-                else:
-                    left_out.append(var)
+                elif left_out is unrecorded or var not in cell.defined:
+                    left_out.append(var)  # (a definition comes back: it runs again on replay)
         for var, digest in before.items():
             # An object that was read, not changed, is left alone: recording it would cost a
             # copy in the database and, on replay, replace the kernel's object for nothing.
