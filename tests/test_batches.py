@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import config, wait_until
-from dbos_nb import DBOS, BatchConflictError, Queue
+from dbos_nb import DBOS, BatchConflictError, DbosNbError, Queue
 from dbos_nb.errors import BatchItemsConflictError
 from dbos_nb.storage.database import Database
 
@@ -194,3 +194,23 @@ def test_a_start_after_a_stopped_execution_reads_the_records_again(launched: str
         rt.remove_running("marked")
         assert rt.ended_after_stop("marked") is (reason is not None)
         assert not rt.ended_after_stop("marked")  # told once
+
+
+def test_results_say_what_became_of_failed_items(launched: str) -> None:
+    @DBOS.step(name="results_odd_fails")
+    def odd_fails(x: int) -> int:
+        if x % 2:
+            raise ValueError(f"odd {x}")
+        return x
+
+    batch = Queue("results_q").map(odd_fails, [0, 1, 2, 3], batch="results-b")
+    batch.wait(timeout=20, show=False)
+    with pytest.warns(UserWarning, match="'results-b': 2 of 4 items failed"):
+        assert batch.results() == [0, None, 2, None]
+    with pytest.raises(ValueError, match="odd 1") as raised:
+        batch.results(errors="raise")
+    assert raised.value.__notes__ == ["item 1 of batch 'results-b' (results-b/1)"]
+    returned = batch.results(errors="return")
+    assert returned[0::2] == [0, 2] and [str(e) for e in returned[1::2]] == ["odd 1", "odd 3"]
+    with pytest.raises(DbosNbError, match=r"errors=\.\.\.\) must be one of 'none'"):
+        batch.results(errors="ignore")

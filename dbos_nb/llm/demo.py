@@ -120,8 +120,9 @@ def _summary(batch: Batch, server: FakeLLMServer, elapsed: float, out: Any) -> N
         "first answers:",
         file=out,
     )
-    for index, result in enumerate(batch.results()[:3]):
-        print(f"  {index:>4}  {result['answer'] if result else '-'}", file=out)
+    for index, result in enumerate(batch.results(errors="return")[:3]):
+        answer = result["answer"] if isinstance(result, dict) else "-"
+        print(f"  {index:>4}  {answer}", file=out)
     for wid, message in progress.recent_errors:
         print(f"  error in {wid}: {message}", file=out)
     print("Run it again: everything is recorded, so nothing is sent twice.", file=out)

@@ -26,6 +26,7 @@ from dbos_nb.core.queue import Queue as CoreQueue
 from dbos_nb.core.queue import token_estimates
 from dbos_nb.core.registry import REGISTRY, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime, peek_runtime
+from dbos_nb.core.waiters import outcome_of
 from dbos_nb.core.workflows import enqueue_many, workflow_name_of
 from dbos_nb.errors import BatchItemsConflictError, DbosNbError
 from dbos_nb.models import shown_function_name
@@ -45,6 +46,8 @@ STATUS_GROUPS = {
 }
 GROUPS = ("queued", "running", "done", "failed", "cancelled")
 THROUGHPUT_WINDOW_MS = 30_000
+# What `Batch.results` does with an item that failed or was cancelled.
+RESULT_ERRORS = ("none", "raise", "return")
 # How long `wait()` sees no progress before it checks, and says, that nothing can run the batch
 # (a worker started from a terminal is seen only once it has registered).
 IDLE_WARNING_AFTER_S = 10.0
@@ -258,12 +261,40 @@ class Batch:
             "start workers (%dbos_workers)."
         )
 
-    def results(self) -> list[Any]:
-        """Outputs in input order (None for items that did not succeed)."""
-        rows = self._rt.store.batch_outputs(self.id)
-        return [
-            serialization.loads(output) if status == "SUCCESS" else None for status, output in rows
-        ]
+    def results(self, *, errors: str = "none") -> list[Any]:
+        """Outputs in input order; None for items not finished yet.
+
+        An item that failed or was cancelled gives None with `errors="none"` (and a warning
+        says how many did), raises its error with `errors="raise"` (the first in input order,
+        with a note naming the item), or gives its exception in its place with
+        `errors="return"`.
+        """
+        if errors not in RESULT_ERRORS:
+            raise DbosNbError(
+                f"results(errors=...) must be one of {', '.join(map(repr, RESULT_ERRORS))}, "
+                f"got {errors!r}"
+            )
+        values: list[Any] = []
+        failed = 0
+        for index, row in enumerate(self._rt.store.batch_outputs(self.id)):
+            try:
+                _, value = outcome_of(row["workflow_uuid"], row)
+            except Exception as exc:  # the item's recorded error, or cancelled
+                if errors == "raise":
+                    exc.add_note(f"item {index} of batch {self.id!r} ({row['workflow_uuid']})")
+                    raise
+                failed += 1
+                value = exc if errors == "return" else None
+            values.append(value)
+        if failed and errors == "none":
+            warnings.warn(
+                f"batch {self.id!r}: {failed} of {len(values)} items failed or were cancelled "
+                "and give None; results(errors='raise') raises the first error, "
+                "errors='return' puts each in its place, retry_failed() runs them again",
+                UserWarning,
+                stacklevel=2,
+            )
+        return values
 
     def retry_failed(self) -> int:
         """Run the failed items again (their completed steps are not re-run); returns how many."""

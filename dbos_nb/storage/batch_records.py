@@ -254,14 +254,21 @@ class BatchRecords(StoreBase):
             ).mappings()
             return [dict(r) for r in rows]
 
-    def batch_outputs(self, batch_id: str) -> list[tuple[str, bytes | None]]:
-        """(status, serialized output) of the batch's items in input order: what `results()`
-        needs, without the inputs (large items made it read every payload twice)."""
+    def batch_outputs(self, batch_id: str) -> list[dict[str, Any]]:
+        """The outcome columns of the batch's items in input order (id, status, output, error,
+        deadline, completion time): what `results()` needs, without the inputs (large items
+        made it read every payload twice)."""
+        columns = (
+            ws.c.workflow_uuid,
+            ws.c.status,
+            ws.c.output,
+            ws.c.error,
+            ws.c.workflow_deadline_epoch_ms,
+            ws.c.completed_at,
+        )
         with self.db.read() as conn:
-            rows = conn.execute(
-                select(ws.c.status, ws.c.output).where(ws.c.batch_id == batch_id).order_by(ws.c.id)
-            )
-            return [(str(r[0]), r[1]) for r in rows]
+            rows = conn.execute(select(*columns).where(ws.c.batch_id == batch_id).order_by(ws.c.id))
+            return [dict(r) for r in rows.mappings()]
 
     def batch_function_version(self, batch_id: str) -> str | None:
         """The function version the batch's first item was enqueued with (None: no such item
