@@ -125,19 +125,24 @@ def test_replay_restores_guarded_imports_and_names_what_it_cannot(
         "lock = __import__('threading').Lock()\n"
         "value = nested(2)\n"
         "def top(x):\n    return x\n"
+        "def cached(x):\n    return x\n"
+        "cached = __import__('functools').lru_cache(cached)\n"  # not what the def gives back
     )
     run(shell, cell)
     # The first run names what a replay will lack: not what the definitions bring back.
     first = capsys.readouterr().out
-    assert "not recorded (cannot be serialized): nested, lock\n" in first
-    for name in ("fastjson", "nested", "lock", "value"):
+    assert "not recorded (cannot be serialized): nested, lock, cached\n" in first
+    run(shell, cell)  # replayed in the same kernel: the cached function stays as it was
+    assert hasattr(shell.user_ns["cached"], "cache_info")
+    capsys.readouterr()
+    for name in ("fastjson", "nested", "lock", "value", "cached"):
         del shell.user_ns[name]
     run(shell, cell)
     assert shell.user_ns["value"] == 6
     assert shell.user_ns["fastjson"].dumps([1]) == "[1]"
     out = capsys.readouterr().out
-    assert "not restored" in out and "nested, lock" in out and "fastjson" not in out
-    assert "top level): nested, lock. Define" in out and shell.user_ns["top"](4) == 4
+    assert "bind): nested, lock, cached. Define" in out and shell.user_ns["top"](4) == 4
+    assert "cached" not in shell.user_ns  # not the plain function in the cached one's place
     assert "nested" not in shell.user_ns
 
 

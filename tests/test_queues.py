@@ -368,6 +368,32 @@ def test_a_queue_named_without_settings_keeps_the_stored_ones(launched: str) -> 
         assert SystemStore(client._db).get_queue("named_alone") is not None
 
 
+def test_a_name_alone_after_a_declaration_keeps_that_declaration(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dbos_nb.core.queue import QUEUES
+    from dbos_nb.core.runtime import get_runtime
+
+    DBOS(config=config(db_url))
+    Queue("pre_kept", concurrency=5)
+    DBOS.launch()
+    DBOS.destroy()
+    QUEUES.clear()  # a new kernel: the database holds concurrency=5
+    DBOS(config=config(db_url))
+    with caplog.at_level(logging.WARNING):
+        Queue("late_explicit")  # the name alone, then the settings: nothing was replaced
+        Queue("late_explicit", concurrency=3)
+    assert not [r for r in caplog.records if "late_explicit" in r.getMessage()]
+    explicit = Queue("pre_kept", concurrency=2)  # the notebook's new limit
+    named = Queue("pre_kept")  # then a module that only names the queue
+    DBOS.launch()
+    store = get_runtime().store
+    assert explicit.concurrency == named.concurrency == 2
+    assert store.get_queue("pre_kept").concurrency == 2  # type: ignore[union-attr]
+    assert store.get_queue("late_explicit").concurrency == 3  # type: ignore[union-attr]
+    DBOS.destroy()
+
+
 def test_enqueue_errors(launched: str) -> None:
     def plain() -> None:
         return None

@@ -142,10 +142,18 @@ class QueueRegistry:
             old = self._queues.get(queue.name)
             listeners = list(self._listeners)
             if queue.adopts_stored and old is not None:
+                # The earlier declaration's settings, and whether they are to be stored.
                 queue.settings = old.settings
+                queue.adopts_stored = old.adopts_stored
             # A launched process stores the settings, and says there what they replaced (also
-            # when another process had declared them): one warning, not two.
-            if old is not None and old.settings != queue.settings and not listeners:
+            # when another process had declared them): one warning, not two. A declaration
+            # of the name alone replaced nothing.
+            if (
+                old is not None
+                and not listeners
+                and not old.adopts_stored
+                and old.settings != queue.settings
+            ):
                 logger.warning(
                     "queue %r declared again with new settings %s (was %s); the new ones apply",
                     queue.name,

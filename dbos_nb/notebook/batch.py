@@ -11,6 +11,7 @@ only when a batch is displayed (in views.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import time
@@ -281,7 +282,9 @@ class Batch:
                 _, value = outcome_of(row["workflow_uuid"], row)
             except Exception as exc:  # the item's recorded error, or cancelled
                 if errors == "raise":
-                    exc.add_note(f"item {index} of batch {self.id!r} ({row['workflow_uuid']})")
+                    # (An exception type that refuses notes is raised as it is.)
+                    with contextlib.suppress(Exception):
+                        exc.add_note(f"item {index} of batch {self.id!r} ({row['workflow_uuid']})")
                     raise
                 failed += 1
                 value = exc if errors == "return" else None

@@ -61,6 +61,9 @@ class CompiledCell:
     # Names the definitions bind: brought back by running them again, so not "lost" when they
     # cannot be recorded.
     defined: frozenset[str] = frozenset()
+    # Names a definition binds that the rest of the cell binds again: a replay's definitions
+    # must not put the plain definition in their place.
+    rebound: frozenset[str] = frozenset()
 
 
 def source_hash(source: str) -> str:
@@ -238,7 +241,11 @@ def compile_cell(name: str, source: str) -> CompiledCell:
         raise DbosNbError(f"cell {name!r} cannot be compiled: {exc}{hint}") from exc
     defs = ast.Module(body=[s for s in tree.body if _defines_only(s)], type_ignores=[])
     definitions = compile(defs, f"<dbos_workflow {name} definitions>", "exec")
-    defined = frozenset(n for stmt in defs.body for n in _defined_names(stmt))
+    # A name the rest of the cell binds again (`h = lru_cache(h)`) is not what a replay's
+    # definitions bring back: it stays among the names a note may list as lost.
+    others = ast.Module(body=[s for s in tree.body if not _defines_only(s)], type_ignores=[])
+    bound_again = set(_bindings(others)[0])
+    definitions_bind = {n for stmt in defs.body for n in _defined_names(stmt)}
     return CompiledCell(
         name,
         source,
@@ -249,7 +256,8 @@ def compile_cell(name: str, source: str) -> CompiledCell:
         definitions,
         changed=[n for n in changed if n not in assigned_set],
         watched=watched,
-        defined=defined,
+        defined=frozenset(definitions_bind - bound_again),
+        rebound=frozenset(definitions_bind & bound_again),
     )
 
 
@@ -290,11 +298,18 @@ def restore(cell: CompiledCell, recorded: dict[str, Any], namespace: dict[str, A
     running the rest of the cell again to get them is what replay must not do. So are objects
     the cell changed in place whose new state could not be recorded."""
     namespace.update(recorded.get("names", {}))
+    kept = {name: namespace[name] for name in cell.rebound if name in namespace}
     exec(cell.definitions, namespace)
+    for name in cell.rebound:
+        if name in kept:
+            namespace[name] = kept[name]
+        else:
+            namespace.pop(name, None)  # lost (its rebound value was not recorded): said below
     missing = [name for name in recorded.get("skipped", []) if name not in namespace]
     if missing:
         print(
-            f"note: not restored (not recorded, and not defined at the cell's top level): "
+            "note: not restored (not recorded, and not what the cell's top-level definitions "
+            f"bind): "
             f"{', '.join(missing)}. Define them in an ordinary cell, or run this one with "
             "--rerun."
         )
