@@ -76,8 +76,12 @@ def test_resume_is_refused_when_the_cells_code_changed(
     with pytest.raises(UsageError, match=r"cell 'report' changed since its run 'run1'.*--rerun"):
         run(shell, f"%dbos_resume {wid}")
     assert DBOS.get_workflow_status(wid).status == "CANCELLED"  # type: ignore[union-attr]
-    # Run the old code again: the run resumes with it.
-    run(shell, f"%%dbos_workflow report --id run1\n{ORIGINAL}")
+    # Run the old code again (it says, and raises, that its run was cancelled, and registers
+    # the old code): the run resumes with it.
+    capsys.readouterr()
+    with pytest.raises(DBOSAwaitedWorkflowCancelledError):
+        run(shell, f"%%dbos_workflow report --id run1\n{ORIGINAL}")
+    assert f"or %dbos_resume {wid} to go on" in capsys.readouterr().out
     handle = run(shell, f"%dbos_resume {wid}")
     assert handle.get_result(timeout_sec=20) == 30
 

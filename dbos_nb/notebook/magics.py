@@ -356,7 +356,12 @@ class DbosMagics(Magics):
             print(
                 f"workflow {wid!r} ended {status}; its recorded outcome is raised again. Run the "
                 "cell with --rerun to start a fresh run (completed steps of the old run are "
-                "discarded)."
+                "discarded)"
+                + (
+                    f", or %dbos_resume {wid} to go on from its last completed step."
+                    if status == "CANCELLED" and not changed
+                    else "."
+                )
                 + ("\nnote: the cell changed since that run started." if changed else "")
             )
             # Raised, not only shown, so that "Run All" stops here as it did the first time;
