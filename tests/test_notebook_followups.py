@@ -189,3 +189,26 @@ def test_a_queue_magic_with_only_a_name_keeps_the_stored_settings(shell: Interac
     stored = get_runtime().store.get_queue("nb_kept")
     assert stored is not None and (stored.concurrency, stored.limit) == (4, 10)
     assert run(shell, "%dbos_queue nb_kept --worker-concurrency 1").concurrency is None
+
+
+def test_retry_failed_runs_the_fixed_code(shell: InteractiveShell) -> None:
+    run(shell, "from dbos_nb import DBOS\n@DBOS.step()\ndef parse(s):\n    return int(s)\n")
+    run(shell, "%dbos_queue fixq")
+    batch = run(shell, "b = fixq.map(parse, ['1', 'x3'], batch='fix')\nb")
+    batch.wait(timeout=20, show=False)
+    assert batch.counts()["failed"] == 1
+    # The fix is in the code: the failed item runs the edited function.
+    run(shell, "@DBOS.step()\ndef parse(s):\n    return int(s.lstrip('x'))\n")
+    assert batch.retry_failed() == 1
+    batch.wait(timeout=20, show=False)
+    assert batch.results() == [1, 3]
+    # A cause outside the code: the version each item was enqueued with.
+    again = run(shell, "fixq.map(parse, ['y4'], batch='keep')")
+    again.wait(timeout=20, show=False)
+    run(shell, "@DBOS.step()\ndef parse(s):\n    return int(s.lstrip('xy'))\n")
+    assert again.retry_failed(current_code=False) == 1
+    again.wait(timeout=20, show=False)
+    assert again.counts()["failed"] == 1
+    assert again.retry_failed() == 1
+    again.wait(timeout=20, show=False)
+    assert again.results() == [4]

@@ -299,20 +299,32 @@ class Batch:
             )
         return values
 
-    def retry_failed(self) -> int:
-        """Run the failed items again (their completed steps are not re-run); returns how many."""
-        return self._run_again(FAILED)
+    def retry_failed(self, *, current_code: bool = True) -> int:
+        """Run the failed items again (their completed steps are not re-run); returns how many.
+
+        They run this process's current version of the batch's function (the fix is usually
+        in the code): the steps they completed are replayed, so an edit that changes which
+        steps run before those raises DBOSUnexpectedStepError. `current_code=False` runs each
+        with the version it was enqueued with (for a cause outside the code: a service down).
+        """
+        return self._run_again(FAILED, self._current_version() if current_code else None)
 
     def resume_cancelled(self) -> int:
         """Put the cancelled items back in the batch's queue, under its limits, to go on from
         their last completed step (after `cancel()`); returns how many."""
         return self._run_again(("CANCELLED",))
 
-    def _run_again(self, statuses: tuple[str, ...]) -> int:
+    def _run_again(self, statuses: tuple[str, ...], version: str | None = None) -> int:
         rt = self._rt
-        ids = rt.store.run_again_in_batch(self.id, rt.now_ms(), statuses)
+        ids = rt.store.run_again_in_batch(self.id, rt.now_ms(), statuses, version=version)
         rt.wake_scheduler()
         return len(ids)
+
+    def _current_version(self) -> str | None:
+        """The version of the batch's function registered here now (None: not registered)."""
+        record = self._rt.store.get_batch(self.id)
+        reg = REGISTRY.get(shown_function_name(record["function_name"])) if record else None
+        return self._rt.ensure_stored(reg) if reg is not None else None
 
     def cancel(self) -> int:
         """Cancel every item not finished yet; returns how many were cancelled."""

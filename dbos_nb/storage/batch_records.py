@@ -153,7 +153,12 @@ class BatchRecords(StoreBase):
         return True
 
     def run_again_in_batch(
-        self, batch_id: str, now_ms: int, statuses: Sequence[str] = FAILED
+        self,
+        batch_id: str,
+        now_ms: int,
+        statuses: Sequence[str] = FAILED,
+        *,
+        version: str | None = None,
     ) -> list[str]:
         """Put the batch's workflows that ended in one of `statuses` (by default failed: ERROR,
         or given up after too many recoveries; or CANCELLED) back in their queue, in one
@@ -163,6 +168,7 @@ class BatchRecords(StoreBase):
         operations stay recorded and are not run again (no call is paid for twice). Their
         descendants that ended so go back too (to their queue, or the internal one): an item
         replaying a child workflow's recorded failure or cancellation would only end so again.
+        With `version`, the batch's own items run that version of their function from now on.
         """
         with self.db.write() as conn:
             ids = list(
@@ -206,6 +212,13 @@ class BatchRecords(StoreBase):
                         .returning(ws.c.queue_name)
                     ).scalars()
                 )
+            if version is not None:
+                for chunk in _chunks(ids, 500):
+                    conn.execute(
+                        update(ws)
+                        .where(ws.c.workflow_uuid.in_(chunk))
+                        .values(function_hash=version)
+                    )
             for queue in sorted(queues):
                 self.db.notify(conn, f"q:{queue}")
             return ids
