@@ -34,6 +34,7 @@ from dbos_nb import (
     WorkflowPreempted,
     WorkflowStatusString,
 )
+from dbos_nb.models import INTERNAL_QUEUE
 
 
 def test_steps_are_checkpointed_and_replayed(launched: str) -> None:
@@ -1128,3 +1129,28 @@ def test_an_idle_worker_thread_keeps_no_workflow_inputs_alive(launched: str) -> 
         return not any(c.workflow_id in ids for c in claims) and all(r() is None for r in seen)
 
     wait_until(freed)
+
+
+def test_resume_puts_a_workflow_back_in_its_own_queue(db_url: str) -> None:
+    """A cancelled item of a limited queue resumes under that queue's limits (DBOS resumes into
+    its internal queue, which would skip them), and no longer looks finished."""
+    DBOS(config=config(db_url))
+    Queue("resume_own_q", concurrency=1)
+    DBOS.launch()
+    DBOS.destroy()  # nothing runs the rows below: what resume writes stays to be read
+    with DBOSClient(db_url) as client:
+        options: Any = {"queue_name": "resume_own_q", "workflow_name": "resume_own_wf"}
+        own = client.enqueue({**options, "allow_unregistered": True}, 1).workflow_id
+        elsewhere = client.enqueue(
+            {**options, "queue_name": "undeclared_q", "allow_unregistered": True}, 2
+        ).workflow_id
+        for wid in (own, elsewhere):
+            client.cancel_workflow(wid)
+            cancelled = client.retrieve_workflow(wid).get_status()
+            assert cancelled.status == "CANCELLED" and cancelled.completed_at is not None
+            client.resume_workflow(wid)
+        resumed = client.retrieve_workflow(own).get_status()
+        assert (resumed.status, resumed.queue_name) == ("ENQUEUED", "resume_own_q")
+        assert resumed.completed_at is None
+        # A queue no process declared would keep it waiting: the internal queue runs it.
+        assert client.retrieve_workflow(elsewhere).get_status().queue_name == INTERNAL_QUEUE

@@ -97,6 +97,7 @@ def requeued_afresh(now_ms: int) -> dict[str, Any]:
         "recovery_attempts": 0,
         "started_at_epoch_ms": None,
         "workflow_deadline_epoch_ms": None,
+        "completed_at": None,
         "updated_at": now_ms,
     }
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import Connection, bindparam, delete, func, literal_column, select, update
+from sqlalchemy import Connection, bindparam, case, delete, func, literal_column, select, update
 
 from dbos_nb.errors import WorkflowActiveError
 from dbos_nb.models import ACTIVE_STATUSES, INTERNAL_QUEUE, WorkflowStatusString
 from dbos_nb.storage.rows import CANCELLED, ENQUEUED, StoreBase, _chunks, requeued_afresh
-from dbos_nb.storage.schema import operation_outputs, status_is, workflow_status
+from dbos_nb.storage.schema import operation_outputs, queues, status_is, workflow_status
 
 ws = workflow_status
 oo = operation_outputs
@@ -105,11 +105,15 @@ class WorkflowControl(StoreBase):
 
     def resume_workflow(self, workflow_id: str, now_ms: int, queue_name: str | None) -> bool:
         """Put a cancelled, dead-lettered or stuck workflow back in a queue, from its last
-        completed step. Finished (SUCCESS/ERROR) workflows are left alone; returns whether the
-        row changed."""
-        target = queue_name or INTERNAL_QUEUE
+        completed step: `queue_name`, else its own queue (under that queue's limits: a batch's
+        item resumed must not skip the rate limit it was enqueued under) if that is declared,
+        else the internal queue. Finished (SUCCESS/ERROR) workflows are left alone; returns
+        whether the row changed."""
+        declared = select(queues.c.name).where(queues.c.name == ws.c.queue_name).exists()
+        own = case((declared, ws.c.queue_name), else_=INTERNAL_QUEUE)
+        target = queue_name if queue_name is not None else own
         with self.db.write() as conn:
-            done = conn.execute(
+            resumed = conn.execute(
                 update(ws)
                 .where(
                     ws.c.workflow_uuid == workflow_id,
@@ -118,10 +122,11 @@ class WorkflowControl(StoreBase):
                     ),
                 )
                 .values({**requeued_afresh(now_ms), "queue_name": target, "deduplication_id": None})
-            ).rowcount
-            if done:
-                self.db.notify(conn, f"q:{target}")
-            return bool(done)
+                .returning(ws.c.queue_name)
+            ).scalar()
+            if resumed is not None:
+                self.db.notify(conn, f"q:{resumed}")
+            return resumed is not None
 
     def fork_workflow(
         self,
