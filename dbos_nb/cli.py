@@ -25,6 +25,7 @@ from dbos_nb import __version__
 from dbos_nb.clock import SystemClock
 from dbos_nb.errors import DbosNbError, UnknownQueueError
 from dbos_nb.models import (
+    DATABASE_URL_ENV,
     INTERNAL_QUEUE,
     STATUSES,
     QueueSettings,
@@ -264,7 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser(
         "worker", help="run queued work (of notebooks and other processes) until stopped"
     )
-    worker.add_argument("--db", required=True, help="system database URL")
+    worker.add_argument(
+        "--db",
+        default=os.environ.get(DATABASE_URL_ENV),
+        required=not os.environ.get(DATABASE_URL_ENV),
+        help=f"system database URL (default: ${DATABASE_URL_ENV}, which keeps a password out "
+        "of the process list)",
+    )
     worker.add_argument(
         "--app-db",
         metavar="URL",

@@ -43,6 +43,9 @@ TERMINAL_STATUSES = (
 # Queue that carries resumed, forked and recovered non-queue workflows (DBOS's name).
 INTERNAL_QUEUE = "_dbos_internal_queue"
 
+# Where `dbos-nb worker` reads the system database URL when --db is not given.
+DATABASE_URL_ENV = "DBOS_NB_DATABASE_URL"
+
 # A step or transaction enqueued on its own runs as a one-operation workflow of this name.
 STEP_WORKFLOW_PREFIX = "__dbos_nb_step__:"
 

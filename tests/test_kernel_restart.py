@@ -189,16 +189,23 @@ def test_durable_cell_resumes_after_a_kernel_restart(
 def test_detached_workers_keep_going_across_a_kernel_restart(
     kernel: Kernel, db_url: str, tmp_path: Path
 ) -> None:
+    # A module in a folder only the kernel's import path has: the workers find it too.
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "far_helpers.py").write_text("def neg(i):\n    return -i\n")
     setup = [
         "%load_ext dbos_nb",
         f"%dbos_launch --db {db_url} --name detached_test --no-worker",
         "%dbos_queue far --concurrency 2",
+        f"import sys\nsys.path.insert(0, {str(tmp_path / 'src')!r})\nimport far_helpers",
         "import time\nfrom dbos_nb import DBOS\n"
-        "@DBOS.step()\ndef far_work(i):\n    time.sleep(0.1)\n    return -i\n",
+        "@DBOS.step()\ndef far_work(i):\n    time.sleep(0.1)\n    return far_helpers.neg(i)\n",
     ]
     for cell in setup:
         kernel.run(cell)
-    kernel.run("%dbos_workers 2")
+    started = kernel.run("%dbos_workers 2")
+    pids = [int(p) for p in started.split("pids [", 1)[1].split("]", 1)[0].split(", ")]
+    for pid in pids:  # the URL (and a password in it) is not on the command line
+        assert db_url not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
     try:
         kernel.run("b = far.map(far_work, list(range(30)), batch='detached')")
         done_sql = (

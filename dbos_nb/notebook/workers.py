@@ -20,6 +20,7 @@ from typing import Any
 
 from dbos_nb.core.runtime import Runtime
 from dbos_nb.engine import pid_alive
+from dbos_nb.models import DATABASE_URL_ENV
 
 
 def state_dir(rt: Runtime) -> Path:
@@ -62,16 +63,8 @@ def start_workers(
     started = []
     for _ in range(count):
         executor = f"{rt.executor_id}/worker-{uuid.uuid4().hex[:6]}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "dbos_nb.cli",
-            "worker",
-            "--db",
-            rt.db.url,
-            "--executor-id",
-            executor,
-        ]
+        # The URL goes in the environment, where `ps` does not show its password.
+        cmd = [sys.executable, "-m", "dbos_nb.cli", "worker", "--executor-id", executor]
         for queue in queues:
             cmd += ["--queue", queue]
         if concurrency is not None:
@@ -85,6 +78,7 @@ def start_workers(
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=os.getcwd(),
+                env=worker_environment(rt.db.url),
             )
         entry = {
             "pid": proc.pid,
@@ -95,6 +89,34 @@ def start_workers(
         started.append(entry)
     _save(rt, known + started)
     return started
+
+
+def worker_environment(url: str) -> dict[str, str]:
+    """A worker's environment: this one, the database URL, and this kernel's import path
+    (a module the notebook imports from a folder it added, `sys.path.insert(0, "src")`, is
+    what the worker must import to run the notebook's functions)."""
+    env = dict(os.environ)
+    env[DATABASE_URL_ENV] = url
+    paths = kernel_import_path()
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def kernel_import_path() -> list[str]:
+    """The folders on this kernel's import path that a new interpreter would not have (the
+    notebook's folder, folders the notebook added), made absolute; not the interpreter's own
+    (its standard library and installed packages come first in the worker as they should)."""
+    own = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    found: list[str] = []
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        inside_own = any(path == p or path.startswith(p + os.sep) for p in own)
+        if os.path.isdir(path) and not inside_own and path not in found:
+            found.append(path)
+    return found
 
 
 def stop_workers(rt: Runtime, timeout: float = 30.0) -> list[int]:
