@@ -684,6 +684,8 @@ def test_dbos_names_are_exported() -> None:
         ({"name": "x", "bogus_key": 1}, "bogus_key"),
         ({"name": "x", "system_database_url": "mysql://h/db"}, "unsupported database URL"),
         ({"name": "x", "system_database_url": "sqlite://"}, "in-memory"),
+        ({"name": "x", "system_database_url": "sqlite:///:memory:"}, "in-memory"),
+        ({"name": "x", "system_database_url": "sqlite:///f.db?mode=memory"}, "in-memory"),
         ({"name": "x", "polling_interval_sec": 0}, "polling_interval_sec"),
     ],
 )

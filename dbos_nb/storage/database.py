@@ -106,9 +106,10 @@ def normalize_url(url: str) -> str:
             return "postgresql+psycopg://" + url[len(prefix) :]
     if url.startswith("postgresql+psycopg://"):
         return url
-    if url.startswith(("sqlite:///", "sqlite+pysqlite:///")):
+    in_memory = url.split("?", 1)[0].endswith("/:memory:") or "mode=memory" in url
+    if url.startswith(("sqlite:///", "sqlite+pysqlite:///")) and not in_memory:
         return _expand_home(url)
-    if url in ("sqlite://", "sqlite:///:memory:") or url.startswith("sqlite://"):
+    if url.startswith(("sqlite://", "sqlite+pysqlite://")):
         raise DBOSConfigError(
             f"{url!r}: in-memory or malformed SQLite URLs are not supported; durable work needs "
             "a file, e.g. 'sqlite:///work.sqlite'"
