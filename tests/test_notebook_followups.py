@@ -212,3 +212,19 @@ def test_retry_failed_runs_the_fixed_code(shell: InteractiveShell) -> None:
     assert again.retry_failed() == 1
     again.wait(timeout=20, show=False)
     assert again.results() == [4]
+
+
+def test_launch_says_when_it_creates_the_database(tmp_path: Path, capsys: Any) -> None:
+    from conftest import new_shell
+
+    sh = new_shell()
+    url = f"sqlite:///{tmp_path / 'typo' / 'nb.sqlite'}"
+    try:
+        run(sh, f"%dbos_launch --db {url} --name created")
+        assert "nb.sqlite (new: created now), executor" in capsys.readouterr().out
+        DBOS.destroy()
+        run(sh, f"%dbos_launch --db {url} --name created")
+        out = capsys.readouterr().out
+        assert "dbos_nb launched: database" in out and "new:" not in out
+    finally:
+        DBOS.destroy()

@@ -40,7 +40,7 @@ from dbos_nb.ids import new_token
 from dbos_nb.models import INTERNAL_QUEUE
 from dbos_nb.notebook import cells, views
 from dbos_nb.notebook.batch import Queue
-from dbos_nb.storage.database import normalize_url, shown_url
+from dbos_nb.storage.database import normalize_url, shown_url, sqlite_file
 
 _LIMIT = re.compile(
     r"^\s*(?P<limit>\d+)\s*/\s*(?P<period>\d+(?:\.\d*)?|\.\d+)?\s*(?P<unit>ms|s|sec|m|min|h)?\s*$"
@@ -179,6 +179,11 @@ class DbosMagics(Magics):
                 "DBOS.destroy() first to launch it on another database"
             )
         try:
+            file = sqlite_file(url)
+        except DbosNbError as exc:
+            raise UsageError(str(exc)) from exc
+        new_file = file is not None and not os.path.exists(file)
+        try:
             DBOS(config=config)
             DBOS.launch()
         except BaseException as exc:
@@ -201,8 +206,11 @@ class DbosMagics(Magics):
                 ) from exc
             raise
         waiting = len(DBOS.list_queued_workflows())
+        # A new file is said so: a mistyped --db path would otherwise look like the database
+        # of earlier work, and a batch mapped again would be paid for again.
+        created = " (new: created now)" if new_file else ""
         print(
-            f"dbos_nb launched: database {shown_url(url)}, executor {executor}"
+            f"dbos_nb launched: database {shown_url(url)}{created}, executor {executor}"
             + (f"; {waiting} queued or unfinished workflow(s)" if waiting else "")
         )
 
