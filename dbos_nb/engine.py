@@ -400,7 +400,10 @@ class Engine:
             now, self._lease_ms, keep=rt.executor_id, silent_since=self._renewals.silent_since
         )
         for executor_id, ids in taken.items():
-            logger.warning(
+            # A warning only when work was left behind: a kernel closed while idle is news to
+            # nobody.
+            logger.log(
+                logging.WARNING if ids else logging.INFO,
                 "executor %r sent no heartbeat within its lease: %d unfinished workflow(s) "
                 "returned to their queues",
                 executor_id,
