@@ -229,4 +229,4 @@ def test_detached_workers_keep_going_across_a_kernel_restart(
         assert out.split() == ["30", "['SUCCESS']", "True", "True"]
     finally:
         out = kernel.run("%dbos_workers stop")
-    assert "stopped 2 worker(s)" in out
+    assert "stopping 2 worker(s): each ends" in out and "stopped 2 worker(s)" in out

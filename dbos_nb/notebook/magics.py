@@ -437,7 +437,14 @@ class DbosMagics(Magics):
         if args.action is None:
             return workers.executors_table(rt)
         if args.action == "stop":
-            stopped = workers.stop_workers(rt)
+            stopped = workers.stop_workers(
+                rt,
+                announce=lambda n: print(
+                    f"stopping {n} worker(s): each ends its running steps, up to 30 s, and "
+                    "puts its unfinished workflows back in their queues",
+                    flush=True,
+                ),
+            )
             print(f"stopped {len(stopped)} worker(s)" + (f": pids {stopped}" if stopped else ""))
             return None
         try:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +120,14 @@ def kernel_import_path() -> list[str]:
     return found
 
 
-def stop_workers(rt: Runtime, timeout: float = 30.0) -> list[int]:
-    """SIGTERM the workers this notebook started and wait for them to exit."""
+def stop_workers(
+    rt: Runtime, timeout: float = 30.0, announce: Callable[[int], None] | None = None
+) -> list[int]:
+    """SIGTERM the workers this notebook started and wait for them to exit; `announce` is told
+    how many there are before the wait."""
     workers = [w for w in _load(rt) if pid_alive(int(w["pid"]))]
+    if announce is not None and workers:
+        announce(len(workers))
     for w in workers:
         os.kill(int(w["pid"]), signal.SIGTERM)
     deadline = time.monotonic() + timeout
