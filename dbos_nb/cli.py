@@ -28,7 +28,6 @@ from dbos_nb.models import (
     DATABASE_URL_ENV,
     INTERNAL_QUEUE,
     STATUSES,
-    QueueSettings,
     shown_function_name,
     status_value,
     stored_names,
@@ -74,20 +73,6 @@ def _fmt_time(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
 
 
-def _limits(q: QueueSettings) -> str:
-    """A queue's limits in one cell of the status table; `-` when it has none."""
-    limits = []
-    if q.concurrency is not None:
-        limits.append(f"concurrency={q.concurrency}")
-    if q.worker_concurrency is not None:
-        limits.append(f"worker={q.worker_concurrency}")
-    if q.limit is not None and q.period_ms is not None:
-        limits.append(f"{q.limit}/{q.period_ms / 1000:g}s")
-    if q.token_limit is not None and q.token_period_ms is not None:
-        limits.append(f"tokens={q.token_limit}/{q.token_period_ms / 1000:g}s")
-    return ", ".join(limits) or "-"
-
-
 def _active_pauses(db: Database, now_ms: int) -> dict[str, int]:
     """Queues under a back-off that has not yet run out (after a 429), with its end.
 
@@ -112,7 +97,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for q in queues:
             counts = store.count_by_status(q.name)
             print(
-                f"{q.name:<28} {_limits(q):<34} {counts.get('ENQUEUED', 0):>9} "
+                f"{q.name:<28} {q.limits():<34} {counts.get('ENQUEUED', 0):>9} "
                 f"{counts.get('PENDING', 0):>8} {counts.get('SUCCESS', 0):>8} "
                 f"{counts.get('ERROR', 0):>6} {counts.get('CANCELLED', 0):>9}"
             )

@@ -330,10 +330,10 @@ class Engine:
         previous = rt.store.upsert_queue(settings, rt.now_ms())
         if previous is not None and previous != settings:
             logger.warning(
-                "queue %r declared again with new settings %s (was %s); the new ones apply",
+                "queue %r declared again with new limits: %s (were %s); the new ones apply",
                 settings.name,
-                settings,
-                previous,
+                settings.limits(),
+                previous.limits(),
             )
 
     def _on_register(self, reg: Registration) -> None:

@@ -157,6 +157,23 @@ class QueueSettings:
     token_limit: int | None = None
     token_period_ms: int | None = None
 
+    def limits(self) -> str:
+        """The limits in a few words, e.g. `concurrency=4, worker=2, 50/30s`; `-` for none."""
+        parts = []
+        if self.concurrency is not None:
+            parts.append(f"concurrency={self.concurrency}")
+        if self.worker_concurrency is not None:
+            parts.append(f"worker={self.worker_concurrency}")
+        if self.limit is not None and self.period_ms is not None:
+            parts.append(f"{self.limit}/{self.period_ms / 1000:g}s")
+        if self.token_limit is not None and self.token_period_ms is not None:
+            parts.append(f"tokens={self.token_limit}/{self.token_period_ms / 1000:g}s")
+        if self.priority_enabled:
+            parts.append("priority")
+        if self.polling_interval_ms != 1000:
+            parts.append(f"polling={self.polling_interval_ms / 1000:g}s")
+        return ", ".join(parts) or "-"
+
 
 @dataclass
 class ClaimedWorkflow:

@@ -311,8 +311,9 @@ def test_redeclaring_a_queue(launched: str, caplog: pytest.LogCaptureFixture) ->
     assert not [r for r in caplog.records if "again" in r.getMessage()]
     with caplog.at_level(logging.WARNING):
         Queue("again", concurrency=4)
-    said = [r.getMessage() for r in caplog.records if "new settings" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "new limits" in r.getMessage()]
     assert len(said) == 1 and "'again'" in said[0]  # said once, not by both layers
+    assert "new limits: concurrency=4 (were concurrency=2)" in said[0]
     client = DBOSClient(launched)
     from dbos_nb.storage.store import SystemStore
 

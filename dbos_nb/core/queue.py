@@ -155,10 +155,10 @@ class QueueRegistry:
                 and old.settings != queue.settings
             ):
                 logger.warning(
-                    "queue %r declared again with new settings %s (was %s); the new ones apply",
+                    "queue %r declared again with new limits: %s (were %s); the new ones apply",
                     queue.name,
-                    queue.settings,
-                    old.settings,
+                    queue.settings.limits(),
+                    old.settings.limits(),
                 )
             self._queues[queue.name] = queue
         try:
