@@ -5,6 +5,7 @@ after too many recoveries); a name conflict is told in the user's names."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -214,3 +215,27 @@ def test_results_say_what_became_of_failed_items(launched: str) -> None:
     assert returned[0::2] == [0, 2] and [str(e) for e in returned[1::2]] == ["odd 1", "odd 3"]
     with pytest.raises(DbosNbError, match=r"errors=\.\.\.\) must be one of 'none'"):
         batch.results(errors="ignore")
+
+
+def test_a_timed_out_item_says_so_in_the_frame(launched: str) -> None:
+    from dbos_nb import SetWorkflowTimeout
+
+    @DBOS.step(name="frame_slow_step")
+    def slow(i: int) -> int:
+        time.sleep(0.5)
+        return i
+
+    @DBOS.workflow(name="frame_timed_wf")
+    def timed(i: int) -> int:
+        return slow(i) + slow(i)
+
+    with SetWorkflowTimeout(0.2):
+        batch = Queue("frame_timeouts").map(timed, [1], batch="timed-out")
+    batch.wait(timeout=20, show=False)
+    frame = batch.to_pandas()
+    assert list(frame["status"].astype(str)) == ["CANCELLED"]
+    assert frame["error"].iloc[0].startswith("DBOSWorkflowTimedOutError: ")
+    plain = Queue("frame_timeouts").map(timed, [2], batch="cancelled-by-hand")
+    plain.cancel()
+    plain.wait(timeout=20, show=False)
+    assert plain.to_pandas()["error"].iloc[0] is None  # its status says it all

@@ -13,6 +13,8 @@ import pandas as pd
 from dbos_nb import serialization
 from dbos_nb.core.management import workflow_rows
 from dbos_nb.core.runtime import get_runtime
+from dbos_nb.core.waiters import outcome_of
+from dbos_nb.errors import DbosNbError, DBOSWorkflowTimedOutError
 from dbos_nb.models import shown_function_name
 
 STATUS_ORDER = [
@@ -48,6 +50,15 @@ def _output_of(row: dict[str, Any]) -> Any:
 
 def _error_of(row: dict[str, Any]) -> str | None:
     error = serialization.load_error(row.get("error"))
+    if error is None and row["status"] == "CANCELLED":
+        # Cancelled by its deadline: what awaiting it raises, so that a timed-out item is told
+        # apart from one cancelled by hand (whose status says all).
+        try:
+            outcome_of(str(row["workflow_uuid"]), row)
+        except DBOSWorkflowTimedOutError as timed_out:
+            error = timed_out
+        except DbosNbError:
+            pass
     return None if error is None else f"{type(error).__name__}: {error}"
 
 
