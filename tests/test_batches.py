@@ -239,3 +239,20 @@ def test_a_timed_out_item_says_so_in_the_frame(launched: str) -> None:
     plain.cancel()
     plain.wait(timeout=20, show=False)
     assert plain.to_pandas()["error"].iloc[0] is None  # its status says it all
+
+
+def test_items_that_do_not_fit_the_function_are_refused_before_enqueueing(launched: str) -> None:
+    @DBOS.step(name="fit_add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    queue = Queue("fit_q")
+    with pytest.raises(
+        DbosNbError, match=r"item 0 does not fit .* fit_add\(a, b\): missing .* 'b'"
+    ):
+        queue.map(add, [(1, 2), (3, 4)], batch="fit-tuples")
+    with pytest.raises(DbosNbError, match="item 1 does not fit.*unexpected keyword"):
+        queue.enqueue_many(add, [{"a": 1, "b": 2}, {"a": 1, "b": 2, "c": 3}], unpack=True)
+    assert DBOS.list_workflows(queue_name="fit_q") == []  # nothing was written
+    handles = queue.enqueue_many(add, [(1, 2), (3, 4)], unpack=True)
+    assert [h.get_result() for h in handles] == [3, 7]

@@ -21,7 +21,11 @@ import cloudpickle
 
 from dbos_nb.core import versions
 from dbos_nb.core.context import MAX_NAME_LENGTH, check_id_length
-from dbos_nb.errors import DBOSConflictingRegistrationError, DBOSWorkflowFunctionNotFoundError
+from dbos_nb.errors import (
+    DBOSConflictingRegistrationError,
+    DbosNbError,
+    DBOSWorkflowFunctionNotFoundError,
+)
 from dbos_nb.models import STEP_WORKFLOW_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -225,3 +229,28 @@ def resolve(func: Any, args: tuple[Any, ...]) -> tuple[Registration, tuple[Any, 
 
 
 REGISTRY = Registry()
+
+
+def check_calls(reg: Registration, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+    """Refuse, before anything is written, calls that do not fit the function's parameters
+    (`map(add, [(1, 2)])` for `add(a, b)` would enqueue a batch whose every item fails). Each
+    shape of call (number of arguments, keyword names) is checked once: a large batch of
+    alike items costs one check."""
+    try:
+        signature = inspect.signature(reg.func)
+    except (TypeError, ValueError):  # a callable without one (a builtin): nothing to check
+        return
+    seen: set[tuple[int, frozenset[str]]] = set()
+    for index, (args, kwargs) in enumerate(calls):
+        shape = (len(args), frozenset(kwargs))
+        if shape in seen:
+            continue
+        seen.add(shape)
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            params = ", ".join(signature.parameters)
+            raise DbosNbError(
+                f"item {index} does not fit the parameters of {reg.name}({params}): {exc}; "
+                "nothing was enqueued"
+            ) from None

@@ -24,7 +24,7 @@ from typing import Any
 from dbos_nb import serialization
 from dbos_nb.core.context import Context, RunningWorkflow, check_id_length, current, using
 from dbos_nb.core.deferred_reads import write_deferred
-from dbos_nb.core.registry import Registration
+from dbos_nb.core.registry import Registration, check_calls
 from dbos_nb.core.runtime import WAKE_ENQUEUED, WAKE_FREED, Runtime
 from dbos_nb.core.steps import begin_operation, cancel_overdue
 from dbos_nb.core.waiters import outcome_of, wait_for_result
@@ -364,6 +364,7 @@ def _enqueue_many(
     if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
         raise DbosNbError(f"batch_id must be a non-empty string, got {batch_id!r}")
     _check_registered(rt, reg)
+    check_calls(reg, calls)
     ctx = current()
     if ctx.deduplication_id is not None:
         # One id cannot cover many workflows, and dropping it silently would let the batch
