@@ -881,7 +881,7 @@ def test_ids_too_long_for_the_database_are_refused_with_a_typed_error(launched: 
     with SetWorkflowID("p" * 250):
         assert long_parent() == 2  # its child's id, `<parent>-1`, fits
     with pytest.raises(DbosNbError, match=r"a batch item's id .* at most 255"):
-        queue.enqueue_many(long_child, [()] * 10, batch_id="b" * 254)
+        queue.enqueue_many(long_child, [()] * 10, batch_id="b" * 254, unpack=True)
     client = DBOSClient(launched)
     try:
         options: EnqueueOptions = {
