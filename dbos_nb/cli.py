@@ -21,7 +21,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from dbos_nb import __version__
+from dbos_nb import __version__, serialization
 from dbos_nb.clock import SystemClock
 from dbos_nb.errors import DbosNbError, UnknownQueueError
 from dbos_nb.models import (
@@ -150,9 +150,22 @@ def cmd_workflows(args: argparse.Namespace) -> int:
                 f"{r['workflow_uuid']:<40} {r['status']:<10} {r['queue_name'] or '-':<20} "
                 f"{_fmt_time(r['created_at']):<19} {shown_function_name(r['name'])}"
             )
+            if r["status"] == "ERROR":
+                # Read for the failed rows alone: the listing leaves out every payload.
+                print(f"    {_error_line(store, r['workflow_uuid'])}")
         return 0
     finally:
         db.dispose()
+
+
+def _error_line(store: SystemStore, workflow_id: str) -> str:
+    """A failed workflow's error in one line of at most 120 characters."""
+    row = store.get_status_and_result(workflow_id)
+    error = serialization.load_error(row["error"]) if row is not None else None
+    if error is None:
+        return "(no error recorded)"
+    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    return text if len(text) <= 120 else text[:119] + "…"
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -251,7 +251,7 @@ def test_items_that_do_not_fit_the_function_are_refused_before_enqueueing(launch
         DbosNbError, match=r"item 0 does not fit .* fit_add\(a, b\): missing .* 'b'"
     ):
         queue.map(add, [(1, 2), (3, 4)], batch="fit-tuples")
-    with pytest.raises(DbosNbError, match="item 1 does not fit.*unexpected keyword"):
+    with pytest.raises(DbosNbError, match=r"item 1 does not fit.*unexpected keyword"):
         queue.enqueue_many(add, [{"a": 1, "b": 2}, {"a": 1, "b": 2, "c": 3}], unpack=True)
     assert DBOS.list_workflows(queue_name="fit_q") == []  # nothing was written
     handles = queue.enqueue_many(add, [(1, 2), (3, 4)], unpack=True)

@@ -166,6 +166,26 @@ def test_status_filter_takes_any_case_and_refuses_unknown_ones(
     assert "ENQUEUED, PENDING, SUCCESS, ERROR, CANCELLED, MAX_RECOVERY_ATTEMPTS_EXCEEDED" in err
 
 
+@DBOS.step(name="cli_failing_step")
+def cli_failing_step(x: int) -> int:
+    raise ValueError(f"bad input {x}\nsecond line")
+
+
+def test_workflows_show_a_failed_ones_error_under_it(
+    launched: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = Queue("cli_errors_q")
+    failed = queue.enqueue(cli_failing_step, 7)
+    with pytest.raises(ValueError):
+        failed.get_result()
+    queue.enqueue(cli_step, 1).get_result()
+    assert main(["workflows", "--db", launched, "--queue", "cli_errors_q"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    # Newest first: the success, then the failure with its error's first line beneath it.
+    assert [line.split()[1] for line in lines if not line.startswith(" ")] == ["SUCCESS", "ERROR"]
+    assert lines[-1] == "    ValueError: bad input 7"
+
+
 def test_a_worker_warns_about_a_queue_nobody_declared_and_keeps_running(db_url: str) -> None:
     DBOS(config=config(db_url))
     Queue("cli_declared")
