@@ -228,3 +228,35 @@ def test_launch_says_when_it_creates_the_database(tmp_path: Path, capsys: Any) -
         assert "dbos_nb launched: database" in out and "new:" not in out
     finally:
         DBOS.destroy()
+
+
+def test_wait_names_workers_that_cannot_load_the_function(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of a function from a module the workers cannot import waits; `wait()` says why
+    (only the workers' logs told)."""
+    from dbos_nb.notebook import batch as batch_module
+
+    monkeypatch.setattr(batch_module, "IDLE_WARNING_AFTER_S", 0.3)
+    shells = launched_shell(db_url, "noload", "--no-worker")
+    sh = next(shells)
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    (folder / "gone_helpers.py").write_text(
+        "from dbos_nb import DBOS\n@DBOS.step()\ndef vanish(x):\n    return x\n"
+    )
+    try:
+        run(sh, f"import sys\nsys.path.insert(0, {str(folder)!r})\nimport gone_helpers")
+        run(sh, "%dbos_queue goneq")
+        batch = run(sh, "goneq.map(gone_helpers.vanish, [1, 2], batch='gone')")
+        for file in folder.iterdir():  # the module is gone before the workers start
+            file.unlink()
+        folder.rmdir()
+        run(sh, "%dbos_workers 1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # the warning ends the wait
+            with pytest.raises(RuntimeWarning, match=r"cannot load 'vanish': .*gone_helpers"):
+                batch.wait(timeout=60, show=False)
+    finally:
+        run(sh, "%dbos_workers stop")
+        next(shells, None)

@@ -32,7 +32,7 @@ from dbos_nb.core.workflows import enqueue_many, workflow_name_of
 from dbos_nb.errors import BatchItemsConflictError, DbosNbError
 from dbos_nb.models import shown_function_name
 from dbos_nb.notebook.batch_names import default_batch_name, equal_items
-from dbos_nb.notebook.workers import live_workers
+from dbos_nb.notebook.workers import live_workers, load_failures
 from dbos_nb.storage import rate_ledger
 from dbos_nb.storage.rows import FAILED
 
@@ -247,7 +247,16 @@ class Batch:
             missing.append(f"{function!r} is not defined here")
         if not missing:
             return None
-        if live_workers(rt):
+        workers = live_workers(rt)
+        failures = load_failures(workers, function)
+        if failures:
+            return (
+                f"nothing runs the unfinished items of batch {self.id!r}: this notebook's "
+                f"workers cannot load {function!r}: {failures[-1]}. Make the function's module "
+                "importable by them (a package installed in the environment, or a folder on the "
+                "kernel's sys.path before %dbos_workers starts them), then start them again."
+            )
+        if workers:
             return None  # this notebook's workers (one just started has not registered yet)
         now = rt.now_ms()
         for executor in rt.store.list_executors():
