@@ -62,16 +62,17 @@ def load_failures(workers: list[dict[str, Any]], function: str) -> list[str]:
     needle = f"cannot load {function!r}"
     found = []
     for worker in workers:
+        path = worker.get("log")  # (entries saved by an older dbos_nb may have none)
+        if not path:
+            continue
         try:
-            with open(worker["log"], "rb") as log:
+            with open(path, "rb") as log:
                 log.seek(0, os.SEEK_END)
                 log.seek(max(0, log.tell() - LOG_TAIL_BYTES))
                 tail = log.read().decode(errors="replace")
         except OSError:
             continue
-        found += [
-            f"{line.strip()} ({worker['log']})" for line in tail.splitlines() if needle in line
-        ]
+        found += [f"{line.strip()} ({path})" for line in tail.splitlines() if needle in line]
     return found
 
 
