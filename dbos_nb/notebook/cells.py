@@ -245,7 +245,7 @@ def compile_cell(name: str, source: str) -> CompiledCell:
     # definitions bring back: it stays among the names a note may list as lost.
     others = ast.Module(body=[s for s in tree.body if not _defines_only(s)], type_ignores=[])
     bound_again = set(_bindings(others)[0])
-    definitions_bind = {n for stmt in defs.body for n in _defined_names(stmt)}
+    definitions_bind = set(_bindings(defs)[0])
     return CompiledCell(
         name,
         source,
@@ -274,20 +274,6 @@ def _defines_only(stmt: ast.stmt) -> bool:
         parts += [s for handler in stmt.handlers for s in handler.body]
         return all(isinstance(s, ast.Pass) or _defines_only(s) for s in parts)
     return False
-
-
-def _defined_names(stmt: ast.stmt) -> list[str]:
-    """The names a statement of `_defines_only` binds."""
-    if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-        return [stmt.name]
-    if isinstance(stmt, ast.Import | ast.ImportFrom):
-        # `import a.b` binds `a`; a star import binds what the module decides (not named here).
-        return [a.asname or a.name.split(".")[0] for a in stmt.names if a.name != "*"]
-    if isinstance(stmt, ast.Try | ast.TryStar):
-        parts = [*stmt.body, *stmt.orelse, *stmt.finalbody]
-        parts += [s for handler in stmt.handlers for s in handler.body]
-        return [n for part in parts for n in _defined_names(part)]
-    return []
 
 
 def restore(cell: CompiledCell, recorded: dict[str, Any], namespace: dict[str, Any]) -> Any:
