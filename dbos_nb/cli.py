@@ -116,6 +116,15 @@ def cmd_status(args: argparse.Namespace) -> int:
                     f"  {ex['executor_id']:<24} pid {ex['pid']:<8} on {ex['hostname']:<20} "
                     f"heartbeat {_fmt_time(ex['heartbeat_at'])}"
                 )
+        failures = store.list_load_failures()
+        if failures:
+            # Why a queue's work waits with workers alive: none of them can load it.
+            print("\ncannot load (work of these waits for a process that can):")
+            for f in failures:
+                print(
+                    f"  {f['name']} (version {f['version'][:12]}) on {f['executor_id']}: "
+                    f"{f['reason']}"
+                )
         return 0
     finally:
         db.dispose()
@@ -164,7 +173,7 @@ def _error_line(store: SystemStore, workflow_id: str) -> str:
     error = serialization.load_error(row["error"]) if row is not None else None
     if error is None:
         return "(no error recorded)"
-    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    text = serialization.error_text(error).strip().splitlines()[0]
     return text if len(text) <= 120 else text[:119] + "…"
 
 

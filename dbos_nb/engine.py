@@ -253,7 +253,14 @@ class Engine:
             executor_id=cfg.executor_id,
             app_version=cfg.application_version or _default_version(),
             polling_interval_sec=cfg.polling_interval_sec,
-            resolver=FunctionResolver(store, REGISTRY, run_stored=cfg.run_stored_functions),
+            resolver=FunctionResolver(
+                store,
+                REGISTRY,
+                run_stored=cfg.run_stored_functions,
+                report=lambda name, version, reason: store.record_load_failure(
+                    cfg.executor_id, name, version, reason, self.clock.now_ms()
+                ),
+            ),
         )
         rt.run_async = lambda ex: aio.start_on_loop(rt, ex)
         # The running workflows are the writers a commit can wait a moment for.

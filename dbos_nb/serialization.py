@@ -157,6 +157,14 @@ def load_error(data: bytes | None) -> BaseException | None:
     return DBOSRecordedError(type(value).__name__, repr(value))
 
 
+def error_text(error: BaseException) -> str:
+    """An error as people read it, `Type: message`; a stand-in for one that could not be
+    stored or read back (`DBOSRecordedError`) under the type it stands for."""
+    if isinstance(error, DBOSRecordedError):
+        return f"{error.type_name}: {error.message}"
+    return f"{type(error).__name__}: {error}"
+
+
 _RECORDED = "_dbos_nb_recorded"
 
 

@@ -161,7 +161,9 @@ def _set_version(path: Path, version: int) -> None:
     one also lacks the columns its successor added)."""
     conn = sqlite3.connect(path)
     try:
-        conn.execute("UPDATE schema_migrations SET version = ? WHERE version = ?", (version, 5))
+        conn.execute("UPDATE schema_migrations SET version = ? WHERE version = ?", (version, 6))
+        if version < 6:
+            conn.execute("DROP TABLE load_failures")
         if version < 5:
             conn.execute("ALTER TABLE workflow_status DROP COLUMN forked_from")
             conn.execute("ALTER TABLE executors DROP COLUMN lease_ms")
@@ -177,7 +179,7 @@ def test_inspection_neither_upgrades_nor_reads_another_schema(
 ) -> None:
     """`dbos-nb status` upgraded an older database (after which the installations that made it
     refused it): it is refused, saying who upgrades it, and left as it was."""
-    assert SCHEMA_VERSION == 5  # the faked versions below are relative to this one
+    assert SCHEMA_VERSION == 6  # the faked versions below are relative to this one
     path = tmp_path / "system.sqlite"
     _declare(_sqlite_url(path))
     _set_version(path, version)
@@ -185,8 +187,8 @@ def test_inspection_neither_upgrades_nor_reads_another_schema(
     assert main([command, "--db", _sqlite_url(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dbos-nb: ") and err.count("\n") == 1
-    assert f"schema version {version}, {words} than this installation's 5" in err
-    if version < 5:
+    assert f"schema version {version}, {words} than this installation's {SCHEMA_VERSION}" in err
+    if version < SCHEMA_VERSION:
         assert "dbos-nb worker" in err and "upgrade" in err
     conn = sqlite3.connect(path)
     try:

@@ -460,3 +460,18 @@ def test_every_error_comes_back_whole_from_its_record() -> None:
         assert {k: v for k, v in vars(copy).items() if k not in left_out} == {
             k: v for k, v in vars(original).items() if k not in left_out
         }
+
+
+def test_an_error_reads_as_its_type_and_message_even_as_a_stand_in() -> None:
+    """How the CLI, the frames and the progress widget print an error: a stand-in for one that
+    could not be stored is shown under the type it stands for, not as DBOSRecordedError."""
+    import threading
+
+    from dbos_nb import serialization
+
+    assert serialization.error_text(ValueError("bad input 7")) == "ValueError: bad input 7"
+    unpicklable = KeyError("k")
+    unpicklable.lock = threading.Lock()  # type: ignore[attr-defined]
+    stored = serialization.load_error(serialization.dump_error(unpicklable))
+    assert type(stored).__name__ == "DBOSRecordedError"
+    assert serialization.error_text(stored) == "KeyError: 'k'"

@@ -6,6 +6,7 @@ import gc
 import logging
 import threading
 import time
+import warnings
 from typing import Any
 
 import pytest
@@ -393,6 +394,30 @@ def test_a_name_alone_after_a_declaration_keeps_that_declaration(
     assert store.get_queue("pre_kept").concurrency == 2  # type: ignore[union-attr]
     assert store.get_queue("late_explicit").concurrency == 3  # type: ignore[union-attr]
     DBOS.destroy()
+
+
+def test_a_kept_queue_object_shows_the_latest_declaration(launched: str) -> None:
+    """A `Queue` kept from an earlier cell shows (and warns by) the limits of the latest
+    declaration of its name, which are the ones that apply."""
+    from dbos_nb.core.runtime import get_runtime
+
+    @DBOS.workflow()
+    def ranked(i: int) -> int:
+        return i
+
+    early = Queue("kept_obj")  # the name alone: the defaults of a new queue
+    later = Queue(
+        "kept_obj", concurrency=3, limiter={"limit": 5, "period": 2}, priority_enabled=True
+    )
+    assert early.concurrency == later.concurrency == 3
+    assert early.limiter == {"limit": 5, "period": 2.0} and early.priority_enabled
+    assert "concurrency=3" in repr(early)
+    assert get_runtime().store.get_queue("kept_obj").concurrency == 3  # type: ignore[union-attr]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # priority is enabled: no "orders nothing" warning
+        with SetEnqueueOptions(priority=2):
+            handle = early.enqueue(ranked, 7)
+    assert handle.get_result(timeout_sec=20) == 7
 
 
 def test_enqueue_errors(launched: str) -> None:

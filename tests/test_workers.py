@@ -190,7 +190,7 @@ def test_notebook_defined_functions_run_in_a_worker(
 
 
 def test_a_version_a_worker_cannot_load_stays_queued(
-    db_url: str, pool: WorkerPool, tmp_path: Path
+    db_url: str, pool: WorkerPool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     module = tmp_path / "only_here.py"
     module.write_text(
@@ -208,8 +208,18 @@ def test_a_version_a_worker_cannot_load_stays_queued(
         DBOS.launch()
         handle = q.enqueue(only_here.only_here_step, 1)
         pool.start("w-picky")
-        time.sleep(2.0)
+        store = get_runtime().store
+        # The worker says why in the database too, for the notebook and `dbos-nb status`.
+        wait_until(lambda: bool(store.list_load_failures("only_here_step")), timeout=60)
+        [failure] = store.list_load_failures()
+        assert failure["executor_id"] == "w-picky" and failure["name"] == "only_here_step"
+        assert failure["reason"] == "ModuleNotFoundError: No module named 'only_here'"
+        time.sleep(0.5)  # a few of its claim rounds
         assert handle.get_status().status == "ENQUEUED"  # left for a process that can run it
+        assert main(["status", "--db", db_url]) == 0
+        out = capsys.readouterr().out
+        assert "cannot load (work of these waits for a process that can):" in out
+        assert "only_here_step (version " in out and "on w-picky: ModuleNotFoundError" in out
         DBOS.destroy()
         DBOS(config=config(db_url))  # this process can: it imports the module
         Queue("picky")
@@ -221,6 +231,51 @@ def test_a_version_a_worker_cannot_load_stays_queued(
     pool.stop_all()
     _, err = pool.procs["w-picky"].communicate(timeout=30)
     assert err.decode().count("cannot load 'only_here_step'") == 1  # said once, in its log
+    db = Database(db_url)
+    try:  # its report went with it
+        assert SystemStore(db).list_load_failures() == []
+    finally:
+        db.dispose()
+
+
+def test_load_failures_go_with_their_executor(db_url: str) -> None:
+    """A report lives as long as its executor's registration: gone at unregistration, at a
+    takeover, and when the id is registered again (a new process); one written for an
+    executor that is not registered is dropped; None withdraws it."""
+    db = Database(db_url)
+    migrate(db)
+    store = SystemStore(db)
+
+    def reported() -> list[tuple[str, str, str]]:
+        return [(f["executor_id"], f["version"], f["reason"]) for f in store.list_load_failures()]
+
+    try:
+        store.register_executor("a", "h", 1, "t-a", T0, lease_ms=3_000)
+        store.register_executor("b", "h", 2, "t-b", T0, lease_ms=3_000)
+        store.record_load_failure("a", "fn", "v1", "ImportError: x", T0)
+        store.record_load_failure("a", "fn", "v1", "ImportError: y", T0 + 1)  # replaced
+        store.record_load_failure("b", "fn", "v1", "ImportError: z", T0 + 2)
+        store.record_load_failure("b", "other", "v9", "no stored copy", T0 + 3)
+        store.record_load_failure("ghost", "fn", "v1", "ImportError: w", T0)  # not registered
+        assert reported() == [
+            ("a", "v1", "ImportError: y"),
+            ("b", "v1", "ImportError: z"),
+            ("b", "v9", "no stored copy"),
+        ]
+        assert [f["executor_id"] for f in store.list_load_failures("other")] == ["b"]
+        store.record_load_failure("b", "other", "v9", None, T0 + 4)  # it loads now
+        store.unregister_executor("a", "not-its-token")  # another process's: kept
+        assert len(reported()) == 2
+        store.unregister_executor("a", "t-a")
+        assert reported() == [("b", "v1", "ImportError: z")]
+        store.register_executor("a", "h", 3, "t-a2", T0 + 5, lease_ms=3_000)
+        store.record_load_failure("a", "fn", "v2", "ImportError: q", T0 + 5)
+        store.register_executor("a", "h", 4, "t-a3", T0 + 6, lease_ms=3_000)  # a new process
+        assert reported() == [("b", "v1", "ImportError: z")]
+        assert store.take_over_expired(T0 + 10_000, 3_000, keep="a") == {"b": []}
+        assert reported() == []
+    finally:
+        db.dispose()
 
 
 def test_limits_hold_across_three_workers(db_url: str, pool: WorkerPool) -> None:
@@ -677,3 +732,43 @@ def test_an_executor_whose_id_another_process_took_goes_on_under_a_new_one(db_ur
     clock.advance(0.2)
     wait_until(lambda: rt.executor_id != first)
     assert rt.executor_id.startswith("nb-") and len(rt.executor_id) == len(first)
+
+
+def test_the_resolver_reports_what_it_cannot_load_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each version this process cannot load is reported once, with why; a version stored
+    after it was first missed withdraws its report when it loads."""
+    import pickle
+
+    import worker_tasks
+
+    from dbos_nb.core import functions
+    from dbos_nb.core.registry import Registry
+
+    monkeypatch.setattr(functions, "MISSING_RETRY_SEC", 0.0)
+    db = Database(db_url)
+    migrate(db)
+    store = SystemStore(db)
+    told: list[tuple[str, str, str | None]] = []
+    resolver = functions.FunctionResolver(
+        store, Registry(), run_stored=True, report=lambda *said: told.append(said)
+    )
+    try:
+        store.record_function_versions([("broken", "v-bad", "step", "m", b"not a pickle")], T0)
+        for _ in range(2):
+            assert resolver.resolve("late", "v-late") is None  # not stored (yet)
+            assert resolver.resolve("broken", "v-bad") is None
+        assert told == [
+            ("late", "v-late", functions.NOT_STORED),
+            ("broken", "v-bad", "UnpicklingError: invalid load key, 'n'."),
+        ]
+        assert "v-bad" in resolver.excluded_versions()  # for good (v-late: retried)
+        payload = pickle.dumps(worker_tasks.wt_work)
+        store.record_function_versions([("late", "v-late", "step", "m", payload)], T0)
+        reg = resolver.resolve("late", "v-late")
+        assert reg is not None and reg.name == "wt_work"
+        assert told[2:] == [("late", "v-late", None)]
+        assert resolver.excluded_versions() == {"v-bad"}
+    finally:
+        db.dispose()

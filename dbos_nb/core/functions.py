@@ -9,8 +9,10 @@ redefines a function, work enqueued before still runs the old code, and a worker
 the notebook runs notebook-defined functions with the values they had when the work was
 enqueued.
 
-A version this process cannot load (a module missing on this machine, say) is logged once and
-excluded from this process's claims, so the work stays queued for a process that can run it.
+A version this process cannot load (a module missing on this machine, say) is logged once,
+reported to the database (`report`: a notebook waiting on the work reads why there, see
+`Batch.wait`), and excluded from this process's claims, so the work stays queued for a process
+that can run it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import logging
 import pickle
 import threading
 import time
+from collections.abc import Callable
 
+from dbos_nb import serialization
 from dbos_nb.core import versions
 from dbos_nb.core.registry import Registration, Registry, registration_of
 from dbos_nb.models import STEP_WORKFLOW_PREFIX
@@ -29,12 +33,27 @@ logger = logging.getLogger(__name__)
 
 MISSING_RETRY_SEC = 5.0
 
+# Told (name, version, why) when this process finds it cannot load a version, and
+# (name, version, None) when a version it could not find loads after all.
+FailureReport = Callable[[str, str, str | None], None]
+
+# Why a version without a stored copy cannot run here.
+NOT_STORED = "no stored copy: it could not be pickled where it was defined"
+
 
 class FunctionResolver:
     """Maps (workflow name, version hash) to a runnable Registration for this process."""
 
-    def __init__(self, store: SystemStore, registry: Registry, *, run_stored: bool) -> None:
+    def __init__(
+        self,
+        store: SystemStore,
+        registry: Registry,
+        *,
+        run_stored: bool,
+        report: FailureReport | None = None,
+    ) -> None:
         self._store = store
+        self._report = report
         self._registry = registry
         # Workers (run_stored=True) claim any stored function; kernels claim what they define.
         self._run_stored = run_stored
@@ -71,14 +90,17 @@ class FunctionResolver:
         reg = None
         if payload is None:
             with self._lock:
-                if version not in self._missing:
-                    logger.warning(
-                        "no stored copy of %r version %s (it could not be pickled where it was "
-                        "defined); its work stays queued for a process that defines it",
-                        name,
-                        version,
-                    )
+                first = version not in self._missing
                 self._missing[version] = time.monotonic()
+            if first:
+                logger.warning(
+                    "cannot load %r version %s here (%s); its work stays queued for a process "
+                    "that defines it",
+                    name,
+                    version,
+                    NOT_STORED,
+                )
+                self._tell(name, version, NOT_STORED)
             return None
         else:
             try:
@@ -86,21 +108,38 @@ class FunctionResolver:
                 if reg is None:
                     reason = "the stored object is not a decorated function"
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = serialization.error_text(exc)
+        first = was_missing = False
         with self._lock:
             if reg is not None:
                 self._loaded[version] = reg
-                return reg
-            if version not in self._failed:
-                logger.warning(
-                    "cannot load %r version %s here (%s); its work stays queued for another "
-                    "process",
-                    name,
-                    version,
-                    reason,
-                )
-            self._failed[version] = reason or "unknown"
+                was_missing = self._missing.pop(version, None) is not None
+            else:
+                first = version not in self._failed
+                self._failed[version] = reason or "unknown"
+        if reg is not None:
+            if was_missing:
+                self._tell(name, version, None)
+            return reg
+        if first:
+            logger.warning(
+                "cannot load %r version %s here (%s); its work stays queued for another process",
+                name,
+                version,
+                reason,
+            )
+            self._tell(name, version, reason or "unknown")
         return None
+
+    def _tell(self, name: str, version: str, reason: str | None) -> None:
+        """Report to the database; its failure only costs the notebook the explanation (the
+        log has it), never this process its claims."""
+        if self._report is None:
+            return
+        try:
+            self._report(name, version, reason)
+        except Exception as exc:
+            logger.debug("could not record that %r version %s cannot load: %s", name, version, exc)
 
     def refresh(self) -> None:
         """Workers: learn (and try to load) the versions stored since the last refresh."""

@@ -247,31 +247,38 @@ class Queue:
         self.priority_noted = False  # told once that a priority here orders nothing
         QUEUES.declare(self)
 
+    def _latest(self) -> QueueSettings:
+        """The settings of this queue's latest declaration in this process: this object's, or
+        a later one's of the same name (a `Queue` kept from an earlier cell then shows, and
+        warns by, the limits that apply, as the claims do)."""
+        latest = QUEUES.get(self.name)
+        return self.settings if latest is None or latest is self else latest.settings
+
     @property
     def concurrency(self) -> int | None:
-        return self.settings.concurrency
+        return self._latest().concurrency
 
     @property
     def worker_concurrency(self) -> int | None:
-        return self.settings.worker_concurrency
+        return self._latest().worker_concurrency
 
     @property
     def limiter(self) -> dict[str, float] | None:
-        s = self.settings
+        s = self._latest()
         if s.limit is None or s.period_ms is None:
             return None
         return {"limit": s.limit, "period": s.period_ms / 1000}
 
     @property
     def token_limiter(self) -> dict[str, float] | None:
-        s = self.settings
+        s = self._latest()
         if s.token_limit is None or s.token_period_ms is None:
             return None
         return {"limit": s.token_limit, "period": s.token_period_ms / 1000}
 
     @property
     def priority_enabled(self) -> bool:
-        return self.settings.priority_enabled
+        return self._latest().priority_enabled
 
     def enqueue(self, func: Callable[..., R], *args: Any, **kwargs: Any) -> WorkflowHandle[R]:
         """Enqueue a workflow, step or transaction; returns its handle at once."""
@@ -321,7 +328,7 @@ class Queue:
             return [WorkflowHandle(rt, wid) for wid in ids]
 
     def __repr__(self) -> str:
-        s = self.settings
+        s = self._latest()
         return (
             f"Queue({s.name!r}, concurrency={s.concurrency}, worker_concurrency="
             f"{s.worker_concurrency}, limiter={self.limiter}, token_limiter={self.token_limiter})"
@@ -335,7 +342,7 @@ def _or(value: Any, default: Any) -> Any:
 def _note_ignored_priority(queue: Queue) -> None:
     """A priority given for a queue without `priority_enabled` is stored but does not order
     anything (as in DBOS): say so, once per declaration, rather than let it pass unnoticed."""
-    settings = queue.settings
+    settings = queue._latest()
     if settings.priority_enabled or current().priority is None:
         return
     if not queue.priority_noted:

@@ -32,7 +32,7 @@ from dbos_nb.core.workflows import enqueue_many, workflow_name_of
 from dbos_nb.errors import BatchItemsConflictError, DbosNbError
 from dbos_nb.models import shown_function_name
 from dbos_nb.notebook.batch_names import default_batch_name, equal_items
-from dbos_nb.notebook.workers import live_workers, load_failures
+from dbos_nb.notebook.workers import live_workers
 from dbos_nb.storage import rate_ledger
 from dbos_nb.storage.rows import FAILED
 
@@ -179,7 +179,8 @@ class Batch:
         if errors and counts["failed"]:
             for wid, blob in rt.store.batch_recent_errors(self.id, errors):
                 err = serialization.load_error(blob)
-                progress.recent_errors.append((wid, f"{type(err).__name__}: {err}"))
+                said = "(no error recorded)" if err is None else serialization.error_text(err)
+                progress.recent_errors.append((wid, said))
         return progress
 
     def wait(
@@ -247,22 +248,32 @@ class Batch:
             missing.append(f"{function!r} is not defined here")
         if not missing:
             return None
-        workers = live_workers(rt)
-        failures = load_failures(workers, function)
-        if failures:
-            return (
-                f"nothing runs the unfinished items of batch {self.id!r}: this notebook's "
-                f"workers cannot load {function!r}: {failures[-1]}. Make the function's module "
-                "importable by them (a package installed in the environment, or a folder on the "
-                "kernel's sys.path before %dbos_workers starts them), then start them again."
-            )
-        if workers:
-            return None  # this notebook's workers (one just started has not registered yet)
         now = rt.now_ms()
-        for executor in rt.store.list_executors():
-            alive = engine is not None and engine.executor_alive(executor, now)
-            if alive and executor["executor_id"] != rt.executor_id:
-                return None  # another process (a worker) may run it
+        executors = rt.store.list_executors()
+        registered = {executor["executor_id"] for executor in executors}
+        if any(w.get("executor_id") not in registered for w in live_workers(rt)):
+            return None  # one of this notebook's workers is starting: it may run the work
+        alive = {
+            executor["executor_id"]
+            for executor in executors
+            if executor["executor_id"] != rt.executor_id
+            and engine is not None
+            and engine.executor_alive(executor, now)
+        }
+        failures = [f for f in rt.store.list_load_failures(function) if f["executor_id"] in alive]
+        if alive and alive <= {f["executor_id"] for f in failures}:
+            said = "; ".join(
+                f"{f['executor_id']} on {f['hostname']} (pid {f['pid']}): {f['reason']}"
+                for f in failures
+            )
+            return (
+                f"nothing runs the unfinished items of batch {self.id!r}: the worker processes "
+                f"cannot load {function!r} ({said}). Make the function's module importable by "
+                "them (a package installed in their environment, or, for %dbos_workers, a "
+                "folder on the kernel's sys.path before it starts them), then start them again."
+            )
+        if alive:
+            return None  # another process (a worker) may run it
         return (
             f"nothing runs the unfinished items of batch {self.id!r}: "
             + " and ".join(missing)

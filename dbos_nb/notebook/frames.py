@@ -59,7 +59,7 @@ def _error_of(row: dict[str, Any]) -> str | None:
             error = timed_out
         except DbosNbError:
             pass
-    return None if error is None else f"{type(error).__name__}: {error}"
+    return None if error is None else serialization.error_text(error)
 
 
 def _objects(values: list[Any]) -> pd.Series:

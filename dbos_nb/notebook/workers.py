@@ -46,34 +46,10 @@ def _load(rt: Runtime) -> list[dict[str, Any]]:
     return [w for w in data if isinstance(w, dict) and "pid" in w]
 
 
-# How much of the end of a worker's log `load_failures` reads.
-LOG_TAIL_BYTES = 1 << 20
-
-
 def live_workers(rt: Runtime) -> list[dict[str, Any]]:
     """The workers this notebook started whose process is alive (registered in the database
     yet or not: one just started takes a moment to)."""
     return [w for w in _load(rt) if pid_alive(int(w["pid"]))]
-
-
-def load_failures(workers: list[dict[str, Any]], function: str) -> list[str]:
-    """The lines in these workers' logs saying that they cannot load `function` (a module the
-    worker cannot import, say): why their queue's work waits, which only their logs tell."""
-    needle = f"cannot load {function!r}"
-    found = []
-    for worker in workers:
-        path = worker.get("log")  # (entries saved by an older dbos_nb may have none)
-        if not path:
-            continue
-        try:
-            with open(path, "rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - LOG_TAIL_BYTES))
-                tail = log.read().decode(errors="replace")
-        except OSError:
-            continue
-        found += [f"{line.strip()} ({path})" for line in tail.splitlines() if needle in line]
-    return found
 
 
 def _save(rt: Runtime, workers: list[dict[str, Any]]) -> None:

@@ -1,13 +1,15 @@
-"""Executors: each process's registration row and its heartbeat."""
+"""Executors: each process's registration row, its heartbeat, and the function versions it
+reported it cannot load (which go with its row)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.engine import Connection
 
 from dbos_nb.storage.rows import StoreBase
-from dbos_nb.storage.schema import executors
+from dbos_nb.storage.schema import executors, load_failures
 
 
 class ExecutorRegistry(StoreBase):
@@ -32,7 +34,7 @@ class ExecutorRegistry(StoreBase):
         lease, which is what they judge its heartbeat by (None: by their own lease).
         """
         with self.db.write() as conn:
-            conn.execute(delete(executors).where(executors.c.executor_id == executor_id))
+            forget_executor(conn, executor_id)
             conn.execute(
                 executors.insert().values(
                     executor_id=executor_id,
@@ -59,13 +61,68 @@ class ExecutorRegistry(StoreBase):
     def unregister_executor(self, executor_id: str, token: str) -> None:
         """Remove this process's executor row (at destroy)."""
         with self.db.write() as conn:
-            conn.execute(
+            gone = conn.execute(
                 delete(executors).where(
                     executors.c.executor_id == executor_id, executors.c.token == token
                 )
-            )
+            ).rowcount
+            if gone:
+                forget_executor(conn, executor_id)
 
     def list_executors(self) -> list[dict[str, Any]]:
         """Every registered executor with its heartbeat."""
         with self.db.read() as conn:
             return [dict(r) for r in conn.execute(select(executors)).mappings()]
+
+    def record_load_failure(
+        self, executor_id: str, name: str, version: str, reason: str | None, now_ms: int
+    ) -> None:
+        """Record that this executor cannot load `version` of `name`, and why; None: it can
+        now (the record goes). Only while the executor is registered: a record written
+        after its row went (taken over) would outlive it."""
+        lf = load_failures
+        with self.db.write() as conn:
+            conn.execute(delete(lf).where(lf.c.executor_id == executor_id, lf.c.version == version))
+            registered = conn.execute(
+                select(executors.c.executor_id).where(executors.c.executor_id == executor_id)
+            ).first()
+            if reason is not None and registered is not None:
+                conn.execute(
+                    lf.insert().values(
+                        executor_id=executor_id,
+                        name=name,
+                        version=version,
+                        reason=reason,
+                        recorded_at=now_ms,
+                    )
+                )
+
+    def list_load_failures(self, name: str | None = None) -> list[dict[str, Any]]:
+        """What registered executors reported they cannot load (of `name` only, if given),
+        oldest first, each with its executor's hostname, pid, heartbeat and lease."""
+        lf, ex = load_failures, executors
+        stmt = (
+            select(
+                lf.c.executor_id,
+                lf.c.name,
+                lf.c.version,
+                lf.c.reason,
+                lf.c.recorded_at,
+                ex.c.hostname,
+                ex.c.pid,
+                ex.c.heartbeat_at,
+                ex.c.lease_ms,
+            )
+            .join(ex, ex.c.executor_id == lf.c.executor_id)
+            .order_by(lf.c.recorded_at, lf.c.executor_id)
+        )
+        if name is not None:
+            stmt = stmt.where(lf.c.name == name)
+        with self.db.read() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def forget_executor(conn: Connection, executor_id: str) -> None:
+    """Delete an executor's row and what it reported (in the caller's write transaction)."""
+    conn.execute(delete(executors).where(executors.c.executor_id == executor_id))
+    conn.execute(delete(load_failures).where(load_failures.c.executor_id == executor_id))

@@ -88,6 +88,14 @@ def _fork_lineage_and_executor_leases(conn: Connection) -> None:
 UPGRADES[5] = _fork_lineage_and_executor_leases
 
 
+def _load_failures(conn: Connection) -> None:
+    """Version 6: the load_failures table, which `create_all` (run before the upgrades) has
+    just created; nothing else changes."""
+
+
+UPGRADES[6] = _load_failures
+
+
 def migrate(db: Database) -> None:
     """Bring the system database's schema to SCHEMA_VERSION (idempotent, concurrency-safe)."""
     with db.opening(), db.write() as conn:

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, case, delete, func, literal, select, update
 
 from dbos_nb.models import INTERNAL_QUEUE
+from dbos_nb.storage.executor_registry import forget_executor
 from dbos_nb.storage.rows import CANCELLED, ENQUEUED, PENDING, StoreBase, _chunks
 from dbos_nb.storage.schema import executors, queue_starts, status_is, workflow_status
 
@@ -176,7 +177,7 @@ class WorkflowOwnership(StoreBase):
                 ).scalars()
             )
             for executor_id in expired:
-                conn.execute(delete(executors).where(executors.c.executor_id == executor_id))
+                forget_executor(conn, executor_id)
                 taken[executor_id] = self._requeue_pending(conn, executor_id, now_ms)
         return taken
 

@@ -29,7 +29,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from dbos_nb.models import ACTIVE_STATUSES
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PG_SCHEMA = "dbos_nb"
 # The active statuses as the SQL list that `status_is(column, *ACTIVE_STATUSES)` writes.
 _ACTIVE = ", ".join(f"'{status}'" for status in ACTIVE_STATUSES)
@@ -208,6 +208,20 @@ executors = Table(
     # a live one that renews less often. NULL for rows registered before (judged by the
     # judge's lease, as then).
     Column("lease_ms", BigInteger),
+)
+
+# The function versions an executor cannot load (a module missing where it runs, say), with why
+# (version 6): its own log says so, and a notebook waiting on that work reads it here. Rows
+# go with their executor's row.
+load_failures = Table(
+    "load_failures",
+    system_metadata,
+    Column("executor_id", String(255), nullable=False),
+    Column("name", String(512), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("recorded_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("executor_id", "version"),
 )
 
 # The functions some process has registered, so that a client can refuse unknown workflow names.
