@@ -124,14 +124,21 @@ def test_rate_limiter_with_an_injected_clock(db_url: str) -> None:
 
 @pytest.mark.parametrize(
     ("readings", "counted_from"),
-    [([1_000, 1_002], 1_000), ([1_000, 1_090, 1_090, 1_091], 1_090)],
-    ids=["quick-commit", "slow-commit"],
+    [
+        ([1_000, 1_002], 1_000),
+        # 90 ms late: written again 180 ms ahead, which the next commit does not overtake.
+        ([1_000, 1_090, 1_090, 1_091], 1_270),
+        # As slow again (30 ms past the new stamp): ahead by twice the whole write.
+        ([1_000, 1_090, 1_090, 1_300, 1_300, 1_301], 1_720),
+    ],
+    ids=["quick-commit", "slow-commit", "slow-twice"],
 )
 def test_a_start_is_counted_from_after_a_slow_commit(
     db_url: str, readings: list[int], counted_from: int
 ) -> None:
     """The ledger counts a start from when the work began: the clock is read inside the
-    transaction, and if the commit took long (a checkpoint's fsyncs), once more after it."""
+    transaction, and if the commit took long (a checkpoint's fsyncs), the start is written
+    again ahead of the clock (later is only stricter), until the work does not run past it."""
     db = Database(db_url)
     try:
         migrate(db)

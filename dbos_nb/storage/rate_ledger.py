@@ -175,11 +175,12 @@ def record_starts(
     )
 
 
-# A commit slower than this (a checkpoint's fsyncs, a stalled disk: tens of milliseconds) moves
-# the start again: the work begins only after the commit, and the guard (50 ms and up) must
-# not be eaten by the database's own delay.
+# A commit slower than this (a checkpoint's fsyncs, a stalled disk, the wait for the GIL
+# among dozens of threads starting at once: tens of milliseconds) moves the start again: the
+# work begins only after the commit, and the guard (50 ms and up) must not be eaten by the
+# database's own delay.
 _RESTAMP_AFTER_MS = 10
-_RESTAMPS = 3
+_RESTAMPS = 5
 
 
 def record_real_start(
@@ -191,13 +192,17 @@ def record_real_start(
     load). Counting from the real start keeps every window honest as measured where the work
     runs. The update lands long before the entry could leave the window, so every later claim
     sees it. The clock is read once the transaction holds its locks, never before a wait, and
-    again after the commit: a slow commit moves the start once more (only ever later, which
-    makes the limiter stricter, never looser).
+    again after the commit. A slow commit moves the start again, ahead of the clock by twice
+    what the slow commit took: a stamp later than the real start only makes the limiter
+    stricter, while one written before a wait that is as slow again would be early again
+    (three restamps at the clock's reading still left one 74 ms early, past the 50 ms guard,
+    when 50 workflows started at once on a loaded machine).
     """
     recorded = claimed_at_ms
+    ahead = 0
     for _ in range(_RESTAMPS):
         with db.write() as conn:
-            now = clock()
+            stamp = clock() + ahead
             conn.execute(
                 update(qs)
                 .where(
@@ -205,11 +210,13 @@ def record_real_start(
                     qs.c.workflow_uuid == workflow_id,
                     qs.c.started_at_ms == recorded,
                 )
-                .values(started_at_ms=now)
+                .values(started_at_ms=stamp)
             )
-        recorded = now
-        if clock() - now <= _RESTAMP_AFTER_MS:
+        recorded = stamp
+        early = clock() - stamp  # how far the work now runs past its stamp
+        if early <= _RESTAMP_AFTER_MS:
             return
+        ahead = 2 * (early + ahead)  # the whole write took early + ahead
 
 
 def window_usage(db: Database, queue_name: str, limit_period_ms: int, now_ms: int) -> int:
