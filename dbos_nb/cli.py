@@ -119,12 +119,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         failures = store.list_load_failures()
         if failures:
             # Why a queue's work waits with workers alive: none of them can load it.
-            print("\ncannot load (work of these waits for a process that can):")
+            print("\ncannot load (as the executor reported; such work waits for one that can):")
             for f in failures:
-                print(
-                    f"  {f['name']} (version {f['version'][:12]}) on {f['executor_id']}: "
-                    f"{f['reason']}"
-                )
+                print(f"  {f['name']} version {f['version']} on {f['executor_id']}: {f['reason']}")
         return 0
     finally:
         db.dispose()

@@ -257,8 +257,15 @@ class Engine:
                 store,
                 REGISTRY,
                 run_stored=cfg.run_stored_functions,
+                # Under the id and token this process holds when it reports (see
+                # `_rejoin_as_new_executor`).
                 report=lambda name, version, reason: store.record_load_failure(
-                    cfg.executor_id, name, version, reason, self.clock.now_ms()
+                    self.config.executor_id,
+                    self._token,
+                    name,
+                    version,
+                    reason,
+                    self.clock.now_ms(),
                 ),
             ),
         )
@@ -397,6 +404,7 @@ class Engine:
             )
             self._token = uuid.uuid4().hex
             self._register(rt.store, rt.executor_id, now)
+            rt.resolver.report_again()
             # Work claimed after the take-over (which requeued only what was PENDING then)
             # would stay PENDING under this live executor, run by nobody: back to its queue.
             if rt.store.requeue_pending(rt.executor_id, now):
@@ -453,6 +461,7 @@ class Engine:
         rt.executor_id = new
         # What this process is now, for DBOS.launch() asked again and for destroy.
         self.config = replace(self.config, executor_id=new)
+        rt.resolver.report_again()
         # Only rows that executions of this process still own: what the other process runs
         # under the old id is its own.
         requeued = [w for w, owner in owners.items() if rt.store.requeue_workflow(w, now, owner)]

@@ -28,7 +28,7 @@ from dbos_nb.engine import Renewals
 from dbos_nb.serialization import dump_inputs
 from dbos_nb.storage.database import Database, normalize_url
 from dbos_nb.storage.migrations import migrate
-from dbos_nb.storage.schema import PG_SCHEMA
+from dbos_nb.storage.schema import PG_SCHEMA, load_failures
 from dbos_nb.storage.store import NewWorkflow, SystemStore
 
 TESTS = Path(__file__).parent
@@ -218,8 +218,9 @@ def test_a_version_a_worker_cannot_load_stays_queued(
         assert handle.get_status().status == "ENQUEUED"  # left for a process that can run it
         assert main(["status", "--db", db_url]) == 0
         out = capsys.readouterr().out
-        assert "cannot load (work of these waits for a process that can):" in out
-        assert "only_here_step (version " in out and "on w-picky: ModuleNotFoundError" in out
+        assert "cannot load (as the executor reported; such work waits for one that can):" in out
+        version = failure["version"]
+        assert f"only_here_step version {version} on w-picky: ModuleNotFoundError" in out
         DBOS.destroy()
         DBOS(config=config(db_url))  # this process can: it imports the module
         Queue("picky")
@@ -233,7 +234,8 @@ def test_a_version_a_worker_cannot_load_stays_queued(
     assert err.decode().count("cannot load 'only_here_step'") == 1  # said once, in its log
     db = Database(db_url)
     try:  # its report went with it
-        assert SystemStore(db).list_load_failures() == []
+        with db.read() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(load_failures)).scalar() == 0
     finally:
         db.dispose()
 
@@ -247,29 +249,41 @@ def test_load_failures_go_with_their_executor(db_url: str) -> None:
     store = SystemStore(db)
 
     def reported() -> list[tuple[str, str, str]]:
-        return [(f["executor_id"], f["version"], f["reason"]) for f in store.list_load_failures()]
+        # The table itself, not `list_load_failures` (which joins the registered executors).
+        with db.read() as conn:
+            rows = conn.execute(
+                sa.select(
+                    load_failures.c.executor_id, load_failures.c.version, load_failures.c.reason
+                ).order_by(load_failures.c.recorded_at)
+            )
+            return [tuple(r) for r in rows]
 
     try:
         store.register_executor("a", "h", 1, "t-a", T0, lease_ms=3_000)
         store.register_executor("b", "h", 2, "t-b", T0, lease_ms=3_000)
-        store.record_load_failure("a", "fn", "v1", "ImportError: x", T0)
-        store.record_load_failure("a", "fn", "v1", "ImportError: y", T0 + 1)  # replaced
-        store.record_load_failure("b", "fn", "v1", "ImportError: z", T0 + 2)
-        store.record_load_failure("b", "other", "v9", "no stored copy", T0 + 3)
-        store.record_load_failure("ghost", "fn", "v1", "ImportError: w", T0)  # not registered
+        store.record_load_failure("a", "t-a", "fn", "v1", "ImportError: x", T0)
+        store.record_load_failure("a", "t-a", "fn", "v1", "ImportError: y", T0 + 1)  # replaced
+        store.record_load_failure("b", "t-b", "fn", "v1", "ImportError: z", T0 + 2)
+        store.record_load_failure("b", "t-b", "other", "v9", "no stored copy", T0 + 3)
+        store.record_load_failure("ghost", "t-g", "fn", "v1", "ImportError: w", T0)  # no row
+        store.record_load_failure("a", "t-old", "fn", "v7", "ImportError: v", T0)  # not its own
         assert reported() == [
             ("a", "v1", "ImportError: y"),
             ("b", "v1", "ImportError: z"),
             ("b", "v9", "no stored copy"),
         ]
         assert [f["executor_id"] for f in store.list_load_failures("other")] == ["b"]
-        store.record_load_failure("b", "other", "v9", None, T0 + 4)  # it loads now
+        assert [(f["hostname"], f["pid"]) for f in store.list_load_failures("fn")] == [
+            ("h", 1),
+            ("h", 2),
+        ]
+        store.record_load_failure("b", "t-b", "other", "v9", None, T0 + 4)  # it loads now
         store.unregister_executor("a", "not-its-token")  # another process's: kept
         assert len(reported()) == 2
         store.unregister_executor("a", "t-a")
         assert reported() == [("b", "v1", "ImportError: z")]
         store.register_executor("a", "h", 3, "t-a2", T0 + 5, lease_ms=3_000)
-        store.record_load_failure("a", "fn", "v2", "ImportError: q", T0 + 5)
+        store.record_load_failure("a", "t-a2", "fn", "v2", "ImportError: q", T0 + 5)
         store.register_executor("a", "h", 4, "t-a3", T0 + 6, lease_ms=3_000)  # a new process
         assert reported() == [("b", "v1", "ImportError: z")]
         assert store.take_over_expired(T0 + 10_000, 3_000, keep="a") == {"b": []}
@@ -770,5 +784,38 @@ def test_the_resolver_reports_what_it_cannot_load_once(
         assert reg is not None and reg.name == "wt_work"
         assert told[2:] == [("late", "v-late", None)]
         assert resolver.excluded_versions() == {"v-bad"}
+        # Registered again (its reports went with its old row): the standing ones, again.
+        del told[:]
+        resolver.report_again()
+        assert told == [("broken", "v-bad", "UnpicklingError: invalid load key, 'n'.")]
+    finally:
+        db.dispose()
+
+
+def test_a_report_that_could_not_be_written_is_written_at_the_next_refresh(db_url: str) -> None:
+    from dbos_nb.core import functions
+    from dbos_nb.core.registry import Registry
+
+    db = Database(db_url)
+    migrate(db)
+    store = SystemStore(db)
+    told: list[tuple[str, str, str | None]] = []
+    down = [True]
+
+    def report(*said: Any) -> None:
+        if down[0]:
+            raise OSError("the database is unreachable")
+        told.append(said)
+
+    resolver = functions.FunctionResolver(store, Registry(), run_stored=True, report=report)
+    try:
+        store.record_function_versions([("broken", "v-bad", "step", "m", b"not a pickle")], T0)
+        resolver.refresh()  # loads every stored version: fails, and cannot say so
+        assert told == []
+        down[0] = False
+        resolver.refresh()
+        assert told == [("broken", "v-bad", "UnpicklingError: invalid load key, 'n'.")]
+        resolver.refresh()
+        assert len(told) == 1  # written once
     finally:
         db.dispose()

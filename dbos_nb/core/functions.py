@@ -63,6 +63,11 @@ class FunctionResolver:
         # Versions with no stored copy yet: the defining process may store it in a moment.
         self._missing: dict[str, float] = {}
         self._stored_names: set[str] = set()
+        # What this process reports it cannot load, version -> (name, why; None: it can
+        # now, to be withdrawn), and the reports not (yet) written. Standing ones are written
+        # again when the process registers again (its reports go with its executor row).
+        self._reports: dict[str, tuple[str, str | None]] = {}
+        self._unwritten: set[str] = set()
 
     def resolve(self, workflow_name: str, version: str | None) -> Registration | None:
         """The registration to run a workflow row with, or None if this process cannot."""
@@ -90,7 +95,8 @@ class FunctionResolver:
         reg = None
         if payload is None:
             with self._lock:
-                first = version not in self._missing
+                # (Another thread may have loaded it, stored a moment ago, meanwhile.)
+                first = version not in self._missing and version not in self._loaded
                 self._missing[version] = time.monotonic()
             if first:
                 logger.warning(
@@ -132,19 +138,48 @@ class FunctionResolver:
         return None
 
     def _tell(self, name: str, version: str, reason: str | None) -> None:
-        """Report to the database; its failure only costs the notebook the explanation (the
-        log has it), never this process its claims."""
+        """Report to the database; a failed write is tried again at the next `refresh` (it
+        only costs the notebook the explanation for a while, never this process its claims)."""
+        with self._lock:
+            self._reports[version] = (name, reason)
+            self._unwritten.add(version)
+        self._write_reports()
+
+    def _write_reports(self) -> None:
         if self._report is None:
             return
-        try:
-            self._report(name, version, reason)
-        except Exception as exc:
-            logger.debug("could not record that %r version %s cannot load: %s", name, version, exc)
+        with self._lock:
+            pending = [(v, self._reports[v]) for v in self._unwritten if v in self._reports]
+        for version, report in pending:
+            try:
+                self._report(report[0], version, report[1])
+            except Exception as exc:
+                logger.debug("could not record that version %s cannot load: %s", version, exc)
+                continue
+            with self._lock:
+                if self._reports.get(version) == report:  # (not told anew meanwhile)
+                    self._unwritten.discard(version)
+                    if report[1] is None:  # a withdrawal, done
+                        del self._reports[version]
+
+    def report_again(self) -> None:
+        """Write every standing report again: this process registered again (after a
+        takeover, or under a new executor id), and its reports went with its old row."""
+        with self._lock:
+            for version, (_name, reason) in list(self._reports.items()):
+                if reason is None:
+                    del self._reports[version]  # nothing left to withdraw
+                    self._unwritten.discard(version)
+                else:
+                    self._unwritten.add(version)
+        self._write_reports()
 
     def refresh(self) -> None:
         """Workers: learn (and try to load) the versions stored since the last refresh."""
         if not self._run_stored:
             return
+        if self._unwritten:
+            self._write_reports()
         for name, version, kind in self._store.list_function_versions():
             with self._lock:
                 known = version in self._loaded or version in self._failed

@@ -250,7 +250,8 @@ class Queue:
     def _latest(self) -> QueueSettings:
         """The settings of this queue's latest declaration in this process: this object's, or
         a later one's of the same name (a `Queue` kept from an earlier cell then shows, and
-        warns by, the limits that apply, as the claims do)."""
+        warns by, what this process declared last, which it also stored; another process's
+        later declaration is not seen here)."""
         latest = QUEUES.get(self.name)
         return self.settings if latest is None or latest is self else latest.settings
 

@@ -212,7 +212,7 @@ class Batch:
                 if counts != last_counts:
                     last_counts, check_at = counts, now + IDLE_WARNING_AFTER_S
                 elif not warned and now >= check_at:
-                    idle = self._why_nothing_runs()
+                    idle = None if counts["running"] else self._why_nothing_runs()
                     if idle is not None:
                         warnings.warn(idle, RuntimeWarning, stacklevel=2)
                         warned = True
@@ -251,7 +251,8 @@ class Batch:
         now = rt.now_ms()
         executors = rt.store.list_executors()
         registered = {executor["executor_id"] for executor in executors}
-        if any(w.get("executor_id") not in registered for w in live_workers(rt)):
+        own = {w.get("executor_id") for w in live_workers(rt)}
+        if not own <= registered:
             return None  # one of this notebook's workers is starting: it may run the work
         alive = {
             executor["executor_id"]
@@ -260,8 +261,18 @@ class Batch:
             and engine is not None
             and engine.executor_alive(executor, now)
         }
-        failures = [f for f in rt.store.list_load_failures(function) if f["executor_id"] in alive]
-        if alive and alive <= {f["executor_id"] for f in failures}:
+        # Only reports of the versions its waiting items need: a worker may have failed on an
+        # older version of the function and run the current one.
+        waiting = rt.store.batch_waiting_versions(self.id)
+        failures = [
+            f
+            for f in rt.store.list_load_failures(function)
+            if f["executor_id"] in alive and f["version"] in waiting
+        ]
+        failed = {f["executor_id"] for f in failures}
+        # All of this notebook's workers failed (whatever other processes, a kernel say, are
+        # alive), or every live process that could run it did.
+        if failures and ((own and own <= failed) or alive <= failed):
             said = "; ".join(
                 f"{f['executor_id']} on {f['hostname']} (pid {f['pid']}): {f['reason']}"
                 for f in failures

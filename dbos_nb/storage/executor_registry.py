@@ -75,16 +75,26 @@ class ExecutorRegistry(StoreBase):
             return [dict(r) for r in conn.execute(select(executors)).mappings()]
 
     def record_load_failure(
-        self, executor_id: str, name: str, version: str, reason: str | None, now_ms: int
+        self,
+        executor_id: str,
+        token: str,
+        name: str,
+        version: str,
+        reason: str | None,
+        now_ms: int,
     ) -> None:
         """Record that this executor cannot load `version` of `name`, and why; None: it can
-        now (the record goes). Only while the executor is registered: a record written
-        after its row went (taken over) would outlive it."""
+        now (the record goes). Only while this process (`token`) holds the registration: a
+        record written for a row that is gone (taken over) or another process's would
+        outlive it or speak for the wrong process. The row is read FOR SHARE, so that a
+        takeover deleting it concurrently waits for this record, and deletes it too."""
         lf = load_failures
         with self.db.write() as conn:
             conn.execute(delete(lf).where(lf.c.executor_id == executor_id, lf.c.version == version))
             registered = conn.execute(
-                select(executors.c.executor_id).where(executors.c.executor_id == executor_id)
+                select(executors.c.executor_id)
+                .where(executors.c.executor_id == executor_id, executors.c.token == token)
+                .with_for_update(read=True)
             ).first()
             if reason is not None and registered is not None:
                 conn.execute(

@@ -200,7 +200,7 @@ def record_real_start(
     """
     recorded = claimed_at_ms
     ahead = 0
-    for _ in range(_RESTAMPS):
+    for attempt in range(_RESTAMPS):
         with db.write() as conn:
             stamp = clock() + ahead
             conn.execute(
@@ -216,7 +216,9 @@ def record_real_start(
         early = clock() - stamp  # how far the work now runs past its stamp
         if early <= _RESTAMP_AFTER_MS:
             return
-        ahead = 2 * (early + ahead)  # the whole write took early + ahead
+        # The whole write took early + ahead; the last attempt stamps further ahead still
+        # (nothing is tried after it).
+        ahead = (2 if attempt < _RESTAMPS - 2 else 4) * (early + ahead)
 
 
 def window_usage(db: Database, queue_name: str, limit_period_ms: int, now_ms: int) -> int:
