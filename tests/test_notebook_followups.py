@@ -230,6 +230,40 @@ def test_launch_says_when_it_creates_the_database(tmp_path: Path, capsys: Any) -
         DBOS.destroy()
 
 
+def test_wait_counts_only_reports_of_the_versions_its_items_need(db_url: str) -> None:
+    """A live worker that reported it cannot load an older version of the function may run
+    the version the batch's items wait for: no warning; a report of that version is quoted."""
+    from conftest import config
+    from dbos_nb import Queue
+    from dbos_nb.models import shown_function_name
+
+    DBOS(config=config(db_url, listen_queues=[]))  # this process serves no queue
+    try:
+        queue = Queue("versions_q")
+        DBOS.launch()
+
+        @DBOS.step()
+        def versioned(x: int) -> int:
+            return x
+
+        batch = queue.map(versioned, [1, 2], batch="versions")
+        rt = get_runtime()
+        [version] = rt.store.batch_waiting_versions("versions")
+        function = shown_function_name(batch.function_name)
+        now = rt.now_ms()
+        rt.store.register_executor("w-1", "h", 1, "t-1", now, lease_ms=600_000)
+        rt.store.record_load_failure("w-1", "t-1", function, "an-older-one", "ImportError: x", now)
+        assert batch._why_nothing_runs() is None
+        rt.store.record_load_failure("w-1", "t-1", function, version, "ImportError: gone", now)
+        said = batch._why_nothing_runs()
+        assert said is not None and "(w-1 on h (pid 1): ImportError: gone)" in said
+        assert "ImportError: x" not in said
+        rt.store.register_executor("w-2", "h", 2, "t-2", now, lease_ms=600_000)
+        assert batch._why_nothing_runs() is None  # w-2 reported nothing: it may run them
+    finally:
+        DBOS.destroy()
+
+
 def test_wait_names_workers_that_cannot_load_the_function(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
