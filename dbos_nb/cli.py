@@ -85,6 +85,10 @@ def _active_pauses(db: Database, now_ms: int) -> dict[str, int]:
         return {str(name): int(until) for name, until in conn.execute(stmt)}
 
 
+# How many load-failure reports `dbos-nb status` shows.
+LOAD_FAILURES_SHOWN = 10
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     db, store = _open(args.db)
     try:
@@ -120,8 +124,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if failures:
             # Why a queue's work waits with workers alive: none of them can load it.
             print("\ncannot load (as the executor reported; such work waits for one that can):")
-            for f in failures:
+            # Newest first: a worker tries every stored version, old ones of a notebook too.
+            for f in failures[::-1][:LOAD_FAILURES_SHOWN]:
                 print(f"  {f['name']} version {f['version']} on {f['executor_id']}: {f['reason']}")
+            if len(failures) > LOAD_FAILURES_SHOWN:
+                print(f"  ... and {len(failures) - LOAD_FAILURES_SHOWN} older reports")
         return 0
     finally:
         db.dispose()

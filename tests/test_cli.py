@@ -14,7 +14,7 @@ import pytest
 
 from conftest import cli_command, config, start_cli_worker
 from dbos_nb import DBOS, Queue
-from dbos_nb.cli import EXIT_BROKEN_PIPE, main
+from dbos_nb.cli import EXIT_BROKEN_PIPE, LOAD_FAILURES_SHOWN, main
 from dbos_nb.clock import SystemClock
 from dbos_nb.models import STEP_WORKFLOW_PREFIX
 from dbos_nb.storage.database import Database
@@ -100,6 +100,33 @@ def test_a_closed_stdout_ends_the_command_quietly(db_url: str, command: str) -> 
         os.close(write_end)
     assert proc.stderr == ""
     assert proc.returncode == EXIT_BROKEN_PIPE
+
+
+def test_status_shows_the_newest_load_failure_reports(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker tries every stored version (a notebook's old ones too): the newest reports are
+    shown, and how many older ones were left out."""
+    db = Database(db_url)
+    try:
+        migrate(db)
+        store = SystemStore(db)
+        now = SystemClock().now_ms()
+        store.register_executor("w-nomod", "h", 1, "t", now)
+        for i in range(LOAD_FAILURES_SHOWN + 2):
+            reason = f"ModuleNotFoundError: No module named 'm{i}'"
+            store.record_load_failure("w-nomod", "t", "score", f"v{i:02d}", reason, now + i)
+    finally:
+        db.dispose()
+    assert main(["status", "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("cannot load (") :].splitlines()[1:]
+    newest = LOAD_FAILURES_SHOWN + 1
+    assert lines[0] == (
+        f"  score version v{newest} on w-nomod: ModuleNotFoundError: No module named 'm{newest}'"
+    )
+    assert len(lines) == LOAD_FAILURES_SHOWN + 1 and lines[-1] == "  ... and 2 older reports"
+    assert "version v01 " not in out and "version v02 " in out
 
 
 def test_status_shows_token_limits_and_an_active_pause(
