@@ -267,6 +267,7 @@ def test_load_failures_go_with_their_executor(db_url: str) -> None:
         store.record_load_failure("b", "t-b", "other", "v9", "no stored copy", T0 + 3)
         store.record_load_failure("ghost", "t-g", "fn", "v1", "ImportError: w", T0)  # no row
         store.record_load_failure("a", "t-old", "fn", "v7", "ImportError: v", T0)  # not its own
+        store.record_load_failure("a", "t-old", "fn", "v1", None, T0)  # nor withdraws a's
         assert reported() == [
             ("a", "v1", "ImportError: y"),
             ("b", "v1", "ImportError: z"),

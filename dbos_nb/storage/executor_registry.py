@@ -90,13 +90,17 @@ class ExecutorRegistry(StoreBase):
         takeover deleting it concurrently waits for this record, and deletes it too."""
         lf = load_failures
         with self.db.write() as conn:
-            conn.execute(delete(lf).where(lf.c.executor_id == executor_id, lf.c.version == version))
+            # The executor's row first, then its reports: the order in which a takeover or an
+            # unregistration deletes them (the other order could deadlock with one).
             registered = conn.execute(
                 select(executors.c.executor_id)
                 .where(executors.c.executor_id == executor_id, executors.c.token == token)
                 .with_for_update(read=True)
             ).first()
-            if reason is not None and registered is not None:
+            if registered is None:
+                return  # (nor touch the reports of a process that holds the id now)
+            conn.execute(delete(lf).where(lf.c.executor_id == executor_id, lf.c.version == version))
+            if reason is not None:
                 conn.execute(
                     lf.insert().values(
                         executor_id=executor_id,
