@@ -121,14 +121,21 @@ def cmd_status(args: argparse.Namespace) -> int:
                     f"heartbeat {_fmt_time(ex['heartbeat_at'])}"
                 )
         failures = store.list_load_failures()
+        # Why a queue's work waits with workers alive: none of them can load it. A worker
+        # tries every stored version (a notebook's old ones too): those with waiting work
+        # first, newest first.
+        waiting = store.waiting_versions(sorted({f["version"] for f in failures}))
+        failures.sort(key=lambda f: (f["version"] in waiting, f["recorded_at"]), reverse=True)
         if failures:
-            # Why a queue's work waits with workers alive: none of them can load it.
             print("\ncannot load (as the executor reported; such work waits for one that can):")
-            # Newest first: a worker tries every stored version, old ones of a notebook too.
-            for f in failures[::-1][:LOAD_FAILURES_SHOWN]:
-                print(f"  {f['name']} version {f['version']} on {f['executor_id']}: {f['reason']}")
+            for f in failures[:LOAD_FAILURES_SHOWN]:
+                idle = "" if f["version"] in waiting else " (no work of it waiting)"
+                print(
+                    f"  {f['name']} version {f['version']} on {f['executor_id']}: "
+                    f"{f['reason']}{idle}"
+                )
             if len(failures) > LOAD_FAILURES_SHOWN:
-                print(f"  ... and {len(failures) - LOAD_FAILURES_SHOWN} older reports")
+                print(f"  ... and {len(failures) - LOAD_FAILURES_SHOWN} more")
         return 0
     finally:
         db.dispose()

@@ -17,9 +17,10 @@ from dbos_nb import DBOS, Queue
 from dbos_nb.cli import EXIT_BROKEN_PIPE, LOAD_FAILURES_SHOWN, main
 from dbos_nb.clock import SystemClock
 from dbos_nb.models import STEP_WORKFLOW_PREFIX
+from dbos_nb.serialization import dump_inputs
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate
-from dbos_nb.storage.store import SystemStore
+from dbos_nb.storage.store import NewWorkflow, SystemStore
 
 # Longer than the 30 characters the name column used to keep.
 STEP_NAME = "cli_summarize_a_step_with_a_long_name"
@@ -102,11 +103,11 @@ def test_a_closed_stdout_ends_the_command_quietly(db_url: str, command: str) -> 
     assert proc.returncode == EXIT_BROKEN_PIPE
 
 
-def test_status_shows_the_newest_load_failure_reports(
+def test_status_shows_load_failure_reports_of_waiting_work_first(
     db_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A worker tries every stored version (a notebook's old ones too): the newest reports are
-    shown, and how many older ones were left out."""
+    """A worker tries every stored version (a notebook's old ones too): the reports of
+    versions with work waiting come first, then the newest; how many were left out is said."""
     db = Database(db_url)
     try:
         migrate(db)
@@ -116,17 +117,30 @@ def test_status_shows_the_newest_load_failure_reports(
         for i in range(LOAD_FAILURES_SHOWN + 2):
             reason = f"ModuleNotFoundError: No module named 'm{i}'"
             store.record_load_failure("w-nomod", "t", "score", f"v{i:02d}", reason, now + i)
+        store.insert_workflow(  # work of the oldest version waits in a queue
+            NewWorkflow(
+                workflow_id="waits",
+                name="score",
+                inputs=dump_inputs("score", (), {}),
+                status="ENQUEUED",
+                created_at=now,
+                queue_name="cli_scores",
+                function_hash="v00",
+            )
+        )
     finally:
         db.dispose()
     assert main(["status", "--db", db_url]) == 0
     out = capsys.readouterr().out
     lines = out[out.index("cannot load (") :].splitlines()[1:]
+    assert lines[0] == "  score version v00 on w-nomod: ModuleNotFoundError: No module named 'm0'"
     newest = LOAD_FAILURES_SHOWN + 1
-    assert lines[0] == (
-        f"  score version v{newest} on w-nomod: ModuleNotFoundError: No module named 'm{newest}'"
+    assert lines[1] == (
+        f"  score version v{newest} on w-nomod: ModuleNotFoundError: No module named "
+        f"'m{newest}' (no work of it waiting)"
     )
-    assert len(lines) == LOAD_FAILURES_SHOWN + 1 and lines[-1] == "  ... and 2 older reports"
-    assert "version v01 " not in out and "version v02 " in out
+    assert len(lines) == LOAD_FAILURES_SHOWN + 1 and lines[-1] == "  ... and 2 more"
+    assert "version v01 " not in out and "version v02 " not in out and "version v03 " in out
 
 
 def test_status_shows_token_limits_and_an_active_pause(

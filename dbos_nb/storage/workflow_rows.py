@@ -431,6 +431,18 @@ class WorkflowRows(StoreBase):
         with self.db.read() as conn:
             return {str(s): int(n) for s, n in conn.execute(stmt)}
 
+    def waiting_versions(self, versions: Sequence[str]) -> set[str]:
+        """Of these function versions, those with work waiting in a queue (ENQUEUED)."""
+        if not versions:
+            return set()
+        stmt = (
+            select(ws.c.function_hash)
+            .where(status_is(ws.c.status, ENQUEUED), ws.c.function_hash.in_(list(versions)))
+            .distinct()
+        )
+        with self.db.read() as conn:
+            return {str(v) for v in conn.execute(stmt).scalars()}
+
 
 def _raise_if_deduplicated(wf: NewWorkflow, exc: IntegrityError) -> None:
     """A unique violation on an enqueue with a deduplication id is the dedup index's."""
