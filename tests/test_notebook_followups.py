@@ -248,7 +248,7 @@ def test_wait_counts_only_reports_of_the_versions_its_items_need(db_url: str) ->
 
         batch = queue.map(versioned, [1, 2], batch="versions")
         rt = get_runtime()
-        [version] = rt.store.batch_waiting_versions("versions")
+        [version] = rt.store.waiting_versions(batch_id="versions")
         function = shown_function_name(batch.function_name)
         now = rt.now_ms()
         rt.store.register_executor("w-1", "h", 1, "t-1", now, lease_ms=600_000)

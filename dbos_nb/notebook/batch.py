@@ -263,7 +263,7 @@ class Batch:
         }
         # Only reports of the versions its waiting items need: a worker may have failed on an
         # older version of the function and run the current one.
-        waiting = rt.store.batch_waiting_versions(self.id)
+        waiting = rt.store.waiting_versions(batch_id=self.id)
         failures = [
             f
             for f in rt.store.list_load_failures(function)

@@ -16,7 +16,6 @@ from dbos_nb.errors import (
 )
 from dbos_nb.models import INTERNAL_QUEUE, shown_function_name
 from dbos_nb.storage.rows import (
-    ENQUEUED,
     FAILED,
     NewWorkflow,
     StoreBase,
@@ -292,17 +291,6 @@ class BatchRecords(StoreBase):
                 select(ws.c.function_hash).where(ws.c.workflow_uuid == f"{batch_id}/0")
             ).scalar()
         return None if value is None else str(value)
-
-    def batch_waiting_versions(self, batch_id: str) -> set[str]:
-        """The function versions of the batch's items waiting in their queue (retried items
-        may run another version than the first's)."""
-        with self.db.read() as conn:
-            rows = conn.execute(
-                select(ws.c.function_hash)
-                .where(ws.c.batch_id == batch_id, status_is(ws.c.status, ENQUEUED))
-                .distinct()
-            )
-            return {str(r[0]) for r in rows if r[0] is not None}
 
     def batch_inputs(self, batch_id: str) -> list[bytes | None]:
         """The batch's serialized inputs, in input (enqueue) order."""

@@ -67,7 +67,7 @@ class ExecutorRegistry(StoreBase):
                 )
             ).rowcount
             if gone:
-                forget_executor(conn, executor_id)
+                _forget_reports(conn, executor_id)
 
     def list_executors(self) -> list[dict[str, Any]]:
         """Every registered executor with its heartbeat."""
@@ -139,4 +139,8 @@ class ExecutorRegistry(StoreBase):
 def forget_executor(conn: Connection, executor_id: str) -> None:
     """Delete an executor's row and what it reported (in the caller's write transaction)."""
     conn.execute(delete(executors).where(executors.c.executor_id == executor_id))
+    _forget_reports(conn, executor_id)
+
+
+def _forget_reports(conn: Connection, executor_id: str) -> None:
     conn.execute(delete(load_failures).where(load_failures.c.executor_id == executor_id))

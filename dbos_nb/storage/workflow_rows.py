@@ -431,17 +431,21 @@ class WorkflowRows(StoreBase):
         with self.db.read() as conn:
             return {str(s): int(n) for s, n in conn.execute(stmt)}
 
-    def waiting_versions(self, versions: Sequence[str]) -> set[str]:
-        """Of these function versions, those with work waiting in a queue (ENQUEUED)."""
-        if not versions:
-            return set()
-        stmt = (
-            select(ws.c.function_hash)
-            .where(status_is(ws.c.status, ENQUEUED), ws.c.function_hash.in_(list(versions)))
-            .distinct()
-        )
+    def waiting_versions(
+        self, versions: Sequence[str] | None = None, *, batch_id: str | None = None
+    ) -> set[str]:
+        """The function versions of work waiting in a queue (ENQUEUED): of these `versions`
+        only, or of one batch's items (retried items may wait with another version than the
+        first's)."""
+        stmt = select(ws.c.function_hash).where(status_is(ws.c.status, ENQUEUED)).distinct()
+        if versions is not None:
+            if not versions:
+                return set()
+            stmt = stmt.where(ws.c.function_hash.in_(list(versions)))
+        if batch_id is not None:
+            stmt = stmt.where(ws.c.batch_id == batch_id)
         with self.db.read() as conn:
-            return {str(v) for v in conn.execute(stmt).scalars()}
+            return {str(v) for v in conn.execute(stmt).scalars() if v is not None}
 
 
 def _raise_if_deduplicated(wf: NewWorkflow, exc: IntegrityError) -> None:
