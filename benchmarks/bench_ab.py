@@ -145,17 +145,33 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=8, help="turns of one run each (default 8)")
     parser.add_argument("--backend", choices=["sqlite", "postgres"], default="postgres")
     parser.add_argument("--workflows", type=int, default=2000, help="per run (default 2000)")
+    parser.add_argument(
+        "--worker-concurrency",
+        type=int,
+        help="give the queue this worker_concurrency (default: a queue without limits)",
+    )
     parser.add_argument("--tmpdir", help="where the SQLite files and PostgreSQL data go")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.workflows < 1:
         parser.error("--runs and --workflows must be at least 1")
-    settings = replace(Settings.for_mode(False), throughput=args.workflows)
+    if args.worker_concurrency is not None and args.worker_concurrency < 1:
+        parser.error("--worker-concurrency must be at least 1")
+    settings = replace(
+        Settings.for_mode(False),
+        throughput=args.workflows,
+        round_worker_concurrency=args.worker_concurrency,
+    )
     current = Side("this checkout", REPO_ROOT)
     with exported(args.base) as base:
         sides = (base, current)
         for side in sides:
             check_import(side)
-        print(f"A = {base.label}, B = {current.label}; {args.backend}", flush=True)
+        queue = (
+            "a queue without limits"
+            if args.worker_concurrency is None
+            else f"worker_concurrency={args.worker_concurrency}"
+        )
+        print(f"A = {base.label}, B = {current.label}; {args.backend}, {queue}", flush=True)
         if args.backend == "sqlite":
             with sqlite_dir(args.tmpdir) as folder:
                 count = iter(range(10**9))

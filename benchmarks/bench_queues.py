@@ -87,6 +87,8 @@ class Settings:
     rate_limit: int
     rate_period: float
     rate_tasks: int
+    # Measurement 1 alone (`--mode round`, bench_ab.py): the queue's worker_concurrency.
+    round_worker_concurrency: int | None = None
 
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
@@ -319,14 +321,17 @@ def _workflows(
 
 
 def run_round(library: str, url: str, settings: Settings) -> dict[str, Any]:
-    """One round of measurement 1 (no limits), on a fresh database, in this process."""
+    """One round of measurement 1 (no limits, or `round_worker_concurrency`), on a fresh
+    database, in this process."""
     module, _version = _import_library(library)
     dbos: Any = module.DBOS
     _create_dbos(dbos, "bench_queues", url)
     one_step, _park, _fan_out_wf = _workflows(dbos)
     dbos.launch()
     try:
-        unlimited = dbos.register_queue("bench_unlimited")
+        unlimited = dbos.register_queue(
+            "bench_unlimited", worker_concurrency=settings.round_worker_concurrency
+        )
         _throughput(unlimited, one_step, 50)  # warm-up
         measured = _throughput(unlimited, one_step, settings.throughput)
     finally:

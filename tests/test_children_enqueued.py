@@ -123,7 +123,7 @@ def test_a_child_started_at_once_is_recorded_with_its_row(launched: str) -> None
     Queue("ce_direct_rows")
     row = _child_row("ce-direct-child", "PENDING", "ce_direct_rows")
     row.owner_xid, row.executor_id = "ce-owner", "ce-executor"
-    assert store.insert_started_if_unlimited(row, 5)
+    assert store.insert_started_if_unshared(row, 5)
     recorded = store.list_steps("ce-row-parent")
     assert [(r["function_id"], r["child_workflow_id"]) for r in recorded] == [
         (3, "ce-direct-child")
@@ -131,7 +131,7 @@ def test_a_child_started_at_once_is_recorded_with_its_row(launched: str) -> None
     # Written again by another execution (another owner, the next operation number): nothing,
     # and no record of a child that this write did not create.
     row.owner_xid, row.parent_function_id = "ce-other-owner", 4
-    assert not store.insert_started_if_unlimited(row, 5)
+    assert not store.insert_started_if_unshared(row, 5)
     assert len(store.list_steps("ce-row-parent")) == 1
 
 

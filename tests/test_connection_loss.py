@@ -207,8 +207,8 @@ def test_a_direct_start_run_again_after_its_commit_is_recognised(pg_url: str) ->
         owner_xid="token-1",
         queue_name="direct_again_q",
     )
-    assert store.insert_started_if_unlimited(row, 1)
-    assert store.insert_started_if_unlimited(row, 1)  # the same write, run again
-    assert not store.insert_started_if_unlimited(replace(row, owner_xid="token-2"), 1)
+    assert store.insert_started_if_unshared(row, 1)
+    assert store.insert_started_if_unshared(row, 1)  # the same write, run again
+    assert not store.insert_started_if_unshared(replace(row, owner_xid="token-2"), 1)
     written = store.get_workflow("direct-again")
     assert written is not None and written["owner_xid"] == "token-1"

@@ -677,6 +677,127 @@ def test_worker_concurrency_claims_follow_a_changed_setting(db_url: str) -> None
     assert peak[0] == 1
 
 
+def _counting_claims(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the queue of every claim from here on (both kinds)."""
+    calls: list[str] = []
+    for name in ("claim", "claim_unshared"):
+        real = getattr(claims, name)
+
+        def counting(db: Any, queue_name: str, *a: Any, _real: Any = real, **k: Any) -> Any:
+            calls.append(queue_name)
+            return _real(db, queue_name, *a, **k)
+
+        monkeypatch.setattr(claims, name, counting)
+    return calls
+
+
+def test_an_enqueue_onto_a_worker_concurrency_queue_with_room_starts_without_a_claim(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker_concurrency is this process's own count: with a slot free and nothing
+    waiting, the enqueue writes the workflow started and runs it, as on a queue without
+    limits; once the slots are taken, the next one waits ENQUEUED and is claimed when one
+    frees."""
+    DBOS(config=config(db_url, polling_interval_sec=30))
+    gate = threading.Event()
+
+    @DBOS.workflow()
+    def double(i: int) -> int:
+        return 2 * i
+
+    @DBOS.workflow()
+    def held(i: int) -> int:
+        gate.wait(30)
+        return i
+
+    q = Queue("gc_wc_direct", worker_concurrency=2)
+    DBOS.launch()
+    assert q.enqueue(double, 0).get_result(timeout_sec=20) == 0  # the scheduler has seen it
+    time.sleep(0.3)  # and has handled every wake-up that enqueue caused
+    calls = _counting_claims(monkeypatch)
+    assert [q.enqueue(double, i).get_result(timeout_sec=20) for i in range(10)] == [
+        2 * i for i in range(10)
+    ]
+    assert calls.count("gc_wc_direct") == 0
+    first, second = q.enqueue(held, 1), q.enqueue(held, 2)
+    third = q.enqueue(held, 3)
+    assert [first.get_status().status, second.get_status().status] == ["PENDING", "PENDING"]
+    time.sleep(0.3)
+    assert third.get_status().status == "ENQUEUED"  # both slots are taken
+    gate.set()
+    assert [h.get_result(timeout_sec=20) for h in (first, second, third)] == [1, 2, 3]
+
+
+def test_worker_concurrency_holds_with_direct_starts_from_many_threads(db_url: str) -> None:
+    """Threads enqueueing at once onto a worker_concurrency queue, some workflows started
+    directly and others claimed: never more running than the limit, and every one done."""
+    DBOS(config=config(db_url))
+    lock = threading.Lock()
+    active = [0]
+    peak = [0]
+
+    @DBOS.workflow()
+    def work(i: int) -> int:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.002 * (i % 4))
+        with lock:
+            active[0] -= 1
+        return i
+
+    q = Queue("gc_wc_threads", worker_concurrency=3)
+    DBOS.launch()
+    assert q.enqueue(work, 0).get_result(timeout_sec=20) == 0
+    handles: list[list[Any]] = [[] for _ in range(4)]
+
+    def enqueue_some(t: int) -> None:
+        handles[t] = [q.enqueue(work, t * 100 + i) for i in range(40)]
+
+    threads = [threading.Thread(target=enqueue_some, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    results = [h.get_result(timeout_sec=60) for group in handles for h in group]
+    assert results == [t * 100 + i for t in range(4) for i in range(40)]
+    assert 1 <= peak[0] <= 3
+
+
+def test_no_direct_start_while_a_claim_of_its_worker_concurrency_queue_is_under_way(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim counts the free slots before its round trip: a workflow started directly
+    meanwhile would take a slot the claim may fill too. The enqueue waits a moment for the
+    claim, then writes its workflow ENQUEUED for the next claim."""
+    DBOS(config=config(db_url, polling_interval_sec=30))
+
+    @DBOS.workflow()
+    def double(i: int) -> int:
+        return 2 * i
+
+    q = Queue("gc_wc_claiming", worker_concurrency=2)
+    DBOS.launch()
+    assert q.enqueue(double, 0).get_result(timeout_sec=20) == 0
+    time.sleep(0.3)
+    entered, release = threading.Event(), threading.Event()
+    real = claims.claim_unshared
+
+    def held_claim(db: Any, queue_name: str, *a: Any, **k: Any) -> Any:
+        if queue_name == "gc_wc_claiming":
+            entered.set()
+            release.wait(30)
+        return real(db, queue_name, *a, **k)
+
+    monkeypatch.setattr(claims, "claim_unshared", held_claim)
+    get_runtime().wake_scheduler("gc_wc_claiming")  # a claim, with nothing waiting
+    assert entered.wait(20)
+    handle = q.enqueue(double, 1)
+    assert handle.get_status().status == "ENQUEUED"
+    release.set()
+    assert handle.get_result(timeout_sec=20) == 2
+
+
 def test_an_interrupt_in_the_leader_still_completes_the_others(tmp_path: Any) -> None:
     """Ctrl-C reaching a caller while it leads a batch: the other callers' statements are
     still written and answered; the leader's caller gets the interrupt."""

@@ -12,7 +12,7 @@ import concurrent.futures
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from dbos_nb.clock import Clock
 from dbos_nb.core.context import RunningWorkflow
@@ -33,13 +33,22 @@ WAKE_ENQUEUED = "enqueued"  # new work was enqueued
 WAKE_FREED = "freed"  # a workflow of the queue ended: a concurrency slot is free
 
 
+class DirectSlot(NamedTuple):
+    """A slot of this process that `DirectStarter.reserve` took for one workflow."""
+
+    # The queue's worker_concurrency as the slot was counted against it (None: no limit): the
+    # write that starts the workflow checks that the stored settings still say so.
+    worker_concurrency: int | None
+
+
 class DirectStarter(Protocol):
     """The scheduler, as seen by an enqueue that may start its work at once (see
     `workflows.enqueue_workflow`)."""
 
-    def reserve(self, queue_name: str) -> bool:
-        """Take a slot of this process for a workflow of `queue_name`, if that queue is known
-        to have no limits and this process serves it and has room."""
+    def reserve(self, queue_name: str) -> DirectSlot | None:
+        """Take a slot of this process for a workflow of `queue_name`, if this process serves
+        that queue, the queue is known to have no limit shared between processes (at most a
+        worker_concurrency, which this process counts alone) and this process has room."""
 
     def cancel_reservation(self, queue_name: str) -> None:
         """Give back a slot that `reserve` took and that was not used."""

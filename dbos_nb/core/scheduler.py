@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection
 
-from dbos_nb.core.runtime import WAKE_ANY, WAKE_ENQUEUED, WAKE_FREED, Runtime
+from dbos_nb.core.runtime import WAKE_ANY, WAKE_ENQUEUED, WAKE_FREED, DirectSlot, Runtime
 from dbos_nb.core.steps import cancel_overdue, preempt_lost
 from dbos_nb.core.workflows import run_claimed
 from dbos_nb.models import ClaimedWorkflow, ClaimResult
@@ -32,6 +32,10 @@ REFRESH_INTERVAL_MS = 1000
 # the next claim (each claim is a write transaction: one per enqueue would halve throughput).
 # Only busy queues wait: a claim after an idle spell runs at once.
 COALESCE_SEC = 0.002
+# The longest an enqueue that could start its workflow directly waits for a claim of the same
+# worker_concurrency queue to end (a claim is one round trip; one stuck behind locks is not
+# waited for: the workflow is then enqueued the ordinary way).
+CLAIM_WAIT_SEC = 0.05
 
 
 class Scheduler:
@@ -64,6 +68,11 @@ class Scheduler:
         # the count is exact, and it never runs ahead of the database's).
         self._unshared: dict[str, tuple[bool, int | None]] = {}
         self._running_by_queue: dict[str, int] = {}
+        # Queues with a claim under way: no enqueue starts their work directly meanwhile (for a
+        # worker_concurrency, the claim's budget and a direct start would each count a slot
+        # that the other is about to take).
+        self._claiming: set[str] = set()
+        self._claim_done = threading.Condition(self._inflight_lock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dbos_nb-scheduler", daemon=True)
         self._listener: threading.Thread | None = None
@@ -198,13 +207,15 @@ class Scheduler:
         shared between processes (except on the fallback poll, which re-reads every queue's
         settings)."""
         rt = self._rt
+        with self._inflight_lock:
+            # Every workflow of the queue this process runs or has reserved a slot for, those
+            # whose direct start is still being written included (not yet in the database).
+            mine = self._running_by_queue.get(queue_name, 0)
         known = self._unshared.get(queue_name)
         if known is not None and not full:
             priority, worker_concurrency = known
             budget = room
             if worker_concurrency is not None:
-                with self._inflight_lock:
-                    mine = self._running_by_queue.get(queue_name, 0)
                 budget = min(room, worker_concurrency - mine)
                 if budget <= 0:
                     return ClaimResult(blocked=claims.BLOCKED_CONCURRENCY)
@@ -233,6 +244,7 @@ class Scheduler:
             names=names,
             exclude_versions=excluded,
             max_rows=room,
+            running_here=mine,
         )
         if result.unshared:
             self._unshared[queue_name] = (result.priority_enabled, result.worker_concurrency)
@@ -260,12 +272,22 @@ class Scheduler:
                     with self._inflight_lock:
                         self._starved.add(queue_name)  # retried when a running workflow ends
                     continue
-            result = self._claim_one(queue_name, names, excluded, room, full)
-            for item in result.claimed:
+            with self._inflight_lock:
+                self._claiming.add(queue_name)
+            try:
+                result = self._claim_one(queue_name, names, excluded, room, full)
+            except BaseException:
                 with self._inflight_lock:
-                    self._inflight += 1
-                    count = self._running_by_queue.get(queue_name, 0)
-                    self._running_by_queue[queue_name] = count + 1
+                    self._claiming.discard(queue_name)
+                    self._claim_done.notify_all()
+                raise
+            with self._inflight_lock:  # counted before any direct start can look again
+                self._claiming.discard(queue_name)
+                self._inflight += len(result.claimed)
+                count = self._running_by_queue.get(queue_name, 0)
+                self._running_by_queue[queue_name] = count + len(result.claimed)
+                self._claim_done.notify_all()
+            for item in result.claimed:
                 self._dispatch(item)
             if len(result.claimed) >= room:
                 rt.wake_scheduler(queue_name)  # there may be more right away
@@ -311,23 +333,37 @@ class Scheduler:
 
     # -- starting enqueued work directly (runtime.DirectStarter) --------------------------------
 
-    def reserve(self, queue_name: str) -> bool:
-        # Only queues without any limit: a worker_concurrency needs the claim's count, which
-        # a concurrent direct start could not see.
+    def reserve(self, queue_name: str) -> DirectSlot | None:
+        # Only queues whose last claim found no limit shared between processes: a
+        # worker_concurrency is this process's own count, exact under the lock, as long as no
+        # claim of the queue is under way (its budget was counted without this slot). Such a
+        # claim is waited for (one round trip): written ENQUEUED instead, this workflow would
+        # need a claim of its own, during which the next enqueue would wait, and so on.
         known = self._unshared.get(queue_name)
-        if self._stop.is_set() or known is None or known[1] is not None:
-            return False
-        with self._inflight_lock:
+        if self._stop.is_set() or known is None:
+            return None
+        worker_concurrency = known[1]
+        with self._claim_done:
+            if worker_concurrency is not None and not self._claim_done.wait_for(
+                lambda: queue_name not in self._claiming, CLAIM_WAIT_SEC
+            ):
+                return None
             if self._max_running is not None and self._inflight >= self._max_running:
-                return False
+                return None
+            running = self._running_by_queue.get(queue_name, 0)
+            if worker_concurrency is not None and running >= worker_concurrency:
+                return None
             self._inflight += 1
-            self._running_by_queue[queue_name] = self._running_by_queue.get(queue_name, 0) + 1
-        return True
+            self._running_by_queue[queue_name] = running + 1
+        return DirectSlot(worker_concurrency)
 
     def cancel_reservation(self, queue_name: str) -> None:
         with self._inflight_lock:
             self._inflight -= 1
             self._running_by_queue[queue_name] -= 1
+        # A claim meanwhile counted this slot as taken and may have stopped at the limit: it
+        # waits for a freed slot, as for a workflow that ended.
+        self._rt.wake_scheduler(queue_name, WAKE_FREED)
 
     def adopt(self, item: ClaimedWorkflow, is_async: bool) -> None:
         self._dispatch(item, is_async)

@@ -278,10 +278,12 @@ def _start_directly(
     rt: Runtime, reg: Registration, plan: StartPlan, inputs: bytes, name: str, queue_name: str
 ) -> bool:
     """Enqueue and claim in one write, when this process serves the queue and the queue has no
-    limits (nothing to wait for, nothing to count): the workflow starts at once, here, without
-    a claim round trip. False (nothing written) when that does not apply."""
+    limit shared between processes (nothing to wait for, nothing to count but this process's
+    own workflows, for a worker_concurrency): the workflow starts at once, here, without a
+    claim round trip. False (nothing written) when that does not apply."""
     direct = rt.direct
-    if direct is None or not direct.reserve(queue_name):
+    slot = None if direct is None else direct.reserve(queue_name)
+    if direct is None or slot is None:
         return False
     try:
         # The row as a claim would leave it: PENDING, owned by a new execution of this process
@@ -289,7 +291,9 @@ def _start_directly(
         started = _new_row(
             rt, reg, plan, inputs, name, status=_PENDING, queue_name=queue_name, owner=new_token()
         )
-        written = rt.store.insert_started_if_unlimited(started, started.created_at)
+        written = rt.store.insert_started_if_unshared(
+            started, started.created_at, worker_concurrency=slot.worker_concurrency
+        )
     except BaseException:
         direct.cancel_reservation(queue_name)
         raise

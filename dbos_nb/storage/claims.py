@@ -187,11 +187,15 @@ def claim(
     names: Collection[str] | None = None,
     exclude_versions: Collection[str] = (),
     max_rows: int = MAX_CLAIM_BATCH,
+    running_here: int = 0,
 ) -> ClaimResult:
     """Claim as much ready work of one queue as its limits allow right now.
 
     `names` restricts the claim to workflows whose function this process can run (None: any);
-    `exclude_versions` leaves out function versions it cannot load.
+    `exclude_versions` leaves out function versions it cannot load. `running_here`: how many
+    workflows of the queue the claiming process counts as its own (its slots for work whose
+    start it is still writing included); a worker_concurrency counts the larger of that and
+    the executor's PENDING rows.
     Atomic: either every chosen row becomes PENDING for `executor_id` and its start is counted,
     or nothing changes. Rows are only ever taken from ENQUEUED, so two claimers never share one.
     `clock` gives epoch ms; it is read only once the queue is locked, so a claimer that waited
@@ -217,7 +221,7 @@ def claim(
             mine = conn.execute(
                 _COUNT_MINE, {"q": queue_name, "executor": executor_id}
             ).scalar_one()
-            budget = min(budget, queue.worker_concurrency - mine)
+            budget = min(budget, queue.worker_concurrency - max(mine, running_here))
         # What concurrency allows (None: no concurrency limit).
         limited = queue.concurrency is not None or queue.worker_concurrency is not None
         slots = budget if limited else None

@@ -187,12 +187,16 @@ class WorkflowRows(StoreBase):
             .on_conflict_do_nothing(index_elements=["workflow_uuid"])
             .returning(ws.c.id)
         )
-        unlimited = (
+        # No limit shared between processes; a worker_concurrency only if it is the one the
+        # enqueuing process counted its own running workflows against.
+        unshared = (
             select(queues.c.name)
             .where(
                 queues.c.name == bindparam("queue_name", type_=String),
                 queues.c.concurrency.is_(None),
-                queues.c.worker_concurrency.is_(None),
+                queues.c.worker_concurrency.is_not_distinct_from(
+                    bindparam("b_wc", type_=Integer)
+                ),
                 queues.c.rate_limit.is_(None),
                 queues.c.token_limit.is_(None),
                 or_(
@@ -216,11 +220,11 @@ class WorkflowRows(StoreBase):
         # BEGIN IMMEDIATE transaction (atomic there). In one INSERT ... SELECT that reads
         # workflow_status, SQLite first copies the selected row to a temporary table, which
         # made the enqueue's insert cost about 40 microseconds more.
-        self._start_guard = select(literal(1)).where(unlimited, nothing_waiting)
+        self._start_guard = select(literal(1)).where(unshared, nothing_waiting)
         self._insert_started = db.insert(ws).from_select(
             _WF_COLUMNS,
             select(*[bindparam(c, type_=ws.c[c].type) for c in _WF_COLUMNS]).where(
-                unlimited, nothing_waiting
+                unshared, nothing_waiting
             ),
         )
         # An existing row is left alone, unless it is this very write, committed by an attempt
@@ -276,17 +280,22 @@ class WorkflowRows(StoreBase):
             _raise_if_deduplicated(wf, exc)
             raise
 
-    def insert_started_if_unlimited(self, wf: NewWorkflow, now_ms: int) -> bool:
+    def insert_started_if_unshared(
+        self, wf: NewWorkflow, now_ms: int, *, worker_concurrency: int | None = None
+    ) -> bool:
         """Write a queued workflow already started (PENDING, owned) by its enqueuer, if its
-        queue has no limit of any kind, no back-off and no waiting work now; returns whether it
-        was written.
+        queue has no limit shared between processes (no concurrency, rate or token limit, and
+        exactly this `worker_concurrency`, which the caller counted its own running workflows
+        against), no back-off and no waiting work now; returns whether it was written.
 
-        For a queue without limits that the enqueuing process serves, enqueue-then-claim comes
-        to the same; this does both in one statement. Writes nothing (False) when the queue has
-        limits or when the id exists; the caller then enqueues the ordinary way.
+        For such a queue, when the enqueuing process serves it and has a slot free,
+        enqueue-then-claim comes to the same; this does both in one statement. Writes nothing
+        (False) when the stored settings differ or when the id exists; the caller then enqueues
+        the ordinary way.
         """
         params, is_child = _params_of(wf)
         params["b_now"] = now_ms
+        params["b_wc"] = worker_concurrency
         try:
             if self.db.is_postgres:
                 stmt = self._insert_started_child if is_child else self._insert_started
