@@ -643,6 +643,89 @@ def test_waiting_on_a_batch_that_nothing_runs_warns(
         DBOS.destroy()
 
 
+def test_the_progress_view_says_why_a_stalled_batch_does_not_move(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The live view and the summary left in the cell show what wait() warns of: a batch
+    that has stood still with nothing running, and why nothing runs it."""
+    from dbos_nb import Queue
+    from dbos_nb.notebook import batch as batch_module
+    from dbos_nb.notebook import views
+
+    monkeypatch.setattr(batch_module, "IDLE_WARNING_AFTER_S", 0.0)
+    DBOS(config={"name": "nbstall", "system_database_url": db_url, "listen_queues": []})
+    DBOS.launch()
+    try:
+
+        @DBOS.step(name="nbstall_step")
+        def nbstall_step(x: int) -> int:
+            return x
+
+        batch = Queue("nbstall_q").map(nbstall_step, [1, 2], batch="nbstall")
+        assert batch.progress().stalled is None  # first seen: it may yet move
+        stalled = batch.progress()
+        assert stalled.stalled is not None
+        assert "'nbstall_q' is not served here" in stalled.stalled
+        assert "stalled: nothing runs the unfinished items" in views.progress_text(stalled)
+        assert "<b>stalled:</b> nothing runs" in views.progress_html(stalled)
+        # It moves (one item cancelled): no verdict until it has stood still again.
+        DBOS.cancel_workflow(batch.workflow_ids[0])
+        assert batch.progress().stalled is None
+        view = views.LiveView(batch)  # the widget, refreshed from the same batch
+        view._apply(batch.progress())
+        assert "<b>stalled:</b> nothing runs" in view.stalled.value
+    finally:
+        DBOS.destroy()
+
+
+def test_wait_finds_a_worker_that_registered_again_under_a_new_id(db_url: str) -> None:
+    """A worker of this notebook whose executor id another process took goes on under a new
+    id: it is found by its process, and what it reported is quoted (it was taken for a
+    worker still starting, and the wait said nothing)."""
+    import socket
+
+    from dbos_nb import Queue
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.models import shown_function_name
+    from dbos_nb.notebook import workers
+
+    DBOS(config={"name": "nbrejoin", "system_database_url": db_url, "listen_queues": []})
+    DBOS.launch()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+
+        @DBOS.step(name="nbrejoin_step")
+        def nbrejoin_step(x: int) -> int:
+            return x
+
+        batch = Queue("nbrejoin_q").map(nbrejoin_step, [1], batch="nbrejoin")
+        rt = get_runtime()
+        workers._save(rt, [{"pid": sleeper.pid, "executor_id": "nbrejoin-worker"}])
+        assert batch._why_nothing_runs() is None  # not registered yet: it may be starting
+        now = rt.now_ms()
+        rt.store.register_executor(
+            "nbrejoin-worker-1a2b3c4d",
+            socket.gethostname(),
+            sleeper.pid,
+            "tok",
+            now,
+            lease_ms=600_000,
+        )
+        [version] = rt.store.waiting_versions(batch_id="nbrejoin")
+        function = shown_function_name(batch.function_name)
+        rt.store.record_load_failure(
+            "nbrejoin-worker-1a2b3c4d", "tok", function, version, "ImportError: gone", now
+        )
+        said = batch._why_nothing_runs()
+        assert said is not None
+        assert f"nbrejoin-worker-1a2b3c4d on {socket.gethostname()}" in said
+        assert "ImportError: gone" in said
+    finally:
+        sleeper.kill()
+        sleeper.wait(30)
+        DBOS.destroy()
+
+
 def _waits_without_warning(batch: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")

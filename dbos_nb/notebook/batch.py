@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import html
+import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -73,6 +75,9 @@ class Progress:
     recent_errors: list[tuple[str, str]] = field(default_factory=list)
     tokens: int = 0
     cost: float = 0.0
+    # Why nothing runs the unfinished items, once the batch has stood still for a while with
+    # nothing running (see `Batch.stall_reason`); None while it moves.
+    stalled: str | None = None
 
     @property
     def finished(self) -> int:
@@ -109,6 +114,35 @@ def format_seconds(seconds: float) -> str:
     )
 
 
+def _registered_ids(
+    workers: list[dict[str, Any]], executors: list[dict[str, Any]]
+) -> set[str] | None:
+    """The executor ids under which this notebook's live workers are registered; None while
+    one of them is not registered yet. A worker is found by its process (this host, its pid),
+    not by the id it was started with: one whose id another process took (its lease lapsed
+    while the machine slept, say) goes on under a new id."""
+    host = socket.gethostname()
+    by_process = {(e["hostname"], int(e["pid"])): str(e["executor_id"]) for e in executors}
+    ids = set()
+    for worker in workers:
+        registered_as = by_process.get((host, int(worker["pid"])))
+        if registered_as is None:
+            return None
+        ids.add(registered_as)
+    return ids
+
+
+class _Stall:
+    """What `Batch.stall_reason` remembers: the counts last seen, when to ask again, and the
+    last answer (shared by `wait()` and a live view's thread)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[str, int] | None = None
+        self.check_at = 0.0
+        self.reason: str | None = None
+
+
 class Batch:
     """A named group of enqueued workflows, watched and collected as one."""
 
@@ -128,6 +162,7 @@ class Batch:
         self.created_at_ms = int(record["created_at"])
         # The cell in which `wait()` left a summary, so that the cell does not show it twice.
         self._shown_in_cell: int | None = None
+        self._stall = _Stall()
 
     @classmethod
     def attach(cls, name: str) -> Batch:
@@ -176,6 +211,8 @@ class Batch:
             progress.rate_used = rate_ledger.window_usage(
                 rt.db, self.queue_name, settings.period_ms, now
             )
+        if not progress.complete:
+            progress.stalled = self.stall_reason(counts)
         if errors and counts["failed"]:
             for wid, blob in rt.store.batch_recent_errors(self.id, errors):
                 err = serialization.load_error(blob)
@@ -197,11 +234,6 @@ class Batch:
         view = views.show_live(self) if showing and views.widgets_available() else None
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.01
-        # Whether anything can run the batch is asked only once it has made no progress for a
-        # while, and asked again while it makes none: a worker process that is still starting
-        # cannot be seen until it registers.
-        last_counts: dict[str, int] | None = None
-        check_at = 0.0
         warned = False
         try:
             while True:
@@ -209,14 +241,11 @@ class Batch:
                 if counts["done"] + counts["failed"] + counts["cancelled"] >= self.size:
                     break
                 now = time.monotonic()
-                if counts != last_counts:
-                    last_counts, check_at = counts, now + IDLE_WARNING_AFTER_S
-                elif not warned and now >= check_at:
-                    idle = None if counts["running"] else self._why_nothing_runs()
+                if not warned:
+                    idle = self.stall_reason(counts)
                     if idle is not None:
                         warnings.warn(idle, RuntimeWarning, stacklevel=2)
                         warned = True
-                    check_at = now + IDLE_WARNING_AFTER_S
                 if deadline is not None and now >= deadline:
                     raise TimeoutError(f"batch {self.id!r} did not finish within {timeout} s")
                 time.sleep(delay)
@@ -231,6 +260,33 @@ class Batch:
             # stands for it, rather than a second view below.
             self._shown_in_cell = views.current_cell()
         return self
+
+    def stall_reason(self, counts: dict[str, int]) -> str | None:
+        """Why nothing runs this batch's unfinished items, if the batch has stood still
+        (`counts` unchanged, nothing running) for IDLE_WARNING_AFTER_S; None otherwise.
+
+        Asked only once the batch has made no progress for a while, and again at that interval
+        while it makes none (a worker process still starting cannot be seen until it
+        registers); the answer is kept meanwhile, so that a live view refreshed four times a
+        second reads the executors no oftener than `wait()` does."""
+        stall = self._stall
+        now = time.monotonic()
+        with stall.lock:
+            if counts != stall.counts:
+                stall.counts, stall.check_at, stall.reason = (
+                    dict(counts),
+                    now + IDLE_WARNING_AFTER_S,
+                    None,
+                )
+                return None
+            if now < stall.check_at:
+                return stall.reason
+            stall.check_at = now + IDLE_WARNING_AFTER_S
+        reason = None if counts["running"] else self._why_nothing_runs()
+        with stall.lock:
+            if counts == stall.counts:
+                stall.reason = reason
+        return reason
 
     def _why_nothing_runs(self) -> str | None:
         """Why no process may run this batch's unfinished work, if none can be seen to: after a
@@ -250,9 +306,8 @@ class Batch:
             return None
         now = rt.now_ms()
         executors = rt.store.list_executors()
-        registered = {executor["executor_id"] for executor in executors}
-        own = {w.get("executor_id") for w in live_workers(rt)}
-        if not own <= registered:
+        own = _registered_ids(live_workers(rt), executors)
+        if own is None:
             return None  # one of this notebook's workers is starting: it may run the work
         alive = {
             executor["executor_id"]

@@ -99,6 +99,8 @@ def progress_text(p: Progress) -> str:
     filled = round(width * p.fraction)
     bar = "#" * filled + "-" * (width - filled)
     lines = [f"[{bar}] {p.summary()}"]
+    if p.stalled is not None:
+        lines.append(f"  stalled: {p.stalled}")
     lines += [f"  error in {wid}: {msg}" for wid, msg in p.recent_errors]
     return "\n".join(lines)
 
@@ -136,6 +138,12 @@ def _errors_html(p: Progress) -> str:
     return f'<div style="color:#e53935">latest errors:<ul>{items}</ul></div>'
 
 
+def _stalled_html(p: Progress) -> str:
+    if p.stalled is None:
+        return ""
+    return f'<div style="color:#ef6c00"><b>stalled:</b> {html.escape(p.stalled)}</div>'
+
+
 def progress_html(p: Progress) -> str:
     """A static HTML snapshot (what a saved notebook keeps)."""
     pct = round(100 * p.fraction, 1)
@@ -148,7 +156,7 @@ def progress_html(p: Progress) -> str:
     return (
         f"<div><b>batch {html.escape(p.batch_id)}</b>: {p.finished}/{p.total} finished "
         f"({pct}%){bar}<div>{_counts_html(p)}</div><div>{_extras_html(p)}</div>"
-        f"{_errors_html(p)}</div>"
+        f"{_stalled_html(p)}{_errors_html(p)}</div>"
     )
 
 
@@ -176,8 +184,11 @@ class LiveView:
         self.bar = w.FloatProgress(min=0.0, max=1.0, layout=w.Layout(width="320px"))
         self.counts = w.HTML()
         self.extras = w.HTML()
+        self.stalled = w.HTML()
         self.errors = w.HTML()
-        self.box = w.VBox([self.title, self.bar, self.counts, self.extras, self.errors])
+        self.box = w.VBox(
+            [self.title, self.bar, self.counts, self.extras, self.stalled, self.errors]
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dbos_nb-progress", daemon=True)
         self.handle: Any = None  # the output the widget is shown in
@@ -216,6 +227,7 @@ class LiveView:
             )
             self.counts.value = _counts_html(p)
             self.extras.value = _extras_html(p)
+            self.stalled.value = _stalled_html(p)
             self.errors.value = _errors_html(p)
 
     def _run(self) -> None:
