@@ -728,10 +728,16 @@ def test_an_enqueue_onto_a_worker_concurrency_queue_with_room_starts_without_a_c
     assert [h.get_result(timeout_sec=20) for h in (first, second, third)] == [1, 2, 3]
 
 
-def test_worker_concurrency_holds_with_direct_starts_from_many_threads(db_url: str) -> None:
-    """Threads enqueueing at once onto a worker_concurrency queue, some workflows started
-    directly and others claimed: never more running than the limit, and every one done."""
-    DBOS(config=config(db_url))
+@pytest.mark.parametrize(
+    ("worker_concurrency", "cap"), [(3, None), (None, 3)], ids=["worker_concurrency", "cap"]
+)
+def test_limits_hold_with_direct_starts_from_many_threads(
+    db_url: str, worker_concurrency: int | None, cap: int | None
+) -> None:
+    """Threads enqueueing at once onto a queue with a worker_concurrency, or onto one without
+    limits in a process with a cap (max_concurrent_workflows), some workflows started directly
+    and others claimed: never more running than the limit, and every one done."""
+    DBOS(config=config(db_url, max_concurrent_workflows=cap))
     lock = threading.Lock()
     active = [0]
     peak = [0]
@@ -746,7 +752,7 @@ def test_worker_concurrency_holds_with_direct_starts_from_many_threads(db_url: s
             active[0] -= 1
         return i
 
-    q = Queue("gc_wc_threads", worker_concurrency=3)
+    q = Queue("gc_wc_threads", worker_concurrency=worker_concurrency)
     DBOS.launch()
     assert q.enqueue(work, 0).get_result(timeout_sec=20) == 0
     handles: list[list[Any]] = [[] for _ in range(4)]
@@ -764,19 +770,23 @@ def test_worker_concurrency_holds_with_direct_starts_from_many_threads(db_url: s
     assert 1 <= peak[0] <= 3
 
 
-def test_no_direct_start_while_a_claim_of_its_worker_concurrency_queue_is_under_way(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("worker_concurrency", "cap"), [(2, None), (None, 2)], ids=["worker_concurrency", "cap"]
+)
+def test_no_direct_start_while_a_claim_that_counted_its_slot_is_under_way(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, worker_concurrency: int | None, cap: int | None
 ) -> None:
-    """A claim counts the free slots before its round trip: a workflow started directly
-    meanwhile would take a slot the claim may fill too. The enqueue waits a moment for the
-    claim, then writes its workflow ENQUEUED for the next claim."""
-    DBOS(config=config(db_url, polling_interval_sec=30))
+    """A claim counts the free slots before its round trip (of the queue's
+    worker_concurrency, or of the process's cap): a workflow started directly meanwhile would
+    take a slot the claim may fill too. The enqueue waits a moment for the claim, then writes
+    its workflow ENQUEUED for the next claim."""
+    DBOS(config=config(db_url, polling_interval_sec=30, max_concurrent_workflows=cap))
 
     @DBOS.workflow()
     def double(i: int) -> int:
         return 2 * i
 
-    q = Queue("gc_wc_claiming", worker_concurrency=2)
+    q = Queue("gc_wc_claiming", worker_concurrency=worker_concurrency)
     DBOS.launch()
     assert q.enqueue(double, 0).get_result(timeout_sec=20) == 0
     time.sleep(0.3)

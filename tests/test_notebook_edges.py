@@ -703,6 +703,10 @@ def test_wait_finds_a_worker_that_registered_again_under_a_new_id(db_url: str) -
         workers._save(rt, [{"pid": sleeper.pid, "executor_id": "nbrejoin-worker"}])
         assert batch._why_nothing_runs() is None  # not registered yet: it may be starting
         now = rt.now_ms()
+        # The id it was started with, now held by another process (which reported nothing).
+        rt.store.register_executor(
+            "nbrejoin-worker", "elsewhere", 1, "tok-0", now, lease_ms=600_000
+        )
         rt.store.register_executor(
             "nbrejoin-worker-1a2b3c4d",
             socket.gethostname(),
@@ -723,6 +727,32 @@ def test_wait_finds_a_worker_that_registered_again_under_a_new_id(db_url: str) -
     finally:
         sleeper.kill()
         sleeper.wait(30)
+        DBOS.destroy()
+
+
+def test_a_wait_judges_a_stall_from_what_it_sees_itself(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verdict the progress view reached earlier is not a new wait's: workers started
+    since are not registered yet, and the wait gives them its own grace period."""
+    from dbos_nb import Queue
+    from dbos_nb.notebook import batch as batch_module
+
+    monkeypatch.setattr(batch_module, "IDLE_WARNING_AFTER_S", 0.0)
+    DBOS(config={"name": "nbfresh", "system_database_url": db_url, "listen_queues": []})
+    DBOS.launch()
+    try:
+
+        @DBOS.step(name="nbfresh_step")
+        def nbfresh_step(x: int) -> int:
+            return x
+
+        batch = Queue("nbfresh_q").map(nbfresh_step, [1], batch="nbfresh")
+        batch.progress()
+        assert batch.progress().stalled is not None
+        monkeypatch.setattr(batch_module, "IDLE_WARNING_AFTER_S", 5.0)
+        _waits_without_warning(batch)
+    finally:
         DBOS.destroy()
 
 

@@ -12,6 +12,7 @@ It also cancels workflows whose deadline passed and renews this executor's heart
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -265,25 +266,28 @@ class Scheduler:
             if self._stop.is_set():
                 return total
             room = claims.MAX_CLAIM_BATCH
-            if self._max_running is not None:
-                with self._inflight_lock:
-                    room = min(room, self._max_running - self._inflight)
-                if room <= 0:
-                    with self._inflight_lock:
-                        self._starved.add(queue_name)  # retried when a running workflow ends
-                    continue
+            held = 0  # slots of the process's cap held for this claim
             with self._inflight_lock:
+                if self._max_running is not None:
+                    room = min(room, self._max_running - self._inflight)
+                    if room <= 0:
+                        self._starved.add(queue_name)  # retried when a running workflow ends
+                        continue
+                    # Held while the claim runs, so that no direct start takes them meanwhile.
+                    held = room
+                    self._inflight += held
                 self._claiming.add(queue_name)
             try:
                 result = self._claim_one(queue_name, names, excluded, room, full)
             except BaseException:
                 with self._inflight_lock:
+                    self._inflight -= held
                     self._claiming.discard(queue_name)
                     self._claim_done.notify_all()
                 raise
             with self._inflight_lock:  # counted before any direct start can look again
                 self._claiming.discard(queue_name)
-                self._inflight += len(result.claimed)
+                self._inflight += len(result.claimed) - held
                 count = self._running_by_queue.get(queue_name, 0)
                 self._running_by_queue[queue_name] = count + len(result.claimed)
                 self._claim_done.notify_all()
@@ -323,30 +327,46 @@ class Scheduler:
                 future.add_done_callback(lambda _f: self._done(item))
 
     def _done(self, item: ClaimedWorkflow) -> None:
+        self._release(item.queue_name)
+
+    def _release(self, queue_name: str) -> None:
+        """A slot of `queue_name` is free: wake the claims that may wait for it."""
         with self._inflight_lock:
             self._inflight -= 1
-            self._running_by_queue[item.queue_name] -= 1
+            self._running_by_queue[queue_name] -= 1
             starved, self._starved = self._starved, set()
-        self._rt.wake_scheduler(item.queue_name, WAKE_FREED)
-        for queue_name in starved:
-            self._rt.wake_scheduler(queue_name)
+        self._rt.wake_scheduler(queue_name, WAKE_FREED)
+        for starved_queue in starved:
+            self._rt.wake_scheduler(starved_queue)
 
     # -- starting enqueued work directly (runtime.DirectStarter) --------------------------------
 
     def reserve(self, queue_name: str) -> DirectSlot | None:
         # Only queues whose last claim found no limit shared between processes: a
         # worker_concurrency is this process's own count, exact under the lock, as long as no
-        # claim of the queue is under way (its budget was counted without this slot). Such a
-        # claim is waited for (one round trip): written ENQUEUED instead, this workflow would
-        # need a claim of its own, during which the next enqueue would wait, and so on.
+        # claim of the queue is under way (its budget was counted without this slot; with a
+        # cap on the process, any claim holds the cap's room). Such a claim is waited for (one
+        # round trip): written ENQUEUED instead, this workflow would need a claim of its own,
+        # during which the next enqueue would wait, and so on.
         known = self._unshared.get(queue_name)
         if self._stop.is_set() or known is None:
             return None
         worker_concurrency = known[1]
+        try:  # on an event loop (enqueue_async), blocking would stall every task of the loop
+            asyncio.get_running_loop()
+            patience = 0.0
+        except RuntimeError:
+            patience = CLAIM_WAIT_SEC
+
+        def no_claim_counts_this_slot() -> bool:
+            if self._max_running is not None and self._claiming:  # it holds the cap's room
+                return False
+            return worker_concurrency is None or queue_name not in self._claiming
+
         with self._claim_done:
-            if worker_concurrency is not None and not self._claim_done.wait_for(
-                lambda: queue_name not in self._claiming, CLAIM_WAIT_SEC
-            ):
+            if not self._claim_done.wait_for(no_claim_counts_this_slot, patience):
+                return None
+            if self._stop.is_set():
                 return None
             if self._max_running is not None and self._inflight >= self._max_running:
                 return None
@@ -358,12 +378,10 @@ class Scheduler:
         return DirectSlot(worker_concurrency)
 
     def cancel_reservation(self, queue_name: str) -> None:
-        with self._inflight_lock:
-            self._inflight -= 1
-            self._running_by_queue[queue_name] -= 1
-        # A claim meanwhile counted this slot as taken and may have stopped at the limit: it
-        # waits for a freed slot, as for a workflow that ended.
-        self._rt.wake_scheduler(queue_name, WAKE_FREED)
+        # A claim meanwhile counted this slot as taken and may have stopped at the queue's
+        # limit or at the process's cap: it waits for a freed slot, as for a workflow that
+        # ended.
+        self._release(queue_name)
 
     def adopt(self, item: ClaimedWorkflow, is_async: bool) -> None:
         self._dispatch(item, is_async)

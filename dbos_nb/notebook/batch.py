@@ -115,20 +115,31 @@ def format_seconds(seconds: float) -> str:
 
 
 def _registered_ids(
-    workers: list[dict[str, Any]], executors: list[dict[str, Any]]
+    workers: list[dict[str, Any]],
+    executors: list[dict[str, Any]],
+    alive: Callable[[dict[str, Any]], bool],
 ) -> set[str] | None:
     """The executor ids under which this notebook's live workers are registered; None while
-    one of them is not registered yet. A worker is found by its process (this host, its pid),
-    not by the id it was started with: one whose id another process took (its lease lapsed
-    while the machine slept, say) goes on under a new id."""
+    one of them is not registered yet. A worker is found by the id it was started with, if
+    that id's row names its pid; else by its process among live registrations (this host,
+    its pid; the newest): a worker whose id another process took (its lease lapsed while the
+    machine slept, say) goes on under a new id."""
     host = socket.gethostname()
-    by_process = {(e["hostname"], int(e["pid"])): str(e["executor_id"]) for e in executors}
+    by_id = {str(e["executor_id"]): e for e in executors}
+    by_process: dict[tuple[str, int], str] = {}
+    for e in sorted(executors, key=lambda e: int(e["heartbeat_at"])):
+        if alive(e):
+            by_process[(str(e["hostname"]), int(e["pid"]))] = str(e["executor_id"])
     ids = set()
     for worker in workers:
-        registered_as = by_process.get((host, int(worker["pid"])))
-        if registered_as is None:
+        pid = int(worker["pid"])
+        started_as = by_id.get(str(worker.get("executor_id")))
+        if started_as is not None and int(started_as["pid"]) == pid:
+            ids.add(str(started_as["executor_id"]))
+        elif (host, pid) in by_process:
+            ids.add(by_process[(host, pid)])
+        else:
             return None
-        ids.add(registered_as)
     return ids
 
 
@@ -141,6 +152,10 @@ class _Stall:
         self.counts: dict[str, int] | None = None
         self.check_at = 0.0
         self.reason: str | None = None
+
+    def forget(self) -> None:
+        with self.lock:
+            self.counts, self.reason = None, None
 
 
 class Batch:
@@ -235,6 +250,9 @@ class Batch:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.01
         warned = False
+        # This wait judges from what it sees itself: a verdict kept from before (an earlier
+        # wait, interrupted; the live view) may predate workers started since.
+        self._stall.forget()
         try:
             while True:
                 counts = self.counts()
@@ -306,7 +324,11 @@ class Batch:
             return None
         now = rt.now_ms()
         executors = rt.store.list_executors()
-        own = _registered_ids(live_workers(rt), executors)
+        own = _registered_ids(
+            live_workers(rt),
+            executors,
+            lambda e: engine is not None and engine.executor_alive(e, now),
+        )
         if own is None:
             return None  # one of this notebook's workers is starting: it may run the work
         alive = {

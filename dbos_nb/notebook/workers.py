@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -53,7 +54,11 @@ def live_workers(rt: Runtime) -> list[dict[str, Any]]:
 
 
 def _save(rt: Runtime, workers: list[dict[str, Any]]) -> None:
-    _state_file(rt).write_text(json.dumps(workers, indent=1))
+    # Whole or not at all: the progress view's thread may read it meanwhile.
+    target = _state_file(rt)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    partial.write_text(json.dumps(workers, indent=1))
+    os.replace(partial, target)
 
 
 def start_workers(

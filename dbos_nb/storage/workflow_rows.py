@@ -194,9 +194,7 @@ class WorkflowRows(StoreBase):
             .where(
                 queues.c.name == bindparam("queue_name", type_=String),
                 queues.c.concurrency.is_(None),
-                queues.c.worker_concurrency.is_not_distinct_from(
-                    bindparam("b_wc", type_=Integer)
-                ),
+                queues.c.worker_concurrency.is_not_distinct_from(bindparam("b_wc", type_=Integer)),
                 queues.c.rate_limit.is_(None),
                 queues.c.token_limit.is_(None),
                 or_(
