@@ -808,6 +808,55 @@ def test_no_direct_start_while_a_claim_that_counted_its_slot_is_under_way(
     assert handle.get_result(timeout_sec=20) == 2
 
 
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "refused"])
+def test_an_interrupted_direct_start_runs_the_workflow_if_its_row_landed(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """Ctrl-C while a direct start's write waits for its commit: the write stays queued in
+    the group committer and may still land, PENDING and owned by this process. The enqueue
+    raises the interrupt at once; a row that landed is run (it waited for ever), and a write
+    refused gives its slot back."""
+    from dbos_nb import SetWorkflowID
+    from dbos_nb.storage.workflow_rows import WorkflowRows
+
+    DBOS(config=config(db_url, polling_interval_sec=30))
+
+    @DBOS.workflow()
+    def double(i: int) -> int:
+        return 2 * i
+
+    q = Queue("gc_interrupted")
+    DBOS.launch()
+    assert q.enqueue(double, 0).get_result(timeout_sec=20) == 0
+    time.sleep(0.3)
+    rt = get_runtime()
+    real = WorkflowRows.insert_started_if_unshared
+    calls: list[str] = []
+
+    def interrupted(self: Any, wf: Any, *a: Any, **k: Any) -> bool:
+        calls.append(wf.workflow_id)
+        if len(calls) == 1:
+            if landed:
+                real(self, wf, *a, **k)
+            else:  # the queue got a limit meanwhile: the write is refused
+                rt.store.upsert_queue(
+                    QueueSettings(name="gc_interrupted", concurrency=5), rt.now_ms()
+                )
+            raise KeyboardInterrupt
+        return real(self, wf, *a, **k)
+
+    monkeypatch.setattr(WorkflowRows, "insert_started_if_unshared", interrupted)
+    with SetWorkflowID("gc-interrupted-1"), pytest.raises(KeyboardInterrupt):
+        q.enqueue(double, 21)
+    assert rt.direct is not None
+    if landed:
+        assert DBOS.retrieve_workflow("gc-interrupted-1").get_result(timeout_sec=20) == 42
+    else:
+        wait_until(lambda: len(calls) == 2)
+    wait_until(lambda: rt.direct is not None and rt.direct.inflight == 0)  # no slot kept
+    assert (rt.store.get_workflow("gc-interrupted-1") is not None) == landed
+
+
 def test_an_interrupt_in_the_leader_still_completes_the_others(tmp_path: Any) -> None:
     """Ctrl-C reaching a caller while it leads a batch: the other callers' statements are
     still written and answered; the leader's caller gets the interrupt."""

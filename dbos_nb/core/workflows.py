@@ -17,6 +17,7 @@ import gc
 import hashlib
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from dbos_nb import serialization
 from dbos_nb.core.context import Context, RunningWorkflow, check_id_length, current, using
 from dbos_nb.core.deferred_reads import write_deferred
 from dbos_nb.core.registry import Registration, check_calls
-from dbos_nb.core.runtime import WAKE_ENQUEUED, WAKE_FREED, Runtime
+from dbos_nb.core.runtime import WAKE_ENQUEUED, WAKE_FREED, DirectSlot, DirectStarter, Runtime
 from dbos_nb.core.steps import begin_operation, cancel_overdue
 from dbos_nb.core.waiters import outcome_of, wait_for_result
 from dbos_nb.errors import (
@@ -291,29 +292,69 @@ def _start_directly(
         started = _new_row(
             rt, reg, plan, inputs, name, status=_PENDING, queue_name=queue_name, owner=new_token()
         )
+    except BaseException:
+        direct.cancel_reservation(queue_name)
+        raise
+    try:
         written = rt.store.insert_started_if_unshared(
             started, started.created_at, worker_concurrency=slot.worker_concurrency
         )
-    except BaseException:
+    except Exception:  # the statement failed: nothing was written
         direct.cancel_reservation(queue_name)
+        raise
+    except BaseException:
+        # Interrupted (Ctrl-C) while the write waited for its commit: it stays queued and may
+        # still land, PENDING and owned by this process, which would then never run it. Its
+        # outcome is settled on a thread; the caller gets the interrupt at once.
+        threading.Thread(
+            target=_settle_interrupted_start,
+            args=(rt, direct, started, slot, reg.is_async),
+            name="dbos_nb-settle-start",
+            daemon=True,
+        ).start()
         raise
     if not written:
         direct.cancel_reservation(queue_name)
         return False
-    direct.adopt(
-        ClaimedWorkflow(
-            workflow_id=started.workflow_id,
-            name=started.name,
-            inputs=started.inputs,
-            queue_name=queue_name,
-            deadline_epoch_ms=started.workflow_deadline_epoch_ms,
-            recovery_attempts=1,
-            owner_xid=str(started.owner_xid),
-            function_hash=started.function_hash,
-        ),
-        reg.is_async,
-    )
+    direct.adopt(_as_claimed(started), reg.is_async)
     return True
+
+
+def _as_claimed(started: NewWorkflow) -> ClaimedWorkflow:
+    """A workflow written already started, as a claim would have handed it over."""
+    return ClaimedWorkflow(
+        workflow_id=started.workflow_id,
+        name=started.name,
+        inputs=started.inputs,
+        queue_name=str(started.queue_name),
+        deadline_epoch_ms=started.workflow_deadline_epoch_ms,
+        recovery_attempts=1,
+        owner_xid=str(started.owner_xid),
+        function_hash=started.function_hash,
+    )
+
+
+def _settle_interrupted_start(
+    rt: Runtime, direct: DirectStarter, started: NewWorkflow, slot: DirectSlot, is_async: bool
+) -> None:
+    """After an interrupted direct start: write the same row again (idempotent for this owner;
+    through the same group committer, so once it returns the interrupted write has landed or
+    failed), then run the workflow if the row is this start's, else give the slot back."""
+    queue_name = str(started.queue_name)
+    try:
+        rt.store.insert_started_if_unshared(
+            started, started.created_at, worker_concurrency=slot.worker_concurrency
+        )
+        row = rt.store.get_workflow(started.workflow_id)
+    except Exception:
+        # Unknown: a row that landed stays PENDING for recovery at the next launch.
+        logger.exception("could not settle the interrupted enqueue of %s", started.workflow_id)
+        direct.cancel_reservation(queue_name)
+        return
+    if row is not None and row["status"] == _PENDING and row["owner_xid"] == started.owner_xid:
+        direct.adopt(_as_claimed(started), is_async)
+    else:
+        direct.cancel_reservation(queue_name)
 
 
 @contextlib.contextmanager
