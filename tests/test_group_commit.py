@@ -541,6 +541,20 @@ def test_a_cancel_from_another_process_stops_the_next_step(db_url: str) -> None:
     assert handle.get_status().status == "CANCELLED"
 
 
+def _counting_claims(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the queue of every claim from here on (both kinds)."""
+    calls: list[str] = []
+    for name in ("claim", "claim_unshared"):
+        real = getattr(claims, name)
+
+        def counting(db: Any, queue_name: str, *a: Any, _real: Any = real, **k: Any) -> Any:
+            calls.append(queue_name)
+            return _real(db, queue_name, *a, **k)
+
+        monkeypatch.setattr(claims, name, counting)
+    return calls
+
+
 def test_an_enqueue_onto_a_served_unlimited_queue_starts_without_a_claim(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -554,18 +568,7 @@ def test_an_enqueue_onto_a_served_unlimited_queue_starts_without_a_claim(
     DBOS.launch()
     assert q.enqueue(double, 1).get_result(timeout_sec=20) == 2  # the scheduler has seen it
     time.sleep(0.3)  # and has handled every wake-up that enqueue caused
-    calls: list[str] = []
-    real_claim, real_fast = claims.claim, claims.claim_unshared
-
-    def counting(real: Callable[..., Any]) -> Callable[..., Any]:
-        def claim(db: Any, queue_name: str, *args: Any, **kwargs: Any) -> Any:
-            calls.append(queue_name)
-            return real(db, queue_name, *args, **kwargs)
-
-        return claim
-
-    monkeypatch.setattr(claims, "claim", counting(real_claim))
-    monkeypatch.setattr(claims, "claim_unshared", counting(real_fast))
+    calls = _counting_claims(monkeypatch)
     handles = [q.enqueue(double, i) for i in range(20)]
     assert [h.get_result(timeout_sec=20) for h in handles] == [2 * i for i in range(20)]
     assert calls.count("gc_direct") == 0
@@ -629,36 +632,42 @@ def test_waiting_work_is_not_overtaken_by_a_direct_start(
             queue_name="gc_fifo",
         )
     )
-    calls: list[str] = []
-    for name in ("claim", "claim_unshared"):
-        real = getattr(claims, name)
-
-        def counting(db: Any, queue_name: str, *a: Any, _real: Any = real, **k: Any) -> Any:
-            calls.append(queue_name)
-            return _real(db, queue_name, *a, **k)
-
-        monkeypatch.setattr(claims, name, counting)
+    calls = _counting_claims(monkeypatch)
     later = q.enqueue(noop, 1)
     assert later.get_result(timeout_sec=20) == 1
     assert "gc_fifo" in calls  # written the ordinary way and claimed, not started directly
+
+
+class _Peak:
+    """How many calls run at once, and the most that ever did."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.most = 0
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
 
 
 def test_worker_concurrency_claims_follow_a_changed_setting(db_url: str) -> None:
     """Claims of a worker_concurrency queue count in memory; when another process stores a
     different limit, the claim statement sees it and the next claims use the new one."""
     DBOS(config=config(db_url, polling_interval_sec=30))
-    lock = threading.Lock()
-    active = [0]
-    peak = [0]
+    peak = _Peak()
 
     @DBOS.workflow()
     def work(i: int) -> int:
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.03)
-        with lock:
-            active[0] -= 1
+        with peak.running():
+            time.sleep(0.03)
         return i
 
     q = Queue("gc_wc", worker_concurrency=3)
@@ -666,29 +675,15 @@ def test_worker_concurrency_claims_follow_a_changed_setting(db_url: str) -> None
     assert [h.get_result(timeout_sec=20) for h in [q.enqueue(work, i) for i in range(12)]] == list(
         range(12)
     )
-    assert 1 <= peak[0] <= 3
+    assert 1 <= peak.most <= 3
     rt = get_runtime()
     from dbos_nb.models import QueueSettings
 
     rt.store.upsert_queue(QueueSettings(name="gc_wc", worker_concurrency=1), rt.now_ms())
-    peak[0] = 0
+    peak.most = 0
     handles = [q.enqueue(work, i) for i in range(6)]
     assert [h.get_result(timeout_sec=20) for h in handles] == list(range(6))
-    assert peak[0] == 1
-
-
-def _counting_claims(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record the queue of every claim from here on (both kinds)."""
-    calls: list[str] = []
-    for name in ("claim", "claim_unshared"):
-        real = getattr(claims, name)
-
-        def counting(db: Any, queue_name: str, *a: Any, _real: Any = real, **k: Any) -> Any:
-            calls.append(queue_name)
-            return _real(db, queue_name, *a, **k)
-
-        monkeypatch.setattr(claims, name, counting)
-    return calls
+    assert peak.most == 1
 
 
 def test_an_enqueue_onto_a_worker_concurrency_queue_with_room_starts_without_a_claim(
@@ -738,18 +733,12 @@ def test_limits_hold_with_direct_starts_from_many_threads(
     limits in a process with a cap (max_concurrent_workflows), some workflows started directly
     and others claimed: never more running than the limit, and every one done."""
     DBOS(config=config(db_url, max_concurrent_workflows=cap))
-    lock = threading.Lock()
-    active = [0]
-    peak = [0]
+    peak = _Peak()
 
     @DBOS.workflow()
     def work(i: int) -> int:
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.002 * (i % 4))
-        with lock:
-            active[0] -= 1
+        with peak.running():
+            time.sleep(0.002 * (i % 4))
         return i
 
     q = Queue("gc_wc_threads", worker_concurrency=worker_concurrency)
@@ -767,7 +756,7 @@ def test_limits_hold_with_direct_starts_from_many_threads(
         thread.join(60)
     results = [h.get_result(timeout_sec=60) for group in handles for h in group]
     assert results == [t * 100 + i for t in range(4) for i in range(40)]
-    assert 1 <= peak[0] <= 3
+    assert 1 <= peak.most <= 3
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import uuid
 import warnings
 from collections import namedtuple
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -593,27 +594,37 @@ def test_batches_named_by_earlier_versions_are_found(shell: InteractiveShell) ->
 # -- waiting on a batch that nothing can run ------------------------------------------------------
 
 
+@contextmanager
+def _batch_nothing_serves(db_url: str, name: str, items: list[int]) -> Iterator[Any]:
+    """DBOS launched serving no queue, and a batch of a step on the queue `<name>_q`: nothing
+    in this process runs it (as in a kernel restarted with --no-worker)."""
+    from dbos_nb import Queue
+
+    DBOS(config={"name": name, "system_database_url": db_url, "listen_queues": []})
+    DBOS.launch()
+    try:
+
+        @DBOS.step(name=f"{name}_step")
+        def step(x: int) -> int:
+            return x
+
+        yield Queue(f"{name}_q").map(step, items, batch=name)
+    finally:
+        DBOS.destroy()
+
+
 def test_waiting_on_a_batch_that_nothing_runs_warns(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After a restart (here: a kernel that runs no queued work) a batch's items wait for a
     process that serves its queue: wait() says so, once the batch has made no progress for a
     while, instead of only hanging."""
-    from dbos_nb import Queue
     from dbos_nb.core.runtime import get_runtime
     from dbos_nb.notebook import batch as batch_module
 
     # No grace period: the check runs at the first poll that sees no progress.
     monkeypatch.setattr(batch_module, "IDLE_WARNING_AFTER_S", 0.0)
-    DBOS(config={"name": "nbwait", "system_database_url": db_url, "listen_queues": []})
-    DBOS.launch()
-    try:
-
-        @DBOS.step(name="nbwait_step")
-        def nbwait_step(x: int) -> int:
-            return x
-
-        batch = Queue("nbwait_q").map(nbwait_step, [1, 2], batch="nbwait")
+    with _batch_nothing_serves(db_url, "nbwait", [1, 2]) as batch:
         with (
             pytest.warns(RuntimeWarning, match="'nbwait_q' is not served here"),
             pytest.raises(TimeoutError),
@@ -639,8 +650,6 @@ def test_waiting_on_a_batch_that_nothing_runs_warns(
         # A live worker process may run it: no warning then.
         rt.store.register_executor("nbwait-worker", "host", 1, "token", rt.now_ms())
         _waits_without_warning(batch)
-    finally:
-        DBOS.destroy()
 
 
 def test_the_progress_view_says_why_a_stalled_batch_does_not_move(
@@ -648,20 +657,11 @@ def test_the_progress_view_says_why_a_stalled_batch_does_not_move(
 ) -> None:
     """The live view and the summary left in the cell show what wait() warns of: a batch
     that has stood still with nothing running, and why nothing runs it."""
-    from dbos_nb import Queue
     from dbos_nb.notebook import batch as batch_module
     from dbos_nb.notebook import views
 
     monkeypatch.setattr(batch_module, "IDLE_WARNING_AFTER_S", 0.0)
-    DBOS(config={"name": "nbstall", "system_database_url": db_url, "listen_queues": []})
-    DBOS.launch()
-    try:
-
-        @DBOS.step(name="nbstall_step")
-        def nbstall_step(x: int) -> int:
-            return x
-
-        batch = Queue("nbstall_q").map(nbstall_step, [1, 2], batch="nbstall")
+    with _batch_nothing_serves(db_url, "nbstall", [1, 2]) as batch:
         assert batch.progress().stalled is None  # first seen: it may yet move
         stalled = batch.progress()
         assert stalled.stalled is not None
@@ -674,60 +674,48 @@ def test_the_progress_view_says_why_a_stalled_batch_does_not_move(
         view = views.LiveView(batch)  # the widget, refreshed from the same batch
         view._apply(batch.progress())
         assert "<b>stalled:</b> nothing runs" in view.stalled.value
-    finally:
-        DBOS.destroy()
 
 
 def test_wait_finds_a_worker_that_registered_again_under_a_new_id(db_url: str) -> None:
     """A worker of this notebook whose executor id another process took goes on under a new
     id: it is found by its process, and what it reported is quoted (it was taken for a
     worker still starting, and the wait said nothing)."""
-    import socket
 
-    from dbos_nb import Queue
     from dbos_nb.core.runtime import get_runtime
     from dbos_nb.models import shown_function_name
     from dbos_nb.notebook import workers
 
-    DBOS(config={"name": "nbrejoin", "system_database_url": db_url, "listen_queues": []})
-    DBOS.launch()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-
-        @DBOS.step(name="nbrejoin_step")
-        def nbrejoin_step(x: int) -> int:
-            return x
-
-        batch = Queue("nbrejoin_q").map(nbrejoin_step, [1], batch="nbrejoin")
-        rt = get_runtime()
-        workers._save(rt, [{"pid": sleeper.pid, "executor_id": "nbrejoin-worker"}])
-        assert batch._why_nothing_runs() is None  # not registered yet: it may be starting
-        now = rt.now_ms()
-        # The id it was started with, now held by another process (which reported nothing).
-        rt.store.register_executor(
-            "nbrejoin-worker", "elsewhere", 1, "tok-0", now, lease_ms=600_000
-        )
-        rt.store.register_executor(
-            "nbrejoin-worker-1a2b3c4d",
-            socket.gethostname(),
-            sleeper.pid,
-            "tok",
-            now,
-            lease_ms=600_000,
-        )
-        [version] = rt.store.waiting_versions(batch_id="nbrejoin")
-        function = shown_function_name(batch.function_name)
-        rt.store.record_load_failure(
-            "nbrejoin-worker-1a2b3c4d", "tok", function, version, "ImportError: gone", now
-        )
-        said = batch._why_nothing_runs()
-        assert said is not None
-        assert f"nbrejoin-worker-1a2b3c4d on {socket.gethostname()}" in said
-        assert "ImportError: gone" in said
+        with _batch_nothing_serves(db_url, "nbrejoin", [1]) as batch:
+            rt = get_runtime()
+            workers._save(rt, [{"pid": sleeper.pid, "executor_id": "nbrejoin-worker"}])
+            assert batch._why_nothing_runs() is None  # not registered yet: it may be starting
+            now = rt.now_ms()
+            # The id it was started with, now held by another process (which reported nothing).
+            rt.store.register_executor(
+                "nbrejoin-worker", "elsewhere", 1, "tok-0", now, lease_ms=600_000
+            )
+            rt.store.register_executor(
+                "nbrejoin-worker-1a2b3c4d",
+                socket.gethostname(),
+                sleeper.pid,
+                "tok",
+                now,
+                lease_ms=600_000,
+            )
+            [version] = rt.store.waiting_versions(batch_id="nbrejoin")
+            function = shown_function_name(batch.function_name)
+            rt.store.record_load_failure(
+                "nbrejoin-worker-1a2b3c4d", "tok", function, version, "ImportError: gone", now
+            )
+            said = batch._why_nothing_runs()
+            assert said is not None
+            assert f"nbrejoin-worker-1a2b3c4d on {socket.gethostname()}" in said
+            assert "ImportError: gone" in said
     finally:
         sleeper.kill()
         sleeper.wait(30)
-        DBOS.destroy()
 
 
 def test_a_wait_judges_a_stall_from_what_it_sees_itself(
@@ -735,25 +723,14 @@ def test_a_wait_judges_a_stall_from_what_it_sees_itself(
 ) -> None:
     """A verdict the progress view reached earlier is not a new wait's: workers started
     since are not registered yet, and the wait gives them its own grace period."""
-    from dbos_nb import Queue
     from dbos_nb.notebook import batch as batch_module
 
     monkeypatch.setattr(batch_module, "IDLE_WARNING_AFTER_S", 0.0)
-    DBOS(config={"name": "nbfresh", "system_database_url": db_url, "listen_queues": []})
-    DBOS.launch()
-    try:
-
-        @DBOS.step(name="nbfresh_step")
-        def nbfresh_step(x: int) -> int:
-            return x
-
-        batch = Queue("nbfresh_q").map(nbfresh_step, [1], batch="nbfresh")
+    with _batch_nothing_serves(db_url, "nbfresh", [1]) as batch:
         batch.progress()
         assert batch.progress().stalled is not None
         monkeypatch.setattr(batch_module, "IDLE_WARNING_AFTER_S", 5.0)
         _waits_without_warning(batch)
-    finally:
-        DBOS.destroy()
 
 
 def _waits_without_warning(batch: Any) -> None:
