@@ -31,6 +31,10 @@ class LoopThread:
             loop = self._loop
         return asyncio.run_coroutine_threadsafe(coro, loop)
 
+    def runs_here(self) -> bool:
+        """Whether the calling thread is this loop's (code there must not block)."""
+        return self._thread is not None and self._thread is threading.current_thread()
+
     @staticmethod
     def _run(loop: asyncio.AbstractEventLoop) -> None:
         asyncio.set_event_loop(loop)

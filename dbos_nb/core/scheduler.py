@@ -12,7 +12,6 @@ It also cancels workflows whose deadline passed and renews this executor's heart
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -352,11 +351,10 @@ class Scheduler:
         if self._stop.is_set() or known is None:
             return None
         worker_concurrency = known[1]
-        try:  # on an event loop (enqueue_async), blocking would stall every task of the loop
-            asyncio.get_running_loop()
-            patience = 0.0
-        except RuntimeError:
-            patience = CLAIM_WAIT_SEC
+        # On dbos_nb's event loop (an async workflow's enqueue), waiting would stall every
+        # async workflow meanwhile. (A notebook's cell runs on the kernel's loop, which it
+        # blocks anyway while it runs: there the wait is fine.)
+        patience = 0.0 if self._rt.aio.runs_here() else CLAIM_WAIT_SEC
 
         def no_claim_counts_this_slot() -> bool:
             if self._max_running is not None and self._claiming:  # it holds the cap's room
