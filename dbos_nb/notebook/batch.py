@@ -115,21 +115,20 @@ def format_seconds(seconds: float) -> str:
 
 
 def _registered_ids(
-    workers: list[dict[str, Any]],
-    executors: list[dict[str, Any]],
-    alive: Callable[[dict[str, Any]], bool],
+    workers: list[dict[str, Any]], executors: list[dict[str, Any]], live: list[dict[str, Any]]
 ) -> set[str] | None:
     """The executor ids under which this notebook's live workers are registered; None while
     one of them is not registered yet. A worker is found by the id it was started with, if
     that id's row names its pid; else by its process among live registrations (this host,
-    its pid; the newest): a worker whose id another process took (its lease lapsed while the
-    machine slept, say) goes on under a new id."""
+    its pid; the newest; `live` holds the registrations whose lease runs): a worker whose id
+    another process took (its lease lapsed while the machine slept, say) goes on under a new
+    id."""
     host = socket.gethostname()
     by_id = {str(e["executor_id"]): e for e in executors}
-    by_process: dict[tuple[str, int], str] = {}
-    for e in sorted(executors, key=lambda e: int(e["heartbeat_at"])):
-        if alive(e):
-            by_process[(str(e["hostname"]), int(e["pid"]))] = str(e["executor_id"])
+    by_process = {  # the newest registration of a process wins
+        (str(e["hostname"]), int(e["pid"])): str(e["executor_id"])
+        for e in sorted(live, key=lambda e: int(e["heartbeat_at"]))
+    }
     ids = set()
     for worker in workers:
         pid = int(worker["pid"])
@@ -324,20 +323,11 @@ class Batch:
             return None
         now = rt.now_ms()
         executors = rt.store.list_executors()
-        own = _registered_ids(
-            live_workers(rt),
-            executors,
-            lambda e: engine is not None and engine.executor_alive(e, now),
-        )
+        live = [e for e in executors if engine is not None and engine.executor_alive(e, now)]
+        own = _registered_ids(live_workers(rt), executors, live)
         if own is None:
             return None  # one of this notebook's workers is starting: it may run the work
-        alive = {
-            executor["executor_id"]
-            for executor in executors
-            if executor["executor_id"] != rt.executor_id
-            and engine is not None
-            and engine.executor_alive(executor, now)
-        }
+        alive = {e["executor_id"] for e in live if e["executor_id"] != rt.executor_id}
         # Only reports of the versions its waiting items need: a worker may have failed on an
         # older version of the function and run the current one.
         waiting = rt.store.waiting_versions(batch_id=self.id)

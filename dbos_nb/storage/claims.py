@@ -40,7 +40,7 @@ from dbos_nb.ids import new_token
 from dbos_nb.models import ClaimedWorkflow, ClaimResult, QueueSettings, WorkflowStatusString
 from dbos_nb.storage import pgwire, rate_ledger
 from dbos_nb.storage.database import Database
-from dbos_nb.storage.queue_records import queue_settings_from_row
+from dbos_nb.storage.queue_records import queue_settings_from_row, unshared_now
 from dbos_nb.storage.schema import (
     operation_outputs,
     queues,
@@ -384,18 +384,11 @@ def _unshared_claim_statement(
     """The statement of `claim_unshared`, built once per variant (building SQLAlchemy
     constructs costs more than running them)."""
     now = _NOW
-    still_unshared = (
-        select(queues.c.name)
-        .where(
-            queues.c.name == bindparam("q"),
-            queues.c.concurrency.is_(None),
-            queues.c.worker_concurrency.is_not_distinct_from(bindparam("wc", type_=Integer)),
-            queues.c.rate_limit.is_(None),
-            queues.c.token_limit.is_(None),
-            or_(queues.c.paused_until_ms.is_(None), queues.c.paused_until_ms <= now),
-            queues.c.priority_enabled == bindparam("prio", type_=Boolean),
-        )
-        .exists()
+    still_unshared = unshared_now(
+        bindparam("q"),
+        bindparam("wc", type_=Integer),
+        now,
+        queues.c.priority_enabled == bindparam("prio", type_=Boolean),
     )
     # An alias, so that the pick is a subquery of its own and not correlated to the UPDATE.
     cand = ws.alias("candidate")

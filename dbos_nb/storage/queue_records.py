@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, Exists, func, or_, select, update
 
 from dbos_nb.models import QueueSettings
 from dbos_nb.storage.rows import StoreBase
@@ -116,6 +116,32 @@ class QueueRecords(StoreBase):
             conn.execute(
                 update(queue_starts).where(queue_starts.c.id == latest).values(tokens=value)
             )
+
+
+def unshared_now(
+    name: ColumnElement[Any],
+    worker_concurrency: ColumnElement[Any],
+    now: ColumnElement[Any],
+    *also: ColumnElement[bool],
+) -> Exists:
+    """SQL: the stored settings of queue `name` have no limit shared between processes (no
+    concurrency, rate or token limit; exactly this `worker_concurrency`, which only the process
+    counted against it can hold), the queue is not paused at `now`, and `also` holds. What lets
+    one statement claim (or start) the queue's work without locking or counting in the
+    database; a setting changed meanwhile makes it false."""
+    return (
+        select(queues.c.name)
+        .where(
+            queues.c.name == name,
+            queues.c.concurrency.is_(None),
+            queues.c.worker_concurrency.is_not_distinct_from(worker_concurrency),
+            queues.c.rate_limit.is_(None),
+            queues.c.token_limit.is_(None),
+            or_(queues.c.paused_until_ms.is_(None), queues.c.paused_until_ms <= now),
+            *also,
+        )
+        .exists()
+    )
 
 
 def queue_settings_from_row(row: dict[str, Any]) -> QueueSettings:

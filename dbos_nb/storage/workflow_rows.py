@@ -17,7 +17,6 @@ from sqlalchemy import (
     exists,
     func,
     literal,
-    or_,
     select,
     update,
 )
@@ -26,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from dbos_nb.errors import DBOSQueueDeduplicatedError
 from dbos_nb.storage import merged
 from dbos_nb.storage.database import DONES_CHANNEL, NOTIFY_CHANNEL, Database
+from dbos_nb.storage.queue_records import unshared_now
 from dbos_nb.storage.rows import (
     ENQUEUED,
     MAX_RECOVERY_ATTEMPTS_EXCEEDED,
@@ -189,20 +189,10 @@ class WorkflowRows(StoreBase):
         )
         # No limit shared between processes; a worker_concurrency only if it is the one the
         # enqueuing process counted its own running workflows against.
-        unshared = (
-            select(queues.c.name)
-            .where(
-                queues.c.name == bindparam("queue_name", type_=String),
-                queues.c.concurrency.is_(None),
-                queues.c.worker_concurrency.is_not_distinct_from(bindparam("b_wc", type_=Integer)),
-                queues.c.rate_limit.is_(None),
-                queues.c.token_limit.is_(None),
-                or_(
-                    queues.c.paused_until_ms.is_(None),
-                    queues.c.paused_until_ms <= bindparam("b_now", type_=BigInteger),
-                ),
-            )
-            .exists()
+        unshared = unshared_now(
+            bindparam("queue_name", type_=String),
+            bindparam("b_wc", type_=Integer),
+            bindparam("b_now", type_=BigInteger),
         )
         # FIFO: nothing may start ahead of work already waiting in the queue.
         waiting = ws.alias("waiting")
