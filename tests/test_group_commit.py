@@ -555,19 +555,37 @@ def _counting_claims(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def test_an_enqueue_onto_a_served_unlimited_queue_starts_without_a_claim(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    DBOS(config=config(db_url, polling_interval_sec=30))
+def _served_queue(
+    db_url: str,
+    name: str,
+    *,
+    worker_concurrency: int | None = None,
+    max_concurrent_workflows: int | None = None,
+) -> tuple[Queue, Callable[[int], int]]:
+    """DBOS launched (fallback poll: 30 s) with a queue this process serves, and a workflow
+    doubling its argument that has run on it once: the scheduler has claimed from the queue,
+    so it knows the queue's settings, and has handled every wake-up of that first enqueue."""
+    DBOS(
+        config=config(
+            db_url, polling_interval_sec=30, max_concurrent_workflows=max_concurrent_workflows
+        )
+    )
 
     @DBOS.workflow()
     def double(i: int) -> int:
         return 2 * i
 
-    q = Queue("gc_direct")
+    q = Queue(name, worker_concurrency=worker_concurrency)
     DBOS.launch()
-    assert q.enqueue(double, 1).get_result(timeout_sec=20) == 2  # the scheduler has seen it
-    time.sleep(0.3)  # and has handled every wake-up that enqueue caused
+    assert q.enqueue(double, 1).get_result(timeout_sec=20) == 2
+    time.sleep(0.3)
+    return q, double
+
+
+def test_an_enqueue_onto_a_served_unlimited_queue_starts_without_a_claim(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q, double = _served_queue(db_url, "gc_direct")
     calls = _counting_claims(monkeypatch)
     handles = [q.enqueue(double, i) for i in range(20)]
     assert [h.get_result(timeout_sec=20) for h in handles] == [2 * i for i in range(20)]
@@ -693,22 +711,14 @@ def test_an_enqueue_onto_a_worker_concurrency_queue_with_room_starts_without_a_c
     waiting, the enqueue writes the workflow started and runs it, as on a queue without
     limits; once the slots are taken, the next one waits ENQUEUED and is claimed when one
     frees."""
-    DBOS(config=config(db_url, polling_interval_sec=30))
     gate = threading.Event()
-
-    @DBOS.workflow()
-    def double(i: int) -> int:
-        return 2 * i
 
     @DBOS.workflow()
     def held(i: int) -> int:
         gate.wait(30)
         return i
 
-    q = Queue("gc_wc_direct", worker_concurrency=2)
-    DBOS.launch()
-    assert q.enqueue(double, 0).get_result(timeout_sec=20) == 0  # the scheduler has seen it
-    time.sleep(0.3)  # and has handled every wake-up that enqueue caused
+    q, double = _served_queue(db_url, "gc_wc_direct", worker_concurrency=2)
     calls = _counting_claims(monkeypatch)
     assert [q.enqueue(double, i).get_result(timeout_sec=20) for i in range(10)] == [
         2 * i for i in range(10)
@@ -769,16 +779,12 @@ def test_no_direct_start_while_a_claim_that_counted_its_slot_is_under_way(
     worker_concurrency, or of the process's cap): a workflow started directly meanwhile would
     take a slot the claim may fill too. The enqueue waits a moment for the claim, then writes
     its workflow ENQUEUED for the next claim."""
-    DBOS(config=config(db_url, polling_interval_sec=30, max_concurrent_workflows=cap))
-
-    @DBOS.workflow()
-    def double(i: int) -> int:
-        return 2 * i
-
-    q = Queue("gc_wc_claiming", worker_concurrency=worker_concurrency)
-    DBOS.launch()
-    assert q.enqueue(double, 0).get_result(timeout_sec=20) == 0
-    time.sleep(0.3)
+    q, double = _served_queue(
+        db_url,
+        "gc_wc_claiming",
+        worker_concurrency=worker_concurrency,
+        max_concurrent_workflows=cap,
+    )
     entered, release = threading.Event(), threading.Event()
     real = claims.claim_unshared
 
@@ -808,16 +814,7 @@ def test_an_interrupted_direct_start_runs_the_workflow_if_its_row_landed(
     from dbos_nb import SetWorkflowID
     from dbos_nb.storage.workflow_rows import WorkflowRows
 
-    DBOS(config=config(db_url, polling_interval_sec=30))
-
-    @DBOS.workflow()
-    def double(i: int) -> int:
-        return 2 * i
-
-    q = Queue("gc_interrupted")
-    DBOS.launch()
-    assert q.enqueue(double, 0).get_result(timeout_sec=20) == 0
-    time.sleep(0.3)
+    q, double = _served_queue(db_url, "gc_interrupted")
     rt = get_runtime()
     real = WorkflowRows.insert_started_if_unshared
     calls: list[str] = []
