@@ -56,6 +56,11 @@ _KNOWN_OPTIONS = set(EnqueueOptions.__annotations__)
 # A client's transactions are a few statements long; one open this long is a frozen process's
 # (on PostgreSQL the server then ends it, releasing its locks). Workers use their lease.
 STALLED_TRANSACTION_SEC = 30.0
+# How long a client trusts that a queue is declared and a name registered as a given kind, once
+# it has read so: a loop of enqueues then costs one round trip each, not three. Only facts that
+# let an enqueue go on are kept (a queue declared a moment after a refusal is seen at once);
+# a name registered anew as another kind is seen within this time.
+TARGET_TTL_SEC = 5.0
 
 
 class DBOSClient:
@@ -94,6 +99,8 @@ class DBOSClient:
         self._clock: Clock = clock or SystemClock()
         self._waiters = Waiters()
         self._poll = polling_interval_sec
+        # (queue, name) -> (the name's kind, when it was read), see TARGET_TTL_SEC.
+        self._targets: dict[tuple[str, str], tuple[str, int]] = {}
 
     # -- enqueue --------------------------------------------------------------------------------
 
@@ -103,13 +110,8 @@ class DBOSClient:
         queue_name = opts["queue_name"]
         name = opts["workflow_name"]
         allow = bool(opts.get("allow_unregistered", False))
-        if not allow and self._store.get_queue(queue_name) is None:
-            raise UnknownQueueError(queue_name)
-        kind = self._store.function_kind(name)
-        if kind is None and not allow:
-            raise UnknownWorkflowNameError(
-                name, "; no process using this database has registered it"
-            )
+        now_ms = self._clock.now_ms()
+        kind = self._target_kind(queue_name, name, allow, now_ms)
         row_name = name
         if kind in ("step", "transaction"):
             row_name = STEP_WORKFLOW_PREFIX + name
@@ -125,7 +127,7 @@ class DBOSClient:
             name=row_name,
             inputs=serialization.dump_inputs(name, args, kwargs),
             status=WorkflowStatusString.ENQUEUED.value,
-            created_at=self._clock.now_ms(),
+            created_at=now_ms,
             application_version=opts.get("app_version"),
             queue_name=queue_name,
             priority=int(opts.get("priority") or 0),
@@ -138,6 +140,26 @@ class DBOSClient:
                 wid, f"it belongs to workflow {existing['name']!r}, not {row_name!r}"
             )
         return WorkflowHandle(self, wid)
+
+    def _target_kind(self, queue_name: str, name: str, allow: bool, now_ms: int) -> str | None:
+        """The kind `name` was registered as; raises if the queue or the name is unknown (unless
+        `allow`). Read from the database, or remembered for TARGET_TTL_SEC."""
+        key = (queue_name, name)
+        known = self._targets.get(key)
+        if known is not None and 0 <= now_ms - known[1] < TARGET_TTL_SEC * 1000:
+            return known[0]
+        declared, kind = self._store.enqueue_target(queue_name, name)
+        if not declared and not allow:
+            raise UnknownQueueError(queue_name)
+        if kind is None and not allow:
+            raise UnknownWorkflowNameError(
+                name, "; no process using this database has registered it"
+            )
+        if declared and kind is not None:
+            if len(self._targets) >= 1024:  # names of a long-lived client's past: forget them
+                self._targets.clear()
+            self._targets[key] = (kind, now_ms)
+        return kind
 
     async def enqueue_async(
         self, options: EnqueueOptions, *args: Any, **kwargs: Any

@@ -28,7 +28,7 @@ from dbos_nb import (
     UnknownQueueError,
     UnknownWorkflowNameError,
 )
-from dbos_nb.client import DBOSClient
+from dbos_nb.client import DBOSClient, EnqueueOptions
 from dbos_nb.clock import ManualClock
 from dbos_nb.storage import rate_ledger
 from dbos_nb.storage.database import Database
@@ -757,6 +757,62 @@ def test_client_enqueue_and_manage(launched: str) -> None:
         assert pending.get_status().status == "CANCELLED"
         assert [w.workflow_id for w in client.list_workflows(name="client_wf")] == ["c-1"]
         assert client.list_workflow_steps("c-1") == []
+
+
+def test_client_reads_queue_and_name_once_for_a_loop_of_enqueues(launched: str) -> None:
+    """A client's enqueue checks that the queue is declared and the name registered: read once
+    for a loop of enqueues (one round trip each, not three), never remembered when it refuses,
+    and read again after TARGET_TTL_SEC (a name registered anew as a step is then seen).
+    The queue is only stored, not served here: the rows stay as the client wrote them."""
+    from dbos_nb.client import TARGET_TTL_SEC
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.models import STEP_WORKFLOW_PREFIX, QueueSettings
+
+    store = get_runtime().store
+    store.upsert_queue(QueueSettings(name="ttl_q"), 0)
+    store.record_functions([("ttl_fn", "workflow", "elsewhere", "h1")], 0)
+    clock = ManualClock()
+    with DBOSClient(launched, clock=clock) as client:
+        reads: list[tuple[str, str]] = []
+        read = client._store.enqueue_target
+
+        def counted(queue_name: str, name: str) -> tuple[bool, str | None]:
+            reads.append((queue_name, name))
+            return read(queue_name, name)
+
+        client._store.enqueue_target = counted  # type: ignore[method-assign]
+        options: EnqueueOptions = {"queue_name": "ttl_q", "workflow_name": "ttl_fn"}
+        ids = [client.enqueue(options, i).workflow_id for i in range(5)]
+        assert reads == [("ttl_q", "ttl_fn")]
+        assert {client.get_workflow_status(w).name for w in ids} == {"ttl_fn"}  # type: ignore[union-attr]
+
+        # Refusals are read each time: a queue declared right after one is used at once.
+        later: EnqueueOptions = {"queue_name": "ttl_later", "workflow_name": "ttl_fn"}
+        with pytest.raises(UnknownQueueError, match="ttl_later"):
+            client.enqueue(later, 1)
+        store.upsert_queue(QueueSettings(name="ttl_later"), 0)
+        assert client.enqueue(later, 1).get_status().status == "ENQUEUED"
+        with pytest.raises(UnknownWorkflowNameError, match="ttl_other"):
+            client.enqueue({"queue_name": "ttl_q", "workflow_name": "ttl_other"})
+        with pytest.raises(UnknownWorkflowNameError, match="ttl_other"):
+            client.enqueue({"queue_name": "ttl_q", "workflow_name": "ttl_other"})
+        assert reads.count(("ttl_later", "ttl_fn")) == 2
+        # What `allow_unregistered` let through is not taken as a declaration.
+        nowhere: EnqueueOptions = {"queue_name": "ttl_nowhere", "workflow_name": "ttl_fn"}
+        assert client.enqueue({**nowhere, "allow_unregistered": True}, 1).get_status() is not None
+        with pytest.raises(UnknownQueueError, match="ttl_nowhere"):
+            client.enqueue(nowhere, 2)
+        assert reads.count(("ttl_q", "ttl_other")) == 2
+
+        # Another process registers the name as a step: seen once the remembered kind expires.
+        store.record_functions([("ttl_fn", "step", "elsewhere", "h2")], 0)
+        clock.advance(TARGET_TTL_SEC / 2)
+        stale = client.enqueue(options, 6).get_status()
+        assert stale.name == "ttl_fn"
+        clock.advance(TARGET_TTL_SEC)
+        fresh = client.enqueue(options, 7).get_status()
+        assert fresh.name == STEP_WORKFLOW_PREFIX + "ttl_fn"
+        assert reads.count(("ttl_q", "ttl_fn")) == 2
 
 
 def test_a_queue_declared_by_two_processes_at_once_is_stored_once(launched: str) -> None:

@@ -6,10 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from dbos_nb.storage.rows import StoreBase
-from dbos_nb.storage.schema import function_versions, functions
+from dbos_nb.storage.schema import function_versions, functions, queues
+
+# What an enqueue by name checks, read in one statement: whether the queue is declared, and the
+# kind the name was registered as.
+_ENQUEUE_TARGET = select(
+    select(queues.c.name).where(queues.c.name == bindparam("b_queue")).scalar_subquery(),
+    select(functions.c.kind).where(functions.c.name == bindparam("b_name")).scalar_subquery(),
+)
 
 
 class FunctionCatalogue(StoreBase):
@@ -36,11 +43,13 @@ class FunctionCatalogue(StoreBase):
         with self.db.write() as conn:
             conn.execute(stmt, rows)
 
-    def function_kind(self, name: str) -> str | None:
-        """The kind ("workflow", "step", "transaction") some process registered `name` as."""
-        with self.db.read() as conn:
-            kind = conn.execute(select(functions.c.kind).where(functions.c.name == name)).scalar()
-            return str(kind) if kind is not None else None
+    def enqueue_target(self, queue_name: str, name: str) -> tuple[bool, str | None]:
+        """Whether some process declared the queue, and the kind `name` was registered as (None
+        if never): a client's checks before an enqueue, in one round trip."""
+        row = self.db.read_row(_ENQUEUE_TARGET, {"b_queue": queue_name, "b_name": name})
+        assert row is not None  # a SELECT without FROM has its one row
+        declared, kind = row
+        return declared is not None, str(kind) if kind is not None else None
 
     def record_function_versions(
         self, entries: Sequence[tuple[str, str, str, str, bytes]], now_ms: int
