@@ -843,6 +843,50 @@ def test_an_interrupted_direct_start_runs_the_workflow_if_its_row_landed(
     assert (rt.store.get_workflow("gc-interrupted-1") is not None) == landed
 
 
+@pytest.mark.parametrize("when", ["before_the_write", "before_the_hand_over"])
+def test_a_direct_start_that_races_destroy_leaves_its_workflow_queued(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """DBOS.destroy() while a direct start is under way, its slot reserved: before its write
+    lands (after destroy returned this process's unfinished work to the queues), or between
+    the write and the hand-over to the workers. The enqueue still returns its handle, the row
+    is left in its queue rather than PENDING for a process that will never run it, and the
+    next process to serve the queue runs it."""
+    from dbos_nb import SetWorkflowID
+    from dbos_nb.core.scheduler import Scheduler
+    from dbos_nb.storage.workflow_rows import WorkflowRows
+
+    q, double = _served_queue(db_url, "gc_destroyed")
+    real_insert = WorkflowRows.insert_started_if_unshared
+    real_adopt = Scheduler.adopt
+    destroyed: list[str] = []
+
+    def insert_after_destroy(self: Any, *args: Any, **kwargs: Any) -> bool:
+        if when == "before_the_write" and not destroyed:
+            destroyed.append(when)
+            DBOS.destroy()
+        return real_insert(self, *args, **kwargs)
+
+    def adopt_after_destroy(self: Any, item: Any, is_async: bool) -> None:
+        if when == "before_the_hand_over" and not destroyed:
+            destroyed.append(when)
+            DBOS.destroy()
+        real_adopt(self, item, is_async)
+
+    monkeypatch.setattr(WorkflowRows, "insert_started_if_unshared", insert_after_destroy)
+    monkeypatch.setattr(Scheduler, "adopt", adopt_after_destroy)
+    with SetWorkflowID("gc-destroyed-1"):
+        handle = q.enqueue(double, 21)
+    assert destroyed == [when] and handle.workflow_id == "gc-destroyed-1"
+    monkeypatch.undo()
+    with DBOSClient(db_url) as client:
+        status = client.get_workflow_status("gc-destroyed-1")
+        assert status is not None and status.status == "ENQUEUED"
+        assert status.queue_name == "gc_destroyed"
+    _served_queue(db_url, "gc_destroyed")
+    assert DBOS.retrieve_workflow("gc-destroyed-1").get_result(timeout_sec=20) == 42
+
+
 def test_an_interrupt_in_the_leader_still_completes_the_others(tmp_path: Any) -> None:
     """Ctrl-C reaching a caller while it leads a batch: the other callers' statements are
     still written and answered; the leader's caller gets the interrupt."""

@@ -316,8 +316,30 @@ def _start_directly(
     if not written:
         direct.cancel_reservation(queue_name)
         return False
-    direct.adopt(_as_claimed(started), reg.is_async)
+    _hand_over(rt, direct, started, reg.is_async)
     return True
+
+
+def _hand_over(rt: Runtime, direct: DirectStarter, started: NewWorkflow, is_async: bool) -> None:
+    """Run a workflow written already started here. If the worker stopped meanwhile
+    (`DBOS.destroy()` racing the enqueue, after its own return of unfinished work), the row
+    goes back to its queue for whichever process serves it next: the enqueue stands."""
+    try:
+        direct.adopt(_as_claimed(started), is_async)
+    except Exception:
+        if not rt.stopping.is_set():
+            raise
+        direct.cancel_reservation(str(started.queue_name))
+        try:
+            rt.store.requeue_workflow(started.workflow_id, rt.now_ms(), started.owner_xid)
+        except Exception:
+            # Left PENDING and owned by this executor: recovered when it launches again, or
+            # taken over by another process once this one's lease has run out.
+            logger.warning(
+                "could not put %s back in its queue after the worker stopped",
+                started.workflow_id,
+                exc_info=True,
+            )
 
 
 def _as_claimed(started: NewWorkflow) -> ClaimedWorkflow:
@@ -352,7 +374,7 @@ def _settle_interrupted_start(
         direct.cancel_reservation(queue_name)
         return
     if row is not None and row["status"] == _PENDING and row["owner_xid"] == started.owner_xid:
-        direct.adopt(_as_claimed(started), is_async)
+        _hand_over(rt, direct, started, is_async)
     else:
         direct.cancel_reservation(queue_name)
 
