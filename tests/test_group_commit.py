@@ -843,9 +843,10 @@ def test_an_interrupted_direct_start_runs_the_workflow_if_its_row_landed(
     assert (rt.store.get_workflow("gc-interrupted-1") is not None) == landed
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("when", ["before_the_write", "before_the_hand_over"])
 def test_a_direct_start_that_races_destroy_leaves_its_workflow_queued(
-    db_url: str, monkeypatch: pytest.MonkeyPatch, when: str
+    db_url: str, monkeypatch: pytest.MonkeyPatch, when: str, kind: str
 ) -> None:
     """DBOS.destroy() while a direct start is under way, its slot reserved: before its write
     lands (after destroy returned this process's unfinished work to the queues), or between
@@ -857,6 +858,11 @@ def test_a_direct_start_that_races_destroy_leaves_its_workflow_queued(
     from dbos_nb.storage.workflow_rows import WorkflowRows
 
     q, double = _served_queue(db_url, "gc_destroyed")
+
+    @DBOS.workflow()
+    async def double_async(i: int) -> int:
+        return 2 * i
+
     real_insert = WorkflowRows.insert_started_if_unshared
     real_adopt = Scheduler.adopt
     destroyed: list[str] = []
@@ -867,16 +873,16 @@ def test_a_direct_start_that_races_destroy_leaves_its_workflow_queued(
             DBOS.destroy()
         return real_insert(self, *args, **kwargs)
 
-    def adopt_after_destroy(self: Any, item: Any, is_async: bool) -> None:
+    def adopt_after_destroy(self: Any, item: Any, is_async: bool) -> bool:
         if when == "before_the_hand_over" and not destroyed:
             destroyed.append(when)
             DBOS.destroy()
-        real_adopt(self, item, is_async)
+        return real_adopt(self, item, is_async)
 
     monkeypatch.setattr(WorkflowRows, "insert_started_if_unshared", insert_after_destroy)
     monkeypatch.setattr(Scheduler, "adopt", adopt_after_destroy)
     with SetWorkflowID("gc-destroyed-1"):
-        handle = q.enqueue(double, 21)
+        handle = q.enqueue(double if kind == "sync" else double_async, 21)
     assert destroyed == [when] and handle.workflow_id == "gc-destroyed-1"
     monkeypatch.undo()
     with DBOSClient(db_url) as client:
@@ -885,6 +891,28 @@ def test_a_direct_start_that_races_destroy_leaves_its_workflow_queued(
         assert status.queue_name == "gc_destroyed"
     _served_queue(db_url, "gc_destroyed")
     assert DBOS.retrieve_workflow("gc-destroyed-1").get_result(timeout_sec=20) == 42
+
+
+def test_a_stopped_event_loop_refuses_new_work() -> None:
+    """The loop of a destroyed runtime does not start again for work handed to it late (an
+    async workflow's direct start racing DBOS.destroy()): it raises, so that the workflow goes
+    back to its queue, and the coroutine is closed rather than left never awaited."""
+    import asyncio
+
+    from dbos_nb.core.loop import LoopThread
+
+    loop = LoopThread()
+    assert loop.submit(asyncio.sleep(0, result=7)).result(timeout=10) == 7
+    loop.stop()
+
+    async def late() -> int:
+        return 1
+
+    coro = late()
+    with pytest.raises(RuntimeError, match="stopped"):
+        loop.submit(coro)
+    assert coro.cr_frame is None  # closed
+    assert not any(t.name == "dbos_nb-async" for t in threading.enumerate())
 
 
 def test_an_interrupt_in_the_leader_still_completes_the_others(tmp_path: Any) -> None:

@@ -17,10 +17,16 @@ class LoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._stopped = False
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
-        """Schedule a coroutine on the loop; returns a thread-safe future of its result."""
+        """Schedule a coroutine on the loop; returns a thread-safe future of its result.
+        Raises RuntimeError once `stop` was called: the runtime it served is gone, and a loop
+        started again would run work that nothing stops."""
         with self._lock:
+            if self._stopped:
+                coro.close()
+                raise RuntimeError("dbos_nb's event loop is stopped (DBOS.destroy())")
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(
@@ -45,6 +51,7 @@ class LoopThread:
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
+            self._stopped = True
         if loop is None or thread is None:
             return
 

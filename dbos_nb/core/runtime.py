@@ -53,9 +53,10 @@ class DirectStarter(Protocol):
     def cancel_reservation(self, queue_name: str) -> None:
         """Give back a slot that `reserve` took and that was not used."""
 
-    def adopt(self, item: ClaimedWorkflow, is_async: bool) -> None:
+    def adopt(self, item: ClaimedWorkflow, is_async: bool) -> bool:
         """Run a workflow written as already started, in the slot `reserve` took (`is_async`:
-        its function is a coroutine function, as the enqueuer knows)."""
+        its function is a coroutine function, as the enqueuer knows). False when the workers
+        have stopped (the slot is given back; the workflow did not start here)."""
 
 
 # How many workflows `Runtime._stopped_ends` remembers (a claim reads its workflow's last

@@ -381,8 +381,20 @@ class Scheduler:
         # ended.
         self._release(queue_name)
 
-    def adopt(self, item: ClaimedWorkflow, is_async: bool) -> None:
-        self._dispatch(item, is_async)
+    def adopt(self, item: ClaimedWorkflow, is_async: bool) -> bool:
+        if self._stop.is_set():
+            self._release(item.queue_name)
+            return False
+        try:
+            self._dispatch(item, is_async)
+        except RuntimeError:
+            # DBOS.destroy() got there first: the pool or the loop refuses new work.
+            if not self._stop.is_set():
+                raise
+            if not is_async:  # an async one's `_run` gave its slot back already
+                self._release(item.queue_name)
+            return False
+        return True
 
     @property
     def inflight(self) -> int:

@@ -321,25 +321,21 @@ def _start_directly(
 
 
 def _hand_over(rt: Runtime, direct: DirectStarter, started: NewWorkflow, is_async: bool) -> None:
-    """Run a workflow written already started here. If the worker stopped meanwhile
-    (`DBOS.destroy()` racing the enqueue, after its own return of unfinished work), the row
-    goes back to its queue for whichever process serves it next: the enqueue stands."""
+    """Run a workflow written already started here. If the workers stopped meanwhile
+    (`DBOS.destroy()` racing the enqueue, perhaps after its own return of unfinished work),
+    the row goes back to its queue for whichever process serves it next: the enqueue stands."""
+    if direct.adopt(_as_claimed(started), is_async):
+        return
     try:
-        direct.adopt(_as_claimed(started), is_async)
+        rt.store.requeue_workflow(started.workflow_id, rt.now_ms(), started.owner_xid)
     except Exception:
-        if not rt.stopping.is_set():
-            raise
-        direct.cancel_reservation(str(started.queue_name))
-        try:
-            rt.store.requeue_workflow(started.workflow_id, rt.now_ms(), started.owner_xid)
-        except Exception:
-            # Left PENDING and owned by this executor: recovered when it launches again, or
-            # taken over by another process once this one's lease has run out.
-            logger.warning(
-                "could not put %s back in its queue after the worker stopped",
-                started.workflow_id,
-                exc_info=True,
-            )
+        # Left PENDING and owned by this executor id, which has unregistered: recovered
+        # when a process launches with that id again.
+        logger.warning(
+            "could not put %s back in its queue after the worker stopped",
+            started.workflow_id,
+            exc_info=True,
+        )
 
 
 def _as_claimed(started: NewWorkflow) -> ClaimedWorkflow:
