@@ -442,12 +442,12 @@ def run_client(library: str, url: str, settings: Settings) -> dict[str, Any]:
                 if i >= settings.latency_warmup:
                     samples.append((started - t0) * 1000)
             # Then a client's loop of enqueues, served by the worker process.
-            start = time.time()
+            start = time.perf_counter()
             handles = [client.enqueue(options, i) for i in range(settings.enqueue)]
-            enqueued = time.time()
+            enqueued = time.perf_counter()
             for handle in handles[::-1]:  # the last ones first: most are done by then
                 handle.get_result(polling_interval_sec=0.05)
-            end = time.time()
+            end = time.perf_counter()
         finally:
             client.destroy()
     finally:
