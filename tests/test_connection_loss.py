@@ -5,6 +5,8 @@ file has no sessions to lose)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -212,3 +214,63 @@ def test_a_direct_start_run_again_after_its_commit_is_recognised(pg_url: str) ->
     assert not store.insert_started_if_unshared(replace(row, owner_xid="token-2"), 1)
     written = store.get_workflow("direct-again")
     assert written is not None and written["owner_xid"] == "token-1"
+
+
+def _sockets_to_database(url: str) -> list[socket.socket]:
+    """This process's TCP connections to the test's database (each fd duplicated): the
+    sockets whose local port the server lists for a session of that database."""
+    with _admin(url) as admin:
+        rows = admin.execute(
+            "SELECT client_port FROM pg_stat_activity WHERE datname = %s",
+            (make_url(url).database,),
+        ).fetchall()
+    ports = {row[0] for row in rows}
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue  # not a socket, or already closed
+        try:
+            if sock.family == socket.AF_INET and sock.getsockname()[1] in ports:
+                found.append(sock)
+                continue
+        except OSError:
+            pass
+        sock.close()
+    return found
+
+
+@pytest.mark.parametrize("given", [None, 45], ids=["default", "from-url"])
+def test_every_connection_gives_up_on_a_silent_server_within_a_minute(
+    pg_url: str, given: int | None
+) -> None:
+    """A statement waits for its answer in one blocking libpq call, which an interrupt does
+    not cut short: each connection (the pools', the hot path's, the listener's, a client's)
+    has TCP keepalives that end it after about a minute of a vanished host's silence, or the
+    URL's own setting."""
+    url = pg_url if given is None else f"{pg_url}?keepalives_idle={given}"
+    DBOS(config=config(url))
+
+    @DBOS.workflow(name="keepalive_wf")
+    def wf(x: int) -> int:
+        return x + 1
+
+    DBOS.launch()
+    queue = Queue("keepalive_q")
+    client = DBOSClient(url)
+    sockets: list[socket.socket] = []
+    try:
+        assert queue.enqueue(wf, 1).get_result() == 2
+        assert client.retrieve_workflow(queue.enqueue(wf, 2).workflow_id).get_result() == 3
+        sockets = _sockets_to_database(pg_url)
+        assert len(sockets) >= 4  # at least a pool's, the hot path's, the listener's, the client's
+        for sock in sockets:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == (given or 30)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    finally:
+        client.destroy()
+        for sock in sockets:
+            sock.close()

@@ -18,6 +18,7 @@ from conftest import create_pg_database, drop_pg_database
 from dbos_nb.storage import pgwire
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate
+from dbos_nb.storage.reconnect import is_connection_error
 
 _TABLE = """
 CREATE TABLE items (
@@ -117,14 +118,19 @@ def test_values_refused_before_sending_leave_the_connection_untouched(
     assert pgwire.run(conn, [(_INSERT, _item(1))]) == [[(1,)]]
 
 
+@pytest.mark.parametrize("statements", [1, 2], ids=["alone", "pipeline"])
 def test_a_connection_lost_before_a_call_raises_and_is_closed(
-    conn: psycopg.Connection[Any], dsn: str
+    conn: psycopg.Connection[Any], dsn: str, statements: int
 ) -> None:
+    """The error is an OperationalError in both paths (a lone statement goes through one
+    blocking libpq call, a pipeline through psycopg's reads): the reconnecting layer takes
+    it for a lost connection, not for the statement's failure."""
     pgwire.run(conn, [(_INSERT, _item(1))])
     with psycopg.connect(dsn, autocommit=True) as other:
         other.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid])
-        with pytest.raises(psycopg.OperationalError):
-            pgwire.run(conn, [(_INSERT, _item(2)), (_INSERT, _item(3))])
+        with pytest.raises(psycopg.OperationalError) as raised:
+            pgwire.run(conn, [(_INSERT, _item(i)) for i in range(2, 2 + statements)])
+        assert is_connection_error(raised.value)
         assert conn.closed  # a pool drops it (`Database.driver_single`)
         assert _count(other) == 1
 

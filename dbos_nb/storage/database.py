@@ -141,6 +141,29 @@ def sqlite_file(url: str) -> str | None:
 
 # SQLite's answers that mean the file cannot serve as a database at all (as opposed to a busy
 # or failing moment): the user has to act on the file, its folder or the URL.
+# TCP keepalives on every PostgreSQL connection, unless the URL sets its own: a statement waits
+# for its answer in one blocking libpq call (see `pgwire`), which an interrupt does not cut short,
+# and a server host that vanished (a machine powered off, a network cut) answers nothing, not
+# even a reset. With these the kernel gives up on such a connection after about a minute of
+# silence (30 s, then 3 probes 10 s apart) and the statement fails as a lost connection, which
+# the reconnecting layer handles, instead of waiting for ever. A live server's kernel answers
+# the probes however long a statement runs. Ignored on a Unix socket.
+PG_KEEPALIVES: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+def pg_connect_args(url: str) -> dict[str, Any]:
+    """The driver's connection arguments for `url`: a 10 s connect timeout and the keepalives
+    (each only where the URL's query does not give it)."""
+    given = make_url(url).query
+    defaults: dict[str, Any] = {"connect_timeout": 10, **PG_KEEPALIVES}
+    return {key: value for key, value in defaults.items() if key not in given}
+
+
 _UNUSABLE_FILE_ERRORS = ("SQLITE_NOTADB", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")
 
 
@@ -362,7 +385,7 @@ class Database:
             pool_size=pool_size,
             max_overflow=max_overflow,
             pool_timeout=120,
-            connect_args={"connect_timeout": 10},
+            connect_args=pg_connect_args(self.url),
             **kwargs,
         )
         if self._session:

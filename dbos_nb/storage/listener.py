@@ -30,7 +30,12 @@ from collections.abc import Callable
 import psycopg
 from sqlalchemy.engine import make_url
 
-from dbos_nb.storage.database import DONES_CHANNEL, NOTIFY_CHANNEL, Database
+from dbos_nb.storage.database import (
+    DONES_CHANNEL,
+    NOTIFY_CHANNEL,
+    Database,
+    pg_connect_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +100,7 @@ class Listener:
         dsn = make_url(db.url).set(drivername="postgresql").render_as_string(hide_password=False)
         while not stop.is_set():
             try:
-                with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+                with psycopg.connect(dsn, autocommit=True, **pg_connect_args(db.url)) as conn:
                     self._listen_on(conn, stop)
             except psycopg.Error as exc:
                 self.hears_dones = False

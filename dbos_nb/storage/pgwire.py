@@ -36,6 +36,7 @@ _TUPLES = pq.ExecStatus.TUPLES_OK
 _SYNC = pq.ExecStatus.PIPELINE_SYNC
 _FATAL = pq.ExecStatus.FATAL_ERROR
 _IDLE = pq.TransactionStatus.IDLE
+_BAD = pq.ConnStatus.BAD
 _BYTEA = 17  # the type's OID
 # "prepared statement does not exist": the session lost what this module prepared on it.
 _LOST_PREPARED = "26000"
@@ -246,25 +247,62 @@ def _send_one(pgconn: Any, statement: _Bound) -> None:
 def _run_alone(
     conn: psycopg.Connection[Any], pgconn: Any, session: _Session, statement: _Bound
 ) -> tuple[list[list[Row]], psycopg.Error | None]:
-    """One statement, outside pipeline mode: libpq then sends it with the GIL released (a
-    send on a loopback socket takes 15-20 microseconds, which the other threads can use),
-    where in pipeline mode the Sync sends with the GIL held. A statement not yet prepared on
-    this connection costs one more round trip, once."""
-    fileno = pgconn.socket
+    """One statement, outside pipeline mode, in one blocking libpq call (`PQexecPrepared`)
+    that releases the GIL once, from the send to the whole answer. Sent, then waited for in
+    Python (`poll`), it released the GIL twice: after the send's system call, and again after
+    the wait; under load each time another thread's turn ran before the lock came back, and on
+    the enqueuing thread (which paces a loop of enqueues) that cost a tenth of the throughput
+    (benchmarks/README.md). The price: an interrupt (Ctrl-C, a notebook's interrupt button)
+    takes effect when the server has answered, not during the wait. A statement not yet
+    prepared on this connection costs one more round trip, once."""
     if statement.prepare:
-        pgconn.send_prepare(statement.name, statement.query, param_types=statement.types)
-        _flush(pgconn, fileno)
-        _first_input(pgconn, fileno)
-        _, error = _command(conn, pgconn, fileno)
+        prepared = _blocking(
+            pgconn, pgconn.prepare, statement.name, statement.query, statement.types
+        )
+        error = _failure(conn, prepared)
         if error is not None:
             return [[]], error
         session.names[(statement.query, statement.types)] = statement.name
-        statement = statement._replace(prepare=False)
-    _send_one(pgconn, statement)
-    _flush(pgconn, fileno)
-    _first_input(pgconn, fileno)
-    result, error = _command(conn, pgconn, fileno)
-    return [_rows(session, result)], error
+    if statement.name:
+        result = _blocking(
+            pgconn, pgconn.exec_prepared, statement.name, statement.buffers, statement.formats
+        )
+    else:
+        result = _blocking(
+            pgconn,
+            pgconn.exec_params,
+            statement.query,
+            statement.buffers,
+            statement.types,
+            statement.formats,
+        )
+    # A statement that succeeds and then fails at its commit (autocommit) answers with its
+    # rows and then the error: libpq returns the last result, the error.
+    return [_rows(session, result)], _failure(conn, result)
+
+
+def _blocking(pgconn: Any, call: Any, *args: Any) -> Any:
+    """A blocking libpq call's result. A connection that broke on the way is an
+    OperationalError, as psycopg's own calls report it (the reconnecting layer looks for it):
+    libpq then answers no result at all (psycopg raises MemoryError) or one without a SQLSTATE
+    (which psycopg would call a DatabaseError)."""
+    try:
+        result = call(*args)
+    except MemoryError:
+        if pgconn.status != _BAD:
+            raise
+        result = None
+    if pgconn.status == _BAD:
+        detail = pgconn.error_message.decode(errors="replace").strip()
+        raise psycopg.OperationalError(f"the connection to the server was lost: {detail}")
+    return result
+
+
+def _failure(conn: psycopg.Connection[Any], result: Any) -> psycopg.Error | None:
+    """The error a blocking call's result reports, if any."""
+    if result.status == _FATAL:
+        return psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    return None
 
 
 def _flush(pgconn: Any, fileno: int) -> None:
