@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -228,11 +230,14 @@ def _sockets_to_database(url: str) -> list[socket.socket]:
     found = []
     for name in os.listdir("/proc/self/fd"):
         try:
+            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                continue
             sock = socket.socket(fileno=os.dup(int(name)))
         except OSError:
-            continue  # not a socket, or already closed
+            continue  # closed meanwhile (the listing's own descriptor, say)
         try:
-            if sock.family == socket.AF_INET and sock.getsockname()[1] in ports:
+            inet = sock.family in (socket.AF_INET, socket.AF_INET6)
+            if inet and sock.getsockname()[1] in ports:
                 found.append(sock)
                 continue
         except OSError:
@@ -241,15 +246,19 @@ def _sockets_to_database(url: str) -> list[socket.socket]:
     return found
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and TCP_* options")
 @pytest.mark.parametrize("given", [None, 45], ids=["default", "from-url"])
 def test_every_connection_gives_up_on_a_silent_server_within_a_minute(
     pg_url: str, given: int | None
 ) -> None:
     """A statement waits for its answer in one blocking libpq call, which an interrupt does
     not cut short: each connection (the pools', the hot path's, the listener's, a client's)
-    has TCP keepalives that end it after about a minute of a vanished host's silence, or the
-    URL's own setting."""
-    url = pg_url if given is None else f"{pg_url}?keepalives_idle={given}"
+    has TCP keepalives and a user timeout that end it after about a minute of a vanished
+    host's silence, or the URL's own setting."""
+    url = pg_url
+    if given is not None:
+        url = make_url(pg_url).update_query_dict({"keepalives_idle": str(given)})
+        url = url.render_as_string(hide_password=False)
     DBOS(config=config(url))
 
     @DBOS.workflow(name="keepalive_wf")
@@ -270,6 +279,7 @@ def test_every_connection_gives_up_on_a_silent_server_within_a_minute(
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == (given or 30)
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000
     finally:
         client.destroy()
         for sock in sockets:

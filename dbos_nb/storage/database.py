@@ -139,31 +139,34 @@ def sqlite_file(url: str) -> str | None:
     return os.path.abspath(parsed.database or "")
 
 
-# SQLite's answers that mean the file cannot serve as a database at all (as opposed to a busy
-# or failing moment): the user has to act on the file, its folder or the URL.
-# TCP keepalives on every PostgreSQL connection, unless the URL sets its own: a statement waits
-# for its answer in one blocking libpq call (see `pgwire`), which an interrupt does not cut short,
-# and a server host that vanished (a machine powered off, a network cut) answers nothing, not
-# even a reset. With these the kernel gives up on such a connection after about a minute of
-# silence (30 s, then 3 probes 10 s apart) and the statement fails as a lost connection, which
-# the reconnecting layer handles, instead of waiting for ever. A live server's kernel answers
-# the probes however long a statement runs. Ignored on a Unix socket.
+# How PostgreSQL connections give up on a server host that vanished (a machine powered off, a
+# network cut): it answers nothing, not even a reset, and a statement waits for its answer in one
+# blocking libpq call (see `pgwire`) that an interrupt does not cut short. An idle connection is
+# probed after 30 s of silence, then 3 times 10 s apart; a connection whose sent statement stays
+# unacknowledged for 60 s is dropped (TCP_USER_TIMEOUT: the kernel sends no keepalive probes
+# while data waits for its acknowledgement, and would otherwise retransmit for some 15 minutes).
+# Either way the statement then fails as a lost connection, which the reconnecting layer
+# handles, instead of waiting for ever. A live server's kernel acknowledges at once however long
+# the statement runs; a URL's own settings win. Ignored on a Unix socket.
 PG_KEEPALIVES: dict[str, int] = {
     "keepalives": 1,
     "keepalives_idle": 30,
     "keepalives_interval": 10,
     "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms
 }
 
 
 def pg_connect_args(url: str) -> dict[str, Any]:
-    """The driver's connection arguments for `url`: a 10 s connect timeout and the keepalives
+    """The driver's connection arguments for `url`: a 10 s connect timeout and PG_KEEPALIVES
     (each only where the URL's query does not give it)."""
     given = make_url(url).query
     defaults: dict[str, Any] = {"connect_timeout": 10, **PG_KEEPALIVES}
     return {key: value for key, value in defaults.items() if key not in given}
 
 
+# SQLite's answers that mean the file cannot serve as a database at all (as opposed to a busy
+# or failing moment): the user has to act on the file, its folder or the URL.
 _UNUSABLE_FILE_ERRORS = ("SQLITE_NOTADB", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")
 
 

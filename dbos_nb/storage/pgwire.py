@@ -284,8 +284,9 @@ def _run_alone(
 def _blocking(pgconn: Any, call: Any, *args: Any) -> Any:
     """A blocking libpq call's result. A connection that broke on the way is an
     OperationalError, as psycopg's own calls report it (the reconnecting layer looks for it):
-    libpq then answers no result at all (psycopg raises MemoryError) or one without a SQLSTATE
-    (which psycopg would call a DatabaseError)."""
+    libpq then answers either no result at all (which psycopg reports as an OperationalError,
+    or, in releases before 3.3, as MemoryError) or one without a SQLSTATE (which psycopg would
+    call a DatabaseError)."""
     try:
         result = call(*args)
     except MemoryError:
