@@ -357,8 +357,7 @@ def _receive(
             continue
         if result.status == _SYNC:
             break
-        if result.status == _FATAL:
-            error = error or psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+        error = error or _failure(conn, result)
     pgconn.exit_pipeline_mode()
     return results, error
 
@@ -375,8 +374,7 @@ def _command(
     error: psycopg.Error | None = None
     result = first
     while result is not None:
-        if result.status == _FATAL and error is None:
-            error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+        error = error or _failure(conn, result)
         result = _next_result(pgconn, fileno)
     return first, error
 
