@@ -21,8 +21,19 @@ from dbos_nb.core.context import (
     check_priority,
     valid_seconds,
 )
-from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
-from dbos_nb.core.waiters import Waiters, wait_for_result, wait_for_result_async
+from dbos_nb.core.handles import (
+    WorkflowHandle,
+    WorkflowHandleAsync,
+    wait_first_handle,
+    wait_first_handle_async,
+)
+from dbos_nb.core.waiters import (
+    Waiters,
+    wait_for_first,
+    wait_for_first_async,
+    wait_for_result,
+    wait_for_result_async,
+)
 from dbos_nb.errors import (
     DBOSConfigError,
     DBOSConflictingWorkflowError,
@@ -222,6 +233,29 @@ class DBOSClient:
         return await wait_for_result_async(
             self._store, self._waiters, workflow_id, poll, timeout_sec
         )
+
+    def wait_first_id(self, workflow_ids: list[str], polling_interval_sec: float) -> str:
+        poll = min(polling_interval_sec, self._poll)
+        return wait_for_first(self._store, self._waiters, workflow_ids, poll)
+
+    async def wait_first_id_async(
+        self, workflow_ids: list[str], polling_interval_sec: float
+    ) -> str:
+        poll = min(polling_interval_sec, self._poll)
+        return await wait_for_first_async(self._store, self._waiters, workflow_ids, poll)
+
+    def wait_first(
+        self, handles: list[WorkflowHandle[Any]], *, polling_interval_sec: float = 1.0
+    ) -> WorkflowHandle[Any]:
+        """Wait until one of these workflows ends (succeeds, fails or is cancelled) and return
+        its handle; of several already ended, the one that ended first."""
+        return wait_first_handle(self, handles, polling_interval_sec)
+
+    async def wait_first_async(
+        self, handles: list[WorkflowHandleAsync[Any]], *, polling_interval_sec: float = 1.0
+    ) -> WorkflowHandleAsync[Any]:
+        """`wait_first` for async callers."""
+        return await wait_first_handle_async(self, handles, polling_interval_sec)
 
     def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None:
         return management.get_status(self._store, workflow_id)

@@ -21,7 +21,12 @@ from sqlalchemy.orm import Session
 from dbos_nb.clock import Clock
 from dbos_nb.core import aio, management, steps, workflows
 from dbos_nb.core.context import current
-from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
+from dbos_nb.core.handles import (
+    WorkflowHandle,
+    WorkflowHandleAsync,
+    wait_first_handle,
+    wait_first_handle_async,
+)
 from dbos_nb.core.queue import QUEUES, UNSET, Queue
 from dbos_nb.core.registry import REGISTRY, Kind, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
@@ -581,6 +586,22 @@ class DBOS(metaclass=_DBOSType):
     @classmethod
     async def get_result_async(cls, workflow_id: str) -> Any:
         return await WorkflowHandle(cls._rt(), workflow_id).get_result_async()
+
+    @classmethod
+    def wait_first(
+        cls, handles: list[WorkflowHandle[Any]], *, polling_interval_sec: float = 1.0
+    ) -> WorkflowHandle[Any]:
+        """Wait until one of these workflows ends (succeeds, fails or is cancelled) and return
+        its handle; of several already ended, the one that ended first. In workflow code the
+        answer is recorded ("DBOS.waitFirst"): a replay gets the same handle at once."""
+        return wait_first_handle(cls._rt(), handles, polling_interval_sec)
+
+    @classmethod
+    async def wait_first_async(
+        cls, handles: list[WorkflowHandleAsync[Any]], *, polling_interval_sec: float = 1.0
+    ) -> WorkflowHandleAsync[Any]:
+        """`wait_first` for async callers: awaited, without holding a thread."""
+        return await wait_first_handle_async(cls._rt(), handles, polling_interval_sec)
 
     @classmethod
     def sleep(cls, seconds: float) -> None:

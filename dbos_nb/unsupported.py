@@ -12,7 +12,6 @@ from dbos_nb.errors import DBOSNotImplementedError
 _MESSAGES = "workflow messages and events (send/recv, set_event/get_event)"
 _STREAMS = "workflow streams"
 _SCHEDULES = "scheduled workflows"
-_WAIT_FIRST = "waiting for the first of several workflows (wait on each handle)"
 _RUN_STEP = "ad-hoc steps (decorate the function with @DBOS.step)"
 _QUEUE_CALLS = (
     "these queue management calls (declare a queue with Queue(...) or DBOS.register_queue; "
@@ -64,7 +63,6 @@ _DBOS_FEATURES: dict[str, str] = {
         ),
         _SCHEDULES,
     ),
-    **dict.fromkeys(("wait_first", "wait_first_async"), _WAIT_FIRST),
     **dict.fromkeys(("run_step", "run_step_async"), _RUN_STEP),
     **dict.fromkeys(
         (

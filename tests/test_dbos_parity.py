@@ -368,8 +368,6 @@ def test_dbos_error_module_names_codes_and_attributes() -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "wait_first",
-        "wait_first_async",
         "run_step",
         "run_step_async",
         "retrieve_queue",

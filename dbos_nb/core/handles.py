@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from dbos_nb import serialization
-from dbos_nb.errors import DBOSNonExistentWorkflowError
+from dbos_nb.errors import DBOSNonExistentWorkflowError, DBOSUnexpectedStepError
 from dbos_nb.models import StepInfo, WorkflowStatus
 
 R = TypeVar("R")
@@ -27,6 +27,12 @@ class HandleBackend(Protocol):
     ) -> Any: ...
 
     def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None: ...
+
+    def wait_first_id(self, workflow_ids: list[str], polling_interval_sec: float) -> str: ...
+
+    async def wait_first_id_async(
+        self, workflow_ids: list[str], polling_interval_sec: float
+    ) -> str: ...
 
 
 class WorkflowHandle(Generic[R]):
@@ -86,6 +92,61 @@ class WorkflowHandle(Generic[R]):
 
     def __repr__(self) -> str:
         return f"WorkflowHandle({self.workflow_id!r})"
+
+
+H = TypeVar("H", "WorkflowHandle[Any]", "WorkflowHandleAsync[Any]")
+
+
+def wait_first_handle(backend: HandleBackend, handles: list[H], polling_interval_sec: float) -> H:
+    """The handle of whichever of these workflows ends first (succeeds, fails or is
+    cancelled): DBOS's `wait_first`. Workflow code records the answer as an operation
+    ("DBOS.waitFirst"), so that a replay gets the same handle back without waiting."""
+    __tracebackhide__ = True
+    ids, by_id = _by_id(handles)
+    call = functools.partial(backend.wait_first_id, ids, polling_interval_sec)
+    return _chosen(by_id, _as_operation(backend, "DBOS.waitFirst", call))
+
+
+async def wait_first_handle_async(
+    backend: HandleBackend, handles: list[H], polling_interval_sec: float
+) -> H:
+    """`wait_first_handle` for a coroutine: the same wake-ups, awaited."""
+    __tracebackhide__ = True
+    ids, by_id = _by_id(handles)
+    call = functools.partial(backend.wait_first_id_async, ids, polling_interval_sec)
+    return _chosen(by_id, await _as_operation_async(backend, "DBOS.waitFirst", call))
+
+
+def _by_id(handles: list[H]) -> tuple[list[str], dict[str, H]]:
+    """The handles' workflow ids, in order, and each id's handle; refuses what DBOS refuses
+    (no handles, the same workflow twice) and anything that is not a handle."""
+    if isinstance(handles, WorkflowHandle | WorkflowHandleAsync) or not hasattr(
+        handles, "__iter__"
+    ):
+        raise TypeError(f"wait_first takes a list of workflow handles, got {handles!r}")
+    handles = list(handles)
+    if not handles:
+        raise ValueError("handles must not be empty")
+    for handle in handles:
+        if not isinstance(handle, WorkflowHandle | WorkflowHandleAsync):
+            raise TypeError(f"wait_first takes workflow handles, got {handle!r}")
+    ids = [handle.workflow_id for handle in handles]
+    by_id = dict(zip(ids, handles, strict=True))
+    if len(by_id) != len(ids):
+        twice = next(wid for wid in ids if ids.count(wid) > 1)
+        raise ValueError(f"handles must not contain duplicate workflow IDs ({twice!r} is twice)")
+    return ids, by_id
+
+
+def _chosen(by_id: dict[str, H], workflow_id: str) -> H:
+    handle = by_id.get(workflow_id)
+    if handle is None:  # only a replay can answer an id that is not among the handles
+        raise DBOSUnexpectedStepError(
+            f"DBOS.waitFirst recorded workflow {workflow_id!r}, which is not among the handles "
+            f"this replay waits on ({sorted(by_id)}): the workflow's code is not deterministic "
+            "or has changed"
+        )
+    return handle
 
 
 def _as_operation(

@@ -21,7 +21,13 @@ from dbos_nb.core.handles import status_from_row
 from dbos_nb.core.loop import LoopThread
 from dbos_nb.core.pool import ElasticPool
 from dbos_nb.core.registry import Registration, Registry
-from dbos_nb.core.waiters import Waiters, wait_for_result, wait_for_result_async
+from dbos_nb.core.waiters import (
+    Waiters,
+    wait_for_first,
+    wait_for_first_async,
+    wait_for_result,
+    wait_for_result_async,
+)
 from dbos_nb.errors import DBOSNotLaunchedError
 from dbos_nb.models import ClaimedWorkflow, WorkflowStatus
 from dbos_nb.storage.database import Database
@@ -208,6 +214,16 @@ class Runtime:
         __tracebackhide__ = True
         poll = min(polling_interval_sec, self.polling_interval_sec)
         return await wait_for_result_async(self.store, self.waiters, workflow_id, poll, timeout_sec)
+
+    def wait_first_id(self, workflow_ids: list[str], polling_interval_sec: float) -> str:
+        poll = min(polling_interval_sec, self.polling_interval_sec)
+        return wait_for_first(self.store, self.waiters, workflow_ids, poll)
+
+    async def wait_first_id_async(
+        self, workflow_ids: list[str], polling_interval_sec: float
+    ) -> str:
+        poll = min(polling_interval_sec, self.polling_interval_sec)
+        return await wait_for_first_async(self.store, self.waiters, workflow_ids, poll)
 
     def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None:
         row = self.store.get_workflow(workflow_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 from dbos_nb import serialization
@@ -75,6 +75,24 @@ class Waiters:
         event = threading.Event()
         with self._registered(workflow_id, event):
             yield event
+
+    @contextmanager
+    def watch_many(self, workflow_ids: list[str]) -> Iterator[threading.Event]:
+        """`watch` for several workflows at once: one event, set when any of them finishes."""
+        event = threading.Event()
+        with ExitStack() as stack:
+            for workflow_id in workflow_ids:
+                stack.enter_context(self._registered(workflow_id, event))
+            yield event
+
+    @contextmanager
+    def watch_many_async(self, workflow_ids: list[str]) -> Iterator[asyncio.Event]:
+        """`watch_many` for a coroutine, inside a running event loop."""
+        waker = _LoopEvent()
+        with ExitStack() as stack:
+            for workflow_id in workflow_ids:
+                stack.enter_context(self._registered(workflow_id, waker))
+            yield waker.event
 
     @contextmanager
     def watch_async(self, workflow_id: str) -> Iterator[asyncio.Event]:
@@ -183,9 +201,66 @@ async def wait_for_result_async(
                     return value
 
 
-class _Poll:
-    """One wait's reads of the workflow's row, and the back-off between them (a wake-up ends a
-    pause early; the pause doubles up to the polling interval, for what no wake-up reaches)."""
+def wait_for_first(
+    store: SystemStore, waiters: Waiters, workflow_ids: list[str], polling_interval_sec: float
+) -> str:
+    """Block until one of the workflows has ended (in any way: success, error, cancellation)
+    and return its id; of several already ended, the one that ended first."""
+    poll = _FirstPoll(store, workflow_ids, polling_interval_sec)
+    with waiters.watch_many(workflow_ids) as event:
+        found = poll.check()
+        if found is not None:
+            return found
+        with waiters.waiting():
+            while True:
+                event.wait(poll.next_wait())
+                event.clear()
+                found = poll.check()
+                if found is not None:
+                    return found
+
+
+async def wait_for_first_async(
+    store: SystemStore, waiters: Waiters, workflow_ids: list[str], polling_interval_sec: float
+) -> str:
+    """`wait_for_first` for a coroutine."""
+    poll = _FirstPoll(store, workflow_ids, polling_interval_sec)
+    with waiters.watch_many_async(workflow_ids) as event:
+        found = await asyncio.to_thread(poll.check)
+        if found is not None:
+            return found
+        with waiters.waiting():
+            while True:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), poll.next_wait())
+                event.clear()
+                found = await asyncio.to_thread(poll.check)
+                if found is not None:
+                    return found
+
+
+class _Backoff:
+    """The pauses between a wait's reads: a wake-up ends a pause early; the pause doubles up
+    to the polling interval, for what no wake-up reaches."""
+
+    def __init__(self, polling_interval_sec: float, timeout_sec: float | None) -> None:
+        self._timeout = timeout_sec
+        self._delay = 0.002
+        self._cap = max(polling_interval_sec, 0.002)
+        self._waited = 0.0
+
+    def next_wait(self) -> float:
+        """How long to wait before the next read."""
+        step = self._delay
+        if self._timeout is not None:
+            step = min(step, max(self._timeout - self._waited, 0.0))
+        self._waited += step
+        self._delay = min(self._delay * 2, self._cap)
+        return step
+
+
+class _Poll(_Backoff):
+    """One wait's reads of the workflow's row, and the back-off between them."""
 
     def __init__(
         self,
@@ -194,12 +269,9 @@ class _Poll:
         polling_interval_sec: float,
         timeout_sec: float | None,
     ) -> None:
+        super().__init__(polling_interval_sec, timeout_sec)
         self._store = store
         self._workflow_id = workflow_id
-        self._timeout = timeout_sec
-        self._delay = 0.002
-        self._cap = max(polling_interval_sec, 0.002)
-        self._waited = 0.0
 
     def check(self) -> tuple[bool, Any]:
         """(finished, value); raises the workflow's error, or TimeoutError once it is due."""
@@ -214,11 +286,24 @@ class _Poll:
             )
         return finished, value
 
-    def next_wait(self) -> float:
-        """How long to wait before the next read."""
-        step = self._delay
-        if self._timeout is not None:
-            step = min(step, max(self._timeout - self._waited, 0.0))
-        self._waited += step
-        self._delay = min(self._delay * 2, self._cap)
-        return step
+
+class _FirstPoll(_Backoff):
+    """A `wait_for_first`'s reads: every workflow's state at each look, one query per 500."""
+
+    def __init__(
+        self, store: SystemStore, workflow_ids: list[str], polling_interval_sec: float
+    ) -> None:
+        super().__init__(polling_interval_sec, None)
+        self._store = store
+        self._ids = workflow_ids
+
+    def check(self) -> str | None:
+        """The id of the workflow that ended first, if any has; raises if one does not exist
+        (deleted, or a handle to an id never started), which would otherwise never end."""
+        states = self._store.completion_states(self._ids)
+        missing = [wid for wid in self._ids if wid not in states]
+        if missing:
+            raise DBOSNonExistentWorkflowError(missing[0])
+        # Ties (the same millisecond) go to the earlier handle in the list.
+        ended = [(at, i) for i, wid in enumerate(self._ids) if (at := states[wid]) is not None]
+        return self._ids[min(ended)[1]] if ended else None

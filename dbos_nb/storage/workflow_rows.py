@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from dbos_nb.errors import DBOSQueueDeduplicatedError
+from dbos_nb.models import ACTIVE_STATUSES
 from dbos_nb.storage import merged
 from dbos_nb.storage.database import DONES_CHANNEL, NOTIFY_CHANNEL, Database
 from dbos_nb.storage.queue_records import unshared_now
@@ -93,6 +94,13 @@ _STATUS_AND_RESULT = select(
     ws.c.completed_at,
 ).where(ws.c.workflow_uuid == bindparam("wid", type_=String))
 _STATUS_AND_RESULT_KEYS = tuple(_STATUS_AND_RESULT.selected_columns.keys())
+
+# What `completion_states` reads, for a chunk of ids (an expanding IN: one parameter per id,
+# and SQLite builds before 3.32 take at most 999 of them in a statement).
+_COMPLETION_STATES = select(
+    ws.c.workflow_uuid, ws.c.status, ws.c.completed_at, ws.c.updated_at
+).where(ws.c.workflow_uuid.in_(bindparam("ids", expanding=True)))
+_ID_CHUNK = 500
 
 
 _WF_COLUMNS = [
@@ -304,6 +312,21 @@ class WorkflowRows(StoreBase):
         """Just the columns a waiter needs: status, output, error, deadline, completion time."""
         row = self.db.read_row(_STATUS_AND_RESULT, {"wid": workflow_id})
         return dict(zip(_STATUS_AND_RESULT_KEYS, row, strict=True)) if row is not None else None
+
+    def completion_states(self, workflow_ids: Sequence[str]) -> dict[str, int | None]:
+        """For each of these workflows that exists: when it ended (its completion time, else its
+        last update), or None while it is still active (enqueued or pending). What
+        `DBOS.wait_first` reads at each look; ids are sent in chunks that any SQLite accepts."""
+        states: dict[str, int | None] = {}
+        with self.db.read() as conn:
+            for start in range(0, len(workflow_ids), _ID_CHUNK):
+                rows = conn.execute(
+                    _COMPLETION_STATES, {"ids": list(workflow_ids[start : start + _ID_CHUNK])}
+                )
+                for wid, status, completed_at, updated_at in rows:
+                    active = status in ACTIVE_STATUSES
+                    states[wid] = None if active else (completed_at or updated_at or 0)
+        return states
 
     def finish_workflow(
         self,

@@ -1,0 +1,201 @@
+"""`DBOS.wait_first`: the handle of whichever workflow ends first, recorded in workflow code."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from conftest import wait_until
+from dbos_nb import (
+    DBOS,
+    DBOSAwaitedWorkflowCancelledError,
+    DBOSClient,
+    DBOSNonExistentWorkflowError,
+    Queue,
+    SetWorkflowID,
+    WorkflowHandle,
+)
+
+GATES: dict[int, threading.Event] = {}
+
+
+def _gated_workflows() -> tuple[object, Queue]:
+    """A workflow that returns its number once its gate opens (or raises for a negative
+    number), on a queue that runs them all at once."""
+
+    @DBOS.workflow(name="wf_gated")
+    def gated(i: int) -> int:
+        GATES[i].wait(30)
+        if i < 0:
+            raise ValueError(f"item {i} failed")
+        return i
+
+    return gated, Queue("wait_first_q")
+
+
+@pytest.fixture(autouse=True)
+def _gates() -> object:
+    GATES.clear()
+    yield
+    for gate in GATES.values():  # nothing left waiting after a failed test
+        gate.set()
+
+
+def _enqueue(queue: Queue, gated: object, items: list[int]) -> list[WorkflowHandle[int]]:
+    for i in items:
+        GATES[i] = threading.Event()
+    return [queue.enqueue(gated, i) for i in items]  # type: ignore[arg-type]
+
+
+def _running(handles: list[WorkflowHandle[int]]) -> None:
+    wait_until(lambda: all(h.get_status().status == "PENDING" for h in handles))
+
+
+def test_results_come_in_the_order_the_workflows_end(launched: str) -> None:
+    gated, queue = _gated_workflows()
+    handles = _enqueue(queue, gated, [0, 1, 2, 3])
+    _running(handles)
+    pending = list(handles)
+    order = [2, 0, 3, 1]
+    seen = []
+    for i in order:
+        GATES[i].set()
+        done = DBOS.wait_first(pending, polling_interval_sec=0.05)
+        pending.remove(done)
+        seen.append(done.get_result())
+    assert seen == order
+    assert all(type(h) is WorkflowHandle for h in handles)
+
+
+def test_a_failure_or_a_cancellation_ends_the_wait(launched: str) -> None:
+    gated, queue = _gated_workflows()
+    blocked, failing, cancelled = _enqueue(queue, gated, [5, -1, 6])
+    _running([blocked, failing, cancelled])
+    GATES[-1].set()
+    done = DBOS.wait_first([blocked, failing, cancelled], polling_interval_sec=0.05)
+    assert done is failing
+    with pytest.raises(ValueError, match="item -1 failed"):
+        done.get_result()
+    DBOS.cancel_workflow(cancelled.workflow_id)
+    done = DBOS.wait_first([blocked, cancelled], polling_interval_sec=0.05)
+    assert done is cancelled
+    with pytest.raises(DBOSAwaitedWorkflowCancelledError):
+        done.get_result()
+    assert blocked.get_status().status == "PENDING"
+
+
+def test_of_workflows_already_ended_the_first_to_end_is_chosen(launched: str) -> None:
+    gated, queue = _gated_workflows()
+    first, second, third = _enqueue(queue, gated, [7, 8, 9])
+    for i, handle in ((8, second), (7, first), (9, third)):
+        GATES[i].set()
+        assert handle.get_result() == i
+        time.sleep(0.01)  # completion times some milliseconds apart
+    # Not the first in the list, nor the last: the one that ended first.
+    assert DBOS.wait_first([first, third, second]) is second
+    assert DBOS.wait_first([third, first]) is first
+
+
+def test_bad_arguments_are_refused(launched: str) -> None:
+    gated, queue = _gated_workflows()
+    (handle,) = _enqueue(queue, gated, [1])
+    with pytest.raises(ValueError, match="must not be empty"):
+        DBOS.wait_first([])
+    with pytest.raises(ValueError, match="duplicate workflow IDs"):
+        DBOS.wait_first([handle, DBOS.retrieve_workflow(handle.workflow_id)])
+    with pytest.raises(TypeError, match="list of workflow handles"):
+        DBOS.wait_first(handle)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="takes workflow handles, got 'wf-1'"):
+        DBOS.wait_first([handle, "wf-1"])  # type: ignore[list-item]
+    # A workflow that does not exist would never end: refused rather than waited for.
+    ghost = DBOS.retrieve_workflow("wait-first-ghost", existing_workflow=False)
+    with pytest.raises(DBOSNonExistentWorkflowError, match="wait-first-ghost"):
+        DBOS.wait_first([handle, ghost])
+    GATES[1].set()
+    assert handle.get_result() == 1
+
+
+def test_workflow_code_records_which_workflow_ended_first(launched: str) -> None:
+    gated, queue = _gated_workflows()
+    waited_on = _enqueue(queue, gated, [10, 11])
+
+    @DBOS.workflow(name="wf_first_of")
+    def first_of(ids: list[str]) -> str:
+        handles = [DBOS.retrieve_workflow(wid, existing_workflow=False) for wid in ids]
+        return DBOS.wait_first(handles, polling_interval_sec=0.05).workflow_id
+
+    ids = [h.workflow_id for h in waited_on]
+    with SetWorkflowID("wf-waiter"):
+        waiter = DBOS.start_workflow(first_of, ids)
+    wait_until(lambda: waiter.get_status().status == "PENDING")
+    GATES[11].set()
+    assert waiter.get_result() == ids[1]
+    (step,) = DBOS.list_workflow_steps("wf-waiter")
+    assert (step.function_id, step.function_name, step.output) == (0, "DBOS.waitFirst", ids[1])
+
+    # Once the winner is deleted, a new wait would fail (it does not exist); a replay of the
+    # recorded one (a fork from after it) answers it still, without reading anything.
+    GATES[10].set()
+    assert waited_on[0].get_result() == 10
+    DBOS.delete_workflow(ids[1])
+    assert DBOS.fork_workflow("wf-waiter", 1).get_result() == ids[1]
+    with pytest.raises(DBOSNonExistentWorkflowError, match=ids[1]):
+        DBOS.fork_workflow("wf-waiter", 0).get_result()
+
+
+def test_async_callers_await_it(launched: str) -> None:
+    gated, queue = _gated_workflows()
+    for i in (20, 21):
+        GATES[i] = threading.Event()
+
+    async def from_a_cell() -> int:
+        handles = [await queue.enqueue_async(gated, i) for i in (20, 21)]  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, GATES[21].set)
+        done = await DBOS.wait_first_async(handles, polling_interval_sec=0.05)
+        return int(await done.get_result())
+
+    assert asyncio.run(from_a_cell()) == 21
+    GATES[20].set()
+
+
+def test_a_client_waits_for_the_first_too(launched: str) -> None:
+    gated, queue = _gated_workflows()
+    handles = _enqueue(queue, gated, [30, 31])
+    _running(handles)
+    with DBOSClient(launched, polling_interval_sec=0.05) as client:
+        mine = [client.retrieve_workflow(h.workflow_id) for h in handles]
+        threading.Timer(0.2, GATES[30].set).start()
+        done = client.wait_first(mine)
+        assert done is mine[0] and done.get_result() == 30
+
+        async def awaited() -> str:
+            theirs = [await client.retrieve_workflow_async(h.workflow_id) for h in handles]
+            GATES[31].set()
+            await handles_done(theirs[1].workflow_id)
+            return (await client.wait_first_async(theirs[1:])).workflow_id
+
+        async def handles_done(wid: str) -> None:
+            await asyncio.to_thread(DBOS.retrieve_workflow(wid).get_result)
+
+        assert asyncio.run(awaited()) == handles[1].workflow_id
+
+
+def test_a_long_list_is_read_in_chunks(launched: str) -> None:
+    """Ids beyond the first chunks of the read (500 a statement) count too."""
+
+    @DBOS.workflow(name="wf_plain")
+    def plain(i: int) -> int:
+        return i
+
+    parked = Queue("wait_first_parked", limiter={"limit": 1, "period": 3600})
+    handles = parked.enqueue_many(plain, list(range(1100)))  # one start allowed: item 0
+    assert handles[0].get_result() == 0
+    last_first = handles[::-1]
+    assert DBOS.wait_first(last_first) is handles[0]
+    ghost = DBOS.retrieve_workflow("wait-first-ghost-1100", existing_workflow=False)
+    with pytest.raises(DBOSNonExistentWorkflowError, match="ghost-1100"):
+        DBOS.wait_first([*handles, ghost])
