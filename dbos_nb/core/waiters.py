@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from dbos_nb import serialization
@@ -80,19 +80,30 @@ class Waiters:
     def watch_many(self, workflow_ids: list[str]) -> Iterator[threading.Event]:
         """`watch` for several workflows at once: one event, set when any of them finishes."""
         event = threading.Event()
-        with ExitStack() as stack:
-            for workflow_id in workflow_ids:
-                stack.enter_context(self._registered(workflow_id, event))
+        with self._registered_many(workflow_ids, event):
             yield event
 
     @contextmanager
     def watch_many_async(self, workflow_ids: list[str]) -> Iterator[asyncio.Event]:
         """`watch_many` for a coroutine, inside a running event loop."""
         waker = _LoopEvent()
-        with ExitStack() as stack:
-            for workflow_id in workflow_ids:
-                stack.enter_context(self._registered(workflow_id, waker))
+        with self._registered_many(workflow_ids, waker):
             yield waker.event
+
+    @contextmanager
+    def _registered_many(
+        self, workflow_ids: list[str], event: threading.Event | _LoopEvent
+    ) -> Iterator[None]:
+        # One lock for all: a wait on thousands of handles registers in a few milliseconds.
+        with self._lock:
+            for workflow_id in workflow_ids:
+                self._events.setdefault(workflow_id, []).append(event)
+        try:
+            yield
+        finally:
+            with self._lock:
+                for workflow_id in workflow_ids:
+                    self._unregister(workflow_id, event)
 
     @contextmanager
     def watch_async(self, workflow_id: str) -> Iterator[asyncio.Event]:
@@ -109,11 +120,15 @@ class Waiters:
             yield
         finally:
             with self._lock:
-                events = self._events.get(workflow_id)
-                if events is not None:
-                    events.remove(event)
-                    if not events:
-                        del self._events[workflow_id]
+                self._unregister(workflow_id, event)
+
+    def _unregister(self, workflow_id: str, event: threading.Event | _LoopEvent) -> None:
+        """Remove one registration (the caller holds the lock)."""
+        events = self._events.get(workflow_id)
+        if events is not None:
+            events.remove(event)
+            if not events:
+                del self._events[workflow_id]
 
     def notify(self, workflow_id: str) -> None:
         with self._lock:
@@ -207,6 +222,11 @@ def wait_for_first(
     """Block until one of the workflows has ended (in any way: success, error, cancellation)
     and return its id; of several already ended, the one that ended first."""
     poll = _FirstPoll(store, workflow_ids, polling_interval_sec)
+    # A first look before registering: taking results as they come, most calls find one
+    # ended already, and registering thousands of handles would cost more than the read.
+    found = poll.check()
+    if found is not None:
+        return found
     with waiters.watch_many(workflow_ids) as event:
         found = poll.check()
         if found is not None:
@@ -225,6 +245,9 @@ async def wait_for_first_async(
 ) -> str:
     """`wait_for_first` for a coroutine."""
     poll = _FirstPoll(store, workflow_ids, polling_interval_sec)
+    found = await asyncio.to_thread(poll.check)  # (see `wait_for_first`)
+    if found is not None:
+        return found
     with waiters.watch_many_async(workflow_ids) as event:
         found = await asyncio.to_thread(poll.check)
         if found is not None:
@@ -300,10 +323,9 @@ class _FirstPoll(_Backoff):
     def check(self) -> str | None:
         """The id of the workflow that ended first, if any has; raises if one does not exist
         (deleted, or a handle to an id never started), which would otherwise never end."""
-        states = self._store.completion_states(self._ids)
-        missing = [wid for wid in self._ids if wid not in states]
-        if missing:
-            raise DBOSNonExistentWorkflowError(missing[0])
-        # Ties (the same millisecond) go to the earlier handle in the list.
-        ended = [(at, i) for i, wid in enumerate(self._ids) if (at := states[wid]) is not None]
-        return self._ids[min(ended)[1]] if ended else None
+        found = self._store.first_ended(self._ids)
+        if found is None:
+            missing = self._store.first_missing(self._ids)
+            if missing is not None:
+                raise DBOSNonExistentWorkflowError(missing)
+        return found

@@ -8,10 +8,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
+    ColumnElement,
     Executable,
     Integer,
     String,
+    any_,
     bindparam,
     case,
     exists,
@@ -95,12 +98,29 @@ _STATUS_AND_RESULT = select(
 ).where(ws.c.workflow_uuid == bindparam("wid", type_=String))
 _STATUS_AND_RESULT_KEYS = tuple(_STATUS_AND_RESULT.selected_columns.keys())
 
-# What `completion_states` reads, for a chunk of ids (an expanding IN: one parameter per id,
-# and SQLite builds before 3.32 take at most 999 of them in a statement).
-_COMPLETION_STATES = select(
-    ws.c.workflow_uuid, ws.c.status, ws.c.completed_at, ws.c.updated_at
-).where(ws.c.workflow_uuid.in_(bindparam("ids", expanding=True)))
-_ID_CHUNK = 500
+# What `first_ended` and `first_missing` read. PostgreSQL takes the ids as one array (`= ANY`):
+# one statement whatever their number, its text the same each time. SQLite has no arrays: an
+# `IN` list per chunk of ids (builds before 3.32 take at most 999 parameters in a statement).
+_ENDED_AT = func.coalesce(ws.c.completed_at, ws.c.updated_at)
+
+
+def _among(postgres: bool) -> ColumnElement[bool]:
+    if postgres:
+        return ws.c.workflow_uuid == any_(bindparam("ids", type_=ARRAY(String)))
+    return ws.c.workflow_uuid.in_(bindparam("ids", expanding=True))
+
+
+_FIRST_ENDED = {
+    postgres: select(ws.c.workflow_uuid, _ENDED_AT)
+    .where(_among(postgres), ~status_is(ws.c.status, *ACTIVE_STATUSES))
+    .order_by(_ENDED_AT)
+    .limit(1)
+    for postgres in (False, True)
+}
+_EXISTING = {
+    postgres: select(ws.c.workflow_uuid).where(_among(postgres)) for postgres in (False, True)
+}
+_SQLITE_ID_CHUNK = 500
 
 
 _WF_COLUMNS = [
@@ -313,20 +333,34 @@ class WorkflowRows(StoreBase):
         row = self.db.read_row(_STATUS_AND_RESULT, {"wid": workflow_id})
         return dict(zip(_STATUS_AND_RESULT_KEYS, row, strict=True)) if row is not None else None
 
-    def completion_states(self, workflow_ids: Sequence[str]) -> dict[str, int | None]:
-        """For each of these workflows that exists: when it ended (its completion time, else its
-        last update), or None while it is still active (enqueued or pending). What
-        `DBOS.wait_first` reads at each look; ids are sent in chunks that any SQLite accepts."""
-        states: dict[str, int | None] = {}
+    def first_ended(self, workflow_ids: Sequence[str]) -> str | None:
+        """Of these workflows, the one that ended first (succeeded, failed or was cancelled:
+        by its completion time, else its last update), or None while all are active. What
+        `DBOS.wait_first` asks at each look."""
+        best: tuple[int, str] | None = None
+        postgres = self.db.is_postgres
         with self.db.read() as conn:
-            for start in range(0, len(workflow_ids), _ID_CHUNK):
-                rows = conn.execute(
-                    _COMPLETION_STATES, {"ids": list(workflow_ids[start : start + _ID_CHUNK])}
-                )
-                for wid, status, completed_at, updated_at in rows:
-                    active = status in ACTIVE_STATUSES
-                    states[wid] = None if active else (completed_at or updated_at or 0)
-        return states
+            for chunk in self._id_chunks(workflow_ids):
+                row = conn.execute(_FIRST_ENDED[postgres], {"ids": chunk}).first()
+                # Strictly earlier only: of the same millisecond, the earlier chunk's.
+                if row is not None and (best is None or row[1] < best[0]):
+                    best = (row[1], row[0])
+        return best[1] if best is not None else None
+
+    def first_missing(self, workflow_ids: Sequence[str]) -> str | None:
+        """The first of these ids that no workflow has (never started, or deleted)."""
+        postgres = self.db.is_postgres
+        with self.db.read() as conn:
+            for chunk in self._id_chunks(workflow_ids):
+                found = set(conn.execute(_EXISTING[postgres], {"ids": chunk}).scalars())
+                missing = [wid for wid in chunk if wid not in found]
+                if missing:
+                    return missing[0]
+        return None
+
+    def _id_chunks(self, workflow_ids: Sequence[str]) -> list[list[str]]:
+        size = len(workflow_ids) if self.db.is_postgres else _SQLITE_ID_CHUNK
+        return [list(workflow_ids[i : i + size]) for i in range(0, len(workflow_ids), size)]
 
     def finish_workflow(
         self,
