@@ -343,6 +343,15 @@ class DBOS(metaclass=_DBOSType):
         wid = workflows.enqueue_workflow(rt, queue_name, reg, call_args, kwargs)
         return WorkflowHandle(rt, wid)
 
+    @classmethod
+    async def enqueue_workflow_async(
+        cls, queue_name: str, func: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> WorkflowHandleAsync[T]:
+        """`enqueue_workflow` for async callers (one short database write, as
+        `queue.enqueue_async`); the handle's `get_result()` and `get_status()` are awaited."""
+        handle = cls.enqueue_workflow(queue_name, func, *args, **kwargs)
+        return WorkflowHandleAsync(cls._rt(), handle.workflow_id)
+
     # -- inspecting and managing ----------------------------------------------------------------
     #
     # Called by workflow code, these are operations of the workflow, recorded under DBOS's names

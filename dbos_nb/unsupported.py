@@ -78,13 +78,9 @@ _DBOS_FEATURES: dict[str, str] = {
     ),
     "listen_queues": "choosing the queues to serve by a call (set the config key 'listen_queues')",
     **dict.fromkeys(
-        (
-            "enqueue_workflow_async",
-            "enqueue_workflow_with_options",
-            "enqueue_workflow_with_options_async",
-        ),
-        "these enqueue calls (use queue.enqueue, queue.enqueue_async or "
-        "DBOS.enqueue_workflow, with SetEnqueueOptions for options)",
+        ("enqueue_workflow_with_options", "enqueue_workflow_with_options_async"),
+        "these enqueue calls (use queue.enqueue, queue.enqueue_async, DBOS.enqueue_workflow "
+        "or DBOS.enqueue_workflow_async, with SetEnqueueOptions for options)",
     ),
     **dict.fromkeys(("set_workflow_delay", "set_workflow_delay_async"), "delayed workflows"),
     **dict.fromkeys(

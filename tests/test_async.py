@@ -18,6 +18,7 @@ from dbos_nb import (
     Queue,
     RateLimited,
     SetWorkflowID,
+    UnknownQueueError,
     WorkflowHandleAsync,
     WorkflowPreempted,
 )
@@ -352,6 +353,27 @@ def test_enqueue_async_gives_awaitable_handles(launched: str) -> None:
         assert (status.status, status.queue_name) == ("ERROR", "async_handles")
 
     asyncio.run(caller())
+
+
+def test_enqueue_workflow_async_by_queue_name(launched: str) -> None:
+    """DBOS.enqueue_workflow_async, as in DBOS: the queue by name, an awaitable handle, the
+    same refusal of a queue nobody declared."""
+    Queue("async_by_name")
+
+    @DBOS.workflow()
+    async def doubled(x: int) -> int:
+        return 2 * x
+
+    async def caller() -> tuple[Any, int, str | None]:
+        handle = await DBOS.enqueue_workflow_async("async_by_name", doubled, 21)
+        status = await handle.get_status()
+        with pytest.raises(UnknownQueueError, match="async_nowhere"):
+            await DBOS.enqueue_workflow_async("async_nowhere", doubled, 1)
+        return handle, await handle.get_result(polling_interval_sec=0.05), status.queue_name
+
+    handle, value, queue_name = asyncio.run(caller())
+    assert isinstance(handle, WorkflowHandleAsync)
+    assert (value, queue_name) == (42, "async_by_name")
 
 
 def test_client_enqueue_async_and_retrieve_workflow_async(launched: str) -> None:
