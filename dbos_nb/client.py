@@ -291,13 +291,27 @@ class DBOSClient:
         return management.list_steps(self._store, workflow_id)
 
     def cancel_workflow(self, workflow_id: str, *, cancel_children: bool = False) -> None:
-        management.cancel(self._store, workflow_id, self._clock.now_ms(), cancel_children)
+        management.cancel(self._store, [workflow_id], self._clock.now_ms(), cancel_children)
+
+    def cancel_workflows(self, workflow_ids: list[str], *, cancel_children: bool = False) -> None:
+        """`cancel_workflow` for several workflows at once, in one transaction."""
+        ids = management.workflow_ids(workflow_ids, "DBOSClient.cancel_workflows")
+        management.cancel(self._store, ids, self._clock.now_ms(), cancel_children)
 
     def resume_workflow(
         self, workflow_id: str, *, queue_name: str | None = None
     ) -> WorkflowHandle[Any]:
-        management.resume(self._store, workflow_id, self._clock.now_ms(), queue_name)
+        management.resume(self._store, [workflow_id], self._clock.now_ms(), queue_name)
         return WorkflowHandle(self, workflow_id)
+
+    def resume_workflows(
+        self, workflow_ids: list[str], *, queue_name: str | None = None
+    ) -> list[WorkflowHandle[Any]]:
+        """`resume_workflow` for several workflows at once, in one transaction; an unknown id
+        raises before any is resumed."""
+        ids = management.workflow_ids(workflow_ids, "DBOSClient.resume_workflows")
+        management.resume(self._store, ids, self._clock.now_ms(), queue_name)
+        return [WorkflowHandle(self, wid) for wid in ids]
 
     def fork_workflow(
         self,
@@ -321,7 +335,13 @@ class DBOSClient:
 
     def delete_workflow(self, workflow_id: str, *, delete_children: bool = False) -> None:
         """Delete a finished workflow and its records (see `DBOS.delete_workflow`)."""
-        management.delete(self._store, workflow_id, delete_children)
+        management.delete(self._store, [workflow_id], delete_children)
+
+    def delete_workflows(self, workflow_ids: list[str], *, delete_children: bool = False) -> None:
+        """`delete_workflow` for several workflows at once: if one is still queued or running,
+        `WorkflowActiveError` and none is deleted."""
+        ids = management.workflow_ids(workflow_ids, "DBOSClient.delete_workflows")
+        management.delete(self._store, ids, delete_children)
 
     # -- the same for async callers: each call runs its short database exchange in a thread --
 
@@ -342,11 +362,26 @@ class DBOSClient:
     ) -> None:
         await asyncio.to_thread(self.cancel_workflow, workflow_id, cancel_children=cancel_children)
 
+    async def cancel_workflows_async(
+        self, workflow_ids: list[str], *, cancel_children: bool = False
+    ) -> None:
+        await asyncio.to_thread(
+            self.cancel_workflows, workflow_ids, cancel_children=cancel_children
+        )
+
     async def resume_workflow_async(
         self, workflow_id: str, *, queue_name: str | None = None
     ) -> WorkflowHandleAsync[Any]:
         await asyncio.to_thread(self.resume_workflow, workflow_id, queue_name=queue_name)
         return WorkflowHandleAsync(self, workflow_id)
+
+    async def resume_workflows_async(
+        self, workflow_ids: list[str], *, queue_name: str | None = None
+    ) -> list[WorkflowHandleAsync[Any]]:
+        handles = await asyncio.to_thread(
+            self.resume_workflows, workflow_ids, queue_name=queue_name
+        )
+        return [WorkflowHandleAsync(self, h.workflow_id) for h in handles]
 
     async def fork_workflow_async(
         self,
@@ -369,6 +404,13 @@ class DBOSClient:
         self, workflow_id: str, *, delete_children: bool = False
     ) -> None:
         await asyncio.to_thread(self.delete_workflow, workflow_id, delete_children=delete_children)
+
+    async def delete_workflows_async(
+        self, workflow_ids: list[str], *, delete_children: bool = False
+    ) -> None:
+        await asyncio.to_thread(
+            self.delete_workflows, workflow_ids, delete_children=delete_children
+        )
 
     if not TYPE_CHECKING:  # hidden from type checkers, which still flag a misspelt name
 

@@ -411,15 +411,33 @@ class DBOS(metaclass=_DBOSType):
     @classmethod
     def cancel_workflow(cls, workflow_id: str, *, cancel_children: bool = False) -> None:
         """Cancel a workflow: it stops at its next step and waiting on it raises."""
-        _recorded("DBOS.cancelWorkflow", cls._cancel, workflow_id, cancel_children)
+        _recorded("DBOS.cancelWorkflow", cls._cancel, [workflow_id], cancel_children)
+
+    @classmethod
+    def cancel_workflows(cls, workflow_ids: list[str], *, cancel_children: bool = False) -> None:
+        """`cancel_workflow` for several workflows at once, in one transaction (as in DBOS,
+        recorded in workflow code as one "DBOS.cancelWorkflow")."""
+        ids = management.workflow_ids(workflow_ids, "DBOS.cancel_workflows")
+        _recorded("DBOS.cancelWorkflow", cls._cancel, ids, cancel_children)
 
     @classmethod
     def resume_workflow(
         cls, workflow_id: str, *, queue_name: str | None = None
     ) -> WorkflowHandle[Any]:
         """Run a cancelled or dead-lettered workflow again from its last completed step."""
-        _recorded("DBOS.resumeWorkflow", cls._resume, workflow_id, queue_name)
+        _recorded("DBOS.resumeWorkflow", cls._resume, [workflow_id], queue_name)
         return WorkflowHandle(cls._rt(), workflow_id)
+
+    @classmethod
+    def resume_workflows(
+        cls, workflow_ids: list[str], *, queue_name: str | None = None
+    ) -> list[WorkflowHandle[Any]]:
+        """`resume_workflow` for several workflows at once, in one transaction; an unknown id
+        raises before any is resumed. Returns a handle per id, in order."""
+        ids = management.workflow_ids(workflow_ids, "DBOS.resume_workflows")
+        _recorded("DBOS.resumeWorkflow", cls._resume, ids, queue_name)
+        rt = cls._rt()
+        return [WorkflowHandle(rt, wid) for wid in ids]
 
     @classmethod
     def fork_workflow(
@@ -447,7 +465,14 @@ class DBOS(metaclass=_DBOSType):
         """Delete a finished workflow and everything recorded of it (with its descendants if
         `delete_children`). An unknown id is not an error; a workflow still queued or running
         raises `WorkflowActiveError` (cancel it first) and nothing is deleted."""
-        _recorded("DBOS.deleteWorkflow", cls._delete, workflow_id, delete_children)
+        _recorded("DBOS.deleteWorkflow", cls._delete, [workflow_id], delete_children)
+
+    @classmethod
+    def delete_workflows(cls, workflow_ids: list[str], *, delete_children: bool = False) -> None:
+        """`delete_workflow` for several workflows at once, in one transaction: if one is still
+        queued or running, `WorkflowActiveError` and none is deleted."""
+        ids = management.workflow_ids(workflow_ids, "DBOS.delete_workflows")
+        _recorded("DBOS.deleteWorkflow", cls._delete, ids, delete_children)
 
     # What the management calls do, recorded or not (and, for the async twins, in a thread).
 
@@ -464,16 +489,16 @@ class DBOS(metaclass=_DBOSType):
         return management.list_steps(cls._rt().store, workflow_id)
 
     @classmethod
-    def _cancel(cls, workflow_id: str, cancel_children: bool) -> None:
+    def _cancel(cls, workflow_ids: list[str], cancel_children: bool) -> None:
         rt = cls._rt()
-        changed = management.cancel(rt.store, workflow_id, rt.now_ms(), cancel_children)
+        changed = management.cancel(rt.store, workflow_ids, rt.now_ms(), cancel_children)
         rt.ended_elsewhere(changed, "cancelled")
         rt.wake_scheduler()
 
     @classmethod
-    def _resume(cls, workflow_id: str, queue_name: str | None) -> None:
+    def _resume(cls, workflow_ids: list[str], queue_name: str | None) -> None:
         rt = cls._rt()
-        management.resume(rt.store, workflow_id, rt.now_ms(), queue_name)
+        management.resume(rt.store, workflow_ids, rt.now_ms(), queue_name)
         rt.wake_scheduler()
 
     @classmethod
@@ -492,8 +517,8 @@ class DBOS(metaclass=_DBOSType):
         return new_id
 
     @classmethod
-    def _delete(cls, workflow_id: str, delete_children: bool) -> None:
-        management.delete(cls._rt().store, workflow_id, delete_children)
+    def _delete(cls, workflow_ids: list[str], delete_children: bool) -> None:
+        management.delete(cls._rt().store, workflow_ids, delete_children)
 
     @classmethod
     def recover_pending_workflows(
@@ -558,14 +583,30 @@ class DBOS(metaclass=_DBOSType):
     async def cancel_workflow_async(
         cls, workflow_id: str, *, cancel_children: bool = False
     ) -> None:
-        await _recorded_async("DBOS.cancelWorkflow", cls._cancel, workflow_id, cancel_children)
+        await _recorded_async("DBOS.cancelWorkflow", cls._cancel, [workflow_id], cancel_children)
+
+    @classmethod
+    async def cancel_workflows_async(
+        cls, workflow_ids: list[str], *, cancel_children: bool = False
+    ) -> None:
+        ids = management.workflow_ids(workflow_ids, "DBOS.cancel_workflows_async")
+        await _recorded_async("DBOS.cancelWorkflow", cls._cancel, ids, cancel_children)
 
     @classmethod
     async def resume_workflow_async(
         cls, workflow_id: str, *, queue_name: str | None = None
     ) -> WorkflowHandleAsync[Any]:
-        await _recorded_async("DBOS.resumeWorkflow", cls._resume, workflow_id, queue_name)
+        await _recorded_async("DBOS.resumeWorkflow", cls._resume, [workflow_id], queue_name)
         return WorkflowHandleAsync(cls._rt(), workflow_id)
+
+    @classmethod
+    async def resume_workflows_async(
+        cls, workflow_ids: list[str], *, queue_name: str | None = None
+    ) -> list[WorkflowHandleAsync[Any]]:
+        ids = management.workflow_ids(workflow_ids, "DBOS.resume_workflows_async")
+        await _recorded_async("DBOS.resumeWorkflow", cls._resume, ids, queue_name)
+        rt = cls._rt()
+        return [WorkflowHandleAsync(rt, wid) for wid in ids]
 
     @classmethod
     async def fork_workflow_async(
@@ -590,7 +631,14 @@ class DBOS(metaclass=_DBOSType):
     async def delete_workflow_async(
         cls, workflow_id: str, *, delete_children: bool = False
     ) -> None:
-        await _recorded_async("DBOS.deleteWorkflow", cls._delete, workflow_id, delete_children)
+        await _recorded_async("DBOS.deleteWorkflow", cls._delete, [workflow_id], delete_children)
+
+    @classmethod
+    async def delete_workflows_async(
+        cls, workflow_ids: list[str], *, delete_children: bool = False
+    ) -> None:
+        ids = management.workflow_ids(workflow_ids, "DBOS.delete_workflows_async")
+        await _recorded_async("DBOS.deleteWorkflow", cls._delete, ids, delete_children)
 
     @classmethod
     async def get_result_async(cls, workflow_id: str) -> Any:

@@ -193,6 +193,9 @@ class ClaimedWorkflow:
     # Highest operation number recorded for it at the claim (-1: none), so that the execution
     # need not read it again.
     last_recorded_fid: int = -1
+    # Set by the claimer: the runtime's count of stop requests that found nothing to stop,
+    # read before the claim (see `Runtime.stop_mark`).
+    stop_mark: int | None = None
 
 
 @dataclass

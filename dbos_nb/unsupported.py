@@ -92,16 +92,13 @@ _DBOS_FEATURES: dict[str, str] = {
     "default_required_roles": "role-based access checks",
     "patch": "workflow patching",
     "deprecate_patch": "workflow patching",
-    "cancel_workflows": "bulk management calls (call cancel_workflow for each id)",
-    "resume_workflows": "bulk management calls (call resume_workflow for each id)",
-    "delete_workflows": "bulk management calls (call delete_workflow for each id)",
 }
 
 # DBOSClient's share of the same features.
 _CLIENT_FEATURES: dict[str, str] = {
     name: feature
     for name, feature in _DBOS_FEATURES.items()
-    if feature in (_MESSAGES, _STREAMS, _SCHEDULES) or feature.startswith("bulk")
+    if feature in (_MESSAGES, _STREAMS, _SCHEDULES)
 }
 
 

@@ -295,8 +295,8 @@ def test_dbos_api_left_out_is_named_in_a_clear_error(launched: str) -> None:
         DBOS.set_event("progress", 1)
     with pytest.raises(DBOSNotImplementedError, match="streams"):
         DBOS.write_stream("k", 1)
-    with pytest.raises(DBOSNotImplementedError, match="cancel_workflow for each id"):
-        DBOS.cancel_workflows(["a"])
+    with pytest.raises(DBOSNotImplementedError, match="scheduled workflows"):
+        DBOS.create_schedule("nightly")
     assert not hasattr(DBOS, "recv") and hasattr(DBOS, "cancel_workflow")
     with pytest.raises(AttributeError) as misspelt:
         DBOS.cancel_workflw  # noqa: B018

@@ -923,7 +923,7 @@ def test_cancel_and_delete_reach_more_children_than_a_statement_takes_parameters
                 "SELECT count(*) FROM dbos_nb.workflow_status WHERE status = 'CANCELLED'"
             ).fetchone()
         assert row == (children + 1,)
-        assert len(store.delete_workflow("parent", with_children=True)) == children + 1
+        assert len(store.delete_workflows(["parent"], with_children=True)) == children + 1
     finally:
         db.dispose()
         drop_pg_database(pg_server_url, url)

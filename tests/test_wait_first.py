@@ -37,7 +37,12 @@ def _gated_workflows() -> tuple[object, Queue]:
 
 
 @pytest.fixture(autouse=True)
-def _gates() -> object:
+def _gates(request: pytest.FixtureRequest) -> object:
+    """(The test's launch is made a dependency of this fixture, so that the gates open before
+    DBOS.destroy(): no workflow of this module holds a worker thread into the next test.)"""
+    for name in ("launched", "launched_pg"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name)
     GATES.clear()
     yield
     for gate in GATES.values():  # nothing left waiting after a failed test
@@ -199,3 +204,91 @@ def test_a_long_list_is_read_in_chunks(launched: str) -> None:
     ghost = DBOS.retrieve_workflow("wait-first-ghost-1100", existing_workflow=False)
     with pytest.raises(DBOSNonExistentWorkflowError, match="ghost-1100"):
         DBOS.wait_first([*handles[1:], ghost])
+
+
+@pytest.mark.parametrize("way", ["sync", "async"])
+def test_a_finish_wakes_the_wait(launched: str, monkeypatch: pytest.MonkeyPatch, way: str) -> None:
+    """With the polling fallback made an hour long, only the finish's wake-up ends the wait."""
+    from dbos_nb.core import waiters
+
+    gated, queue = _gated_workflows()
+    handles = _enqueue(queue, gated, [40, 41])
+    _running(handles)
+    monkeypatch.setattr(waiters._FirstPoll, "next_wait", lambda _self: 3600.0)
+    threading.Timer(0.2, GATES[41].set).start()
+    if way == "sync":
+        done = DBOS.wait_first(handles)
+    else:
+
+        async def awaited() -> str:
+            mine = [await DBOS.retrieve_workflow_async(h.workflow_id) for h in handles]
+            first = await asyncio.wait_for(DBOS.wait_first_async(mine), 30)
+            return first.workflow_id
+
+        done = DBOS.retrieve_workflow(asyncio.run(awaited()))
+    assert done.workflow_id == handles[1].workflow_id
+
+
+def test_a_cancel_from_another_connection_wakes_the_wait(
+    launched_pg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL another process's cancel (here a client's own connection) reaches the
+    wait by notification: the polling fallback is an hour long."""
+    from dbos_nb.core import waiters
+
+    gated, queue = _gated_workflows()
+    handles = _enqueue(queue, gated, [42, 43])
+    _running(handles)
+    monkeypatch.setattr(waiters._FirstPoll, "next_wait", lambda _self: 3600.0)
+    with DBOSClient(launched_pg) as client:
+        threading.Timer(0.2, client.cancel_workflow, args=(handles[0].workflow_id,)).start()
+        assert DBOS.wait_first(handles) is handles[0]
+
+
+def test_async_workflow_code_awaits_it_and_its_replay_answers_the_same(launched: str) -> None:
+    """In an `async def` workflow: `await DBOS.wait_first_async(...)` is recorded, and the
+    blocking `DBOS.wait_first` is refused (it would stop the loop the children run on)."""
+    gated, queue = _gated_workflows()
+    waited_on = _enqueue(queue, gated, [50, 51])
+    ids = [h.workflow_id for h in waited_on]
+
+    @DBOS.workflow(name="wf_async_first_of")
+    async def first_of(ids: list[str]) -> str:
+        handles = [await DBOS.retrieve_workflow_async(w, existing_workflow=False) for w in ids]
+        try:
+            DBOS.wait_first([DBOS.retrieve_workflow(w, existing_workflow=False) for w in ids])
+        except RuntimeError as exc:
+            assert "await wait_first_async" in str(exc)
+        else:
+            raise AssertionError("the blocking wait_first was not refused")
+        return (await DBOS.wait_first_async(handles, polling_interval_sec=0.05)).workflow_id
+
+    with SetWorkflowID("wf-async-waiter"):
+        waiter = DBOS.start_workflow(first_of, ids)
+    GATES[50].set()
+    assert waiter.get_result() == ids[0]
+    (step,) = DBOS.list_workflow_steps("wf-async-waiter")
+    assert (step.function_name, step.output) == ("DBOS.waitFirst", ids[0])
+    GATES[51].set()
+    assert waited_on[1].get_result() == 51
+    DBOS.delete_workflow(ids[0])
+    assert DBOS.fork_workflow("wf-async-waiter", 1).get_result() == ids[0]
+
+
+def test_inside_a_step_it_is_a_plain_call(launched: str) -> None:
+    gated, queue = _gated_workflows()
+    (handle,) = _enqueue(queue, gated, [60])
+    GATES[60].set()
+
+    @DBOS.step(name="st_waits_first")
+    def waits(wid: str) -> str:
+        return DBOS.wait_first([DBOS.retrieve_workflow(wid)]).workflow_id
+
+    @DBOS.workflow(name="wf_step_waits_first")
+    def outer(wid: str) -> str:
+        return waits(wid)
+
+    with SetWorkflowID("wf-step-waiter"):
+        assert outer(handle.workflow_id) == handle.workflow_id
+    steps = DBOS.list_workflow_steps("wf-step-waiter")
+    assert [s.function_name for s in steps] == ["st_waits_first"]

@@ -279,6 +279,75 @@ def test_cancel_stops_a_running_workflow_at_its_next_step(launched: str) -> None
     assert ran == ["first", "second"]
 
 
+@pytest.mark.parametrize("how", ["queue", "limited-queue", "start_workflow"])
+def test_a_cancel_before_the_execution_registers_still_stops_it(
+    launched: str, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A cancel that lands after the row became this process's (a claim, a direct start) but
+    before its execution registered here finds nothing to stop: the execution must learn of
+    it when it registers, not run its steps (it did, on SQLite, before 2026-12-02)."""
+    _cancel_before_registration(launched, monkeypatch, how, DBOS.cancel_workflow)
+
+
+def test_a_cancel_from_another_process_before_the_execution_registers_stops_it(
+    launched_pg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with the cancel from another connection (a client), heard by notification
+    on PostgreSQL while nothing here runs the workflow yet. (On SQLite another process's
+    cancel reaches a running workflow at the scheduler's next sweep.)"""
+    with DBOSClient(launched_pg) as client:
+        _cancel_before_registration(launched_pg, monkeypatch, "queue", client.cancel_workflow)
+
+
+def _cancel_before_registration(
+    url: str, monkeypatch: pytest.MonkeyPatch, how: str, cancel: Any
+) -> None:
+    from dbos_nb.core import workflows
+
+    ran: list[str] = []
+    target: list[str] = []
+    written, go = threading.Event(), threading.Event()
+    register = workflows.register
+
+    def held_register(rt: Any, ex: Any) -> Any:
+        if ex.workflow_id in target:
+            written.set()  # the row is PENDING and ours; the execution is not registered yet
+            go.wait(10)
+        return register(rt, ex)
+
+    monkeypatch.setattr(workflows, "register", held_register)
+
+    @DBOS.step()
+    def paid() -> None:
+        ran.append("paid")
+
+    @DBOS.workflow()
+    def wf() -> None:
+        paid()
+
+    target.append(f"cancel-window-{how}")
+    with SetWorkflowID(target[0]):
+        if how == "start_workflow":
+            handle = DBOS.start_workflow(wf)
+        else:
+            limits = {"concurrency": 2} if how == "limited-queue" else {}
+            handle = Queue(f"cancel_window_{how}", **limits).enqueue(wf)  # type: ignore[arg-type]
+    assert written.wait(10)
+    rt = DBOS._rt()
+    before = rt.stop_mark()
+    cancel(handle.workflow_id)
+    # The stop found nothing to stop here (from another process: once its notice arrived).
+    wait_until(lambda: rt.stop_mark() != before, timeout=10)
+    go.set()
+    with pytest.raises(DBOSAwaitedWorkflowCancelledError):
+        handle.get_result()
+    wait_until(lambda: not DBOS._rt().is_running(handle.workflow_id))
+    assert ran == [] and handle.get_status().status == "CANCELLED"
+    # Resumed, it runs: the stop was this execution's, not the workflow's for ever.
+    assert DBOS.resume_workflow(handle.workflow_id).get_result() is None
+    assert ran == ["paid"]
+
+
 @pytest.mark.parametrize("cancel_first", [True, False], ids=["cancel-then-resume", "resume"])
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
 def test_a_workflow_resumed_while_its_old_execution_still_runs_here_completes(

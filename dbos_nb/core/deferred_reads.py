@@ -19,9 +19,9 @@ from dbos_nb.storage.step_records import StepRecord
 T = TypeVar("T")
 
 
-# Reads whose records may wait (see `defer_read`): a workflow's wait for another one's result,
-# and a status read.
-DEFERRABLE = frozenset({"DBOS.getResult", "DBOS.getStatus"})
+# Reads whose records may wait (see `defer_read`): a workflow's wait for another one's result
+# or for the first of several to end, and a status read.
+DEFERRABLE = frozenset({"DBOS.getResult", "DBOS.getStatus", "DBOS.waitFirst"})
 # A record waits no further once this many, or this many bytes of outputs, wait with it: the
 # memory they hold, and the reads that a crash would make again, stay small.
 MAX_DEFERRED = 256

@@ -182,19 +182,37 @@ def require_workflow(store: SystemStore, workflow_id: str) -> None:
         raise DBOSNonExistentWorkflowError(workflow_id)
 
 
-def cancel(store: SystemStore, workflow_id: str, now_ms: int, cancel_children: bool) -> list[str]:
-    """Cancel a workflow (and its descendants); returns the ids that changed. An unknown id
+def workflow_ids(value: Any, call: str) -> list[str]:
+    """The ids given to a bulk call (`cancel_workflows`, ...): a list or tuple of non-empty
+    strings. A lone string is refused: iterating it would act on its characters."""
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise TypeError(f"{call} takes a list of workflow ids, got {value!r}")
+    for wid in value:
+        if not isinstance(wid, str) or not wid:
+            raise TypeError(f"{call}: a workflow id must be a non-empty string, got {wid!r}")
+    return list(value)
+
+
+def cancel(
+    store: SystemStore, workflow_ids: list[str], now_ms: int, cancel_children: bool
+) -> list[str]:
+    """Cancel workflows (and their descendants); returns the ids that changed. An unknown id
     changes nothing and is not an error, as in DBOS (a script cancelling ids that may be gone
     keeps going)."""
-    return store.cancel_workflows([workflow_id], now_ms, cancel_children=cancel_children)
+    return store.cancel_workflows(workflow_ids, now_ms, cancel_children=cancel_children)
 
 
-def resume(store: SystemStore, workflow_id: str, now_ms: int, queue_name: str | None) -> None:
-    """Put a workflow back in a queue to run from its last completed step."""
-    require_workflow(store, workflow_id)
+def resume(
+    store: SystemStore, workflow_ids: list[str], now_ms: int, queue_name: str | None
+) -> list[str]:
+    """Put workflows back in a queue to run from their last completed step; returns the ids
+    that changed (a finished one does not). An unknown id raises before any is resumed."""
+    missing = store.first_missing(workflow_ids)
+    if missing is not None:
+        raise DBOSNonExistentWorkflowError(missing)
     if queue_name is not None and store.get_queue(queue_name) is None:
         raise UnknownQueueError(queue_name)
-    store.resume_workflow(workflow_id, now_ms, queue_name)
+    return store.resume_workflows(workflow_ids, now_ms, queue_name)
 
 
 def fork(
@@ -229,8 +247,8 @@ def fork(
     return new_id
 
 
-def delete(store: SystemStore, workflow_id: str, delete_children: bool) -> list[str]:
-    """Delete a finished workflow (and, if asked, its descendants) with everything recorded
-    of it; returns the ids deleted. An unknown id deletes nothing, as in DBOS; an active
+def delete(store: SystemStore, workflow_ids: list[str], delete_children: bool) -> list[str]:
+    """Delete finished workflows (and, if asked, their descendants) with everything recorded
+    of them; returns the ids deleted. An unknown id deletes nothing, as in DBOS; an active
     workflow raises `WorkflowActiveError` and nothing is deleted."""
-    return store.delete_workflow(workflow_id, with_children=delete_children)
+    return store.delete_workflows(workflow_ids, with_children=delete_children)

@@ -91,6 +91,12 @@ class Runtime:
     # Workflows whose execution here ended after being told to stop (cancelled, taken over):
     # it may have recorded an operation after a new execution's claim read the last one.
     _stopped_ends: dict[str, None] = field(default_factory=dict)
+    # How many times a request to stop (a cancel, a timeout, another process's notice) found
+    # no execution here for some workflow. Between the write that makes a row ours (a claim,
+    # a start) and the execution's registration, such a request finds nothing to stop: an
+    # execution registering after the count moved since its write reads its row once (see
+    # `workflows.register`), instead of running steps for a workflow cancelled meanwhile.
+    _missed_stops: int = 0
     _wake: threading.Event = field(default_factory=threading.Event)
     _stored_versions: set[str] = field(default_factory=set)
     # Queues whose state changed since the scheduler last looked (all of them at first), with
@@ -164,12 +170,25 @@ class Runtime:
         """Ask local executions to stop at their next durable operation."""
         with self._running_lock:
             targets = [self._running[w] for w in workflow_ids if w in self._running]
+            if len(targets) < len(workflow_ids):
+                self._missed_stops += 1
         for running in targets:
             # The first reason stands: a timed-out workflow is also seen CANCELLED by the
             # sweep a moment later, and its caller must learn that it timed out.
             if running.preempt_reason is None:
                 running.preempt_reason = reason
             running.interrupt.set()
+
+    def missed_stop(self) -> None:
+        """A request to stop some workflow, heard here, that found no execution of it (see
+        `_missed_stops`)."""
+        with self._running_lock:
+            self._missed_stops += 1
+
+    def stop_mark(self) -> int:
+        """Read before a write that makes a workflow's row this process's to run, and given to
+        its execution (`Execution.stop_mark`): see `_missed_stops`."""
+        return self._missed_stops
 
     def preempt_all(self, reason: str) -> None:
         self.preempt(self.running_ids(), reason)

@@ -83,6 +83,7 @@ class Scheduler:
                 self._on_notification,
                 wants_dones=rt.waiters.active,
                 on_dones_heard=rt.waiters.notify_all,
+                on_dones_payload=self._on_finished_elsewhere,
             )
             rt.waiters.on_first = listener.want_dones
             self._listener = threading.Thread(
@@ -106,9 +107,9 @@ class Scheduler:
         return self._thread.is_alive()
 
     def _on_notification(self, payload: str) -> None:
-        if payload.startswith("done:"):
-            self._on_done(payload[5:])
-        elif payload.startswith("dones:"):  # workflows that finished together (a JSON list)
+        if payload.startswith("done:"):  # cancelled or given up in another process
+            self._on_done(payload[5:], stop_notice=True)
+        elif payload.startswith("dones:"):  # (from a version that sent finishes here)
             for wid in json.loads(payload[6:]):
                 self._on_done(wid)
         elif payload.startswith("q:") and payload != "q:*":
@@ -116,7 +117,16 @@ class Scheduler:
         else:
             self._rt.wake_scheduler()
 
-    def _on_done(self, wid: str) -> None:
+    def _on_finished_elsewhere(self, payload: str) -> None:
+        """DONES_CHANNEL: workflows that finished in another process (`done:<id>`, or
+        `dones:<JSON list>`)."""
+        if payload.startswith("done:"):
+            self._on_done(payload[5:])
+        elif payload.startswith("dones:"):
+            for wid in json.loads(payload[6:]):
+                self._on_done(wid)
+
+    def _on_done(self, wid: str, stop_notice: bool = False) -> None:
         """A workflow ended (finished, cancelled) in another process."""
         self._rt.waiters.notify(wid)
         # Cancelled elsewhere: stop our execution of it at once, not at its next step.
@@ -124,6 +134,10 @@ class Scheduler:
             row = self._rt.store.get_status_and_result(wid)
             if row is not None and row["status"] == "CANCELLED":
                 self._rt.preempt([wid], "cancelled")
+        elif stop_notice:
+            # Perhaps claimed here a moment ago and not registered yet: its execution reads
+            # its row when it registers (see `Runtime.stop_mark`).
+            self._rt.missed_stop()
 
     def _loop(self) -> None:
         rt = self._rt
@@ -276,6 +290,7 @@ class Scheduler:
                     held = room
                     self._inflight += held
                 self._claiming.add(queue_name)
+            mark = rt.stop_mark()
             try:
                 result = self._claim_one(queue_name, names, excluded, room, full)
             except BaseException:
@@ -291,6 +306,7 @@ class Scheduler:
                 self._running_by_queue[queue_name] = count + len(result.claimed)
                 self._claim_done.notify_all()
             for item in result.claimed:
+                item.stop_mark = mark
                 self._dispatch(item)
             if len(result.claimed) >= room:
                 rt.wake_scheduler(queue_name)  # there may be more right away

@@ -311,7 +311,7 @@ class _Poll(_Backoff):
 
 
 class _FirstPoll(_Backoff):
-    """A `wait_for_first`'s reads: every workflow's state at each look, one query per 500."""
+    """A `wait_for_first`'s reads: the first workflow to end among all, at each look."""
 
     def __init__(
         self, store: SystemStore, workflow_ids: list[str], polling_interval_sec: float
@@ -319,13 +319,16 @@ class _FirstPoll(_Backoff):
         super().__init__(polling_interval_sec, None)
         self._store = store
         self._ids = workflow_ids
+        self._all_exist = False
 
     def check(self) -> str | None:
-        """The id of the workflow that ended first, if any has; raises if one does not exist
-        (deleted, or a handle to an id never started), which would otherwise never end."""
+        """The id of the workflow that ended first, if any has. At the first look that finds
+        none, raises if one does not exist (a handle to an id never started), which would
+        never end; later looks need not ask again: an active workflow cannot be deleted."""
         found = self._store.first_ended(self._ids)
-        if found is None:
+        if found is None and not self._all_exist:
             missing = self._store.first_missing(self._ids)
             if missing is not None:
                 raise DBOSNonExistentWorkflowError(missing)
+            self._all_exist = True
         return found

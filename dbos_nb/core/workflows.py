@@ -178,6 +178,7 @@ def write_started(
     plan = plan_start(rt, name)
     owner = new_token()
     row = _new_row(rt, reg, plan, inputs, name, status=_PENDING, owner=owner)
+    mark = rt.stop_mark()
     existing = rt.store.insert_workflow(row)
     if existing is not None and existing.get("owner_xid") == owner:
         # This very write, committed by an attempt whose reply a lost connection swallowed
@@ -186,7 +187,14 @@ def write_started(
     if existing is not None:
         _check_same_function(plan.workflow_id, existing, name)
     ex = Execution(
-        reg, plan.workflow_id, owner, args, kwargs, row.workflow_deadline_epoch_ms, fresh=True
+        reg,
+        plan.workflow_id,
+        owner,
+        args,
+        kwargs,
+        row.workflow_deadline_epoch_ms,
+        fresh=True,
+        stop_mark=mark,
     )
     return ex, existing
 
@@ -295,6 +303,7 @@ def _start_directly(
     except BaseException:
         direct.cancel_reservation(queue_name)
         raise
+    mark = rt.stop_mark()
     try:
         written = rt.store.insert_started_if_unshared(
             started, started.created_at, worker_concurrency=slot.worker_concurrency
@@ -308,7 +317,7 @@ def _start_directly(
         # outcome is settled on a thread; the caller gets the interrupt at once.
         threading.Thread(
             target=_settle_interrupted_start,
-            args=(rt, direct, started, slot, reg.is_async),
+            args=(rt, direct, started, slot, reg.is_async, mark),
             name="dbos_nb-settle-start",
             daemon=True,
         ).start()
@@ -316,15 +325,19 @@ def _start_directly(
     if not written:
         direct.cancel_reservation(queue_name)
         return False
-    _hand_over(rt, direct, started, reg.is_async)
+    _hand_over(rt, direct, started, reg.is_async, mark)
     return True
 
 
-def _hand_over(rt: Runtime, direct: DirectStarter, started: NewWorkflow, is_async: bool) -> None:
+def _hand_over(
+    rt: Runtime, direct: DirectStarter, started: NewWorkflow, is_async: bool, mark: int | None
+) -> None:
     """Run a workflow written already started here. If the workers stopped meanwhile
     (`DBOS.destroy()` racing the enqueue, perhaps after its own return of unfinished work),
     the row goes back to its queue for whichever process serves it next: the enqueue stands."""
-    if direct.adopt(_as_claimed(started), is_async):
+    claimed = _as_claimed(started)
+    claimed.stop_mark = mark
+    if direct.adopt(claimed, is_async):
         return
     try:
         rt.store.requeue_workflow(started.workflow_id, rt.now_ms(), started.owner_xid)
@@ -353,7 +366,12 @@ def _as_claimed(started: NewWorkflow) -> ClaimedWorkflow:
 
 
 def _settle_interrupted_start(
-    rt: Runtime, direct: DirectStarter, started: NewWorkflow, slot: DirectSlot, is_async: bool
+    rt: Runtime,
+    direct: DirectStarter,
+    started: NewWorkflow,
+    slot: DirectSlot,
+    is_async: bool,
+    mark: int,
 ) -> None:
     """After an interrupted direct start: write the same row again (idempotent for this owner;
     through the same group committer, so once it returns the interrupted write has landed or
@@ -370,7 +388,7 @@ def _settle_interrupted_start(
         direct.cancel_reservation(queue_name)
         return
     if row is not None and row["status"] == _PENDING and row["owner_xid"] == started.owner_xid:
-        _hand_over(rt, direct, started, is_async)
+        _hand_over(rt, direct, started, is_async, mark)
     else:
         direct.cancel_reservation(queue_name)
 
@@ -510,6 +528,9 @@ class Execution:
     queue_name: str | None = None
     # Known highest recorded operation (from the claim); None: read it when the run begins.
     last_recorded_fid: int | None = None
+    # `Runtime.stop_mark()` read before the write that made the row ours (None: not known,
+    # nothing is checked).
+    stop_mark: int | None = None
 
 
 def begin(rt: Runtime, ex: Execution) -> RunningWorkflow | None:
@@ -547,6 +568,8 @@ def register(rt: Runtime, ex: Execution) -> tuple[RunningWorkflow | None, Runnin
         running.last_recorded_fid = rt.store.last_recorded_function_id(ex.workflow_id)
     other = rt.add_running(running)
     if other is None:
+        if ex.stop_mark is not None and rt.stop_mark() != ex.stop_mark:
+            _stop_if_ended_meanwhile(rt, running, ex)
         return running, None
     if other.owner_xid == running.owner_xid:
         return None, None
@@ -560,6 +583,23 @@ def register(rt: Runtime, ex: Execution) -> tuple[RunningWorkflow | None, Runnin
     # What the stale execution recorded before it noticed is read again at the next attempt.
     ex.last_recorded_fid = None
     return None, other
+
+
+def _stop_if_ended_meanwhile(rt: Runtime, running: RunningWorkflow, ex: Execution) -> None:
+    """A request to stop found no execution to stop somewhere in this process after this
+    one's row was written, perhaps this workflow's (cancelled between its claim and now): the
+    row tells. Told to stop now, the body stops at its first operation, as it would have."""
+    row = rt.store.get_workflow(ex.workflow_id)  # a rare path: the whole row will do
+    if row is not None and row["status"] == S.PENDING.value and row["owner_xid"] == ex.owner:
+        return
+    status = None if row is None else row["status"]
+    if status == S.CANCELLED.value:
+        reason = "cancelled"
+    elif status is None or status == S.PENDING.value:
+        reason = "taken over by another execution"
+    else:
+        reason = f"now {status}"
+    rt.preempt([ex.workflow_id], reason)
 
 
 def on_failure(rt: Runtime, ex: Execution, exc: BaseException) -> BaseException:
@@ -824,6 +864,7 @@ def run_claimed(rt: Runtime, claimed: ClaimedWorkflow) -> concurrent.futures.Fut
         ledger,
         queue_name=claimed.queue_name,
         last_recorded_fid=claimed.last_recorded_fid,
+        stop_mark=claimed.stop_mark,
     )
     if reg.is_async:
         return dispatch(rt, ex)

@@ -301,7 +301,7 @@ class DbosMagics(Magics):
         if status is not None and args.rerun:
             _refuse_active_rerun(rt, status)
             # What the check let through is finished or abandoned by a dead kernel.
-            rt.store.delete_workflow(wid, refuse_active=False)
+            rt.store.delete_workflows([wid], refuse_active=False)
             status = None
         if status is None:
             REGISTRY.register(reg)
@@ -390,6 +390,7 @@ class DbosMagics(Magics):
         if status == "PENDING" and row["executor_id"] == rt.executor_id and not rt.is_running(wid):
             rt.store.requeue_workflow(wid, rt.now_ms(), wake_others=False)
         owner = new_token()
+        mark = rt.stop_mark()
         claimed = rt.store.claim_workflow(wid, rt.executor_id, owner, rt.now_ms())
         REGISTRY.register(reg)
         if claimed is None:
@@ -402,7 +403,13 @@ class DbosMagics(Magics):
             return cells.restore(compiled, out, namespace)
         print(f"resuming workflow {wid!r}: completed steps return their recorded results")
         ex = Execution(
-            reg, wid, owner, (compiled.source_hash,), {}, claimed["workflow_deadline_epoch_ms"]
+            reg,
+            wid,
+            owner,
+            (compiled.source_hash,),
+            {},
+            claimed["workflow_deadline_epoch_ms"],
+            stop_mark=mark,
         )
         if detached:
             dispatch(rt, ex)

@@ -57,10 +57,14 @@ class Listener:
         *,
         wants_dones: Callable[[], bool] = lambda: True,
         on_dones_heard: Callable[[], None] = lambda: None,
+        on_dones_payload: Callable[[str], None] | None = None,
         linger_sec: float = LINGER_SEC,
     ) -> None:
         self._db = db
         self._on_payload = on_payload
+        # DONES_CHANNEL's announcements (finishes elsewhere), if they are to be told apart from
+        # NOTIFY_CHANNEL's (where `done:` is a cancel or a give-up).
+        self._on_dones_payload = on_dones_payload or on_payload
         self._wants_dones = wants_dones
         self._on_dones_heard = on_dones_heard
         self._linger_sec = linger_sec
@@ -116,6 +120,7 @@ class Listener:
         # one): they are read from libpq as bytes and dropped by their prefix, without
         # psycopg's per-notification objects and decoding.
         own = self._db.payload("").encode(encoding)
+        dones = DONES_CHANNEL.encode(encoding)
         _command(pgconn, f"LISTEN {NOTIFY_CHANNEL}", encoding)
         self.hears_dones = False
         last_wanted = time.monotonic()
@@ -133,15 +138,16 @@ class Listener:
                 self.hears_dones = False
             while (note := pgconn.notifies()) is not None:
                 if not note.extra.startswith(own):
-                    self._deliver(note.extra.decode(encoding).partition("|")[2])
+                    handler = self._on_dones_payload if note.relname == dones else self._on_payload
+                    self._deliver(handler, note.extra.decode(encoding).partition("|")[2])
             if self._wait(pgconn.socket):
                 pgconn.consume_input()  # raises once the connection is lost
 
-    def _deliver(self, message: str) -> None:
+    def _deliver(self, handler: Callable[[str], None], message: str) -> None:
         # A handler's failure (a read it makes while the database is away) must not end the
         # listener: the process would never hear of other processes' work again.
         try:
-            self._on_payload(message)
+            handler(message)
         except Exception:
             logger.warning("handling notification %r failed", message, exc_info=True)
 

@@ -103,30 +103,39 @@ class WorkflowControl(StoreBase):
             return []
         return self.cancel_workflows(ids, now_ms, cancel_children=True)
 
-    def resume_workflow(self, workflow_id: str, now_ms: int, queue_name: str | None) -> bool:
-        """Put a cancelled, dead-lettered or stuck workflow back in a queue, from its last
-        completed step: `queue_name`, else its own queue (under that queue's limits: a batch's
-        item resumed must not skip the rate limit it was enqueued under) if that is declared,
-        else the internal queue. Finished (SUCCESS/ERROR) workflows are left alone; returns
-        whether the row changed."""
+    def resume_workflows(
+        self, workflow_ids: Sequence[str], now_ms: int, queue_name: str | None
+    ) -> list[str]:
+        """Put cancelled, dead-lettered or stuck workflows back in a queue, from their last
+        completed step: `queue_name`, else each one's own queue (under that queue's limits: a
+        batch's item resumed must not skip the rate limit it was enqueued under) if that is
+        declared, else the internal queue. Finished (SUCCESS/ERROR) workflows are left alone;
+        returns the ids that changed. One transaction for all."""
         declared = select(queues.c.name).where(queues.c.name == ws.c.queue_name).exists()
         own = case((declared, ws.c.queue_name), else_=INTERNAL_QUEUE)
         target = queue_name if queue_name is not None else own
+        resumed: list[str] = []
+        woken: set[str] = set()
         with self.db.write() as conn:
-            resumed = conn.execute(
-                update(ws)
-                .where(
-                    ws.c.workflow_uuid == workflow_id,
-                    ws.c.status.not_in(
-                        (WorkflowStatusString.SUCCESS.value, WorkflowStatusString.ERROR.value)
-                    ),
-                )
-                .values({**requeued_afresh(now_ms), "queue_name": target, "deduplication_id": None})
-                .returning(ws.c.queue_name)
-            ).scalar()
-            if resumed is not None:
-                self.db.notify(conn, f"q:{resumed}")
-            return resumed is not None
+            for chunk in _chunks(list(dict.fromkeys(workflow_ids)), 500):
+                rows = conn.execute(
+                    update(ws)
+                    .where(
+                        ws.c.workflow_uuid.in_(chunk),
+                        ws.c.status.not_in(
+                            (WorkflowStatusString.SUCCESS.value, WorkflowStatusString.ERROR.value)
+                        ),
+                    )
+                    .values(
+                        {**requeued_afresh(now_ms), "queue_name": target, "deduplication_id": None}
+                    )
+                    .returning(ws.c.workflow_uuid, ws.c.queue_name)
+                ).all()
+                resumed.extend(row[0] for row in rows)
+                woken.update(row[1] for row in rows)
+            if woken:
+                self.db.notify_many(conn, [f"q:{queue}" for queue in sorted(woken)])
+        return resumed
 
     def fork_workflow(
         self,
@@ -176,19 +185,27 @@ class WorkflowControl(StoreBase):
             self.db.notify(conn, f"q:{target}")
             return True
 
-    def delete_workflow(
-        self, workflow_id: str, *, with_children: bool = True, refuse_active: bool = True
+    def delete_workflows(
+        self,
+        workflow_ids: Sequence[str],
+        *,
+        with_children: bool = True,
+        refuse_active: bool = True,
     ) -> list[str]:
-        """Delete a workflow (with its descendants, unless told not to) and their recorded
-        operations; returns the ids deleted, none for an unknown id. Refuses, deleting nothing,
-        when one of them is still ENQUEUED or PENDING (its execution would go on writing to
-        rows that are gone), unless the caller knows that nothing runs them any more."""
+        """Delete workflows (with their descendants, unless told not to) and their recorded
+        operations, in one transaction; returns the ids deleted, none for an unknown id.
+        Refuses, deleting nothing, when one of them is still ENQUEUED or PENDING (its execution
+        would go on writing to rows that are gone), unless the caller knows that nothing runs
+        them any more."""
         with self.db.write() as conn:
             doomed: list[str] = []
-            frontier = [workflow_id]
+            seen: set[str] = set()
+            frontier = list(workflow_ids)
             while frontier:
+                frontier = [w for w in dict.fromkeys(frontier) if w not in seen]
+                seen.update(frontier)
                 doomed.extend(frontier)
-                if not with_children:
+                if not with_children or not frontier:
                     break
                 frontier = _children(conn, frontier)
             deleted: list[str] = []

@@ -359,7 +359,7 @@ class WorkflowRows(StoreBase):
         return None
 
     def _id_chunks(self, workflow_ids: Sequence[str]) -> list[list[str]]:
-        size = len(workflow_ids) if self.db.is_postgres else _SQLITE_ID_CHUNK
+        size = max(len(workflow_ids), 1) if self.db.is_postgres else _SQLITE_ID_CHUNK
         return [list(workflow_ids[i : i + size]) for i in range(0, len(workflow_ids), size)]
 
     def finish_workflow(
