@@ -292,3 +292,38 @@ def test_inside_a_step_it_is_a_plain_call(launched: str) -> None:
         assert outer(handle.workflow_id) == handle.workflow_id
     steps = DBOS.list_workflow_steps("wf-step-waiter")
     assert [s.function_name for s in steps] == ["st_waits_first"]
+
+
+def test_sync_code_on_the_async_loop_reads_an_ended_workflow_but_may_not_wait(
+    launched: str,
+) -> None:
+    """Sync code that runs on dbos_nb's event loop (a sync helper called by an `async def`
+    workflow) may read the result of a workflow that has ended, as before; only a wait that
+    would block the loop (the workflow still runs) is refused, before anything is recorded."""
+    gated, queue = _gated_workflows()
+    ended, running = _enqueue(queue, gated, [60, 61])
+    GATES[60].set()
+    assert ended.get_result() == 60
+
+    def sync_helper(workflow_id: str) -> int:
+        result: int = DBOS.retrieve_workflow(workflow_id, existing_workflow=False).get_result()
+        return result
+
+    @DBOS.workflow(name="wf_async_sync_read")
+    async def reader(done_id: str, busy_id: str) -> int:
+        try:
+            sync_helper(busy_id)
+        except RuntimeError as exc:
+            assert "await get_result_async" in str(exc)
+        else:
+            raise AssertionError("a blocking wait on the loop was not refused")
+        return sync_helper(done_id)
+
+    with SetWorkflowID("wf-async-sync-reader"):
+        handle = DBOS.start_workflow(reader, ended.workflow_id, running.workflow_id)
+    assert handle.get_result(timeout_sec=20) == 60
+    # Only the read that ran is an operation of the workflow; the refused wait left none.
+    steps = DBOS.list_workflow_steps("wf-async-sync-reader")
+    assert [(s.function_name, s.output) for s in steps] == [("DBOS.getResult", 60)]
+    GATES[61].set()
+    assert running.get_result() == 61

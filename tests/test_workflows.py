@@ -279,7 +279,7 @@ def test_cancel_stops_a_running_workflow_at_its_next_step(launched: str) -> None
     assert ran == ["first", "second"]
 
 
-@pytest.mark.parametrize("how", ["queue", "limited-queue", "start_workflow"])
+@pytest.mark.parametrize("how", ["queue", "limited-queue", "start_workflow", "direct-start"])
 def test_a_cancel_before_the_execution_registers_still_stops_it(
     launched: str, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
@@ -325,6 +325,21 @@ def _cancel_before_registration(
     def wf() -> None:
         paid()
 
+    direct_starts: list[str] = []
+    if how == "direct-start":
+        # A queue becomes one whose enqueues start their work directly (no claim) once a claim
+        # found it has no limit shared between processes: one workflow through it first.
+        direct = DBOS._rt().direct
+        assert direct is not None
+        adopt = direct.adopt
+
+        def counted_adopt(item: Any, is_async: bool) -> bool:
+            direct_starts.append(item.workflow_id)
+            return adopt(item, is_async)
+
+        monkeypatch.setattr(direct, "adopt", counted_adopt)
+        Queue(f"cancel_window_{how}").enqueue(wf).get_result()
+        ran.clear()
     target.append(f"cancel-window-{how}")
     with SetWorkflowID(target[0]):
         if how == "start_workflow":
@@ -333,6 +348,8 @@ def _cancel_before_registration(
             limits = {"concurrency": 2} if how == "limited-queue" else {}
             handle = Queue(f"cancel_window_{how}", **limits).enqueue(wf)  # type: ignore[arg-type]
     assert written.wait(10)
+    if how == "direct-start":
+        assert direct_starts == [target[0]]  # it did start directly, not through a claim
     rt = DBOS._rt()
     before = rt.stop_mark()
     cancel(handle.workflow_id)
@@ -403,6 +420,62 @@ def test_a_workflow_resumed_while_its_old_execution_still_runs_here_completes(
     assert ran == [0, 1, 2]
 
 
+def test_a_cancel_while_the_resumed_execution_waits_for_the_stale_one_stops_it(
+    launched: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled, resumed (the new execution waits for the old one, still in a step, to
+    stop), then cancelled again while the new one waits: that cancel finds the old execution to
+    stop, not the new one, yet the new one must not run the steps of a CANCELLED workflow."""
+    from dbos_nb.core import workflows
+
+    started, release, waiting = threading.Event(), threading.Event(), threading.Event()
+    ran: list[str] = []
+    register = workflows.register
+
+    def watched_register(rt: Any, ex: Any) -> Any:
+        out = register(rt, ex)
+        if out[1] is not None:
+            waiting.set()  # the new execution now waits for the stale one to end
+        return out
+
+    monkeypatch.setattr(workflows, "register", watched_register)
+
+    entered: list[int] = []
+
+    @DBOS.step(name="stale_wait_first")
+    def first() -> None:
+        ran.append("first")
+
+    @DBOS.step(name="stale_wait_second")
+    def second() -> None:
+        ran.append("second")
+
+    @DBOS.workflow(name="stale_wait_wf")
+    def wf() -> None:
+        entered.append(1)
+        if len(entered) == 1:  # the first execution holds on before any operation
+            started.set()
+            release.wait(10)
+        first()
+        second()
+
+    handle = DBOS.start_workflow(wf)
+    wid = handle.workflow_id
+    assert started.wait(10)
+    DBOS.cancel_workflow(wid)
+    DBOS.resume_workflow(wid)
+    assert waiting.wait(10)
+    DBOS.cancel_workflow(wid)
+    release.set()
+    wait_until(lambda: not DBOS._rt().is_running(wid), timeout=10)
+    time.sleep(0.1)
+    assert handle.get_status().status == "CANCELLED"
+    assert ran == []
+    # Resumed once more, it runs: the stop was that execution's.
+    assert DBOS.resume_workflow(wid).get_result(timeout_sec=20) is None
+    assert ran == ["first", "second"]
+
+
 def test_a_stale_execution_arriving_late_does_not_stop_the_current_one(launched: str) -> None:
     """An execution whose claim was superseded before it began (the row names another owner)
     waits for the workflow's result: it never stops the execution that owns the row."""
@@ -438,6 +511,40 @@ def test_a_stale_execution_arriving_late_does_not_stop_the_current_one(launched:
     assert handle.get_result(timeout_sec=20) == "done"
     thread.join(20)
     assert late == ["done"]  # the late one waited and got the owner's result
+
+
+def test_a_registration_whose_row_read_fails_leaves_nothing_registered(
+    launched: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row read at registration (after a stop that found nothing to stop) can fail, the
+    database gone, say: the execution is then not begun, and must not stay registered, or the
+    workflow would look running in this process for ever."""
+    from dbos_nb.core import workflows
+    from dbos_nb.core.runtime import get_runtime
+
+    @DBOS.workflow(name="read_fails_wf")
+    def wf() -> None:
+        pass
+
+    rt = get_runtime()
+
+    def unreachable(_wid: str) -> Any:
+        raise ConnectionError("database unreachable")
+
+    monkeypatch.setattr(rt.store, "get_workflow", unreachable)
+    ex = workflows.Execution(
+        wf.__dbos_nb_registration__,  # type: ignore[attr-defined]
+        "read-fails",
+        "some-owner",
+        (),
+        {},
+        None,
+        fresh=True,
+        stop_mark=-1,  # matches no mark: the row is read
+    )
+    with pytest.raises(ConnectionError):
+        workflows.register(rt, ex)
+    assert not rt.is_running("read-fails")
 
 
 def test_cancel_children_and_unknown_ids(launched: str) -> None:

@@ -56,7 +56,8 @@ class WorkflowHandle(Generic[R]):
         """Wait for the workflow to finish; return its result or raise its error."""
         __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
         backend, wid = self._backend, self.workflow_id
-        _refuse_blocking_on_the_loop(backend, "get_result")
+        if _on_the_loop(backend) and _still_running(backend, wid):
+            _refuse_blocking_on_the_loop("get_result")
         value: R = _as_operation(
             backend,
             "DBOS.getResult",
@@ -103,7 +104,8 @@ def wait_first_handle(backend: HandleBackend, handles: list[H], polling_interval
     cancelled): DBOS's `wait_first`. Workflow code records the answer as an operation
     ("DBOS.waitFirst"), so that a replay gets the same handle back without waiting."""
     __tracebackhide__ = True
-    _refuse_blocking_on_the_loop(backend, "wait_first")
+    if _on_the_loop(backend):
+        _refuse_blocking_on_the_loop("wait_first")
     ids, by_id = _by_id(handles)
     call = functools.partial(backend.wait_first_id, ids, polling_interval_sec)
     return _chosen(by_id, _as_operation(backend, "DBOS.waitFirst", call))
@@ -119,16 +121,29 @@ async def wait_first_handle_async(
     return _chosen(by_id, await _as_operation_async(backend, "DBOS.waitFirst", call))
 
 
-def _refuse_blocking_on_the_loop(backend: HandleBackend, call: str) -> None:
-    """A blocking wait on dbos_nb's own event loop (sync code in an `async def` workflow)
-    would stop every async workflow, the awaited ones too, for ever: refused, as DBOS does."""
+def _on_the_loop(backend: HandleBackend) -> bool:
+    """Whether the caller runs on dbos_nb's own event loop (sync code in an `async def`
+    workflow, or a sync step or helper it calls), where a blocking wait would stop every
+    async workflow, the awaited ones too."""
     from dbos_nb.core.runtime import Runtime  # (the runtime module imports this one)
 
-    if isinstance(backend, Runtime) and backend.aio.runs_here():
-        raise RuntimeError(
-            f"{call}() was called on the event loop of an async workflow, where it would "
-            f"block every async workflow. Use await {call}_async(...) instead."
-        )
+    return isinstance(backend, Runtime) and backend.aio.runs_here()
+
+
+def _still_running(backend: HandleBackend, workflow_id: str) -> bool:
+    """Whether the workflow has yet to end: only then would `get_result` block. Reading an
+    ended workflow's result from the loop is fine (and common: a sync step of an async
+    workflow reading a finished child)."""
+    status = backend.get_workflow_status(workflow_id)
+    return status is not None and status.status in ("PENDING", "ENQUEUED")
+
+
+def _refuse_blocking_on_the_loop(call: str) -> None:
+    """A blocking wait on dbos_nb's own event loop could never end: refused, as DBOS does."""
+    raise RuntimeError(
+        f"{call}() was called on the event loop of an async workflow, where it would "
+        f"block every async workflow. Use await {call}_async(...) instead."
+    )
 
 
 def _by_id(handles: list[H]) -> tuple[list[str], dict[str, H]]:

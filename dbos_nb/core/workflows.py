@@ -569,7 +569,13 @@ def register(rt: Runtime, ex: Execution) -> tuple[RunningWorkflow | None, Runnin
     other = rt.add_running(running)
     if other is None:
         if ex.stop_mark is not None and rt.stop_mark() != ex.stop_mark:
-            _stop_if_ended_meanwhile(rt, running, ex)
+            try:
+                _stop_if_ended_meanwhile(rt, running, ex)
+            except BaseException:
+                # Not begun after all (the database did not answer, say): nothing may stay
+                # registered, or the workflow would look running here for ever.
+                rt.remove_running(ex.workflow_id)
+                raise
         return running, None
     if other.owner_xid == running.owner_xid:
         return None, None
@@ -582,6 +588,9 @@ def register(rt: Runtime, ex: Execution) -> tuple[RunningWorkflow | None, Runnin
     other.interrupt.set()
     # What the stale execution recorded before it noticed is read again at the next attempt.
     ex.last_recorded_fid = None
+    # So is the row: a cancel landing while this one waits finds the stale execution to stop,
+    # not this one, and no stop count moves; -1 matches no mark, so registration reads it.
+    ex.stop_mark = -1
     return None, other
 
 
