@@ -123,6 +123,50 @@ def test_bad_arguments_are_refused(launched: str) -> None:
     assert handle.get_result() == 1
 
 
+def test_a_workflow_that_ends_and_is_deleted_between_looks_is_reported(
+    launched: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One of the workflows ends and is deleted between two looks: no look will ever find it
+    ended, so the wait must not go on for ever; a later look reads that it no longer exists."""
+    from dbos_nb.core import waiters
+
+    gated, queue = _gated_workflows()
+    busy, fleeting = _enqueue(queue, gated, [70, 71])
+    _running([busy, fleeting])
+    monkeypatch.setattr(waiters, "_EXISTENCE_EVERY", 2)
+    held, deleted = threading.Event(), threading.Event()
+    pauses: list[int] = []
+
+    def next_wait(_self: object) -> float:
+        pauses.append(1)
+        if len(pauses) == 1:  # between two looks: the workflow ends and goes meanwhile
+            held.set()
+            deleted.wait(10)
+        return 0.05
+
+    monkeypatch.setattr(waiters._FirstPoll, "next_wait", next_wait)
+    outcome: list[BaseException | object] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(DBOS.wait_first([busy, fleeting]))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    assert held.wait(10)
+    GATES[71].set()
+    assert fleeting.get_result() == 71
+    DBOS.delete_workflow(fleeting.workflow_id)
+    deleted.set()
+    thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], DBOSNonExistentWorkflowError)
+    assert fleeting.workflow_id in str(outcome[0])
+    GATES[70].set()
+    assert busy.get_result() == 70
+
+
 def test_workflow_code_records_which_workflow_ended_first(launched: str) -> None:
     gated, queue = _gated_workflows()
     waited_on = _enqueue(queue, gated, [10, 11])

@@ -310,6 +310,11 @@ class _Poll(_Backoff):
         return finished, value
 
 
+# How many looks of a `wait_for_first` that found nothing go by between reads of whether each
+# workflow still exists.
+_EXISTENCE_EVERY = 20
+
+
 class _FirstPoll(_Backoff):
     """A `wait_for_first`'s reads: the first workflow to end among all, at each look."""
 
@@ -319,16 +324,19 @@ class _FirstPoll(_Backoff):
         super().__init__(polling_interval_sec, None)
         self._store = store
         self._ids = workflow_ids
-        self._all_exist = False
+        self._looks_unchecked = 0
 
     def check(self) -> str | None:
-        """The id of the workflow that ended first, if any has. At the first look that finds
-        none, raises if one does not exist (a handle to an id never started), which would
-        never end; later looks need not ask again: an active workflow cannot be deleted."""
+        """The id of the workflow that ended first, if any has. A look that finds none raises
+        if one of them does not exist (a handle to an id never started, or one that ended and
+        was deleted between two looks), which would never be found: asked at the first such
+        look, then every `_EXISTENCE_EVERY` looks (an active workflow cannot be deleted, so
+        this is rare, and the extra read is not worth making at every look)."""
         found = self._store.first_ended(self._ids)
-        if found is None and not self._all_exist:
-            missing = self._store.first_missing(self._ids)
-            if missing is not None:
-                raise DBOSNonExistentWorkflowError(missing)
-            self._all_exist = True
+        if found is None:
+            if self._looks_unchecked == 0:
+                missing = self._store.first_missing(self._ids)
+                if missing is not None:
+                    raise DBOSNonExistentWorkflowError(missing)
+            self._looks_unchecked = (self._looks_unchecked + 1) % _EXISTENCE_EVERY
         return found
