@@ -176,3 +176,40 @@ def test_async_twins_and_the_client(launched: str) -> None:
         with pytest.raises(DBOSNonExistentWorkflowError):
             client.retrieve_workflow(ids[2])
     assert handles[0].get_result() == 10
+
+
+def test_children_of_several_roots_are_cancelled_and_deleted_with_them(launched: str) -> None:
+    """`cancel_children` / `delete_children` reach the children of every root in the list,
+    and nothing else: a workflow outside the families is left as it was."""
+    held, queue = _queue_of_held()
+
+    @DBOS.workflow(name="bulk_parent")
+    def parent(i: int) -> int:
+        with SetWorkflowID(f"bulk-child-{i}"):
+            child = DBOS.start_workflow(held, i)
+        result: int = child.get_result()
+        return result
+
+    parents = []
+    for i in (1, 2):
+        with SetWorkflowID(f"bulk-parent-{i}"):
+            parents.append(DBOS.start_workflow(parent, i))
+    outsider = queue.enqueue(held, 3)  # type: ignore[arg-type]
+    kids = [DBOS.retrieve_workflow(f"bulk-child-{i}", existing_workflow=False) for i in (1, 2)]
+    family = [*parents, *kids]
+    wait_until(lambda: all(DBOS.get_workflow_status(h.workflow_id) is not None for h in kids))
+    wait_until(lambda: _statuses([*family, outsider]) == ["PENDING"] * 5)
+
+    DBOS.cancel_workflows([p.workflow_id for p in parents], cancel_children=True)
+    assert _statuses([*family, outsider]) == ["CANCELLED"] * 4 + ["PENDING"]
+    GATE.set()
+    assert outsider.get_result() == 3
+    for h in family:
+        with pytest.raises(DBOSAwaitedWorkflowCancelledError):
+            h.get_result()
+    wait_until(lambda: not any(DBOS._rt().is_running(h.workflow_id) for h in family))
+    assert RUNS == [3]  # no child ran its step after the cancel
+
+    DBOS.delete_workflows([p.workflow_id for p in parents], delete_children=True)
+    assert [DBOS.get_workflow_status(h.workflow_id) for h in family] == [None] * 4
+    assert outsider.get_status().status == "SUCCESS"
