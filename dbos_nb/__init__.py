@@ -4,13 +4,14 @@ Everything a user needs is importable from here; see README.md for a tour.
 """
 
 from dbos_nb import _error as error  # DBOS's `from dbos import error`
-from dbos_nb.client import DBOSClient, EnqueueOptions
+from dbos_nb.client import DBOSClient
 from dbos_nb.core.context import (
     DBOSContextSetAuth,
     SetEnqueueOptions,
     SetWorkflowID,
     SetWorkflowTimeout,
 )
+from dbos_nb.core.enqueue_options import EnqueueOptions
 from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
 from dbos_nb.dbos import DBOS
 from dbos_nb.errors import (

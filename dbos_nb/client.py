@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING, Any, Required, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from dbos_nb import serialization
 from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import management
-from dbos_nb.core.context import (
-    MAX_DEDUPLICATION_ID_LENGTH,
-    MAX_NAME_LENGTH,
-    check_id_length,
-    check_priority,
-    valid_seconds,
-)
+from dbos_nb.core.enqueue_options import EnqueueOptions, check_target, row_name, validate_options
 from dbos_nb.core.handles import (
     WorkflowHandle,
     WorkflowHandleAsync,
@@ -38,32 +32,14 @@ from dbos_nb.errors import (
     DBOSConfigError,
     DBOSConflictingWorkflowError,
     DbosNbError,
-    UnknownQueueError,
-    UnknownWorkflowNameError,
 )
 from dbos_nb.ids import new_workflow_id
-from dbos_nb.models import STEP_WORKFLOW_PREFIX, StepInfo, WorkflowStatus, WorkflowStatusString
+from dbos_nb.models import StepInfo, WorkflowStatus, WorkflowStatusString
 from dbos_nb.storage.database import Database, sqlite_file
 from dbos_nb.storage.migrations import migrate
 from dbos_nb.storage.store import NewWorkflow, SystemStore
 from dbos_nb.unsupported import refuse
 
-
-class EnqueueOptions(TypedDict, total=False):
-    """Options of `DBOSClient.enqueue` (DBOS's keys, plus `allow_unregistered`)."""
-
-    queue_name: Required[str]
-    workflow_name: Required[str]
-    workflow_id: str
-    workflow_timeout: float
-    deduplication_id: str
-    priority: int
-    app_version: str
-    # Enqueue even if no process has declared the queue or registered the workflow name yet.
-    allow_unregistered: bool
-
-
-_KNOWN_OPTIONS = set(EnqueueOptions.__annotations__)
 # A client's transactions are a few statements long; one open this long is a frozen process's
 # (on PostgreSQL the server then ends it, releasing its locks). Workers use their lease.
 STALLED_TRANSACTION_SEC = 30.0
@@ -117,25 +93,18 @@ class DBOSClient:
 
     def enqueue(self, options: EnqueueOptions, *args: Any, **kwargs: Any) -> WorkflowHandle[Any]:
         """Enqueue a workflow by name; returns its handle (idempotent by `workflow_id`)."""
-        opts = self._validate(options)
+        opts = validate_options(options)
         queue_name = opts["queue_name"]
         name = opts["workflow_name"]
         allow = bool(opts.get("allow_unregistered", False))
         now_ms = self._clock.now_ms()
         kind = self._target_kind(queue_name, name, allow, now_ms)
-        row_name = name
-        if kind in ("step", "transaction"):
-            row_name = STEP_WORKFLOW_PREFIX + name
-            # Registrations leave room for the prefix; one stored by an older version of
-            # dbos_nb, which did not, may not fit with it.
-            check_id_length(
-                row_name, f"the workflow name of {kind} {name[:40]!r}", limit=MAX_NAME_LENGTH
-            )
+        name_in_row = row_name(name, kind)
         timeout = opts.get("workflow_timeout")
         wid = opts.get("workflow_id") or new_workflow_id()
         row = NewWorkflow(
             workflow_id=wid,
-            name=row_name,
+            name=name_in_row,
             inputs=serialization.dump_inputs(name, args, kwargs),
             status=WorkflowStatusString.ENQUEUED.value,
             created_at=now_ms,
@@ -146,9 +115,9 @@ class DBOSClient:
             workflow_timeout_ms=round(timeout * 1000) if timeout is not None else None,
         )
         existing = self._store.insert_workflow(row)
-        if existing is not None and existing["name"] != row_name:
+        if existing is not None and existing["name"] != name_in_row:
             raise DBOSConflictingWorkflowError(
-                wid, f"it belongs to workflow {existing['name']!r}, not {row_name!r}"
+                wid, f"it belongs to workflow {existing['name']!r}, not {name_in_row!r}"
             )
         return WorkflowHandle(self, wid)
 
@@ -160,12 +129,7 @@ class DBOSClient:
         if known is not None and 0 <= now_ms - known[1] < TARGET_TTL_SEC * 1000:
             return known[0]
         declared, kind = self._store.enqueue_target(queue_name, name)
-        if not declared and not allow:
-            raise UnknownQueueError(queue_name)
-        if kind is None and not allow:
-            raise UnknownWorkflowNameError(
-                name, "; no process using this database has registered it"
-            )
+        kind = check_target(queue_name, name, declared, kind, allow)
         if declared and kind is not None:
             if len(self._targets) >= 1024:  # names of a long-lived client's past: forget them
                 self._targets.clear()
@@ -178,43 +142,6 @@ class DBOSClient:
         """`enqueue` for async callers (the write runs in a thread); the handle is awaited."""
         handle = await asyncio.to_thread(self.enqueue, options, *args, **kwargs)
         return WorkflowHandleAsync(self, handle.workflow_id)
-
-    def _validate(self, options: Any) -> EnqueueOptions:
-        if not isinstance(options, dict):
-            raise DbosNbError(f"enqueue options must be a dict (EnqueueOptions), got {options!r}")
-        unknown = set(options) - _KNOWN_OPTIONS
-        if unknown:
-            raise DbosNbError(f"unknown enqueue option(s) {sorted(unknown)}")
-        for key in ("queue_name", "workflow_name"):
-            if not isinstance(options.get(key), str) or not options[key]:
-                raise DbosNbError(f"enqueue options need {key!r} (a non-empty string)")
-        for key in ("workflow_id", "deduplication_id", "app_version"):
-            value = options.get(key)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise DbosNbError(f"{key} must be a non-empty string, got {value!r}")
-        # Every value checked against its column before anything is written: PostgreSQL
-        # would refuse an over-long one with a raw DataError, SQLite store it.
-        check_id_length(options["queue_name"], "a queue name")
-        check_id_length(options["workflow_name"], "a workflow name", limit=MAX_NAME_LENGTH)
-        if options.get("workflow_id") is not None:
-            check_id_length(options["workflow_id"], "a workflow id")
-        if options.get("deduplication_id") is not None:
-            check_id_length(
-                options["deduplication_id"],
-                "a deduplication_id",
-                limit=MAX_DEDUPLICATION_ID_LENGTH,
-            )
-        if options.get("app_version") is not None:
-            check_id_length(options["app_version"], "an app_version")
-        timeout = options.get("workflow_timeout")
-        if timeout is not None and not valid_seconds(timeout):
-            raise DbosNbError(
-                f"workflow_timeout must be a positive number of seconds (at most a century), "
-                f"got {timeout!r}"
-            )
-        check_priority(options.get("priority"))
-        result: EnqueueOptions = options  # type: ignore[assignment]
-        return result
 
     # -- handles --------------------------------------------------------------------------------
 

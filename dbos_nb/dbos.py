@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from dbos_nb.clock import Clock
 from dbos_nb.core import aio, management, steps, workflows
 from dbos_nb.core.context import current
+from dbos_nb.core.enqueue_options import EnqueueOptions, enqueue_with_options
 from dbos_nb.core.handles import (
     WorkflowHandle,
     WorkflowHandleAsync,
@@ -351,6 +352,27 @@ class DBOS(metaclass=_DBOSType):
         `queue.enqueue_async`); the handle's `get_result()` and `get_status()` are awaited."""
         handle = cls.enqueue_workflow(queue_name, func, *args, **kwargs)
         return WorkflowHandleAsync(cls._rt(), handle.workflow_id)
+
+    @classmethod
+    def enqueue_workflow_with_options(
+        cls, options: EnqueueOptions, *args: Any, **kwargs: Any
+    ) -> WorkflowHandle[Any]:
+        """Enqueue a workflow by name, with the options of `DBOSClient.enqueue`, from inside
+        the application; the function need not be registered in this process (another process
+        sharing the database may run it). Options left unset come from the caller's
+        `SetWorkflowID`, `SetEnqueueOptions` and `SetWorkflowTimeout`; in workflow code the
+        enqueue is recorded as a child, as any enqueue."""
+        rt = cls._rt()
+        return WorkflowHandle(rt, enqueue_with_options(rt, options, args, kwargs))
+
+    @classmethod
+    async def enqueue_workflow_with_options_async(
+        cls, options: EnqueueOptions, *args: Any, **kwargs: Any
+    ) -> WorkflowHandleAsync[Any]:
+        """`enqueue_workflow_with_options` for async callers (one short database write, as
+        `queue.enqueue_async`); the handle's `get_result()` and `get_status()` are awaited."""
+        rt = cls._rt()
+        return WorkflowHandleAsync(rt, enqueue_with_options(rt, options, args, kwargs))
 
     # -- inspecting and managing ----------------------------------------------------------------
     #

@@ -77,11 +77,6 @@ _DBOS_FEATURES: dict[str, str] = {
         _QUEUE_CALLS,
     ),
     "listen_queues": "choosing the queues to serve by a call (set the config key 'listen_queues')",
-    **dict.fromkeys(
-        ("enqueue_workflow_with_options", "enqueue_workflow_with_options_async"),
-        "these enqueue calls (use queue.enqueue, queue.enqueue_async, DBOS.enqueue_workflow "
-        "or DBOS.enqueue_workflow_async, with SetEnqueueOptions for options)",
-    ),
     **dict.fromkeys(("set_workflow_delay", "set_workflow_delay_async"), "delayed workflows"),
     **dict.fromkeys(
         ("rewind_workflow", "rewind_workflow_async"),

@@ -375,7 +375,6 @@ def test_dbos_error_module_names_codes_and_attributes() -> None:
         "delete_queue",
         "register_queue_async",
         "listen_queues",
-        "enqueue_workflow_with_options",
         "set_workflow_delay",
         "rewind_workflow",
         "send_bulk",

@@ -65,6 +65,12 @@ class StartPlan:
     timeout_ms: int | None
     inherited_deadline_ms: int | None
     ctx: Context
+    # The row's application version: the runtime's, unless the caller gives one.
+    app_version: str | None = None
+
+
+# `enqueue_workflow`'s default: the row records the runtime's application version.
+RUNTIME_VERSION: Any = object()
 
 
 def plan_start(rt: Runtime, workflow_name: str) -> StartPlan:
@@ -95,7 +101,7 @@ def plan_start(rt: Runtime, workflow_name: str) -> StartPlan:
         timeout_ms = round(ctx.timeout_sec * 1000)
     elif parent is not None:
         inherited = parent.deadline_ms
-    return StartPlan(wid, parent, fid, recorded, timeout_ms, inherited, ctx)
+    return StartPlan(wid, parent, fid, recorded, timeout_ms, inherited, ctx, rt.app_version)
 
 
 def _consume_id(ctx: Context) -> str | None:
@@ -107,7 +113,7 @@ def _consume_id(ctx: Context) -> str | None:
 
 def _new_row(
     rt: Runtime,
-    reg: Registration,
+    reg: Registration | None,
     plan: StartPlan,
     inputs: bytes,
     name: str,
@@ -116,7 +122,9 @@ def _new_row(
     queue_name: str | None = None,
     owner: str | None = None,
 ) -> NewWorkflow:
-    version = rt.ensure_stored(reg)
+    # (No registration: a name enqueued for whichever process registers it, which runs its
+    # own version, as for a client's enqueue.)
+    version = rt.ensure_stored(reg) if reg is not None else None
     now = rt.now_ms()
     deadline = plan.inherited_deadline_ms
     started: int | None = None
@@ -131,10 +139,10 @@ def _new_row(
         inputs=inputs,
         status=status,
         created_at=now,
-        class_name=reg.class_name,
+        class_name=reg.class_name if reg is not None else None,
         executor_id=rt.executor_id if status == _PENDING else None,
         owner_xid=owner,
-        application_version=rt.app_version,
+        application_version=plan.app_version,
         queue_name=queue_name,
         priority=ctx.priority or 0,
         deduplication_id=ctx.deduplication_id if queue_name else None,
@@ -247,13 +255,21 @@ def start_workflow(
 
 
 def enqueue_workflow(
-    rt: Runtime, queue_name: str, reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
+    rt: Runtime,
+    queue_name: str,
+    reg: Registration,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    app_version: str | None = RUNTIME_VERSION,
 ) -> str:
     """Write an ENQUEUED row on the queue and wake the local scheduler; returns the id."""
     _check_registered(rt, reg)
     name = workflow_name_of(reg)
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
     plan = plan_start(rt, name)
+    if app_version is not RUNTIME_VERSION:
+        plan.app_version = app_version
     # Inside an open transaction (SQLite: an application transaction that enqueues), the row
     # commits only with it: a workflow started at once could run for a row rolled back. A
     # parent's replay finds its child written already: nothing to start.
@@ -261,12 +277,35 @@ def enqueue_workflow(
     if direct and _start_directly(rt, reg, plan, inputs, name, queue_name):
         return plan.workflow_id
     row = _new_row(rt, reg, plan, inputs, name, status=_ENQUEUED, queue_name=queue_name)
+    return _insert_enqueued(rt, row, queue_name)
+
+
+def enqueue_named(
+    rt: Runtime,
+    queue_name: str,
+    name: str,
+    name_in_row: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    app_version: str | None,
+) -> str:
+    """Enqueue by name a function that this process does not register, for whichever process
+    does (a client's enqueue, made from workflow code it is recorded as a child); returns
+    the id."""
+    inputs = serialization.dump_inputs(name, args, kwargs)
+    plan = plan_start(rt, name_in_row)
+    plan.app_version = app_version
+    row = _new_row(rt, None, plan, inputs, name_in_row, status=_ENQUEUED, queue_name=queue_name)
+    return _insert_enqueued(rt, row, queue_name)
+
+
+def _insert_enqueued(rt: Runtime, row: NewWorkflow, queue_name: str) -> str:
     existing = rt.store.insert_workflow(row)
     if existing is not None:
-        _check_same_function(plan.workflow_id, existing, name)
+        _check_same_function(row.workflow_id, existing, row.name)
     else:
         rt.wake_scheduler(queue_name, WAKE_ENQUEUED)
-    return plan.workflow_id
+    return row.workflow_id
 
 
 def _check_registered(rt: Runtime, reg: Registration) -> None:
