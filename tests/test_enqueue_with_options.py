@@ -3,6 +3,7 @@ options of `DBOSClient.enqueue`, recorded as a child in workflow code."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from dbos_nb import (
     DBOS,
     DbosNbError,
+    DBOSNonSerializableError,
     DBOSQueueDeduplicatedError,
     EnqueueOptions,
     Queue,
@@ -178,3 +180,68 @@ def test_workflow_code_records_it_as_a_child(launched: str) -> None:
     runs = len(DBOS.list_workflows(name="opts_add"))
     assert DBOS.fork_workflow("opts-parent", 1).get_result(timeout_sec=10) == 6
     assert len(DBOS.list_workflows(name="opts_add")) == runs  # the replay enqueued nothing
+
+
+def test_every_other_enqueue_records_the_runtimes_version(launched: str) -> None:
+    """Only the options' enqueue leaves app_version unset; `queue.enqueue`, `enqueue_many`
+    and `start_workflow` record the version of the process that wrote them."""
+    _declared()
+    queue = Queue("opts_q")
+
+    @DBOS.workflow(name="opts_versioned")
+    def versioned(x: int) -> int:
+        return x
+
+    handles = [
+        *queue.enqueue_many(versioned, [1, 2]),
+        queue.enqueue(versioned, 3),
+        DBOS.start_workflow(versioned, 4),
+    ]
+    assert [h.get_result(timeout_sec=10) for h in handles] == [1, 2, 3, 4]
+    version = get_runtime().app_version
+    assert [h.get_status().app_version for h in handles] == [version] * 4
+
+
+def test_a_failed_enqueue_leaves_the_callers_workflow_id(launched: str) -> None:
+    """An enqueue that fails (an argument that cannot be pickled) does not use up the id of
+    the `SetWorkflowID` around it: the next enqueue in the block takes it, as with
+    `queue.enqueue`."""
+    _declared()
+    base: EnqueueOptions = {"queue_name": "opts_q", "workflow_name": "opts_add"}
+    with SetWorkflowID("opts-kept"):
+        with pytest.raises(DBOSNonSerializableError):
+            DBOS.enqueue_workflow_with_options(base, threading.Lock())
+        kept = DBOS.enqueue_workflow_with_options(base, 1)
+    assert kept.workflow_id == "opts-kept" and kept.get_result(timeout_sec=10) == 1
+    with pytest.raises(DbosNbError, match="allow_unregistered must be True or False"):
+        DBOS.enqueue_workflow_with_options({**base, "allow_unregistered": "no"})  # type: ignore[typeddict-item]
+
+
+@pytest.mark.parametrize("how", ["queue.enqueue", "with_options"])
+def test_a_replay_does_not_run_a_deleted_child_again(launched: str, how: str) -> None:
+    """A parent's replay gets back the child it enqueued; that child ran and was deleted
+    since: the replay must not write it anew (and run it, and pay for it, again)."""
+    queue = Queue("opts_q")
+    runs: list[int] = []
+
+    @DBOS.workflow(name="opts_counted")
+    def counted(x: int) -> int:
+        runs.append(x)
+        return x
+
+    @DBOS.workflow(name=f"opts_parent_of_counted_{how}")
+    def parent() -> str:
+        if how == "queue.enqueue":
+            handle = queue.enqueue(counted, 7)
+        else:
+            handle = DBOS.enqueue_workflow_with_options(
+                {"queue_name": "opts_q", "workflow_name": "opts_counted"}, 7
+            )
+        return handle.workflow_id
+
+    with SetWorkflowID(f"opts-parent-{how}"):
+        child_id = parent()
+    assert DBOS.retrieve_workflow(child_id).get_result(timeout_sec=10) == 7
+    DBOS.delete_workflow(child_id)
+    assert DBOS.fork_workflow(f"opts-parent-{how}", 1).get_result(timeout_sec=10) == child_id
+    assert runs == [7] and DBOS.get_workflow_status(child_id) is None

@@ -371,3 +371,31 @@ def test_sync_code_on_the_async_loop_reads_an_ended_workflow_but_may_not_wait(
     assert [(s.function_name, s.output) for s in steps] == [("DBOS.getResult", 60)]
     GATES[61].set()
     assert running.get_result() == 61
+
+
+def test_a_replay_on_the_async_loop_answers_from_the_record(launched: str) -> None:
+    """Sync code of an async workflow read an ended workflow's outcome (recorded); that
+    workflow was resumed since and runs again. The replay gets the recorded outcome: it is no
+    wait, so it is not refused (it was, before 2026-12-03, with a RuntimeError)."""
+    gated, queue = _gated_workflows()
+    (child,) = _enqueue(queue, gated, [80])
+    _running([child])
+    DBOS.cancel_workflow(child.workflow_id)
+
+    @DBOS.workflow(name="wf_async_replayed_read")
+    async def reader(child_id: str) -> str:
+        try:
+            DBOS.retrieve_workflow(child_id, existing_workflow=False).get_result()
+        except Exception as exc:
+            return type(exc).__name__
+        return "read"
+
+    with SetWorkflowID("wf-async-replayed-read"):
+        first = DBOS.start_workflow(reader, child.workflow_id).get_result(timeout_sec=20)
+    assert first == "DBOSAwaitedWorkflowCancelledError"
+    DBOS.resume_workflow(child.workflow_id)
+    _running([child])  # it runs again: a fresh read on the loop would now be refused
+    replay = DBOS.fork_workflow("wf-async-replayed-read", 1).get_result(timeout_sec=20)
+    assert replay == first
+    GATES[80].set()
+    assert child.get_result() == 80

@@ -547,6 +547,49 @@ def test_a_registration_whose_row_read_fails_leaves_nothing_registered(
     assert not rt.is_running("read-fails")
 
 
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_database_lost_while_registering_hands_the_workflow_back(
+    launched: str, monkeypatch: pytest.MonkeyPatch, is_async: bool
+) -> None:
+    """The database lost while an execution registers (its row read after a stop that found
+    nothing to stop): nothing ran, and the workflow goes back to its queue and runs, rather
+    than staying PENDING under this live process, which nothing would ever run again."""
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.storage.reconnect import mark_lost
+
+    rt = get_runtime()
+    marks = iter(range(10**9))
+    monkeypatch.setattr(rt, "stop_mark", lambda: next(marks))  # every registration reads
+    lost: list[str] = []
+    read = rt.store.get_workflow
+
+    def lost_once(workflow_id: str) -> Any:
+        if workflow_id.startswith("lost-at-registration") and not lost:
+            lost.append(workflow_id)
+            raise mark_lost(ConnectionError("server closed the connection unexpectedly"))
+        return read(workflow_id)
+
+    monkeypatch.setattr(rt.store, "get_workflow", lost_once)
+    if is_async:
+
+        @DBOS.workflow(name="lost_at_registration_async")
+        async def awf() -> int:
+            return 5
+
+        target: Any = awf
+    else:
+
+        @DBOS.workflow(name="lost_at_registration")
+        def wf() -> int:
+            return 5
+
+        target = wf
+    with SetWorkflowID(f"lost-at-registration-{is_async}"):
+        handle = Queue("lost_at_registration_q").enqueue(target)
+    assert handle.get_result(timeout_sec=20) == 5
+    assert lost == [handle.workflow_id]
+
+
 def test_cancel_children_and_unknown_ids(launched: str) -> None:
     gate = threading.Event()
 

@@ -14,7 +14,7 @@ import concurrent.futures
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-from dbos_nb.core.context import Context, current, derive, using
+from dbos_nb.core.context import Context, RunningWorkflow, current, derive, using
 from dbos_nb.core.registry import Registration
 from dbos_nb.core.runtime import Runtime
 from dbos_nb.core.steps import (
@@ -48,11 +48,12 @@ T = TypeVar("T")
 async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
     """The async twin of `workflows.run_execution` (runs on the runtime's loop)."""
     __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
-    running, stale = register(rt, ex)
-    while stale is not None:  # see `workflows.register`; the stale one may run on this loop
-        while not stale.ended.is_set():
-            await asyncio.sleep(0.01)
-        running, stale = register(rt, ex)
+    try:
+        running = await _begin(rt, ex)
+    except Exception as exc:
+        if lost_database(exc):  # its records could not be read: it runs again later
+            raise handed_back(rt, ex) from exc
+        raise
     if running is None:
         return await rt.wait_result_async(ex.workflow_id, rt.polling_interval_sec, None)
     try:
@@ -71,6 +72,16 @@ async def run_execution_async(rt: Runtime, ex: Execution) -> Any:
         raise
     finally:
         end(rt, ex)
+
+
+async def _begin(rt: Runtime, ex: Execution) -> RunningWorkflow | None:
+    """`workflows.begin` on the loop: the stale execution waited for may run on this loop."""
+    running, stale = register(rt, ex)
+    while stale is not None:
+        while not stale.ended.is_set():
+            await asyncio.sleep(0.01)
+        running, stale = register(rt, ex)
+    return running
 
 
 def start_on_loop(rt: Runtime, ex: Execution) -> concurrent.futures.Future[Any]:

@@ -80,6 +80,9 @@ def validate_options(options: Any) -> EnqueueOptions:
             f"got {timeout!r}"
         )
     check_priority(options.get("priority"))
+    allow = options.get("allow_unregistered", False)
+    if not isinstance(allow, bool):
+        raise DbosNbError(f"allow_unregistered must be True or False, got {allow!r}")
     result: EnqueueOptions = options  # type: ignore[assignment]
     return result
 
@@ -92,7 +95,11 @@ def check_target(
     if not declared and not allow:
         raise UnknownQueueError(queue_name)
     if kind is None and not allow:
-        raise UnknownWorkflowNameError(name, "; no process using this database has registered it")
+        raise UnknownWorkflowNameError(
+            name,
+            "; no process using this database has registered it (allow_unregistered=True "
+            "enqueues it all the same, for a process that registers it later)",
+        )
     return kind
 
 
@@ -111,12 +118,8 @@ def row_name(name: str, kind: str | None) -> str:
 def context_for(options: EnqueueOptions) -> Context:
     """The context an enqueue from options runs in: the options win, and what they leave
     unset comes from the caller's blocks (`SetWorkflowID`, `SetEnqueueOptions`,
-    `SetWorkflowTimeout`), as in DBOS. A `SetWorkflowID` around the call is used up by it,
-    as by any start, also when the options name the id."""
-    ambient = current()
-    ambient_id = ambient.next_workflow_id
-    if ambient_id is not None:
-        ambient.next_workflow_id = None
+    `SetWorkflowTimeout`), as in DBOS."""
+    ambient_id = current().next_workflow_id
     changes: dict[str, Any] = {"next_workflow_id": options.get("workflow_id") or ambient_id}
     if options.get("deduplication_id") is not None:
         changes["deduplication_id"] = options["deduplication_id"]
@@ -140,15 +143,21 @@ def enqueue_with_options(
     workflow may belong to another application version, as in DBOS)."""
     opts = validate_options(options)
     queue_name, name = opts["queue_name"], opts["workflow_name"]
-    allow = bool(opts.get("allow_unregistered", False))
+    allow = opts.get("allow_unregistered", False)
     version = opts.get("app_version")
     reg = rt.registry.get(name)
-    if reg is not None:
-        declared = QUEUES.get(queue_name) is not None or rt.store.get_queue(queue_name) is not None
-        check_target(queue_name, name, declared, reg.kind, allow)
-        with using(context_for(opts)):
-            return enqueue_workflow(rt, queue_name, reg, args, kwargs, app_version=version)
-    declared, kind = rt.store.enqueue_target(queue_name, name)
-    kind = check_target(queue_name, name, declared, kind, allow)
+    ambient = current()
     with using(context_for(opts)):
-        return enqueue_named(rt, queue_name, name, row_name(name, kind), args, kwargs, version)
+        if reg is not None:
+            here = QUEUES.get(queue_name) is not None
+            declared = here or rt.store.get_queue(queue_name) is not None
+            check_target(queue_name, name, declared, reg.kind, allow)
+            wid = enqueue_workflow(rt, queue_name, reg, args, kwargs, app_version=version)
+        else:
+            declared_here, kind = rt.store.enqueue_target(queue_name, name)
+            kind = check_target(queue_name, name, declared_here, kind, allow)
+            wid = enqueue_named(rt, queue_name, name, row_name(name, kind), args, kwargs, version)
+    # A `SetWorkflowID` around the call is used up by it, as by any start (also when the
+    # options name the id, as in DBOS); not by an enqueue that failed.
+    ambient.next_workflow_id = None
+    return wid

@@ -56,7 +56,7 @@ class WorkflowHandle(Generic[R]):
         """Wait for the workflow to finish; return its result or raise its error."""
         __tracebackhide__ = True  # IPython and pytest leave this frame out of tracebacks
         backend, wid = self._backend, self.workflow_id
-        if _on_the_loop(backend) and _still_running(backend, wid):
+        if _on_the_loop(backend) and _would_wait(backend, wid):
             _refuse_blocking_on_the_loop("get_result")
         value: R = _as_operation(
             backend,
@@ -128,6 +128,24 @@ def _on_the_loop(backend: HandleBackend) -> bool:
     from dbos_nb.core.runtime import Runtime  # (the runtime module imports this one)
 
     return isinstance(backend, Runtime) and backend.aio.runs_here()
+
+
+def _would_wait(backend: HandleBackend, workflow_id: str) -> bool:
+    """Whether `get_result` of this workflow would wait: not if workflow code replays a read
+    of it that its first run made (the record answers, even if the workflow runs again now,
+    resumed), nor if the workflow has ended. (A first run refused here recorded nothing; its
+    replay decides again the same way.)"""
+    from dbos_nb.core.runtime import Runtime
+    from dbos_nb.core.steps import workflow_code  # (the steps module imports this one)
+
+    wf = workflow_code()
+    if isinstance(backend, Runtime) and wf is not None:
+        fid = wf.next_function_id
+        if fid <= wf.last_recorded_fid:
+            pre = backend.store.step_preflight(wf.workflow_id, fid)
+            if pre.function_name == "DBOS.getResult" and pre.child_workflow_id == workflow_id:
+                return False
+    return _still_running(backend, workflow_id)
 
 
 def _still_running(backend: HandleBackend, workflow_id: str) -> bool:

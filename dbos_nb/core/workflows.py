@@ -66,7 +66,7 @@ class StartPlan:
     inherited_deadline_ms: int | None
     ctx: Context
     # The row's application version: the runtime's, unless the caller gives one.
-    app_version: str | None = None
+    app_version: str | None
 
 
 # `enqueue_workflow`'s default: the row records the runtime's application version.
@@ -268,13 +268,15 @@ def enqueue_workflow(
     name = workflow_name_of(reg)
     inputs = serialization.dump_inputs(reg.name, args, kwargs)
     plan = plan_start(rt, name)
+    if plan.recorded_child_id is not None:
+        # A parent's replay: its child was enqueued already (and may have run and been
+        # deleted since, which must not make it run again).
+        return plan.recorded_child_id
     if app_version is not RUNTIME_VERSION:
         plan.app_version = app_version
     # Inside an open transaction (SQLite: an application transaction that enqueues), the row
-    # commits only with it: a workflow started at once could run for a row rolled back. A
-    # parent's replay finds its child written already: nothing to start.
-    direct = plan.recorded_child_id is None and not rt.db.in_write()
-    if direct and _start_directly(rt, reg, plan, inputs, name, queue_name):
+    # commits only with it: a workflow started at once could run for a row rolled back.
+    if not rt.db.in_write() and _start_directly(rt, reg, plan, inputs, name, queue_name):
         return plan.workflow_id
     row = _new_row(rt, reg, plan, inputs, name, status=_ENQUEUED, queue_name=queue_name)
     return _insert_enqueued(rt, row, queue_name)
@@ -294,6 +296,8 @@ def enqueue_named(
     the id."""
     inputs = serialization.dump_inputs(name, args, kwargs)
     plan = plan_start(rt, name_in_row)
+    if plan.recorded_child_id is not None:  # a parent's replay (see `enqueue_workflow`)
+        return plan.recorded_child_id
     plan.app_version = app_version
     row = _new_row(rt, None, plan, inputs, name_in_row, status=_ENQUEUED, queue_name=queue_name)
     return _insert_enqueued(rt, row, queue_name)
@@ -502,7 +506,7 @@ def _enqueue_many(
         base = plan.recorded_child_id or explicit or plan.workflow_id
     else:
         base = explicit or _consume_id(ctx) or new_workflow_id()
-        plan = StartPlan(base, None, None, None, None, None, ctx)
+        plan = StartPlan(base, None, None, None, None, None, ctx, rt.app_version)
         if isinstance(ctx.timeout_sec, int | float):
             plan.timeout_ms = round(ctx.timeout_sec * 1000)
     template = _new_row(rt, reg, plan, b"", name, status=_ENQUEUED, queue_name=queue_name)
@@ -742,7 +746,12 @@ def end(rt: Runtime, ex: Execution) -> None:
 def run_execution(rt: Runtime, ex: Execution) -> Any:
     """Run a workflow body whose row is PENDING and owned by `ex.owner`; record its outcome."""
     __tracebackhide__ = True
-    running = begin(rt, ex)
+    try:
+        running = begin(rt, ex)
+    except Exception as exc:
+        if lost_database(exc):  # its records could not be read: it runs again later
+            raise handed_back(rt, ex) from exc
+        raise
     if running is None:
         # This process already runs it (e.g. recovered while a handle waits): wait instead.
         return wait_for_result(
