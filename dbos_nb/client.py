@@ -21,6 +21,7 @@ from dbos_nb.core.handles import (
     wait_first_handle,
     wait_first_handle_async,
 )
+from dbos_nb.core.queue import Queue, stored_queue, stored_queues
 from dbos_nb.core.waiters import (
     Waiters,
     wait_for_first,
@@ -208,6 +209,21 @@ class DBOSClient:
 
     def list_workflows(self, **filters: Any) -> list[WorkflowStatus]:
         return management.list_workflows(self._store, **filters)
+
+    def retrieve_queue(self, name: str) -> Queue | None:
+        """The queue `name` with its stored settings, or None if no process declared it (to
+        read its limits: enqueue through `enqueue`)."""
+        return stored_queue(self._store, name)
+
+    async def retrieve_queue_async(self, name: str) -> Queue | None:
+        return await asyncio.to_thread(self.retrieve_queue, name)
+
+    def list_queues(self) -> list[Queue]:
+        """Every queue some process declared, with its stored settings, by name."""
+        return stored_queues(self._store)
+
+    async def list_queues_async(self) -> list[Queue]:
+        return await asyncio.to_thread(self.list_queues)
 
     def list_queued_workflows(
         self, *, queue_name: str | None = None, **filters: Any

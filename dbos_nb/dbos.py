@@ -28,7 +28,7 @@ from dbos_nb.core.handles import (
     wait_first_handle,
     wait_first_handle_async,
 )
-from dbos_nb.core.queue import QUEUES, UNSET, Queue
+from dbos_nb.core.queue import QUEUES, UNSET, Queue, stored_queue, stored_queues
 from dbos_nb.core.registry import REGISTRY, Kind, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.engine import Engine, resolve_config
@@ -352,6 +352,26 @@ class DBOS(metaclass=_DBOSType):
         `queue.enqueue_async`); the handle's `get_result()` and `get_status()` are awaited."""
         handle = cls.enqueue_workflow(queue_name, func, *args, **kwargs)
         return WorkflowHandleAsync(cls._rt(), handle.workflow_id)
+
+    @classmethod
+    def retrieve_queue(cls, name: str) -> Queue | None:
+        """The queue `name` with the settings stored for it (as every process sees them), or
+        None if no process declared it. Not a declaration: this process does not start
+        serving the queue."""
+        return stored_queue(cls._rt().store, name)
+
+    @classmethod
+    async def retrieve_queue_async(cls, name: str) -> Queue | None:
+        return await asyncio.to_thread(cls.retrieve_queue, name)
+
+    @classmethod
+    def list_queues(cls) -> list[Queue]:
+        """Every queue some process declared, with its stored settings, by name."""
+        return stored_queues(cls._rt().store)
+
+    @classmethod
+    async def list_queues_async(cls) -> list[Queue]:
+        return await asyncio.to_thread(cls.list_queues)
 
     @classmethod
     def enqueue_workflow_with_options(

@@ -15,7 +15,7 @@ _SCHEDULES = "scheduled workflows"
 _RUN_STEP = "ad-hoc steps (decorate the function with @DBOS.step)"
 _QUEUE_CALLS = (
     "these queue management calls (declare a queue with Queue(...) or DBOS.register_queue; "
-    "`dbos-nb status` lists them)"
+    "DBOS.list_queues and retrieve_queue read them; a queue's settings stay stored)"
 )
 
 # DBOS attribute name -> the feature it belongs to.
@@ -66,10 +66,6 @@ _DBOS_FEATURES: dict[str, str] = {
     **dict.fromkeys(("run_step", "run_step_async"), _RUN_STEP),
     **dict.fromkeys(
         (
-            "retrieve_queue",
-            "retrieve_queue_async",
-            "list_queues",
-            "list_queues_async",
             "delete_queue",
             "delete_queue_async",
             "register_queue_async",
@@ -93,7 +89,7 @@ _DBOS_FEATURES: dict[str, str] = {
 _CLIENT_FEATURES: dict[str, str] = {
     name: feature
     for name, feature in _DBOS_FEATURES.items()
-    if feature in (_MESSAGES, _STREAMS, _SCHEDULES)
+    if feature in (_MESSAGES, _STREAMS, _SCHEDULES, _QUEUE_CALLS)
 }
 
 

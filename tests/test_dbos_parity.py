@@ -370,8 +370,6 @@ def test_dbos_error_module_names_codes_and_attributes() -> None:
     [
         "run_step",
         "run_step_async",
-        "retrieve_queue",
-        "list_queues",
         "delete_queue",
         "register_queue_async",
         "listen_queues",

@@ -24,6 +24,7 @@ from dbos_nb.core.runtime import get_runtime
 from dbos_nb.core.workflows import cycle_collector_paused, enqueue_many, enqueue_workflow
 from dbos_nb.errors import DbosNbError, InvalidQueueSettingsError
 from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
+from dbos_nb.storage.queue_records import QueueRecords
 
 logger = logging.getLogger(__name__)
 
@@ -247,11 +248,31 @@ class Queue:
         self.priority_noted = False  # told once that a priority here orders nothing
         QUEUES.declare(self)
 
+    # Whether this object shows the settings stored in the database when it was read
+    # (`as_stored`) rather than a declaration of this process.
+    _read_from_database = False
+
+    @classmethod
+    def as_stored(cls, settings: QueueSettings) -> Queue:
+        """The queue as the database holds it (`DBOS.retrieve_queue`, `list_queues`): not a
+        declaration, so this process does not start serving it and stores nothing. Work
+        enqueued through it waits for a process that serves the queue."""
+        queue = cls.__new__(cls)
+        queue.settings = settings
+        queue.name = settings.name
+        queue.adopts_stored = True
+        queue.priority_noted = False
+        queue._read_from_database = True
+        return queue
+
     def _latest(self) -> QueueSettings:
         """The settings of this queue's latest declaration in this process: this object's, or
         a later one's of the same name (a `Queue` kept from an earlier cell then shows, and
         warns by, what this process declared last, which it also stored; another process's
-        later declaration is not seen here)."""
+        later declaration is not seen here). A queue read from the database shows what it
+        read."""
+        if self._read_from_database:
+            return self.settings
         latest = QUEUES.get(self.name)
         return self.settings if latest is None or latest is self else latest.settings
 
@@ -280,6 +301,10 @@ class Queue:
     @property
     def priority_enabled(self) -> bool:
         return self._latest().priority_enabled
+
+    @property
+    def polling_interval_sec(self) -> float:
+        return self._latest().polling_interval_ms / 1000
 
     def enqueue(self, func: Callable[..., R], *args: Any, **kwargs: Any) -> WorkflowHandle[R]:
         """Enqueue a workflow, step or transaction; returns its handle at once."""
@@ -334,6 +359,20 @@ class Queue:
             f"Queue({s.name!r}, concurrency={s.concurrency}, worker_concurrency="
             f"{s.worker_concurrency}, limiter={self.limiter}, token_limiter={self.token_limiter})"
         )
+
+
+def stored_queue(store: QueueRecords, name: str) -> Queue | None:
+    """`retrieve_queue`: the queue `name` as stored, or None if no process declared it."""
+    if not isinstance(name, str) or not name:
+        raise InvalidQueueSettingsError(f"a queue name must be a non-empty string, got {name!r}")
+    settings = store.get_queue(name)
+    return Queue.as_stored(settings) if settings is not None else None
+
+
+def stored_queues(store: QueueRecords) -> list[Queue]:
+    """`list_queues`: every queue some process declared, by name (dbos_nb's internal queue,
+    which runs `start_workflow`'s recovered work, is nobody's declaration)."""
+    return [Queue.as_stored(s) for s in store.list_queues() if s.name != INTERNAL_QUEUE]
 
 
 def _or(value: Any, default: Any) -> Any:
