@@ -213,14 +213,14 @@ class DBOSClient:
     def retrieve_queue(self, name: str) -> Queue | None:
         """The queue `name` with its stored settings, or None if no process declared it (to
         read its limits: enqueue through `enqueue`)."""
-        return stored_queue(self._store, name)
+        return stored_queue(self._store, name, by_client=True)
 
     async def retrieve_queue_async(self, name: str) -> Queue | None:
         return await asyncio.to_thread(self.retrieve_queue, name)
 
     def list_queues(self) -> list[Queue]:
         """Every queue some process declared, with its stored settings, by name."""
-        return stored_queues(self._store)
+        return stored_queues(self._store, by_client=True)
 
     async def list_queues_async(self) -> list[Queue]:
         return await asyncio.to_thread(self.list_queues)

@@ -11,6 +11,7 @@ import pytest
 from dbos_nb import (
     DBOS,
     DbosNbError,
+    DBOSNonExistentWorkflowError,
     DBOSNonSerializableError,
     DBOSQueueDeduplicatedError,
     EnqueueOptions,
@@ -217,7 +218,7 @@ def test_a_failed_enqueue_leaves_the_callers_workflow_id(launched: str) -> None:
         DBOS.enqueue_workflow_with_options({**base, "allow_unregistered": "no"})  # type: ignore[typeddict-item]
 
 
-@pytest.mark.parametrize("how", ["queue.enqueue", "with_options"])
+@pytest.mark.parametrize("how", ["queue.enqueue", "with_options", "enqueue_many", "start_workflow"])
 def test_a_replay_does_not_run_a_deleted_child_again(launched: str, how: str) -> None:
     """A parent's replay gets back the child it enqueued; that child ran and was deleted
     since: the replay must not write it anew (and run it, and pay for it, again)."""
@@ -233,6 +234,10 @@ def test_a_replay_does_not_run_a_deleted_child_again(launched: str, how: str) ->
     def parent() -> str:
         if how == "queue.enqueue":
             handle = queue.enqueue(counted, 7)
+        elif how == "enqueue_many":
+            (handle,) = queue.enqueue_many(counted, [7])
+        elif how == "start_workflow":
+            handle = DBOS.start_workflow(counted, 7)
         else:
             handle = DBOS.enqueue_workflow_with_options(
                 {"queue_name": "opts_q", "workflow_name": "opts_counted"}, 7
@@ -245,3 +250,26 @@ def test_a_replay_does_not_run_a_deleted_child_again(launched: str, how: str) ->
     DBOS.delete_workflow(child_id)
     assert DBOS.fork_workflow(f"opts-parent-{how}", 1).get_result(timeout_sec=10) == child_id
     assert runs == [7] and DBOS.get_workflow_status(child_id) is None
+
+
+def test_a_replayed_direct_call_of_a_deleted_child_raises(launched: str) -> None:
+    """A child called directly, finished, then deleted: the parent's replay cannot read its
+    result, and says so, rather than running (and paying for) the child again."""
+    runs: list[int] = []
+
+    @DBOS.workflow(name="opts_direct_child")
+    def child(x: int) -> int:
+        runs.append(x)
+        return x
+
+    @DBOS.workflow(name="opts_direct_parent")
+    def parent() -> int:
+        return child(3)
+
+    with SetWorkflowID("opts-direct-parent"):
+        assert parent() == 3
+    (record,) = DBOS.list_workflow_steps("opts-direct-parent")
+    DBOS.delete_workflow(record.child_workflow_id)
+    with pytest.raises(DBOSNonExistentWorkflowError, match=record.child_workflow_id):
+        DBOS.fork_workflow("opts-direct-parent", 1).get_result(timeout_sec=10)
+    assert runs == [3]

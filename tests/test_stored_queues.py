@@ -7,10 +7,17 @@ import asyncio
 
 import pytest
 
-from dbos_nb import DBOS, DBOSClient, DBOSNotImplementedError, InvalidQueueSettingsError, Queue
+from dbos_nb import (
+    DBOS,
+    DBOSClient,
+    DbosNbError,
+    DBOSNotImplementedError,
+    InvalidQueueSettingsError,
+    Queue,
+)
 from dbos_nb.core.queue import QUEUES
 from dbos_nb.core.runtime import get_runtime
-from dbos_nb.models import QueueSettings
+from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
 
 
 def _limits(queue: Queue) -> tuple[object, ...]:
@@ -33,6 +40,7 @@ def test_a_declared_queue_reads_back_with_its_settings(launched: str) -> None:
     plain = DBOS.retrieve_queue("stored_plain")
     assert plain is not None and _limits(plain) == ("stored_plain", None, None, None, True, 0.25)
     assert DBOS.retrieve_queue("stored_never") is None
+    assert DBOS.retrieve_queue(INTERNAL_QUEUE) is None  # nobody's declaration
     names = [q.name for q in DBOS.list_queues()]
     assert "stored_llm" in names and "stored_plain" in names
     assert names == sorted(names) and not any(n.startswith("_") for n in names)
@@ -73,6 +81,11 @@ def test_the_client_reads_the_same_queues(launched: str) -> None:
         assert [q.name for q in client.list_queues()] == [q.name for q in DBOS.list_queues()]
         assert asyncio.run(client.list_queues_async()) != []
         assert asyncio.run(client.retrieve_queue_async("stored_for_client")) is not None
+        # It describes the client's database: enqueueing goes through the client.
+        with pytest.raises(DbosNbError, match=r"client\.enqueue"):
+            read.enqueue(print, 1)
+        with pytest.raises(DbosNbError, match=r"client\.enqueue"):
+            read.enqueue_many(print, [1])
         # Deleting a queue is left out: named, not a bare AttributeError.
         with pytest.raises(DBOSNotImplementedError, match="delete_queue"):
             client.delete_queue("stored_for_client")  # type: ignore[attr-defined]

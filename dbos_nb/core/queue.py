@@ -249,21 +249,34 @@ class Queue:
         QUEUES.declare(self)
 
     # Whether this object shows the settings stored in the database when it was read
-    # (`as_stored`) rather than a declaration of this process.
+    # (`as_stored`) rather than a declaration of this process; and whether a `DBOSClient`
+    # read it (whose database may not be this process's).
     _read_from_database = False
+    _read_by_client = False
 
     @classmethod
-    def as_stored(cls, settings: QueueSettings) -> Queue:
-        """The queue as the database holds it (`DBOS.retrieve_queue`, `list_queues`): not a
+    def as_stored(cls, settings: QueueSettings, *, by_client: bool = False) -> Queue:
+        """The queue as the database holds it (`retrieve_queue`, `list_queues`): not a
         declaration, so this process does not start serving it and stores nothing. Work
-        enqueued through it waits for a process that serves the queue."""
+        enqueued through it waits for a process that serves the queue; one read by a client
+        enqueues nothing (see `_check_enqueue`)."""
         queue = cls.__new__(cls)
         queue.settings = settings
         queue.name = settings.name
         queue.adopts_stored = True
         queue.priority_noted = False
         queue._read_from_database = True
+        queue._read_by_client = by_client
         return queue
+
+    def _check_enqueue(self) -> None:
+        """A queue read through a `DBOSClient` describes the client's database, which this
+        process's runtime (if any) may not use: enqueueing through it would write elsewhere."""
+        if self._read_by_client:
+            raise DbosNbError(
+                f"queue {self.name!r} was read through a DBOSClient, which enqueues by name: "
+                f"use client.enqueue({{'queue_name': {self.name!r}, 'workflow_name': ...}}, ...)"
+            )
 
     def _latest(self) -> QueueSettings:
         """The settings of this queue's latest declaration in this process: this object's, or
@@ -308,6 +321,7 @@ class Queue:
 
     def enqueue(self, func: Callable[..., R], *args: Any, **kwargs: Any) -> WorkflowHandle[R]:
         """Enqueue a workflow, step or transaction; returns its handle at once."""
+        self._check_enqueue()
         _note_ignored_priority(self)
         reg, call_args = resolve(func, args)
         rt = get_runtime()
@@ -339,6 +353,7 @@ class Queue:
         `tokens` is each item's token estimate for a `token_limiter`: a number, or a function
         of the item.
         """
+        self._check_enqueue()
         _note_ignored_priority(self)
         reg, bound = resolve(func, ())
         rt = get_runtime()
@@ -361,18 +376,23 @@ class Queue:
         )
 
 
-def stored_queue(store: QueueRecords, name: str) -> Queue | None:
-    """`retrieve_queue`: the queue `name` as stored, or None if no process declared it."""
+def stored_queue(store: QueueRecords, name: str, *, by_client: bool = False) -> Queue | None:
+    """`retrieve_queue`: the queue `name` as stored, or None if no process declared it (as
+    dbos_nb's internal queue, which runs `start_workflow`'s recovered work, is nobody's
+    declaration)."""
     if not isinstance(name, str) or not name:
         raise InvalidQueueSettingsError(f"a queue name must be a non-empty string, got {name!r}")
-    settings = store.get_queue(name)
-    return Queue.as_stored(settings) if settings is not None else None
+    settings = store.get_queue(name) if name != INTERNAL_QUEUE else None
+    return Queue.as_stored(settings, by_client=by_client) if settings is not None else None
 
 
-def stored_queues(store: QueueRecords) -> list[Queue]:
-    """`list_queues`: every queue some process declared, by name (dbos_nb's internal queue,
-    which runs `start_workflow`'s recovered work, is nobody's declaration)."""
-    return [Queue.as_stored(s) for s in store.list_queues() if s.name != INTERNAL_QUEUE]
+def stored_queues(store: QueueRecords, *, by_client: bool = False) -> list[Queue]:
+    """`list_queues`: every queue some process declared, by name (not the internal one)."""
+    return [
+        Queue.as_stored(s, by_client=by_client)
+        for s in store.list_queues()
+        if s.name != INTERNAL_QUEUE
+    ]
 
 
 def _or(value: Any, default: Any) -> Any:

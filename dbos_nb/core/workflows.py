@@ -36,6 +36,7 @@ from dbos_nb.errors import (
     DBOSConflictingWorkflowError,
     DBOSMaxRecoveryAttemptsExceededError,
     DbosNbError,
+    DBOSNonExistentWorkflowError,
     DBOSNonSerializableError,
     DBOSWorkflowTimedOutError,
     UnknownWorkflowNameError,
@@ -68,6 +69,9 @@ class StartPlan:
     # The row's application version: the runtime's, unless the caller gives one.
     app_version: str | None
 
+
+# `write_started`'s answer for a child that a parent's replay finds recorded but deleted since.
+CHILD_DELETED: dict[str, Any] = {}
 
 # `enqueue_workflow`'s default: the row records the runtime's application version.
 RUNTIME_VERSION: Any = object()
@@ -187,12 +191,18 @@ def write_started(
     owner = new_token()
     row = _new_row(rt, reg, plan, inputs, name, status=_PENDING, owner=owner)
     mark = rt.stop_mark()
-    existing = rt.store.insert_workflow(row)
+    existing: dict[str, Any] | None
+    if plan.recorded_child_id is not None:
+        # A parent's replay: its child was started already. One deleted since is not written
+        # (and run, and paid for) again: waiting for it raises DBOSNonExistentWorkflowError.
+        existing = rt.store.get_workflow(plan.workflow_id) or CHILD_DELETED
+    else:
+        existing = rt.store.insert_workflow(row)
     if existing is not None and existing.get("owner_xid") == owner:
         # This very write, committed by an attempt whose reply a lost connection swallowed
         # (`reconnect` ran it again): it is ours to run, not another's to wait for.
         existing = None
-    if existing is not None:
+    if existing is not None and existing is not CHILD_DELETED:
         _check_same_function(plan.workflow_id, existing, name)
     ex = Execution(
         reg,
@@ -503,7 +513,11 @@ def _enqueue_many(
     plan: StartPlan | None = None
     if ctx.workflow is not None and ctx.step is None:
         plan = plan_start(rt, name)
-        base = plan.recorded_child_id or explicit or plan.workflow_id
+        if plan.recorded_child_id is not None:
+            # A parent's replay: the batch was enqueued already; items deleted since are not
+            # written (and run) again.
+            return [f"{plan.recorded_child_id}/{index}" for index in range(len(inputs))]
+        base = explicit or plan.workflow_id
     else:
         base = explicit or _consume_id(ctx) or new_workflow_id()
         plan = StartPlan(base, None, None, None, None, None, ctx, rt.app_version)
@@ -547,6 +561,8 @@ def _digest(payloads: list[bytes]) -> str:
 
 def _await_existing(rt: Runtime, wid: str, existing: dict[str, Any]) -> Any:
     __tracebackhide__ = True
+    if existing is CHILD_DELETED:
+        raise DBOSNonExistentWorkflowError(wid)
     finished, value = outcome_of(wid, existing)
     if finished:
         return value
