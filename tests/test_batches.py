@@ -256,3 +256,40 @@ def test_items_that_do_not_fit_the_function_are_refused_before_enqueueing(launch
     assert DBOS.list_workflows(queue_name="fit_q") == []  # nothing was written
     handles = queue.enqueue_many(add, [(1, 2), (3, 4)], unpack=True)
     assert [h.get_result() for h in handles] == [3, 7]
+
+
+def test_a_batch_id_whose_key_another_batch_holds_is_refused(launched: str) -> None:
+    """A batch's rows carry a 64-bit key of its id, not the id: a batch id whose key another
+    batch holds already (a hash collision, made here by hand) is refused with a clear error,
+    nothing of it is written, and the batches already there keep their rows."""
+    from dbos_nb.core.runtime import get_runtime
+    from dbos_nb.storage.schema import batch_key, batches
+
+    @DBOS.workflow(name="keyed_batch")
+    def keyed(x: int) -> int:
+        return x
+
+    queue = Queue("keyed")
+    queue.enqueue_many(keyed, [1, 2], batch_id="first")
+    store = get_runtime().store
+    record = store.get_batch("first")
+    assert record is not None and record["batch_key"] == batch_key("first")
+    with store.db.write() as conn:
+        conn.execute(
+            batches.insert().values(
+                batch_id="impostor",
+                batch_key=batch_key("second"),
+                queue_name="keyed",
+                function_name="other",
+                size=1,
+                created_at=1,
+            )
+        )
+    with pytest.raises(
+        BatchConflictError, match="same 64-bit key as the existing batch 'impostor'"
+    ):
+        queue.enqueue_many(keyed, [3, 4, 5], batch_id="second")
+    assert store.get_batch("second") is None
+    assert DBOS.list_workflows(workflow_ids=["second/0", "second/1", "second/2"]) == []
+    wait_until(lambda: store.batch_counts("first") == {"SUCCESS": 2}, timeout=20)
+    assert store.batch_counts("second") == {} and store.batch_counts("impostor") == {}

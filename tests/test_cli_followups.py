@@ -161,7 +161,13 @@ def _set_version(path: Path, version: int) -> None:
     one also lacks the columns its successor added)."""
     conn = sqlite3.connect(path)
     try:
-        conn.execute("UPDATE schema_migrations SET version = ? WHERE version = ?", (version, 6))
+        conn.execute("UPDATE schema_migrations SET version = ? WHERE version = ?", (version, 7))
+        if version < 7:
+            conn.execute("DROP INDEX ix_ws_batch")
+            conn.execute("DROP INDEX ux_batches_key")
+            conn.execute("ALTER TABLE workflow_status DROP COLUMN batch_key")
+            conn.execute("ALTER TABLE batches DROP COLUMN batch_key")
+            conn.execute("ALTER TABLE workflow_status ADD COLUMN batch_id VARCHAR(255)")
         if version < 6:
             conn.execute("DROP TABLE load_failures")
         if version < 5:
@@ -179,7 +185,7 @@ def test_inspection_neither_upgrades_nor_reads_another_schema(
 ) -> None:
     """`dbos-nb status` upgraded an older database (after which the installations that made it
     refused it): it is refused, saying who upgrades it, and left as it was."""
-    assert SCHEMA_VERSION == 6  # the faked versions below are relative to this one
+    assert SCHEMA_VERSION == 7  # the faked versions below are relative to this one
     path = tmp_path / "system.sqlite"
     _declare(_sqlite_url(path))
     _set_version(path, version)

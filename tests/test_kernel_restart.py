@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from jupyter_client.manager import KernelManager, start_new_kernel
 
 from dbos_nb.storage.database import normalize_url
-from dbos_nb.storage.schema import PG_SCHEMA
+from dbos_nb.storage.schema import PG_SCHEMA, batch_key
 
 
 class Kernel:
@@ -116,7 +116,7 @@ def test_batch_survives_a_kernel_restart(kernel: Kernel, db_url: str, tmp_path: 
     kernel.run("b = work.map(work_item, list(range(40)), batch='restart-batch')")
     done_sql = (
         "SELECT COUNT(*) FROM {s}workflow_status "
-        "WHERE batch_id='restart-batch' AND status='SUCCESS'"
+        f"WHERE batch_key={batch_key('restart-batch')} AND status='SUCCESS'"
     )
     _wait_for(lambda: _query(db_url, done_sql)[0][0] >= 8)
     kernel.restart_now()
@@ -209,7 +209,8 @@ def test_detached_workers_keep_going_across_a_kernel_restart(
     try:
         kernel.run("b = far.map(far_work, list(range(30)), batch='detached')")
         done_sql = (
-            "SELECT COUNT(*) FROM {s}workflow_status WHERE batch_id='detached' AND status='SUCCESS'"
+            "SELECT COUNT(*) FROM {s}workflow_status "
+            f"WHERE batch_key={batch_key('detached')} AND status='SUCCESS'"
         )
         _wait_for(lambda: bool(_query(db_url, done_sql)) and _query(db_url, done_sql)[0][0] >= 3)
         kernel.restart_now()

@@ -251,6 +251,78 @@ def test_a_version_4_database_gains_fork_lineage(db_url: str) -> None:
     assert sorted(versions) == list(range(4, SCHEMA_VERSION + 1))
 
 
+def test_a_version_6_database_gets_batch_keys(db_url: str) -> None:
+    """Version 7 replaces the batch id on every row of a batch (and in its index) by the batch's
+    64-bit key: an old database's batches keep their rows, counts and records, the old column
+    and index go, and the batch can still be enqueued again (attached) or retried."""
+    from dbos_nb.storage.migrations import migrate
+    from dbos_nb.storage.rows import NewWorkflow
+    from dbos_nb.storage.schema import batch_key
+    from dbos_nb.storage.store import SystemStore
+
+    db = Database(db_url)
+    migrate(db)
+    prefix = "dbos_nb." if db.is_postgres else ""
+    table = prefix + "workflow_status"
+    with db.write() as conn:  # the schema as version 6 left it
+        conn.execute(sa.text(f"DROP INDEX {prefix}ix_ws_batch"))
+        conn.execute(sa.text(f"DROP INDEX {prefix}ux_batches_key"))
+        conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN batch_key"))
+        conn.execute(sa.text(f"ALTER TABLE {prefix}batches DROP COLUMN batch_key"))
+        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN batch_id VARCHAR(255)"))
+        conn.execute(
+            sa.text(
+                f"CREATE INDEX ix_ws_batch ON {table} (batch_id, status) WHERE batch_id IS NOT NULL"
+            )
+        )
+        _stamp_only(conn, 6)
+        conn.execute(sa.text(f"INSERT INTO {prefix}batches VALUES ('old', 'q', 'fn', 3, 1, NULL)"))
+        for wid, status, batch in (
+            ("old/0", "SUCCESS", "'old'"),
+            ("old/1", "ERROR", "'old'"),
+            ("old/2", "ENQUEUED", "'old'"),
+            ("alone", "SUCCESS", "NULL"),
+        ):
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {table} (workflow_uuid, status, name, created_at, updated_at, "
+                    f"queue_name, batch_id) VALUES ('{wid}', '{status}', 'fn', 1, 1, 'q', {batch})"
+                )
+            )
+    migrate(db)
+    migrate(db)  # a second launch finds the schema in place
+    store = SystemStore(db)
+    assert store.batch_counts("old") == {"SUCCESS": 1, "ERROR": 1, "ENQUEUED": 1}
+    record = store.get_batch("old")
+    assert record is not None and record["batch_key"] == batch_key("old")
+    template = NewWorkflow(
+        workflow_id="old",
+        name="fn",
+        inputs=b"",
+        status="ENQUEUED",
+        created_at=2,
+        queue_name="q",
+        batch_id="old",
+    )
+    store.insert_enqueued_batch(template, [(f"old/{i}", b"", None) for i in range(3)])
+    assert store.run_again_in_batch("old", 3) == ["old/1"]
+    assert store.batch_counts("old") == {"SUCCESS": 1, "ENQUEUED": 2}
+    versions, names = _versions_and_index_names(db)
+    with db.read() as conn:
+        schema = "dbos_nb" if db.is_postgres else None
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("workflow_status", schema)}
+        keys = dict(conn.execute(sa.text(f"SELECT workflow_uuid, batch_key FROM {table}")).all())
+    db.dispose()
+    assert sorted(versions) == list(range(6, SCHEMA_VERSION + 1))
+    assert "ix_ws_batch" in names and "batch_id" not in columns
+    assert keys == {
+        "old/0": batch_key("old"),
+        "old/1": batch_key("old"),
+        "old/2": batch_key("old"),
+        "alone": None,
+    }
+
+
 def test_the_deadline_sweep_reads_active_workflows_only(launched: str) -> None:
     """The scheduler's sweep for overdue workflows runs ten times a second while work runs; it
     must not read again every finished workflow that once had a timeout (the index it reads

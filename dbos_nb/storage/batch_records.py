@@ -23,7 +23,13 @@ from dbos_nb.storage.rows import (
     _row_values,
     requeued_afresh,
 )
-from dbos_nb.storage.schema import batches, operation_outputs, status_is, workflow_status
+from dbos_nb.storage.schema import (
+    batch_key,
+    batches,
+    operation_outputs,
+    status_is,
+    workflow_status,
+)
 
 ws = workflow_status
 oo = operation_outputs
@@ -57,7 +63,9 @@ class BatchRecords(StoreBase):
         with self.db.write() as conn:
             recorded = False
             if template.batch_id is not None:
-                recorded = self._record_batch(conn, template, len(items), items_digest)
+                recorded = self._record_batch(
+                    conn, template, template.batch_id, len(items), items_digest
+                )
             if estimates:
                 inserted = self.db.bulk_insert(
                     conn,
@@ -99,12 +107,19 @@ class BatchRecords(StoreBase):
                 )
 
     def _record_batch(
-        self, conn: Connection, template: NewWorkflow, size: int, items_digest: str | None
+        self,
+        conn: Connection,
+        template: NewWorkflow,
+        batch_id: str,
+        size: int,
+        items_digest: str | None,
     ) -> bool:
         """Record the batch, or check the record already there against this call; whether
         the record was there already."""
+        key = batch_key(batch_id)
         values = {
-            "batch_id": template.batch_id,
+            "batch_id": batch_id,
+            "batch_key": key,
             "queue_name": template.queue_name,
             "function_name": template.name,
             "size": size,
@@ -119,15 +134,19 @@ class BatchRecords(StoreBase):
         ).first()
         if created is not None:
             return False
-        row = (
-            conn.execute(select(batches).where(batches.c.batch_id == template.batch_id))
-            .mappings()
-            .one()
-        )
+        row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().first()
+        if row is None:  # not there, yet not inserted: another batch id has the same key
+            other = conn.execute(
+                select(batches.c.batch_id).where(batches.c.batch_key == key)
+            ).scalar()
+            raise BatchConflictError(
+                f"batch id {batch_id!r} has the same 64-bit key as the existing "
+                f"batch {other!r} (a hash collision); use another batch id"
+            )
         mismatched = [k for k in ("queue_name", "function_name", "size") if row[k] != values[k]]
         if mismatched:
             raise BatchConflictError(
-                f"batch {template.batch_id!r} already exists with {row['size']} items of "
+                f"batch {batch_id!r} already exists with {row['size']} items of "
                 f"{shown_function_name(row['function_name'])!r} on queue "
                 f"{row['queue_name']!r}; this call has {size} items of "
                 f"{shown_function_name(template.name)!r} on {template.queue_name!r}. Use another "
@@ -136,18 +155,18 @@ class BatchRecords(StoreBase):
         stored = row["items_digest"]
         if stored is not None and items_digest is not None and stored != items_digest:
             raise BatchItemsConflictError(
-                f"batch {template.batch_id!r} already exists with other items (the same "
+                f"batch {batch_id!r} already exists with other items (the same "
                 f"number, {size}, of {shown_function_name(template.name)!r}); running it again "
                 "under this name would only attach to the old items. Use another batch name "
                 "for these items, "
-                f"or Batch.attach({template.batch_id!r}) to follow the existing batch"
+                f"or Batch.attach({batch_id!r}) to follow the existing batch"
             )
         if stored is None and items_digest is not None:
             # A batch recorded without a digest (before digests were kept, or by an
             # enqueue_many that asked for no check): these items are compared with from now on.
             conn.execute(
                 update(batches)
-                .where(batches.c.batch_id == template.batch_id)
+                .where(batches.c.batch_id == batch_id)
                 .values(items_digest=items_digest)
             )
         return True
@@ -174,7 +193,7 @@ class BatchRecords(StoreBase):
             ids = list(
                 conn.execute(
                     select(ws.c.workflow_uuid).where(
-                        ws.c.batch_id == batch_id, status_is(ws.c.status, *statuses)
+                        ws.c.batch_key == batch_key(batch_id), status_is(ws.c.status, *statuses)
                     )
                 ).scalars()
             )
@@ -238,7 +257,7 @@ class BatchRecords(StoreBase):
         with self.db.read() as conn:
             rows = conn.execute(
                 select(ws.c.status, func.count())
-                .where(ws.c.batch_id == batch_id)
+                .where(ws.c.batch_key == batch_key(batch_id))
                 .group_by(ws.c.status)
             )
             return {str(status): int(n) for status, n in rows}
@@ -249,7 +268,7 @@ class BatchRecords(StoreBase):
             return int(
                 conn.execute(
                     select(func.count()).where(
-                        ws.c.batch_id == batch_id, ws.c.completed_at >= since_ms
+                        ws.c.batch_key == batch_key(batch_id), ws.c.completed_at >= since_ms
                     )
                 ).scalar_one()
             )
@@ -263,7 +282,7 @@ class BatchRecords(StoreBase):
         )
         with self.db.read() as conn:
             rows = conn.execute(
-                select(*columns).where(ws.c.batch_id == batch_id).order_by(ws.c.id)
+                select(*columns).where(ws.c.batch_key == batch_key(batch_id)).order_by(ws.c.id)
             ).mappings()
             return [dict(r) for r in rows]
 
@@ -280,7 +299,9 @@ class BatchRecords(StoreBase):
             ws.c.completed_at,
         )
         with self.db.read() as conn:
-            rows = conn.execute(select(*columns).where(ws.c.batch_id == batch_id).order_by(ws.c.id))
+            rows = conn.execute(
+                select(*columns).where(ws.c.batch_key == batch_key(batch_id)).order_by(ws.c.id)
+            )
             return [dict(r) for r in rows.mappings()]
 
     def batch_function_version(self, batch_id: str) -> str | None:
@@ -296,7 +317,7 @@ class BatchRecords(StoreBase):
         """The batch's serialized inputs, in input (enqueue) order."""
         with self.db.read() as conn:
             rows = conn.execute(
-                select(ws.c.inputs).where(ws.c.batch_id == batch_id).order_by(ws.c.id)
+                select(ws.c.inputs).where(ws.c.batch_key == batch_key(batch_id)).order_by(ws.c.id)
             )
             return [r[0] for r in rows]
 
@@ -305,7 +326,7 @@ class BatchRecords(StoreBase):
         with self.db.read() as conn:
             rows = conn.execute(
                 select(ws.c.workflow_uuid, ws.c.error)
-                .where(ws.c.batch_id == batch_id, status_is(ws.c.status, *FAILED))
+                .where(ws.c.batch_key == batch_key(batch_id), status_is(ws.c.status, *FAILED))
                 .order_by(ws.c.updated_at.desc())
                 .limit(limit)
             ).all()
@@ -318,6 +339,6 @@ class BatchRecords(StoreBase):
                 select(
                     func.coalesce(func.sum(ws.c.usage_tokens), 0),
                     func.coalesce(func.sum(ws.c.usage_cost), 0.0),
-                ).where(ws.c.batch_id == batch_id)
+                ).where(ws.c.batch_key == batch_key(batch_id))
             ).one()
         return int(row[0]), float(row[1])

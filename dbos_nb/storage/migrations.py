@@ -20,6 +20,8 @@ from dbos_nb.storage.schema import (
     PG_SCHEMA,
     SCHEMA_VERSION,
     app_metadata,
+    batch_key,
+    batches,
     schema_migrations,
     system_metadata,
     workflow_status,
@@ -59,12 +61,15 @@ def _active_deadline_index(conn: Connection) -> None:
 UPGRADES[3] = _active_deadline_index
 
 
+def _columns(conn: Connection, table: str) -> set[str]:
+    schema = PG_SCHEMA if conn.dialect.name == "postgresql" else None
+    return {c["name"] for c in inspect(conn).get_columns(table, schema=schema)}
+
+
 def _add_column(conn: Connection, table: str, column: str, sql_type: str) -> None:
     """Add a column to a table of an old database, unless a crashed upgrade's retry finds it."""
-    schema = PG_SCHEMA if conn.dialect.name == "postgresql" else None
-    columns = {c["name"] for c in inspect(conn).get_columns(table, schema=schema)}
-    if column not in columns:
-        prefix = f"{PG_SCHEMA}." if schema else ""
+    if column not in _columns(conn, table):
+        prefix = f"{PG_SCHEMA}." if conn.dialect.name == "postgresql" else ""
         conn.execute(text(f"ALTER TABLE {prefix}{table} ADD COLUMN {column} {sql_type}"))
 
 
@@ -94,6 +99,42 @@ def _load_failures(conn: Connection) -> None:
 
 
 UPGRADES[6] = _load_failures
+
+
+def _batch_keys(conn: Connection) -> None:
+    """Version 7: a batch's rows carry the batch's 64-bit key, `batch_key(batch_id)`, in place
+    of the batch id itself (which made each item of a large batch write about seventy bytes
+    more, in the row and in its index); `batches` records each batch's key."""
+    postgres = conn.dialect.name == "postgresql"
+    prefix = f"{PG_SCHEMA}." if postgres else ""
+    ws_table, batches_table = f"{prefix}workflow_status", f"{prefix}batches"
+    _add_column(conn, "batches", "batch_key", "BIGINT")
+    _add_column(conn, "workflow_status", "batch_key", "BIGINT")
+    for batch_id in list(conn.execute(text(f"SELECT batch_id FROM {batches_table}")).scalars()):
+        conn.execute(
+            text(f"UPDATE {batches_table} SET batch_key = :k WHERE batch_id = :b"),
+            {"k": batch_key(batch_id), "b": batch_id},
+        )
+    if "batch_id" in _columns(conn, "workflow_status"):
+        # Every batch id the rows name (each was recorded with its batch, but the rows are
+        # what the key must reach), through the old index on it, which then goes.
+        named = conn.execute(
+            text(f"SELECT DISTINCT batch_id FROM {ws_table} WHERE batch_id IS NOT NULL")
+        ).scalars()
+        for batch_id in list(named):
+            conn.execute(
+                text(f"UPDATE {ws_table} SET batch_key = :k WHERE batch_id = :b"),
+                {"k": batch_key(batch_id), "b": batch_id},
+            )
+        conn.execute(text(f"DROP INDEX IF EXISTS {prefix}ix_ws_batch"))
+        conn.execute(text(f"ALTER TABLE {ws_table} DROP COLUMN batch_id"))
+    for table in (workflow_status, batches):
+        for index in table.indexes:
+            if index.name in ("ix_ws_batch", "ux_batches_key"):
+                index.create(conn, checkfirst=True)
+
+
+UPGRADES[7] = _batch_keys
 
 
 def migrate(db: Database) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Select, select
 
 from dbos_nb.models import WorkflowStatusString
 from dbos_nb.storage.database import Database
-from dbos_nb.storage.schema import workflow_status
+from dbos_nb.storage.schema import batch_key, workflow_status
 
 ws = workflow_status
 
@@ -123,7 +123,7 @@ def _row_values(wf: NewWorkflow) -> dict[str, Any]:
         "workflow_timeout_ms": wf.workflow_timeout_ms,
         "workflow_deadline_epoch_ms": wf.workflow_deadline_epoch_ms,
         "parent_workflow_id": wf.parent_workflow_id,
-        "batch_id": wf.batch_id,
+        "batch_key": None if wf.batch_id is None else batch_key(wf.batch_id),
         "function_hash": wf.function_hash,
         "token_estimate": wf.token_estimate,
     }

@@ -38,7 +38,13 @@ from dbos_nb.storage.rows import (
     StoreBase,
     _row_values,
 )
-from dbos_nb.storage.schema import operation_outputs, queues, status_is, workflow_status
+from dbos_nb.storage.schema import (
+    batch_key,
+    operation_outputs,
+    queues,
+    status_is,
+    workflow_status,
+)
 
 ws = workflow_status
 oo = operation_outputs
@@ -143,7 +149,7 @@ _WF_COLUMNS = [
     "workflow_timeout_ms",
     "workflow_deadline_epoch_ms",
     "parent_workflow_id",
-    "batch_id",
+    "batch_key",
     "function_hash",
     "token_estimate",
 ]
@@ -497,7 +503,7 @@ class WorkflowRows(StoreBase):
                 return set()
             stmt = stmt.where(ws.c.function_hash.in_(list(versions)))
         if batch_id is not None:
-            stmt = stmt.where(ws.c.batch_id == batch_id)
+            stmt = stmt.where(ws.c.batch_key == batch_key(batch_id))
         with self.db.read() as conn:
             return {str(v) for v in conn.execute(stmt).scalars() if v is not None}
 
