@@ -28,7 +28,7 @@ from dbos_nb.core.handles import (
     wait_first_handle,
     wait_first_handle_async,
 )
-from dbos_nb.core.queue import QUEUES, UNSET, Queue, stored_queue, stored_queues
+from dbos_nb.core.queue import QUEUES, UNSET, Queue, queue_class, stored_queue, stored_queues
 from dbos_nb.core.registry import REGISTRY, Kind, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.engine import Engine, resolve_config
@@ -320,7 +320,7 @@ class DBOS(metaclass=_DBOSType):
         """Declare a queue (DBOS 3's spelling of `Queue(...)`)."""
         if concurrency is UNSET or (concurrency is None and global_concurrency is not UNSET):
             concurrency = global_concurrency
-        return Queue(
+        return queue_class()(
             name,
             concurrency,
             limiter,

@@ -86,6 +86,37 @@ def test_the_client_reads_the_same_queues(launched: str) -> None:
             read.enqueue(print, 1)
         with pytest.raises(DbosNbError, match=r"client\.enqueue"):
             read.enqueue_many(print, [1])
+        assert isinstance(read, Queue)
+        with pytest.raises(DbosNbError, match=r"client\.enqueue"):
+            read.map(print, [1])
         # Deleting a queue is left out: named, not a bare AttributeError.
         with pytest.raises(DBOSNotImplementedError, match="delete_queue"):
             client.delete_queue("stored_for_client")  # type: ignore[attr-defined]
+
+
+def test_queues_dbos_makes_have_the_notebook_map(launched: str) -> None:
+    """`DBOS.register_queue`, `retrieve_queue` and `list_queues` give dbos_nb's exported Queue,
+    with `map()`, as `Queue(...)` does."""
+
+    @DBOS.step(name="stored_double")
+    def double(x: int) -> int:
+        return 2 * x
+
+    registered = DBOS.register_queue("stored_mapped", concurrency=2)
+    read = DBOS.retrieve_queue("stored_mapped")
+    listed = [q for q in DBOS.list_queues() if q.name == "stored_mapped"]
+    assert isinstance(registered, Queue) and isinstance(read, Queue) and len(listed) == 1
+    assert isinstance(listed[0], Queue)
+    first = registered.map(double, [1, 2, 3], batch="stored_mapped_first")
+    second = read.map(double, [4, 5], batch="stored_mapped_second")
+    first.wait(timeout=20, show=False)
+    second.wait(timeout=20, show=False)
+    assert first.results() == [2, 4, 6] and second.results() == [8, 10]
+
+
+def test_the_queue_class_must_be_a_queue() -> None:
+    from dbos_nb.core.queue import queue_class, use_queue_class
+
+    with pytest.raises(TypeError, match="subclass of Queue"):
+        use_queue_class(int)  # type: ignore[arg-type]
+    assert queue_class() is Queue

@@ -376,6 +376,25 @@ class Queue:
         )
 
 
+# The class of the queues that `DBOS.register_queue`, `retrieve_queue` and `list_queues` make:
+# the `Queue` that dbos_nb exports (with the notebook layer's `map()`) once the notebook layer
+# has registered it, which importing `dbos_nb` does. Core code cannot import that layer.
+_queue_class: type[Queue] = Queue
+
+
+def use_queue_class(cls: type[Queue]) -> None:
+    """Make `cls` (a subclass of Queue) the class of the queues dbos_nb makes for its users."""
+    global _queue_class
+    if not (isinstance(cls, type) and issubclass(cls, Queue)):
+        raise TypeError(f"the queue class must be a subclass of Queue, got {cls!r}")
+    _queue_class = cls
+
+
+def queue_class() -> type[Queue]:
+    """The class `use_queue_class` set (the core Queue if none was)."""
+    return _queue_class
+
+
 def stored_queue(store: QueueRecords, name: str, *, by_client: bool = False) -> Queue | None:
     """`retrieve_queue`: the queue `name` as stored, or None if no process declared it (as
     dbos_nb's internal queue, which runs `start_workflow`'s recovered work, is nobody's
@@ -383,13 +402,15 @@ def stored_queue(store: QueueRecords, name: str, *, by_client: bool = False) -> 
     if not isinstance(name, str) or not name:
         raise InvalidQueueSettingsError(f"a queue name must be a non-empty string, got {name!r}")
     settings = store.get_queue(name) if name != INTERNAL_QUEUE else None
-    return Queue.as_stored(settings, by_client=by_client) if settings is not None else None
+    if settings is None:
+        return None
+    return _queue_class.as_stored(settings, by_client=by_client)
 
 
 def stored_queues(store: QueueRecords, *, by_client: bool = False) -> list[Queue]:
     """`list_queues`: every queue some process declared, by name (not the internal one)."""
     return [
-        Queue.as_stored(s, by_client=by_client)
+        _queue_class.as_stored(s, by_client=by_client)
         for s in store.list_queues()
         if s.name != INTERNAL_QUEUE
     ]

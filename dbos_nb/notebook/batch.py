@@ -26,7 +26,7 @@ from dbos_nb import serialization
 from dbos_nb.core import versions
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import Queue as CoreQueue
-from dbos_nb.core.queue import token_estimates
+from dbos_nb.core.queue import token_estimates, use_queue_class
 from dbos_nb.core.registry import REGISTRY, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime, peek_runtime
 from dbos_nb.core.waiters import outcome_of
@@ -591,6 +591,7 @@ class Queue(CoreQueue):
         `tokens`: each item's token estimate for the queue's `token_limiter` (a number, or a
         function of the item; a DataFrame's rows are passed as dicts).
         """
+        self._check_enqueue()
         reg, bound = resolve(func, ())
         if (
             not hasattr(items, "columns")
@@ -624,3 +625,6 @@ class Queue(CoreQueue):
         stored = rt.store.get_batch(batch)
         _note_other_version(rt, batch, reg)
         return Batch(batch, _record=stored or record)
+
+
+use_queue_class(Queue)
