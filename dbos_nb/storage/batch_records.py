@@ -21,6 +21,7 @@ from dbos_nb.storage.rows import (
     StoreBase,
     _chunks,
     _row_values,
+    in_batch,
     requeued_afresh,
 )
 from dbos_nb.storage.schema import (
@@ -193,7 +194,7 @@ class BatchRecords(StoreBase):
             ids = list(
                 conn.execute(
                     select(ws.c.workflow_uuid).where(
-                        ws.c.batch_key == batch_key(batch_id), status_is(ws.c.status, *statuses)
+                        in_batch(batch_id), status_is(ws.c.status, *statuses)
                     )
                 ).scalars()
             )
@@ -256,9 +257,7 @@ class BatchRecords(StoreBase):
         """Number of the batch's workflows per status (one indexed GROUP BY)."""
         with self.db.read() as conn:
             rows = conn.execute(
-                select(ws.c.status, func.count())
-                .where(ws.c.batch_key == batch_key(batch_id))
-                .group_by(ws.c.status)
+                select(ws.c.status, func.count()).where(in_batch(batch_id)).group_by(ws.c.status)
             )
             return {str(status): int(n) for status, n in rows}
 
@@ -267,9 +266,7 @@ class BatchRecords(StoreBase):
         with self.db.read() as conn:
             return int(
                 conn.execute(
-                    select(func.count()).where(
-                        ws.c.batch_key == batch_key(batch_id), ws.c.completed_at >= since_ms
-                    )
+                    select(func.count()).where(in_batch(batch_id), ws.c.completed_at >= since_ms)
                 ).scalar_one()
             )
 
@@ -282,7 +279,7 @@ class BatchRecords(StoreBase):
         )
         with self.db.read() as conn:
             rows = conn.execute(
-                select(*columns).where(ws.c.batch_key == batch_key(batch_id)).order_by(ws.c.id)
+                select(*columns).where(in_batch(batch_id)).order_by(ws.c.id)
             ).mappings()
             return [dict(r) for r in rows]
 
@@ -299,9 +296,7 @@ class BatchRecords(StoreBase):
             ws.c.completed_at,
         )
         with self.db.read() as conn:
-            rows = conn.execute(
-                select(*columns).where(ws.c.batch_key == batch_key(batch_id)).order_by(ws.c.id)
-            )
+            rows = conn.execute(select(*columns).where(in_batch(batch_id)).order_by(ws.c.id))
             return [dict(r) for r in rows.mappings()]
 
     def batch_function_version(self, batch_id: str) -> str | None:
@@ -316,9 +311,7 @@ class BatchRecords(StoreBase):
     def batch_inputs(self, batch_id: str) -> list[bytes | None]:
         """The batch's serialized inputs, in input (enqueue) order."""
         with self.db.read() as conn:
-            rows = conn.execute(
-                select(ws.c.inputs).where(ws.c.batch_key == batch_key(batch_id)).order_by(ws.c.id)
-            )
+            rows = conn.execute(select(ws.c.inputs).where(in_batch(batch_id)).order_by(ws.c.id))
             return [r[0] for r in rows]
 
     def batch_recent_errors(self, batch_id: str, limit: int) -> list[tuple[str, bytes | None]]:
@@ -326,7 +319,7 @@ class BatchRecords(StoreBase):
         with self.db.read() as conn:
             rows = conn.execute(
                 select(ws.c.workflow_uuid, ws.c.error)
-                .where(ws.c.batch_key == batch_key(batch_id), status_is(ws.c.status, *FAILED))
+                .where(in_batch(batch_id), status_is(ws.c.status, *FAILED))
                 .order_by(ws.c.updated_at.desc())
                 .limit(limit)
             ).all()
@@ -339,6 +332,6 @@ class BatchRecords(StoreBase):
                 select(
                     func.coalesce(func.sum(ws.c.usage_tokens), 0),
                     func.coalesce(func.sum(ws.c.usage_cost), 0.0),
-                ).where(ws.c.batch_key == batch_key(batch_id))
+                ).where(in_batch(batch_id))
             ).one()
         return int(row[0]), float(row[1])

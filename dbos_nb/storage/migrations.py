@@ -110,22 +110,19 @@ def _batch_keys(conn: Connection) -> None:
     ws_table, batches_table = f"{prefix}workflow_status", f"{prefix}batches"
     _add_column(conn, "batches", "batch_key", "BIGINT")
     _add_column(conn, "workflow_status", "batch_key", "BIGINT")
-    for batch_id in list(conn.execute(text(f"SELECT batch_id FROM {batches_table}")).scalars()):
-        conn.execute(
-            text(f"UPDATE {batches_table} SET batch_key = :k WHERE batch_id = :b"),
-            {"k": batch_key(batch_id), "b": batch_id},
-        )
+
+    def set_keys(table: str, select_ids: str) -> None:
+        for batch_id in list(conn.execute(text(select_ids)).scalars()):
+            conn.execute(
+                text(f"UPDATE {table} SET batch_key = :k WHERE batch_id = :b"),
+                {"k": batch_key(batch_id), "b": batch_id},
+            )
+
+    set_keys(batches_table, f"SELECT batch_id FROM {batches_table}")
     if "batch_id" in _columns(conn, "workflow_status"):
         # Every batch id the rows name (each was recorded with its batch, but the rows are
         # what the key must reach), through the old index on it, which then goes.
-        named = conn.execute(
-            text(f"SELECT DISTINCT batch_id FROM {ws_table} WHERE batch_id IS NOT NULL")
-        ).scalars()
-        for batch_id in list(named):
-            conn.execute(
-                text(f"UPDATE {ws_table} SET batch_key = :k WHERE batch_id = :b"),
-                {"k": batch_key(batch_id), "b": batch_id},
-            )
+        set_keys(ws_table, f"SELECT DISTINCT batch_id FROM {ws_table} WHERE batch_id IS NOT NULL")
         conn.execute(text(f"DROP INDEX IF EXISTS {prefix}ix_ws_batch"))
         conn.execute(text(f"ALTER TABLE {ws_table} DROP COLUMN batch_id"))
     for table in (workflow_status, batches):

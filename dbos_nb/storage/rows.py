@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Select, select
+from sqlalchemy.sql.elements import ColumnElement
 
 from dbos_nb.models import WorkflowStatusString
 from dbos_nb.storage.database import Database
@@ -100,6 +101,11 @@ def requeued_afresh(now_ms: int) -> dict[str, Any]:
         "completed_at": None,
         "updated_at": now_ms,
     }
+
+
+def in_batch(batch_id: str) -> ColumnElement[bool]:
+    """The rows of batch `batch_id`: those carrying its key (`ix_ws_batch`)."""
+    return ws.c.batch_key == batch_key(batch_id)
 
 
 def _row_values(wf: NewWorkflow) -> dict[str, Any]:

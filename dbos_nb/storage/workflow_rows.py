@@ -37,9 +37,9 @@ from dbos_nb.storage.rows import (
     NewWorkflow,
     StoreBase,
     _row_values,
+    in_batch,
 )
 from dbos_nb.storage.schema import (
-    batch_key,
     operation_outputs,
     queues,
     status_is,
@@ -503,7 +503,7 @@ class WorkflowRows(StoreBase):
                 return set()
             stmt = stmt.where(ws.c.function_hash.in_(list(versions)))
         if batch_id is not None:
-            stmt = stmt.where(ws.c.batch_key == batch_key(batch_id))
+            stmt = stmt.where(in_batch(batch_id))
         with self.db.read() as conn:
             return {str(v) for v in conn.execute(stmt).scalars() if v is not None}
 
