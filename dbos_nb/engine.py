@@ -30,6 +30,7 @@ from dbos_nb.core.scheduler import Scheduler
 from dbos_nb.core.waiters import Waiters
 from dbos_nb.errors import DBOSConfigError, DBOSExecutorIdInUseError
 from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
+from dbos_nb.processes import pid_alive
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate, migrate_app
 from dbos_nb.storage.store import SystemStore
@@ -568,19 +569,3 @@ class Renewals:
                 self.silent_since = now_ms
         self._last = (mono, now_ms)
         return now_ms
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine is alive (a zombie is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A killed child that its parent has not reaped yet still answers signals: a zombie is dead.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True

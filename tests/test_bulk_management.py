@@ -137,11 +137,11 @@ def test_workflow_code_records_a_bulk_cancel_once(launched: str) -> None:
         assert canceller(ids) == 2
     assert _statuses(victims) == ["CANCELLED"] * 2
     (step,) = DBOS.list_workflow_steps("bulk-canceller")
-    assert (step.function_id, step.function_name) == (0, "DBOS.cancelWorkflow")
+    assert (step.function_id, step.function_name) == (1, "DBOS.cancelWorkflow")
 
     DBOS.resume_workflows(ids)
     wait_until(lambda: _statuses(victims) == ["PENDING"] * 2)
-    assert DBOS.fork_workflow("bulk-canceller", 1).get_result() == 2
+    assert DBOS.fork_workflow("bulk-canceller", 2).get_result() == 2
     assert _statuses(victims) == ["PENDING"] * 2  # the replay cancelled nothing
     GATE.set()
     assert [h.get_result() for h in victims] == [7, 8]

@@ -62,7 +62,7 @@ def _crash_app(mode: str, url: str, workdir: str) -> None:
     def manager() -> list[Any]:
         status = DBOS.get_workflow_status("ck-target")
         assert status is not None
-        fork = DBOS.fork_workflow("ck-target", 0)  # from operation 0: its step runs again
+        fork = DBOS.fork_workflow("ck-target", 1)  # from operation 1: its step runs again
         value = fork.get_result()
         listed = DBOS.list_workflows(forked_from="ck-target")
         crash_point()
@@ -105,15 +105,15 @@ def test_calls_recorded_before_a_crash_are_not_made_again(db_url: str, tmp_path:
     assert report["result"] == ["SUCCESS", fork_id, 7, 1]
     # The target's step and the fork's, and no third run.
     assert (tmp_path / "effects.log").read_text().split() == ["work7", "work7"]
-    # Operations numbered from 0 (DBOS: from 1); the names are DBOS's. The fork's handle comes
+    # Operations numbered from 1, as in DBOS; the names are DBOS's. The fork's handle comes
     # from `retrieve_workflow`, a status read of its own, as in DBOS.
     assert report["steps"] == [
-        [0, "DBOS.getStatus"],
-        [1, "DBOS.forkWorkflow"],
-        [2, "DBOS.getStatus"],
-        [3, "DBOS.getResult"],
-        [4, "DBOS.listWorkflows"],
-        [5, "ck_crash_point"],
+        [1, "DBOS.getStatus"],
+        [2, "DBOS.forkWorkflow"],
+        [3, "DBOS.getStatus"],
+        [4, "DBOS.getResult"],
+        [5, "DBOS.listWorkflows"],
+        [6, "ck_crash_point"],
     ]
 
 
@@ -155,7 +155,7 @@ def test_a_resumed_workflow_replays_its_calls_without_making_them_again(launched
 
     @DBOS.workflow(name="ck_calls")
     def calls() -> list[Any]:
-        fork = DBOS.fork_workflow("ck-forked", 0)
+        fork = DBOS.fork_workflow("ck-forked", 1)
         value = fork.get_result()
         state = fork.get_status().status
         DBOS.cancel_workflow("ck-victim")
@@ -199,14 +199,14 @@ def test_a_resumed_workflow_replays_its_calls_without_making_them_again(launched
     assert runs == ["a", "a", "victim"]
     steps = DBOS.list_workflow_steps("ck-calls")
     assert [(s.function_id, s.function_name) for s in steps] == [
-        (0, "DBOS.forkWorkflow"),
-        (1, "DBOS.getStatus"),  # fork_workflow's retrieve_workflow, as in DBOS
-        (2, "DBOS.getResult"),
-        (3, "DBOS.getStatus"),
-        (4, "DBOS.cancelWorkflow"),
-        (5, "DBOS.getResult"),
-        (6, "DBOS.listWorkflowSteps"),
-        (7, "ck_blocker"),
+        (1, "DBOS.forkWorkflow"),
+        (2, "DBOS.getStatus"),  # fork_workflow's retrieve_workflow, as in DBOS
+        (3, "DBOS.getResult"),
+        (4, "DBOS.getStatus"),
+        (5, "DBOS.cancelWorkflow"),
+        (6, "DBOS.getResult"),
+        (7, "DBOS.listWorkflowSteps"),
+        (8, "ck_blocker"),
     ]
     # A wait records the workflow it waited for, and its failure as its outcome.
     assert steps[2].child_workflow_id == fork_id and steps[2].output == "A"
@@ -242,7 +242,7 @@ def test_async_calls_are_recorded_and_replayed_too(launched: str) -> None:
     async def calls() -> list[Any]:
         status = await DBOS.get_workflow_status_async("ack-forked")
         assert status is not None
-        fork = await DBOS.fork_workflow_async("ack-forked", 0)
+        fork = await DBOS.fork_workflow_async("ack-forked", 1)
         value = await fork.get_result()
         listed = await DBOS.list_queued_workflows_async()
         await DBOS.delete_workflow_async("ack-gone")
@@ -311,7 +311,7 @@ def test_a_parent_cancelled_while_it_waits_stops_and_records_no_outcome(launched
     wait_until(lambda: not get_runtime().is_running("ck-parent"))
     names = [s.function_name for s in DBOS.list_workflow_steps("ck-parent")]
     assert names == ["ck_slow_child"]  # the start; the wait recorded nothing
-    DBOS.resume_workflow("ck-parent-0")
+    DBOS.resume_workflow("ck-parent-1")
     DBOS.resume_workflow("ck-parent")
     assert handle.get_result() == "child done"
     names = [s.function_name for s in DBOS.list_workflow_steps("ck-parent")]
@@ -368,13 +368,13 @@ def test_a_cancel_from_another_process_is_not_recorded_as_the_waits_outcome(
             wid = f"ck-x-{i}"
             with SetWorkflowID(wid):
                 DBOS.start_workflow(x_parent)
-            wait_until(lambda w=wid: rt.is_running(f"{w}-0"))  # type: ignore[misc]
+            wait_until(lambda w=wid: rt.is_running(f"{w}-1"))  # type: ignore[misc]
             client.cancel_workflow(wid, cancel_children=True)
             wait_until(lambda w=wid: not rt.is_running(w))  # type: ignore[misc]
             gate.set()
             names = [s.function_name for s in DBOS.list_workflow_steps(wid)]
             assert names == ["ck_x_child"], names
-            DBOS.resume_workflow(f"{wid}-0")
+            DBOS.resume_workflow(f"{wid}-1")
             handle = DBOS.resume_workflow(wid)
             assert handle.get_result() == "child done"
 

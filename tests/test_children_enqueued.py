@@ -62,12 +62,12 @@ def test_enqueued_children_run_once_and_a_resumed_parent_finds_them(launched: st
 
     assert runs == Counter({1: 1, 2: 1, 3: 1, 4: 1, 5: 1})
     kids = {w.workflow_id: w for w in DBOS.list_workflows(workflow_id_prefix="ce-parent-")}
-    assert sorted(kids) == [f"ce-parent-{n}" for n in range(5)]
+    assert sorted(kids) == [f"ce-parent-{n}" for n in range(1, 6)]
     assert {w.queue_name for w in kids.values()} == {"ce_unlimited", "ce_limited"}
     assert all(w.status == "SUCCESS" and w.parent_workflow_id == "ce-parent" for w in kids.values())
     steps = DBOS.list_workflow_steps("ce-parent")
     assert [(s.function_id, s.function_name, s.child_workflow_id) for s in steps[:5]] == [
-        (n, "ce_child", f"ce-parent-{n}") for n in range(5)
+        (n, "ce_child", f"ce-parent-{n}") for n in range(1, 6)
     ]
     assert [s.function_name for s in steps[5:]] == ["ce_blocker"] + ["DBOS.getResult"] * 5
 
@@ -196,4 +196,4 @@ def test_children_on_a_queue_without_limits_start_at_the_enqueue(
     adopted.clear()
     with SetWorkflowID("ce-at-once"):
         assert parent() == 6
-    assert adopted == ["ce-at-once-0", "ce-at-once-1"]  # the limited queue's child was claimed
+    assert adopted == ["ce-at-once-1", "ce-at-once-2"]  # the limited queue's child was claimed

@@ -161,7 +161,9 @@ def _set_version(path: Path, version: int) -> None:
     one also lacks the columns its successor added)."""
     conn = sqlite3.connect(path)
     try:
-        conn.execute("UPDATE schema_migrations SET version = ? WHERE version = ?", (version, 7))
+        conn.execute(
+            "UPDATE schema_migrations SET version = ? WHERE version = ?", (version, SCHEMA_VERSION)
+        )
         if version < 7:
             conn.execute("DROP INDEX ix_ws_batch")
             conn.execute("DROP INDEX ux_batches_key")
@@ -185,7 +187,7 @@ def test_inspection_neither_upgrades_nor_reads_another_schema(
 ) -> None:
     """`dbos-nb status` upgraded an older database (after which the installations that made it
     refused it): it is refused, saying who upgrades it, and left as it was."""
-    assert SCHEMA_VERSION == 7  # the faked versions below are relative to this one
+    assert SCHEMA_VERSION == 8  # the faked versions below are relative to this one
     path = tmp_path / "system.sqlite"
     _declare(_sqlite_url(path))
     _set_version(path, version)

@@ -250,7 +250,7 @@ def test_client_fork_and_the_async_management_calls(launched: str) -> None:
         listed = await DBOS.list_workflows_async(workflow_ids=["afork-src"])
         steps = await DBOS.list_workflow_steps_async("afork-src")
         with SetWorkflowID("afork-1"):
-            forked = await DBOS.fork_workflow_async("afork-src", 1)
+            forked = await DBOS.fork_workflow_async("afork-src", 2)
         result = await forked.get_result()
         queued = await DBOS.list_queued_workflows_async()
         return status, listed, steps, forked.workflow_id, result, queued
@@ -258,21 +258,21 @@ def test_client_fork_and_the_async_management_calls(launched: str) -> None:
     status, listed, steps, fork_id, result, queued = asyncio.run(with_dbos())
     assert status is not None and status.output == 6
     assert [w.workflow_id for w in listed] == ["afork-src"]
-    assert [s.function_id for s in steps] == [0]
+    assert [s.function_id for s in steps] == [1]
     assert (fork_id, result) == ("afork-1", 6)
     assert queued == []
 
     with DBOSClient(launched) as client:
-        handle = client.fork_workflow("afork-src", 0)
+        handle = client.fork_workflow("afork-src", 1)
         assert handle.get_result() == 6
         fork = client.get_workflow_status(handle.workflow_id)
         assert fork is not None and fork.forked_from == "afork-src"
         with pytest.raises(DBOSNonExistentWorkflowError):
-            client.fork_workflow("afork-no-such-workflow", 0)
+            client.fork_workflow("afork-no-such-workflow", 1)
 
         async def with_client() -> tuple[Any, ...]:
             steps = await client.list_workflow_steps_async(handle.workflow_id)
-            again = await client.fork_workflow_async("afork-src", 1)
+            again = await client.fork_workflow_async("afork-src", 2)
             result = await again.get_result()
             forks = await client.list_workflows_async(forked_from="afork-src")
             await client.delete_workflow_async(again.workflow_id)
@@ -281,8 +281,8 @@ def test_client_fork_and_the_async_management_calls(launched: str) -> None:
 
         steps, result, forks, gone = asyncio.run(with_client())
     assert result == 6
-    # The fork from step 0 ran its step again: a step of its own, recorded.
-    assert [s.function_id for s in steps] == [0]
+    # The fork from step 1 ran its step again: a step of its own, recorded.
+    assert [s.function_id for s in steps] == [1]
     assert {w.workflow_id for w in forks} >= {"afork-1", handle.workflow_id}
     assert gone is None
 
@@ -335,7 +335,7 @@ def test_a_step_outside_a_workflow_or_inside_a_step_is_a_plain_call(launched: st
         parity_flaky("outside")
     assert tries == ["outside"]
     with SetWorkflowID("plain-nested"):
-        assert parity_wraps() == 0  # the inner call is part of the outer step
+        assert parity_wraps() == 1  # the inner call is part of the outer step
     assert tries == ["outside", "nested"]
     assert len(DBOS.list_workflow_steps("plain-nested")) == 1
     with pytest.raises(DBOSMaxStepRetriesExceeded) as inside:

@@ -98,14 +98,14 @@ def test_reads_wait_for_the_next_write_and_a_step_writes_them_first(launched: st
     assert g.waiting.wait(20)
     # The three starts are recorded; the three reads wait.
     assert _recorded("dr-wait") == [
-        (0, "dr_wait_child"),
         (1, "dr_wait_child"),
         (2, "dr_wait_child"),
+        (3, "dr_wait_child"),
     ]
     g.release.set()
     assert handle.get_result() == 3
     # Written before the outcome, in order.
-    assert _recorded("dr-wait")[3:] == [(n, "DBOS.getResult") for n in (3, 4, 5)]
+    assert _recorded("dr-wait")[3:] == [(n, "DBOS.getResult") for n in (4, 5, 6)]
 
     with SetWorkflowID("dr-then-step"):
         assert then_step() == 5
@@ -122,10 +122,10 @@ def test_reads_wait_no_further_than_the_limit(
         handle = DBOS.start_workflow(g.parent)
     assert g.waiting.wait(20)
     reads = [n for n, name in _recorded("dr-limit") if name == "DBOS.getResult"]
-    assert reads == [5, 6, 7, 8]  # two pairs written; the fifth read waits
+    assert reads == [6, 7, 8, 9]  # two pairs written; the fifth read waits
     g.release.set()
     assert handle.get_result() == 10
-    assert [n for n, name in _recorded("dr-limit") if name == "DBOS.getResult"] == [5, 6, 7, 8, 9]
+    assert [n for n, name in _recorded("dr-limit") if name == "DBOS.getResult"] == [6, 7, 8, 9, 10]
 
 
 def test_a_failed_read_is_recorded_at_once_after_those_before_it(launched: str) -> None:
@@ -134,15 +134,15 @@ def test_a_failed_read_is_recorded_at_once_after_those_before_it(launched: str) 
         handle = DBOS.start_workflow(g.parent)
     assert g.waiting.wait(20)
     assert _recorded("dr-fail") == [
-        (0, "dr_fail_child"),
         (1, "dr_fail_child"),
         (2, "dr_fail_child"),
-        (3, "DBOS.getResult"),
+        (3, "dr_fail_child"),
         (4, "DBOS.getResult"),
         (5, "DBOS.getResult"),
+        (6, "DBOS.getResult"),
     ]
     failed = DBOS.list_workflow_steps("dr-fail")[5]
-    assert isinstance(failed.error, ValueError) and failed.child_workflow_id == "dr-fail-2"
+    assert isinstance(failed.error, ValueError) and failed.child_workflow_id == "dr-fail-3"
     g.release.set()
     assert handle.get_result() == 1001
 
@@ -165,7 +165,7 @@ def test_many_reads_are_written_together_with_their_outputs(launched: str) -> No
         assert parent(40) == sum(range(40))
     reads = DBOS.list_workflow_steps("dr-many")[40:]
     assert [(s.function_id, s.function_name, s.child_workflow_id) for s in reads] == [
-        (40 + x, "DBOS.getResult", f"dr-many-{x}") for x in range(40)
+        (41 + x, "DBOS.getResult", f"dr-many-{x + 1}") for x in range(40)
     ]
     assert [s.output for s in reads] == [{"x": x} for x in range(40)]
 
@@ -199,7 +199,7 @@ def test_an_execution_told_to_stop_does_not_write_its_reads(launched: str) -> No
     release.set()
     with pytest.raises(DBOSAwaitedWorkflowCancelledError):
         handle.get_result()
-    assert _recorded("dr-stop") == [(0, "dr_stop_child"), (1, "dr_stop_child")]
+    assert _recorded("dr-stop") == [(1, "dr_stop_child"), (2, "dr_stop_child")]
 
 
 def test_reads_that_could_not_be_written_wait_on_and_leave_no_gap(
@@ -237,7 +237,7 @@ def test_reads_that_could_not_be_written_wait_on_and_leave_no_gap(
     with SetWorkflowID("dr-gap"):
         assert gap() == 8
     assert failures == []
-    assert _recorded("dr-gap") == [(0, "DBOS.getStatus"), (1, "DBOS.getResult"), (2, "dr_gap_step")]
+    assert _recorded("dr-gap") == [(1, "DBOS.getStatus"), (2, "DBOS.getResult"), (3, "dr_gap_step")]
 
 
 def test_a_read_recorded_first_by_another_execution_sends_the_workflow_back(
@@ -260,18 +260,18 @@ def test_a_read_recorded_first_by_another_execution_sends_the_workflow_back(
 
     @DBOS.workflow(name="dr_other")
     def reader() -> str:
-        status = DBOS.get_workflow_status("dr-other-target").status  # operation 0, waits
+        status = DBOS.get_workflow_status("dr-other-target").status  # operation 1, waits
         used.append(status)
         waiting.set()
         release.wait(20)
-        return mark(status)  # operation 1: writes operation 0 first
+        return mark(status)  # operation 2: writes operation 1 first
 
     with SetWorkflowID("dr-other-target"):
         target()
     with SetWorkflowID("dr-other"):
         handle = DBOS.start_workflow(reader)
     assert waiting.wait(20)
-    # What a stale execution does when its record of operation 0 is refused: it keeps it
+    # What a stale execution does when its record of operation 1 is refused: it keeps it
     # for the execution that goes on (see `StepRecords.record_step`).
     rt = get_runtime()
     stale = DBOS.get_workflow_status("dr-other-target")
@@ -281,7 +281,7 @@ def test_a_read_recorded_first_by_another_execution_sends_the_workflow_back(
         rt.store.record_step(
             "dr-other",
             "a-stale-owner",
-            0,
+            1,
             "DBOS.getStatus",
             serialization.dumps(stale),
             None,
@@ -375,8 +375,8 @@ def test_a_crash_with_reads_waiting_reads_again_and_runs_no_child_twice(
     assert report["result"] == 60
     assert sorted((tmp_path / "effects.log").read_text().split()) == ["work1", "work2", "work3"]
     # The starts were recorded before the crash; the reads, made again, by the recovery.
-    assert report["steps"] == [[n, "dr_crash_child"] for n in range(3)] + [
-        [n, "DBOS.getResult"] for n in range(3, 6)
+    assert report["steps"] == [[n, "dr_crash_child"] for n in range(1, 4)] + [
+        [n, "DBOS.getResult"] for n in range(4, 7)
     ]
 
 

@@ -179,7 +179,7 @@ def test_workflow_code_records_it_as_a_child(launched: str) -> None:
         assert child is not None and child.parent_workflow_id == parent_id
         assert child.output == total
     runs = len(DBOS.list_workflows(name="opts_add"))
-    assert DBOS.fork_workflow("opts-parent", 1).get_result(timeout_sec=10) == 6
+    assert DBOS.fork_workflow("opts-parent", 2).get_result(timeout_sec=10) == 6
     assert len(DBOS.list_workflows(name="opts_add")) == runs  # the replay enqueued nothing
 
 
@@ -248,7 +248,7 @@ def test_a_replay_does_not_run_a_deleted_child_again(launched: str, how: str) ->
         child_id = parent()
     assert DBOS.retrieve_workflow(child_id).get_result(timeout_sec=10) == 7
     DBOS.delete_workflow(child_id)
-    assert DBOS.fork_workflow(f"opts-parent-{how}", 1).get_result(timeout_sec=10) == child_id
+    assert DBOS.fork_workflow(f"opts-parent-{how}", 2).get_result(timeout_sec=10) == child_id
     assert runs == [7] and DBOS.get_workflow_status(child_id) is None
 
 
@@ -271,5 +271,5 @@ def test_a_replayed_direct_call_of_a_deleted_child_raises(launched: str) -> None
     (record,) = DBOS.list_workflow_steps("opts-direct-parent")
     DBOS.delete_workflow(record.child_workflow_id)
     with pytest.raises(DBOSNonExistentWorkflowError, match=record.child_workflow_id):
-        DBOS.fork_workflow("opts-direct-parent", 1).get_result(timeout_sec=10)
+        DBOS.fork_workflow("opts-direct-parent", 2).get_result(timeout_sec=10)
     assert runs == [3]

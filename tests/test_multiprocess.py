@@ -208,7 +208,7 @@ def test_sigkill_during_a_queue_run(db_url: str, workers_factory: Any) -> None:
     with DBOSClient(db_url) as client:
         assert [client.retrieve_workflow(w).get_result() for w in ids] == [2 * i for i in range(40)]
     runs = Counter((e.step, e.task) for e in events)
-    step_index = {"first": 0, "second": 1}
+    step_index = {"first": 1, "second": 2}
     for (step, task), count in runs.items():
         if (f"t{task}", step_index[step]) in checkpointed_before_restart:
             # A step whose checkpoint was committed never runs again.

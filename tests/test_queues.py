@@ -459,7 +459,7 @@ def test_enqueue_from_a_workflow_tutorial_example(launched: str) -> None:
     with SetWorkflowID("tasks-1"):
         assert process_tasks(["a", "b", "c"]) == ["A", "B", "C"]
     kids = DBOS.list_workflows(workflow_id_prefix="tasks-1-")
-    assert [k.workflow_id for k in kids] == ["tasks-1-0", "tasks-1-1", "tasks-1-2"]
+    assert [k.workflow_id for k in kids] == ["tasks-1-1", "tasks-1-2", "tasks-1-3"]
     assert all(k.queue_name == "example_queue" for k in kids)
 
 
@@ -618,11 +618,11 @@ def test_timeout_cancels_workflow_and_children(launched: str) -> None:
     with pytest.raises(DBOSWorkflowTimedOutError):
         handle.get_result(timeout_sec=20)
     assert child_started.is_set()
-    wait_until(lambda: DBOS.get_workflow_status("to-parent-0").status == "CANCELLED")  # type: ignore[union-attr]
+    wait_until(lambda: DBOS.get_workflow_status("to-parent-1").status == "CANCELLED")  # type: ignore[union-attr]
     status = handle.get_status()
     assert status.status == "CANCELLED" and status.workflow_timeout_ms == 500
     with pytest.raises(DBOSAwaitedWorkflowCancelledError):
-        DBOS.retrieve_workflow("to-parent-0").get_result()
+        DBOS.retrieve_workflow("to-parent-1").get_result()
 
 
 @pytest.mark.parametrize("how", ["direct", "enqueued"])

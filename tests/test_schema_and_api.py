@@ -863,9 +863,9 @@ def test_an_over_long_application_version_is_refused(db_url: str) -> None:
     assert status is not None and status.app_version == "v" * 255
     # A fork given a version checks it too, before writing anything (DBOS and the client).
     with pytest.raises(DbosNbError, match="an application_version can have at most 255"):
-        DBOS.fork_workflow(handle.workflow_id, 0, application_version="v" * 256)
+        DBOS.fork_workflow(handle.workflow_id, 1, application_version="v" * 256)
     with DBOSClient(db_url) as client, pytest.raises(DbosNbError, match="at most 255"):
-        client.fork_workflow(handle.workflow_id, 0, application_version="v" * 256)
+        client.fork_workflow(handle.workflow_id, 1, application_version="v" * 256)
     assert len(DBOS.list_workflows()) == 1
 
 

@@ -9,10 +9,10 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import config
-from dbos_nb import DBOS, SetWorkflowID
+from dbos_nb import DBOS, DBOSUnexpectedStepError, SetWorkflowID
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.storage.database import normalize_url
-from dbos_nb.storage.schema import operation_outputs
+from dbos_nb.storage.schema import operation_outputs, transaction_outputs, workflow_status
 
 
 def _app_engine(url: str) -> sa.Engine:
@@ -55,7 +55,7 @@ def test_transaction_commits_once_and_replays(app_url: str) -> None:
 
     with SetWorkflowID("tx-1"):
         assert wf() == 1
-    forked = DBOS.fork_workflow("tx-1", 1)  # replays the recorded transaction
+    forked = DBOS.fork_workflow("tx-1", 2)  # replays the recorded transaction
     assert forked.get_result() == 1
     assert runs == ["a"]
     assert _count(app_url) == 1
@@ -98,15 +98,61 @@ def test_app_checkpoint_prevents_a_second_commit(app_url: str) -> None:
 
     with SetWorkflowID("tx-gap"):
         assert wf() == "inserted"
+    _as_a_crash_left_it("tx-gap")
+    (recovered,) = DBOS.recover_pending_workflows()
+    assert recovered.get_result(timeout_sec=10) == "inserted"
+    assert runs == [1]
+    assert _count(app_url) == 1
+    # The system record was written from the checkpoint: the step is there to be listed.
+    assert [s.function_name for s in DBOS.list_workflow_steps("tx-gap")] == [
+        insert_item.__qualname__
+    ]
+
+
+def _as_a_crash_left_it(workflow_id: str) -> None:
+    """The workflow's state after a crash between its transaction's commit (with its
+    checkpoint in the application database) and the system record: running, nothing
+    recorded."""
     rt = get_runtime()
     with rt.db.write() as conn:
         conn.execute(
-            sa.delete(operation_outputs).where(operation_outputs.c.workflow_uuid == "tx-gap")
+            sa.delete(operation_outputs).where(operation_outputs.c.workflow_uuid == workflow_id)
         )
-    rt.store.cancel_workflows(["tx-gap"], rt.now_ms(), cancel_children=False)
-    assert DBOS.resume_workflow("tx-gap").get_result(timeout_sec=10) == "inserted"
-    assert runs == [1]
-    assert _count(app_url) == 1
+        conn.execute(
+            sa.update(workflow_status)
+            .where(workflow_status.c.workflow_uuid == workflow_id)
+            .values(status="PENDING", output=None, completed_at=None)
+        )
+
+
+def test_a_checkpoint_of_another_transaction_is_not_taken_for_this_one(app_url: str) -> None:
+    """A replay that reaches, at this operation's number, the checkpoint of a transaction of
+    another name went astray (the code changed): it raises, as for a system record, rather
+    than return the other transaction's value without running this one."""
+    runs: list[str] = []
+
+    @DBOS.transaction(name="tx_named")
+    def named() -> str:
+        runs.append("named")
+        return "named's value"
+
+    @DBOS.workflow()
+    def wf() -> str:
+        return named()
+
+    with SetWorkflowID("tx-astray"):
+        assert wf() == "named's value"
+    _as_a_crash_left_it("tx-astray")
+    with get_runtime().app_db.write() as conn:
+        conn.execute(
+            sa.update(transaction_outputs)
+            .where(transaction_outputs.c.workflow_uuid == "tx-astray")
+            .values(function_name="tx_other")
+        )
+    (recovered,) = DBOS.recover_pending_workflows()
+    with pytest.raises(DBOSUnexpectedStepError, match="'tx_other' as operation 1"):
+        recovered.get_result(timeout_sec=10)
+    assert runs == ["named"]
 
 
 def test_transaction_outside_a_workflow_and_session_errors(app_url: str) -> None:
@@ -217,7 +263,7 @@ def test_a_transaction_committed_by_a_racing_execution_is_replayed(
     runs: list[str] = []
     looked = steps._app_checkpoint
 
-    def other_commits_after_the_check(rt: Any, workflow_id: str, fid: int) -> Any:
+    def other_commits_after_the_check(rt: Any, workflow_id: str, fid: int, name: str) -> Any:
         monkeypatch.setattr(steps, "_app_checkpoint", looked)
         with rt.app_db.write() as conn:  # the other execution: its writes and its checkpoint
             conn.execute(sa.text("INSERT INTO items (name) VALUES ('by-the-other')"))

@@ -183,15 +183,15 @@ def test_workflow_code_records_which_workflow_ended_first(launched: str) -> None
     GATES[11].set()
     assert waiter.get_result() == ids[1]
     (step,) = DBOS.list_workflow_steps("wf-waiter")
-    assert (step.function_id, step.function_name, step.output) == (0, "DBOS.waitFirst", ids[1])
+    assert (step.function_id, step.function_name, step.output) == (1, "DBOS.waitFirst", ids[1])
 
     # Once the winner is deleted, a new wait answers the other one; a replay of the recorded
     # wait (a fork from after it) answers the winner still, without reading anything.
     GATES[10].set()
     assert waited_on[0].get_result() == 10
     DBOS.delete_workflow(ids[1])
-    assert DBOS.fork_workflow("wf-waiter", 1).get_result() == ids[1]
-    assert DBOS.fork_workflow("wf-waiter", 0).get_result() == ids[0]
+    assert DBOS.fork_workflow("wf-waiter", 2).get_result() == ids[1]
+    assert DBOS.fork_workflow("wf-waiter", 1).get_result() == ids[0]
 
 
 def test_async_callers_await_it(launched: str) -> None:
@@ -316,7 +316,7 @@ def test_async_workflow_code_awaits_it_and_its_replay_answers_the_same(launched:
     GATES[51].set()
     assert waited_on[1].get_result() == 51
     DBOS.delete_workflow(ids[0])
-    assert DBOS.fork_workflow("wf-async-waiter", 1).get_result() == ids[0]
+    assert DBOS.fork_workflow("wf-async-waiter", 2).get_result() == ids[0]
 
 
 def test_inside_a_step_it_is_a_plain_call(launched: str) -> None:
@@ -395,7 +395,7 @@ def test_a_replay_on_the_async_loop_answers_from_the_record(launched: str) -> No
     assert first == "DBOSAwaitedWorkflowCancelledError"
     DBOS.resume_workflow(child.workflow_id)
     _running([child])  # it runs again: a fresh read on the loop would now be refused
-    replay = DBOS.fork_workflow("wf-async-replayed-read", 1).get_result(timeout_sec=20)
+    replay = DBOS.fork_workflow("wf-async-replayed-read", 2).get_result(timeout_sec=20)
     assert replay == first
     GATES[80].set()
     assert child.get_result() == 80

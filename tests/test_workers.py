@@ -350,7 +350,7 @@ def test_sigkill_one_of_three_workers(db_url: str, pool: WorkerPool) -> None:
     assert results == [2 * i for i in range(300)]  # every task, once, from the caller's view
     assert finished_after < LEASE + 20
     runs = Counter((e[0], e[1]) for e in pool.events())
-    index = {"first": 0, "second": 1}
+    index = {"first": 1, "second": 2}
     for (step, task), count in runs.items():
         if (f"t{task}", index[step]) in checkpointed:
             assert count == runs_at_kill[(step, task)] == 1, (step, task)

@@ -58,9 +58,9 @@ def test_steps_are_checkpointed_and_replayed(launched: str) -> None:
     assert calls == [0, 1, 2]
     steps = DBOS.list_workflow_steps("wf-1")
     assert [(s.function_id, s.function_name, s.output) for s in steps] == [
-        (0, double.__qualname__, 0),
-        (1, double.__qualname__, 2),
-        (2, double.__qualname__, 4),
+        (1, double.__qualname__, 0),
+        (2, double.__qualname__, 2),
+        (3, double.__qualname__, 4),
     ]
     status = DBOS.get_workflow_status("wf-1")
     assert status is not None
@@ -194,13 +194,13 @@ def test_child_workflows_get_deterministic_ids(launched: str) -> None:
 
     with SetWorkflowID("parent-1"):
         result = parent()
-    assert result == [2, 11, "parent-1-1"]
+    assert result == [2, 11, "parent-1-2"]
     kids = DBOS.list_workflows(workflow_id_prefix="parent-1-")
-    assert sorted(k.workflow_id for k in kids) == ["parent-1-0", "parent-1-1"]
+    assert sorted(k.workflow_id for k in kids) == ["parent-1-1", "parent-1-2"]
     assert all(k.parent_workflow_id == "parent-1" for k in kids)
     steps = DBOS.list_workflow_steps("parent-1")
     # The two starts, then the handle's wait (DBOS.getResult, naming the child it waited for).
-    assert [s.child_workflow_id for s in steps] == ["parent-1-0", "parent-1-1", "parent-1-1"]
+    assert [s.child_workflow_id for s in steps] == ["parent-1-1", "parent-1-2", "parent-1-2"]
     assert steps[2].function_name == "DBOS.getResult"
 
 
@@ -415,7 +415,7 @@ def test_a_workflow_resumed_while_its_old_execution_still_runs_here_completes(
     release.set()
     assert resumed.get_result(timeout_sec=20) == [0, 1, 2]
     assert handle.get_status().status == "SUCCESS"
-    # Step 0 completed in the old execution after the resume: its outcome is kept, and the
+    # Step 1 completed in the old execution after the resume: its outcome is kept, and the
     # new execution replays it instead of running it again; the rest run once each.
     assert ran == [0, 1, 2]
 
@@ -605,11 +605,11 @@ def test_cancel_children_and_unknown_ids(launched: str) -> None:
     with SetWorkflowID("p"):
         handle = DBOS.start_workflow(parent)
     deadline = time.time() + 10
-    while DBOS.get_workflow_status("p-0") is None and time.time() < deadline:
+    while DBOS.get_workflow_status("p-1") is None and time.time() < deadline:
         time.sleep(0.01)
     DBOS.cancel_workflow("p", cancel_children=True)
     gate.set()
-    assert DBOS.get_workflow_status("p-0").status == "CANCELLED"  # type: ignore[union-attr]
+    assert DBOS.get_workflow_status("p-1").status == "CANCELLED"  # type: ignore[union-attr]
     with pytest.raises(DBOSAwaitedWorkflowCancelledError):
         handle.get_result()
     DBOS.cancel_workflow("no-such-workflow")  # nothing to cancel: not an error, as in DBOS
@@ -633,7 +633,7 @@ def test_fork_reuses_steps_before_start_step(launched: str) -> None:
     with SetWorkflowID("orig"):
         wf()
     assert calls == [0, 1, 2, 3]
-    forked = DBOS.fork_workflow("orig", 2)
+    forked = DBOS.fork_workflow("orig", 3)  # keeps steps 1 and 2, runs 3 and 4 again
     assert forked.get_result() == [0, 1, 2, 3]
     assert calls == [0, 1, 2, 3, 2, 3]
     with pytest.raises(DBOSNonExistentWorkflowError):
@@ -689,7 +689,7 @@ def test_a_fork_onto_an_id_taken_meanwhile_is_a_conflict(launched: str) -> None:
     def fork() -> None:
         try:
             with SetWorkflowID("fork-taken"):
-                DBOS.fork_workflow("fork-src", 0)
+                DBOS.fork_workflow("fork-src", 1)
             outcome.append(None)
         except BaseException as exc:
             outcome.append(exc)
@@ -732,9 +732,9 @@ def test_nondeterministic_replay_is_detected(launched: str) -> None:
 
     with SetWorkflowID("nd"):
         wf()
-    DBOS.fork_workflow("nd", 5)  # copies step 0 (s1) into a new workflow
+    DBOS.fork_workflow("nd", 5)  # copies step 1 (s1) into a new workflow
     which["step"] = s2
-    forked = DBOS.fork_workflow("nd", 1)
+    forked = DBOS.fork_workflow("nd", 2)
     with pytest.raises(DBOSUnexpectedStepError, match="not deterministic"):
         forked.get_result()
 
@@ -826,7 +826,7 @@ def test_inside_information(launched: str) -> None:
 
     with SetWorkflowID("inside"):
         outer()
-    assert seen == {"wf": "inside", "step_wf": "inside", "step_id": 0}
+    assert seen == {"wf": "inside", "step_wf": "inside", "step_id": 1}
     assert DBOS.workflow_id is None
     assert DBOS.step_status is None
     assert isinstance(DBOS.application_version, str)
@@ -1141,7 +1141,7 @@ def test_an_output_that_cannot_be_loaded_back_fails_when_recorded(launched: str)
     handle = DBOS.start_workflow(pair_wf)
     first = handle.get_result(timeout_sec=10)
     assert first.startswith("refused: value of type _Pair is serialized but cannot be loaded back")
-    assert DBOS.fork_workflow(handle.workflow_id, 1).get_result(timeout_sec=10) == first
+    assert DBOS.fork_workflow(handle.workflow_id, 2).get_result(timeout_sec=10) == first
 
 
 def test_an_execution_that_lost_its_workflow_stops_at_its_next_record(launched: str) -> None:
@@ -1182,7 +1182,7 @@ def test_an_execution_that_lost_its_workflow_stops_at_its_next_record(launched: 
     db.dispose()
     rt = get_runtime()
     now = rt.now_ms()
-    rt.store.record_step(wid, "other", 0, "stale_work", serialization.dumps(1), None, now, now)
+    rt.store.record_step(wid, "other", 1, "stale_work", serialization.dumps(1), None, now, now)
     gate.set()
     wait_until(lambda: wid not in rt.running_ids())
     assert calls == ["work"]

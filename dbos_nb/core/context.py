@@ -35,7 +35,9 @@ class RunningWorkflow:
     owner_xid: str
     name: str
     deadline_ms: int | None = None
-    next_function_id: int = 0
+    # Operations are numbered from 1, as in DBOS: a workflow's first step is step 1 and its
+    # first child `<id>-1`, so `fork_workflow(id, start_step)` means the same step in both.
+    next_function_id: int = 1
     # Set to wake a durable sleep early when the workflow is cancelled or DBOS shuts down.
     interrupt: threading.Event = field(default_factory=threading.Event)
     preempt_reason: str | None = None

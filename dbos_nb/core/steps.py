@@ -462,7 +462,7 @@ def call_transaction(
         return replay(pre)
     started = rt.now_ms()
     # The app-database checkpoint may exist without the system one if we crashed in between.
-    app_record = _app_checkpoint(rt, wf.workflow_id, fid)
+    app_record = _app_checkpoint(rt, wf.workflow_id, fid, reg.name)
     if app_record is not None:
         output, error = app_record
     else:
@@ -474,7 +474,7 @@ def call_transaction(
             # committed this transaction after the check above: its checkpoint's key refused
             # ours, and our writes rolled back with it. Its outcome is the transaction's.
             # Otherwise the conflict was the application's own.
-            committed = _app_checkpoint(rt, wf.workflow_id, fid)
+            committed = _app_checkpoint(rt, wf.workflow_id, fid, reg.name)
             output, error = committed or (None, serialization.dump_error(exc))
         except Exception as exc:
             output, error = None, serialization.dump_error(exc)
@@ -489,16 +489,25 @@ def _as_preflight(output: bytes | None, error: bytes | None) -> StepPreflight:
 
 
 def _app_checkpoint(
-    rt: Runtime, workflow_id: str, fid: int
+    rt: Runtime, workflow_id: str, fid: int, name: str
 ) -> tuple[bytes | None, bytes | None] | None:
+    """The outcome of transaction `name` as operation `fid`, if its checkpoint committed; a
+    checkpoint of another transaction there is a replay that went astray, as for any record."""
     t = transaction_outputs
     with rt.app_db.read() as conn:
         row = conn.execute(
-            select(t.c.output, t.c.error).where(
+            select(t.c.output, t.c.error, t.c.function_name).where(
                 t.c.workflow_uuid == workflow_id, t.c.function_id == fid
             )
         ).first()
-    return (row[0], row[1]) if row is not None else None
+    if row is None:
+        return None
+    if row[2] != name:
+        raise DBOSUnexpectedStepError(
+            f"workflow {workflow_id!r} committed transaction {row[2]!r} as operation {fid} but "
+            f"replay called {name!r}: the workflow's code is not deterministic or has changed"
+        )
+    return row[0], row[1]
 
 
 def _run_in_session(

@@ -840,7 +840,7 @@ def execute(
 
 
 def _body_of(reg: Registration) -> Callable[..., Any]:
-    # A step or transaction enqueued alone runs as operation 0 of a one-operation workflow.
+    # A step or transaction enqueued alone runs as operation 1 of a one-operation workflow.
     return reg.func if reg.kind == "workflow" else reg.wrapper
 
 

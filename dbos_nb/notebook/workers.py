@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from dbos_nb.core.runtime import Runtime
-from dbos_nb.engine import pid_alive
 from dbos_nb.models import DATABASE_URL_ENV
+from dbos_nb.processes import pid_alive
 
 
 def state_dir(rt: Runtime) -> Path:

@@ -9,21 +9,28 @@ databases, so a crash half-way leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 
-from sqlalchemy import Connection, MetaData, func, inspect, select, text
+from sqlalchemy import Connection, func, inspect, select, text
 
 from dbos_nb.clock import SystemClock
 from dbos_nb.errors import DBOSConfigError
+from dbos_nb.processes import pid_alive
 from dbos_nb.storage.database import Database, shown_url
 from dbos_nb.storage.schema import (
+    APP_SCHEMA_VERSION,
     PG_SCHEMA,
     SCHEMA_VERSION,
     app_metadata,
+    app_schema_migrations,
     batch_key,
     batches,
+    executors,
     schema_migrations,
     system_metadata,
+    transaction_outputs,
     workflow_status,
 )
 
@@ -134,6 +141,65 @@ def _batch_keys(conn: Connection) -> None:
 UPGRADES[7] = _batch_keys
 
 
+def _renumber_operations(conn: Connection, table: str) -> None:
+    """Add 1 to every recorded operation number of `table` (operations were numbered from 0;
+    DBOS numbers them from 1). In two passes through negative numbers: both databases check the
+    primary key row by row, so a single `+ 1` collides with the next row not yet moved."""
+    prefix = f"{PG_SCHEMA}." if conn.dialect.name == "postgresql" else ""
+    conn.execute(text(f"UPDATE {prefix}{table} SET function_id = -(function_id + 1)"))
+    conn.execute(text(f"UPDATE {prefix}{table} SET function_id = -function_id"))
+
+
+# The lease of an executor registered without one (before schema version 5): the default.
+_LEGACY_LEASE_MS = 30_000
+
+
+def _refuse_while_executors_run(conn: Connection, change: str) -> None:
+    """Refuse an upgrade while processes of the older dbos_nb may still run on the database:
+    they would go on writing as before (here: numbering operations from 0, so that a record
+    they write lands on another operation's number, and a replay returns the wrong step's
+    value). Live: a heartbeat within the executor's lease, unless its process is known dead
+    (this host, its pid gone), or is this one (an earlier launch in this process)."""
+    now, host = SystemClock().now_ms(), socket.gethostname()
+    live = [
+        f"{row.executor_id!r} (process {row.pid} on {row.hostname}, heartbeat "
+        f"{(now - row.heartbeat_at) / 1000:.1f} s ago)"
+        for row in conn.execute(
+            select(
+                executors.c.executor_id,
+                executors.c.hostname,
+                executors.c.pid,
+                executors.c.heartbeat_at,
+                func.coalesce(executors.c.lease_ms, _LEGACY_LEASE_MS).label("lease_ms"),
+            )
+        )
+        if now - row.heartbeat_at <= row.lease_ms
+        and not (row.hostname == host and (row.pid == os.getpid() or not pid_alive(row.pid)))
+    ]
+    if live:
+        raise DBOSConfigError(
+            f"this dbos_nb upgrades the database ({change}), but executors of the older "
+            f"dbos_nb still run on it: {', '.join(live)}. Stop them, then launch again (a "
+            "process that died on another machine counts as stopped once its lease has passed)"
+        )
+
+
+def _operations_from_one(conn: Connection) -> None:
+    """Version 8: operations are numbered from 1, as in DBOS. A workflow that was running when
+    its database was upgraded replays against its records, renumbered here; the children it
+    already started keep their ids (recorded with the operation that started them)."""
+    _refuse_while_executors_run(conn, "operations are now numbered from 1")
+    _renumber_operations(conn, "operation_outputs")
+
+
+UPGRADES[8] = _operations_from_one
+
+# The same for the application database's tables (version 1: unversioned, before version 2).
+APP_UPGRADES: dict[int, Callable[[Connection], None]] = {
+    2: lambda conn: _renumber_operations(conn, transaction_outputs.name),
+}
+
+
 def migrate(db: Database) -> None:
     """Bring the system database's schema to SCHEMA_VERSION (idempotent, concurrency-safe)."""
     with db.opening(), db.write() as conn:
@@ -184,28 +250,48 @@ def check_schema(db: Database) -> None:
         )
 
 
-def _newer(current: int) -> DBOSConfigError:
+def _newer(
+    current: int, which: str = "database", installed: int = SCHEMA_VERSION
+) -> DBOSConfigError:
     return DBOSConfigError(
-        f"the database has dbos_nb schema version {current}, newer than this "
-        f"installation's {SCHEMA_VERSION}; upgrade dbos_nb"
+        f"the {which} has dbos_nb schema version {current}, newer than this "
+        f"installation's {installed}; upgrade dbos_nb"
     )
 
 
 def migrate_app(db: Database) -> None:
-    """Create the application database's checkpoint table for transactions (idempotent)."""
-    _create_all(db, app_metadata, _APP_LOCK_KEY)
-
-
-def _create_all(db: Database, metadata: MetaData, lock_key: int) -> None:
+    """Create the application database's checkpoint table for transactions, or bring it to
+    APP_SCHEMA_VERSION (idempotent, concurrency-safe). It is versioned apart from the system
+    database, which may be another database."""
     with db.opening(), db.write() as conn:
-        db.advisory_lock(conn, lock_key)
+        db.advisory_lock(conn, _APP_LOCK_KEY)
         _ensure_pg_schema(db, conn)
-        metadata.create_all(conn, checkfirst=True)
+        schema = PG_SCHEMA if db.is_postgres else None
+        had_checkpoints = inspect(conn).has_table(transaction_outputs.name, schema=schema)
+        app_metadata.create_all(conn, checkfirst=True)
+        current = conn.execute(select(func.max(app_schema_migrations.c.version))).scalar()
+        if current is None:
+            # A fresh table, or checkpoints written before the table was versioned (version 1).
+            current = 1 if had_checkpoints else APP_SCHEMA_VERSION
+            if current == APP_SCHEMA_VERSION:
+                _stamp_app(conn, current)
+        if current > APP_SCHEMA_VERSION:
+            raise _newer(current, "application database", APP_SCHEMA_VERSION)
+        for version in range(current + 1, APP_SCHEMA_VERSION + 1):
+            APP_UPGRADES[version](conn)
+            _stamp_app(conn, version)
+            logger.info("upgraded the application database's dbos_nb tables to version %d", version)
 
 
 def _ensure_pg_schema(db: Database, conn: Connection) -> None:
     if db.is_postgres:
         conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"))
+
+
+def _stamp_app(conn: Connection, version: int) -> None:
+    conn.execute(
+        app_schema_migrations.insert().values(version=version, applied_at=SystemClock().now_ms())
+    )
 
 
 def _stamp(conn: Connection, version: int) -> None:

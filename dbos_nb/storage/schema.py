@@ -31,7 +31,9 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from dbos_nb.models import ACTIVE_STATUSES
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
+# The application database's own tables (transactions' checkpoints), versioned apart.
+APP_SCHEMA_VERSION = 2
 PG_SCHEMA = "dbos_nb"
 # The active statuses as the SQL list that `status_is(column, *ACTIVE_STATUSES)` writes.
 _ACTIVE = ", ".join(f"'{status}'" for status in ACTIVE_STATUSES)
@@ -289,4 +291,11 @@ transaction_outputs = Table(
     Column("error", LargeBinary),
     Column("created_at", BigInteger, nullable=False),
     PrimaryKeyConstraint("workflow_uuid", "function_id"),
+)
+
+app_schema_migrations = Table(
+    "app_schema_migrations",
+    app_metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", BigInteger, nullable=False),
 )
