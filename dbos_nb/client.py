@@ -222,6 +222,14 @@ class DBOSClient:
         """Every queue some process declared, with its stored settings, by name."""
         return stored_queues(self._store, by_client=True)
 
+    def delete_queue(self, name: str) -> None:
+        """Delete a queue's stored settings, as `DBOS.delete_queue` does (refused while
+        workflows of the queue are enqueued or running; an unknown name is not an error)."""
+        self._store.delete_queue(name)
+
+    async def delete_queue_async(self, name: str) -> None:
+        await asyncio.to_thread(self.delete_queue, name)
+
     async def list_queues_async(self) -> list[Queue]:
         return await asyncio.to_thread(self.list_queues)
 

@@ -354,6 +354,26 @@ class DBOS(metaclass=_DBOSType):
         return WorkflowHandleAsync(cls._rt(), handle.workflow_id)
 
     @classmethod
+    async def register_queue_async(cls, name: str, **settings: Any) -> Queue:
+        """`register_queue` for async callers (the declaration stores the settings: one short
+        database write, made on a thread)."""
+        return await asyncio.to_thread(lambda: cls.register_queue(name, **settings))
+
+    @classmethod
+    def delete_queue(cls, name: str) -> None:
+        """Delete a queue: its stored settings go, and this process stops serving it. Refused
+        (QueueNotEmptyError) while workflows of the queue are enqueued or running; an unknown
+        name is not an error, as in DBOS. Another process that declared the queue starts
+        nothing more from it; declaring it again brings it back."""
+        rt = cls._rt()
+        rt.store.delete_queue(name)
+        QUEUES.forget(name)
+
+    @classmethod
+    async def delete_queue_async(cls, name: str) -> None:
+        await asyncio.to_thread(cls.delete_queue, name)
+
+    @classmethod
     def retrieve_queue(cls, name: str) -> Queue | None:
         """The queue `name` with the settings stored for it (as every process sees them), or
         None if no process declared it. Not a declaration: this process does not start

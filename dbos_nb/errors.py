@@ -239,15 +239,33 @@ class DBOSQueueDeduplicatedError(DbosNbError):
 class UnknownQueueError(DbosNbError, LookupError):
     """No queue with that name has been declared."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, deleted: bool = False) -> None:
+        said = "was deleted (DBOS.delete_queue)" if deleted else "has not been declared"
         super().__init__(
-            f"queue {name!r} has not been declared; declare it with Queue({name!r}, ...) "
+            f"queue {name!r} {said}; declare it with Queue({name!r}, ...) "
             "in a process that uses this database"
         )
         self.name = name
+        self.deleted = deleted
 
-    def __reduce__(self) -> tuple[type, tuple[str]]:
-        return (type(self), (self.name,))
+    def __reduce__(self) -> tuple[type, tuple[str, bool]]:
+        return (type(self), (self.name, self.deleted))
+
+
+class QueueNotEmptyError(DbosNbError):
+    """A queue still holding work (enqueued or running) was asked to be deleted."""
+
+    def __init__(self, name: str, counts: dict[str, int]) -> None:
+        held = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        super().__init__(
+            f"queue {name!r} still holds workflows ({held}): cancel them (cancel_workflows) "
+            "or let them finish before deleting it; nothing was deleted"
+        )
+        self.name = name
+        self.counts = counts
+
+    def __reduce__(self) -> tuple[type, tuple[str, dict[str, int]]]:
+        return (type(self), (self.name, self.counts))
 
 
 # The longest wait a 429 is taken to ask for (RateLimited's `retry_after`, a Retry-After

@@ -13,9 +13,10 @@ _MESSAGES = "workflow messages and events (send/recv, set_event/get_event)"
 _STREAMS = "workflow streams"
 _SCHEDULES = "scheduled workflows"
 _RUN_STEP = "ad-hoc steps (decorate the function with @DBOS.step)"
-_QUEUE_CALLS = (
-    "these queue management calls (declare a queue with Queue(...) or DBOS.register_queue; "
-    "DBOS.list_queues and retrieve_queue read them; a queue's settings stay stored)"
+_CLIENT_QUEUES = (
+    "declaring queues from a client (declare a queue with Queue(...) or DBOS.register_queue "
+    "in a process of the application; the client reads them with list_queues and "
+    "retrieve_queue)"
 )
 
 # DBOS attribute name -> the feature it belongs to.
@@ -64,14 +65,6 @@ _DBOS_FEATURES: dict[str, str] = {
         _SCHEDULES,
     ),
     **dict.fromkeys(("run_step", "run_step_async"), _RUN_STEP),
-    **dict.fromkeys(
-        (
-            "delete_queue",
-            "delete_queue_async",
-            "register_queue_async",
-        ),
-        _QUEUE_CALLS,
-    ),
     "listen_queues": "choosing the queues to serve by a call (set the config key 'listen_queues')",
     **dict.fromkeys(("set_workflow_delay", "set_workflow_delay_async"), "delayed workflows"),
     **dict.fromkeys(
@@ -89,8 +82,9 @@ _DBOS_FEATURES: dict[str, str] = {
 _CLIENT_FEATURES: dict[str, str] = {
     name: feature
     for name, feature in _DBOS_FEATURES.items()
-    if feature in (_MESSAGES, _STREAMS, _SCHEDULES, _QUEUE_CALLS)
+    if feature in (_MESSAGES, _STREAMS, _SCHEDULES)
 }
+_CLIENT_FEATURES.update(dict.fromkeys(("register_queue", "register_queue_async"), _CLIENT_QUEUES))
 
 
 def refuse(owner: str, name: str, client: bool = False) -> DBOSNotImplementedError | None:

@@ -370,8 +370,6 @@ def test_dbos_error_module_names_codes_and_attributes() -> None:
     [
         "run_step",
         "run_step_async",
-        "delete_queue",
-        "register_queue_async",
         "listen_queues",
         "set_workflow_delay",
         "rewind_workflow",
@@ -433,6 +431,8 @@ def test_every_error_comes_back_whole_from_its_record() -> None:
         errors.DBOSAwaitedWorkflowMaxRecoveryAttemptsExceeded("wf-6"),
         errors.DBOSQueueDeduplicatedError("wf-7", "q", "d-1"),
         errors.UnknownQueueError("nowhere"),
+        errors.UnknownQueueError("gone", deleted=True),
+        errors.QueueNotEmptyError("busy", {"ENQUEUED": 2, "PENDING": 1}),
         errors.RateLimited("slow down", retry_after=2.0),
         errors.DBOSRecordedError("Weird", "said"),
         errors.WorkflowPreempted("wf-8", "cancelled"),

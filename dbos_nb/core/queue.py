@@ -22,7 +22,7 @@ from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
 from dbos_nb.core.registry import resolve
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.core.workflows import cycle_collector_paused, enqueue_many, enqueue_workflow
-from dbos_nb.errors import DbosNbError, InvalidQueueSettingsError
+from dbos_nb.errors import DbosNbError, InvalidQueueSettingsError, UnknownQueueError
 from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
 from dbos_nb.storage.queue_records import QueueRecords
 
@@ -137,6 +137,9 @@ class QueueRegistry:
         self._lock = threading.Lock()
         self._queues: dict[str, Queue] = {}
         self._listeners: list[Callable[[Queue], None]] = []
+        # Names whose queue this process deleted, until declared again: a `Queue` object kept
+        # from before must not enqueue onto a queue that nobody serves any more.
+        self._deleted: set[str] = set()
 
     def declare(self, queue: Queue) -> None:
         with self._lock:
@@ -162,6 +165,7 @@ class QueueRegistry:
                     old.settings.limits(),
                 )
             self._queues[queue.name] = queue
+            self._deleted.discard(queue.name)
         try:
             for listener in listeners:
                 listener(queue)
@@ -188,6 +192,18 @@ class QueueRegistry:
         with self._lock:
             return list(self._queues.values())
 
+    def forget(self, name: str) -> None:
+        """Forget the declaration of `name` (its queue was deleted): not served here, and not
+        enqueued onto through the `Queue` objects that declared it."""
+        with self._lock:
+            self._queues.pop(name, None)
+            self._deleted.add(name)
+
+    def deleted(self, name: str) -> bool:
+        """Whether this process deleted the queue `name` and has not declared it since."""
+        with self._lock:
+            return name in self._deleted
+
     def add_listener(self, listener: Callable[[Queue], None]) -> None:
         with self._lock:
             self._listeners.append(listener)
@@ -196,6 +212,7 @@ class QueueRegistry:
         """Forget every declaration (tests; the stored settings stay in the database)."""
         with self._lock:
             self._queues.clear()
+            self._deleted.clear()
 
     def remove_listener(self, listener: Callable[[Queue], None]) -> None:
         with self._lock:
@@ -277,6 +294,8 @@ class Queue:
                 f"queue {self.name!r} was read through a DBOSClient, which enqueues by name: "
                 f"use client.enqueue({{'queue_name': {self.name!r}, 'workflow_name': ...}}, ...)"
             )
+        if QUEUES.deleted(self.name):
+            raise UnknownQueueError(self.name, deleted=True)
 
     def _latest(self) -> QueueSettings:
         """The settings of this queue's latest declaration in this process: this object's, or

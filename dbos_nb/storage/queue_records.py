@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Exists, delete, func, or_, select, update
 
-from dbos_nb.models import QueueSettings
+from dbos_nb.errors import QueueNotEmptyError
+from dbos_nb.models import QueueSettings, WorkflowStatusString
 from dbos_nb.storage.rows import StoreBase
 from dbos_nb.storage.schema import queue_starts, queues, workflow_status
 
 ws = workflow_status
+ENQUEUED, PENDING = WorkflowStatusString.ENQUEUED.value, WorkflowStatusString.PENDING.value
 
 
 class QueueRecords(StoreBase):
@@ -60,6 +62,26 @@ class QueueRecords(StoreBase):
         with self.db.read() as conn:
             row = conn.execute(select(queues).where(queues.c.name == name)).mappings().first()
         return queue_settings_from_row(dict(row)) if row is not None else None
+
+    def delete_queue(self, name: str) -> bool:
+        """Delete a queue's stored settings and its rate limiter's record of starts; False if
+        it had none. Refused (QueueNotEmptyError, nothing deleted) while workflows of the
+        queue are enqueued or running: no process would ever start or resume them (DBOS
+        deletes the queue all the same and calls them unrecoverable)."""
+        with self.db.write() as conn:
+            # Claims lock the queue's row (PostgreSQL): none is half way through meanwhile.
+            if self.db.lock_queue_row(conn, name) is None:
+                return False
+            active = conn.execute(
+                select(ws.c.status, func.count())
+                .where(ws.c.queue_name == name, ws.c.status.in_((ENQUEUED, PENDING)))
+                .group_by(ws.c.status)
+            ).all()
+            if active:
+                raise QueueNotEmptyError(name, {str(s): int(n) for s, n in active})
+            conn.execute(delete(queue_starts).where(queue_starts.c.queue_name == name))
+            conn.execute(delete(queues).where(queues.c.name == name))
+        return True
 
     def list_queues(self) -> list[QueueSettings]:
         """Every declared queue."""
