@@ -226,6 +226,8 @@ class DBOSClient:
         """Delete a queue's stored settings, as `DBOS.delete_queue` does (refused while
         workflows of the queue are enqueued or running; an unknown name is not an error)."""
         self._store.delete_queue(name)
+        # The client's memory of names it checked must not let it enqueue there for 5 s more.
+        self._targets = {key: v for key, v in self._targets.items() if key[0] != name}
 
     async def delete_queue_async(self, name: str) -> None:
         await asyncio.to_thread(self.delete_queue, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -13,12 +14,15 @@ from conftest import wait_until
 from dbos_nb import (
     DBOS,
     DBOSClient,
+    InvalidQueueSettingsError,
     Queue,
     QueueNotEmptyError,
     UnknownQueueError,
 )
 from dbos_nb.core.runtime import get_runtime
-from dbos_nb.storage.schema import queue_starts
+from dbos_nb.core.scheduler import Scheduler
+from dbos_nb.models import INTERNAL_QUEUE
+from dbos_nb.storage.schema import queue_starts, workflow_status
 
 GATE = threading.Event()
 
@@ -114,3 +118,57 @@ def test_register_queue_async_declares_and_stores(launched: str) -> None:
     stored = DBOS.retrieve_queue("dq_async")
     assert stored is not None
     assert (stored.worker_concurrency, stored.limiter) == (2, {"limit": 5, "period": 1.0})
+
+
+def test_a_deleted_rate_limited_queue_leaves_the_scheduler_idle(launched: str) -> None:
+    """The limiter announced when its next slot frees; the queue is deleted before the
+    scheduler looks at it again: once that moment has passed, the scheduler must not wake for
+    the queue at once, pass after pass (it spun a core)."""
+    queue = Queue("dq_limited", limiter={"limit": 1, "period": 1.0})
+    first, second = queue.enqueue(plain, 1), queue.enqueue(plain, 2)
+    assert first.get_result(timeout_sec=20) == 2
+    # The waiting one ends, and the queue goes, without waking the scheduler in between (a
+    # cancel would: its claim would then find nothing waiting and forget the slot).
+    with get_runtime().db.write() as conn:
+        conn.execute(
+            sa.update(workflow_status)
+            .where(workflow_status.c.workflow_uuid == second.workflow_id)
+            .values(status="CANCELLED")
+        )
+    DBOS.delete_queue("dq_limited")
+    time.sleep(1.2)  # past the slot
+    scheduler = get_runtime().direct
+    assert isinstance(scheduler, Scheduler)
+    before = scheduler.passes
+    time.sleep(0.5)
+    # Polling every 0.05 s: about ten passes; spinning, tens of thousands.
+    assert scheduler.passes - before < 200
+
+
+def test_the_internal_queue_cannot_be_deleted(launched: str) -> None:
+    with pytest.raises(InvalidQueueSettingsError, match="internal queue"):
+        DBOS.delete_queue(INTERNAL_QUEUE)
+    with DBOSClient(launched) as client, pytest.raises(InvalidQueueSettingsError):
+        client.delete_queue(INTERNAL_QUEUE)
+    assert get_runtime().store.get_queue(INTERNAL_QUEUE) is not None
+
+
+def test_a_batch_is_not_put_back_in_a_deleted_queue(launched: str) -> None:
+    """`retry_failed` and `resume_cancelled` put a batch's workflows back in their queue: a
+    deleted one would keep them waiting for nobody. Refused, and nothing changes."""
+    GATE.clear()
+    queue = Queue("dq_batch", concurrency=1)
+    batch = queue.map(held, [1, 2], batch="dq-batch")
+    wait_until(lambda: DBOS.get_workflow_status("dq-batch/0").status == "PENDING")  # type: ignore[union-attr]
+    DBOS.cancel_workflows(["dq-batch/0", "dq-batch/1"])
+    GATE.set()
+    wait_until(lambda: not get_runtime().is_running("dq-batch/0"))
+    DBOS.delete_queue("dq_batch")
+    with pytest.raises(UnknownQueueError, match="dq_batch"):
+        batch.resume_cancelled()
+    statuses = [DBOS.get_workflow_status(f"dq-batch/{i}").status for i in (0, 1)]  # type: ignore[union-attr]
+    assert statuses == ["CANCELLED", "CANCELLED"]
+    Queue("dq_batch", concurrency=1)  # declared again: the batch goes back and runs
+    batch.resume_cancelled()
+    batch.wait(timeout=20, show=False)
+    assert [DBOS.get_workflow_status(f"dq-batch/{i}").status for i in (0, 1)] == ["SUCCESS"] * 2  # type: ignore[union-attr]

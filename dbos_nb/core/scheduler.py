@@ -62,6 +62,8 @@ class Scheduler:
         self._starved: set[str] = set()  # queues skipped because this process was at its cap
         # What stopped each queue's last claim (claims.BLOCKED_*), if anything did.
         self._blocked: dict[str, str] = {}
+        # Passes through the loop so far: a loop that wakes at once, pass after pass, shows.
+        self.passes = 0
         # Queues last seen without limits shared between processes -> (priority_enabled,
         # worker_concurrency): claimed in one statement (claims.claim_unshared), this process
         # counting its own running workflows per queue (only it claims for its executor, so
@@ -147,6 +149,7 @@ class Scheduler:
         last_beat = rt.now_ms()
         rate_slots: dict[str, int] = {}  # queue -> when its rate limiter frees a slot
         while not self._stop.is_set():
+            self.passes += 1
             rt.wake_event.clear()
             claimed = 0
             now = rt.now_ms()
@@ -167,6 +170,8 @@ class Scheduler:
                 if _due(now, last_full, poll_ms):
                     # The fallback poll: what no wake-up reached (other processes on SQLite).
                     everything, last_full = True, now
+                if rate_slots:
+                    self._forget_gone(rate_slots)
                 for queue_name, slot in rate_slots.items():
                     if slot <= now:
                         dirty.setdefault(queue_name, set()).add(WAKE_ANY)
@@ -196,6 +201,15 @@ class Scheduler:
                 next_wake = min(next_wake, now + SWEEP_INTERVAL_MS)
             delay = max((next_wake - rt.now_ms()) / 1000, 0.0)
             rt.wake_event.wait(min(delay, poll_ms / 1000))
+
+    def _forget_gone(self, rate_slots: dict[str, int]) -> None:
+        """Drop what is known of queues no longer served here (deleted, DBOS.delete_queue): a
+        rate slot of one, never claimed again, would wake the loop at once, pass after pass."""
+        served = set(self._queue_names())
+        for gone in [q for q in rate_slots if q not in served]:
+            del rate_slots[gone]
+            self._blocked.pop(gone, None)
+            self._unshared.pop(gone, None)
 
     def _worth_claiming(self, queue_name: str, reasons: set[str]) -> bool:
         """Whether a claim can take anything, given why the queue was woken and what stopped

@@ -13,6 +13,7 @@ from dbos_nb.errors import (
     BatchConflictError,
     BatchItemsConflictError,
     DBOSConflictingWorkflowError,
+    UnknownQueueError,
 )
 from dbos_nb.models import INTERNAL_QUEUE, shown_function_name
 from dbos_nb.storage.rows import (
@@ -28,12 +29,25 @@ from dbos_nb.storage.schema import (
     batch_key,
     batches,
     operation_outputs,
+    queues,
     status_is,
     workflow_status,
 )
 
 ws = workflow_status
 oo = operation_outputs
+
+
+def _check_queues_declared(conn: Connection, batch_id: str, statuses: Sequence[str]) -> None:
+    """Refuse to put a batch's workflows back in a queue that was deleted (DBOS.delete_queue):
+    no process would start them there."""
+    named = select(ws.c.queue_name).where(in_batch(batch_id), status_is(ws.c.status, *statuses))
+    wanted = {name for name in conn.execute(named.distinct()).scalars() if name is not None}
+    if not wanted:
+        return
+    stored = set(conn.execute(select(queues.c.name).where(queues.c.name.in_(wanted))).scalars())
+    for name in sorted(wanted - stored):
+        raise UnknownQueueError(name)
 
 
 class BatchRecords(StoreBase):
@@ -198,6 +212,7 @@ class BatchRecords(StoreBase):
                     )
                 ).scalars()
             )
+            _check_queues_declared(conn, batch_id, statuses)
             retried = list(ids)
             frontier = ids
             while frontier:

@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Exists, delete, func, or_, select, update
 
-from dbos_nb.errors import QueueNotEmptyError
-from dbos_nb.models import QueueSettings, WorkflowStatusString
+from dbos_nb.errors import InvalidQueueSettingsError, QueueNotEmptyError
+from dbos_nb.models import INTERNAL_QUEUE, QueueSettings, WorkflowStatusString
 from dbos_nb.storage.rows import StoreBase
 from dbos_nb.storage.schema import queue_starts, queues, workflow_status
 
@@ -68,6 +68,11 @@ class QueueRecords(StoreBase):
         it had none. Refused (QueueNotEmptyError, nothing deleted) while workflows of the
         queue are enqueued or running: no process would ever start or resume them (DBOS
         deletes the queue all the same and calls them unrecoverable)."""
+        if name == INTERNAL_QUEUE:
+            raise InvalidQueueSettingsError(
+                f"the internal queue {name!r} cannot be deleted: resumed, forked and taken-over "
+                "workflows run through it"
+            )
         with self.db.write() as conn:
             # Claims lock the queue's row (PostgreSQL): none is half way through meanwhile.
             if self.db.lock_queue_row(conn, name) is None:
