@@ -255,6 +255,7 @@ def test_a_version_6_database_gets_batch_keys(db_url: str) -> None:
     """Version 7 replaces the batch id on every row of a batch (and in its index) by the batch's
     64-bit key: an old database's batches keep their rows, counts and records, the old column
     and index go, and the batch can still be enqueued again (attached) or retried."""
+    from dbos_nb.models import QueueSettings
     from dbos_nb.storage.migrations import migrate
     from dbos_nb.storage.rows import NewWorkflow
     from dbos_nb.storage.schema import batch_key
@@ -292,6 +293,7 @@ def test_a_version_6_database_gets_batch_keys(db_url: str) -> None:
     migrate(db)
     migrate(db)  # a second launch finds the schema in place
     store = SystemStore(db)
+    store.upsert_queue(QueueSettings(name="q"), 1)  # its queue, as the batch's process declared it
     assert store.batch_counts("old") == {"SUCCESS": 1, "ERROR": 1, "ENQUEUED": 1}
     record = store.get_batch("old")
     assert record is not None and record["batch_key"] == batch_key("old")
