@@ -19,6 +19,7 @@ from dbos_nb import (
     QueueNotEmptyError,
     UnknownQueueError,
 )
+from dbos_nb.core.queue import QUEUES
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.core.scheduler import Scheduler
 from dbos_nb.models import INTERNAL_QUEUE
@@ -77,9 +78,10 @@ def test_a_deleted_queue_takes_no_more_work_until_declared_again(launched: str) 
     # The Queue object kept from before, and the name, are refused: nobody serves it now.
     with pytest.raises(UnknownQueueError, match=r"'dq_gone' was deleted"):
         queue.enqueue(plain, 2)
-    with pytest.raises(UnknownQueueError, match="dq_gone"):
+    with pytest.raises(UnknownQueueError, match=r"'dq_gone' was deleted"):
         queue.enqueue_many(plain, [2, 3])
-    with pytest.raises(UnknownQueueError, match="dq_gone"):
+    assert "dq_gone" not in QUEUES.names()  # not served here any more
+    with pytest.raises(UnknownQueueError, match=r"'dq_gone' has not been declared"):
         DBOS.enqueue_workflow("dq_gone", plain, 2)
     assert DBOS.list_workflows(queue_name="dq_gone", status="ENQUEUED") == []
     # Declared again: served again, the old object too.
