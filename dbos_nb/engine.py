@@ -30,7 +30,7 @@ from dbos_nb.core.scheduler import Scheduler
 from dbos_nb.core.waiters import Waiters
 from dbos_nb.errors import DBOSConfigError, DBOSExecutorIdInUseError
 from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
-from dbos_nb.processes import pid_alive
+from dbos_nb.processes import may_still_run
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate, migrate_app
 from dbos_nb.storage.store import SystemStore
@@ -318,10 +318,12 @@ class Engine:
         """Whether an executor's registration row has renewed its heartbeat within its own
         lease (this process's lease for a row registered without one), as `take_over_expired`
         judges it."""
+        return now_ms - int(row["heartbeat_at"]) <= self._lease_of(row)
+
+    def _lease_of(self, row: dict[str, Any]) -> int:
+        """An executor's own lease (this process's for a row registered without one)."""
         lease_ms = row.get("lease_ms")
-        if lease_ms is None:
-            lease_ms = self._lease_ms
-        return now_ms - int(row["heartbeat_at"]) <= int(lease_ms)
+        return int(lease_ms) if lease_ms is not None else self._lease_ms
 
     @property
     def _lease_ms(self) -> int:
@@ -368,12 +370,9 @@ class Engine:
         cfg = self.config
         now = self.clock.now_ms()
         row = store.get_executor(cfg.executor_id)
-        host = socket.gethostname()
         if row is not None and row["token"] != self._token:
-            fresh = self.executor_alive(row, now)
-            same_host = row["hostname"] == host
-            other_live_pid = same_host and row["pid"] != os.getpid() and pid_alive(int(row["pid"]))
-            if fresh and (other_live_pid or not same_host):
+            silent_ms = now - int(row["heartbeat_at"])
+            if may_still_run(row["hostname"], int(row["pid"]), silent_ms, self._lease_of(row)):
                 raise DBOSExecutorIdInUseError(
                     f"executor id {cfg.executor_id!r} is in use by process {row['pid']} on "
                     f"{row['hostname']} (heartbeat {(now - int(row['heartbeat_at'])) / 1000:.1f} s "

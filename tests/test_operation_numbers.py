@@ -218,6 +218,11 @@ def test_the_upgrade_waits_until_the_older_version_stops(db_url: str) -> None:
     db = Database(db_url)
     prefix = "dbos_nb." if db.is_postgres else ""
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # A pid no process here has: another machine's process is judged by its heartbeat alone.
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], text=True, capture_output=True
+    )
+    dead_pid = int(gone.stdout)
     now = int(time.time() * 1000)
 
     def as_version_7_with(executor: str, host: str, pid: int, heartbeat_ms: int) -> None:
@@ -253,7 +258,7 @@ def test_the_upgrade_waits_until_the_older_version_stops(db_url: str) -> None:
     try:
         for executor, host, pid in (
             ("old-here", socket.gethostname(), sleeper.pid),
-            ("old-elsewhere", "another-host", 1),
+            ("old-elsewhere", "another-host", dead_pid),
         ):
             as_version_7_with(executor, host, pid, now)
             DBOS(config=config(db_url))

@@ -83,6 +83,21 @@ def _stamp_only(conn: sa.Connection, version: int) -> None:
     conn.execute(schema_migrations.insert().values(version=version, applied_at=1))
 
 
+def _old_batch_template() -> Any:
+    """The row template of batch 'old' of queue 'q', enqueued again by the upgrade tests."""
+    from dbos_nb.storage.rows import NewWorkflow
+
+    return NewWorkflow(
+        workflow_id="old",
+        name="fn",
+        inputs=b"",
+        status="ENQUEUED",
+        created_at=2,
+        queue_name="q",
+        batch_id="old",
+    )
+
+
 def test_a_version_1_database_gains_the_fifo_index(db_url: str) -> None:
     """Version 2 adds the partial index that gives a queue's waiting rows in order; a database
     made by version 1 gets it at the next launch, and its rows stay as they were."""
@@ -118,7 +133,6 @@ def test_a_version_3_database_gains_the_batch_items_digest(db_url: str) -> None:
     others."""
     from dbos_nb.errors import BatchConflictError
     from dbos_nb.storage.migrations import migrate
-    from dbos_nb.storage.rows import NewWorkflow
     from dbos_nb.storage.store import SystemStore
 
     db = Database(db_url)
@@ -138,15 +152,7 @@ def test_a_version_3_database_gains_the_batch_items_digest(db_url: str) -> None:
     migrate(db)
     migrate(db)  # a second launch finds the column in place
     store = SystemStore(db)
-    template = NewWorkflow(
-        workflow_id="old",
-        name="fn",
-        inputs=b"",
-        status="ENQUEUED",
-        created_at=2,
-        queue_name="q",
-        batch_id="old",
-    )
+    template = _old_batch_template()
     items = [("old/0", b"a", None), ("old/1", b"b", None)]
     store.insert_enqueued_batch(template, items, "d1")
     with pytest.raises(BatchConflictError, match="other items"):
@@ -257,7 +263,6 @@ def test_a_version_6_database_gets_batch_keys(db_url: str) -> None:
     and index go, and the batch can still be enqueued again (attached) or retried."""
     from dbos_nb.models import QueueSettings
     from dbos_nb.storage.migrations import migrate
-    from dbos_nb.storage.rows import NewWorkflow
     from dbos_nb.storage.schema import batch_key
     from dbos_nb.storage.store import SystemStore
 
@@ -297,15 +302,7 @@ def test_a_version_6_database_gets_batch_keys(db_url: str) -> None:
     assert store.batch_counts("old") == {"SUCCESS": 1, "ERROR": 1, "ENQUEUED": 1}
     record = store.get_batch("old")
     assert record is not None and record["batch_key"] == batch_key("old")
-    template = NewWorkflow(
-        workflow_id="old",
-        name="fn",
-        inputs=b"",
-        status="ENQUEUED",
-        created_at=2,
-        queue_name="q",
-        batch_id="old",
-    )
+    template = _old_batch_template()
     store.insert_enqueued_batch(template, [(f"old/{i}", b"", None) for i in range(3)])
     assert store.run_again_in_batch("old", 3) == ["old/1"]
     assert store.batch_counts("old") == {"SUCCESS": 1, "ENQUEUED": 2}

@@ -170,8 +170,11 @@ class Scheduler:
                 if _due(now, last_full, poll_ms):
                     # The fallback poll: what no wake-up reached (other processes on SQLite).
                     everything, last_full = True, now
+                # The queues served here, read once per pass (with listen_queues="*", a query).
+                served: list[str] | None = None
                 if rate_slots:
-                    self._forget_gone(rate_slots)
+                    served = self._queue_names()
+                    self._forget_gone(rate_slots, served)
                 for queue_name, slot in rate_slots.items():
                     if slot <= now:
                         dirty.setdefault(queue_name, set()).add(WAKE_ANY)
@@ -179,11 +182,12 @@ class Scheduler:
                 # nothing worth a claim: keep them cheap, the workers need the GIL.
                 targets: list[str] = []
                 if everything:
-                    targets = self._queue_names()
+                    targets = served if served is not None else self._queue_names()
                 else:
                     worth = {q for q, reasons in dirty.items() if self._worth_claiming(q, reasons)}
                     if worth:
-                        targets = [q for q in self._queue_names() if q in worth]
+                        names = served if served is not None else self._queue_names()
+                        targets = [q for q in names if q in worth]
                 claimed = self._claim_from(targets, rate_slots, everything) if targets else 0
             except Exception:
                 if self._stop.is_set():
@@ -202,10 +206,9 @@ class Scheduler:
             delay = max((next_wake - rt.now_ms()) / 1000, 0.0)
             rt.wake_event.wait(min(delay, poll_ms / 1000))
 
-    def _forget_gone(self, rate_slots: dict[str, int]) -> None:
+    def _forget_gone(self, rate_slots: dict[str, int], served: list[str]) -> None:
         """Drop what is known of queues no longer served here (deleted, DBOS.delete_queue): a
         rate slot of one, never claimed again, would wake the loop at once, pass after pass."""
-        served = set(self._queue_names())
         for gone in [q for q in rate_slots if q not in served]:
             del rate_slots[gone]
             self._blocked.pop(gone, None)

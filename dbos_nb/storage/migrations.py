@@ -9,15 +9,13 @@ databases, so a crash half-way leaves nothing behind.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import Callable
 
 from sqlalchemy import Connection, func, inspect, select, text
 
 from dbos_nb.clock import SystemClock
 from dbos_nb.errors import DBOSConfigError
-from dbos_nb.processes import pid_alive
+from dbos_nb.processes import may_still_run
 from dbos_nb.storage.database import Database, shown_url
 from dbos_nb.storage.schema import (
     APP_SCHEMA_VERSION,
@@ -55,11 +53,15 @@ def _add_fifo_index(conn: Connection) -> None:
 UPGRADES[2] = _add_fifo_index
 
 
+def _prefix(conn: Connection) -> str:
+    """What qualifies a table or index name in SQL: dbos_nb's schema on PostgreSQL."""
+    return f"{PG_SCHEMA}." if conn.dialect.name == "postgresql" else ""
+
+
 def _active_deadline_index(conn: Connection) -> None:
     """Version 3: the deadline index holds active workflows only (it held every workflow that
     ever had a deadline, which the scheduler's sweep read again ten times a second)."""
-    prefix = f"{PG_SCHEMA}." if conn.dialect.name == "postgresql" else ""
-    conn.execute(text(f"DROP INDEX IF EXISTS {prefix}ix_ws_deadline"))
+    conn.execute(text(f"DROP INDEX IF EXISTS {_prefix(conn)}ix_ws_deadline"))
     for index in workflow_status.indexes:
         if index.name == "ix_ws_active_deadline":
             index.create(conn, checkfirst=True)
@@ -76,8 +78,7 @@ def _columns(conn: Connection, table: str) -> set[str]:
 def _add_column(conn: Connection, table: str, column: str, sql_type: str) -> None:
     """Add a column to a table of an old database, unless a crashed upgrade's retry finds it."""
     if column not in _columns(conn, table):
-        prefix = f"{PG_SCHEMA}." if conn.dialect.name == "postgresql" else ""
-        conn.execute(text(f"ALTER TABLE {prefix}{table} ADD COLUMN {column} {sql_type}"))
+        conn.execute(text(f"ALTER TABLE {_prefix(conn)}{table} ADD COLUMN {column} {sql_type}"))
 
 
 def _batch_items_digest(conn: Connection) -> None:
@@ -112,8 +113,7 @@ def _batch_keys(conn: Connection) -> None:
     """Version 7: a batch's rows carry the batch's 64-bit key, `batch_key(batch_id)`, in place
     of the batch id itself (which made each item of a large batch write about seventy bytes
     more, in the row and in its index); `batches` records each batch's key."""
-    postgres = conn.dialect.name == "postgresql"
-    prefix = f"{PG_SCHEMA}." if postgres else ""
+    prefix = _prefix(conn)
     ws_table, batches_table = f"{prefix}workflow_status", f"{prefix}batches"
     _add_column(conn, "batches", "batch_key", "BIGINT")
     _add_column(conn, "workflow_status", "batch_key", "BIGINT")
@@ -145,9 +145,9 @@ def _renumber_operations(conn: Connection, table: str) -> None:
     """Add 1 to every recorded operation number of `table` (operations were numbered from 0;
     DBOS numbers them from 1). In two passes through negative numbers: both databases check the
     primary key row by row, so a single `+ 1` collides with the next row not yet moved."""
-    prefix = f"{PG_SCHEMA}." if conn.dialect.name == "postgresql" else ""
-    conn.execute(text(f"UPDATE {prefix}{table} SET function_id = -(function_id + 1)"))
-    conn.execute(text(f"UPDATE {prefix}{table} SET function_id = -function_id"))
+    table = _prefix(conn) + table
+    conn.execute(text(f"UPDATE {table} SET function_id = -(function_id + 1)"))
+    conn.execute(text(f"UPDATE {table} SET function_id = -function_id"))
 
 
 # The lease of an executor registered without one (before schema version 5): the default.
@@ -160,7 +160,7 @@ def _refuse_while_executors_run(conn: Connection, change: str) -> None:
     they write lands on another operation's number, and a replay returns the wrong step's
     value). Live: a heartbeat within the executor's lease, unless its process is known dead
     (this host, its pid gone), or is this one (an earlier launch in this process)."""
-    now, host = SystemClock().now_ms(), socket.gethostname()
+    now = SystemClock().now_ms()
     live = [
         f"{row.executor_id!r} (process {row.pid} on {row.hostname}, heartbeat "
         f"{(now - row.heartbeat_at) / 1000:.1f} s ago)"
@@ -173,8 +173,7 @@ def _refuse_while_executors_run(conn: Connection, change: str) -> None:
                 func.coalesce(executors.c.lease_ms, _LEGACY_LEASE_MS).label("lease_ms"),
             )
         )
-        if now - row.heartbeat_at <= row.lease_ms
-        and not (row.hostname == host and (row.pid == os.getpid() or not pid_alive(row.pid)))
+        if may_still_run(row.hostname, row.pid, now - row.heartbeat_at, row.lease_ms)
     ]
     if live:
         raise DBOSConfigError(
