@@ -46,7 +46,7 @@ from dbos_nb.ids import new_token, new_workflow_id
 from dbos_nb.models import INTERNAL_QUEUE, STEP_WORKFLOW_PREFIX, ClaimedWorkflow
 from dbos_nb.models import WorkflowStatusString as S
 from dbos_nb.storage.reconnect import is_lost, retrying
-from dbos_nb.storage.store import NewWorkflow
+from dbos_nb.storage.store import NewWorkflow, ParentRecord
 
 # Status strings as plain constants: an enum member's `.value` is a descriptor call.
 _PENDING = S.PENDING.value
@@ -532,20 +532,13 @@ def _enqueue_many(
     estimates = token_estimates or [template.token_estimate] * len(ids)
     digest = _digest(inputs) if check_items and explicit else None
     rows = list(zip(ids, inputs, estimates, strict=True))
-    rt.store.insert_enqueued_batch(template, rows, digest)
+    parent: ParentRecord | None = None
     if plan.parent is not None and plan.parent_function_id is not None:
-        now = rt.now_ms()
-        rt.store.record_step(
-            plan.parent.workflow_id,
-            plan.parent.owner_xid,
-            plan.parent_function_id,
-            name,
-            None,
-            None,
-            now,
-            now,
-            child_workflow_id=base,
+        # In the batch's transaction: a replay after a crash finds the batch it enqueued.
+        parent = ParentRecord(
+            plan.parent.workflow_id, plan.parent_function_id, name, base, rt.now_ms()
         )
+    rt.store.insert_enqueued_batch(template, rows, digest, parent)
     rt.wake_scheduler(queue_name, WAKE_ENQUEUED)
     return ids
 

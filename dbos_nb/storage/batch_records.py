@@ -5,7 +5,7 @@ failures, and reading a batch's progress, rows, errors and usage.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, delete, func, select, update
 
@@ -50,6 +50,29 @@ def _check_queues_declared(conn: Connection, batch_id: str, statuses: Sequence[s
         raise UnknownQueueError(name)
 
 
+class ParentRecord(NamedTuple):
+    """A workflow's record of the batch it enqueued: one operation of the parent, naming the
+    batch's base id as its child."""
+
+    workflow_id: str
+    function_id: int
+    function_name: str
+    child_workflow_id: str
+    at_ms: int
+
+
+def _parent_record(insert: Any, parent: ParentRecord) -> Any:
+    """The parent's record of the batch; a record already there (a replay's) is kept."""
+    return insert.values(
+        workflow_uuid=parent.workflow_id,
+        function_id=parent.function_id,
+        function_name=parent.function_name,
+        child_workflow_id=parent.child_workflow_id,
+        started_at_epoch_ms=parent.at_ms,
+        completed_at_epoch_ms=parent.at_ms,
+    ).on_conflict_do_nothing()
+
+
 class BatchRecords(StoreBase):
     """Enqueue, retry and report on batches of workflows."""
 
@@ -58,6 +81,7 @@ class BatchRecords(StoreBase):
         template: NewWorkflow,
         items: Sequence[tuple[str, bytes, int | None]],
         items_digest: str | None = None,
+        parent: ParentRecord | None = None,
     ) -> None:
         """Enqueue many workflows that share everything but id and inputs, in one transaction.
 
@@ -65,9 +89,11 @@ class BatchRecords(StoreBase):
         start in that order). Ids that already exist are skipped: enqueueing the same batch
         again writes nothing twice. With `template.batch_id` set, the batch is recorded too; a
         batch id already used for another function, queue or size, or for other items (when
-        both calls give an `items_digest`), raises BatchConflictError. All or nothing.
+        both calls give an `items_digest`), raises BatchConflictError. With `parent`, the
+        enqueuing workflow's record of the batch is written in the same transaction: a crash
+        cannot leave a batch its parent's replay does not know of. All or nothing.
         """
-        if not items:
+        if not items and parent is None:
             return
         base = _row_values(template)
         # Only the columns this batch sets: NULLs are the columns' defaults anyway, and every
@@ -76,6 +102,10 @@ class BatchRecords(StoreBase):
         constants = {c: v for c, v in base.items() if c not in per_item and v is not None}
         estimates = any(e is not None for _, _, e in items)
         with self.db.write() as conn:
+            if parent is not None:
+                conn.execute(_parent_record(self.db.insert(oo), parent))
+            if not items:
+                return
             recorded = False
             if template.batch_id is not None:
                 recorded = self._record_batch(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from dbos_nb.storage.batch_records import BatchRecords
+from dbos_nb.storage.batch_records import BatchRecords, ParentRecord
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.executor_registry import ExecutorRegistry
 from dbos_nb.storage.function_catalogue import FunctionCatalogue
@@ -53,4 +53,4 @@ class SystemStore(
         self._build_step_statements(db)
 
 
-__all__ = ["NewWorkflow", "StepPreflight", "SystemStore", "queue_settings_from_row"]
+__all__ = ["NewWorkflow", "ParentRecord", "StepPreflight", "SystemStore", "queue_settings_from_row"]
