@@ -85,6 +85,8 @@ LEASE_HEARTBEATS = 2
 # The part of the configured executor id kept in the id a process takes when another live
 # process took its id over (`-` and 8 hex digits follow; ids hold at most 255 characters).
 MAX_REJOIN_BASE = 246
+# Claims of an executor id lost in a row to processes registering it at the same moment.
+_CLAIM_ATTEMPTS = 3
 
 
 def min_lease_sec(heartbeat_interval_sec: float) -> float:
@@ -368,23 +370,42 @@ class Engine:
 
     def _claim_executor_id(self, store: SystemStore) -> None:
         cfg = self.config
-        now = self.clock.now_ms()
-        row = store.get_executor(cfg.executor_id)
-        if row is not None and row["token"] != self._token:
-            silent_ms = now - int(row["heartbeat_at"])
-            if may_still_run(row["hostname"], int(row["pid"]), silent_ms, self._lease_of(row)):
-                raise DBOSExecutorIdInUseError(
-                    f"executor id {cfg.executor_id!r} is in use by process {row['pid']} on "
-                    f"{row['hostname']} (heartbeat {(now - int(row['heartbeat_at'])) / 1000:.1f} s "
-                    "ago); give each process its own executor_id"
-                )
-        self._register(store, cfg.executor_id, now)
-        self._renewals.renewed(self.clock.now_ms())
+        for _ in range(_CLAIM_ATTEMPTS):
+            now = self.clock.now_ms()
+            row = store.get_executor(cfg.executor_id)
+            if row is not None and row["token"] != self._token:
+                silent_ms = now - int(row["heartbeat_at"])
+                if may_still_run(row["hostname"], int(row["pid"]), silent_ms, self._lease_of(row)):
+                    raise DBOSExecutorIdInUseError(
+                        f"executor id {cfg.executor_id!r} is in use by process {row['pid']} on "
+                        f"{row['hostname']} (heartbeat {silent_ms / 1000:.1f} s ago); give each "
+                        "process its own executor_id"
+                    )
+            replacing = str(row["token"]) if row is not None else None
+            if self._register(store, cfg.executor_id, now, replacing=replacing):
+                self._renewals.renewed(self.clock.now_ms())
+                return
+            # Another process registered the id since the look: judge its row in turn (a
+            # live one refuses this launch above).
+        raise DBOSExecutorIdInUseError(
+            f"executor id {cfg.executor_id!r} was claimed by other processes at the same moment "
+            f"{_CLAIM_ATTEMPTS} times; give each process its own executor_id"
+        )
 
-    def _register(self, store: SystemStore, executor_id: str, now: int) -> None:
-        """Register this process (its host, pid, token and own lease) under `executor_id`."""
-        store.register_executor(
-            executor_id, socket.gethostname(), os.getpid(), self._token, now, self._lease_ms
+    def _register(
+        self, store: SystemStore, executor_id: str, now: int, *, replacing: str | None
+    ) -> bool:
+        """Register this process (its host, pid, token and own lease) under `executor_id`, in
+        place of the row with token `replacing` (None: of no row); False if the row is no
+        longer that one."""
+        return store.claim_executor(
+            executor_id,
+            socket.gethostname(),
+            os.getpid(),
+            self._token,
+            now,
+            self._lease_ms,
+            replacing=replacing,
         )
 
     def _heartbeat(self, rt: Runtime) -> None:
@@ -403,7 +424,12 @@ class Engine:
                 rt.executor_id,
             )
             self._token = uuid.uuid4().hex
-            self._register(rt.store, rt.executor_id, now)
+            if not self._register(rt.store, rt.executor_id, now, replacing=None):
+                # Another process took the id just now: go on under a new one, as above.
+                holder = rt.store.get_executor(rt.executor_id)
+                if holder is not None:
+                    self._rejoin_as_new_executor(rt, holder, owners, now)
+                return  # (gone again: the next heartbeat tries anew)
             rt.resolver.report_again()
             # Work claimed after the take-over (which requeued only what was PENDING then)
             # would stay PENDING under this live executor, run by nobody: back to its queue.
@@ -445,8 +471,7 @@ class Engine:
         the same in turn, for ever: this process goes on under a new id instead, and puts back
         only the work its own executions held."""
         old = rt.executor_id
-        # From the configured id, so that ids do not grow with each rejoin (255 at most).
-        new = f"{self._configured_executor_id[:MAX_REJOIN_BASE]}-{uuid.uuid4().hex[:8]}"
+        new = self._rejoin_id()
         logger.error(
             "executor id %r was taken by process %s on %s while this process could not renew "
             "its lease; stopping this process's current workflows and going on as %r (give "
@@ -457,7 +482,8 @@ class Engine:
             new,
         )
         self._token = uuid.uuid4().hex
-        self._register(rt.store, new, now)
+        while not self._register(rt.store, new, now, replacing=None):
+            new = self._rejoin_id()  # (taken: eight random hex digits rarely are)
         rt.executor_id = new
         # What this process is now, for DBOS.launch() asked again and for destroy.
         self.config = replace(self.config, executor_id=new)
@@ -467,6 +493,10 @@ class Engine:
         requeued = [w for w, owner in owners.items() if rt.store.requeue_workflow(w, now, owner)]
         if requeued:
             rt.wake_scheduler()
+
+    def _rejoin_id(self) -> str:
+        # From the configured id, so that ids do not grow with each rejoin (255 at most).
+        return f"{self._configured_executor_id[:MAX_REJOIN_BASE]}-{uuid.uuid4().hex[:8]}"
 
     def destroy(self, workflow_completion_timeout_sec: float = 0.0) -> None:
         rt = self.runtime

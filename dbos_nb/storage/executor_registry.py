@@ -12,6 +12,10 @@ from dbos_nb.storage.rows import StoreBase
 from dbos_nb.storage.schema import executors, load_failures
 
 
+class _Taken(Exception):
+    """Another process registered the executor id during this claim (rolls the claim back)."""
+
+
 class ExecutorRegistry(StoreBase):
     """Register, renew and list executors."""
 
@@ -37,15 +41,48 @@ class ExecutorRegistry(StoreBase):
             forget_executor(conn, executor_id)
             conn.execute(
                 executors.insert().values(
-                    executor_id=executor_id,
-                    hostname=hostname,
-                    pid=pid,
-                    token=token,
-                    started_at=now_ms,
-                    heartbeat_at=now_ms,
-                    lease_ms=lease_ms,
+                    _executor_row(executor_id, hostname, pid, token, now_ms, lease_ms)
                 )
             )
+
+    def claim_executor(
+        self,
+        executor_id: str,
+        hostname: str,
+        pid: int,
+        token: str,
+        now_ms: int,
+        lease_ms: int | None,
+        *,
+        replacing: str | None,
+    ) -> bool:
+        """`register_executor`, only if the id's row is still the one the caller judged: the
+        row with token `replacing` (a holder found dead), or none (`replacing=None`). Returns
+        False, writing nothing, when another process registered the id meanwhile: two
+        processes that read the same dead holder at once cannot both take its id."""
+        try:
+            with self.db.write() as conn:
+                if replacing is None:
+                    held = select(executors.c.token).where(executors.c.executor_id == executor_id)
+                    if conn.execute(held).first() is not None:
+                        return False
+                else:
+                    dead = delete(executors).where(
+                        executors.c.executor_id == executor_id, executors.c.token == replacing
+                    )
+                    if not conn.execute(dead).rowcount:
+                        return False
+                _forget_reports(conn, executor_id)
+                row = _executor_row(executor_id, hostname, pid, token, now_ms, lease_ms)
+                insert = self.db.insert(executors).values(row).on_conflict_do_nothing()
+                if not conn.execute(insert).rowcount:
+                    # Registered by another process since the look above (on PostgreSQL, where
+                    # the look could not see its uncommitted row): its row stands, and so do
+                    # the reports it made, which the rollback keeps.
+                    raise _Taken
+        except _Taken:
+            return False
+        return True
 
     def heartbeat(self, executor_id: str, token: str, now_ms: int) -> bool:
         """Renew this process's heartbeat; False if another process took the executor id."""
@@ -134,6 +171,20 @@ class ExecutorRegistry(StoreBase):
             stmt = stmt.where(lf.c.name == name)
         with self.db.read() as conn:
             return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def _executor_row(
+    executor_id: str, hostname: str, pid: int, token: str, now_ms: int, lease_ms: int | None
+) -> dict[str, Any]:
+    return {
+        "executor_id": executor_id,
+        "hostname": hostname,
+        "pid": pid,
+        "token": token,
+        "started_at": now_ms,
+        "heartbeat_at": now_ms,
+        "lease_ms": lease_ms,
+    }
 
 
 def forget_executor(conn: Connection, executor_id: str) -> None:

@@ -1,0 +1,148 @@
+"""Claiming an executor id: a process takes a dead holder's id only if the row is still the one
+it judged, so two processes launching with the same id at the same moment cannot both hold it
+(each would put the other's running work back in the queues at every heartbeat)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import config
+from dbos_nb import DBOS, DBOSExecutorIdInUseError
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.store import SystemStore
+
+T0 = 1_000_000
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[SystemStore]:
+    DBOS(config=config(db_url))
+    DBOS.launch()  # creates the schema
+    DBOS.destroy()
+    db = Database(db_url)
+    try:
+        yield SystemStore(db)
+    finally:
+        db.dispose()
+
+
+def _dead_pid() -> int:
+    """A pid that no process here has any more."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], text=True, capture_output=True
+    )
+    return int(gone.stdout)
+
+
+def test_a_claim_replaces_only_the_row_it_judged(store: SystemStore) -> None:
+    assert store.claim_executor("w", "h", 1, "t-1", T0, 3_000, replacing=None)
+    # A second claim of a free id finds it taken: the first row stands.
+    assert not store.claim_executor("w", "h", 2, "t-2", T0, 3_000, replacing=None)
+    store.record_load_failure("w", "t-1", "fn", "v1", "ImportError: x", T0)
+    # Two processes judged the holder t-1 dead: the first replaces it, the second finds
+    # another row than the one it judged and writes nothing.
+    assert store.claim_executor("w", "h", 3, "t-3", T0 + 1, 3_000, replacing="t-1")
+    store.record_load_failure("w", "t-3", "fn", "v2", "ImportError: y", T0 + 1)
+    assert not store.claim_executor("w", "h", 4, "t-4", T0 + 2, 3_000, replacing="t-1")
+    row = store.get_executor("w")
+    assert row is not None
+    assert (row["token"], row["pid"], row["heartbeat_at"]) == ("t-3", 3, T0 + 1)
+    # The winner's reports stay; the replaced holder's went with its row.
+    assert [(f["executor_id"], f["version"]) for f in store.list_load_failures("fn")] == [
+        ("w", "v2")
+    ]
+
+
+def test_a_launch_that_loses_the_race_for_a_dead_holders_id_is_refused(
+    db_url: str, store: SystemStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between this launch's look at the dead holder and its claim, another live process
+    registers the id: the launch judges that one in turn and is refused, naming it."""
+    store.register_executor("raced", socket.gethostname(), _dead_pid(), "t-dead", T0)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    looks = 0
+    original = SystemStore.get_executor
+
+    def look_then_lose_the_race(self: SystemStore, executor_id: str) -> dict[str, Any] | None:
+        nonlocal looks
+        looks += 1
+        row = original(self, executor_id)
+        if executor_id == "raced" and looks == 1:
+            # The other process's claim lands just after this look.
+            now = int(time.time() * 1000)
+            host = socket.gethostname()
+            store.claim_executor(
+                "raced", host, sleeper.pid, "t-other", now, 60_000, replacing="t-dead"
+            )
+        return row
+
+    try:
+        monkeypatch.setattr(SystemStore, "get_executor", look_then_lose_the_race)
+        DBOS(config=config(db_url, executor_id="raced"))
+        with pytest.raises(DBOSExecutorIdInUseError, match=f"in use by process {sleeper.pid}"):
+            DBOS.launch()
+        DBOS.destroy()
+        row = store.get_executor("raced")
+        assert row is not None and (row["token"], row["pid"]) == ("t-other", sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+LAUNCHER = """
+import sys, time
+from dbos_nb import DBOS, DBOSExecutorIdInUseError
+url, start_at = sys.argv[1], float(sys.argv[2])
+DBOS(config={"name": "racer", "system_database_url": url, "executor_id": "contested",
+             "heartbeat_interval_sec": 0.2})
+time.sleep(max(0.0, start_at - time.time()))
+try:
+    DBOS.launch()
+except DBOSExecutorIdInUseError:
+    print("refused", flush=True)
+    sys.exit(0)
+print("launched", flush=True)
+sys.stdin.read()  # hold the id until the test closes stdin
+DBOS.destroy()
+"""
+
+
+def test_processes_launching_with_one_id_at_once_are_all_refused_but_one(
+    db_url: str, store: SystemStore, tmp_path: Path
+) -> None:
+    """Four processes launch with the same executor id at the same moment, over a dead
+    holder's row: exactly one holds it."""
+    store.register_executor("contested", socket.gethostname(), _dead_pid(), "t-dead", T0)
+    start_at = time.time() + 4.0  # after every interpreter has imported dbos_nb
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, db_url, str(start_at)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        said = []
+        for racer in racers:
+            assert racer.stdout is not None
+            said.append(racer.stdout.readline().strip())
+        assert sorted(said) == ["launched", "refused", "refused", "refused"]
+        winner = racers[said.index("launched")]
+        row = store.get_executor("contested")
+        assert row is not None and row["pid"] == winner.pid
+    finally:
+        for racer in racers:
+            if racer.stdin is not None:
+                racer.stdin.close()
+        for racer in racers:
+            racer.wait(30)
