@@ -21,7 +21,13 @@ from dbos_nb.core.handles import (
     wait_first_handle,
     wait_first_handle_async,
 )
-from dbos_nb.core.queue import Queue, stored_queue, stored_queues
+from dbos_nb.core.queue import (
+    Queue,
+    build_settings,
+    register_by_client,
+    stored_queue,
+    stored_queues,
+)
 from dbos_nb.core.waiters import (
     Waiters,
     wait_for_first,
@@ -221,6 +227,38 @@ class DBOSClient:
     def list_queues(self) -> list[Queue]:
         """Every queue some process declared, with its stored settings, by name."""
         return stored_queues(self._store, by_client=True)
+
+    def register_queue(
+        self,
+        name: str,
+        *,
+        global_concurrency: int | None = None,
+        worker_concurrency: int | None = None,
+        limiter: dict[str, Any] | None = None,
+        polling_interval_sec: float = 1.0,
+        on_conflict: str = "always_update",
+        priority_enabled: bool = False,
+        token_limiter: dict[str, Any] | None = None,
+        concurrency: int | None = None,
+    ) -> Queue:
+        """Declare a queue from the client, as DBOS's client does: its settings are stored for
+        every process, whose next claims obey them. A process serves it once it declares the
+        name (`Queue("llm")` takes the stored settings) or listens to every queue. With
+        `on_conflict="never_update"`, a queue already stored keeps its settings. Returns the
+        queue as stored (to enqueue, use `enqueue` with its name)."""
+        settings = build_settings(
+            name,
+            concurrency if global_concurrency is None else global_concurrency,
+            worker_concurrency,
+            limiter,
+            priority_enabled,
+            polling_interval_sec,
+            token_limiter,
+        )
+        return register_by_client(self._store, settings, self._clock.now_ms(), on_conflict)
+
+    async def register_queue_async(self, name: str, **settings: Any) -> Queue:
+        return await asyncio.to_thread(lambda: self.register_queue(name, **settings))
 
     def delete_queue(self, name: str) -> None:
         """Delete a queue's stored settings, as `DBOS.delete_queue` does (refused while

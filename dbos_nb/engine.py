@@ -23,7 +23,7 @@ from dbos_nb.core.clock_skew import SkewWatch
 from dbos_nb.core.context import check_id_length
 from dbos_nb.core.functions import FunctionResolver
 from dbos_nb.core.pool import ElasticPool
-from dbos_nb.core.queue import QUEUES, Queue
+from dbos_nb.core.queue import QUEUES, Queue, store_settings
 from dbos_nb.core.registry import REGISTRY, Registration
 from dbos_nb.core.runtime import Runtime, set_runtime
 from dbos_nb.core.scheduler import Scheduler
@@ -346,14 +346,7 @@ class Engine:
             # Only the name given: the stored settings apply (the defaults only for a new queue).
             queue.settings = rt.store.adopt_queue(settings, rt.now_ms())
             return
-        previous = rt.store.upsert_queue(settings, rt.now_ms())
-        if previous is not None and previous != settings:
-            logger.warning(
-                "queue %r declared again with new limits: %s (were %s); the new ones apply",
-                settings.name,
-                settings.limits(),
-                previous.limits(),
-            )
+        store_settings(rt.store, settings, rt.now_ms())
 
     def _on_register(self, reg: Registration) -> None:
         rt = self.runtime

@@ -13,11 +13,6 @@ _MESSAGES = "workflow messages and events (send/recv, set_event/get_event)"
 _STREAMS = "workflow streams"
 _SCHEDULES = "scheduled workflows"
 _RUN_STEP = "ad-hoc steps (decorate the function with @DBOS.step)"
-_CLIENT_QUEUES = (
-    "declaring queues from a client (declare a queue with Queue(...) or DBOS.register_queue "
-    "in a process of the application; the client reads them with list_queues and "
-    "retrieve_queue)"
-)
 
 # DBOS attribute name -> the feature it belongs to.
 _DBOS_FEATURES: dict[str, str] = {
@@ -84,7 +79,6 @@ _CLIENT_FEATURES: dict[str, str] = {
     for name, feature in _DBOS_FEATURES.items()
     if feature in (_MESSAGES, _STREAMS, _SCHEDULES)
 }
-_CLIENT_FEATURES.update(dict.fromkeys(("register_queue", "register_queue_async"), _CLIENT_QUEUES))
 
 
 def refuse(owner: str, name: str, client: bool = False) -> DBOSNotImplementedError | None:

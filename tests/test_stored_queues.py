@@ -11,7 +11,6 @@ from dbos_nb import (
     DBOS,
     DBOSClient,
     DbosNbError,
-    DBOSNotImplementedError,
     InvalidQueueSettingsError,
     Queue,
 )
@@ -89,10 +88,6 @@ def test_the_client_reads_the_same_queues(launched: str) -> None:
         assert isinstance(read, Queue)
         with pytest.raises(DbosNbError, match=r"client\.enqueue"):
             read.map(print, [1])
-        # Declaring a queue from a client is left out: named, not a bare AttributeError.
-        for name in ("register_queue", "register_queue_async"):
-            with pytest.raises(DBOSNotImplementedError, match=rf"DBOSClient\.{name} belongs"):
-                getattr(client, name)
 
 
 def test_queues_dbos_makes_have_the_notebook_map(launched: str) -> None:

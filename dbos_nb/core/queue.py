@@ -426,6 +426,42 @@ def stored_queue(store: QueueRecords, name: str, *, by_client: bool = False) -> 
     return _queue_class.as_stored(settings, by_client=by_client)
 
 
+def store_settings(store: QueueRecords, settings: QueueSettings, now_ms: int) -> None:
+    """Store a declaration's settings for every process, saying so when they replace others."""
+    previous = store.upsert_queue(settings, now_ms)
+    if previous is not None and previous != settings:
+        logger.warning(
+            "queue %r declared again with new limits: %s (were %s); the new ones apply",
+            settings.name,
+            settings.limits(),
+            previous.limits(),
+        )
+
+
+def register_by_client(
+    store: QueueRecords, settings: QueueSettings, now_ms: int, on_conflict: str
+) -> Queue:
+    """`DBOSClient.register_queue`: store the settings (`on_conflict="never_update"`: only for
+    a new queue) and return the queue as stored."""
+    if on_conflict == "always_update":
+        store_settings(store, settings, now_ms)
+        stored = settings
+    elif on_conflict == "never_update":
+        stored = store.adopt_queue(settings, now_ms)
+    elif on_conflict == "update_if_latest_version":
+        # As DBOS's client says: the choice needs an application version, which it has not.
+        raise DbosNbError(
+            "DBOSClient.register_queue does not support on_conflict='update_if_latest_version': "
+            "a client has no application version; use 'always_update' or 'never_update'"
+        )
+    else:
+        raise InvalidQueueSettingsError(
+            f"queue {settings.name!r}: on_conflict must be 'always_update' or 'never_update', "
+            f"got {on_conflict!r}"
+        )
+    return _queue_class.as_stored(stored, by_client=True)
+
+
 def stored_queues(store: QueueRecords, *, by_client: bool = False) -> list[Queue]:
     """`list_queues`: every queue some process declared, by name (not the internal one)."""
     return [
