@@ -23,11 +23,11 @@ from dbos_nb.core.handles import (
 )
 from dbos_nb.core.queue import (
     Queue,
-    build_settings,
     register_by_client,
     stored_queue,
     stored_queues,
 )
+from dbos_nb.core.queue_settings import build_settings
 from dbos_nb.core.waiters import (
     Waiters,
     wait_for_first,

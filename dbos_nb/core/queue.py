@@ -13,14 +13,17 @@ from __future__ import annotations
 import logging
 import operator
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from dbos_nb.core.context import check_id_length, current, valid_seconds
+from dbos_nb.core.context import current
 from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
+from dbos_nb.core.queue_setters import QueueSetters
+from dbos_nb.core.queue_settings import MAX_COUNT, build_settings, changed_settings, limiter_of
 from dbos_nb.core.registry import resolve
-from dbos_nb.core.runtime import get_runtime
+from dbos_nb.core.runtime import get_runtime, peek_runtime
 from dbos_nb.core.workflows import cycle_collector_paused, enqueue_many, enqueue_workflow
 from dbos_nb.errors import DbosNbError, InvalidQueueSettingsError, UnknownQueueError
 from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
@@ -29,11 +32,6 @@ from dbos_nb.storage.queue_records import QueueRecords
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
-
-_LIMITER_KEYS = {"limit", "period"}
-# What the database's columns hold (PostgreSQL refuses more; SQLite would store anything): counts
-# are INTEGER. (Names: see `check_id_length`; durations: `valid_seconds`.)
-MAX_COUNT = 2**31 - 1
 
 
 class _Unset:
@@ -45,89 +43,6 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
-
-
-def _positive_int(name: str, value: Any, queue: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
-        raise InvalidQueueSettingsError(
-            f"queue {queue!r}: {name} must be a positive integer up to 2**31-1 or None, "
-            f"got {value!r}"
-        )
-    return value
-
-
-def build_settings(
-    name: str,
-    concurrency: Any = None,
-    worker_concurrency: Any = None,
-    limiter: Any = None,
-    priority_enabled: Any = False,
-    polling_interval_sec: Any = 1.0,
-    token_limiter: Any = None,
-) -> QueueSettings:
-    """Validate a queue declaration; raises InvalidQueueSettingsError naming the problem."""
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidQueueSettingsError(f"a queue name must be a non-empty string, got {name!r}")
-    check_id_length(name, "a queue name", InvalidQueueSettingsError)
-    if name == INTERNAL_QUEUE:
-        raise InvalidQueueSettingsError(f"the queue name {name!r} is reserved")
-    conc = _positive_int("concurrency", concurrency, name)
-    worker = _positive_int("worker_concurrency", worker_concurrency, name)
-    if conc is not None and worker is not None and worker > conc:
-        raise InvalidQueueSettingsError(
-            f"queue {name!r}: worker_concurrency ({worker}) cannot exceed concurrency ({conc})"
-        )
-    limit, period_ms = _limiter(name, "limiter", limiter)
-    token_limit, token_period_ms = _limiter(name, "token_limiter", token_limiter)
-    if not isinstance(priority_enabled, bool):
-        raise InvalidQueueSettingsError(
-            f"queue {name!r}: priority_enabled must be True or False, got {priority_enabled!r}"
-        )
-    if not valid_seconds(polling_interval_sec):
-        raise InvalidQueueSettingsError(
-            f"queue {name!r}: polling_interval_sec must be a positive, finite number, "
-            f"got {polling_interval_sec!r}"
-        )
-    return QueueSettings(
-        name=name,
-        concurrency=conc,
-        worker_concurrency=worker,
-        limit=limit,
-        period_ms=period_ms,
-        priority_enabled=priority_enabled,
-        polling_interval_ms=max(1, round(polling_interval_sec * 1000)),
-        token_limit=token_limit,
-        token_period_ms=token_period_ms,
-    )
-
-
-def _limiter(queue: str, key: str, value: Any) -> tuple[int | None, int | None]:
-    """Validate {"limit": int, "period": seconds}; returns (limit, period in ms)."""
-    if value is None:
-        return None, None
-    if not isinstance(value, dict):
-        raise InvalidQueueSettingsError(
-            f"queue {queue!r}: {key} must be a dict like {{'limit': 50, 'period': 30}}, "
-            f"got {value!r}"
-        )
-    unknown = set(value) - _LIMITER_KEYS
-    missing = _LIMITER_KEYS - set(value)
-    if unknown or missing:
-        raise InvalidQueueSettingsError(
-            f"queue {queue!r}: {key} needs exactly the keys 'limit' and 'period'"
-            + (f"; unknown: {sorted(unknown)}" if unknown else "")
-            + (f"; missing: {sorted(missing)}" if missing else "")
-        )
-    limit = _positive_int(f"{key}['limit']", value["limit"], queue)
-    period = value["period"]
-    if not valid_seconds(period):
-        raise InvalidQueueSettingsError(
-            f"queue {queue!r}: {key}['period'] must be a positive number of seconds, at most a "
-            f"century, got {period!r}"
-        )
-    return limit, max(1, round(period * 1000))
 
 
 class QueueRegistry:
@@ -223,7 +138,7 @@ class QueueRegistry:
 QUEUES = QueueRegistry()
 
 
-class Queue:
+class Queue(QueueSetters):
     """A queue of workflows, shared by every process using the database.
 
     Settings not given default to no limit, no priority and a 1 s polling interval; with no
@@ -266,25 +181,54 @@ class Queue:
         QUEUES.declare(self)
 
     # Whether this object shows the settings stored in the database when it was read
-    # (`as_stored`) rather than a declaration of this process; and whether a `DBOSClient`
-    # read it (whose database may not be this process's).
+    # (`as_stored`) rather than a declaration of this process; and, when a `DBOSClient` read
+    # it, the client's store (whose database may not be this process's).
     _read_from_database = False
-    _read_by_client = False
+    _client_store: QueueRecords | None = None
+
+    @property
+    def _read_by_client(self) -> bool:
+        return self._client_store is not None
 
     @classmethod
-    def as_stored(cls, settings: QueueSettings, *, by_client: bool = False) -> Queue:
+    def as_stored(
+        cls, settings: QueueSettings, *, client_store: QueueRecords | None = None
+    ) -> Queue:
         """The queue as the database holds it (`retrieve_queue`, `list_queues`): not a
         declaration, so this process does not start serving it and stores nothing. Work
         enqueued through it waits for a process that serves the queue; one read by a client
-        enqueues nothing (see `_check_enqueue`)."""
+        enqueues nothing (see `_check_enqueue`), though its setters change the settings in
+        the client's database."""
         queue = cls.__new__(cls)
         queue.settings = settings
         queue.name = settings.name
         queue.adopts_stored = True
         queue.priority_noted = False
         queue._read_from_database = True
-        queue._read_by_client = by_client
+        queue._client_store = client_store
         return queue
+
+    def _change(self, setting: str, value: Any) -> None:
+        """Change one setting in the stored row (DBOS's setters, see `QueueSetters`), checked
+        against the others as stored; this process's declaration of the queue follows, so a
+        later launch stores the changed settings again, not the old ones."""
+        store: QueueRecords | None = self._client_store
+        rt = peek_runtime() if store is None else None
+        if rt is not None:
+            store = rt.store
+        if store is None:
+            raise DbosNbError(
+                f"queue {self.name!r}: set_{setting}() changes the settings stored in the "
+                "database: launch DBOS first (or declare the queue with its new settings)"
+            )
+        now_ms = rt.now_ms() if rt is not None else round(time.time() * 1000)
+        new = store.change_queue(
+            self.name, lambda old: changed_settings(old, setting, value), now_ms
+        )
+        self.settings = new
+        declared = QUEUES.get(self.name) if self._client_store is None else None
+        if declared is not None:
+            declared.settings = new
 
     def _check_enqueue(self) -> None:
         """A queue read through a `DBOSClient` describes the client's database, which this
@@ -319,16 +263,12 @@ class Queue:
     @property
     def limiter(self) -> dict[str, float] | None:
         s = self._latest()
-        if s.limit is None or s.period_ms is None:
-            return None
-        return {"limit": s.limit, "period": s.period_ms / 1000}
+        return limiter_of(s.limit, s.period_ms)
 
     @property
     def token_limiter(self) -> dict[str, float] | None:
         s = self._latest()
-        if s.token_limit is None or s.token_period_ms is None:
-            return None
-        return {"limit": s.token_limit, "period": s.token_period_ms / 1000}
+        return limiter_of(s.token_limit, s.token_period_ms)
 
     @property
     def priority_enabled(self) -> bool:
@@ -423,7 +363,7 @@ def stored_queue(store: QueueRecords, name: str, *, by_client: bool = False) -> 
     settings = store.get_queue(name) if name != INTERNAL_QUEUE else None
     if settings is None:
         return None
-    return _queue_class.as_stored(settings, by_client=by_client)
+    return _queue_class.as_stored(settings, client_store=store if by_client else None)
 
 
 def store_settings(store: QueueRecords, settings: QueueSettings, now_ms: int) -> None:
@@ -459,13 +399,13 @@ def register_by_client(
             f"queue {settings.name!r}: on_conflict must be 'always_update' or 'never_update', "
             f"got {on_conflict!r}"
         )
-    return _queue_class.as_stored(stored, by_client=True)
+    return _queue_class.as_stored(stored, client_store=store)
 
 
 def stored_queues(store: QueueRecords, *, by_client: bool = False) -> list[Queue]:
     """`list_queues`: every queue some process declared, by name (not the internal one)."""
     return [
-        _queue_class.as_stored(s, by_client=by_client)
+        _queue_class.as_stored(s, client_store=store if by_client else None)
         for s in store.list_queues()
         if s.name != INTERNAL_QUEUE
     ]

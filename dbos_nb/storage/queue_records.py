@@ -4,11 +4,12 @@ usage reported against their token windows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import ColumnElement, Exists, delete, func, or_, select, update
 
-from dbos_nb.errors import InvalidQueueSettingsError, QueueNotEmptyError
+from dbos_nb.errors import InvalidQueueSettingsError, QueueNotEmptyError, UnknownQueueError
 from dbos_nb.models import INTERNAL_QUEUE, QueueSettings, WorkflowStatusString
 from dbos_nb.storage.rows import StoreBase
 from dbos_nb.storage.schema import queue_starts, queues, workflow_status
@@ -56,6 +57,25 @@ class QueueRecords(StoreBase):
             conn.execute(insert)
             row = conn.execute(select(queues).where(queues.c.name == settings.name)).mappings()
             return queue_settings_from_row(dict(row.one()))
+
+    def change_queue(
+        self, name: str, change: Callable[[QueueSettings], QueueSettings], now_ms: int
+    ) -> QueueSettings:
+        """Change a stored queue's settings: `change` gets them as stored and returns the new
+        ones, or raises (and nothing is written). Under the queue row's lock (PostgreSQL;
+        SQLite's write transaction is exclusive), so that two processes changing two settings
+        at once both land, each checked against the other's. Raises UnknownQueueError when
+        the queue is not stored (never declared, or deleted)."""
+        with self.db.write() as conn:
+            row = self.db.lock_queue_row(conn, name)
+            if row is None:
+                raise UnknownQueueError(name)
+            old = queue_settings_from_row(row)
+            new = change(old)
+            if new != old:
+                values = {**_columns(new), "updated_at": now_ms}
+                conn.execute(update(queues).where(queues.c.name == name).values(**values))
+            return new
 
     def get_queue(self, name: str) -> QueueSettings | None:
         """A queue's stored settings, or None when no process declared it."""

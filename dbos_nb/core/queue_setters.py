@@ -1,0 +1,100 @@
+"""DBOS 3.4's setters of a queue's settings (`queue.set_limiter(...)` and the others, with their
+`_async` twins): each changes one setting in the stored row, for every process, whose next
+claims obey it. The `Queue` class supplies `_change`; this mixin only spells DBOS's names."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class QueueSetters:
+    """The setters and async getters of DBOS 3.4's database-backed queues."""
+
+    name: str
+
+    def _change(self, setting: str, value: Any) -> None:
+        raise NotImplementedError
+
+    @property
+    def concurrency(self) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def worker_concurrency(self) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def limiter(self) -> dict[str, float] | None:
+        raise NotImplementedError
+
+    @property
+    def polling_interval_sec(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def global_concurrency(self) -> int | None:
+        """DBOS 3.4's name of `concurrency`: how many of the queue's workflows may run at once
+        across all processes."""
+        return self.concurrency
+
+    def set_global_concurrency(self, value: int | None) -> None:
+        """How many of the queue's workflows may run at once across all processes (None: no
+        limit), from every process's next claim on."""
+        self._change("concurrency", value)
+
+    def set_concurrency(self, value: int | None) -> None:
+        """DBOS's deprecated name of `set_global_concurrency`."""
+        self._change("concurrency", value)
+
+    def set_worker_concurrency(self, value: int | None) -> None:
+        """How many of the queue's workflows one process may run at once (None: no limit)."""
+        self._change("worker_concurrency", value)
+
+    def set_limiter(self, value: dict[str, Any] | None) -> None:
+        """The rate limit, {"limit": n, "period": seconds} (None: none)."""
+        self._change("limiter", value)
+
+    def set_token_limiter(self, value: dict[str, Any] | None) -> None:
+        """The token budget, {"limit": tokens, "period": seconds} (None: none)."""
+        self._change("token_limiter", value)
+
+    def set_polling_interval_sec(self, value: float) -> None:
+        """How often a process looks for work when nothing wakes it."""
+        self._change("polling_interval_sec", value)
+
+    async def set_global_concurrency_async(self, value: int | None) -> None:
+        await asyncio.to_thread(self.set_global_concurrency, value)
+
+    async def set_concurrency_async(self, value: int | None) -> None:
+        await asyncio.to_thread(self.set_concurrency, value)
+
+    async def set_worker_concurrency_async(self, value: int | None) -> None:
+        await asyncio.to_thread(self.set_worker_concurrency, value)
+
+    async def set_limiter_async(self, value: dict[str, Any] | None) -> None:
+        await asyncio.to_thread(self.set_limiter, value)
+
+    async def set_token_limiter_async(self, value: dict[str, Any] | None) -> None:
+        await asyncio.to_thread(self.set_token_limiter, value)
+
+    async def set_polling_interval_sec_async(self, value: float) -> None:
+        await asyncio.to_thread(self.set_polling_interval_sec, value)
+
+    # The getters read no database here (the properties show this process's view), so their
+    # async twins only answer for code written against DBOS's.
+
+    async def get_global_concurrency_async(self) -> int | None:
+        return self.global_concurrency
+
+    async def get_concurrency_async(self) -> int | None:
+        return self.concurrency
+
+    async def get_worker_concurrency_async(self) -> int | None:
+        return self.worker_concurrency
+
+    async def get_limiter_async(self) -> dict[str, float] | None:
+        return self.limiter
+
+    async def get_polling_interval_sec_async(self) -> float:
+        return self.polling_interval_sec
