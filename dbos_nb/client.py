@@ -22,7 +22,9 @@ from dbos_nb.core.handles import (
     wait_first_handle_async,
 )
 from dbos_nb.core.queue import (
+    UNSET,
     Queue,
+    one_concurrency,
     register_by_client,
     stored_queue,
     stored_queues,
@@ -237,25 +239,33 @@ class DBOSClient:
         limiter: dict[str, Any] | None = None,
         polling_interval_sec: float = 1.0,
         on_conflict: str = "always_update",
-        priority_enabled: bool = False,
-        token_limiter: dict[str, Any] | None = None,
+        priority_enabled: bool = UNSET,
+        token_limiter: dict[str, Any] | None = UNSET,
         concurrency: int | None = None,
     ) -> Queue:
         """Declare a queue from the client, as DBOS's client does: its settings are stored for
         every process, whose next claims obey them. A process serves it once it declares the
         name (`Queue("llm")` takes the stored settings) or listens to every queue. With
-        `on_conflict="never_update"`, a queue already stored keeps its settings. Returns the
-        queue as stored (to enqueue, use `enqueue` with its name)."""
+        `on_conflict="never_update"`, a queue already stored keeps its settings. dbos_nb's
+        `priority_enabled` and `token_limiter`, which DBOS's client lacks, keep their stored
+        values unless given. Returns the queue as stored (to enqueue, use `enqueue`)."""
         settings = build_settings(
             name,
-            concurrency if global_concurrency is None else global_concurrency,
+            one_concurrency(concurrency, global_concurrency, name),
             worker_concurrency,
             limiter,
-            priority_enabled,
+            False if priority_enabled is UNSET else priority_enabled,
             polling_interval_sec,
-            token_limiter,
+            None if token_limiter is UNSET else token_limiter,
         )
-        return register_by_client(self._store, settings, self._clock.now_ms(), on_conflict)
+        return register_by_client(
+            self._store,
+            settings,
+            self._clock.now_ms(),
+            on_conflict,
+            keep_priority=priority_enabled is UNSET,
+            keep_tokens=token_limiter is UNSET,
+        )
 
     async def register_queue_async(self, name: str, **settings: Any) -> Queue:
         return await asyncio.to_thread(lambda: self.register_queue(name, **settings))

@@ -28,7 +28,15 @@ from dbos_nb.core.handles import (
     wait_first_handle,
     wait_first_handle_async,
 )
-from dbos_nb.core.queue import QUEUES, UNSET, Queue, queue_class, stored_queue, stored_queues
+from dbos_nb.core.queue import (
+    QUEUES,
+    UNSET,
+    Queue,
+    one_concurrency,
+    queue_class,
+    stored_queue,
+    stored_queues,
+)
 from dbos_nb.core.registry import REGISTRY, Kind, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime
 from dbos_nb.engine import Engine, resolve_config
@@ -36,6 +44,7 @@ from dbos_nb.errors import (
     DBOSConfigError,
     DbosNbError,
     DBOSNonExistentWorkflowError,
+    InvalidQueueSettingsError,
     UnknownQueueError,
 )
 from dbos_nb.models import StepInfo, StepStatus, WorkflowStatus
@@ -137,6 +146,10 @@ class _DBOSType(type):
             if error is not None:
                 raise error
             raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}")
+
+
+# DBOS's choices of what `register_queue` does with a queue already stored.
+_ON_CONFLICT = ("update_if_latest_version", "always_update", "never_update")
 
 
 class DBOS(metaclass=_DBOSType):
@@ -316,17 +329,27 @@ class DBOS(metaclass=_DBOSType):
         priority_enabled: bool = UNSET,
         polling_interval_sec: float = UNSET,
         global_concurrency: int | None = UNSET,
+        token_limiter: dict[str, Any] | None = UNSET,
+        on_conflict: str = "update_if_latest_version",
     ) -> Queue:
-        """Declare a queue (DBOS 3's spelling of `Queue(...)`)."""
-        if concurrency is UNSET or (concurrency is None and global_concurrency is not UNSET):
-            concurrency = global_concurrency
+        """Declare a queue (DBOS 3's spelling of `Queue(...)`). `on_conflict`: DBOS's default
+        `"update_if_latest_version"` and `"always_update"` store the settings given (queues
+        keep no application version here); `"never_update"` stores them only for a new queue
+        and otherwise takes the stored ones."""
+        if on_conflict not in _ON_CONFLICT:
+            raise InvalidQueueSettingsError(
+                f"queue {name!r}: on_conflict must be one of {', '.join(_ON_CONFLICT)}, "
+                f"got {on_conflict!r}"
+            )
         return queue_class()(
             name,
-            concurrency,
+            one_concurrency(concurrency, global_concurrency, name),
             limiter,
             worker_concurrency=worker_concurrency,
             priority_enabled=priority_enabled,
             polling_interval_sec=polling_interval_sec,
+            token_limiter=token_limiter,
+            _keep_stored=on_conflict == "never_update",
         )
 
     @classmethod

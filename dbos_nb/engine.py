@@ -299,6 +299,7 @@ class Engine:
         self._scheduler = Scheduler(
             rt,
             self._listened_queues,
+            poll_ms=self._poll_ms,
             heartbeat=lambda: self._heartbeat(rt),
             heartbeat_interval_sec=cfg.heartbeat_interval_sec,
             use_listen_notify=cfg.use_listen_notify,
@@ -339,6 +340,18 @@ class Engine:
         if "*" in listen and self.runtime is not None:
             return [q.name for q in self.runtime.store.list_queues()]
         return [INTERNAL_QUEUE, *(q for q in listen if q != "*")]
+
+    def _poll_ms(self) -> int:
+        """How often the fallback poll runs: at the config's `polling_interval_sec`, or at a
+        served queue's own if shorter (as DBOS polls each queue at its own interval). This
+        process's declarations give it, which its setters keep up to date."""
+        listen = self.config.listen_queues
+        own = [
+            q.settings.polling_interval_ms
+            for q in QUEUES.all()
+            if listen is None or "*" in listen or q.name in listen
+        ]
+        return min([round(self.config.polling_interval_sec * 1000), *own])
 
     def _store_queue(self, rt: Runtime, queue: Queue) -> None:
         settings = queue.settings

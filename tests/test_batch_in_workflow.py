@@ -1,12 +1,13 @@
 """`enqueue_many` inside a workflow: the batch is one operation of its parent, written in the
-same transaction as the batch, so that a replay finds the batch it enqueued (and never enqueues
-it a second time) whatever moment a crash chose."""
+same transaction as the parent's record of it (and only by the execution that owns the parent),
+so that no crash can leave a batch the parent's replay does not know of."""
 
 from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
 
+from conftest import wait_until
 from dbos_nb import DBOS, Queue, SetWorkflowID
 from dbos_nb.core.runtime import get_runtime
 from dbos_nb.storage.schema import operation_outputs, workflow_status
@@ -120,3 +121,31 @@ def test_an_empty_batch_is_still_an_operation_of_its_parent(launched: str) -> No
         assert fan_out([]) == []
     steps = DBOS.list_workflow_steps("empty")
     assert [(s.function_id, s.child_workflow_id) for s in steps] == [(1, "empty-1")]
+
+
+@DBOS.workflow()
+def fan_out_when_stale(xs: list[int]) -> list[int]:
+    rt = get_runtime()
+    with rt.db.write() as conn:  # another execution takes the workflow over at this moment
+        conn.execute(
+            sa.update(workflow_status)
+            .where(workflow_status.c.workflow_uuid == DBOS.workflow_id)
+            .values(owner_xid="another-execution")
+        )
+    handles = Queue("in_wf").enqueue_many(triple, xs)
+    return [h.get_result() for h in handles]
+
+
+def test_a_stale_execution_enqueues_no_batch(launched: str) -> None:
+    """An execution that no longer owns its workflow (taken over, say) is stopped at the
+    batch, and the batch is not written: only the execution that owns the workflow may
+    enqueue it."""
+    Queue("in_wf")
+    RUNS.clear()
+    rt = get_runtime()
+    with SetWorkflowID("stale"):
+        DBOS.start_workflow(fan_out_when_stale, [1, 2])
+    wait_until(lambda: not rt.is_running("stale"))
+    assert _children_of("stale") == []
+    assert [s.function_id for s in DBOS.list_workflow_steps("stale")] == []
+    assert RUNS == []

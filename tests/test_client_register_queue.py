@@ -150,3 +150,53 @@ def test_a_client_can_declare_a_queue_before_any_worker(tmp_path: object) -> Non
     DBOS.launch()
     wait_until(lambda: queue.concurrency == 2)
     assert queue.worker_concurrency == 1
+
+
+def test_dbos_nb_settings_the_client_does_not_give_are_kept(launched: str) -> None:
+    """DBOS's client has no `priority_enabled` or `token_limiter`: registering a queue again
+    from it (always_update) leaves the ones the application declared."""
+    Queue(
+        "kept_extras", concurrency=5, priority_enabled=True, token_limiter={"limit": 9, "period": 6}
+    )
+    with DBOSClient(launched) as client:
+        again = client.register_queue("kept_extras", global_concurrency=2)
+        assert (again.concurrency, again.priority_enabled) == (2, True)
+        assert again.token_limiter == {"limit": 9, "period": 6.0}
+        given = client.register_queue("kept_extras", priority_enabled=False, token_limiter=None)
+        assert (given.concurrency, given.priority_enabled, given.token_limiter) == (
+            None,
+            False,
+            None,
+        )
+    stored = DBOS.retrieve_queue("kept_extras")
+    assert stored is not None and (stored.priority_enabled, stored.token_limiter) == (False, None)
+
+
+def test_concurrency_and_global_concurrency_are_one_setting(launched: str) -> None:
+    with DBOSClient(launched) as client:
+        with pytest.raises(InvalidQueueSettingsError, match="give only one of them"):
+            client.register_queue("both_given", concurrency=2, global_concurrency=3)
+        assert client.retrieve_queue("both_given") is None
+    with pytest.raises(InvalidQueueSettingsError, match="give only one of them"):
+        DBOS.register_queue("both_given", concurrency=2, global_concurrency=3)
+    assert DBOS.register_queue("one_given", global_concurrency=3).concurrency == 3
+    assert DBOS.register_queue("old_given", concurrency=4).concurrency == 4
+
+
+def test_register_queue_on_conflict_in_a_process(launched: str) -> None:
+    """DBOS.register_queue takes DBOS's `on_conflict`: its default and "always_update" store
+    the settings given; "never_update" keeps a stored queue's settings."""
+    with DBOSClient(launched) as client:
+        client.register_queue("conflict_here", global_concurrency=7)
+    kept = DBOS.register_queue("conflict_here", global_concurrency=1, on_conflict="never_update")
+    assert kept.concurrency == 7
+    stored = DBOS.retrieve_queue("conflict_here")
+    assert stored is not None and stored.concurrency == 7
+    fresh = DBOS.register_queue("conflict_new", worker_concurrency=2, on_conflict="never_update")
+    assert fresh.worker_concurrency == 2
+    replaced = DBOS.register_queue("conflict_here", global_concurrency=3)  # DBOS's default
+    assert replaced.concurrency == 3
+    stored = DBOS.retrieve_queue("conflict_here")
+    assert stored is not None and stored.concurrency == 3
+    with pytest.raises(InvalidQueueSettingsError, match="on_conflict must be"):
+        DBOS.register_queue("conflict_here", on_conflict="sometimes")

@@ -4,6 +4,7 @@ it judged, so two processes launching with the same id at the same moment cannot
 
 from __future__ import annotations
 
+import select
 import socket
 import subprocess
 import sys
@@ -97,6 +98,14 @@ def test_a_launch_that_loses_the_race_for_a_dead_holders_id_is_refused(
         sleeper.wait()
 
 
+def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The process's first line of output; fails the test rather than hang on a silent one."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, f"process {process.pid} said nothing in {timeout} s"
+    return process.stdout.readline().strip()
+
+
 LAUNCHER = """
 import sys, time
 from dbos_nb import DBOS, DBOSExecutorIdInUseError
@@ -132,10 +141,7 @@ def test_processes_launching_with_one_id_at_once_are_all_refused_but_one(
         for _ in range(4)
     ]
     try:
-        said = []
-        for racer in racers:
-            assert racer.stdout is not None
-            said.append(racer.stdout.readline().strip())
+        said = [_first_line(racer, timeout=60) for racer in racers]
         assert sorted(said) == ["launched", "refused", "refused", "refused"]
         winner = racers[said.index("launched")]
         row = store.get_executor("contested")

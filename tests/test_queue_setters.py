@@ -10,11 +10,12 @@ import time
 
 import pytest
 
-from conftest import config
+from conftest import config, wait_until
 from dbos_nb import (
     DBOS,
     DBOSClient,
     DbosNbError,
+    EnqueueOptions,
     InvalidQueueSettingsError,
     Queue,
     UnknownQueueError,
@@ -22,8 +23,10 @@ from dbos_nb import (
 from dbos_nb.core.queue import QUEUES
 from dbos_nb.core.runtime import get_runtime
 
-SPANS: list[tuple[float, float]] = []
+SPANS: dict[int, tuple[float, float]] = {}
 _SPANS_LOCK = threading.Lock()
+GATE = threading.Event()
+STARTED: list[int] = []
 
 
 @DBOS.workflow(name="setter_timed")
@@ -31,17 +34,15 @@ def timed(i: int) -> int:
     started = time.monotonic()
     time.sleep(0.05)
     with _SPANS_LOCK:
-        SPANS.append((started, time.monotonic()))
+        SPANS[i] = (started, time.monotonic())
     return i
 
 
-def _most_at_once(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    running = most = 0
-    for _, step in events:
-        running += step
-        most = max(most, running)
-    return most
+@DBOS.workflow(name="setter_gated")
+def gated(i: int) -> int:
+    STARTED.append(i)
+    GATE.wait(30)
+    return i
 
 
 def _stored(name: str) -> tuple[object, ...]:
@@ -122,14 +123,39 @@ def test_invalid_changes_are_refused_and_change_nothing(launched: str) -> None:
     assert (queue.concurrency, queue.worker_concurrency) == (3, 2)
 
 
-def test_a_running_process_obeys_a_changed_limit(launched: str) -> None:
-    queue = Queue("loosened_then_tightened")
+def test_a_running_process_obeys_a_limit_tightened_while_work_runs(launched: str) -> None:
+    """Work starts on a queue without limits (each enqueue may start its workflow at once);
+    the limit then drops to one: each workflow enqueued after that runs alone."""
+    queue = Queue("tightened_midway")
     SPANS.clear()
+    early = [queue.enqueue(timed, i) for i in range(4)]
     queue.set_global_concurrency(1)
-    handles = [queue.enqueue(timed, i) for i in range(6)]
-    assert [h.get_result(timeout_sec=30) for h in handles] == list(range(6))
-    assert len(SPANS) == 6
-    assert _most_at_once(SPANS) == 1
+    late = [queue.enqueue(timed, i) for i in range(100, 106)]
+    assert [h.get_result(timeout_sec=30) for h in early + late] == [*range(4), *range(100, 106)]
+    for i in range(100, 106):
+        start, end = SPANS[i]
+        others = [span for j, span in SPANS.items() if j != i]
+        assert all(e <= start or s >= end for s, e in others), f"workflow {i} did not run alone"
+
+
+def test_loosening_a_limit_starts_waiting_work_at_once(db_url: str) -> None:
+    """Work waiting behind a full queue starts when a setter loosens the limit, without
+    waiting for the fallback poll (here 60 s: the process's and the queue's own)."""
+    DBOS(config=config(db_url, polling_interval_sec=60))
+    queue = Queue("loosened", concurrency=1, polling_interval_sec=60)
+    DBOS.launch()
+    GATE.clear()
+    STARTED.clear()
+    try:
+        handles = [queue.enqueue(gated, i) for i in range(2)]
+        wait_until(lambda: STARTED == [0])
+        time.sleep(0.2)
+        assert STARTED == [0]  # the second waits behind the first
+        queue.set_global_concurrency(2)
+        wait_until(lambda: sorted(STARTED) == [0, 1], timeout=20)
+    finally:
+        GATE.set()
+    assert [h.get_result(timeout_sec=20) for h in handles] == [0, 1]
 
 
 def test_a_changed_setting_is_stored_again_at_the_next_launch(db_url: str) -> None:
@@ -207,3 +233,41 @@ def test_concurrent_changes_are_each_checked_against_the_other(launched: str) ->
         concurrency, worker = _stored(name)[:2]
         assert len(refused) == 1
         assert (concurrency, worker) in ((2, None), (None, 3))
+
+
+def test_the_async_getters_read_what_is_stored_now(launched: str) -> None:
+    """As DBOS's async getters do, they read the database: a change made by a client shows
+    there, while the properties keep this process's view."""
+    queue = Queue("read_async", concurrency=6, limiter={"limit": 4, "period": 2})
+    with DBOSClient(launched) as client:
+        read = client.retrieve_queue("read_async")
+        assert read is not None
+        read.set_global_concurrency(2)
+        read.set_limiter(None)
+        read.set_polling_interval_sec(0.5)
+
+    async def look() -> tuple[object, ...]:
+        return (
+            await queue.get_global_concurrency_async(),
+            await queue.get_limiter_async(),
+            await queue.get_polling_interval_sec_async(),
+        )
+
+    assert asyncio.run(look()) == (2, None, 0.5)
+    assert queue.concurrency == 6  # this process's declaration, until it declares again
+    DBOS.delete_queue("read_async")
+    with pytest.raises(UnknownQueueError):
+        asyncio.run(queue.get_worker_concurrency_async())
+
+
+def test_a_queue_polls_at_its_own_interval_when_shorter(db_url: str) -> None:
+    """On SQLite nothing tells this process of a client's enqueue: it finds it by polling, at
+    the queue's own interval (0.2 s) when the process's is longer (60 s)."""
+    DBOS(config=config(db_url, polling_interval_sec=60))
+    Queue("polled_often", polling_interval_sec=0.2)
+    DBOS.launch()
+    with DBOSClient(db_url) as client:
+        handle = client.enqueue(
+            EnqueueOptions(queue_name="polled_often", workflow_name="setter_timed"), 7
+        )
+        assert handle.get_result(timeout_sec=20) == 7

@@ -10,6 +10,7 @@ process declared; giving any setting, even `concurrency=None`, declares the whol
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import threading
@@ -23,7 +24,7 @@ from dbos_nb.core.handles import WorkflowHandle, WorkflowHandleAsync
 from dbos_nb.core.queue_setters import QueueSetters
 from dbos_nb.core.queue_settings import MAX_COUNT, build_settings, changed_settings, limiter_of
 from dbos_nb.core.registry import resolve
-from dbos_nb.core.runtime import get_runtime, peek_runtime
+from dbos_nb.core.runtime import Runtime, get_runtime, peek_runtime
 from dbos_nb.core.workflows import cycle_collector_paused, enqueue_many, enqueue_workflow
 from dbos_nb.errors import DbosNbError, InvalidQueueSettingsError, UnknownQueueError
 from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
@@ -155,6 +156,7 @@ class Queue(QueueSetters):
         priority_enabled: bool = UNSET,
         polling_interval_sec: float = UNSET,
         token_limiter: dict[str, Any] | None = UNSET,
+        _keep_stored: bool = False,
     ) -> None:
         given = (
             concurrency,
@@ -165,8 +167,9 @@ class Queue(QueueSetters):
             token_limiter,
         )
         # Whether the stored settings (or an earlier declaration's here) apply instead of the
-        # defaults: see the module's docstring.
-        self.adopts_stored = all(value is UNSET for value in given)
+        # defaults: see the module's docstring. `_keep_stored`: those given apply only to a new
+        # queue (`register_queue(on_conflict="never_update")`).
+        self.adopts_stored = _keep_stored or all(value is UNSET for value in given)
         self.settings = build_settings(
             name,
             _or(concurrency, None),
@@ -212,10 +215,7 @@ class Queue(QueueSetters):
         """Change one setting in the stored row (DBOS's setters, see `QueueSetters`), checked
         against the others as stored; this process's declaration of the queue follows, so a
         later launch stores the changed settings again, not the old ones."""
-        store: QueueRecords | None = self._client_store
-        rt = peek_runtime() if store is None else None
-        if rt is not None:
-            store = rt.store
+        store, rt = self._store_and_runtime()
         if store is None:
             raise DbosNbError(
                 f"queue {self.name!r}: set_{setting}() changes the settings stored in the "
@@ -229,6 +229,27 @@ class Queue(QueueSetters):
         declared = QUEUES.get(self.name) if self._client_store is None else None
         if declared is not None:
             declared.settings = new
+        if rt is not None:  # a loosened limit may let waiting work start now
+            rt.wake_scheduler(self.name)
+
+    def _store_and_runtime(self) -> tuple[QueueRecords | None, Runtime | None]:
+        """Where this queue's settings are stored: the client's store for a queue a client
+        read, else the launched runtime's (None, None before a launch)."""
+        if self._client_store is not None:
+            return self._client_store, None
+        rt = peek_runtime()
+        return (rt.store, rt) if rt is not None else (None, None)
+
+    def _read_stored(self) -> QueueSettings:
+        """The settings stored now (DBOS's async getters read the database), or this
+        process's view before a launch. A queue no longer stored raises UnknownQueueError."""
+        store, _ = self._store_and_runtime()
+        if store is None:
+            return self._latest()
+        stored = store.get_queue(self.name)
+        if stored is None:
+            raise UnknownQueueError(self.name)
+        return stored
 
     def _check_enqueue(self) -> None:
         """A queue read through a `DBOSClient` describes the client's database, which this
@@ -379,11 +400,29 @@ def store_settings(store: QueueRecords, settings: QueueSettings, now_ms: int) ->
 
 
 def register_by_client(
-    store: QueueRecords, settings: QueueSettings, now_ms: int, on_conflict: str
+    store: QueueRecords,
+    settings: QueueSettings,
+    now_ms: int,
+    on_conflict: str,
+    *,
+    keep_priority: bool = False,
+    keep_tokens: bool = False,
 ) -> Queue:
     """`DBOSClient.register_queue`: store the settings (`on_conflict="never_update"`: only for
-    a new queue) and return the queue as stored."""
+    a new queue) and return the queue as stored. `keep_priority` / `keep_tokens`: the caller
+    gave no `priority_enabled` / `token_limiter` (DBOS's client has neither), so a stored
+    queue keeps its own."""
     if on_conflict == "always_update":
+        previous = store.get_queue(settings.name) if keep_priority or keep_tokens else None
+        if previous is not None:
+            if keep_priority:
+                settings = dataclasses.replace(settings, priority_enabled=previous.priority_enabled)
+            if keep_tokens:
+                settings = dataclasses.replace(
+                    settings,
+                    token_limit=previous.token_limit,
+                    token_period_ms=previous.token_period_ms,
+                )
         store_settings(store, settings, now_ms)
         stored = settings
     elif on_conflict == "never_update":
@@ -400,6 +439,20 @@ def register_by_client(
             f"got {on_conflict!r}"
         )
     return _queue_class.as_stored(stored, client_store=store)
+
+
+def one_concurrency(concurrency: Any, global_concurrency: Any, name: str) -> Any:
+    """DBOS's `concurrency` (deprecated) and `global_concurrency` are one setting: the one
+    given (UNSET or None count as not given); both raise, as in DBOS."""
+    given = [v for v in (concurrency, global_concurrency) if v is not UNSET and v is not None]
+    if len(given) > 1:
+        raise InvalidQueueSettingsError(
+            f"queue {name!r}: concurrency is DBOS's deprecated name of global_concurrency; "
+            "give only one of them"
+        )
+    if given:
+        return given[0]
+    return concurrency if concurrency is not UNSET else global_concurrency
 
 
 def stored_queues(store: QueueRecords, *, by_client: bool = False) -> list[Queue]:

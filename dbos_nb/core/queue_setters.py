@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from dbos_nb.core.queue_settings import limiter_of
+from dbos_nb.models import QueueSettings
+
 
 class QueueSetters:
     """The setters and async getters of DBOS 3.4's database-backed queues."""
@@ -60,7 +63,9 @@ class QueueSetters:
         self._change("token_limiter", value)
 
     def set_polling_interval_sec(self, value: float) -> None:
-        """How often a process looks for work when nothing wakes it."""
+        """How often a process serving the queue looks for work when nothing wakes it (the
+        process's own `polling_interval_sec` if shorter): a process follows its own setters
+        and declarations, another one from its next launch."""
         self._change("polling_interval_sec", value)
 
     async def set_global_concurrency_async(self, value: int | None) -> None:
@@ -81,20 +86,28 @@ class QueueSetters:
     async def set_polling_interval_sec_async(self, value: float) -> None:
         await asyncio.to_thread(self.set_polling_interval_sec, value)
 
-    # The getters read no database here (the properties show this process's view), so their
-    # async twins only answer for code written against DBOS's.
+    # DBOS's async getters read the database: what every process obeys now, which another
+    # process or a client may have changed since this object was made. (The properties show
+    # this process's view: its latest declaration, or what was read.)
+
+    def _read_stored(self) -> QueueSettings:
+        raise NotImplementedError
+
+    async def _stored_async(self) -> QueueSettings:
+        return await asyncio.to_thread(self._read_stored)
 
     async def get_global_concurrency_async(self) -> int | None:
-        return self.global_concurrency
+        return (await self._stored_async()).concurrency
 
     async def get_concurrency_async(self) -> int | None:
-        return self.concurrency
+        return (await self._stored_async()).concurrency
 
     async def get_worker_concurrency_async(self) -> int | None:
-        return self.worker_concurrency
+        return (await self._stored_async()).worker_concurrency
 
     async def get_limiter_async(self) -> dict[str, float] | None:
-        return self.limiter
+        stored = await self._stored_async()
+        return limiter_of(stored.limit, stored.period_ms)
 
     async def get_polling_interval_sec_async(self) -> float:
-        return self.polling_interval_sec
+        return (await self._stored_async()).polling_interval_ms / 1000

@@ -65,13 +65,10 @@ def build_settings(
     )
 
 
-# What each setter changes (`Queue.set_<name>`), as a declaration spells it.
-SETTABLE = ("concurrency", "worker_concurrency", "limiter", "token_limiter", "polling_interval_sec")
-
-
 def changed_settings(old: QueueSettings, setting: str, value: Any) -> QueueSettings:
-    """`old` with one setting (one of SETTABLE) changed; raises InvalidQueueSettingsError, as a
-    declaration would, when the value or the settings it makes together are invalid."""
+    """`old` with one setting (named as a declaration names it) changed; raises
+    InvalidQueueSettingsError, as a declaration would, when the value or the settings it
+    makes together are invalid."""
     name = old.name
     if setting == "concurrency":
         new = dataclasses.replace(old, concurrency=_positive_int(setting, value, name))

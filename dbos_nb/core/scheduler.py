@@ -46,6 +46,7 @@ class Scheduler:
         rt: Runtime,
         queue_names: Callable[[], list[str]],
         *,
+        poll_ms: Callable[[], int] | None = None,
         heartbeat: Callable[[], None],
         heartbeat_interval_sec: float,
         use_listen_notify: bool = True,
@@ -53,6 +54,8 @@ class Scheduler:
     ) -> None:
         self._rt = rt
         self._queue_names = queue_names
+        # The fallback poll's interval, read at each pass (the runtime's if not given).
+        self._poll_ms = poll_ms
         self._heartbeat = heartbeat
         self._heartbeat_interval_ms = round(heartbeat_interval_sec * 1000)
         self._max_running = max_running
@@ -153,7 +156,7 @@ class Scheduler:
             rt.wake_event.clear()
             claimed = 0
             now = rt.now_ms()
-            poll_ms = round(rt.polling_interval_sec * 1000)
+            poll_ms = self._poll_ms() if self._poll_ms else round(rt.polling_interval_sec * 1000)
             try:
                 if _due(now, last_sweep, SWEEP_INTERVAL_MS):
                     last_sweep = now

@@ -536,7 +536,12 @@ def _enqueue_many(
     if plan.parent is not None and plan.parent_function_id is not None:
         # In the batch's transaction: a replay after a crash finds the batch it enqueued.
         parent = ParentRecord(
-            plan.parent.workflow_id, plan.parent_function_id, name, base, rt.now_ms()
+            plan.parent.workflow_id,
+            plan.parent.owner_xid,
+            plan.parent_function_id,
+            name,
+            base,
+            rt.now_ms(),
         )
     rt.store.insert_enqueued_batch(template, rows, digest, parent)
     rt.wake_scheduler(queue_name, WAKE_ENQUEUED)

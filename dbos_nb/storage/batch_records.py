@@ -14,6 +14,7 @@ from dbos_nb.errors import (
     BatchItemsConflictError,
     DBOSConflictingWorkflowError,
     UnknownQueueError,
+    WorkflowPreempted,
 )
 from dbos_nb.models import INTERNAL_QUEUE, shown_function_name
 from dbos_nb.storage.rows import (
@@ -52,25 +53,47 @@ def _check_queues_declared(conn: Connection, batch_id: str, statuses: Sequence[s
 
 class ParentRecord(NamedTuple):
     """A workflow's record of the batch it enqueued: one operation of the parent, naming the
-    batch's base id as its child."""
+    batch's base id as its child, written by the execution `owner_xid`."""
 
     workflow_id: str
+    owner_xid: str
     function_id: int
     function_name: str
     child_workflow_id: str
     at_ms: int
 
 
-def _parent_record(insert: Any, parent: ParentRecord) -> Any:
-    """The parent's record of the batch; a record already there (a replay's) is kept."""
-    return insert.values(
-        workflow_uuid=parent.workflow_id,
-        function_id=parent.function_id,
-        function_name=parent.function_name,
-        child_workflow_id=parent.child_workflow_id,
-        started_at_epoch_ms=parent.at_ms,
-        completed_at_epoch_ms=parent.at_ms,
-    ).on_conflict_do_nothing()
+def _write_parent_record(db: Any, conn: Connection, parent: ParentRecord) -> None:
+    """Write the parent's record of the batch, if this execution still owns the parent (its
+    row read FOR SHARE on PostgreSQL: a take-over waits for this transaction). The same record
+    already there (an attempt whose reply was lost) is fine. Otherwise raises
+    WorkflowPreempted, which rolls the batch back with it: a stale execution enqueues nothing."""
+    owned = conn.execute(
+        select(ws.c.id)
+        .where(ws.c.workflow_uuid == parent.workflow_id, ws.c.owner_xid == parent.owner_xid)
+        .with_for_update(read=True)
+    ).first()
+    existing = conn.execute(
+        select(oo.c.function_name, oo.c.child_workflow_id).where(
+            oo.c.workflow_uuid == parent.workflow_id, oo.c.function_id == parent.function_id
+        )
+    ).first()
+    if existing is not None:
+        if tuple(existing) != (parent.function_name, parent.child_workflow_id):
+            raise WorkflowPreempted(parent.workflow_id, "taken over by another execution")
+        return
+    if owned is None:
+        raise WorkflowPreempted(parent.workflow_id, "taken over by another execution")
+    conn.execute(
+        db.insert(oo).values(
+            workflow_uuid=parent.workflow_id,
+            function_id=parent.function_id,
+            function_name=parent.function_name,
+            child_workflow_id=parent.child_workflow_id,
+            started_at_epoch_ms=parent.at_ms,
+            completed_at_epoch_ms=parent.at_ms,
+        )
+    )
 
 
 class BatchRecords(StoreBase):
@@ -103,7 +126,7 @@ class BatchRecords(StoreBase):
         estimates = any(e is not None for _, _, e in items)
         with self.db.write() as conn:
             if parent is not None:
-                conn.execute(_parent_record(self.db.insert(oo), parent))
+                _write_parent_record(self.db, conn, parent)
             if not items:
                 return
             recorded = False

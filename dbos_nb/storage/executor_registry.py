@@ -32,7 +32,8 @@ class ExecutorRegistry(StoreBase):
         now_ms: int,
         lease_ms: int | None = None,
     ) -> None:
-        """Claim an executor id for this process (replacing a dead holder's row).
+        """Register an executor id for a process, replacing whatever row holds it (tests and
+        tools plant rows with it; a launching process claims its id with `claim_executor`).
 
         `lease_ms` is how long it may stay silent before others take its work over: its own
         lease, which is what they judge its heartbeat by (None: by their own lease).

@@ -75,6 +75,9 @@ class QueueRecords(StoreBase):
             if new != old:
                 values = {**_columns(new), "updated_at": now_ms}
                 conn.execute(update(queues).where(queues.c.name == name).values(**values))
+                # Other processes serving the queue claim again at once (PostgreSQL): a
+                # loosened limit lets waiting work start.
+                self.db.notify(conn, f"q:{name}")
             return new
 
     def get_queue(self, name: str) -> QueueSettings | None:
