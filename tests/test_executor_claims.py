@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
-from conftest import config
+from conftest import config, wait_until
 from dbos_nb import DBOS, DBOSExecutorIdInUseError
+from dbos_nb.clock import ManualClock
+from dbos_nb.core.runtime import get_runtime
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.store import SystemStore
 
@@ -109,6 +111,8 @@ def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
 LAUNCHER = """
 import sys, time
 from dbos_nb import DBOS, DBOSExecutorIdInUseError
+from dbos_nb.clock import ManualClock
+from dbos_nb.core.runtime import get_runtime
 url, start_at = sys.argv[1], float(sys.argv[2])
 DBOS(config={"name": "racer", "system_database_url": url, "executor_id": "contested",
              "heartbeat_interval_sec": 0.2})
@@ -152,3 +156,43 @@ def test_processes_launching_with_one_id_at_once_are_all_refused_but_one(
                 racer.stdin.close()
         for racer in racers:
             racer.wait(30)
+
+
+def test_a_heartbeat_that_loses_its_id_to_another_process_goes_on_under_a_new_one(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its row was taken over (its lease ran out); its heartbeat finds the id free, but
+    another process registers it before this one claims it again: this one does not delete
+    that registration, it goes on under a new id."""
+    clock = ManualClock(T0)
+    DBOS(
+        config=config(db_url, heartbeat_interval_sec=0.2, listen_queues=[], executor_id="hb"),
+        clock=clock,
+    )
+    DBOS.launch()
+    rt = get_runtime()
+    store = rt.store
+
+    def heartbeat_of(executor_id: str) -> int | None:
+        row = store.get_executor(executor_id)
+        return None if row is None else int(row["heartbeat_at"])
+
+    wait_until(lambda: heartbeat_of("hb") == T0)
+    store.take_over_expired(T0 + 60_000, 30_000, keep="judge")  # another process's verdict
+    original = SystemStore.get_executor
+
+    def look_then_lose_the_race(self: SystemStore, executor_id: str) -> dict[str, Any] | None:
+        row = original(self, executor_id)
+        if executor_id == "hb" and row is None:
+            store.claim_executor("hb", "elsewhere", 1, "t-other", T0, 600_000, replacing=None)
+        return row
+
+    monkeypatch.setattr(SystemStore, "get_executor", look_then_lose_the_race)
+    clock.advance(0.2)
+    wait_until(lambda: rt.executor_id != "hb")
+    monkeypatch.undo()
+    assert rt.executor_id.startswith("hb-")
+    other = store.get_executor("hb")
+    assert other is not None and (other["token"], other["hostname"]) == ("t-other", "elsewhere")
+    mine = store.get_executor(rt.executor_id)
+    assert mine is not None and mine["hostname"] == socket.gethostname()
