@@ -20,7 +20,7 @@ from typing import Any
 from dbos_nb.clock import Clock, SystemClock
 from dbos_nb.core import aio
 from dbos_nb.core.clock_skew import SkewWatch
-from dbos_nb.core.context import check_id_length
+from dbos_nb.core.context import check_id_length, valid_seconds
 from dbos_nb.core.functions import FunctionResolver
 from dbos_nb.core.pool import ElasticPool
 from dbos_nb.core.queue import QUEUES, Queue, store_settings
@@ -185,8 +185,12 @@ def resolve_config(config: dict[str, Any] | None) -> ResolvedConfig:
 
 def _positive(config: dict[str, Any], key: str, default: float) -> float:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise DBOSConfigError(f"config {key!r} must be a positive number, got {value!r}")
+    # NaN or infinity would pass a `<= 0` check and stop the scheduler's thread later.
+    if not valid_seconds(value):
+        raise DBOSConfigError(
+            f"config {key!r} must be a positive, finite number of seconds (at most a century), "
+            f"got {value!r}"
+        )
     return float(value)
 
 

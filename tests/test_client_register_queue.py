@@ -200,3 +200,19 @@ def test_register_queue_on_conflict_in_a_process(launched: str) -> None:
     assert stored is not None and stored.concurrency == 3
     with pytest.raises(InvalidQueueSettingsError, match="on_conflict must be"):
         DBOS.register_queue("conflict_here", on_conflict="sometimes")
+
+
+def test_a_declaration_that_keeps_the_stored_settings_reads_them_again(launched: str) -> None:
+    """This process declared the queue with its settings; a client changed them since. A
+    later declaration that takes the stored settings (the name alone, or never_update) takes
+    the client's, rather than storing this process's earlier ones over them."""
+    Queue("changed_elsewhere", concurrency=3)
+    with DBOSClient(launched) as client:
+        client.register_queue("changed_elsewhere", global_concurrency=7)
+    kept = DBOS.register_queue(
+        "changed_elsewhere", global_concurrency=2, on_conflict="never_update"
+    )
+    assert kept.concurrency == 7
+    assert Queue("changed_elsewhere").concurrency == 7
+    stored = DBOS.retrieve_queue("changed_elsewhere")
+    assert stored is not None and stored.concurrency == 7

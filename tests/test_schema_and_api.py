@@ -758,6 +758,11 @@ def test_dbos_names_are_exported() -> None:
         ({"name": "x", "system_database_url": "sqlite:///:memory:"}, "in-memory"),
         ({"name": "x", "system_database_url": "sqlite:///f.db?mode=memory"}, "in-memory"),
         ({"name": "x", "polling_interval_sec": 0}, "polling_interval_sec"),
+        # NaN passes a `<= 0` check: it stopped the scheduler's thread after a clean launch.
+        ({"name": "x", "polling_interval_sec": float("nan")}, "polling_interval_sec.*nan"),
+        ({"name": "x", "polling_interval_sec": float("inf")}, "polling_interval_sec.*inf"),
+        ({"name": "x", "heartbeat_interval_sec": float("nan")}, "heartbeat_interval_sec"),
+        ({"name": "x", "executor_lease_sec": float("inf")}, "executor_lease_sec"),
     ],
 )
 def test_bad_config_is_a_clear_error(cfg: dict[str, Any], message: str, tmp_path: Path) -> None:

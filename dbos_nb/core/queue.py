@@ -62,9 +62,13 @@ class QueueRegistry:
             old = self._queues.get(queue.name)
             listeners = list(self._listeners)
             if queue.adopts_stored and old is not None:
-                # The earlier declaration's settings, and whether they are to be stored.
+                # The earlier declaration's settings, until the stored ones are read. Before a
+                # launch nothing is read: whether they are stored at launch is the earlier
+                # declaration's choice. Once launched, the stored ones apply (the listener
+                # reads them), which another process or a client may have changed since.
                 queue.settings = old.settings
-                queue.adopts_stored = old.adopts_stored
+                if not listeners:
+                    queue.adopts_stored = old.adopts_stored
             # A launched process stores the settings, and says there what they replaced (also
             # when another process had declared them): one warning, not two. A declaration
             # of the name alone replaced nothing.

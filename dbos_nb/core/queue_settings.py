@@ -105,8 +105,8 @@ def _check_worker_within(name: str, conc: int | None, worker: int | None) -> Non
 def _polling_ms(name: str, polling_interval_sec: Any) -> int:
     if not valid_seconds(polling_interval_sec):
         raise InvalidQueueSettingsError(
-            f"queue {name!r}: polling_interval_sec must be a positive, finite number, "
-            f"got {polling_interval_sec!r}"
+            f"queue {name!r}: polling_interval_sec must be a positive number of seconds, at "
+            f"most a century, got {polling_interval_sec!r}"
         )
     seconds: float = polling_interval_sec
     return max(1, round(seconds * 1000))
