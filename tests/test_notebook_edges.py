@@ -74,6 +74,25 @@ def test_rerun_never_deletes_another_workflows_id(shell: InteractiveShell) -> No
     assert batch.counts()["done"] == 3
 
 
+def test_rerun_keeps_the_named_batches_the_cell_mapped(shell: InteractiveShell) -> None:
+    """`--rerun` runs the cell's code afresh, but the batches it mapped by name stay: mapped
+    again, they are found, and no item is paid for twice (the README's promise for a batch
+    name). Its other children go with the old run."""
+    shell.user_ns["CALLS"] = []
+    run(shell, STEPS.replace("    return 2**60 + i", "    CALLS.append(i)\n    return 2 * i"))
+    run(shell, "%dbos_queue q")
+    cell = (
+        "%%dbos_workflow mapper{}\n"
+        "b = q.map(fetch, [1, 2, 3], batch='kept-by-rerun')\n"
+        "b.wait(20, show=False)\n"
+        "child = DBOS.start_workflow(fetch, 10).get_result()\n"
+        "b.results() + [child]\n"
+    )
+    assert run(shell, cell.format("")) == [2, 4, 6, 20]
+    assert run(shell, cell.format(" --rerun")) == [2, 4, 6, 20]
+    assert sorted(shell.user_ns["CALLS"]) == [1, 2, 3, 10, 10]
+
+
 def test_rerun_of_a_cell_still_running_is_refused(shell: InteractiveShell) -> None:
     gate = threading.Event()
     shell.user_ns["gate"] = gate

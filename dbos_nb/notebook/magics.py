@@ -300,8 +300,10 @@ class DbosMagics(Magics):
             )
         if status is not None and args.rerun:
             _refuse_active_rerun(rt, status)
-            # What the check let through is finished or abandoned by a dead kernel.
-            rt.store.delete_workflows([wid], refuse_active=False)
+            # What the check let through is finished or abandoned by a dead kernel. Its named
+            # batches stay: mapped again under the same name, they are found, and what was
+            # paid for is not paid again.
+            rt.store.delete_workflows([wid], refuse_active=False, keep_batch_items=True)
             status = None
         if status is None:
             REGISTRY.register(reg)

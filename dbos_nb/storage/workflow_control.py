@@ -40,16 +40,16 @@ _FIRST_OVERDUE = _OVERDUE.order_by(ws.c.workflow_deadline_epoch_ms).limit(litera
 _still_active = func.coalesce(ws.c.status, "").in_(ACTIVE_STATUSES)
 
 
-def _children(conn: Connection, parents: Sequence[str]) -> list[str]:
-    """The ids of the workflows started by any of `parents`, read in chunks (a statement takes
-    at most 65,535 parameters on PostgreSQL)."""
+def _children(conn: Connection, parents: Sequence[str], but_batch_items: bool = False) -> list[str]:
+    """The ids of the workflows started by any of `parents` (`but_batch_items`: not the items
+    of named batches), read in chunks (a statement takes at most 65,535 parameters on
+    PostgreSQL)."""
     found: list[str] = []
     for chunk in _chunks(list(parents), 500):
-        found.extend(
-            conn.execute(
-                select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(chunk))
-            ).scalars()
-        )
+        children = select(ws.c.workflow_uuid).where(ws.c.parent_workflow_id.in_(chunk))
+        if but_batch_items:
+            children = children.where(ws.c.batch_key.is_(None))
+        found.extend(conn.execute(children).scalars())
     return found
 
 
@@ -191,12 +191,14 @@ class WorkflowControl(StoreBase):
         *,
         with_children: bool = True,
         refuse_active: bool = True,
+        keep_batch_items: bool = False,
     ) -> list[str]:
         """Delete workflows (with their descendants, unless told not to) and their recorded
         operations, in one transaction; returns the ids deleted, none for an unknown id.
         Refuses, deleting nothing, when one of them is still ENQUEUED or PENDING (its execution
         would go on writing to rows that are gone), unless the caller knows that nothing runs
-        them any more."""
+        them any more. `keep_batch_items`: the items of named batches among the descendants
+        stay, with theirs (a durable cell run afresh maps its batch again and finds them)."""
         with self.db.write() as conn:
             doomed: list[str] = []
             seen: set[str] = set()
@@ -207,7 +209,7 @@ class WorkflowControl(StoreBase):
                 doomed.extend(frontier)
                 if not with_children or not frontier:
                     break
-                frontier = _children(conn, frontier)
+                frontier = _children(conn, frontier, keep_batch_items)
             deleted: list[str] = []
             for chunk in _chunks(doomed, 500):
                 rows = delete(ws).where(ws.c.workflow_uuid.in_(chunk))
