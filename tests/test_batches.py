@@ -293,3 +293,28 @@ def test_a_batch_id_whose_key_another_batch_holds_is_refused(launched: str) -> N
     assert DBOS.list_workflows(workflow_ids=["second/0", "second/1", "second/2"]) == []
     wait_until(lambda: store.batch_counts("first") == {"SUCCESS": 2}, timeout=20)
     assert store.batch_counts("second") == {} and store.batch_counts("impostor") == {}
+
+
+def test_a_deleted_item_keeps_the_others_in_place(launched: str) -> None:
+    """An item deleted (DBOS.delete_workflow) leaves a gap: `results()` stays aligned with the
+    inputs (None in its place), `wait()` does not wait for it, progress says so, and mapping
+    the batch again enqueues it anew, in its place."""
+    calls: list[int] = []
+
+    @DBOS.step()
+    def tenfold(x: int) -> int:
+        calls.append(x)
+        return x * 10
+
+    queue = Queue("gaps")
+    batch = queue.map(tenfold, [1, 2, 3], batch="gapped").wait(timeout=20, show=False)
+    DBOS.delete_workflow("gapped/1")
+    assert batch.results() == [10, None, 30]
+    assert batch.wait(timeout=5, show=False) is batch
+    progress = batch.progress()
+    assert (progress.total, progress.deleted, progress.complete) == (2, 1, True)
+    assert "1 deleted" in progress.summary()
+    again = queue.map(tenfold, [1, 2, 3], batch="gapped").wait(timeout=20, show=False)
+    assert again.results() == [10, 20, 30]
+    assert list(again.to_pandas()["item"]) == [0, 1, 2]
+    assert sorted(calls) == [1, 2, 2, 3]

@@ -36,6 +36,7 @@ from dbos_nb.models import shown_function_name
 from dbos_nb.notebook.batch_names import default_batch_name, equal_items
 from dbos_nb.notebook.workers import live_workers
 from dbos_nb.storage import rate_ledger
+from dbos_nb.storage.batch_records import item_index
 from dbos_nb.storage.rows import FAILED
 
 # How a batch's workflow statuses are grouped for people.
@@ -78,6 +79,8 @@ class Progress:
     # Why nothing runs the unfinished items, once the batch has stood still for a while with
     # nothing running (see `Batch.stall_reason`); None while it moves.
     stalled: str | None = None
+    # Items deleted since the batch was enqueued (DBOS.delete_workflow): not counted in `total`.
+    deleted: int = 0
 
     @property
     def finished(self) -> int:
@@ -93,6 +96,8 @@ class Progress:
 
     def summary(self) -> str:
         parts = [f"{self.finished}/{self.total} finished"]
+        if self.deleted:
+            parts.append(f"{self.deleted} deleted")
         parts += [f"{n} {g}" for g, n in self.counts.items() if n]
         if self.throughput_per_s > 0 and not self.complete:
             parts.append(f"{self.throughput_per_s:.1f}/s")
@@ -214,9 +219,12 @@ class Batch:
         recent = rt.store.batch_finished_since(self.id, now - THROUGHPUT_WINDOW_MS)
         window_s = min(THROUGHPUT_WINDOW_MS, max(now - self.created_at_ms, 1)) / 1000
         throughput = recent / window_s if window_s > 0 else 0.0
-        remaining = self.size - (counts["done"] + counts["failed"] + counts["cancelled"])
+        # Items deleted since (DBOS.delete_workflow) are neither waited for nor counted.
+        present = sum(counts.values())
+        remaining = present - (counts["done"] + counts["failed"] + counts["cancelled"])
         eta = remaining / throughput if throughput > 0 and remaining > 0 else None
-        progress = Progress(self.id, self.size, counts, throughput, eta)
+        progress = Progress(self.id, present, counts, throughput, eta)
+        progress.deleted = max(self.size - present, 0)
         progress.tokens, progress.cost = rt.store.batch_usage(self.id)
         settings = rt.store.get_queue(self.queue_name)
         if settings is not None and settings.limit is not None and settings.period_ms:
@@ -255,8 +263,8 @@ class Batch:
         try:
             while True:
                 counts = self.counts()
-                if counts["done"] + counts["failed"] + counts["cancelled"] >= self.size:
-                    break
+                if counts["queued"] + counts["running"] == 0:
+                    break  # every item ended (an item deleted since is not waited for)
                 now = time.monotonic()
                 if not warned:
                     idle = self.stall_reason(counts)
@@ -373,9 +381,10 @@ class Batch:
                 f"results(errors=...) must be one of {', '.join(map(repr, RESULT_ERRORS))}, "
                 f"got {errors!r}"
             )
-        values: list[Any] = []
+        values: list[Any] = [None] * self.size  # an item deleted since gives None
         failed = 0
-        for index, row in enumerate(self._rt.store.batch_outputs(self.id)):
+        for row in self._rt.store.batch_outputs(self.id):
+            index = item_index(row["workflow_uuid"])
             try:
                 _, value = outcome_of(row["workflow_uuid"], row)
             except Exception as exc:  # the item's recorded error, or cancelled
@@ -386,7 +395,7 @@ class Batch:
                     raise
                 failed += 1
                 value = exc if errors == "return" else None
-            values.append(value)
+            values[index] = value
         if failed and errors == "none":
             warnings.warn(
                 f"batch {self.id!r}: {failed} of {len(values)} items failed or were cancelled "

@@ -51,6 +51,19 @@ def _check_queues_declared(conn: Connection, batch_id: str, statuses: Sequence[s
         raise UnknownQueueError(name)
 
 
+def item_index(workflow_id: str) -> int:
+    """A batch item's index in its batch: the number its id ends with (`<batch id>/<index>`)."""
+    return int(workflow_id.rsplit("/", 1)[-1])
+
+
+def _in_item_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A batch's rows in input order. Usually their insertion order already (the rows come
+    sorted by it), but an item deleted and enqueued again by mapping the batch anew comes
+    last there."""
+    rows.sort(key=lambda row: item_index(str(row["workflow_uuid"])))
+    return rows
+
+
 class ParentRecord(NamedTuple):
     """A workflow's record of the batch it enqueued: one operation of the parent, naming the
     batch's base id as its child, written by the execution `owner_xid`."""
@@ -349,7 +362,7 @@ class BatchRecords(StoreBase):
             rows = conn.execute(
                 select(*columns).where(in_batch(batch_id)).order_by(ws.c.id)
             ).mappings()
-            return [dict(r) for r in rows]
+            return _in_item_order([dict(r) for r in rows])
 
     def batch_outputs(self, batch_id: str) -> list[dict[str, Any]]:
         """The outcome columns of the batch's items in input order (id, status, output, error,
@@ -365,7 +378,7 @@ class BatchRecords(StoreBase):
         )
         with self.db.read() as conn:
             rows = conn.execute(select(*columns).where(in_batch(batch_id)).order_by(ws.c.id))
-            return [dict(r) for r in rows.mappings()]
+            return _in_item_order([dict(r) for r in rows.mappings()])
 
     def batch_function_version(self, batch_id: str) -> str | None:
         """The function version the batch's first item was enqueued with (None: no such item
@@ -377,10 +390,12 @@ class BatchRecords(StoreBase):
         return None if value is None else str(value)
 
     def batch_inputs(self, batch_id: str) -> list[bytes | None]:
-        """The batch's serialized inputs, in input (enqueue) order."""
+        """The batch's serialized inputs, in input order."""
         with self.db.read() as conn:
-            rows = conn.execute(select(ws.c.inputs).where(in_batch(batch_id)).order_by(ws.c.id))
-            return [r[0] for r in rows]
+            rows = conn.execute(
+                select(ws.c.workflow_uuid, ws.c.inputs).where(in_batch(batch_id)).order_by(ws.c.id)
+            ).mappings()
+            return [r["inputs"] for r in _in_item_order([dict(r) for r in rows])]
 
     def batch_recent_errors(self, batch_id: str, limit: int) -> list[tuple[str, bytes | None]]:
         """(workflow id, serialized error) of the batch's latest failures."""
