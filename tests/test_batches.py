@@ -318,3 +318,35 @@ def test_a_deleted_item_keeps_the_others_in_place(launched: str) -> None:
     assert again.results() == [10, 20, 30]
     assert list(again.to_pandas()["item"]) == [0, 1, 2]
     assert sorted(calls) == [1, 2, 2, 3]
+
+
+def test_retry_with_the_current_code_needs_the_function_defined_here(db_url: str) -> None:
+    """After a restart, retry_failed() before the function's cell is run again would run the
+    version that failed (and pay for the same failure again): it raises, retrying nothing,
+    until the function is defined; current_code=False runs the old version knowingly."""
+    from dbos_nb import Batch
+
+    def first(s: str) -> int:
+        return int(s)
+
+    DBOS(config=config(db_url))
+    parse = DBOS.step(name="retry_parse")(first)
+    queue = Queue("retry_here")
+    DBOS.launch()
+    batch = queue.map(parse, ["1", "x2"], batch="needs-code").wait(timeout=20, show=False)
+    assert batch.counts()["failed"] == 1
+    DBOS.destroy(destroy_registry=True)  # as a kernel restart forgets the function
+    DBOS(config=config(db_url))
+    Queue("retry_here")
+    DBOS.launch()
+    attached = Batch.attach("needs-code")
+    with pytest.raises(DbosNbError, match=r"'retry_parse' is not defined in this process"):
+        attached.retry_failed()
+    assert attached.counts()["failed"] == 1
+
+    def fixed(s: str) -> int:
+        return int(s.lstrip("x"))
+
+    DBOS.step(name="retry_parse")(fixed)  # the cell that defines it runs again
+    assert attached.retry_failed() == 1
+    assert attached.wait(timeout=20, show=False).results() == [1, 2]

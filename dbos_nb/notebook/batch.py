@@ -414,7 +414,11 @@ class Batch:
         steps run before those raises DBOSUnexpectedStepError. `current_code=False` runs each
         with the version it was enqueued with (for a cause outside the code: a service down).
         """
-        return self._run_again(FAILED, self._current_version() if current_code else None)
+        if not current_code:
+            return self._run_again(FAILED)
+        if not self.counts()["failed"]:
+            return 0
+        return self._run_again(FAILED, self._current_version())
 
     def resume_cancelled(self) -> int:
         """Put the cancelled items back in the batch's queue, under its limits, to go on from
@@ -427,11 +431,21 @@ class Batch:
         rt.wake_scheduler()
         return len(ids)
 
-    def _current_version(self) -> str | None:
-        """The version of the batch's function registered here now (None: not registered)."""
+    def _current_version(self) -> str:
+        """The version of the batch's function registered here now. Not registered (its cell
+        not run again since a restart, say): raises, since the items would silently run the
+        version they failed with, and pay again for the same failure."""
         record = self._rt.store.get_batch(self.id)
-        reg = REGISTRY.get(shown_function_name(record["function_name"])) if record else None
-        return self._rt.ensure_stored(reg) if reg is not None else None
+        name = shown_function_name(record["function_name"]) if record else "?"
+        reg = REGISTRY.get(name)
+        if reg is None:
+            raise DbosNbError(
+                f"batch {self.id!r}: its function {name!r} is not defined in this process, so "
+                "retry_failed() cannot run the current code: run the cell (or import the module) "
+                "that defines it first, or pass current_code=False to run each item with the "
+                "version it was enqueued with"
+            )
+        return self._rt.ensure_stored(reg)
 
     def cancel(self) -> int:
         """Cancel every item not finished yet; returns how many were cancelled."""
