@@ -361,7 +361,9 @@ class DBOS(metaclass=_DBOSType):
         if queue is not None:
             return queue.enqueue(func, *args, **kwargs)
         rt = cls._rt()
-        if rt.store.get_queue(queue_name) is None:
+        if rt.store.get_queue(queue_name) is None and not (
+            workflows.replaying_a_recorded_operation(rt)
+        ):
             raise UnknownQueueError(queue_name)
         reg, call_args = resolve(func, args)
         wid = workflows.enqueue_workflow(rt, queue_name, reg, call_args, kwargs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -14,6 +15,7 @@ from conftest import wait_until
 from dbos_nb import (
     DBOS,
     DBOSClient,
+    EnqueueOptions,
     InvalidQueueSettingsError,
     Queue,
     QueueNotEmptyError,
@@ -174,3 +176,50 @@ def test_a_batch_is_not_put_back_in_a_deleted_queue(launched: str) -> None:
     batch.resume_cancelled()
     batch.wait(timeout=20, show=False)
     assert [DBOS.get_workflow_status(f"dq-batch/{i}").status for i in (0, 1)] == ["SUCCESS"] * 2  # type: ignore[union-attr]
+
+
+FAIL_FINISH = {"now": True}
+REPLAYED: dict[str, Queue] = {}  # the queue object, declared once by the test
+
+
+@DBOS.step(name="dq_finish")
+def finish(r: int) -> int:
+    if FAIL_FINISH["now"]:
+        raise RuntimeError("service down")
+    return r + 1
+
+
+@DBOS.workflow(name="dq_by_object")
+def by_object() -> int:
+    return finish(REPLAYED["queue"].enqueue(plain, 4).get_result())
+
+
+@DBOS.workflow(name="dq_by_name")
+def by_name() -> int:
+    return finish(DBOS.enqueue_workflow("dq_replayed", plain, 4).get_result())
+
+
+@DBOS.workflow(name="dq_by_options")
+def by_options() -> int:
+    options = EnqueueOptions(queue_name="dq_replayed", workflow_name="dq_plain")
+    return finish(DBOS.enqueue_workflow_with_options(options, 4).get_result())
+
+
+@pytest.mark.parametrize("parent", [by_object, by_name, by_options])
+def test_a_replay_of_an_enqueue_onto_a_queue_deleted_since_returns_the_child(
+    launched: str, parent: Callable[[], int]
+) -> None:
+    """A workflow enqueued a child, which finished; the queue was deleted; a fork (or a
+    recovery) replays the enqueue: it returns the recorded child, rather than refuse the
+    queue, which a new enqueue would."""
+    REPLAYED["queue"] = Queue("dq_replayed")
+    FAIL_FINISH["now"] = True
+    handle = DBOS.start_workflow(parent)
+    with pytest.raises(RuntimeError, match="service down"):
+        handle.get_result(timeout_sec=20)
+    DBOS.delete_queue("dq_replayed")
+    FAIL_FINISH["now"] = False
+    forked = DBOS.fork_workflow(handle.workflow_id, 3)  # keeps the enqueue and its result
+    assert forked.get_result(timeout_sec=20) == 9
+    with pytest.raises(UnknownQueueError):
+        DBOS.start_workflow(parent).get_result(timeout_sec=20)

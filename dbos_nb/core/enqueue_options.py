@@ -24,7 +24,7 @@ from dbos_nb.core.context import (
 )
 from dbos_nb.core.queue import QUEUES
 from dbos_nb.core.runtime import Runtime
-from dbos_nb.core.workflows import enqueue_named, enqueue_workflow
+from dbos_nb.core.workflows import enqueue_named, enqueue_workflow, replaying_a_recorded_operation
 from dbos_nb.errors import DbosNbError, UnknownQueueError, UnknownWorkflowNameError
 from dbos_nb.models import STEP_WORKFLOW_PREFIX
 
@@ -103,6 +103,20 @@ def check_target(
     return kind
 
 
+def _check_unless_replay(
+    rt: Runtime, queue_name: str, name: str, declared: bool, kind: str | None, allow: bool
+) -> str | None:
+    """`check_target`, except for workflow code replaying an enqueue it recorded: the queue
+    (or the name's registration) may be gone since, and the replay returns the recorded child
+    without writing anything."""
+    try:
+        return check_target(queue_name, name, declared, kind, allow)
+    except (UnknownQueueError, UnknownWorkflowNameError):
+        if not replaying_a_recorded_operation(rt):
+            raise
+        return kind
+
+
 def row_name(name: str, kind: str | None) -> str:
     """The name a workflow row records for a function registered as `kind` (a step or a
     transaction enqueued alone runs as a one-operation workflow)."""
@@ -151,11 +165,11 @@ def enqueue_with_options(
         if reg is not None:
             here = QUEUES.get(queue_name) is not None
             declared = here or rt.store.get_queue(queue_name) is not None
-            check_target(queue_name, name, declared, reg.kind, allow)
+            _check_unless_replay(rt, queue_name, name, declared, reg.kind, allow)
             wid = enqueue_workflow(rt, queue_name, reg, args, kwargs, app_version=version)
         else:
             declared_here, kind = rt.store.enqueue_target(queue_name, name)
-            kind = check_target(queue_name, name, declared_here, kind, allow)
+            kind = _check_unless_replay(rt, queue_name, name, declared_here, kind, allow)
             wid = enqueue_named(rt, queue_name, name, row_name(name, kind), args, kwargs, version)
     # A `SetWorkflowID` around the call is used up by it, as by any start (also when the
     # options name the id, as in DBOS); not by an enqueue that failed.

@@ -25,7 +25,12 @@ from dbos_nb.core.queue_setters import QueueSetters
 from dbos_nb.core.queue_settings import MAX_COUNT, build_settings, changed_settings, limiter_of
 from dbos_nb.core.registry import resolve
 from dbos_nb.core.runtime import Runtime, get_runtime, peek_runtime
-from dbos_nb.core.workflows import cycle_collector_paused, enqueue_many, enqueue_workflow
+from dbos_nb.core.workflows import (
+    cycle_collector_paused,
+    enqueue_many,
+    enqueue_workflow,
+    replaying_a_recorded_operation,
+)
 from dbos_nb.errors import DbosNbError, InvalidQueueSettingsError, UnknownQueueError
 from dbos_nb.models import INTERNAL_QUEUE, QueueSettings
 from dbos_nb.storage.queue_records import QueueRecords
@@ -263,7 +268,7 @@ class Queue(QueueSetters):
                 f"queue {self.name!r} was read through a DBOSClient, which enqueues by name: "
                 f"use client.enqueue({{'queue_name': {self.name!r}, 'workflow_name': ...}}, ...)"
             )
-        if QUEUES.deleted(self.name):
+        if QUEUES.deleted(self.name) and not replaying_a_recorded_operation(get_runtime()):
             raise UnknownQueueError(self.name, deleted=True)
 
     def _latest(self) -> QueueSettings:

@@ -108,6 +108,18 @@ def plan_start(rt: Runtime, workflow_name: str) -> StartPlan:
     return StartPlan(wid, parent, fid, recorded, timeout_ms, inherited, ctx, rt.app_version)
 
 
+def replaying_a_recorded_operation(rt: Runtime) -> bool:
+    """Whether the calling workflow code's next operation is recorded already: a replay, in
+    which an enqueue returns the recorded child whatever became of its queue or its name
+    since (deleted, say). Outside workflow code (or in a step), False. Asked only where a
+    refusal would otherwise break a replay: it may cost a read."""
+    ctx = current()
+    wf = ctx.workflow if ctx.step is None else None
+    if wf is None or wf.next_function_id > wf.last_recorded_fid:
+        return False
+    return rt.store.step_preflight(wf.workflow_id, wf.next_function_id).recorded
+
+
 def _consume_id(ctx: Context) -> str | None:
     wid = ctx.next_workflow_id
     if wid is not None:
