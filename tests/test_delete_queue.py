@@ -223,3 +223,32 @@ def test_a_replay_of_an_enqueue_onto_a_queue_deleted_since_returns_the_child(
     assert forked.get_result(timeout_sec=20) == 9
     with pytest.raises(UnknownQueueError):
         DBOS.start_workflow(parent).get_result(timeout_sec=20)
+
+
+CHILD_QUEUE: dict[str, Queue] = {}
+
+
+@DBOS.workflow(name="dq_parent_item")
+def parent_item(i: int) -> int:
+    return CHILD_QUEUE["queue"].enqueue(held, i).get_result()
+
+
+def test_a_batch_items_child_goes_back_through_the_internal_queue_if_its_queue_is_gone(
+    launched: str,
+) -> None:
+    """resume_cancelled() puts an item's cancelled child back too: in its own queue while it
+    is declared, else (deleted since by another process) in the internal queue, which every
+    process serves, rather than a queue where nothing would ever start it."""
+    GATE.clear()
+    CHILD_QUEUE["queue"] = Queue("dq_child_q")
+    batch = Queue("dq_items").map(parent_item, [5], batch="dq-children")
+    wait_until(lambda: len(DBOS.list_workflows(queue_name="dq_child_q", status="PENDING")) == 1)
+    assert batch.cancel() == 2  # the item and its child
+    GATE.set()
+    wait_until(lambda: not get_runtime().has_running())
+    with DBOSClient(launched) as client:  # another process deletes the child's queue
+        client.delete_queue("dq_child_q")
+    assert batch.resume_cancelled() == 1
+    assert batch.wait(timeout=20, show=False).results() == [5]
+    (child,) = DBOS.list_workflows(parent_workflow_id="dq-children/0")
+    assert (child.status, child.queue_name) == ("SUCCESS", INTERNAL_QUEUE)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, case, delete, func, literal, select, update
 
 from dbos_nb.errors import (
     BatchConflictError,
@@ -49,6 +49,12 @@ def _check_queues_declared(conn: Connection, batch_id: str, statuses: Sequence[s
     stored = set(conn.execute(select(queues.c.name).where(queues.c.name.in_(wanted))).scalars())
     for name in sorted(wanted - stored):
         raise UnknownQueueError(name)
+
+
+def _a_queue_that_runs_it() -> Any:
+    """A workflow's own queue if it is still declared (stored), else the internal queue."""
+    stored = select(queues.c.name).where(queues.c.name == ws.c.queue_name).exists()
+    return case((stored, ws.c.queue_name), else_=literal(INTERNAL_QUEUE))
 
 
 def item_index(workflow_id: str) -> int:
@@ -266,7 +272,8 @@ class BatchRecords(StoreBase):
 
         Their failed operations' records are removed so those run again; their completed
         operations stay recorded and are not run again (no call is paid for twice). Their
-        descendants that ended so go back too (to their queue, or the internal one): an item
+        descendants that ended so go back too (to their queue, or the internal one if it has
+        none or it was deleted since, where no process would start them): an item
         replaying a child workflow's recorded failure or cancellation would only end so again.
         With `version`, the batch's own items run that version of their function from now on.
         """
@@ -304,7 +311,7 @@ class BatchRecords(StoreBase):
                         .values(
                             {
                                 **requeued_afresh(now_ms),
-                                "queue_name": func.coalesce(ws.c.queue_name, INTERNAL_QUEUE),
+                                "queue_name": _a_queue_that_runs_it(),
                                 "error": None,
                                 "output": None,
                                 "completed_at": None,
