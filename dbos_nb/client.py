@@ -194,11 +194,13 @@ class DBOSClient:
         return await wait_first_handle_async(self, handles, polling_interval_sec)
 
     def get_workflow_status(self, workflow_id: str) -> WorkflowStatus | None:
+        management.one_workflow_id(workflow_id, "DBOSClient.get_workflow_status")
         return management.get_status(self._store, workflow_id)
 
     def retrieve_workflow(
         self, workflow_id: str, existing_workflow: bool = True
     ) -> WorkflowHandle[Any]:
+        management.one_workflow_id(workflow_id, "DBOSClient.retrieve_workflow")
         if existing_workflow:
             management.require_workflow(self._store, workflow_id)
         return WorkflowHandle(self, workflow_id)
@@ -273,6 +275,7 @@ class DBOSClient:
     def delete_queue(self, name: str) -> None:
         """Delete a queue's stored settings, as `DBOS.delete_queue` does (refused while
         workflows of the queue are enqueued or running; an unknown name is not an error)."""
+        management.queue_name_given(name, "DBOSClient.delete_queue")
         self._store.delete_queue(name)
         # The client's memory of names it checked must not let it enqueue there for 5 s more.
         self._targets = {key: v for key, v in self._targets.items() if key[0] != name}
@@ -289,9 +292,11 @@ class DBOSClient:
         return management.list_queued(self._store, queue_name=queue_name, **filters)
 
     def list_workflow_steps(self, workflow_id: str) -> list[StepInfo]:
+        management.one_workflow_id(workflow_id, "DBOSClient.list_workflow_steps")
         return management.list_steps(self._store, workflow_id)
 
     def cancel_workflow(self, workflow_id: str, *, cancel_children: bool = False) -> None:
+        management.one_workflow_id(workflow_id, "DBOSClient.cancel_workflow")
         management.cancel(self._store, [workflow_id], self._clock.now_ms(), cancel_children)
 
     def cancel_workflows(self, workflow_ids: list[str], *, cancel_children: bool = False) -> None:
@@ -302,6 +307,7 @@ class DBOSClient:
     def resume_workflow(
         self, workflow_id: str, *, queue_name: str | None = None
     ) -> WorkflowHandle[Any]:
+        management.one_workflow_id(workflow_id, "DBOSClient.resume_workflow")
         management.resume(self._store, [workflow_id], self._clock.now_ms(), queue_name)
         return WorkflowHandle(self, workflow_id)
 
@@ -324,6 +330,7 @@ class DBOSClient:
     ) -> WorkflowHandle[Any]:
         """Enqueue a new workflow that reuses the recorded operations of `workflow_id` before
         `start_step` and runs the rest (by a process that serves its queue)."""
+        management.one_workflow_id(workflow_id, "DBOSClient.fork_workflow")
         new_id = management.fork(
             self._store,
             workflow_id,
@@ -336,6 +343,7 @@ class DBOSClient:
 
     def delete_workflow(self, workflow_id: str, *, delete_children: bool = False) -> None:
         """Delete a finished workflow and its records (see `DBOS.delete_workflow`)."""
+        management.one_workflow_id(workflow_id, "DBOSClient.delete_workflow")
         management.delete(self._store, [workflow_id], delete_children)
 
     def delete_workflows(self, workflow_ids: list[str], *, delete_children: bool = False) -> None:

@@ -357,6 +357,7 @@ class DBOS(metaclass=_DBOSType):
         cls, queue_name: str, func: Callable[..., T], *args: Any, **kwargs: Any
     ) -> WorkflowHandle[T]:
         """Enqueue a function on a queue given by name."""
+        management.queue_name_given(queue_name, "DBOS.enqueue_workflow")
         queue = QUEUES.get(queue_name)
         if queue is not None:
             return queue.enqueue(func, *args, **kwargs)
@@ -390,6 +391,7 @@ class DBOS(metaclass=_DBOSType):
         (QueueNotEmptyError) while workflows of the queue are enqueued or running; an unknown
         name is not an error, as in DBOS. Another process that declared the queue starts
         nothing more from it; declaring it again brings it back."""
+        management.queue_name_given(name, "DBOS.delete_queue")
         rt = cls._rt()
         rt.store.delete_queue(name)
         QUEUES.forget(name)
@@ -449,6 +451,7 @@ class DBOS(metaclass=_DBOSType):
     def retrieve_workflow(
         cls, workflow_id: str, existing_workflow: bool = True
     ) -> WorkflowHandle[Any]:
+        management.one_workflow_id(workflow_id, "DBOS.retrieve_workflow")
         rt = cls._rt()
         if existing_workflow:
             # Workflow code checks through DBOS's recorded status read; other callers need only
@@ -463,12 +466,14 @@ class DBOS(metaclass=_DBOSType):
 
     @classmethod
     def get_workflow_status(cls, workflow_id: str) -> WorkflowStatus | None:
+        management.one_workflow_id(workflow_id, "DBOS.get_workflow_status")
         return _recorded("DBOS.getStatus", cls._rt().get_workflow_status, workflow_id)
 
     @classmethod
     def get_result(cls, workflow_id: str, *, polling_interval_sec: float = 1.0) -> Any:
         # One recorded operation ("DBOS.getResult"), as in DBOS: no status read before it (an
         # unknown id raises DBOSNonExistentWorkflowError from the wait).
+        management.one_workflow_id(workflow_id, "DBOS.get_result")
         return WorkflowHandle(cls._rt(), workflow_id).get_result(polling_interval_sec)
 
     @classmethod
@@ -493,11 +498,13 @@ class DBOS(metaclass=_DBOSType):
 
     @classmethod
     def list_workflow_steps(cls, workflow_id: str) -> list[StepInfo]:
+        management.one_workflow_id(workflow_id, "DBOS.list_workflow_steps")
         return _recorded("DBOS.listWorkflowSteps", cls._list_steps, workflow_id)
 
     @classmethod
     def cancel_workflow(cls, workflow_id: str, *, cancel_children: bool = False) -> None:
         """Cancel a workflow: it stops at its next step and waiting on it raises."""
+        management.one_workflow_id(workflow_id, "DBOS.cancel_workflow")
         _recorded("DBOS.cancelWorkflow", cls._cancel, [workflow_id], cancel_children)
 
     @classmethod
@@ -512,6 +519,7 @@ class DBOS(metaclass=_DBOSType):
         cls, workflow_id: str, *, queue_name: str | None = None
     ) -> WorkflowHandle[Any]:
         """Run a cancelled or dead-lettered workflow again from its last completed step."""
+        management.one_workflow_id(workflow_id, "DBOS.resume_workflow")
         _recorded("DBOS.resumeWorkflow", cls._resume, [workflow_id], queue_name)
         return WorkflowHandle(cls._rt(), workflow_id)
 
@@ -536,6 +544,7 @@ class DBOS(metaclass=_DBOSType):
         queue_name: str | None = None,
     ) -> WorkflowHandle[Any]:
         """Start a new workflow that reuses the steps of `workflow_id` before `start_step`."""
+        management.one_workflow_id(workflow_id, "DBOS.fork_workflow")
         new_id = _recorded(
             "DBOS.forkWorkflow",
             cls._fork,
@@ -552,6 +561,7 @@ class DBOS(metaclass=_DBOSType):
         """Delete a finished workflow and everything recorded of it (with its descendants if
         `delete_children`). An unknown id is not an error; a workflow still queued or running
         raises `WorkflowActiveError` (cancel it first) and nothing is deleted."""
+        management.one_workflow_id(workflow_id, "DBOS.delete_workflow")
         _recorded("DBOS.deleteWorkflow", cls._delete, [workflow_id], delete_children)
 
     @classmethod

@@ -120,6 +120,37 @@ def test_ids_must_be_a_list_of_strings(launched: str, call: object) -> None:
         call()  # type: ignore[operator]
 
 
+SINGLE_ID_CALLS = [
+    "retrieve_workflow",
+    "get_workflow_status",
+    "list_workflow_steps",
+    "cancel_workflow",
+    "resume_workflow",
+    "delete_workflow",
+]
+
+
+@pytest.mark.parametrize("bad", [5, None, ""])
+def test_a_single_workflow_id_must_be_a_string(launched: str, bad: object) -> None:
+    """Another type reached the database: a bare driver error on PostgreSQL, a silent "not
+    found" on SQLite; `resume_workflow(None)` even returned a handle."""
+    from dbos_nb import DBOSClient
+
+    with DBOSClient(launched) as client:
+        for owner, label in ((DBOS, "DBOS"), (client, "DBOSClient")):
+            for name in SINGLE_ID_CALLS:
+                with pytest.raises(TypeError, match=rf"{label}\.{name} takes a workflow id"):
+                    getattr(owner, name)(bad)
+            with pytest.raises(TypeError, match=rf"{label}\.fork_workflow takes a workflow id"):
+                owner.fork_workflow(bad, 1)  # type: ignore[attr-defined]
+            with pytest.raises(TypeError, match=rf"{label}\.delete_queue takes a queue name"):
+                owner.delete_queue(bad)  # type: ignore[attr-defined]
+        with pytest.raises(TypeError, match=r"DBOS\.get_result takes a workflow id"):
+            DBOS.get_result(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"DBOS\.enqueue_workflow takes a queue name"):
+            DBOS.enqueue_workflow(bad, print)  # type: ignore[arg-type]
+
+
 def test_workflow_code_records_a_bulk_cancel_once(launched: str) -> None:
     """In workflow code a bulk call is one operation, under DBOS's name: a replay (a fork
     from after it) does not cancel again, which would cancel the resumed workflows."""

@@ -182,6 +182,21 @@ def require_workflow(store: SystemStore, workflow_id: str) -> None:
         raise DBOSNonExistentWorkflowError(workflow_id)
 
 
+def one_workflow_id(value: Any, call: str) -> str:
+    """The id given to a single-workflow call: a non-empty string (another type reached the
+    database as a bare driver error on PostgreSQL, and matched nothing on SQLite)."""
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{call} takes a workflow id (a non-empty string), got {value!r}")
+    return value
+
+
+def queue_name_given(value: Any, call: str) -> str:
+    """The queue name given to a call by name: a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{call} takes a queue name (a non-empty string), got {value!r}")
+    return value
+
+
 def workflow_ids(value: Any, call: str) -> list[str]:
     """The ids given to a bulk call (`cancel_workflows`, ...): a list or tuple of non-empty
     strings. A lone string is refused: iterating it would act on its characters."""
