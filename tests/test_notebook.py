@@ -257,6 +257,47 @@ def test_unfinished_cell_resumes_after_a_restart(shell: InteractiveShell, db_url
     assert CALLS == [("fetch", 1), ("fetch", 2)]  # fetch(1) was not run again
 
 
+def test_a_cells_last_value_that_cannot_be_recorded_is_shown_by_its_run(
+    shell: InteractiveShell, capsys: Any
+) -> None:
+    """A cell ending in a value that cannot be serialized (a lock, a model) shows it, as an
+    ordinary cell would, and says that a replay cannot; the replay says so too."""
+    import threading
+
+    cell = "%%dbos_workflow lockcell\nimport threading\nthreading.Lock()\n"
+    shown = run(shell, cell)
+    assert isinstance(shown, type(threading.Lock()))
+    assert "last value is shown but not recorded" in capsys.readouterr().out
+    assert run(shell, cell) is None  # the replay
+    assert "last value was not recorded" in capsys.readouterr().out
+
+
+def test_a_batch_mapped_in_a_durable_cell_comes_back_after_a_restart(
+    shell: InteractiveShell, db_url: str
+) -> None:
+    """A Batch pickles as its name: a cell's `b = q.map(...)` is recorded, and the replay in a
+    new kernel gives `b` back, attached to the same batch, without paying again."""
+    run(shell, STEPS)
+    run(shell, "%dbos_queue mapped_in_cell")
+    cell = (
+        "%%dbos_workflow maps\n"
+        "b = mapped_in_cell.map(fetch, [1, 2], batch='from-a-cell')\n"
+        "b.wait(20, show=False)\n"
+        "b\n"
+    )
+    first = run(shell, cell)
+    assert isinstance(first, Batch) and first.results() == [10, 20]
+    DBOS.destroy(destroy_registry=True)  # a new kernel
+    shell.user_ns.pop("b")
+    run(shell, f"%dbos_launch --db {db_url} --name nbtest")
+    run(shell, STEPS)
+    run(shell, "%dbos_queue mapped_in_cell")
+    again = run(shell, cell)
+    assert isinstance(again, Batch) and again.id == "from-a-cell"
+    assert shell.user_ns["b"].results() == [10, 20]
+    assert sorted(CALLS) == [("fetch", 1), ("fetch", 2)]
+
+
 def test_changed_unfinished_cell_is_refused(shell: InteractiveShell, db_url: str) -> None:
     run(shell, STEPS)
     shell.user_ns["KernelDied"] = KernelDied

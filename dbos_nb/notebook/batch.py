@@ -188,6 +188,11 @@ class Batch:
         """Find a batch again by its name (after a kernel restart, in another process, ...)."""
         return cls(name)
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Pickled as its name, unpickled as `Batch.attach(name)`: a durable cell that maps a
+        # batch (`b = q.map(...)`) records `b`, and its replay gives it back, attached.
+        return (Batch, (self.id,))
+
     @property
     def _rt(self) -> Runtime:
         return get_runtime()

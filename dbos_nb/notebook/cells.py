@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbos_nb.core import versions
+from dbos_nb.core.context import current
 from dbos_nb.errors import DbosNbError
 
 logger = logging.getLogger(__name__)
@@ -299,6 +300,11 @@ def restore(cell: CompiledCell, recorded: dict[str, Any], namespace: dict[str, A
             f"{', '.join(missing)}. Define them in an ordinary cell, or run this one with "
             "--rerun."
         )
+    if recorded.get("result_not_recorded"):
+        print(
+            "note: the cell's last value was not recorded (it cannot be serialized), so there "
+            "is none to show; run the cell with --rerun to compute it again."
+        )
     unrecorded = recorded.get("unrecorded_changes", [])
     if unrecorded:
         print(
@@ -355,9 +361,14 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
                 value = namespace[var]
                 if _fingerprint(value) not in (None, digest):
                     names[var] = value
+        kept = result is None or _storable(result)
+        if not kept:
+            # Shown by the run that made it (see `take_live_result`), not recorded.
+            _live_results[current().workflow.workflow_id] = result  # type: ignore[union-attr]
         return {
             "names": names,
-            "result": result if _storable(result) else None,
+            "result": result if kept else None,
+            "result_not_recorded": not kept,
             "skipped": skipped,
             "unrecorded_changes": unrecorded,
             "source_hash": source_hash,
@@ -368,6 +379,16 @@ def make_body(cell: CompiledCell, namespace: dict[str, Any]) -> Callable[[str], 
     # and what %dbos_resume compares with a run's own.
     setattr(cell_body, versions.CELL_SOURCE_ATTR, cell.source_hash)
     return cell_body
+
+
+# The last value of a cell run that cannot be recorded (a Batch, a model, a lock), by workflow
+# id: the run that made it shows it; a replay cannot.
+_live_results: dict[str, Any] = {}
+
+
+def take_live_result(workflow_id: str) -> Any:
+    """The unrecordable last value of the cell run `workflow_id` made in this kernel, once."""
+    return _live_results.pop(workflow_id, None)
 
 
 def _storable(value: Any) -> bool:

@@ -331,7 +331,7 @@ class DbosMagics(Magics):
                 started = DBOS.start_workflow(body, compiled.source_hash)
                 return CellHandle(rt, started.workflow_id)
             out = body_call(body, compiled.source_hash)
-        return self._finish(out)
+        return self._finish(out, wid)
 
     def _existing(
         self,
@@ -416,9 +416,9 @@ class DbosMagics(Magics):
         if detached:
             dispatch(rt, ex)
             return CellHandle(rt, wid)
-        return self._finish(run_execution(rt, ex))
+        return self._finish(run_execution(rt, ex), wid)
 
-    def _finish(self, out: dict[str, Any]) -> Any:
+    def _finish(self, out: dict[str, Any], wid: str) -> Any:
         if out.get("skipped"):
             print(f"note: not recorded (cannot be serialized): {', '.join(out['skipped'])}")
         if out.get("unrecorded_changes"):
@@ -427,6 +427,12 @@ class DbosMagics(Magics):
                 f"{', '.join(out['unrecorded_changes'])} are not recorded (modules, functions "
                 "and values that cannot be serialized): a replay will not bring them back"
             )
+        if out.get("result_not_recorded"):
+            print(
+                "note: the cell's last value is shown but not recorded (it cannot be "
+                "serialized): a replay of this cell will show nothing"
+            )
+            return cells.take_live_result(wid)
         return out.get("result")
 
     # -- %dbos_workers --------------------------------------------------------------------------
