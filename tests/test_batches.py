@@ -130,6 +130,23 @@ def test_expanded_outputs_keep_their_types_when_items_fail(launched: str) -> Non
     assert wide["error"].iloc[1].startswith("ValueError: no measure for 2")
 
 
+def test_expanded_numpy_outputs_keep_their_types_too(launched: str) -> None:
+    """numpy's scalars (a model's or a frame's values) are typed as Python's are."""
+    import numpy as np
+
+    @DBOS.step(name="numpy_outputs")
+    def measure(x: int) -> dict[str, object]:
+        if x == 2:
+            raise ValueError("no measure for 2")
+        return {"n": np.int64(x * 10), "ok": np.bool_(x > 1), "mean": np.float32(x / 2)}
+
+    batch = Queue("typed_np").map(measure, [1, 2, 3], batch="typed-np")
+    wide = batch.wait(timeout=20, show=False).to_pandas(expand=True)
+    dtypes = [str(wide[c].dtype) for c in ("n", "ok", "mean")]
+    assert dtypes == ["Int64", "boolean", "Float64"]
+    assert wide["n"].tolist()[::2] == [10, 30] and wide["ok"].tolist()[::2] == [False, True]
+
+
 def test_map_refuses_other_items_under_a_name_enqueue_many_recorded(launched: str) -> None:
     """A batch made by `enqueue_many` keeps no digest of its items: mapping other items under
     its name is refused (compared by value), the same items attach to it."""

@@ -6,8 +6,10 @@ no output yet).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dbos_nb import serialization
@@ -113,11 +115,14 @@ def _expanded_column(values: list[Any], index: pd.Index) -> pd.Series:
     that integers stay integers (nullable Int64) rather than turning into floats, and booleans
     stay booleans."""
     present = [v for v in values if v is not _MISSING and v is not None]
-    if present and all(isinstance(v, bool) for v in present):
+    # numpy's scalars too (np.int64 is an Integral, not an int; np.bool_ neither).
+    if present and all(isinstance(v, bool | np.bool_) for v in present):
         kind: str | None = "boolean"
-    elif present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+    elif present and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_) for v in present
+    ):
         kind = "Int64"
-    elif present and all(isinstance(v, float) for v in present):
+    elif present and all(isinstance(v, float | np.floating) for v in present):
         kind = "Float64"
     else:
         kind = None
