@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -367,3 +368,30 @@ def test_retry_with_the_current_code_needs_the_function_defined_here(db_url: str
     DBOS.step(name="retry_parse")(fixed)  # the cell that defines it runs again
     assert attached.retry_failed() == 1
     assert attached.wait(timeout=20, show=False).results() == [1, 2]
+
+
+class Doc:
+    """An item that is not plain data (no value comparison: a plain class)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def test_other_items_that_cannot_be_compared_attach_with_a_warning(launched: str) -> None:
+    """Under an existing name, items whose bytes differ and that cannot be compared by value
+    attach to the batch (another kernel may pickle the same items differently), but say so:
+    the results are the old items'."""
+
+    @DBOS.step(name="doc_text")
+    def text_of(doc: Doc) -> str:
+        return doc.text
+
+    queue = Queue("docs_q")
+    first = queue.map(text_of, [Doc("old1"), Doc("old2")], batch="docs")
+    assert first.wait(timeout=20, show=False).results() == ["old1", "old2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same items: no warning
+        queue.map(text_of, [Doc("old1"), Doc("old2")], batch="docs")
+    with pytest.warns(UserWarning, match=r"batch 'docs' exists with items that serialize"):
+        again = queue.map(text_of, [Doc("NEW1"), Doc("NEW2")], batch="docs")
+    assert again.results() == ["old1", "old2"]

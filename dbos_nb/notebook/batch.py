@@ -566,17 +566,17 @@ def _note_other_version(rt: Runtime, batch: str, reg: Registration) -> None:
 
 def _same_items(
     rt: Runtime, batch: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], skip: int
-) -> bool:
+) -> bool | None:
     """Whether the batch's stored items are `calls`' items, when their serialized bytes differ:
     the same values pickle differently in another kernel (a set's order follows the string
     hash seed; cloudpickle pickles a class defined in the notebook by value). Compared by
-    value, as default batch names are; items that cannot be compared so (not plain data, or
-    not loadable here) count as the same, the name deciding, as before items were checked."""
+    value, as default batch names are. None: they cannot be compared so (not plain data, or
+    not loadable here); the name decides, as before items were checked."""
     try:
         stored = [serialization.load_inputs(data) for data in rt.store.batch_inputs(batch)]
     except Exception:
-        return True
-    return equal_items(stored, calls, skip) is not False
+        return None
+    return equal_items(stored, calls, skip)
 
 
 def _refuse_other_undigested_items(
@@ -589,7 +589,7 @@ def _refuse_other_undigested_items(
     record = rt.store.get_batch(batch)
     if record is None or record.get("items_digest") is not None or record["size"] != len(calls):
         return  # new, checked by its digest, or refused for its size
-    if not _same_items(rt, batch, calls, skip):
+    if _same_items(rt, batch, calls, skip) is False:
         raise BatchItemsConflictError(
             f"batch {batch!r} already exists with other items (the same number, "
             f"{len(calls)}); mapping them under this name would only attach to the old items. "
@@ -642,8 +642,18 @@ class Queue(CoreQueue):
             enqueue_many(rt, self.name, reg, calls, batch, estimates, check_items=True)
         except BatchItemsConflictError:
             # The bytes differ; the values may not (see `_same_items`).
-            if not _same_items(rt, batch, calls, len(bound)):
+            same = _same_items(rt, batch, calls, len(bound))
+            if same is False:
                 raise
+            if same is None:
+                warnings.warn(
+                    f"batch {batch!r} exists with items that serialize differently from these "
+                    "and cannot be compared by value (not plain data): attached to it, so its "
+                    "results are those of its own items. If the items changed, map them under "
+                    "a new batch name.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         record = {
             "size": len(calls),
             "queue_name": self.name,
