@@ -332,6 +332,9 @@ def test_a_deleted_item_keeps_the_others_in_place(launched: str) -> None:
     progress = batch.progress()
     assert (progress.total, progress.deleted, progress.complete) == (2, 1, True)
     assert "1 deleted" in progress.summary()
+    for bad in (-1, 0, "5", float("nan")):
+        with pytest.raises(DbosNbError, match=r"wait\(timeout=\.\.\.\) must be"):
+            batch.wait(timeout=bad, show=False)  # type: ignore[arg-type]
     again = queue.map(tenfold, [1, 2, 3], batch="gapped").wait(timeout=20, show=False)
     assert again.results() == [10, 20, 30]
     assert list(again.to_pandas()["item"]) == [0, 1, 2]

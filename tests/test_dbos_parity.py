@@ -103,6 +103,10 @@ def test_list_queued_workflows_by_status(launched: str) -> None:
         "kwargs": {},
     }
     assert {w.workflow_id for w in DBOS.list_queued_workflows()} == {h.workflow_id for h in waiting}
+    # An empty status list means the default (active work), as DBOS takes it.
+    assert {w.workflow_id for w in DBOS.list_queued_workflows(status=[])} == {
+        h.workflow_id for h in waiting
+    }
 
 
 def test_queued_listings_count_limit_and_offset_among_queued_workflows(launched: str) -> None:

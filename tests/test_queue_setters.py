@@ -188,7 +188,7 @@ def test_a_client_changes_its_own_databases_queue(launched: str) -> None:
 def test_setters_refuse_a_queue_that_is_not_stored(db_url: str) -> None:
     DBOS(config=config(db_url))
     early = Queue("not_yet_stored", concurrency=2)
-    with pytest.raises(DbosNbError, match="launch DBOS first"):
+    with pytest.raises(DbosNbError, match=r"set_global_concurrency\(\) changes.*launch DBOS"):
         early.set_global_concurrency(3)
     DBOS.launch()
     assert early.concurrency == 2

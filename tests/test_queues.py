@@ -198,6 +198,9 @@ def test_deduplication(launched: str) -> None:
     # Once the first finished, the id is free again.
     with SetEnqueueOptions(deduplication_id="user-1"):
         assert q.enqueue(slow, 3).get_result() == 3
+    # An empty id would deduplicate unrelated work (EnqueueOptions refuses it too).
+    with pytest.raises(DbosNbError, match="non-empty string"):
+        SetEnqueueOptions(deduplication_id="")
 
 
 @pytest.mark.parametrize(

@@ -287,8 +287,11 @@ class SetEnqueueOptions(_ContextBlock):
     ) -> None:
         check_priority(priority)
         if deduplication_id is not None:
-            if not isinstance(deduplication_id, str):
-                raise DbosNbError(f"deduplication_id must be a string, got {deduplication_id!r}")
+            if not isinstance(deduplication_id, str) or not deduplication_id:
+                # (Empty: EnqueueOptions refuses it too; it would deduplicate unrelated work.)
+                raise DbosNbError(
+                    f"deduplication_id must be a non-empty string, got {deduplication_id!r}"
+                )
             check_id_length(
                 deduplication_id, "a deduplication_id", limit=MAX_DEDUPLICATION_ID_LENGTH
             )

@@ -163,7 +163,7 @@ def list_workflows(store: SystemStore, **filters: Any) -> list[WorkflowStatus]:
 def list_queued(store: SystemStore, **filters: Any) -> list[WorkflowStatus]:
     """Workflows of a queue still waiting or running (or, with `status`, in that status),
     with the other filters of `workflow_rows`."""
-    if filters.get("status") is None:
+    if filters.get("status") is None or filters.get("status") == []:  # [] as DBOS takes it
         filters["status"] = ["ENQUEUED", "PENDING"]
     return list_workflows(store, **{**filters, "queues_only": True})
 

@@ -220,14 +220,14 @@ class Queue(QueueSetters):
         queue._client_store = client_store
         return queue
 
-    def _change(self, setting: str, value: Any) -> None:
+    def _change(self, setting: str, value: Any, call: str) -> None:
         """Change one setting in the stored row (DBOS's setters, see `QueueSetters`), checked
         against the others as stored; this process's declaration of the queue follows, so a
         later launch stores the changed settings again, not the old ones."""
         store, rt = self._store_and_runtime()
         if store is None:
             raise DbosNbError(
-                f"queue {self.name!r}: set_{setting}() changes the settings stored in the "
+                f"queue {self.name!r}: {call}() changes the settings stored in the "
                 "database: launch DBOS first (or declare the queue with its new settings)"
             )
         now_ms = rt.now_ms() if rt is not None else round(time.time() * 1000)

@@ -16,7 +16,7 @@ class QueueSetters:
 
     name: str
 
-    def _change(self, setting: str, value: Any) -> None:
+    def _change(self, setting: str, value: Any, call: str) -> None:
         raise NotImplementedError
 
     @property
@@ -44,29 +44,29 @@ class QueueSetters:
     def set_global_concurrency(self, value: int | None) -> None:
         """How many of the queue's workflows may run at once across all processes (None: no
         limit), from every process's next claim on."""
-        self._change("concurrency", value)
+        self._change("concurrency", value, "set_global_concurrency")
 
     def set_concurrency(self, value: int | None) -> None:
         """DBOS's deprecated name of `set_global_concurrency`."""
-        self._change("concurrency", value)
+        self._change("concurrency", value, "set_concurrency")
 
     def set_worker_concurrency(self, value: int | None) -> None:
         """How many of the queue's workflows one process may run at once (None: no limit)."""
-        self._change("worker_concurrency", value)
+        self._change("worker_concurrency", value, "set_worker_concurrency")
 
     def set_limiter(self, value: dict[str, Any] | None) -> None:
         """The rate limit, {"limit": n, "period": seconds} (None: none)."""
-        self._change("limiter", value)
+        self._change("limiter", value, "set_limiter")
 
     def set_token_limiter(self, value: dict[str, Any] | None) -> None:
         """The token budget, {"limit": tokens, "period": seconds} (None: none)."""
-        self._change("token_limiter", value)
+        self._change("token_limiter", value, "set_token_limiter")
 
     def set_polling_interval_sec(self, value: float) -> None:
         """How often a process serving the queue looks for work when nothing wakes it (the
         process's own `polling_interval_sec` if shorter): a process follows its own setters
         and declarations, another one from its next launch."""
-        self._change("polling_interval_sec", value)
+        self._change("polling_interval_sec", value, "set_polling_interval_sec")
 
     async def set_global_concurrency_async(self, value: int | None) -> None:
         await asyncio.to_thread(self.set_global_concurrency, value)

@@ -24,6 +24,7 @@ from typing import Any
 
 from dbos_nb import serialization
 from dbos_nb.core import versions
+from dbos_nb.core.context import valid_seconds
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import Queue as CoreQueue
 from dbos_nb.core.queue import token_estimates, use_queue_class
@@ -257,6 +258,10 @@ class Batch:
         """
         from dbos_nb.notebook import views
 
+        if timeout is not None and not valid_seconds(timeout):
+            raise DbosNbError(
+                f"wait(timeout=...) must be a positive number of seconds or None, got {timeout!r}"
+            )
         showing = show and views.in_ipython()
         view = views.show_live(self) if showing and views.widgets_available() else None
         deadline = None if timeout is None else time.monotonic() + timeout
