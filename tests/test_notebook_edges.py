@@ -408,6 +408,16 @@ def test_bad_magic_arguments_raise_usage_errors(shell: InteractiveShell) -> None
         run(shell, "%dbos_queue def")
     assert "def" not in shell.user_ns
     assert run(shell, "%dbos_queue def --as dq").name == "def"
+    # The name must not silently replace a builtin or the notebook's data.
+    with pytest.raises(UsageError, match="'print' is a Python builtin"):
+        run(shell, "%dbos_queue print")
+    assert "print" not in shell.user_ns
+    run(shell, "papers = [1, 2]")
+    with pytest.raises(UsageError, match="'papers' already holds a list"):
+        run(shell, "%dbos_queue papers")
+    assert shell.user_ns["papers"] == [1, 2]
+    assert run(shell, "%dbos_queue papers --as papers_q").name == "papers"
+    assert run(shell, "%dbos_queue papers --as papers_q --concurrency 2").concurrency == 2
 
 
 # -- 8: queued cells need a kernel that runs queued work ----------------------------------------

@@ -15,6 +15,7 @@ answer with a UsageError that says what is wrong. Quoted arguments (`%dbos_queue
 from __future__ import annotations
 
 import argparse
+import builtins
 import keyword
 import os
 import re
@@ -102,6 +103,9 @@ def _rt() -> Runtime:
     if rt is None:
         raise UsageError("DBOS is not launched in this kernel: run %dbos_launch first")
     return rt
+
+
+_UNBOUND = object()
 
 
 class CellHandle(WorkflowHandle[Any]):
@@ -231,6 +235,16 @@ class DbosMagics(Magics):
         var = args.var or args.name
         if not var.isidentifier() or keyword.iskeyword(var):
             raise UsageError(f"{var!r} is not a valid variable name; pass --as VAR")
+        # Rebinding a name to the queue must not silently replace the notebook's data, or a
+        # builtin (`%dbos_queue print` broke print); a queue bound earlier is replaced.
+        held = self._ns.get(var, _UNBOUND)
+        if held is _UNBOUND and hasattr(builtins, var):
+            raise UsageError(f"{var!r} is a Python builtin; bind the queue elsewhere: --as VAR")
+        if held is not _UNBOUND and not isinstance(held, Queue):
+            raise UsageError(
+                f"{var!r} already holds a {type(held).__name__}; bind the queue elsewhere: "
+                "--as VAR"
+            )
         try:
             settings = {
                 "concurrency": args.concurrency,
