@@ -404,6 +404,9 @@ def test_bad_magic_arguments_raise_usage_errors(shell: InteractiveShell) -> None
         run(shell, "%dbos_queue q2 --tokens lots")
     with pytest.raises(UsageError, match=r"cell 'aw'.*await"):
         run(shell, "%%dbos_workflow aw\nimport asyncio\nawait asyncio.sleep(0)\n")
+    for line in ("%time x = 1", "!ls"):
+        with pytest.raises(UsageError, match=r"cell 'mg', line 2: magics and shell commands"):
+            run(shell, f"%%dbos_workflow mg\ny = 0\n{line}\n")
     with pytest.raises(UsageError, match="valid variable"):
         run(shell, "%dbos_queue def")
     assert "def" not in shell.user_ns

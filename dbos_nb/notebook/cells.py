@@ -217,6 +217,14 @@ def compile_cell(name: str, source: str) -> CompiledCell:
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
+        line = source.splitlines()[exc.lineno - 1].lstrip() if exc.lineno else ""
+        if line.startswith(("%", "!")):
+            # IPython's own syntax: the cell body is run as plain Python, as the workflow.
+            raise DbosNbError(
+                f"cell {name!r}, line {exc.lineno}: magics and shell commands ({line[:40]!r}) "
+                "cannot run in a durable cell, which runs as plain Python; move them to an "
+                "ordinary cell"
+            ) from exc
         raise DbosNbError(f"cell {name!r} has a syntax error: {exc}") from exc
     assigned, changed = _bindings(tree)
     assigned_set = set(assigned)
