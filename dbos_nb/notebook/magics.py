@@ -242,8 +242,7 @@ class DbosMagics(Magics):
             raise UsageError(f"{var!r} is a Python builtin; bind the queue elsewhere: --as VAR")
         if held is not _UNBOUND and not isinstance(held, Queue):
             raise UsageError(
-                f"{var!r} already holds a {type(held).__name__}; bind the queue elsewhere: "
-                "--as VAR"
+                f"{var!r} already holds a {type(held).__name__}; bind the queue elsewhere: --as VAR"
             )
         try:
             settings = {
