@@ -93,6 +93,23 @@ def test_a_deleted_queue_takes_no_more_work_until_declared_again(launched: str) 
     assert stored is not None and stored.worker_concurrency == 2
 
 
+def test_a_queue_deleted_here_and_declared_again_elsewhere_is_served_again(
+    launched: str,
+) -> None:
+    """After this process deleted the queue, a client (or another process) declares it again:
+    the Queue objects kept here enqueue again, with the stored settings, and this process
+    serves the queue again."""
+    queue = Queue("dq_back", concurrency=4)
+    DBOS.delete_queue("dq_back")
+    with pytest.raises(UnknownQueueError, match="was deleted"):
+        queue.enqueue(plain, 1)
+    with DBOSClient(launched) as client:
+        client.register_queue("dq_back", global_concurrency=2)
+    assert queue.enqueue(plain, 5).get_result(timeout_sec=20) == 10
+    assert "dq_back" in QUEUES.names()
+    assert queue.concurrency == 2
+
+
 def test_the_client_deletes_a_queue_as_dbos_does(launched: str) -> None:
     GATE.clear()
     Queue("dq_client")

@@ -268,8 +268,15 @@ class Queue(QueueSetters):
                 f"queue {self.name!r} was read through a DBOSClient, which enqueues by name: "
                 f"use client.enqueue({{'queue_name': {self.name!r}, 'workflow_name': ...}}, ...)"
             )
-        if QUEUES.deleted(self.name) and not replaying_a_recorded_operation(get_runtime()):
-            raise UnknownQueueError(self.name, deleted=True)
+        if QUEUES.deleted(self.name):
+            rt = get_runtime()
+            if rt.store.get_queue(self.name) is not None:
+                # Declared again since by another process (or a client): this process takes
+                # the stored settings and serves the queue again.
+                self.adopts_stored = True
+                QUEUES.declare(self)
+            elif not replaying_a_recorded_operation(rt):
+                raise UnknownQueueError(self.name, deleted=True)
 
     def _latest(self) -> QueueSettings:
         """The settings of this queue's latest declaration in this process: this object's, or
