@@ -8,6 +8,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +197,45 @@ def test_a_heartbeat_that_loses_its_id_to_another_process_goes_on_under_a_new_on
     assert other is not None and (other["token"], other["hostname"]) == ("t-other", "elsewhere")
     mine = store.get_executor(rt.executor_id)
     assert mine is not None and mine["hostname"] == socket.gethostname()
+
+
+def test_a_claim_that_finds_the_id_free_loses_to_a_registration_landing_meanwhile(
+    store: SystemStore, db_url: str
+) -> None:
+    """Another process's registration of the id is under way (not committed) when this claim
+    looks: the look sees no row, and the claim's own insert then meets the other's. It must
+    lose, not take the id too (on PostgreSQL the insert's row count said -1, and both
+    processes held the id)."""
+    import sqlalchemy as sa
+
+    from dbos_nb.storage.schema import executors
+
+    other = Database(db_url)
+    answer: list[bool] = []
+    try:
+        with other.write() as conn:
+            conn.execute(
+                sa.insert(executors).values(
+                    executor_id="landing",
+                    hostname="elsewhere",
+                    pid=1,
+                    token="t-other",
+                    started_at=T0,
+                    heartbeat_at=T0,
+                    lease_ms=60_000,
+                )
+            )
+            claim = threading.Thread(
+                target=lambda: answer.append(
+                    store.claim_executor("landing", "h", 2, "t-mine", T0, 60_000, replacing=None)
+                )
+            )
+            claim.start()
+            claim.join(1.0)  # it waits for the other's transaction (a lock, or the key)
+            assert claim.is_alive()
+        claim.join(30)
+    finally:
+        other.dispose()
+    assert answer == [False]
+    row = store.get_executor("landing")
+    assert row is not None and row["token"] == "t-other"

@@ -75,8 +75,14 @@ class ExecutorRegistry(StoreBase):
                         return False
                 _forget_reports(conn, executor_id)
                 row = _executor_row(executor_id, hostname, pid, token, now_ms, lease_ms)
-                insert = self.db.insert(executors).values(row).on_conflict_do_nothing()
-                if not conn.execute(insert).rowcount:
+                # RETURNING, not rowcount, which the PostgreSQL driver reports as -1 here.
+                insert = (
+                    self.db.insert(executors)
+                    .values(row)
+                    .on_conflict_do_nothing()
+                    .returning(executors.c.executor_id)
+                )
+                if conn.execute(insert).first() is None:
                     # Registered by another process since the look above (on PostgreSQL, where
                     # the look could not see its uncommitted row): its row stands, and so do
                     # the reports it made, which the rollback keeps.
