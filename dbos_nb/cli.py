@@ -223,14 +223,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.db, args.items)
 
 
+_MAX_COUNT = 2**31 - 1
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a count or a limit; 0 or less would mean nothing)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    # At most what the database's integer columns and bound parameters hold.
+    if not 1 <= value <= _MAX_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer up to {_MAX_COUNT}, got {text}"
+        )
     return value
 
 
@@ -388,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         where = getattr(args, "db", None)
         shown = shown_url(where) if where else "the database"
+        app_db = getattr(args, "app_db", None)
+        if app_db:  # the error may be either's: name both
+            shown = f"{shown} or the application database {shown_url(app_db)}"
         print(
             f"dbos-nb: cannot use {shown}: {type(exc).__name__}: {cause[0] if cause else ''}",
             file=sys.stderr,

@@ -138,6 +138,10 @@ def resolve_config(config: dict[str, Any] | None) -> ResolvedConfig:
         if key in config and config[key] is not None and not isinstance(config[key], str):
             raise DBOSConfigError(f"config {key!r} must be a URL string, got {config[key]!r}")
     executor_id = config.get("executor_id") or os.environ.get("DBOS__VMID") or "local"
+    if not isinstance(executor_id, str):
+        raise DBOSConfigError(f"config 'executor_id' must be a string, got {executor_id!r}")
+    # As the version: PostgreSQL would refuse it at launch, as if the database were unreachable.
+    check_id_length(executor_id, "config 'executor_id'", DBOSConfigError)
     version = config.get("application_version") or os.environ.get("DBOS__APPVERSION")
     if version is not None:
         if not isinstance(version, str):

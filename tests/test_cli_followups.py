@@ -446,3 +446,20 @@ def test_workflows_refuses_an_unknown_queue(
     # A declared queue without workflows is an empty table.
     assert main(["workflows", "--db", db_url, "--queue", "fu_known"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("workflow id")
+
+
+def test_an_unreachable_application_database_is_named(tmp_path: Path) -> None:
+    """The error may come from either database: both are named, rather than the system
+    database alone, which was reported as unreachable when it was the application's."""
+    url = _sqlite_url(tmp_path / "system.sqlite")
+    app = "postgresql://postgres@127.0.0.1:1/appdb"  # nothing listens on port 1
+    proc = subprocess.run(
+        cli_command("worker", "--db", url, "--app-db", app),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    said = proc.stderr.splitlines()[-1]  # (after the log line of the system schema's creation)
+    assert said.startswith(f"dbos-nb: cannot use {url} or the application database {app}: "), said

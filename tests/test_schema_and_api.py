@@ -763,6 +763,8 @@ def test_dbos_names_are_exported() -> None:
         ({"name": "x", "polling_interval_sec": float("inf")}, "polling_interval_sec.*inf"),
         ({"name": "x", "heartbeat_interval_sec": float("nan")}, "heartbeat_interval_sec"),
         ({"name": "x", "executor_lease_sec": float("inf")}, "executor_lease_sec"),
+        ({"name": "x", "executor_id": "e" * 256}, "executor_id"),
+        ({"name": "x", "executor_id": 7}, "executor_id"),
     ],
 )
 def test_bad_config_is_a_clear_error(cfg: dict[str, Any], message: str, tmp_path: Path) -> None:
