@@ -202,11 +202,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "steps would run twice)"
         )
 
+    for name in args.queue or ():
+        if not name.strip():
+            raise DbosNbError("--queue needs a queue name, got an empty one")
     configure_logging(args.verbose)
     return run_worker(
         args.db,
         app_db=args.app_db,
-        queues=args.queue or (),
+        queues=list(dict.fromkeys(args.queue or ())),  # each once, in the order given
         concurrency=args.concurrency,
         executor_id=args.executor_id,
         imports=args.imports or (),

@@ -127,6 +127,13 @@ def _import(module: str) -> None:
     module (the traceback is logged at debug level: `--verbose` shows it)."""
     try:
         importlib.import_module(module)
+    except SystemExit as exc:
+        # A module that exits on import (a script's `sys.exit()`): said, not a silent exit.
+        logger.debug("importing %s exited", module, exc_info=True)
+        raise DBOSConfigError(
+            f"--import {module}: importing it called sys.exit({exc.code!r}); import a module "
+            "that defines the workflows, not a script that runs them"
+        ) from exc
     except Exception as exc:
         logger.debug("importing %s failed", module, exc_info=True)
         missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
@@ -150,9 +157,9 @@ def _warn_undeclared(store: SystemStore, queues: Sequence[str]) -> None:
     for name in queues:
         if store.get_queue(name) is None:
             logger.warning(
-                "no process has declared the queue %r in this database: this worker waits "
-                "for work on it all the same (a notebook may declare it later); if that is a "
-                "typo, `dbos-nb status` lists the declared queues",
+                "no process has declared the queue %r in this database: this worker starts "
+                "its work once a process declares it (a notebook may do so later); if that is "
+                "a typo, `dbos-nb status` lists the declared queues",
                 name,
             )
 

@@ -248,3 +248,10 @@ def test_a_worker_warns_about_a_queue_nobody_declared_and_keeps_running(db_url: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_empty_queue_name_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'none.sqlite'}"
+    assert main(["worker", "--db", url, *NO_MODULE, "--queue", " "]) == 2
+    assert "--queue needs a queue name" in capsys.readouterr().err
+    assert not (tmp_path / "none.sqlite").exists()

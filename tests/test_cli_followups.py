@@ -402,6 +402,8 @@ def test_a_read_only_database_is_refused_by_a_process_that_runs_work(
         (None, "fu_no_such_pkg.sub", "no module named 'fu_no_such_pkg'"),
         ("raise RuntimeError('boom')\n", "fu_raises", "importing it raised RuntimeError: boom"),
         ("import fu_missing_dependency\n", "fu_needs", "importing it raised ModuleNotFoundError"),
+        # A script that exits on import: said, rather than the worker exiting silently.
+        ("import sys\nsys.exit(3)\n", "fu_exits", "importing it called sys.exit(3)"),
     ],
 )
 def test_a_failed_import_is_one_line(
