@@ -104,6 +104,10 @@ def run_worker(
     _warn_undeclared(rt.store, queues)
     last = ""
     while not stop.wait(PROGRESS_INTERVAL_SEC if last else 0.5):
+        if rt.executor_id != executor:
+            # Its id was taken while it could not renew it: it went on under a new one.
+            logger.info("worker %s goes on as %s", executor, rt.executor_id)
+            executor = rt.executor_id
         counts = rt.store.count_by_executor(executor)
         line = (
             f"running {len(rt.running_ids())}, done {counts.get('SUCCESS', 0)}, "
