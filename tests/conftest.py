@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,17 @@ def recorded_steps(url: str) -> set[tuple[str, int]]:
         rows = conn.execute(sa.text(f"SELECT workflow_uuid, function_id FROM {table}")).all()
     engine.dispose()
     return {(str(r[0]), int(r[1])) for r in rows}
+
+
+def max_overlap(intervals: Sequence[tuple[float, float]], slack: float = 0) -> int:
+    """The most intervals [start, end - slack) that hold at one instant: how many tasks ran
+    at once, from their recorded start and end times (`slack` forgives a clock's skew)."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e - slack, -1) for _, e in intervals])
+    running = most = 0
+    for _, delta in events:
+        running += delta
+        most = max(most, running)
+    return most
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import max_overlap, wait_until
 from dbos_nb import (
     DBOS,
     DBOSClient,
@@ -32,15 +32,6 @@ def timed(i: int) -> int:
     with _SPANS_LOCK:
         SPANS.append((started, time.monotonic()))
     return i
-
-
-def _most_at_once(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    running = most = 0
-    for _, step in events:
-        running += step
-        most = max(most, running)
-    return most
 
 
 def test_a_queue_registered_by_a_client_is_stored_for_every_process(launched: str) -> None:
@@ -92,7 +83,7 @@ def test_the_processes_claims_obey_the_settings_a_client_stores(launched: str) -
         handles = [client.enqueue(options, i) for i in range(6)]
         assert [h.get_result(timeout_sec=30) for h in handles] == list(range(6))
     assert len(SPANS) == 6
-    assert _most_at_once(SPANS) == 1
+    assert max_overlap(SPANS) == 1
 
 
 def test_on_conflict_chooses_whether_stored_settings_change(

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from conftest import max_overlap
 from dbos_nb import DBOSClient, UnknownQueueError, UnknownWorkflowNameError
 from dbos_nb.storage.store import SystemStore
 
@@ -48,16 +49,6 @@ def client(db_url: str) -> Iterator[DBOSClient]:
     """A client on the example's database, to check what the example left there."""
     with DBOSClient(db_url, create=True) as c:  # before the example's first launch
         yield c
-
-
-def max_overlap(intervals: list[tuple[int, int]], slack_ms: int = 0) -> int:
-    """The most intervals [start, end - slack_ms) that hold at one instant."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e - slack_ms, -1) for _, e in intervals])
-    now = most = 0
-    for _, delta in events:
-        now += delta
-        most = max(most, now)
-    return most
 
 
 # -- Queue Example ---------------------------------------------------------------------------------
@@ -105,7 +96,7 @@ def test_queue_concurrency(db_url: str, client: DBOSClient) -> None:
     # and the claim that takes its slot may read its start time a moment earlier: recorded times
     # can overlap by a millisecond or two, where a sixth task at once would overlap by ~100 ms.
     intervals = [(t.dequeued_at or 0, t.updated_at or 0) for t in tasks]
-    assert max_overlap(intervals, slack_ms=10) == 5
+    assert max_overlap(intervals, slack=10) == 5
 
 
 # -- Rate Limiting ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import recorded_steps
+from conftest import max_overlap, recorded_steps
 from dbos_nb.client import DBOSClient
 
 APP = Path(__file__).parent / "queue_worker_app.py"
@@ -104,12 +104,7 @@ def workers_factory(tmp_path: Path) -> Iterator[Any]:
 
 
 def _max_overlap(events: list[Event]) -> int:
-    marks = sorted([(e.start, 1) for e in events] + [(e.end, -1) for e in events])
-    best = current = 0
-    for _, delta in marks:
-        current += delta
-        best = max(best, current)
-    return best
+    return max_overlap([(e.start, e.end) for e in events])
 
 
 def _enqueue(url: str, queue: str, workflow: str, n: int) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from conftest import config, wait_until
+from conftest import config, max_overlap, wait_until
 from dbos_nb import (
     DBOS,
     DBOSAwaitedWorkflowCancelledError,
@@ -34,15 +34,6 @@ from dbos_nb.storage import rate_ledger
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.migrations import migrate
 from dbos_nb.storage.schema import queue_starts
-
-
-def _max_overlap(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    best = current = 0
-    for _, delta in events:
-        current += delta
-        best = max(best, current)
-    return best
 
 
 def test_fifo_with_concurrency_one(launched: str) -> None:
@@ -74,7 +65,7 @@ def test_global_concurrency_holds_and_is_used(launched: str) -> None:
 
     handles = [q.enqueue(work, i) for i in range(15)]
     assert sorted(h.get_result() for h in handles) == list(range(15))
-    assert _max_overlap(spans) == 3
+    assert max_overlap(spans) == 3
 
 
 def test_worker_concurrency_holds(launched: str) -> None:
@@ -91,7 +82,7 @@ def test_worker_concurrency_holds(launched: str) -> None:
 
     for h in [q.enqueue(work) for _ in range(10)]:
         h.get_result()
-    assert _max_overlap(spans) == 2
+    assert max_overlap(spans) == 2
 
 
 def test_rate_limiter_with_an_injected_clock(db_url: str) -> None:

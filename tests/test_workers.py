@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from IPython.core.interactiveshell import InteractiveShell
 
-from conftest import config, launched_shell, recorded_steps, wait_until
+from conftest import config, launched_shell, max_overlap, recorded_steps, wait_until
 from dbos_nb import DBOS, DBOSClient, DBOSConfigError, Queue
 from dbos_nb.cli import main
 from dbos_nb.clock import ManualClock, SystemClock
@@ -113,15 +113,6 @@ def pool(db_url: str, tmp_path: Path) -> Iterator[WorkerPool]:
     p = WorkerPool(db_url, tmp_path / "events.log")
     yield p
     p.stop_all()
-
-
-def _max_overlap(spans: list[tuple[float, float]]) -> int:
-    marks = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    best = current = 0
-    for _, delta in marks:
-        current += delta
-        best = max(best, current)
-    return best
 
 
 @pytest.fixture
@@ -311,10 +302,10 @@ def test_limits_hold_across_three_workers(db_url: str, pool: WorkerPool) -> None
         assert [h.get_result(timeout_sec=120) for h in handles] == list(range(90))
     events = pool.events()
     spans = [(e[2], e[3]) for e in events]
-    assert _max_overlap(spans) <= 4
+    assert max_overlap(spans) <= 4
     for name in names:
         mine = [(e[2], e[3]) for e in events if e[4] == name]
-        assert mine and _max_overlap(mine) <= 2
+        assert mine and max_overlap(mine) <= 2
     starts = [e[2] for e in events]
     for i, s in enumerate(starts):
         assert sum(1 for t in starts[i:] if t < s + 1.0) <= 30
