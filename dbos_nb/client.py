@@ -122,6 +122,7 @@ class DBOSClient:
             priority=int(opts.get("priority") or 0),
             deduplication_id=opts.get("deduplication_id"),
             workflow_timeout_ms=round(timeout * 1000) if timeout is not None else None,
+            queue_partition_key=opts.get("queue_partition_key"),
         )
         existing = self._store.insert_workflow(row)
         if existing is not None and existing["name"] != name_in_row:
@@ -239,6 +240,9 @@ class DBOSClient:
         global_concurrency: int | None = None,
         worker_concurrency: int | None = None,
         limiter: dict[str, Any] | None = None,
+        partition_concurrency: int | None = None,
+        partition_worker_concurrency: int | None = None,
+        partition_limiter: dict[str, Any] | None = None,
         polling_interval_sec: float = 1.0,
         on_conflict: str = "always_update",
         priority_enabled: bool = UNSET,
@@ -259,6 +263,9 @@ class DBOSClient:
             False if priority_enabled is UNSET else priority_enabled,
             polling_interval_sec,
             None if token_limiter is UNSET else token_limiter,
+            partition_concurrency,
+            partition_worker_concurrency,
+            partition_limiter,
         )
         return register_by_client(
             self._store,

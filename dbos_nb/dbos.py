@@ -330,6 +330,9 @@ class DBOS(metaclass=_DBOSType):
         polling_interval_sec: float = UNSET,
         global_concurrency: int | None = UNSET,
         token_limiter: dict[str, Any] | None = UNSET,
+        partition_concurrency: int | None = UNSET,
+        partition_worker_concurrency: int | None = UNSET,
+        partition_limiter: dict[str, Any] | None = UNSET,
         on_conflict: str = "update_if_latest_version",
     ) -> Queue:
         """Declare a queue (DBOS 3's spelling of `Queue(...)`). `on_conflict`: DBOS's default
@@ -349,6 +352,9 @@ class DBOS(metaclass=_DBOSType):
             priority_enabled=priority_enabled,
             polling_interval_sec=polling_interval_sec,
             token_limiter=token_limiter,
+            partition_concurrency=partition_concurrency,
+            partition_worker_concurrency=partition_worker_concurrency,
+            partition_limiter=partition_limiter,
             _keep_stored=on_conflict == "never_update",
         )
 

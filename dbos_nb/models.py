@@ -96,6 +96,8 @@ class WorkflowStatus:
     # The workflow this one is a fork of (`fork_workflow`), and whether it has been forked.
     forked_from: str | None = None
     was_forked_from: bool = False
+    # The partition of a partitioned queue the workflow was enqueued in.
+    queue_partition_key: str | None = None
 
 
 @dataclass
@@ -156,6 +158,20 @@ class QueueSettings:
     polling_interval_ms: int = 1000
     token_limit: int | None = None
     token_period_ms: int | None = None
+    # Limits of each partition apart (DBOS's partitioned queues): any of them set makes the
+    # queue partitioned, and each enqueue names its partition (`queue_partition_key`).
+    partition_concurrency: int | None = None
+    partition_worker_concurrency: int | None = None
+    partition_limit: int | None = None
+    partition_period_ms: int | None = None
+
+    @property
+    def partitioned(self) -> bool:
+        return (
+            self.partition_concurrency is not None
+            or self.partition_worker_concurrency is not None
+            or self.partition_limit is not None
+        )
 
     def limits(self) -> str:
         """The limits in a few words, e.g. `concurrency=4, worker=2, 50/30s`; `-` for none."""
@@ -168,6 +184,13 @@ class QueueSettings:
             parts.append(f"{self.limit}/{self.period_ms / 1000:g}s")
         if self.token_limit is not None and self.token_period_ms is not None:
             parts.append(f"tokens={self.token_limit}/{self.token_period_ms / 1000:g}s")
+        if self.partition_concurrency is not None:
+            parts.append(f"partition_concurrency={self.partition_concurrency}")
+        if self.partition_worker_concurrency is not None:
+            parts.append(f"partition_worker={self.partition_worker_concurrency}")
+        if self.partition_limit is not None and self.partition_period_ms is not None:
+            period = self.partition_period_ms / 1000
+            parts.append(f"{self.partition_limit}/{period:g}s per partition")
         if self.priority_enabled:
             parts.append("priority")
         if self.polling_interval_ms != 1000:

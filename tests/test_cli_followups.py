@@ -164,6 +164,16 @@ def _set_version(path: Path, version: int) -> None:
         conn.execute(
             "UPDATE schema_migrations SET version = ? WHERE version = ?", (version, SCHEMA_VERSION)
         )
+        if version < 9:
+            conn.execute("ALTER TABLE workflow_status DROP COLUMN queue_partition_key")
+            for column in (
+                "partition_concurrency",
+                "partition_worker_concurrency",
+                "partition_rate_limit",
+                "partition_rate_period_ms",
+            ):
+                conn.execute(f"ALTER TABLE queues DROP COLUMN {column}")
+            conn.execute("ALTER TABLE queue_starts DROP COLUMN partition_key")
         if version < 7:
             conn.execute("DROP INDEX ix_ws_batch")
             conn.execute("DROP INDEX ux_batches_key")
@@ -187,7 +197,7 @@ def test_inspection_neither_upgrades_nor_reads_another_schema(
 ) -> None:
     """`dbos-nb status` upgraded an older database (after which the installations that made it
     refused it): it is refused, saying who upgrades it, and left as it was."""
-    assert SCHEMA_VERSION == 8  # the faked versions below are relative to this one
+    assert SCHEMA_VERSION == 9  # the faked versions below are relative to this one
     path = tmp_path / "system.sqlite"
     _declare(_sqlite_url(path))
     _set_version(path, version)

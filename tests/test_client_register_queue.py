@@ -123,8 +123,8 @@ def test_bad_registrations_are_refused_and_store_nothing(launched: str) -> None:
             client.register_queue("guarded", limiter={"limit": 0, "period": 1})
         with pytest.raises(InvalidQueueSettingsError, match="reserved"):
             client.register_queue(INTERNAL_QUEUE)
-        with pytest.raises(TypeError, match="partition_concurrency"):
-            client.register_queue("guarded", partition_concurrency=2)  # type: ignore[call-arg]
+        with pytest.raises(InvalidQueueSettingsError, match=r"partition_concurrency \(5\) cannot"):
+            client.register_queue("guarded", global_concurrency=4, partition_concurrency=5)
         stored = DBOS.retrieve_queue("guarded")
         assert stored is not None and (stored.concurrency, stored.limiter) == (4, None)
         assert client.retrieve_queue("never_stored") is None

@@ -158,6 +158,36 @@ def test_rate_limit_across_processes(db_url: str, workers_factory: Any) -> None:
     assert starts[-1] - starts[0] < 4 * (period + 0.05) + 1.5
 
 
+def test_partition_concurrency_across_processes(db_url: str, workers_factory: Any) -> None:
+    """Each partition's limit holds over two processes, and the queue's own over all of them;
+    FIFO within each partition."""
+    queue = {"name": "mp_parts", "concurrency": 4, "partition_concurrency": 1}
+    workers = workers_factory(db_url, queue, 0.01)
+    workers.start("p1")
+    workers.start("p2")
+    with DBOSClient(db_url) as client:
+        ids = [
+            client.enqueue(
+                {
+                    "queue_name": "mp_parts",
+                    "workflow_name": "one_step_task",
+                    "queue_partition_key": f"k{i % 5}",
+                },
+                i,
+            ).workflow_id
+            for i in range(100)
+        ]
+    _wait_all(db_url, ids)
+    events = workers.events()
+    assert sorted(e.task for e in events) == list(range(100))
+    for key in range(5):
+        mine = [e for e in events if e.task % 5 == key]
+        assert _max_overlap(mine) == 1, f"partition k{key}"
+        assert [e.task for e in mine] == list(range(key, 100, 5))
+    assert _max_overlap(events) <= 4
+    assert {e.executor for e in events} == {"p1", "p2"}
+
+
 def test_fifo_across_two_processes(db_url: str, workers_factory: Any) -> None:
     workers = workers_factory(db_url, {"name": "mp_fifo", "concurrency": 1}, 0.002)
     workers.start("f1")

@@ -90,6 +90,7 @@ class Context:
     deduplication_id: str | None = None
     priority: int | None = None
     token_estimate: int | None = None
+    queue_partition_key: str | None = None
     authenticated_user: str | None = None
     authenticated_roles: list[str] | None = None
     assumed_role: str | None = None
@@ -271,8 +272,21 @@ def check_priority(priority: Any) -> None:
         )
 
 
+def check_partition_key(key: Any, deduplication_id: Any) -> None:
+    """Refuse a partition key that is not a non-empty string, or one given with a
+    deduplication id (DBOS supports no deduplication on partitioned queues)."""
+    if key is None:
+        return
+    if not isinstance(key, str) or not key:
+        raise DbosNbError(f"queue_partition_key must be a non-empty string, got {key!r}")
+    check_id_length(key, "a queue_partition_key")
+    if deduplication_id is not None:
+        raise DbosNbError("Deduplication is not supported for partitioned queues")
+
+
 class SetEnqueueOptions(_ContextBlock):
-    """Deduplication id, priority and token estimate for workflows enqueued in the block.
+    """Deduplication id, priority, partition key and token estimate for workflows enqueued in
+    the block.
 
     `token_estimate` is what a queue with a `token_limiter` counts for the workflow until its
     steps report their real usage with `DBOS.report_usage`.
@@ -284,8 +298,10 @@ class SetEnqueueOptions(_ContextBlock):
         deduplication_id: str | None = None,
         priority: int | None = None,
         token_estimate: int | None = None,
+        queue_partition_key: str | None = None,
     ) -> None:
         check_priority(priority)
+        check_partition_key(queue_partition_key, deduplication_id)
         if deduplication_id is not None:
             if not isinstance(deduplication_id, str) or not deduplication_id:
                 # (Empty: EnqueueOptions refuses it too; it would deduplicate unrelated work.)
@@ -304,12 +320,14 @@ class SetEnqueueOptions(_ContextBlock):
         self.deduplication_id = deduplication_id
         self.priority = priority
         self.token_estimate = estimate
+        self.queue_partition_key = queue_partition_key
 
     def _changes(self) -> dict[str, Any]:
         return {
             "deduplication_id": self.deduplication_id,
             "priority": self.priority,
             "token_estimate": self.token_estimate,
+            "queue_partition_key": self.queue_partition_key,
         }
 
 

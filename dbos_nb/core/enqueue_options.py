@@ -16,6 +16,7 @@ from dbos_nb.core.context import (
     MAX_NAME_LENGTH,
     Context,
     check_id_length,
+    check_partition_key,
     check_priority,
     current,
     derive,
@@ -40,6 +41,8 @@ class EnqueueOptions(TypedDict, total=False):
     deduplication_id: str
     priority: int
     app_version: str
+    # The partition of a partitioned queue (needed there, refused with a deduplication_id).
+    queue_partition_key: str
     # Enqueue even if no process has declared the queue or registered the workflow name yet.
     allow_unregistered: bool
 
@@ -80,6 +83,7 @@ def validate_options(options: Any) -> EnqueueOptions:
             f"got {timeout!r}"
         )
     check_priority(options.get("priority"))
+    check_partition_key(options.get("queue_partition_key"), options.get("deduplication_id"))
     allow = options.get("allow_unregistered", False)
     if not isinstance(allow, bool):
         raise DbosNbError(f"allow_unregistered must be True or False, got {allow!r}")
@@ -139,6 +143,8 @@ def context_for(options: EnqueueOptions) -> Context:
         changes["deduplication_id"] = options["deduplication_id"]
     if options.get("priority") is not None:
         changes["priority"] = options["priority"]
+    if options.get("queue_partition_key") is not None:
+        changes["queue_partition_key"] = options["queue_partition_key"]
     if options.get("workflow_timeout") is not None:
         changes["timeout_sec"] = options["workflow_timeout"]
     return derive(**changes)

@@ -268,6 +268,7 @@ def status_from_row(
         authenticated_roles=json.loads(roles) if roles else None,
         forked_from=row.get("forked_from"),
         was_forked_from=bool(row.get("was_forked_from")),
+        queue_partition_key=row.get("queue_partition_key"),
     )
 
 

@@ -165,6 +165,9 @@ class Queue(QueueSetters):
         priority_enabled: bool = UNSET,
         polling_interval_sec: float = UNSET,
         token_limiter: dict[str, Any] | None = UNSET,
+        partition_concurrency: int | None = UNSET,
+        partition_worker_concurrency: int | None = UNSET,
+        partition_limiter: dict[str, Any] | None = UNSET,
         _keep_stored: bool = False,
     ) -> None:
         given = (
@@ -174,6 +177,9 @@ class Queue(QueueSetters):
             priority_enabled,
             polling_interval_sec,
             token_limiter,
+            partition_concurrency,
+            partition_worker_concurrency,
+            partition_limiter,
         )
         # Whether the stored settings (or an earlier declaration's here) apply instead of the
         # defaults: see the module's docstring. `_keep_stored`: those given apply only to a new
@@ -187,9 +193,13 @@ class Queue(QueueSetters):
             _or(priority_enabled, False),
             _or(polling_interval_sec, 1.0),
             _or(token_limiter, None),
+            _or(partition_concurrency, None),
+            _or(partition_worker_concurrency, None),
+            _or(partition_limiter, None),
         )
         self.name = name
         self.priority_noted = False  # told once that a priority here orders nothing
+        self.partition_noted = False  # the same for a partition key
         QUEUES.declare(self)
 
     # Whether this object shows the settings stored in the database when it was read
@@ -216,6 +226,7 @@ class Queue(QueueSetters):
         queue.name = settings.name
         queue.adopts_stored = True
         queue.priority_noted = False
+        queue.partition_noted = False
         queue._read_from_database = True
         queue._client_store = client_store
         return queue
@@ -312,6 +323,19 @@ class Queue(QueueSetters):
         return self._latest().priority_enabled
 
     @property
+    def partition_concurrency(self) -> int | None:
+        return self._latest().partition_concurrency
+
+    @property
+    def partition_worker_concurrency(self) -> int | None:
+        return self._latest().partition_worker_concurrency
+
+    @property
+    def partition_limiter(self) -> dict[str, float] | None:
+        s = self._latest()
+        return limiter_of(s.partition_limit, s.partition_period_ms)
+
+    @property
     def polling_interval_sec(self) -> float:
         return self._latest().polling_interval_ms / 1000
 
@@ -319,6 +343,7 @@ class Queue(QueueSetters):
         """Enqueue a workflow, step or transaction; returns its handle at once."""
         self._check_enqueue()
         _note_ignored_priority(self)
+        _check_partition(self)
         reg, call_args = resolve(func, args)
         rt = get_runtime()
         wid = enqueue_workflow(rt, self.name, reg, call_args, kwargs)
@@ -351,6 +376,7 @@ class Queue(QueueSetters):
         """
         self._check_enqueue()
         _note_ignored_priority(self)
+        _check_partition(self)
         reg, bound = resolve(func, ())
         rt = get_runtime()
         with cycle_collector_paused():
@@ -495,6 +521,27 @@ def _note_ignored_priority(queue: Queue) -> None:
         warnings.warn(
             f"queue {settings.name!r} does not have priority_enabled=True: the priority given "
             "is stored but its work starts in enqueue order",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _check_partition(queue: Queue) -> None:
+    """Work enqueued on a partitioned queue names its partition (DBOS says it must, though it
+    does not check: there such work would never start). A key given for a queue that is not
+    partitioned is stored but limits nothing: said once, as for a priority."""
+    settings = queue._latest()
+    key = current().queue_partition_key
+    if settings.partitioned and key is None:
+        raise DbosNbError(
+            f"queue {settings.name!r} is partitioned ({settings.limits()}): enqueue inside "
+            "SetEnqueueOptions(queue_partition_key=...) to say which partition the work is in"
+        )
+    if not settings.partitioned and key is not None and not queue.partition_noted:
+        queue.partition_noted = True
+        warnings.warn(
+            f"queue {settings.name!r} has no partition limits: the queue_partition_key given "
+            "is stored but limits nothing",
             UserWarning,
             stacklevel=3,
         )

@@ -68,6 +68,28 @@ class QueueSetters:
         and declarations, another one from its next launch."""
         self._change("polling_interval_sec", value, "set_polling_interval_sec")
 
+    def set_partition_concurrency(self, value: int | None) -> None:
+        """How many workflows of any one partition may run at once across all processes
+        (None: no limit); setting a partition limit makes the queue partitioned."""
+        self._change("partition_concurrency", value, "set_partition_concurrency")
+
+    def set_partition_worker_concurrency(self, value: int | None) -> None:
+        """How many workflows of any one partition one process may run at once."""
+        self._change("partition_worker_concurrency", value, "set_partition_worker_concurrency")
+
+    def set_partition_limiter(self, value: dict[str, Any] | None) -> None:
+        """The rate limit of each partition apart, {"limit": n, "period": seconds}."""
+        self._change("partition_limiter", value, "set_partition_limiter")
+
+    async def set_partition_concurrency_async(self, value: int | None) -> None:
+        await asyncio.to_thread(self.set_partition_concurrency, value)
+
+    async def set_partition_worker_concurrency_async(self, value: int | None) -> None:
+        await asyncio.to_thread(self.set_partition_worker_concurrency, value)
+
+    async def set_partition_limiter_async(self, value: dict[str, Any] | None) -> None:
+        await asyncio.to_thread(self.set_partition_limiter, value)
+
     async def set_global_concurrency_async(self, value: int | None) -> None:
         await asyncio.to_thread(self.set_global_concurrency, value)
 
@@ -108,6 +130,16 @@ class QueueSetters:
     async def get_limiter_async(self) -> dict[str, float] | None:
         stored = await self._stored_async()
         return limiter_of(stored.limit, stored.period_ms)
+
+    async def get_partition_concurrency_async(self) -> int | None:
+        return (await self._stored_async()).partition_concurrency
+
+    async def get_partition_worker_concurrency_async(self) -> int | None:
+        return (await self._stored_async()).partition_worker_concurrency
+
+    async def get_partition_limiter_async(self) -> dict[str, float] | None:
+        stored = await self._stored_async()
+        return limiter_of(stored.partition_limit, stored.partition_period_ms)
 
     async def get_polling_interval_sec_async(self) -> float:
         return (await self._stored_async()).polling_interval_ms / 1000

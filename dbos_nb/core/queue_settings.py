@@ -36,6 +36,9 @@ def build_settings(
     priority_enabled: Any = False,
     polling_interval_sec: Any = 1.0,
     token_limiter: Any = None,
+    partition_concurrency: Any = None,
+    partition_worker_concurrency: Any = None,
+    partition_limiter: Any = None,
 ) -> QueueSettings:
     """Validate a queue declaration; raises InvalidQueueSettingsError naming the problem."""
     if not isinstance(name, str) or not name.strip():
@@ -45,14 +48,14 @@ def build_settings(
         raise InvalidQueueSettingsError(f"the queue name {name!r} is reserved")
     conc = _positive_int("concurrency", concurrency, name)
     worker = _positive_int("worker_concurrency", worker_concurrency, name)
-    _check_worker_within(name, conc, worker)
     limit, period_ms = _limiter(name, "limiter", limiter)
+    partition_limit, partition_period_ms = _limiter(name, "partition_limiter", partition_limiter)
     token_limit, token_period_ms = _limiter(name, "token_limiter", token_limiter)
     if not isinstance(priority_enabled, bool):
         raise InvalidQueueSettingsError(
             f"queue {name!r}: priority_enabled must be True or False, got {priority_enabled!r}"
         )
-    return QueueSettings(
+    settings = QueueSettings(
         name=name,
         concurrency=conc,
         worker_concurrency=worker,
@@ -62,7 +65,15 @@ def build_settings(
         polling_interval_ms=_polling_ms(name, polling_interval_sec),
         token_limit=token_limit,
         token_period_ms=token_period_ms,
+        partition_concurrency=_positive_int("partition_concurrency", partition_concurrency, name),
+        partition_worker_concurrency=_positive_int(
+            "partition_worker_concurrency", partition_worker_concurrency, name
+        ),
+        partition_limit=partition_limit,
+        partition_period_ms=partition_period_ms,
     )
+    _check_consistent(settings)
+    return settings
 
 
 def changed_settings(old: QueueSettings, setting: str, value: Any) -> QueueSettings:
@@ -82,9 +93,17 @@ def changed_settings(old: QueueSettings, setting: str, value: Any) -> QueueSetti
         new = dataclasses.replace(old, token_limit=limit, token_period_ms=period_ms)
     elif setting == "polling_interval_sec":
         new = dataclasses.replace(old, polling_interval_ms=_polling_ms(name, value))
+    elif setting == "partition_concurrency":
+        new = dataclasses.replace(old, partition_concurrency=_positive_int(setting, value, name))
+    elif setting == "partition_worker_concurrency":
+        count = _positive_int(setting, value, name)
+        new = dataclasses.replace(old, partition_worker_concurrency=count)
+    elif setting == "partition_limiter":
+        limit, period_ms = _limiter(name, setting, value)
+        new = dataclasses.replace(old, partition_limit=limit, partition_period_ms=period_ms)
     else:
         raise ValueError(f"not a queue setting one can change: {setting!r}")
-    _check_worker_within(name, new.concurrency, new.worker_concurrency)
+    _check_consistent(new)
     return new
 
 
@@ -95,11 +114,36 @@ def limiter_of(limit: int | None, period_ms: int | None) -> dict[str, float] | N
     return {"limit": limit, "period": period_ms / 1000}
 
 
-def _check_worker_within(name: str, conc: int | None, worker: int | None) -> None:
-    if conc is not None and worker is not None and worker > conc:
-        raise InvalidQueueSettingsError(
-            f"queue {name!r}: worker_concurrency ({worker}) cannot exceed concurrency ({conc})"
-        )
+def _check_consistent(s: QueueSettings) -> None:
+    """No limit may exceed one that contains it (DBOS's rules): a process's share of the queue
+    or of a partition within the queue's, a partition's within the queue's."""
+    pairs = (
+        ("worker_concurrency", s.worker_concurrency, "concurrency", s.concurrency),
+        (
+            "partition_worker_concurrency",
+            s.partition_worker_concurrency,
+            "partition_concurrency",
+            s.partition_concurrency,
+        ),
+        (
+            "partition_worker_concurrency",
+            s.partition_worker_concurrency,
+            "worker_concurrency",
+            s.worker_concurrency,
+        ),
+        ("partition_concurrency", s.partition_concurrency, "concurrency", s.concurrency),
+        (
+            "partition_worker_concurrency",
+            s.partition_worker_concurrency,
+            "concurrency",
+            s.concurrency,
+        ),
+    )
+    for inner, inner_value, outer, outer_value in pairs:
+        if inner_value is not None and outer_value is not None and inner_value > outer_value:
+            raise InvalidQueueSettingsError(
+                f"queue {s.name!r}: {inner} ({inner_value}) cannot exceed {outer} ({outer_value})"
+            )
 
 
 def _polling_ms(name: str, polling_interval_sec: Any) -> int:

@@ -227,6 +227,8 @@ class Scheduler:
             return False  # woken when its rate slot comes (computed), whatever is enqueued
         if blocked == claims.BLOCKED_CONCURRENCY:
             return WAKE_FREED in reasons
+        if blocked == claims.BLOCKED_PARTITIONS:
+            return True  # a new partition's work, or a full one's finish, may start now
         return WAKE_ENQUEUED in reasons  # a free slot changes nothing when slots don't limit
 
     def _claim_one(
@@ -334,7 +336,10 @@ class Scheduler:
                 self._blocked[queue_name] = result.blocked
             else:
                 self._blocked.pop(queue_name, None)
-            rt.mark_slot_bound(queue_name, result.blocked == claims.BLOCKED_CONCURRENCY)
+            rt.mark_slot_bound(
+                queue_name,
+                result.blocked in (claims.BLOCKED_CONCURRENCY, claims.BLOCKED_PARTITIONS),
+            )
             if result.next_rate_slot_ms is not None:
                 rate_slots[queue_name] = result.next_rate_slot_ms
             else:

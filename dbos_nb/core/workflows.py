@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from dbos_nb import serialization
-from dbos_nb.core.context import Context, RunningWorkflow, check_id_length, current, using
+from dbos_nb.core.context import (
+    Context,
+    RunningWorkflow,
+    check_id_length,
+    check_partition_key,
+    current,
+    using,
+)
 from dbos_nb.core.deferred_reads import write_deferred
 from dbos_nb.core.registry import Registration, check_calls
 from dbos_nb.core.runtime import WAKE_ENQUEUED, WAKE_FREED, DirectSlot, DirectStarter, Runtime
@@ -149,6 +156,8 @@ def _new_row(
         if plan.timeout_ms is not None:
             deadline = now + plan.timeout_ms
     ctx = plan.ctx
+    if queue_name is not None:  # (blocks nest: the key and the id may come from two of them)
+        check_partition_key(ctx.queue_partition_key, ctx.deduplication_id)
     return NewWorkflow(
         workflow_id=plan.workflow_id,
         name=name,
@@ -170,6 +179,7 @@ def _new_row(
         recovery_attempts=1 if status == _PENDING else 0,
         function_hash=version,
         token_estimate=ctx.token_estimate if queue_name else None,
+        queue_partition_key=ctx.queue_partition_key if queue_name else None,
     )
 
 
@@ -238,6 +248,7 @@ def refuse_enqueue_options(ctx: Context) -> None:
             ("deduplication_id", ctx.deduplication_id),
             ("priority", ctx.priority),
             ("token_estimate", ctx.token_estimate),
+            ("queue_partition_key", ctx.queue_partition_key),
         )
         if value is not None
     ]

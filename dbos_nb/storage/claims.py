@@ -38,7 +38,7 @@ from sqlalchemy import (
 
 from dbos_nb.ids import new_token
 from dbos_nb.models import ClaimedWorkflow, ClaimResult, QueueSettings, WorkflowStatusString
-from dbos_nb.storage import pgwire, rate_ledger
+from dbos_nb.storage import partitions, pgwire, rate_ledger
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.queue_records import queue_settings_from_row, unshared_now
 from dbos_nb.storage.schema import (
@@ -56,6 +56,8 @@ ENQUEUED = WorkflowStatusString.ENQUEUED.value
 # What stops a queue's next claim (ClaimResult.blocked).
 BLOCKED_CONCURRENCY = "concurrency"
 BLOCKED_RATE = "rate"
+# Some partitions of a partitioned queue are held back by their own limits, others may not be.
+BLOCKED_PARTITIONS = "partitions"
 
 # Upper bound on rows taken by one claim, so one transaction stays short.
 MAX_CLAIM_BATCH = 256
@@ -100,6 +102,20 @@ _TAKE = (
 )
 
 
+# What a claim reads of each row it takes.
+_CANDIDATE_COLUMNS = (
+    ws.c.workflow_uuid,
+    ws.c.name,
+    ws.c.inputs,
+    ws.c.workflow_timeout_ms,
+    ws.c.workflow_deadline_epoch_ms,
+    ws.c.recovery_attempts,
+    ws.c.function_hash,
+    ws.c.token_estimate,
+    _LAST_RECORDED,
+)
+
+
 @functools.cache
 def _candidates_statement(
     postgres: bool, priority_enabled: bool, by_name: bool, excluding: bool
@@ -107,17 +123,7 @@ def _candidates_statement(
     """The ready rows of a queue, oldest (or most urgent) first, as far as the budget goes."""
     candidates = _ready_rows(
         ws,
-        (
-            ws.c.workflow_uuid,
-            ws.c.name,
-            ws.c.inputs,
-            ws.c.workflow_timeout_ms,
-            ws.c.workflow_deadline_epoch_ms,
-            ws.c.recovery_attempts,
-            ws.c.function_hash,
-            ws.c.token_estimate,
-            _LAST_RECORDED,
-        ),
+        _CANDIDATE_COLUMNS,
         priority_enabled,
         by_name,
         excluding,
@@ -248,15 +254,32 @@ def claim(
                 result.blocked = BLOCKED_RATE
             return result
 
-        candidates = _candidates_statement(
-            db.is_postgres, queue.priority_enabled, names is not None, bool(exclude_versions)
-        )
-        params: dict[str, Any] = {"q": queue_name, "n": budget}
-        if names is not None:
-            params["names"] = list(names)
-        if exclude_versions:
-            params["excluded"] = list(exclude_versions)
-        rows: list[Any] = list(conn.execute(candidates, params).all())
+        picked: partitions.Pick | None = None
+        if queue.partitioned:
+            picked = partitions.pick(
+                conn,
+                queue,
+                executor_id,
+                now_ms,
+                budget,
+                postgres=db.is_postgres,
+                names=None if names is None else list(names),
+                excluded=list(exclude_versions),
+            )
+            rows: list[Any] = []
+            if picked.ids:
+                chosen = _chosen_statement(db.is_postgres, queue.priority_enabled)
+                rows = list(conn.execute(chosen, {"ids": picked.ids}).all())
+        else:
+            candidates = _candidates_statement(
+                db.is_postgres, queue.priority_enabled, names is not None, bool(exclude_versions)
+            )
+            params: dict[str, Any] = {"q": queue_name, "n": budget}
+            if names is not None:
+                params["names"] = list(names)
+            if exclude_versions:
+                params["excluded"] = list(exclude_versions)
+            rows = list(conn.execute(candidates, params).all())
         raw = conn.connection.driver_connection
         if db.is_postgres and raw is not None:
             pgwire.note_received(raw, [r[2] for r in rows])
@@ -267,15 +290,24 @@ def claim(
             if token_blocked:
                 result.next_rate_slot_ms = windows.token_slot(estimates[0])
                 result.blocked = BLOCKED_RATE if result.next_rate_slot_ms is not None else None
+            _note_partitions(result, picked)
             return result
 
         owner = new_token()
         ids = [r[0] for r in rows]
         conn.execute(_TAKE, {"ids": ids, "executor": executor_id, "owner": owner, "now": now_ms})
-        ledgered = queue.limit is not None or queue.token_limit is not None
+        ledgered = (
+            queue.limit is not None
+            or queue.token_limit is not None
+            or queue.partition_limit is not None
+        )
         if ledgered:
             rate_ledger.record_starts(
-                conn, queue_name, now_ms, [(r[0], n) for r, n in zip(rows, estimates, strict=False)]
+                conn,
+                queue_name,
+                now_ms,
+                [(r[0], n) for r, n in zip(rows, estimates, strict=False)],
+                picked.keys if picked is not None else None,
             )
             # The windows as this claim leaves them: the starts it just recorded decide when the
             # next slot opens as much as those it read (a window found empty has only those).
@@ -288,6 +320,7 @@ def claim(
             result.blocked = BLOCKED_CONCURRENCY
         elif result.next_rate_slot_ms is not None:
             result.blocked = BLOCKED_RATE
+        _note_partitions(result, picked)
         for r in rows:
             deadline = r[4]
             if deadline is None and r[3] is not None:
@@ -307,6 +340,33 @@ def claim(
                 )
             )
     return result
+
+
+def _note_partitions(result: ClaimResult, picked: partitions.Pick | None) -> None:
+    """A claim that the queue's own limits did not stop, but some partition's did: the next
+    enqueue (to another partition), finish (in a full one) or rate slot may each let work
+    start, so any of them is worth a claim."""
+    if picked is None or result.blocked is not None:
+        return
+    if picked.concurrency_bound or picked.next_rate_slot_ms is not None:
+        result.blocked = BLOCKED_PARTITIONS
+        result.next_rate_slot_ms = _earliest(result.next_rate_slot_ms, picked.next_rate_slot_ms)
+
+
+@functools.cache
+def _chosen_statement(postgres: bool, priority_enabled: bool) -> Any:
+    """The rows `partitions.pick` chose, with what the claim reads of each, still waiting (and
+    on PostgreSQL locked, skipping any another transaction holds: a cancel, say)."""
+    order = (ws.c.priority, ws.c.id) if priority_enabled else (ws.c.id,)
+    chosen = (
+        select(*_CANDIDATE_COLUMNS)
+        .where(
+            ws.c.workflow_uuid.in_(bindparam("ids", expanding=True)),
+            status_is(ws.c.status, ENQUEUED),
+        )
+        .order_by(*order)
+    )
+    return chosen.with_for_update(skip_locked=True) if postgres else chosen
 
 
 def claim_unshared(
@@ -425,7 +485,12 @@ def _unshared_claim_statement(
 
 
 def _is_unshared(queue: QueueSettings) -> bool:
-    return queue.concurrency is None and queue.limit is None and queue.token_limit is None
+    return (
+        queue.concurrency is None
+        and queue.limit is None
+        and queue.token_limit is None
+        and not queue.partitioned
+    )
 
 
 def _earliest(*times: int | None) -> int | None:

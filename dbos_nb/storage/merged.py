@@ -94,7 +94,9 @@ _FINISH_AND_WAKE = (
     + f"""
 SELECT workflow_uuid, queue_name, owner_xid,
        CASE WHEN EXISTS (SELECT 1 FROM {PG_SCHEMA}.queues q
-                         WHERE q.name = finished.queue_name AND q.concurrency IS NOT NULL)
+                         WHERE q.name = finished.queue_name
+                           AND (q.concurrency IS NOT NULL
+                                OR q.partition_concurrency IS NOT NULL))
             THEN pg_notify(%(channel)s, %(origin)s || 'q:' || queue_name) END
 FROM finished
 """

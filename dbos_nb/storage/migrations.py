@@ -193,6 +193,21 @@ def _operations_from_one(conn: Connection) -> None:
 
 UPGRADES[8] = _operations_from_one
 
+
+def _partitions(conn: Connection) -> None:
+    """Version 9: partitioned queues. A workflow records its partition key, a queue its
+    per-partition limits, a rate limiter's start its partition (NULL for all before: no queue
+    was partitioned)."""
+    _add_column(conn, "workflow_status", "queue_partition_key", "VARCHAR(255)")
+    _add_column(conn, "queues", "partition_concurrency", "INTEGER")
+    _add_column(conn, "queues", "partition_worker_concurrency", "INTEGER")
+    _add_column(conn, "queues", "partition_rate_limit", "INTEGER")
+    _add_column(conn, "queues", "partition_rate_period_ms", "BIGINT")
+    _add_column(conn, "queue_starts", "partition_key", "VARCHAR(255)")
+
+
+UPGRADES[9] = _partitions
+
 # The same for the application database's tables (version 1: unversioned, before version 2).
 APP_UPGRADES: dict[int, Callable[[Connection], None]] = {
     2: lambda conn: _renumber_operations(conn, transaction_outputs.name),

@@ -175,10 +175,10 @@ def unshared_now(
     *also: ColumnElement[bool],
 ) -> Exists:
     """SQL: the stored settings of queue `name` have no limit shared between processes (no
-    concurrency, rate or token limit; exactly this `worker_concurrency`, which only the process
-    counted against it can hold), the queue is not paused at `now`, and `also` holds. What lets
-    one statement claim (or start) the queue's work without locking or counting in the
-    database; a setting changed meanwhile makes it false."""
+    concurrency, rate, token or partition limit; exactly this `worker_concurrency`, which only
+    the process counted against it can hold), the queue is not paused at `now`, and `also`
+    holds. What lets one statement claim (or start) the queue's work without locking or
+    counting in the database; a setting changed meanwhile makes it false."""
     return (
         select(queues.c.name)
         .where(
@@ -187,6 +187,9 @@ def unshared_now(
             queues.c.worker_concurrency.is_not_distinct_from(worker_concurrency),
             queues.c.rate_limit.is_(None),
             queues.c.token_limit.is_(None),
+            queues.c.partition_concurrency.is_(None),
+            queues.c.partition_worker_concurrency.is_(None),
+            queues.c.partition_rate_limit.is_(None),
             or_(queues.c.paused_until_ms.is_(None), queues.c.paused_until_ms <= now),
             *also,
         )
@@ -206,6 +209,10 @@ def queue_settings_from_row(row: dict[str, Any]) -> QueueSettings:
         polling_interval_ms=int(row["polling_interval_ms"]),
         token_limit=row.get("token_limit"),
         token_period_ms=row.get("token_period_ms"),
+        partition_concurrency=row.get("partition_concurrency"),
+        partition_worker_concurrency=row.get("partition_worker_concurrency"),
+        partition_limit=row.get("partition_rate_limit"),
+        partition_period_ms=row.get("partition_rate_period_ms"),
     )
 
 
@@ -220,4 +227,8 @@ def _columns(settings: QueueSettings) -> dict[str, Any]:
         "polling_interval_ms": settings.polling_interval_ms,
         "token_limit": settings.token_limit,
         "token_period_ms": settings.token_period_ms,
+        "partition_concurrency": settings.partition_concurrency,
+        "partition_worker_concurrency": settings.partition_worker_concurrency,
+        "partition_rate_limit": settings.partition_limit,
+        "partition_rate_period_ms": settings.partition_period_ms,
     }

@@ -33,6 +33,7 @@ _LEDGER_START = insert(qs).values(
     started_at_ms=bindparam("t"),
     workflow_uuid=bindparam("w"),
     tokens=bindparam("n"),
+    partition_key=bindparam("p"),
 )
 
 
@@ -48,12 +49,12 @@ def limiter_guard_ms(period_ms: int) -> int:
     return min(max(period_ms // 50, 50), 1000)
 
 
-def _window_open(now_ms: int, period_ms: int) -> int:
+def window_open(now_ms: int, period_ms: int) -> int:
     """Starts after this time are inside a window of `period_ms` ending now."""
     return now_ms - period_ms - limiter_guard_ms(period_ms)
 
 
-def _next_opening(
+def next_opening(
     entries: list[tuple[int, int]], limit: int, period_ms: int, need: int
 ) -> int | None:
     """When a sliding window holding these (start, weight) entries first admits `need` more
@@ -114,7 +115,7 @@ class Windows:
         limit, period_ms = self.queue.limit, self.queue.period_ms
         if limit is None or period_ms is None or len(self.starts) < limit:
             return None  # the common case, answered without building the entries
-        return _next_opening([(t, 1) for t in self.starts], limit, period_ms, 1)
+        return next_opening([(t, 1) for t in self.starts], limit, period_ms, 1)
 
     def token_slot(self, need: int = 1) -> int | None:
         """When the token window next has room for `need` more tokens (None: room now, or no
@@ -123,7 +124,7 @@ class Windows:
         limit, period_ms = self.queue.token_limit, self.queue.token_period_ms
         if limit is None or period_ms is None:
             return None
-        return _next_opening(self.token_entries, limit, period_ms, need)
+        return next_opening(self.token_entries, limit, period_ms, need)
 
     def fit_tokens(self, estimates: list[int]) -> tuple[int, bool]:
         """How many candidates, in order, with these token estimates the token window admits
@@ -148,17 +149,19 @@ def read_windows(conn: Connection, queue: QueueSettings, now_ms: int) -> Windows
     """Forget starts older than every window of the queue, then read its windows (in the
     claim's transaction, under the queue's row lock)."""
     windows = Windows(queue)
-    periods = [p for p in (queue.period_ms, queue.token_period_ms) if p is not None]
+    periods = [
+        p
+        for p in (queue.period_ms, queue.token_period_ms, queue.partition_period_ms)
+        if p is not None
+    ]
     if not periods:
         return windows
-    conn.execute(_PRUNE, {"q": queue.name, "oldest": _window_open(now_ms, max(periods))})
+    conn.execute(_PRUNE, {"q": queue.name, "oldest": window_open(now_ms, max(periods))})
     if queue.limit is not None and queue.period_ms is not None:
-        window_open = _window_open(now_ms, queue.period_ms)
-        windows.starts = list(
-            conn.execute(_WINDOW, {"q": queue.name, "open": window_open}).scalars()
-        )
+        opened = window_open(now_ms, queue.period_ms)
+        windows.starts = list(conn.execute(_WINDOW, {"q": queue.name, "open": opened}).scalars())
     if queue.token_limit is not None and queue.token_period_ms is not None:
-        token_open = _window_open(now_ms, queue.token_period_ms)
+        token_open = window_open(now_ms, queue.token_period_ms)
         windows.token_entries = [
             (int(t), int(n))
             for t, n in conn.execute(_TOKEN_WINDOW, {"q": queue.name, "open": token_open})
@@ -167,11 +170,18 @@ def read_windows(conn: Connection, queue: QueueSettings, now_ms: int) -> Windows
 
 
 def record_starts(
-    conn: Connection, queue_name: str, now_ms: int, started: list[tuple[str, int]]
+    conn: Connection,
+    queue_name: str,
+    now_ms: int,
+    started: list[tuple[str, int]],
+    partitions: dict[str, str | None] | None = None,
 ) -> None:
-    """Count these (workflow id, token estimate) starts in the queue's windows."""
+    """Count these (workflow id, token estimate) starts in the queue's windows (and in their
+    partition's, on a partitioned queue: `partitions` maps an id to its key)."""
+    keys = partitions or {}
     conn.execute(
-        _LEDGER_START, [{"q": queue_name, "t": now_ms, "w": w, "n": n} for w, n in started]
+        _LEDGER_START,
+        [{"q": queue_name, "t": now_ms, "w": w, "n": n, "p": keys.get(w)} for w, n in started],
     )
 
 
@@ -223,12 +233,12 @@ def record_real_start(
 
 def window_usage(db: Database, queue_name: str, limit_period_ms: int, now_ms: int) -> int:
     """How many starts the rate limiter's window holds right now (for progress views)."""
-    window_open = _window_open(now_ms, limit_period_ms)
+    opened = window_open(now_ms, limit_period_ms)
     with db.read() as conn:
         return int(
             conn.execute(
                 select(func.count()).where(
-                    qs.c.queue_name == queue_name, qs.c.started_at_ms > window_open
+                    qs.c.queue_name == queue_name, qs.c.started_at_ms > opened
                 )
             ).scalar_one()
         )

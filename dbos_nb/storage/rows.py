@@ -52,6 +52,7 @@ class NewWorkflow:
     batch_id: str | None = None
     function_hash: str | None = None
     token_estimate: int | None = None
+    queue_partition_key: str | None = None
 
 
 @dataclass
@@ -132,6 +133,7 @@ def _row_values(wf: NewWorkflow) -> dict[str, Any]:
         "batch_key": None if wf.batch_id is None else batch_key(wf.batch_id),
         "function_hash": wf.function_hash,
         "token_estimate": wf.token_estimate,
+        "queue_partition_key": wf.queue_partition_key,
     }
 
 

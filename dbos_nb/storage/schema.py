@@ -31,7 +31,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from dbos_nb.models import ACTIVE_STATUSES
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # The application database's own tables (transactions' checkpoints), versioned apart.
 APP_SCHEMA_VERSION = 2
 PG_SCHEMA = "dbos_nb"
@@ -112,6 +112,10 @@ workflow_status = Table(
     # fork has been made of this one (version 5).
     Column("forked_from", String(255)),
     Column("was_forked_from", Boolean, nullable=False, server_default=text("false")),
+    # The partition of a partitioned queue the workflow was enqueued in (version 9), as DBOS's
+    # `SetEnqueueOptions(queue_partition_key=...)` gives it: the queue's partition_* limits
+    # apply to each partition apart.
+    Column("queue_partition_key", String(255)),
     Index("ix_ws_queue_claim", "queue_name", "status", "priority", "id"),
     # A claim on a queue without priority takes the oldest waiting rows: this index gives them
     # in order, where the one above would make the database sort every waiting row of the
@@ -197,6 +201,12 @@ queues = Table(
     Column("polling_interval_ms", Integer, nullable=False, server_default=text("1000")),
     Column("token_limit", BigInteger),
     Column("token_period_ms", BigInteger),
+    # Limits that apply to each partition of the queue apart (version 9); any of them set
+    # makes the queue partitioned.
+    Column("partition_concurrency", Integer),
+    Column("partition_worker_concurrency", Integer),
+    Column("partition_rate_limit", Integer),
+    Column("partition_rate_period_ms", BigInteger),
     # Shared back-off: no process starts work from this queue before this time (after a 429).
     Column("paused_until_ms", BigInteger),
     Column("updated_at", BigInteger, nullable=False),
@@ -213,6 +223,9 @@ queue_starts = Table(
     Column("workflow_uuid", String(255), nullable=False),
     # Tokens counted against the queue's token budget: the estimate, then the reported usage.
     Column("tokens", BigInteger, nullable=False, server_default=text("0")),
+    # The start's partition, on a partitioned queue (version 9): a partition_limiter counts
+    # the starts of each partition apart.
+    Column("partition_key", String(255)),
     Index("ix_qs_queue_time", "queue_name", "started_at_ms"),
 )
 

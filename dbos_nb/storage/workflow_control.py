@@ -166,6 +166,8 @@ class WorkflowControl(StoreBase):
                     updated_at=now_ms,
                     queue_name=target,
                     priority=0,
+                    # Into a named queue, the fork stays in its source's partition.
+                    queue_partition_key=src["queue_partition_key"] if queue_name else None,
                     workflow_timeout_ms=src["workflow_timeout_ms"],
                     authenticated_user=src["authenticated_user"],
                     assumed_role=src["assumed_role"],

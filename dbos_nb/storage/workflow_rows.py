@@ -20,6 +20,7 @@ from sqlalchemy import (
     exists,
     func,
     literal,
+    or_,
     select,
     update,
 )
@@ -76,7 +77,10 @@ _FINISH = (
 _finished = _FINISH.cte("finished")
 _wake = case(
     (
-        exists().where(queues.c.name == _finished.c.queue_name, queues.c.concurrency.is_not(None)),
+        exists().where(
+            queues.c.name == _finished.c.queue_name,
+            or_(queues.c.concurrency.is_not(None), queues.c.partition_concurrency.is_not(None)),
+        ),
         func.pg_notify(
             bindparam("b_channel"), bindparam("b_origin") + literal("q:") + _finished.c.queue_name
         ),
@@ -152,6 +156,7 @@ _WF_COLUMNS = [
     "batch_key",
     "function_hash",
     "token_estimate",
+    "queue_partition_key",
 ]
 
 
