@@ -309,3 +309,12 @@ def test_a_version_8_database_gains_partitions(tmp_path: Path) -> None:
     finally:
         db.dispose()
     assert versions == list(range(8, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 9
+
+
+def test_enqueue_many_puts_a_whole_batch_in_one_partition(launched: str) -> None:
+    queue = Queue("batched_parts", partition_concurrency=1)
+    with SetEnqueueOptions(queue_partition_key="p"):
+        handles = queue.enqueue_many(task, [("p", i, 0.02) for i in range(6)], unpack=True)
+    assert [h.get_result(timeout_sec=20) for h in handles] == list(range(6))
+    assert {h.get_status().queue_partition_key for h in handles} == {"p"}
+    assert max_overlap([(s, e) for s, e, _ in SPANS["p"]]) == 1
