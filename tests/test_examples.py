@@ -262,3 +262,16 @@ def test_client_enqueue_from_other_processes(db_url: str) -> None:
             raise
     assert app.returncode == 0, err
     assert time.monotonic() - started < 15
+
+
+# -- Partitioning Queues ---------------------------------------------------------------------------
+
+
+def test_partitioned_queue(db_url: str, client: DBOSClient) -> None:
+    out = run_example("partitioned_queue.py", db_url, "4").splitlines()
+    assert out[0] == "12 tasks done"
+    assert out[1:4] == [f"{user}: at most 1 at once" for user in ("alice", "bob", "carol")]
+    assert out[4] == "all users: at most 3 at once"  # the users' tasks ran side by side
+    tasks = client.list_workflows(queue_name="per_user_queue")
+    assert len(tasks) == 12 and all(t.status == "SUCCESS" for t in tasks)
+    assert sorted({t.queue_partition_key for t in tasks}) == ["alice", "bob", "carol"]
