@@ -54,6 +54,13 @@ def test_launch_is_idempotent_and_queue_magic(
     q = run(shell, "%dbos_queue llm --concurrency 4 --worker-concurrency 2 --limit 50/30s")
     assert shell.user_ns["llm"] is q
     assert (q.concurrency, q.worker_concurrency, q.limiter) == (4, 2, {"limit": 50, "period": 30})
+    parts = run(shell, "%dbos_queue users --partition-concurrency 1 --partition-limit 10/1m")
+    assert (parts.partition_concurrency, parts.partition_limiter) == (
+        1,
+        {"limit": 10, "period": 60},
+    )
+    with pytest.raises(UsageError, match=r"partition_concurrency \(5\) cannot exceed"):
+        run(shell, "%dbos_queue bad3 --concurrency 2 --partition-concurrency 5")
     run(shell, "%dbos_queue other-q --as oq --priority")
     assert shell.user_ns["oq"].priority_enabled
     with pytest.raises(UsageError, match="cannot exceed"):

@@ -2,6 +2,7 @@
 
     %dbos_launch [--db URL] [--name NAME] [--executor-id ID]
     %dbos_queue NAME [--concurrency N] [--worker-concurrency N] [--limit 50/30s]
+                [--partition-concurrency N] [--partition-limit 10/1m]
                 [--tokens 90000/1m] [--priority] [--as VAR]
     %%dbos_workflow NAME [--id ID] [--queue Q] [--timeout S] [--background] [--rerun]
     %dbos_status [QUEUE]
@@ -227,6 +228,13 @@ class DbosMagics(Magics):
     @argument("--limit", help="rate limit LIMIT/PERIOD, e.g. 50/30s or 500/1m")
     @argument("--tokens", help="token budget TOKENS/PERIOD, e.g. 90000/1m")
     @argument("--priority", action="store_true", help="order waiting work by priority")
+    @argument(
+        "--partition-concurrency",
+        type=int,
+        help="at most N of each partition running at once (work names its partition with "
+        "SetEnqueueOptions(queue_partition_key=...))",
+    )
+    @argument("--partition-limit", help="rate limit of each partition, e.g. 10/1m")
     @argument("--as", dest="var", help="variable to bind the queue to")
     @line_magic
     def dbos_queue(self, line: str) -> Queue:
@@ -251,6 +259,10 @@ class DbosMagics(Magics):
                 "limiter": parse_limit(args.limit, "--limit") if args.limit else None,
                 "priority_enabled": args.priority,
                 "token_limiter": parse_limit(args.tokens, "--tokens") if args.tokens else None,
+                "partition_concurrency": args.partition_concurrency,
+                "partition_limiter": parse_limit(args.partition_limit, "--partition-limit")
+                if args.partition_limit
+                else None,
             }
             # Only the name: the queue's stored settings apply (see `Queue`).
             given = any(v is not None and v is not False for v in settings.values())
