@@ -766,7 +766,14 @@ class DBOS(metaclass=_DBOSType):
     @classmethod
     def sleep(cls, seconds: float) -> None:
         """Sleep durably: a recovered workflow sleeps only for what remains."""
-        steps.durable_sleep(cls._rt(), seconds)
+        rt = cls._rt()
+        if rt.aio.runs_here():
+            # As in DBOS: a blocking sleep there would stop every async workflow with it.
+            raise RuntimeError(
+                "DBOS.sleep() was called on dbos_nb's event loop (in an async def workflow, or "
+                "sync code it calls): use await DBOS.sleep_async(...) instead"
+            )
+        steps.durable_sleep(rt, seconds)
 
     # -- what the running code can ask ----------------------------------------------------------
 

@@ -11,8 +11,11 @@ workflow must not swallow a cancellation by accident.
 
 from __future__ import annotations
 
+import pickle
 from enum import Enum
 from typing import Any
+
+import cloudpickle
 
 
 class DBOSErrorCode(Enum):
@@ -162,7 +165,11 @@ class DBOSMaxStepRetriesExceeded(DbosNbError):
         super().__init__(f"step {step_name!r} failed {max_attempts} times{last}")
         self.step_name = step_name
         self.max_attempts = max_attempts
-        self.errors = errors
+        # Each attempt's error as it will read back: one that does not survive pickling (an
+        # HTTP client's error with keyword-only arguments, say) as a stand-in, here too, so
+        # that this error itself reads back as what it is, and workflow code that looks into
+        # it takes the same path when it is replayed.
+        self.errors = [_as_stored(e) for e in errors]
 
     @property
     def max_retries(self) -> int:
@@ -347,6 +354,15 @@ class DBOSRecordedError(DbosNbError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         return (type(self), (self.type_name, self.message))
+
+
+def _as_stored(error: BaseException) -> BaseException:
+    """`error` if it survives pickling and unpickling, else a `DBOSRecordedError` for it."""
+    try:
+        pickle.loads(cloudpickle.dumps(error))
+        return error
+    except Exception:
+        return DBOSRecordedError(type(error).__qualname__, str(error))
 
 
 # WorkflowPreempted's reason when a checkpoint could not reach the system database.

@@ -135,13 +135,19 @@ def load_inputs(data: bytes | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 def dump_error(error: BaseException) -> bytes:
     """Serialize an exception; one that cannot round-trip is stored as a `DBOSRecordedError`."""
+    return dump_error_as_stored(error)[0]
+
+
+def dump_error_as_stored(error: BaseException) -> tuple[bytes, BaseException]:
+    """`dump_error`, and the exception as a replay will read it back: `error` itself, or
+    the `DBOSRecordedError` stored in its place."""
     try:
         data = bytes(cloudpickle.dumps(error, protocol=_PROTOCOL))
         pickle.loads(data)
-        return data
+        return data, error
     except Exception:
         stand_in = DBOSRecordedError(type(error).__qualname__, str(error))
-        return bytes(cloudpickle.dumps(stand_in, protocol=_PROTOCOL))
+        return bytes(cloudpickle.dumps(stand_in, protocol=_PROTOCOL)), stand_in
 
 
 def load_error(data: bytes | None) -> BaseException | None:

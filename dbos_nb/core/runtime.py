@@ -124,7 +124,12 @@ class Runtime:
             other = self._running.get(running.workflow_id)
             if other is None:
                 self._running[running.workflow_id] = running
-            return other
+        if other is None and running.deadline_ms is not None:
+            # The scheduler sweeps for overdue workflows often only while some run; one
+            # asleep for its polling interval must learn that this one does (a direct start
+            # or a child wakes it through nothing else).
+            self._wake.set()
+        return other
 
     def remove_running(self, workflow_id: str) -> None:
         """Unregister the workflow's execution, and tell whoever waits for it to end."""

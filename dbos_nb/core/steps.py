@@ -78,9 +78,9 @@ def check_live(rt: Runtime, wf: RunningWorkflow, pre: StepPreflight | None = Non
 
 
 def cancel_overdue(rt: Runtime) -> None:
-    """Cancel every workflow past its deadline, with its children. A child shares its parent's
-    deadline, so cancelling only the one that noticed would let the parent see the child's
-    cancellation as an ordinary error."""
+    """Cancel every workflow past its deadline: its children that share the deadline (they
+    inherited it) with it, in one transaction, so that the parent never sees a child's
+    cancellation as an ordinary error; those that opted out of it run on."""
     cancelled = rt.store.cancel_overdue(rt.now_ms())
     rt.ended_elsewhere(cancelled, "timed out")
 
@@ -183,10 +183,15 @@ def record_step_error(
 ) -> Any:
     """Checkpoint a step's failure and raise it (or return another execution's record)."""
     __tracebackhide__ = True
-    error = serialization.dump_error(exc)
+    error, stored = serialization.dump_error_as_stored(exc)
     existing = _record(rt, wf, fid, name, started, None, error, child_workflow_id)
     if existing is not None:
         return replay(existing)
+    if stored is not exc:
+        # The workflow sees what a replay will see (the stand-in of an error that does not
+        # survive pickling), so that its `except` clauses take the same path in both: else a
+        # workflow that succeeded would fail once recovered, resumed or forked.
+        raise serialization.mark_recorded(stored) from exc
     raise serialization.mark_recorded(exc)
 
 

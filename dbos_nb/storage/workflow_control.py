@@ -95,13 +95,18 @@ class WorkflowControl(StoreBase):
         return changed
 
     def cancel_overdue(self, now_ms: int) -> list[str]:
-        """Cancel every active workflow whose deadline has passed; returns their ids."""
+        """Cancel every active workflow whose deadline has passed; returns their ids.
+
+        Not their children as such: a child that inherited its parent's deadline holds it in
+        its own row, so it is overdue too and cancelled in the same transaction; one started
+        with its own timeout, or none (`SetWorkflowTimeout(None)`), opted out of the parent's
+        deadline, and runs on, as in DBOS."""
         if self.db.read_row(_FIRST_OVERDUE, {"now": now_ms}) is None:
             return []
         ids = [row[0] for row in self.db.read_rows(_OVERDUE, {"now": now_ms})]
         if not ids:
             return []
-        return self.cancel_workflows(ids, now_ms, cancel_children=True)
+        return self.cancel_workflows(ids, now_ms, cancel_children=False)
 
     def resume_workflows(
         self, workflow_ids: Sequence[str], now_ms: int, queue_name: str | None
@@ -168,7 +173,8 @@ class WorkflowControl(StoreBase):
                     priority=0,
                     # Into a named queue, the fork stays in its source's partition.
                     queue_partition_key=src["queue_partition_key"] if queue_name else None,
-                    workflow_timeout_ms=src["workflow_timeout_ms"],
+                    # No timeout, as in DBOS: a fork is often made to finish what timed out.
+                    workflow_timeout_ms=None,
                     authenticated_user=src["authenticated_user"],
                     assumed_role=src["assumed_role"],
                     authenticated_roles=src["authenticated_roles"],
