@@ -165,6 +165,7 @@ def _set_version(path: Path, version: int) -> None:
             "UPDATE schema_migrations SET version = ? WHERE version = ?", (version, SCHEMA_VERSION)
         )
         if version < 9:
+            conn.execute("DROP INDEX ix_ws_partition_fifo")
             conn.execute("ALTER TABLE workflow_status DROP COLUMN queue_partition_key")
             for column in (
                 "partition_concurrency",

@@ -283,6 +283,7 @@ def test_a_version_8_database_gains_partitions(tmp_path: Path) -> None:
     DBOS.launch()
     DBOS.destroy()
     conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX ix_ws_partition_fifo")
     conn.execute("ALTER TABLE workflow_status DROP COLUMN queue_partition_key")
     for column in (
         "partition_concurrency",

@@ -204,6 +204,9 @@ def _partitions(conn: Connection) -> None:
     _add_column(conn, "queues", "partition_rate_limit", "INTEGER")
     _add_column(conn, "queues", "partition_rate_period_ms", "BIGINT")
     _add_column(conn, "queue_starts", "partition_key", "VARCHAR(255)")
+    for index in workflow_status.indexes:
+        if index.name == "ix_ws_partition_fifo":
+            index.create(conn, checkfirst=True)
 
 
 UPGRADES[9] = _partitions

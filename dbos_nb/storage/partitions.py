@@ -19,10 +19,25 @@ the queue was partitioned) forms one partition of its own rather than waiting fo
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ARRAY, Connection, String, all_, any_, bindparam, func, or_, select
+from sqlalchemy import (
+    ARRAY,
+    Connection,
+    Integer,
+    String,
+    all_,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+)
 
 from dbos_nb.models import QueueSettings, WorkflowStatusString
 from dbos_nb.storage.rate_ledger import next_opening, window_open
@@ -61,29 +76,131 @@ class Pick:
 @functools.cache
 def _heads_statement(priority_enabled: bool, by_name: bool, excluding: bool, postgres: bool) -> Any:
     """The first :cap waiting rows of each partition of queue :q, in queue order."""
-    order = (ws.c.priority, ws.c.id) if priority_enabled else (ws.c.id,)
+    if priority_enabled:
+        return _ranked_heads(by_name, excluding, postgres)
+    return _walked_heads(by_name, excluding, postgres)
+
+
+def _walked_heads(by_name: bool, excluding: bool, postgres: bool) -> Any:
+    """`_heads_statement` in id order, through the index of waiting rows by (queue,
+    partition, id), in steps each of which reads a few index entries: the partitions that
+    hold waiting work, one after the other (`parts`: the smallest key after the last one
+    found); then in each partition the next waiting row after the last one taken, up to :cap
+    (`heads`; the partition of work without a key apart, `keyless`). The cost grows with the
+    number of partitions, not with the backlog: ranking every waiting row (a window function)
+    read a deep backlog again at each claim, and made a partitioned queue of 20,000 items
+    six times slower than a plain one."""
+    q: Any = bindparam("q")
+    cap: Any = bindparam("cap", type_=Integer)
+    # The smallest key, written out as the first entry of the index (PostgreSQL read every
+    # waiting row for a `min()` here), in a scalar subquery so that no key gives no row.
+    first_key = (
+        select(_KEY)
+        .where(ws.c.queue_name == q, status_is(ws.c.status, ENQUEUED), _KEY.is_not(None))
+        .order_by(_KEY)
+        .limit(1)
+        .scalar_subquery()
+    )
+    # (Both terms typed alike, as PostgreSQL requires of a recursive query: `min()` over the
+    # column gives a plain VARCHAR, the column itself a VARCHAR(255).)
+    parts = select(cast(first_key, String).label("k")).cte("parts", recursive=True)
+    later = ws.alias("later")
+    next_key = (
+        select(cast(func.min(later.c.queue_partition_key), String))
+        .where(
+            later.c.queue_name == q,
+            status_is(later.c.status, ENQUEUED),
+            later.c.queue_partition_key > parts.c.k,
+        )
+        .scalar_subquery()
+    )
+    parts = parts.union_all(select(next_key).where(parts.c.k.is_not(None)))
+
+    def next_id(key_test: Callable[[Any], Any], after: Any = None) -> Any:
+        """The smallest id of a runnable waiting row of the partition, after `after`.
+
+        Ordered by (partition, id), which only the partition index gives: with the key as
+        an equality, or `min(id)`, PostgreSQL may walk the queue's FIFO index instead,
+        filtering (a young table's statistics promise a match soon), and read the rows of
+        every other partition first: 40 ms a claim with 20,000 waiting."""
+        row = ws.alias("head")
+        rows = select(row.c.id).where(
+            row.c.queue_name == q, status_is(row.c.status, ENQUEUED), key_test(row)
+        )
+        if after is not None:
+            rows = rows.where(row.c.id > after)
+        rows = _runnable_here(rows, row, by_name, excluding, postgres)
+        return rows.order_by(row.c.queue_partition_key, row.c.id).limit(1).scalar_subquery()
+
+    def in_partition(key: Any) -> Callable[[Any], Any]:
+        # A range of one key rather than an equality: see `next_id`.
+        return lambda row: and_(row.c.queue_partition_key >= key, row.c.queue_partition_key <= key)
+
+    heads = (
+        select(
+            parts.c.k.label("k"),
+            next_id(in_partition(parts.c.k)).label("id"),
+            literal(1).label("n"),
+        )
+        .where(parts.c.k.is_not(None))
+        .cte("heads", recursive=True)
+    )
+    heads = heads.union_all(
+        select(
+            heads.c.k,
+            next_id(in_partition(heads.c.k), heads.c.id),
+            heads.c.n + 1,
+        ).where(heads.c.id.is_not(None), heads.c.n < cap)
+    )
+    keyless = select(
+        next_id(lambda row: row.c.queue_partition_key.is_(None)).label("id"),
+        literal(1).label("n"),
+    ).cte("keyless", recursive=True)
+    keyless = keyless.union_all(
+        select(
+            next_id(lambda row: row.c.queue_partition_key.is_(None), keyless.c.id),
+            keyless.c.n + 1,
+        ).where(keyless.c.id.is_not(None), keyless.c.n < cap)
+    )
+    ids = (
+        select(heads.c.id)
+        .where(heads.c.id.is_not(None))
+        .union_all(select(keyless.c.id).where(keyless.c.id.is_not(None)))
+    )
+    return select(ws.c.workflow_uuid, _KEY).where(ws.c.id.in_(ids)).order_by(ws.c.id)
+
+
+def _ranked_heads(by_name: bool, excluding: bool, postgres: bool) -> Any:
+    """`_heads_statement` in priority order: every waiting row of the queue ranked within its
+    partition (the index gives id order only; priority queues with partitions are rare)."""
+    order = (ws.c.priority, ws.c.id)
     rank = func.row_number().over(partition_by=_KEY, order_by=order).label("rank")
     inner = select(ws.c.workflow_uuid, _KEY.label("pkey"), ws.c.priority, ws.c.id, rank).where(
         ws.c.queue_name == bindparam("q"), status_is(ws.c.status, ENQUEUED)
     )
-    if by_name:
-        if postgres:
-            inner = inner.where(ws.c.name == any_(bindparam("names", type_=ARRAY(String))))
-        else:
-            inner = inner.where(ws.c.name.in_(bindparam("names", expanding=True)))
-    if excluding:
-        if postgres:
-            other = ws.c.function_hash != all_(bindparam("excluded", type_=ARRAY(String)))
-        else:
-            other = ws.c.function_hash.not_in(bindparam("excluded", expanding=True))
-        inner = inner.where(or_(ws.c.function_hash.is_(None), other))
-    heads = inner.subquery("heads")
-    outer_order = (heads.c.priority, heads.c.id) if priority_enabled else (heads.c.id,)
+    heads = _runnable_here(inner, ws, by_name, excluding, postgres).subquery("heads")
     return (
         select(heads.c.workflow_uuid, heads.c.pkey)
         .where(heads.c.rank <= bindparam("cap"))
-        .order_by(*outer_order)
+        .order_by(heads.c.priority, heads.c.id)
     )
+
+
+def _runnable_here(rows: Any, row: Any, by_name: bool, excluding: bool, postgres: bool) -> Any:
+    """`rows` restricted to the functions (:names) and away from the versions (:excluded) that
+    the claimer asks for (PostgreSQL takes them as arrays, SQLite as expanded lists)."""
+    if by_name:
+        if postgres:
+            rows = rows.where(row.c.name == any_(bindparam("names", type_=ARRAY(String))))
+        else:
+            rows = rows.where(row.c.name.in_(bindparam("names", expanding=True)))
+    if excluding:
+        if postgres:
+            other = row.c.function_hash != all_(bindparam("excluded", type_=ARRAY(String)))
+        else:
+            other = row.c.function_hash.not_in(bindparam("excluded", expanding=True))
+        rows = rows.where(or_(row.c.function_hash.is_(None), other))
+    return rows
 
 
 def pick(

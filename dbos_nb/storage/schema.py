@@ -144,6 +144,11 @@ workflow_status = Table(
         f"workflow_deadline_epoch_ms IS NOT NULL AND status IN ({_ACTIVE})",
     ),
     *_partial("ix_ws_batch", ["batch_key", "status"], "batch_key IS NOT NULL"),
+    # A partitioned queue's claim (version 9): the partitions that hold waiting work, and
+    # each one's oldest waiting rows, without reading the rest of a deep backlog.
+    *_partial(
+        "ix_ws_partition_fifo", ["queue_name", "queue_partition_key", "id"], "status = 'ENQUEUED'"
+    ),
 )
 
 # A batch enqueued with `enqueue_many(..., batch_id=...)` / `queue.map(..., batch=...)`, so that it
