@@ -1,17 +1,20 @@
 """The engine's promises where a bug hunt found them broken: a workflow takes the same path when
 replayed as when it first ran, even around errors that do not survive pickling; timeouts are
 enforced however rarely the process polls, and only on the children that share the deadline; a
-fork runs without its source's timeout; a blocking sleep is refused on dbos_nb's event loop."""
+fork runs without its source's timeout; a blocking sleep is refused on dbos_nb's event loop; a
+step's record never outlives its deleted workflow."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 
-from conftest import config
+from conftest import config, insert_pending
 from dbos_nb import (
     DBOS,
     DBOSMaxStepRetriesExceeded,
@@ -20,6 +23,10 @@ from dbos_nb import (
     SetWorkflowID,
     SetWorkflowTimeout,
 )
+from dbos_nb.storage.database import Database
+from dbos_nb.storage.schema import operation_outputs, workflow_status
+from dbos_nb.storage.step_records import StepRecord
+from dbos_nb.storage.store import SystemStore
 
 CALLS: dict[str, int] = {}
 
@@ -174,3 +181,54 @@ async def blocking_sleep() -> str:
 def test_a_blocking_sleep_on_dbos_nbs_event_loop_raises(launched: str) -> None:
     with pytest.raises(RuntimeError, match=r"await DBOS\.sleep_async"):
         asyncio.run(blocking_sleep())
+
+
+# -- a step's record against a concurrent delete of its workflow --------------------------------
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[SystemStore]:
+    DBOS(config=config(db_url))
+    DBOS.launch()  # creates the schema
+    DBOS.destroy()
+    db = Database(db_url)
+    try:
+        yield SystemStore(db)
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_no_step_record_outlives_its_deleted_workflow(store: SystemStore, batched: bool) -> None:
+    """A delete that has removed the workflow and its records but not yet committed, while an
+    execution records a step: the record must not land after the delete commits (PostgreSQL's
+    READ COMMITTED let it, and a new workflow under the same id replayed it as its own)."""
+    insert_pending(store, "doomed", "owner-1", queue_name=None)
+    attempt: dict[str, object] = {}
+
+    def record() -> None:
+        try:
+            if batched:
+                store.record_steps("doomed", "owner-1", [StepRecord(1, "s", b"x", None, 1, 2)])
+            else:
+                store.record_step("doomed", "owner-1", 1, "s", b"x", None, 1, 2)
+        except BaseException as exc:  # preempted: the workflow is gone
+            attempt["raised"] = exc
+
+    with store.db.write() as conn:
+        conn.execute(sa.delete(workflow_status).where(workflow_status.c.workflow_uuid == "doomed"))
+        conn.execute(
+            sa.delete(operation_outputs).where(operation_outputs.c.workflow_uuid == "doomed")
+        )
+        writer = threading.Thread(target=record)
+        writer.start()
+        time.sleep(0.3)  # the record is attempted while the delete is not committed
+    writer.join(20)
+    assert not writer.is_alive()
+    with store.db.read() as conn:
+        left = conn.execute(
+            sa.select(operation_outputs.c.function_id).where(
+                operation_outputs.c.workflow_uuid == "doomed"
+            )
+        ).all()
+    assert left == []

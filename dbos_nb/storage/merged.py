@@ -47,7 +47,9 @@ logger = logging.getLogger(__name__)
 Row = tuple[Any, ...]
 Batch = list[dict[str, Any]]
 
-# Each recorded row comes back with the workflow's owner, so that of two executions of one
+# The workflows' rows are locked (FOR KEY SHARE) until the records commit, so that none lands
+# after its workflow was deleted (see `StepRecords`). Each recorded row comes back with the
+# workflow's owner, so that of two executions of one
 # workflow in a batch (a stale one and the one that took it over) only the owner is told its
 # record was written.
 _RECORD_STEPS = f"""
@@ -65,6 +67,7 @@ FROM unnest(%(wid)s::text[], %(fid)s::integer[], %(name)s::text[], %(output)s::b
 JOIN {PG_SCHEMA}.workflow_status ws
   ON ws.workflow_uuid = v.workflow_uuid AND ws.owner_xid = v.owner
 WHERE ws.workflow_uuid = ANY(%(wid)s::text[])
+FOR KEY SHARE OF ws
 ON CONFLICT DO NOTHING
 RETURNING workflow_uuid, function_id
 )

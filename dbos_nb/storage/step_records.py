@@ -95,7 +95,15 @@ class StepRecords(StoreBase):
             row meets the conditions."""
             row = [bindparam(c, type_=oo.c[c].type) for c in _STEP_COLUMNS]
             workflow = ws.c.workflow_uuid == bindparam("b_wid", type_=String)
-            return select(*row).where(select(ws.c.id).where(workflow, *conditions).exists())
+            # The workflow's row locked (PostgreSQL, FOR KEY SHARE) until the record commits:
+            # a delete of the workflow either waits for it and then deletes the record too, or
+            # deletes first and the record is not written. Without the lock, READ COMMITTED
+            # let a record land after its workflow was deleted, and a new workflow under the
+            # same id replayed it as its own step.
+            found = select(ws.c.id).where(workflow, *conditions)
+            if db.is_postgres:
+                found = found.with_for_update(read=True, key_share=True)
+            return select(*row).where(found.exists())
 
         owned = step_row_where(ws.c.owner_xid == bindparam("b_owner", type_=String))
         self._record_owned_step = (
