@@ -10,6 +10,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -284,3 +285,43 @@ def test_every_connection_gives_up_on_a_silent_server_within_a_minute(
         client.destroy()
         for sock in sockets:
             sock.close()
+
+
+def test_a_cancel_sent_while_the_listener_reconnects_still_stops_the_workflow(
+    pg_url: str,
+) -> None:
+    """The cancel's notification is lost while this process's listening session is away; the
+    process looks for it itself (as on SQLite) until it listens again, and then once more. It
+    heard nothing, and the cancelled workflow ran all its steps."""
+    steps_run: list[int] = []
+
+    @DBOS.step(name="relisten_step")
+    def step(i: int) -> int:
+        steps_run.append(i)
+        time.sleep(0.04)
+        return i
+
+    @DBOS.workflow(name="relisten_wf")
+    def long_flow(n: int) -> int:
+        return sum(step(i) for i in range(n))
+
+    DBOS(config=config(pg_url))
+    DBOS.launch()
+    handle = Queue("relisten_q").enqueue(long_flow, 100)
+    wait_until(lambda: len(steps_run) >= 3)
+    with _admin(pg_url) as admin:
+        ended = admin.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND query LIKE 'LISTEN%%'",
+            (make_url(pg_url).database,),
+        ).fetchone()
+    assert ended is not None and ended[0] == 1
+    with DBOSClient(pg_url) as client:
+        client.cancel_workflow(handle.workflow_id)
+    at_cancel = len(steps_run)
+    time.sleep(1.0)
+    settled = len(steps_run)
+    time.sleep(0.5)
+    assert len(steps_run) == settled  # stopped
+    assert settled - at_cancel <= 5  # within a sweep or two of the cancel, not 100 steps
+    assert handle.get_status().status == "CANCELLED"

@@ -82,6 +82,10 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="dbos_nb-scheduler", daemon=True)
         self._listener: threading.Thread | None = None
         self.listener: Listener | None = None
+        # Set when the listener (re)connects: notifications sent while it was not listening
+        # (a cancel, an enqueue, a freed slot in another process) were lost.
+        self._caught_up = threading.Event()
+        self._caught_up.set()
         if use_listen_notify and rt.db.is_postgres:
             self.listener = listener = Listener(
                 rt.db,
@@ -89,6 +93,7 @@ class Scheduler:
                 wants_dones=rt.waiters.active,
                 on_dones_heard=rt.waiters.notify_all,
                 on_dones_payload=self._on_finished_elsewhere,
+                on_listening=self._catch_up,
             )
             rt.waiters.on_first = listener.want_dones
             self._listener = threading.Thread(
@@ -121,6 +126,17 @@ class Scheduler:
             self._rt.wake_scheduler(payload[2:])
         else:
             self._rt.wake_scheduler()
+
+    def _hears_others(self) -> bool:
+        """Whether other processes' notifications reach this one now."""
+        return self._rt.db.notifications and (self.listener is None or self.listener.listening)
+
+    def _catch_up(self) -> None:
+        """The listener listens again: the next pass looks for what it may have missed (work
+        cancelled or taken over elsewhere, enqueued or freed), and waiters read again."""
+        self._caught_up.clear()
+        self._rt.waiters.notify_all()
+        self._rt.wake_scheduler()
 
     def _on_finished_elsewhere(self, payload: str) -> None:
         """DONES_CHANNEL: workflows that finished in another process (`done:<id>`, or
@@ -158,10 +174,16 @@ class Scheduler:
             now = rt.now_ms()
             poll_ms = self._poll_ms() if self._poll_ms else round(rt.polling_interval_sec * 1000)
             try:
-                if _due(now, last_sweep, SWEEP_INTERVAL_MS):
+                missed = not self._caught_up.is_set()
+                if missed:
+                    self._caught_up.set()
+                if _due(now, last_sweep, SWEEP_INTERVAL_MS) or missed:
                     last_sweep = now
                     cancel_overdue(rt)
-                    if not rt.db.notifications:
+                    if not self._hears_others() or missed:
+                        # Without notifications (SQLite, or a listener reconnecting), or after
+                        # some were lost: look for what another process cancelled or took
+                        # over here, as on SQLite at every sweep.
                         preempt_lost(rt)
                 if _due(now, last_beat, self._heartbeat_interval_ms):
                     last_beat = now
@@ -170,7 +192,7 @@ class Scheduler:
                     last_refresh = now
                     rt.resolver.refresh()
                 everything, dirty = rt.take_dirty()
-                if _due(now, last_full, poll_ms):
+                if _due(now, last_full, poll_ms) or missed:
                     # The fallback poll: what no wake-up reached (other processes on SQLite).
                     everything, last_full = True, now
                 # The queues served here, read once per pass (with listen_queues="*", a query).

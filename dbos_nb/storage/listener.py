@@ -58,10 +58,14 @@ class Listener:
         wants_dones: Callable[[], bool] = lambda: True,
         on_dones_heard: Callable[[], None] = lambda: None,
         on_dones_payload: Callable[[str], None] | None = None,
+        on_listening: Callable[[], None] = lambda: None,
         linger_sec: float = LINGER_SEC,
     ) -> None:
         self._db = db
         self._on_payload = on_payload
+        # Called each time LISTEN is in effect again (the first time, and after a lost
+        # connection): what was sent meanwhile was never heard, and must be looked for.
+        self._on_listening = on_listening
         # DONES_CHANNEL's announcements (finishes elsewhere), if they are to be told apart from
         # NOTIFY_CHANNEL's (where `done:` is a cancel or a give-up).
         self._on_dones_payload = on_dones_payload or on_payload
@@ -70,6 +74,9 @@ class Listener:
         self._linger_sec = linger_sec
         # Whether LISTEN on DONES_CHANNEL is in effect now (set by the loop; for diagnostics).
         self.hears_dones = False
+        # Whether LISTEN on NOTIFY_CHANNEL is in effect now: while not, other processes'
+        # notifications are lost, and the caller must look for itself.
+        self.listening = False
         # A pipe that ends the loop's wait at once when the waiters change.
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
@@ -108,6 +115,7 @@ class Listener:
                     self._listen_on(conn, stop)
             except psycopg.Error as exc:
                 self.hears_dones = False
+                self.listening = False
                 if stop.is_set():
                     return
                 logger.warning("notification listener lost its connection (%s); reconnecting", exc)
@@ -122,6 +130,8 @@ class Listener:
         own = self._db.payload("").encode(encoding)
         dones = DONES_CHANNEL.encode(encoding)
         _command(pgconn, f"LISTEN {NOTIFY_CHANNEL}", encoding)
+        self.listening = True
+        self._deliver(lambda _: self._on_listening(), "")
         self.hears_dones = False
         last_wanted = time.monotonic()
         while not stop.is_set():
