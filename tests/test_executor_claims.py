@@ -239,3 +239,21 @@ def test_a_claim_that_finds_the_id_free_loses_to_a_registration_landing_meanwhil
     assert answer == [False]
     row = store.get_executor("landing")
     assert row is not None and row["token"] == "t-other"
+
+
+def test_an_idle_process_that_polls_slowly_still_beats_on_time(db_url: str) -> None:
+    """The scheduler's loop slept for its polling interval when idle, and renewed its lease only
+    then: each late renewal read as a lapse of its own, which gave every other executor a new
+    lease, so that a survivor polling every 5 s never took over a dead worker's work."""
+    DBOS(config=config(db_url, polling_interval_sec=5, heartbeat_interval_sec=0.2))
+    DBOS.launch()
+    store = get_runtime().store
+    executor_id = get_runtime().executor_id
+    seen: set[int] = set()
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        row = store.get_executor(executor_id)
+        assert row is not None
+        seen.add(int(row["heartbeat_at"]))
+        time.sleep(0.05)
+    assert len(seen) >= 4  # about ten beats in 2 s; a beat per poll gave one or two

@@ -225,7 +225,12 @@ class Scheduler:
                 # Work arrives about as fast as it is taken: let the next enqueues and
                 # completions gather for a moment, so that one claim takes them together.
                 self._stop.wait(COALESCE_SEC)
-            next_wake = min([last_full + poll_ms, *rate_slots.values()])
+            # The heartbeat is due on time even when nothing else wakes the loop: a late one
+            # reads as a lapse of this process's own, which gives every other executor a new
+            # lease, so that an idle process polling slowly never took over a dead one's work.
+            next_wake = min(
+                [last_full + poll_ms, last_beat + self._heartbeat_interval_ms, *rate_slots.values()]
+            )
             if rt.has_running():
                 next_wake = min(next_wake, now + SWEEP_INTERVAL_MS)
             delay = max((next_wake - rt.now_ms()) / 1000, 0.0)
