@@ -19,11 +19,13 @@ import sqlalchemy as sa
 from conftest import config, max_overlap
 from dbos_nb import (
     DBOS,
+    BatchConflictError,
     DBOSClient,
     DbosNbError,
     InvalidQueueSettingsError,
     Queue,
     SetEnqueueOptions,
+    SetWorkflowID,
 )
 from dbos_nb.storage.database import Database
 from dbos_nb.storage.schema import SCHEMA_VERSION, schema_migrations
@@ -39,6 +41,11 @@ def task(key: str, i: int, seconds: float = 0.03) -> int:
     with _LOCK:
         SPANS[key].append((started, time.monotonic(), i))
     return i
+
+
+@DBOS.workflow(name="partitioned_single")
+def single(key: str) -> str:
+    return key
 
 
 @pytest.fixture(autouse=True)
@@ -319,3 +326,50 @@ def test_enqueue_many_puts_a_whole_batch_in_one_partition(launched: str) -> None
     assert [h.get_result(timeout_sec=20) for h in handles] == list(range(6))
     assert {h.get_status().queue_partition_key for h in handles} == {"p"}
     assert max_overlap([(s, e) for s, e, _ in SPANS["p"]]) == 1
+
+
+def test_map_needs_a_key_and_keeps_a_batch_in_its_partition(launched: str) -> None:
+    queue = Queue("mapped_parts", partition_concurrency=1)
+    with pytest.raises(DbosNbError, match="is partitioned"):
+        queue.map(single, ["x"], batch="nokey")
+    with SetEnqueueOptions(queue_partition_key="tenantA"):
+        first = queue.map(single, ["tenantA"], batch="docs")
+    first.wait()
+    # The same items for another tenant would only attach to tenantA's batch.
+    with (
+        SetEnqueueOptions(queue_partition_key="tenantB"),
+        pytest.raises(BatchConflictError, match=r"partition 'tenantA'.*'tenantB'"),
+    ):
+        queue.map(single, ["tenantA"], batch="docs")
+    with SetEnqueueOptions(queue_partition_key="tenantA"):
+        assert queue.map(single, ["tenantA"], batch="docs").id == "docs"  # attaches
+
+
+def test_a_queue_partitioned_elsewhere_is_judged_by_its_stored_settings(launched: str) -> None:
+    queue = Queue("changed_elsewhere")
+    with DBOSClient(launched) as client:
+        stored = client.retrieve_queue("changed_elsewhere")
+        assert stored is not None
+        stored.set_partition_concurrency(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "has no partition limits" warning
+        handle = _enqueue(queue, "k", 3)
+    assert handle.get_result(timeout_sec=20) == 3  # type: ignore[attr-defined]
+    # (Work without a key is not refused here, where this process sees no partitions: the
+    # check would cost a read per enqueue. It runs as the partition of keyless work.)
+
+
+def test_nul_characters_are_refused_before_anything_is_written(launched: str) -> None:
+    with pytest.raises(DbosNbError, match="NUL"):
+        SetEnqueueOptions(queue_partition_key="a\x00b")
+    queue = Queue("nul_q")
+    with pytest.raises(DbosNbError, match="NUL"), SetWorkflowID("w\x00x"):
+        queue.enqueue(task, "none", 1)
+    assert _rows(launched) == 0
+
+
+def test_a_partitioned_queue_shows_its_partition_limits() -> None:
+    queue = Queue("shown", partition_concurrency=2, partition_limiter={"limit": 5, "period": 60})
+    assert "partition_concurrency=2" in repr(queue)
+    assert "partition_limiter={'limit': 5, 'period': 60.0}" in repr(queue)
+    assert "partition" not in repr(Queue("plain_shown", concurrency=1))

@@ -194,7 +194,11 @@ def check_id_length(
 ) -> str:
     """`value`, if it fits in its column (`limit` characters: an id's by default); else
     `error` naming `what` and the lengths, before anything is written. Ids derived from others
-    (a child's `<parent>-<n>`, a batch item's `<batch>/<i>`) are checked where they are made."""
+    (a child's `<parent>-<n>`, a batch item's `<batch>/<i>`) are checked where they are made.
+    A NUL character is refused too: PostgreSQL's text cannot hold one (a raw DataError there),
+    and SQLite would store what the other backend refuses."""
+    if "\x00" in value:
+        raise error(f"{what} cannot contain a NUL character ('\\x00'): {value[:40]!r}")
     if len(value) > limit:
         raise error(
             f"{what} can have at most {limit} characters, got {len(value)}: {value[:40]!r}..."

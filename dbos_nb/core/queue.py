@@ -343,7 +343,7 @@ class Queue(QueueSetters):
         """Enqueue a workflow, step or transaction; returns its handle at once."""
         self._check_enqueue()
         _note_ignored_priority(self)
-        _check_partition(self)
+        check_partition(self)
         reg, call_args = resolve(func, args)
         rt = get_runtime()
         wid = enqueue_workflow(rt, self.name, reg, call_args, kwargs)
@@ -376,7 +376,7 @@ class Queue(QueueSetters):
         """
         self._check_enqueue()
         _note_ignored_priority(self)
-        _check_partition(self)
+        check_partition(self)
         reg, bound = resolve(func, ())
         rt = get_runtime()
         with cycle_collector_paused():
@@ -392,9 +392,17 @@ class Queue(QueueSetters):
 
     def __repr__(self) -> str:
         s = self._latest()
+        partitions = ""
+        if s.partitioned:
+            partitions = (
+                f", partition_concurrency={s.partition_concurrency}, "
+                f"partition_worker_concurrency={s.partition_worker_concurrency}, "
+                f"partition_limiter={self.partition_limiter}"
+            )
         return (
             f"Queue({s.name!r}, concurrency={s.concurrency}, worker_concurrency="
-            f"{s.worker_concurrency}, limiter={self.limiter}, token_limiter={self.token_limiter})"
+            f"{s.worker_concurrency}, limiter={self.limiter}, token_limiter={self.token_limiter}"
+            f"{partitions})"
         )
 
 
@@ -526,12 +534,22 @@ def _note_ignored_priority(queue: Queue) -> None:
         )
 
 
-def _check_partition(queue: Queue) -> None:
+def check_partition(queue: Queue) -> None:
     """Work enqueued on a partitioned queue names its partition (DBOS says it must, though it
     does not check: there such work would never start). A key given for a queue that is not
-    partitioned is stored but limits nothing: said once, as for a priority."""
-    settings = queue._latest()
+    partitioned is stored but limits nothing: said once, as for a priority.
+
+    Judged by this process's view of the queue, and, before it refuses or warns, by the
+    stored settings (another process or a client may have changed them since): one read, on
+    a path that is rare by nature."""
     key = current().queue_partition_key
+    settings = queue._latest()
+    if settings.partitioned == (key is not None) or (key is not None and queue.partition_noted):
+        return
+    store, _ = queue._store_and_runtime()
+    stored = store.get_queue(queue.name) if store is not None else None
+    if stored is not None:
+        settings = stored
     if settings.partitioned and key is None:
         raise DbosNbError(
             f"queue {settings.name!r} is partitioned ({settings.limits()}): enqueue inside "

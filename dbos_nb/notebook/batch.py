@@ -27,7 +27,7 @@ from dbos_nb.core import versions
 from dbos_nb.core.context import valid_seconds
 from dbos_nb.core.handles import WorkflowHandle
 from dbos_nb.core.queue import Queue as CoreQueue
-from dbos_nb.core.queue import token_estimates, use_queue_class
+from dbos_nb.core.queue import check_partition, token_estimates, use_queue_class
 from dbos_nb.core.registry import REGISTRY, Registration, resolve
 from dbos_nb.core.runtime import Runtime, get_runtime, peek_runtime
 from dbos_nb.core.waiters import outcome_of
@@ -625,6 +625,7 @@ class Queue(CoreQueue):
         function of the item; a DataFrame's rows are passed as dicts).
         """
         self._check_enqueue()
+        check_partition(self)
         reg, bound = resolve(func, ())
         if (
             not hasattr(items, "columns")

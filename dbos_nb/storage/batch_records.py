@@ -239,6 +239,17 @@ class BatchRecords(StoreBase):
                 f"{shown_function_name(template.name)!r} on {template.queue_name!r}. Use another "
                 "batch name (or the same items and function to attach to it)"
             )
+        # The partition is the batch's too (its items were enqueued in one): the same items
+        # mapped for another tenant would only attach to the first tenant's.
+        partition = conn.execute(
+            select(ws.c.queue_partition_key).where(in_batch(batch_id)).limit(1)
+        ).first()
+        if partition is not None and partition[0] != template.queue_partition_key:
+            raise BatchConflictError(
+                f"batch {batch_id!r} already exists in partition {partition[0]!r} of queue "
+                f"{row['queue_name']!r}; this call enqueues into partition "
+                f"{template.queue_partition_key!r}. Use another batch name for this partition"
+            )
         stored = row["items_digest"]
         if stored is not None and items_digest is not None and stored != items_digest:
             raise BatchItemsConflictError(
